@@ -1,0 +1,171 @@
+"""Save a quantised model as a config folder, and load it back (`mpq.load`).
+
+A folder holds model.safetensors (packed integers, scales, zeros, and every other tensor of the
+model, non-persistent buffers included, so the loaded model is the measured model), the model's
+config and tokenizer files, and mpq.json (plan, card, sha256 of the weights). Loading reads
+safetensors and JSON only, never pickles, and refuses a folder whose weights do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpq.errors import MpqError
+from mpq.io import atomic_folder, write_json_atomic
+from mpq.models import CAUSAL_LM
+from mpq.plan import Plan
+from mpq.apply import set_module
+from mpq.qlinear import QuantizedLinear, linear_weight
+from mpq.trace import tied_parameter_groups
+
+log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "mpq.json"
+
+
+def file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _non_persistent_buffers(model: nn.Module) -> list[str]:
+    names = []
+    for module_name, module in model.named_modules():
+        for buffer_name in getattr(module, "_non_persistent_buffers_set", ()):
+            if module._buffers.get(buffer_name) is not None:
+                names.append(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+    return names
+
+
+def checkpoint_tensors(model: nn.Module, layer_tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every tensor to save: canonical tensors of the quantised layers, then the rest of the model
+    (tied tensors once, under their first name)."""
+    out: dict[str, torch.Tensor] = {}
+    for layer, tensors in layer_tensors.items():
+        for key, tensor in tensors.items():
+            out[f"{layer}.{key}"] = tensor
+        bias = model.get_submodule(layer).bias
+        if bias is not None:
+            out[f"{layer}.bias"] = bias
+    quantized = tuple(f"{layer}." for layer in layer_tensors)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(quantized):
+            out[name] = tensor
+    return {name: tensor.detach().contiguous() for name, tensor in out.items()}
+
+
+def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan,
+                layer_tensors: dict[str, dict[str, torch.Tensor]], card: dict) -> Path:
+    """Write one config folder atomically. `model` must have the plan applied."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        save_file(checkpoint_tensors(model, layer_tensors), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "mpq"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "task": task,
+            "plan": plan.to_json(),
+            "tied": tied_parameter_groups(model),
+            "non_persistent_buffers": _non_persistent_buffers(model),
+            "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
+            "card": card,
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return folder
+
+
+def read_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise MpqError(f"{folder} is not an mpq config (no {MANIFEST}): give a folder under OUT/configs/ written by mpq compile")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MpqError(f"{path} is corrupt ({exc}): re-run mpq compile to write the config again") from exc
+    if manifest.get("checkpoint_version") != CHECKPOINT_VERSION:
+        raise MpqError(f"{path} has checkpoint version {manifest.get('checkpoint_version')!r}; this mpq reads {CHECKPOINT_VERSION}: re-run mpq compile")
+    return manifest
+
+
+def _read_weights(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS
+    if not path.is_file():
+        raise MpqError(f"{folder} has no {WEIGHTS}: the config is incomplete; re-run mpq compile")
+    if file_sha256(path) != manifest.get("sha256", {}).get(WEIGHTS):
+        raise MpqError(f"{path} is corrupt or truncated (sha256 differs from {MANIFEST}): re-run mpq compile")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise MpqError(f"{path} cannot be read as safetensors ({exc}): re-run mpq compile") from exc
+
+
+def _skeleton(folder: Path, task: str) -> nn.Module:
+    """The model's modules on the meta device: structure only, no memory, no random init."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    loader = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    with torch.device("meta"):
+        return loader.from_config(config)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+        module._parameters[attr] = param
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise MpqError(f"checkpoint tensor {name} has no place in the model: the config does not match its weights")
+
+
+def load(folder: str | Path, backend: str | None = None) -> nn.Module:
+    """Load a config folder written by `mpq compile` into a ready, eval-mode model."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    plan = Plan.from_json(manifest["plan"])
+    tensors = _read_weights(folder, manifest)
+    model = _skeleton(folder, manifest["task"])
+    for layer, fmt in plan.specs().items():
+        prefix = f"{layer}."
+        own = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+        bias = own.pop("bias", None)
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError as exc:
+            raise MpqError(f"plan layer {layer} is not in the model: the config does not match its plan") from exc
+        out_features, in_features = linear_weight(module).shape
+        expected = {"weight"} if not fmt.quantized else ({"qweight", "scales"} | ({"zeros"} if fmt.bits == 4 and not fmt.symmetric else set()))
+        if set(own) != expected:
+            raise MpqError(f"{folder}: layer {layer} holds {sorted(own)}, but {fmt.name} needs {sorted(expected)}; re-run mpq compile")
+        set_module(model, layer, QuantizedLinear(fmt, own, bias, in_features, out_features, backend))
+    for name, tensor in tensors.items():
+        _assign(model, name, tensor)
+    for group in manifest.get("tied", []):
+        source = model.get_parameter(group[0])
+        for other in group[1:]:
+            _assign(model, other, source)
+    missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing:
+        raise MpqError(f"{folder}: {len(missing)} tensors are missing from {WEIGHTS} (first: {missing[0]}); re-run mpq compile")
+    model.eval()
+    return model

@@ -1,0 +1,104 @@
+"""The `mpq` command: a thin layer over the Python API (mpq.compile_model, mpq.load, mpq.evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mpq.errors import MpqError
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from mpq.compile import CompileOptions, compile_model
+    from mpq.memory import format_size
+
+    summary = compile_model(CompileOptions(
+        model=args.model, out=args.out, max_mem=args.max_mem, formats=args.formats, group_size=args.group_size,
+        int4_symmetric=args.int4_sym, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+        trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
+        progress=not args.quiet))
+    print(f"{len(summary['configs'])} Pareto configs in {args.out}/configs (budget {format_size(summary['budget'])}):")
+    for row in summary["configs"]:
+        quality = row["metrics"].get("ppl", row["metrics"].get("mean_cosine"))
+        print(f"  {row['name']:<28} {format_size(row['bytes']):>10}  {summary['quality_name']} {quality:.4f}")
+    print(f"report: {args.out}/report.md")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from mpq.inspect import describe
+
+    print(describe(args.config))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from mpq.evaluate import evaluate_config
+
+    print(json.dumps(evaluate_config(args.config), indent=2))
+
+
+def _heatmap(args: argparse.Namespace) -> None:
+    from mpq.report import draw_heatmap
+    from mpq.sensitivity import SensitivityTable
+    from mpq.trace import LayerInfo
+
+    out = Path(args.out)
+    if not (out / "sensitivity.json").is_file() or not (out / "layers.json").is_file():
+        raise MpqError(f"{out} has no sensitivity.json and layers.json: give the -o folder of an mpq compile run")
+    table = SensitivityTable.load(out / "sensitivity.json")
+    layers = [LayerInfo(**layer) for layer in json.loads((out / "layers.json").read_text())["layers"]]
+    print(draw_heatmap(table, layers, out / "heatmap.png"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpq", description="Sensitivity-driven mixed-precision compiler")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="measure, search and emit a Pareto set of mixed-precision configs")
+    c.add_argument("model", nargs="?", default="demo", help="Hugging Face id, local folder, or demo name (demo, minilm)")
+    c.add_argument("--max-mem", help="hard budget on resident weight bytes: 6GB, 6GiB, 750MB or bytes (default: unquantised size)")
+    c.add_argument("--formats", default="fp16,int8,int4", help="candidate formats (default fp16,int8,int4)")
+    c.add_argument("--group-size", type=int, default=128, help="INT4 group size: 32, 64, 128 or 256 (default 128)")
+    c.add_argument("--int4-sym", action="store_true", help="symmetric INT4 (no zero point)")
+    c.add_argument("--calib", type=Path, help="calibration text file (default: the shipped corpus's calib split)")
+    c.add_argument("--samples", type=int, help="calibration samples (default 32 sequences / 128 sentences)")
+    c.add_argument("--seq-len", type=int, help="calibration sequence length in tokens (default 128)")
+    c.add_argument("--trials", type=int, default=300, help="Optuna trials (default 300)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-configs", type=int, default=8, help="mixed configs to measure on held-out data (default 8)")
+    c.add_argument("--max-quality-drop", type=float,
+                   help="acceptance: perplexity ratio - 1 (0.01 = 1%%) for LMs, cosine drop for encoders")
+    c.add_argument("-o", "--out", type=Path, default=Path("mpq-out"))
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_compile)
+
+    i = sub.add_parser("inspect", help="show a config's plan and quantisation card")
+    i.add_argument("config", type=Path)
+    i.set_defaults(func=_inspect)
+
+    e = sub.add_parser("eval", help="held-out quality, bytes and speed of a config on this machine")
+    e.add_argument("config", type=Path)
+    e.set_defaults(func=_eval)
+
+    h = sub.add_parser("heatmap", help="redraw OUT/heatmap.png from OUT/sensitivity.json")
+    h.add_argument("out", type=Path)
+    h.set_defaults(func=_heatmap)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except MpqError as exc:
+        print(f"mpq: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

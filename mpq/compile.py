@@ -1,0 +1,219 @@
+"""`mpq compile`: trace -> calibrate -> measure -> search -> evaluate -> emit, plain data between stages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpq.apply import QuantizedWeightCache, applied
+from mpq.checkpoint import save_config
+from mpq.environment import hardware, versions
+from mpq.errors import MpqError
+from mpq.fingerprint import data_fingerprint, model_fingerprint
+from mpq.formats import get_format, parse_formats
+from mpq.io import write_json_atomic
+from mpq.memory import format_size, memory_model, parse_size, resident_bytes
+from mpq.models import CAUSAL_LM, LoadedModel, load_model
+from mpq.plan import Plan
+from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
+from mpq.search import Candidate, pareto_front, search_plans, spread
+from mpq.sensitivity import SensitivityTable, cache_dir, find_cached, measure_sensitivity
+from mpq.tasks import calibration_text, make_task
+from mpq.trace import ModelGraph, trace_model
+
+log = logging.getLogger(__name__)
+DEFAULT_SAMPLES = {CAUSAL_LM: 32, "encoder": 128}
+DEFAULT_SEQ_LEN = {CAUSAL_LM: 128, "encoder": 128}
+
+
+@dataclass
+class CompileOptions:
+    model: str = "demo"
+    out: Path = Path("mpq-out")
+    max_mem: str | int | None = None  # None: the unquantised size (no memory pressure)
+    formats: str = "fp16,int8,int4"
+    group_size: int = 128
+    int4_symmetric: bool = False
+    calib: Path | None = None
+    samples: int | None = None
+    seq_len: int | None = None
+    trials: int = 300
+    seed: int = 0
+    max_configs: int = 8  # mixed configs measured on held-out data (uniform ones come on top)
+    max_quality_drop: float | None = None  # causal LM: perplexity ratio - 1 (0.01 = 1%); encoder: cosine drop
+    progress: bool = True
+
+
+def _example_inputs(task, loaded: LoadedModel) -> dict:
+    if loaded.task == CAUSAL_LM:
+        return {"input_ids": task.calib_ids[:1, :16], "use_cache": False}
+    batch = task.calib_batches[0]
+    return {key: value[:2] for key, value in batch.items()}
+
+
+def _accepts(metrics: dict, baseline: dict, drop: float | None, higher_is_better: bool) -> tuple[bool, str]:
+    if drop is None:
+        return True, ""
+    if higher_is_better:
+        ok = metrics["mean_cosine"] >= baseline["mean_cosine"] - drop
+        return ok, "" if ok else f"cosine drop {baseline['mean_cosine'] - metrics['mean_cosine']:.4f} > {drop}"
+    ratio = metrics["ppl"] / baseline["ppl"]
+    ok = ratio <= 1 + drop
+    return ok, "" if ok else f"perplexity ratio {ratio:.4f} > {1 + drop:.4f}"
+
+
+def _sensitivity(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, formats, task, calib_info: dict,
+                 cache: QuantizedWeightCache) -> SensitivityTable:
+    calib_data = task.calib_ids if loaded.task == CAUSAL_LM else [b["input_ids"] for b in task.calib_batches]
+    key = data_fingerprint(model_fingerprint(loaded.model), calib_data, [f.name for f in formats], task.metric,
+                           [layer.name for layer in graph.layers])
+    table = find_cached(key, Path(opts.out) / "sensitivity.json")
+    if table is None:
+        table = measure_sensitivity(loaded.model, graph.layers, formats, task, key, calib_info, cache, opts.progress)
+        try:
+            table.save(cache_dir() / f"{key}.json")
+        except OSError as exc:  # a read-only home still compiles; only reuse is lost
+            log.warning("cannot write the sensitivity cache (%s)", exc)
+    table.save(Path(opts.out) / "sensitivity.json")
+    return table
+
+
+def compile_model(opts: CompileOptions) -> dict:
+    """Run the whole pipeline; returns the summary (also written as OUT/summary.json)."""
+    seconds: dict[str, float] = {}
+    clock = time.time()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        seconds[stage] = round(time.time() - clock, 2)
+        clock = time.time()
+
+    out = Path(opts.out)
+    # Cheap checks of the user's input first, before minutes of loading and measuring.
+    try:
+        formats = parse_formats(opts.formats, opts.group_size, opts.int4_symmetric)
+    except ValueError as exc:
+        raise MpqError(str(exc)) from exc
+    requested_budget = parse_size(opts.max_mem) if opts.max_mem is not None else None
+    loaded = load_model(opts.model)
+    samples = opts.samples or DEFAULT_SAMPLES[loaded.task]
+    seq_len = opts.seq_len or DEFAULT_SEQ_LEN[loaded.task]
+    calib = calibration_text(opts.calib)
+    task = make_task(loaded.task, loaded.tokenizer, calib, samples, seq_len)
+    calib_info = {"source": calib.source, "samples": samples, "seq_len": seq_len, "tokens": task.calib_tokens}
+    lap("load")
+
+    graph = trace_model(loaded.model, _example_inputs(task, loaded))
+    if not graph.layers:
+        raise MpqError(f"{opts.model} has no linear layers that mpq can quantise")
+    memory = memory_model(loaded.model, graph.layers, formats)
+    budget = requested_budget if requested_budget is not None else memory.largest()
+    if budget < memory.smallest():
+        raise MpqError(f"--max-mem {format_size(budget)} is below the smallest possible model, {format_size(memory.smallest())} "
+                       f"({memory.smallest()} bytes, every layer in its smallest format): raise --max-mem to at least that")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "layers.json", graph.to_json())
+    lap("trace")
+
+    cache = QuantizedWeightCache(loaded.model)
+    table = _sensitivity(opts, loaded, graph, formats, task, calib_info, cache)
+    draw_heatmap(table, graph.layers, out / "heatmap.png")
+    (out / "sensitivity.md").write_text(heatmap_markdown(table, graph.layers))
+    lap("sensitivity")
+
+    costs = memory.layer_bytes
+    sens = {layer: {fmt: table.values[layer][fmt] for fmt in costs[layer]} for layer in costs}
+    uniform_names = [f.name for f in formats]
+    result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names)
+    lap("search")
+
+    task.prepare_eval(loaded.model)
+    baseline = {"bytes": resident_bytes(loaded.model), "metrics": task.evaluate(loaded.model)}
+    uniform: list[Candidate] = []
+    for name in uniform_names:
+        plan = {layer: name if name in options else max(options, key=options.get) for layer, options in costs.items()}
+        uniform.append(Candidate(plan, memory.total(plan), sum(sens[l][f] for l, f in plan.items()), f"uniform:{name}"))
+    mixed = [c for c in spread(result.front, opts.max_configs) if not c.origin.startswith("uniform")]
+    measured = uniform + mixed
+    from tqdm import tqdm
+
+    for cand in tqdm(measured, desc="held-out eval", disable=not opts.progress, unit="config"):
+        with applied(loaded.model, {l: get_format(f) for l, f in cand.formats.items()}, cache):
+            cand.measured = task.evaluate(loaded.model)
+    lap("evaluate")
+
+    feasible = [c for c in measured if c.bytes <= budget]
+    front = pareto_front(feasible, loss=lambda c: c.measured["loss"])
+    configs_dir = out / "configs"
+    if configs_dir.exists():
+        shutil.rmtree(configs_dir)  # configs of an earlier run would mislead next to this one
+    env = {"versions": versions(), "hardware": hardware()}
+    config_rows = []
+    for index, cand in enumerate(front):
+        name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if cand.origin.startswith("uniform") else "")
+        plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
+        accepted, because = _accepts(cand.measured, baseline["metrics"], opts.max_quality_drop, task.higher_is_better)
+        card = _card(loaded, plan, cand, baseline, calib_info, task, accepted and cand.bytes <= budget, env, graph)
+        specs = plan.specs()
+        with applied(loaded.model, specs, cache) as tensors:
+            save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card)
+        config_rows.append({"name": name, "bytes": cand.bytes, "predicted": cand.predicted, "metrics": cand.measured,
+                            "counts": plan.counts(), "origin": cand.origin, "accepted": accepted,
+                            "rejected_because": because})
+    lap("emit")
+
+    points = [{"name": c.origin.split(":")[-1] if c.origin.startswith("uniform") else "", "bytes": c.bytes,
+               "quality": _display_quality(c.measured), "pareto": c in front, "uniform": c.origin.startswith("uniform")}
+              for c in measured]
+    draw_pareto(points, out / "pareto.png", task.quality_name, _display_quality(baseline["metrics"]))
+    summary = {
+        "model": loaded.source, "task": loaded.task, "formats": uniform_names, "budget": budget,
+        "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,
+        "metric": table.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
+        "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),
+                  "shared_input_groups": len(graph.shared_input_groups())},
+        "calibration": calib_info, "baseline": baseline,
+        "search": {"trials": result.trials, "front": len(result.front), "measured": len(measured), "seconds": result.seconds},
+        "sensitivity_seconds": table.seconds,
+        "configs": config_rows,
+        "uniform": [{"name": c.origin.split(":")[1], "bytes": c.bytes, "predicted": c.predicted, "metrics": c.measured,
+                     "formats": c.formats} for c in uniform],
+        **env,
+    }
+    lap("report")
+    summary["seconds"] = seconds
+    write_report(out / "report.md", summary)
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _display_quality(metrics: dict) -> float:
+    return metrics["ppl"] if "ppl" in metrics else metrics["mean_cosine"]
+
+
+def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, calib_info: dict, task, accepted: bool,
+          env: dict, graph: ModelGraph) -> dict:
+    shapes = {layer.name: (layer.out_features, layer.in_features) for layer in graph.layers}
+    specs = plan.specs()
+    return {
+        "model": loaded.source,
+        "task": loaded.task,
+        "method": "rtn (round to nearest), weight-only",
+        "formats": {fmt.name: fmt.card() for fmt in {s.name: s for s in specs.values()}.values()},
+        "bits_per_layer": {layer: round(fmt.bits_per_weight(*shapes[layer]), 4) for layer, fmt in specs.items()},
+        "activations": "bf16 in int8/int4 layers on the CPU (W8A16 / W4A16); the model's dtype elsewhere",
+        "calibration": calib_info,
+        "evaluation_data": "mpq corpus, heldout split" + (" (text and code)" if loaded.task == CAUSAL_LM else " (text sentences)"),
+        "quality": {"sensitivity_metric": task.metric, "predicted": cand.predicted, "measured": cand.measured,
+                    "baseline": baseline["metrics"]},
+        "bytes": {"predicted": cand.bytes, "baseline": baseline["bytes"]},
+        "accepted": accepted,
+        "excluded_layers": graph.excluded,
+        **env,
+    }

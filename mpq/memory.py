@@ -1,0 +1,87 @@
+"""Sizes: parsing "6GB"/"750MiB", and the exact resident-weight-bytes model the search obeys."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpq.errors import MpqError
+from mpq.formats import FormatSpec
+from mpq.qlinear import linear_weight
+from mpq.trace import LayerInfo
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """'6GB' -> 6e9, '6GiB' -> 6*2**30, '750MB', '1.5GiB', '123456' (bytes)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise MpqError(f"cannot read size {text!r}: use a number with B, KB, MB, GB, KiB, MiB or GiB (e.g. 6GB, 750MiB) or a byte count")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds, each shared tensor counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if key in seen or tensor.device.type == "meta":
+            continue
+        seen.add(key)
+        total += tensor.untyped_storage().nbytes()
+    return total
+
+
+@dataclass
+class MemoryModel:
+    """Resident bytes of any plan: the untouched rest plus each layer's bytes in its format."""
+
+    fixed_bytes: int
+    layer_bytes: dict[str, dict[str, int]]  # layer -> format name -> weight bytes
+
+    def total(self, plan: dict[str, str]) -> int:
+        return self.fixed_bytes + sum(self.layer_bytes[layer][fmt] for layer, fmt in plan.items())
+
+    def smallest(self) -> int:
+        return self.fixed_bytes + sum(min(options.values()) for options in self.layer_bytes.values())
+
+    def largest(self) -> int:
+        return self.fixed_bytes + sum(max(options.values()) for options in self.layer_bytes.values())
+
+
+def memory_model(model: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec]) -> MemoryModel:
+    weights = {layer.name: linear_weight(model.get_submodule(layer.name)) for layer in layers}
+    quantizable = sum(w.numel() * w.element_size() for w in weights.values())
+    options = {
+        layer.name: {fmt.name: fmt.weight_bytes(layer.out_features, layer.in_features)
+                     for fmt in formats if fmt.supports(layer.out_features, layer.in_features)}
+        for layer in layers
+    }
+    for name, opts in options.items():
+        if not opts:
+            raise MpqError(f"layer {name} takes none of the formats asked for: add fp16 or int8 to --formats")
+    return MemoryModel(fixed_bytes=resident_bytes(model) - quantizable, layer_bytes=options)
+
+
+def float_dtype_of(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32

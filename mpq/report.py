@@ -1,0 +1,163 @@
+"""What users look at: the sensitivity heatmap, the Pareto plot, and report.md."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mpq.memory import format_size
+from mpq.sensitivity import SensitivityTable
+from mpq.trace import LayerInfo
+
+OTHER_ROW = "other"
+
+
+def _grid(table: SensitivityTable, layers: list[LayerInfo], fmt: str) -> tuple[list[str], list[str], list[list[float]]]:
+    """Rows = transformer blocks (then layers outside blocks), columns = layer kinds."""
+    kinds: list[str] = []
+    rows: list[str] = []
+    for layer in layers:
+        if layer.kind not in kinds:
+            kinds.append(layer.kind)
+        row = str(layer.block) if layer.block is not None else OTHER_ROW
+        if row not in rows:
+            rows.append(row)
+    grid = [[math.nan] * len(kinds) for _ in rows]
+    for layer in layers:
+        row = str(layer.block) if layer.block is not None else OTHER_ROW
+        value = table.values.get(layer.name, {}).get(fmt)
+        if value is not None:
+            grid[rows.index(row)][kinds.index(layer.kind)] = value
+    return rows, kinds, grid
+
+
+def draw_heatmap(table: SensitivityTable, layers: list[LayerInfo], path: Path) -> Path:
+    """One panel per quantised format; log colour scale, since sensitivities span decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    formats = [f for f in table.formats if any(f in v and v[f] > 0 for v in table.values.values())]
+    formats = formats or table.formats
+    rows, kinds, _ = _grid(table, layers, formats[0])
+    positive = [v for per in table.values.values() for v in per.values() if v > 0]
+    norm = LogNorm(vmin=min(positive), vmax=max(positive)) if positive else None
+    fig, axes = plt.subplots(1, len(formats), figsize=(1.2 + 0.9 * len(kinds) * len(formats), 1.5 + 0.4 * len(rows)),
+                             squeeze=False)
+    image = None
+    for ax, fmt in zip(axes[0], formats):
+        _, _, grid = _grid(table, layers, fmt)
+        data = np.array(grid, dtype=float)
+        data[data <= 0] = np.nan
+        image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="magma_r", norm=norm)
+        ax.set_title(fmt)
+        ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_ylabel("block")
+    if image is not None and norm is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), label=f"sensitivity ({table.metric}, log scale)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def heatmap_markdown(table: SensitivityTable, layers: list[LayerInfo]) -> str:
+    lines = [f"Sensitivity ({table.metric}; lower is better) on {table.calib.get('tokens')} calibration tokens "
+             f"from {table.calib.get('source')}.", ""]
+    for fmt in table.formats:
+        rows, kinds, grid = _grid(table, layers, fmt)
+        lines += [f"### {fmt}", "", "| block | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        for row, values in zip(rows, grid):
+            cells = ["" if math.isnan(v) else f"{v:.2e}" for v in values]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def draw_pareto(points: list[dict], path: Path, quality_name: str, baseline: float | None) -> Path:
+    """Bytes against measured quality; Pareto configs joined, uniform configs marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["bytes"])
+    others = [p for p in points if not p["pareto"] and not p["uniform"]]
+    uniform = [p for p in points if p["uniform"]]
+    if others:
+        ax.scatter([p["bytes"] / 1e6 for p in others], [p["quality"] for p in others], c="0.7", label="measured, dominated")
+    ax.plot([p["bytes"] / 1e6 for p in front], [p["quality"] for p in front], "o-", c="tab:blue", label="mpq Pareto set")
+    for p in uniform:
+        ax.scatter([p["bytes"] / 1e6], [p["quality"]], marker="s", s=60, c="tab:red", zorder=3)
+        ax.annotate(p["name"], (p["bytes"] / 1e6, p["quality"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", c="0.4", label="unquantised")
+    ax.set_xlabel("resident weight bytes (MB)")
+    ax.set_ylabel(quality_name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _quality_cell(metrics: dict) -> str:
+    if "ppl" in metrics:
+        return f"{metrics['ppl']:.3f} | {metrics['ppl_text']:.3f} | {metrics['ppl_code']:.3f}"
+    return f"{metrics['mean_cosine']:.5f} | {metrics['nn_agreement']:.3f}"
+
+
+def _quality_header(task_quality: str) -> str:
+    if task_quality == "perplexity":
+        return "ppl (all) | ppl text | ppl code"
+    return "mean cosine | NN agreement"
+
+
+def write_report(path: Path, summary: dict) -> Path:
+    """report.md from the compile summary (plain data, also saved as summary.json)."""
+    s = summary
+    header = _quality_header(s["quality_name"])
+    lines = [
+        f"# mpq report: {s['model']}",
+        "",
+        f"- task: {s['task']}; trace: {s['trace']['method']} ({s['trace']['layers']} quantisable layers)"
+        + (f"; warning: {s['trace']['warning']}" if s["trace"].get("warning") else ""),
+        f"- formats: {', '.join(s['formats'])}; calibration: {s['calibration']['samples']} samples x "
+        f"{s['calibration']['seq_len']} tokens from {s['calibration']['source']}",
+        f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
+        f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}); "
+        f"{s['search']['front']} on the predicted front, {s['search']['measured']} measured",
+        f"- hardware: {s['hardware']}; torch {s['versions']['torch']}, mpq {s['versions']['mpq']}",
+        "",
+        "## Baseline (unquantised)",
+        "",
+        f"| bytes | {header} |",
+        "|---|" + "---|" * len(header.split("|")),
+        f"| {format_size(s['baseline']['bytes'])} | {_quality_cell(s['baseline']['metrics'])} |",
+        "",
+        "## Pareto set",
+        "",
+        f"Configs under `configs/`; `mpq inspect configs/NAME` shows one. Acceptance: bytes <= --max-mem"
+        + (f" and quality drop <= {s['max_quality_drop']}" if s.get("max_quality_drop") is not None else "") + ".",
+        "",
+        f"| config | bytes | predicted {s['metric']} | {header} | formats | accepted |",
+        "|---|---|---|" + "---|" * len(header.split("|")) + "---|---|",
+    ]
+    for c in s["configs"]:
+        counts = ", ".join(f"{n}x {f}" for f, n in sorted(c["counts"].items()))
+        lines.append(f"| {c['name']} | {format_size(c['bytes'])} | {c['predicted']:.4g} | {_quality_cell(c['metrics'])} | "
+                     f"{counts} | {'yes' if c['accepted'] else 'no: ' + c['rejected_because']} |")
+    lines += ["", "Uniform configs, measured the same way:", "",
+              f"| config | bytes | {header} | within budget |", "|---|---|" + "---|" * len(header.split("|")) + "---|"]
+    for u in s["uniform"]:
+        lines.append(f"| {u['name']} | {format_size(u['bytes'])} | {_quality_cell(u['metrics'])} | {'yes' if u['bytes'] <= s['budget'] else 'no'} |")
+    lines += ["", "## Pareto plot", "", "![pareto](pareto.png)", "", "## Sensitivity", "",
+              "![heatmap](heatmap.png)", "", "Table: [sensitivity.md](sensitivity.md); raw: sensitivity.json.", "",
+              "## Time per stage (s)", "", "| " + " | ".join(s["seconds"]) + " |", "|---" * len(s["seconds"]) + "|",
+              "| " + " | ".join(f"{v:.1f}" for v in s["seconds"].values()) + " |", ""]
+    Path(path).write_text("\n".join(lines))
+    return Path(path)

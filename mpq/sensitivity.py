@@ -1,0 +1,91 @@
+"""Per-layer sensitivity: how much the output degrades when only one layer takes one format.
+
+Cost is one calibration pass per (layer, format): linear in layers x formats x calibration tokens.
+The table is plain data (sensitivity.json), keyed by a content hash of model, data and formats,
+and reused whenever that key comes again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+from tqdm import tqdm
+
+from mpq.apply import QuantizedWeightCache, applied, get_module
+from mpq.formats import FormatSpec
+from mpq.qlinear import linear_weight
+from mpq.quantize import sixteen_bit_dtype
+from mpq.trace import LayerInfo
+
+log = logging.getLogger(__name__)
+VERSION = 1
+
+
+@dataclass
+class SensitivityTable:
+    key: str
+    metric: str  # "kl" or "1-cos"
+    formats: list[str]
+    layers: list[str]
+    values: dict[str, dict[str, float]]  # layer -> format -> degradation (lower is better)
+    calib: dict  # source, samples, seq_len, tokens
+    seconds: float
+    version: int = VERSION
+
+    def save(self, path: Path) -> None:
+        from mpq.io import write_json_atomic
+
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> "SensitivityTable":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MPQ_CACHE_DIR", Path.home() / ".cache" / "mpq")) / "sensitivity"
+
+
+def find_cached(key: str, *places: Path) -> SensitivityTable | None:
+    for path in (*places, cache_dir() / f"{key}.json"):
+        try:
+            table = SensitivityTable.load(path)
+        except (OSError, ValueError, TypeError):
+            continue
+        if table.key == key and table.version == VERSION:
+            log.info("reusing sensitivity table %s", path)
+            return table
+    return None
+
+
+def _lossless(module: nn.Module, fmt: FormatSpec) -> bool:
+    """Keeping a 16-bit weight in its own dtype changes nothing: no pass needed."""
+    dtype = linear_weight(module).dtype
+    return not fmt.quantized and sixteen_bit_dtype(dtype) == dtype
+
+
+def measure_sensitivity(model: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task, key: str,
+                        calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
+    start = time.time()
+    reference = task.reference(model)
+    values: dict[str, dict[str, float]] = {}
+    jobs = [(layer, fmt) for layer in layers for fmt in formats]
+    for layer, fmt in tqdm(jobs, desc="sensitivity", disable=not progress, unit="pass"):
+        module = get_module(model, layer.name)
+        if not fmt.supports(layer.out_features, layer.in_features):
+            continue
+        if _lossless(module, fmt):
+            score = 0.0
+        else:
+            with applied(model, {layer.name: fmt}, cache):
+                score = task.divergence(model, reference)
+        values.setdefault(layer.name, {})[fmt.name] = score
+    return SensitivityTable(key=key, metric=task.metric, formats=[f.name for f in formats],
+                            layers=[layer.name for layer in layers], values=values, calib=calib,
+                            seconds=round(time.time() - start, 2))

@@ -1,0 +1,198 @@
+"""What "quality" means for each kind of model, on calibration and held-out data.
+
+- causal LM: sensitivity is the KL divergence of next-token distributions from the original's;
+  held-out quality is perplexity on English text and on code (the shipped corpus's heldout split).
+- encoder: sensitivity is 1 - cosine of mean-pooled, normalised embeddings to the original's;
+  held-out quality is that fidelity (mean cosine) and nearest-neighbour agreement.
+Every evaluation goes through the same functions, for every config and baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mpq.corpus import corpus_chunks, mixed_chunks
+from mpq.errors import MpqError
+from mpq.models import CAUSAL_LM
+
+BATCH = 8
+DEFAULT_CALIB = "mpq corpus, calib split (Python docs + stdlib)"
+MIN_SENTENCE_WORDS = 6
+
+
+@dataclass
+class CalibrationText:
+    source: str
+    texts: list[str]
+
+
+def calibration_text(calib_file: Path | None) -> CalibrationText:
+    if calib_file is None:
+        return CalibrationText(DEFAULT_CALIB, mixed_chunks("calib"))
+    path = Path(calib_file)
+    if not path.is_file():
+        raise MpqError(f"calibration file {path} does not exist: give a UTF-8 text file with --calib")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MpqError(f"calibration file {path} is not UTF-8 text: give a plain text file with --calib") from exc
+    texts = [part for part in text.split("\n\n") if part.strip()]
+    return CalibrationText(str(path), texts)
+
+
+def _windows(tokenizer, texts: list[str], count: int, seq_len: int, what: str) -> torch.Tensor:
+    """`count` consecutive windows of `seq_len` tokens from the texts joined by end-of-text."""
+    need = count * seq_len
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise MpqError(f"{what} gives {len(ids)} tokens but {count} samples x {seq_len} tokens = {need} are needed: "
+                       f"give more text or lower --samples / --seq-len")
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(count, seq_len)
+
+
+def _sentences(texts: list[str]) -> list[str]:
+    out = []
+    for text in texts:
+        for line in text.replace(". ", ".\n").splitlines():
+            line = line.strip()
+            if len(line.split()) >= MIN_SENTENCE_WORDS and len(line) < 400:
+                out.append(line)
+    return out
+
+
+class CausalLMTask:
+    metric = "kl"
+    quality_name = "perplexity"
+    higher_is_better = False
+
+    def __init__(self, tokenizer, calib: CalibrationText | None, samples: int, seq_len: int,
+                 eval_samples: int = 24, eval_seq_len: int = 256) -> None:
+        self.tokenizer = tokenizer
+        if calib is not None:  # evaluation alone needs no calibration data
+            self.calib_ids = _windows(tokenizer, calib.texts, samples, seq_len, f"calibration text ({calib.source})")
+        self.heldout = {kind: _windows(tokenizer, list(corpus_chunks(kind, "heldout")), eval_samples, eval_seq_len,
+                                       f"held-out {kind}") for kind in ("text", "code")}
+
+    @property
+    def calib_tokens(self) -> int:
+        return self.calib_ids.numel()
+
+    def _logits(self, model, ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+    @torch.no_grad()
+    def reference(self, model) -> list[torch.Tensor]:
+        return [F.log_softmax(self._logits(model, ids), dim=-1) for ids in self.calib_ids.split(BATCH)]
+
+    @torch.no_grad()
+    def divergence(self, model, reference: list[torch.Tensor]) -> float:
+        """Mean per-token KL(original || model) of next-token distributions on calibration data."""
+        total, count = 0.0, 0
+        for ids, ref in zip(self.calib_ids.split(BATCH), reference):
+            logp = F.log_softmax(self._logits(model, ids), dim=-1)
+            total += (ref.exp() * (ref - logp)).sum(-1).sum().item()
+            count += ids.numel()
+        return max(total / count, 0.0)
+
+    @torch.no_grad()
+    def nll(self, model, ids: torch.Tensor) -> tuple[float, int]:
+        total = 0.0
+        for batch in ids.split(BATCH):
+            logits = self._logits(model, batch)[:, :-1]
+            total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        return total, ids[:, 1:].numel()
+
+    def prepare_eval(self, model) -> None:
+        """Nothing to cache: perplexity needs no reference outputs."""
+
+    def evaluate(self, model) -> dict[str, float]:
+        """Held-out perplexity on text, on code, and over both; `loss` is the one the search minimises."""
+        out, total, count = {}, 0.0, 0
+        for kind, ids in self.heldout.items():
+            nll, n = self.nll(model, ids)
+            out[f"ppl_{kind}"] = math.exp(nll / n)
+            total, count = total + nll, count + n
+        out["ppl"] = math.exp(total / count)
+        out["loss"] = out["ppl"]
+        return out
+
+
+class EncoderTask:
+    metric = "1-cos"
+    quality_name = "embedding cosine"
+    higher_is_better = True
+
+    def __init__(self, tokenizer, calib: CalibrationText | None, samples: int, seq_len: int, eval_samples: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        if calib is not None:  # evaluation alone needs no calibration data
+            calib_sentences = _sentences(calib.texts)
+            if len(calib_sentences) < samples:
+                raise MpqError(f"calibration text ({calib.source}) gives {len(calib_sentences)} sentences of {MIN_SENTENCE_WORDS}+ words "
+                               f"but --samples {samples} are needed: give more text or lower --samples")
+            self.calib_batches = self._encode(calib_sentences[:samples])
+        heldout = _sentences(list(corpus_chunks("text", "heldout")))[:eval_samples]
+        self.heldout_batches = self._encode(heldout)
+        self.baseline: torch.Tensor | None = None
+
+    def _encode(self, sentences: list[str]) -> list[dict]:
+        return [dict(self.tokenizer(sentences[i:i + BATCH * 4], padding=True, truncation=True,
+                                    max_length=self.seq_len, return_tensors="pt"))
+                for i in range(0, len(sentences), BATCH * 4)]
+
+    @property
+    def calib_tokens(self) -> int:
+        return int(sum(batch["attention_mask"].sum() for batch in self.calib_batches))
+
+    @torch.no_grad()
+    def embeddings(self, model, batches: list[dict]) -> torch.Tensor:
+        out = []
+        for batch in batches:
+            hidden = model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out.append(F.normalize(pooled, dim=-1))
+        return torch.cat(out)
+
+    def reference(self, model) -> torch.Tensor:
+        return self.embeddings(model, self.calib_batches)
+
+    def divergence(self, model, reference: torch.Tensor) -> float:
+        """1 - mean cosine between this model's embeddings and the original's, on calibration data."""
+        emb = self.embeddings(model, self.calib_batches)
+        return max(1.0 - (emb * reference).sum(-1).mean().item(), 0.0)
+
+    def prepare_eval(self, model) -> None:
+        self.baseline = self.embeddings(model, self.heldout_batches)
+
+    @staticmethod
+    def _nearest(emb: torch.Tensor) -> torch.Tensor:
+        sim = emb @ emb.t()
+        sim.fill_diagonal_(-2.0)
+        return sim.argmax(-1)
+
+    def evaluate(self, model) -> dict[str, float]:
+        """Fidelity to the original on held-out sentences: mean cosine and nearest-neighbour agreement."""
+        if self.baseline is None:
+            raise RuntimeError("call prepare_eval(original_model) before evaluate()")
+        emb = self.embeddings(model, self.heldout_batches)
+        cosine = (emb * self.baseline).sum(-1).mean().item()
+        agreement = (self._nearest(emb) == self._nearest(self.baseline)).float().mean().item()
+        return {"mean_cosine": cosine, "nn_agreement": agreement, "loss": 1.0 - cosine}
+
+
+def make_task(task: str, tokenizer, calib: CalibrationText | None, samples: int = 0, seq_len: int = 128):
+    if task == CAUSAL_LM:
+        return CausalLMTask(tokenizer, calib, samples, seq_len)
+    return EncoderTask(tokenizer, calib, samples, seq_len)

@@ -1,0 +1,155 @@
+"""Capture a model as an FX graph (torch.export) and derive its quantisable layers.
+
+The graph gives each linear's module path (from `nn_module_stack`), its order of execution and
+its input node; networkx then answers graph questions: which layers read the same input
+(q/k/v, gate/up: candidates for fused kernels) and which weights are tied (embedding, lm_head).
+If export fails, module discovery takes over with a warning that names the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+
+import networkx as nx
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_LINEAR_OPS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default}
+# Ops that only re-view their input: two linears reading views of one tensor read the same input.
+_VIEW_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+             torch.ops.aten.alias.default}
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # module path, e.g. model.layers.3.self_attn.q_proj
+    module_type: str  # Linear or Conv1D
+    kind: str  # the path inside its block, e.g. self_attn.q_proj (the heatmap's column)
+    block: int | None  # transformer block index (the heatmap's row), None outside the blocks
+    in_features: int
+    out_features: int
+    params: int
+    order: int  # position in execution order
+    has_bias: bool
+
+
+@dataclass
+class ModelGraph:
+    layers: list[LayerInfo]
+    graph: nx.Graph  # layer nodes; edges "shares_input" and "tied"
+    method: str  # "export" or "modules"
+    warning: str | None = None
+    excluded: dict[str, str] = field(default_factory=dict)  # layer name -> why it is not quantisable
+
+    def shared_input_groups(self) -> list[list[str]]:
+        """Groups of 2+ layers that read the same input tensor, in execution order."""
+        edges = [(a, b) for a, b, d in self.graph.edges(data=True) if d.get("relation") == "shares_input"]
+        sub = nx.Graph(edges)
+        order = {layer.name: layer.order for layer in self.layers}
+        return sorted((sorted(c, key=order.get) for c in nx.connected_components(sub)), key=lambda g: order[g[0]])
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "warning": self.warning,
+            "layers": [asdict(layer) for layer in self.layers],
+            "shared_input_groups": self.shared_input_groups(),
+            "excluded": self.excluded,
+        }
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":
+        return weight.shape[1], weight.shape[0]
+    return weight.shape[0], weight.shape[1]
+
+
+def tied_parameter_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that share one tensor (e.g. embed_tokens.weight and lm_head.weight)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    return [names for names in by_tensor.values() if len(names) > 1]
+
+
+def _source(node: torch.fx.Node) -> torch.fx.Node:
+    while node.op == "call_function" and node.target in _VIEW_OPS:
+        node = node.args[0]
+    return node
+
+
+def _exported_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str, torch.fx.Node]]:
+    """(module path, input node) of every linear op in execution order, via torch.export."""
+    program = torch.export.export(model, args=(), kwargs=example_inputs, strict=False)
+    found = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEAR_OPS:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            continue
+        path = list(stack.values())[-1][0]
+        x = node.args[0] if node.target == torch.ops.aten.linear.default else node.args[1]
+        found.append((path, _source(x)))
+    return found
+
+
+def trace_model(model: nn.Module, example_inputs: dict) -> ModelGraph:
+    """Layers of `model` that mpq can quantise, and the graph facts about them."""
+    modules = dict(model.named_modules())
+    method, warning = "export", None
+    try:
+        with torch.no_grad():
+            linears = _exported_linears(model, example_inputs)
+        if not linears:
+            raise RuntimeError("the exported graph holds no linear ops")
+    except Exception as exc:  # any capture failure falls back; the reason is kept for the report
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        warning = f"torch.export failed ({reason}); found layers by module discovery instead, so shared inputs are unknown"
+        log.warning(warning)
+        method = "modules"
+        linears = [(name, None) for name, module in modules.items() if _is_linear(module)]
+
+    tied = tied_parameter_groups(model)
+    tied_weights = {name for group in tied for name in group}
+    graph = nx.Graph()
+    layers: list[LayerInfo] = []
+    excluded: dict[str, str] = {}
+    readers: dict[torch.fx.Node, list[str]] = {}
+    for path, source in linears:
+        module = modules.get(path)
+        if module is None or not _is_linear(module) or any(layer.name == path for layer in layers):
+            continue  # a module called twice is one layer
+        if f"{path}.weight" in tied_weights:
+            excluded[path] = "weight tied to another parameter (kept in the model's dtype with it)"
+            continue
+        out_features, in_features = _shape(module)
+        block = _BLOCK_INDEX.search(f".{path}.")
+        # The kind is the path inside its block (self_attn.q_proj, intermediate.dense), so that
+        # BERT's several "dense" layers stay apart in the heatmap.
+        kind = f".{path}"[block.end():] if block else path
+        layers.append(LayerInfo(
+            name=path, module_type=type(module).__name__, kind=kind,
+            block=int(block.group(1)) if block else None, in_features=in_features, out_features=out_features,
+            params=in_features * out_features, order=len(layers), has_bias=module.bias is not None,
+        ))
+        graph.add_node(path, kind="layer")
+        if source is not None:
+            readers.setdefault(source, []).append(path)
+    for names in readers.values():
+        for other in names[1:]:
+            graph.add_edge(names[0], other, relation="shares_input")
+    for group in tied:
+        for other in group[1:]:
+            graph.add_edge(group[0], other, relation="tied")
+    return ModelGraph(layers=layers, graph=graph, method=method, warning=warning, excluded=excluded)

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models built from config objects (random weights), written to tmp folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_llama(vocab_size: int = 4096, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Sensitivity caches go to a per-test folder, never to the user's home."""
+    monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path / "mpq-cache"))
+
+
+@pytest.fixture
+def demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    from mpq.models import DEMO_DIR
+
+    return AutoTokenizer.from_pretrained(DEMO_DIR)
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, demo_tokenizer):
+    """A 2-block Llama with the demo tokenizer, saved in bf16 like the demo."""
+    model = tiny_llama(len(demo_tokenizer)).to(torch.bfloat16)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    return path

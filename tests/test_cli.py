@@ -1,0 +1,103 @@
+"""The command line: errors are one clear line with a non-zero exit; compile writes everything."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mpq
+from mpq.cli import main
+from mpq.memory import resident_bytes
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mpq.cli", *args], capture_output=True, text=True,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mpq: error: "), proc.stderr
+    return lines[0]
+
+
+def test_missing_model_folder(tmp_path):
+    line = one_line_error(run_cli("compile", str(tmp_path / "nope"), "-o", str(tmp_path / "out")))
+    assert "does not exist" in line and "demo" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(tmp_path):
+    line = one_line_error(run_cli("compile", str(tmp_path), "-o", str(tmp_path / "out")))
+    assert "no config.json" in line
+
+
+def test_malformed_budget(tiny_llama_dir, tmp_path):
+    line = one_line_error(run_cli("compile", str(tiny_llama_dir), "--max-mem", "lots", "-o", str(tmp_path / "out")))
+    assert "cannot read size" in line
+
+
+def test_unknown_format(tiny_llama_dir, tmp_path):
+    line = one_line_error(run_cli("compile", str(tiny_llama_dir), "--formats", "int3", "-o", str(tmp_path / "out")))
+    assert "unknown format" in line
+
+
+def test_impossible_budget_names_the_smallest_size(tiny_llama_dir, tmp_path, capsys):
+    code = main(["compile", str(tiny_llama_dir), "--max-mem", "1KB", "-o", str(tmp_path / "out"), "-q",
+                 "--samples", "4", "--seq-len", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "below the smallest possible model" in err and "bytes" in err
+    assert not (tmp_path / "out" / "configs").exists()
+
+
+def test_too_little_calibration_text(tiny_llama_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def f(x):\n    return x\n")
+    code = main(["compile", str(tiny_llama_dir), "--calib", str(calib), "-o", str(tmp_path / "out"), "-q"])
+    assert code == 2 and "give more text or lower --samples" in capsys.readouterr().err
+
+
+def test_inspect_of_a_non_config(tmp_path):
+    line = one_line_error(run_cli("inspect", str(tmp_path)))
+    assert "not an mpq config" in line
+
+
+@pytest.mark.slow
+def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["compile", str(tiny_llama_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
+            "--trials", "80", "--max-configs", "6", "--group-size", "32"]
+    first = tmp_path / "probe"
+    assert main([*args[:1], args[1], "-o", str(first), *args[4:]]) == 0
+    smallest = json.loads((first / "summary.json").read_text())["smallest"]
+    largest = json.loads((first / "summary.json").read_text())["baseline"]["bytes"]
+    budget = (smallest + largest) // 2
+    assert main([*args, "--max-mem", str(budget), "--max-quality-drop", "0.5"]) == 0
+    for name in ["report.md", "heatmap.png", "pareto.png", "sensitivity.json", "sensitivity.md", "summary.json", "layers.json"]:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    configs = sorted((out / "configs").iterdir())
+    assert len(configs) == len(summary["configs"]) >= 2
+    for row in summary["configs"]:
+        assert row["bytes"] <= budget
+    ids = torch.randint(0, 4000, (1, 16))
+    for folder in configs:
+        model = mpq.load(folder)
+        manifest = json.loads((folder / "mpq.json").read_text())
+        predicted = manifest["card"]["bytes"]["predicted"]
+        assert abs(resident_bytes(model) - predicted) / predicted < 0.01
+        assert torch.isfinite(model(input_ids=ids, use_cache=False).logits.float()).all()
+    # the sensitivity table is reused the second time round
+    key = json.loads((out / "sensitivity.json").read_text())["key"]
+    assert main([*args, "--max-mem", str(budget), "-o", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert json.loads((tmp_path / "again" / "sensitivity.json").read_text())["key"] == key
+    assert again["seconds"]["sensitivity"] < summary["seconds"]["sensitivity"]
+    assert [c["bytes"] for c in again["configs"]] == [c["bytes"] for c in summary["configs"]]  # same seed, same set
+    capsys.readouterr()
+    assert main(["inspect", str(configs[0])]) == 0
+    text = capsys.readouterr().out
+    assert "granularity" in text and "model.layers.0.self_attn.q_proj" in text

