@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, help="calibration sequence length in tokens (default 128)")
     c.add_argument("--trials", type=int, default=300, help="Optuna trials (default 300)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--max-configs", type=int, default=8, help="mixed configs to measure on held-out data (default 8)")
+    c.add_argument("--max-configs", type=int, default=12, help="mixed configs to measure on held-out data (default 12)")
     c.add_argument("--max-quality-drop", type=float,
                    help="acceptance: perplexity ratio - 1 (0.01 = 1%%) for LMs, cosine drop for encoders")
     c.add_argument("-o", "--out", type=Path, default=Path("mpq-out"))

