@@ -69,11 +69,12 @@ def _accepts(metrics: dict, baseline: dict, drop: float | None, higher_is_better
 
 
 def _sensitivity(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, formats, task, calib_info: dict,
-                 cache: QuantizedWeightCache) -> SensitivityTable:
+                 cache: QuantizedWeightCache) -> tuple[SensitivityTable, bool]:
     calib_data = task.calib_ids if loaded.task == CAUSAL_LM else [b["input_ids"] for b in task.calib_batches]
     key = data_fingerprint(model_fingerprint(loaded.model), calib_data, [f.name for f in formats], task.metric,
                            [layer.name for layer in graph.layers])
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
+    reused = table is not None
     if table is None:
         table = measure_sensitivity(loaded.model, graph.layers, formats, task, key, calib_info, cache, opts.progress)
         try:
@@ -81,7 +82,7 @@ def _sensitivity(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, f
         except OSError as exc:  # a read-only home still compiles; only reuse is lost
             log.warning("cannot write the sensitivity cache (%s)", exc)
     table.save(Path(opts.out) / "sensitivity.json")
-    return table
+    return table, reused
 
 
 def compile_model(opts: CompileOptions) -> dict:
@@ -122,7 +123,7 @@ def compile_model(opts: CompileOptions) -> dict:
     lap("trace")
 
     cache = QuantizedWeightCache(loaded.model)
-    table = _sensitivity(opts, loaded, graph, formats, task, calib_info, cache)
+    table, reused = _sensitivity(opts, loaded, graph, formats, task, calib_info, cache)
     draw_heatmap(table, graph.layers, out / "heatmap.png")
     (out / "sensitivity.md").write_text(heatmap_markdown(table, graph.layers))
     lap("sensitivity")
@@ -180,7 +181,7 @@ def compile_model(opts: CompileOptions) -> dict:
                   "shared_input_groups": len(graph.shared_input_groups())},
         "calibration": calib_info, "baseline": baseline,
         "search": {"trials": result.trials, "front": len(result.front), "measured": len(measured), "seconds": result.seconds},
-        "sensitivity_seconds": table.seconds,
+        "sensitivity_seconds": table.seconds, "sensitivity_reused": reused,
         "configs": config_rows,
         "uniform": [{"name": c.origin.split(":")[1], "bytes": c.bytes, "predicted": c.predicted, "metrics": c.measured,
                      "formats": c.formats} for c in uniform],
