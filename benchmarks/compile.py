@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,15 +76,17 @@ def main() -> None:
     parser.add_argument("--models", default="demo,minilm")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--trials", type=int, default=300)
+    parser.add_argument("--work", type=Path, help="where the compile outputs go (default: a temporary folder)")
     args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="mpq-bench-"))
     results = {"hardware": hardware(), "versions": versions(), "torch_threads": torch.get_num_threads(), "models": []}
     for name in args.models.split(","):
-        result = bench_model(name, DEFAULT_BUDGETS.get(name, "8MB"), args.out, args.trials)
+        result = bench_model(name, DEFAULT_BUDGETS.get(name, "8MB"), work, args.trials)
         results["models"].append(result)
         print_table(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compile.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nhardware: {results['hardware']}\nwrote {args.out / 'compile.json'}")
+    print(f"\nhardware: {results['hardware']}\nwrote {args.out / 'compile.json'}; compile outputs in {work}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from tqdm import tqdm
 
 from mpq.apply import QuantizedWeightCache, applied
 from mpq.checkpoint import save_config
@@ -22,7 +22,7 @@ from mpq.memory import format_size, memory_model, parse_size, resident_bytes
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
 from mpq.plan import Plan
 from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
-from mpq.search import Candidate, pareto_front, search_plans, spread
+from mpq.search import Candidate, evaluate_plan, pareto_front, search_plans, spread, uniform_plan
 from mpq.sensitivity import SensitivityTable, cache_dir, find_cached, measure_sensitivity
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import ModelGraph, trace_model
@@ -136,14 +136,10 @@ def compile_model(opts: CompileOptions) -> dict:
 
     task.prepare_eval(loaded.model)
     baseline = {"bytes": resident_bytes(loaded.model), "metrics": task.evaluate(loaded.model)}
-    uniform: list[Candidate] = []
-    for name in uniform_names:
-        plan = {layer: name if name in options else max(options, key=options.get) for layer, options in costs.items()}
-        uniform.append(Candidate(plan, memory.total(plan), sum(sens[l][f] for l, f in plan.items()), f"uniform:{name}"))
+    uniform = [Candidate(plan, *evaluate_plan(plan, costs, sens, memory.fixed_bytes), f"uniform:{name}")
+               for name, plan in ((name, uniform_plan(costs, name)) for name in uniform_names)]
     mixed = [c for c in spread(result.front, opts.max_configs) if not c.origin.startswith("uniform")]
     measured = uniform + mixed
-    from tqdm import tqdm
-
     for cand in tqdm(measured, desc="held-out eval", disable=not opts.progress, unit="config"):
         with applied(loaded.model, {l: get_format(f) for l, f in cand.formats.items()}, cache):
             cand.measured = task.evaluate(loaded.model)
@@ -160,7 +156,7 @@ def compile_model(opts: CompileOptions) -> dict:
         name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if cand.origin.startswith("uniform") else "")
         plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
         accepted, because = _accepts(cand.measured, baseline["metrics"], opts.max_quality_drop, task.higher_is_better)
-        card = _card(loaded, plan, cand, baseline, calib_info, task, accepted and cand.bytes <= budget, env, graph)
+        card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph)
         specs = plan.specs()
         with applied(loaded.model, specs, cache) as tensors:
             save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card)

@@ -140,7 +140,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the recipe's step count (for quick trials)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    recipe = load_recipe(args.recipe)
+    try:
+        recipe = load_recipe(args.recipe)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"mpq.demo.train: error: {exc}")
     if args.steps:
         recipe["train"]["steps"] = args.steps
     print(json.dumps(train(recipe, args.out), indent=2))
