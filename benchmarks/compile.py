@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -77,8 +78,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--work", type=Path, help="where the compile outputs go (default: a temporary folder)")
+    parser.add_argument("--reuse", action="store_true", help="reuse cached sensitivity tables (default: measure afresh)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mpq-bench-"))
+    if not args.reuse:  # stage times must include the measurement, so start from an empty cache
+        os.environ["MPQ_CACHE_DIR"] = str(work / "cache")
     results = {"hardware": hardware(), "versions": versions(), "torch_threads": torch.get_num_threads(), "models": []}
     for name in args.models.split(","):
         result = bench_model(name, DEFAULT_BUDGETS.get(name, "8MB"), work, args.trials)

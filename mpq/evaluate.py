@@ -22,7 +22,7 @@ PREFILL_TOKENS = 256
 DECODE_PROMPT, DECODE_TOKENS = 32, 32
 
 
-def _median_seconds(fn, repeats: int = 5) -> float:
+def _median_seconds(fn, repeats: int = 9) -> float:
     fn()  # warm-up: kernel layout caches, allocator
     times = []
     for _ in range(repeats):
@@ -47,10 +47,10 @@ def speed(model: nn.Module, task_kind: str, task) -> dict[str, float]:
                 out = model(input_ids=token, past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-        total = _median_seconds(decode, repeats=3)
+        total = _median_seconds(decode, repeats=7)
         return {"prefill_tokens_per_s": ids.shape[1] / prefill, "decode_tokens_per_s": DECODE_TOKENS / total}
     batches = task.heldout_batches
-    seconds = _median_seconds(lambda: task.embeddings(model, batches), repeats=3)
+    seconds = _median_seconds(lambda: task.embeddings(model, batches), repeats=5)
     return {"sentences_per_s": sum(b["input_ids"].shape[0] for b in batches) / seconds}
 
 
