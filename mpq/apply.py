@@ -1,4 +1,4 @@
-"""Module surgery: put QuantizedLinear layers into a model for a plan, and take them out again."""
+"""Module surgery: put QuantizedLinear layers (fused where allowed) into a model, and take them out."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mpq.formats import FormatSpec
+from mpq.fusion import fuse
 from mpq.qlinear import QuantizedLinear, linear_weight
 from mpq.quantize import quantize_weight
 
@@ -41,23 +42,38 @@ class QuantizedWeightCache:
         return self._tensors[key]
 
 
-def build_layer(module: nn.Module, fmt: FormatSpec, tensors: dict[str, torch.Tensor]) -> QuantizedLinear:
-    out_features, in_features = linear_weight(module).shape
-    return QuantizedLinear(fmt, tensors, module.bias, in_features, out_features)
+def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torch.Tensor]],
+                 biases: dict[str, torch.Tensor | None], in_features: dict[str, int],
+                 fused_groups: list[list[str]] = (), backend: str | None = None,
+                 device: torch.device | str | None = None) -> dict[str, nn.Module]:
+    """The module to install for each planned layer: a FusedSlice in a fused group, else a QuantizedLinear.
+    Both compile (to measure) and load use this, so the loaded model is the measured one."""
+    layers: dict[str, nn.Module] = {}
+    for names in fused_groups:
+        slices = fuse(names, specs[names[0]], tensors, biases, in_features[names[0]], backend, device)
+        if slices:
+            layers.update(slices)
+    for name, fmt in specs.items():
+        if name not in layers:
+            out_features = next(iter(tensors[name].values())).shape[0]
+            layers[name] = QuantizedLinear(fmt, tensors[name], biases[name], in_features[name], out_features, backend, device)
+    return layers
 
 
 @contextmanager
-def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeightCache
-            ) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
-    """Within the block, `model` runs with the plan's layers quantised; yields their canonical tensors."""
+def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeightCache,
+            fused_groups: list[list[str]] = ()) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Within the block, `model` runs with the plan's layers quantised; yields each layer's canonical
+    tensors and bias (what a checkpoint stores)."""
+    modules = {name: get_module(model, name) for name in plan}
+    tensors = {name: cache.get(name, fmt, modules[name]) for name, fmt in plan.items()}
+    biases = {name: module.bias for name, module in modules.items()}
+    in_features = {name: linear_weight(module).shape[1] for name, module in modules.items()}
     originals: dict[str, nn.Module] = {}
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        for name, fmt in plan.items():
-            module = get_module(model, name)
-            tensors[name] = cache.get(name, fmt, module)
-            originals[name] = set_module(model, name, build_layer(module, fmt, tensors[name]))
-        yield tensors
+        for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups).items():
+            originals[name] = set_module(model, name, layer)
+        yield {name: {**tensors[name], **({} if biases[name] is None else {"bias": biases[name]})} for name in plan}
     finally:
         for name, module in originals.items():
             set_module(model, name, module)

@@ -20,8 +20,8 @@ from mpq.errors import MpqError
 from mpq.io import atomic_folder, write_json_atomic
 from mpq.models import CAUSAL_LM
 from mpq.plan import Plan
-from mpq.apply import set_module
-from mpq.qlinear import QuantizedLinear, linear_weight
+from mpq.apply import build_layers, set_module
+from mpq.qlinear import linear_weight
 from mpq.trace import tied_parameter_groups
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,12 @@ def _non_persistent_buffers(model: nn.Module) -> list[str]:
 
 
 def checkpoint_tensors(model: nn.Module, layer_tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Every tensor to save: canonical tensors of the quantised layers, then the rest of the model
-    (tied tensors once, under their first name)."""
+    """Every tensor to save: canonical tensors (and biases) of the quantised layers, then the rest
+    of the model (tied tensors once, under their first name)."""
     out: dict[str, torch.Tensor] = {}
     for layer, tensors in layer_tensors.items():
         for key, tensor in tensors.items():
             out[f"{layer}.{key}"] = tensor
-        bias = model.get_submodule(layer).bias
-        if bias is not None:
-            out[f"{layer}.bias"] = bias
     quantized = tuple(f"{layer}." for layer in layer_tensors)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if not name.startswith(quantized):
@@ -65,7 +62,7 @@ def checkpoint_tensors(model: nn.Module, layer_tensors: dict[str, dict[str, torc
 
 
 def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan,
-                layer_tensors: dict[str, dict[str, torch.Tensor]], card: dict) -> Path:
+                layer_tensors: dict[str, dict[str, torch.Tensor]], card: dict, fused: list[list[str]] = ()) -> Path:
     """Write one config folder atomically. `model` must have the plan applied."""
     from safetensors.torch import save_file
 
@@ -80,6 +77,7 @@ def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan
             "task": task,
             "plan": plan.to_json(),
             "tied": tied_parameter_groups(model),
+            "fused": [list(group) for group in fused],
             "non_persistent_buffers": _non_persistent_buffers(model),
             "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
             "card": card,
@@ -138,28 +136,40 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise MpqError(f"checkpoint tensor {name} has no place in the model: the config does not match its weights")
 
 
-def load(folder: str | Path, backend: str | None = None) -> nn.Module:
-    """Load a config folder written by `mpq compile` into a ready, eval-mode model."""
+def load(folder: str | Path, backend: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a config folder written by `mpq compile` into a ready, eval-mode model on `device`.
+
+    Quantised layers pick their kernel from the device: Triton on CUDA, torch's CPU kernels on the
+    CPU; `backend` (or MPQ_KERNELS) = "reference" forces the dequantise path.
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     plan = Plan.from_json(manifest["plan"])
     tensors = _read_weights(folder, manifest)
     model = _skeleton(folder, manifest["task"])
-    for layer, fmt in plan.specs().items():
+    specs = plan.specs()
+    layer_tensors: dict[str, dict[str, torch.Tensor]] = {}
+    biases: dict[str, torch.Tensor | None] = {}
+    in_features: dict[str, int] = {}
+    for layer, fmt in specs.items():
         prefix = f"{layer}."
         own = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-        bias = own.pop("bias", None)
+        biases[layer] = own.pop("bias", None)
         try:
             module = model.get_submodule(layer)
         except AttributeError as exc:
             raise MpqError(f"plan layer {layer} is not in the model: the config does not match its plan") from exc
-        out_features, in_features = linear_weight(module).shape
         expected = {"weight"} if not fmt.quantized else ({"qweight", "scales"} | ({"zeros"} if fmt.bits == 4 and not fmt.symmetric else set()))
         if set(own) != expected:
             raise MpqError(f"{folder}: layer {layer} holds {sorted(own)}, but {fmt.name} needs {sorted(expected)}; re-run mpq compile")
-        set_module(model, layer, QuantizedLinear(fmt, own, bias, in_features, out_features, backend))
+        layer_tensors[layer] = own
+        in_features[layer] = linear_weight(module).shape[1]
+    fused = manifest.get("fused", [])
+    for layer, module in build_layers(specs, layer_tensors, biases, in_features, fused, backend, device).items():
+        set_module(model, layer, module)
+        log.info("%s: %s", layer, module.kernel)
     for name, tensor in tensors.items():
-        _assign(model, name, tensor)
+        _assign(model, name, tensor.to(device))
     for group in manifest.get("tied", []):
         source = model.get_parameter(group[0])
         for other in group[1:]:
@@ -169,3 +179,9 @@ def load(folder: str | Path, backend: str | None = None) -> nn.Module:
         raise MpqError(f"{folder}: {len(missing)} tensors are missing from {WEIGHTS} (first: {missing[0]}); re-run mpq compile")
     model.eval()
     return model
+
+
+def kernels_of(model: nn.Module) -> dict[str, str]:
+    """Which kernel runs each quantised layer of a loaded model."""
+    return {name: module.kernel for name, module in model.named_modules() if hasattr(module, "kernel")
+            and type(module).__name__ in ("QuantizedLinear", "FusedSlice") and not name.endswith(".fused.layer")}

@@ -17,6 +17,7 @@ from mpq.environment import hardware, versions
 from mpq.errors import MpqError
 from mpq.fingerprint import data_fingerprint, model_fingerprint
 from mpq.formats import get_format, parse_formats
+from mpq.fusion import fusion_groups
 from mpq.io import write_json_atomic
 from mpq.memory import format_size, memory_model, parse_size, resident_bytes
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
@@ -140,8 +141,11 @@ def compile_model(opts: CompileOptions) -> dict:
                for name, plan in ((name, uniform_plan(costs, name)) for name in uniform_names)]
     mixed = [c for c in spread(result.front, opts.max_configs) if not c.origin.startswith("uniform")]
     measured = uniform + mixed
+    has_bias = {layer.name: layer.has_bias for layer in graph.layers}
+    groups = graph.shared_input_groups()
     for cand in tqdm(measured, desc="held-out eval", disable=not opts.progress, unit="config"):
-        with applied(loaded.model, {l: get_format(f) for l, f in cand.formats.items()}, cache):
+        fused = fusion_groups(cand.formats, groups, has_bias)
+        with applied(loaded.model, {l: get_format(f) for l, f in cand.formats.items()}, cache, fused):
             cand.measured = task.evaluate(loaded.model)
     lap("evaluate")
 
@@ -157,9 +161,9 @@ def compile_model(opts: CompileOptions) -> dict:
         plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
         accepted, because = _accepts(cand.measured, baseline["metrics"], opts.max_quality_drop, task.higher_is_better)
         card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph)
-        specs = plan.specs()
-        with applied(loaded.model, specs, cache) as tensors:
-            save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card)
+        fused = fusion_groups(cand.formats, groups, has_bias)
+        with applied(loaded.model, plan.specs(), cache, fused) as tensors:
+            save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
         config_rows.append({"name": name, "bytes": cand.bytes, "predicted": cand.predicted, "metrics": cand.measured,
                             "counts": plan.counts(), "origin": cand.origin, "accepted": accepted,
                             "rejected_because": because})

@@ -1,13 +1,17 @@
 """QuantizedLinear: the one module that holds a layer's packed weight and dispatches its matmul.
 
-Backends, chosen per instance when the layer is built:
+Backends, chosen per instance when the layer is built, from the device it is built on:
+- "triton": mpq's Triton kernels (W4A16, W8A16) on CUDA; also on the CPU under TRITON_INTERPRET=1
 - "cpu": torch's weight-only CPU kernels (mpq.kernels.cpu), bf16 activations
 - "reference": dequantise and multiply in float32 (forced with MPQ_KERNELS=reference)
 - "dense": a 16-bit weight through F.linear (the fp16 format)
+All read the same canonical packed tensors; only the CPU int4 kernel relays its weight out, once,
+when the layer is built. A layer stays on the device it was built on (mpq.load(..., device=)).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -20,7 +24,7 @@ from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu
 from mpq.quantize import quantize_weight
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "cpu", "reference")
+BACKENDS = ("auto", "cpu", "reference", "triton")
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -30,7 +34,12 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, requested: str | None = None) -> str:
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, requested: str | None = None,
+                   device: torch.device | str = "cpu") -> str:
     requested = requested or os.environ.get("MPQ_KERNELS", "auto")
     if requested not in BACKENDS:
         raise ValueError(f"MPQ_KERNELS={requested!r} is not one of {BACKENDS}")
@@ -38,7 +47,15 @@ def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, request
         return "dense"
     if requested == "reference":
         return "reference"
-    if cpu_supports(fmt, out_features, in_features):
+    on_cuda = torch.device(device).type == "cuda"
+    if requested == "triton" or (requested == "auto" and on_cuda):
+        if triton_available():
+            return "triton"
+        if requested == "triton":
+            raise ValueError("MPQ_KERNELS=triton but triton is not installed: pip install 'mpq-compiler[triton]'")
+        log.warning("triton is not installed: %dx%d %s runs the dequantise reference on CUDA", out_features, in_features, fmt.name)
+        return "reference"
+    if not on_cuda and cpu_supports(fmt, out_features, in_features):
         return "cpu"
     if requested == "cpu":
         raise ValueError(f"no CPU kernel for {fmt.name} at {out_features}x{in_features}")
@@ -49,17 +66,20 @@ class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored in one of mpq's formats."""
 
     def __init__(self, fmt: FormatSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
-                 in_features: int, out_features: int, backend: str | None = None) -> None:
+                 in_features: int, out_features: int, backend: str | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.fmt = fmt
         self.in_features = in_features
         self.out_features = out_features
-        self.backend = choose_backend(fmt, out_features, in_features, backend)
+        device = torch.device(device) if device is not None else next(iter(tensors.values())).device
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+        self.backend = choose_backend(fmt, out_features, in_features, backend, device)
         if self.backend == "cpu":
             tensors = prepare_cpu(tensors, fmt)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
 
     @classmethod
     def from_module(cls, module: nn.Module, fmt: FormatSpec | str, backend: str | None = None
@@ -72,8 +92,28 @@ class QuantizedLinear(nn.Module):
         layer = cls(fmt, tensors, module.bias, in_features, out_features, backend)
         return layer, tensors
 
+    @property
+    def kernel(self) -> str:
+        """What runs this layer's matmul, in words (for `mpq inspect` and logs)."""
+        if self.backend == "dense":
+            return "F.linear"
+        if self.backend == "triton":
+            return "triton w8a16" if self.fmt.bits == 8 else "triton w4a16"
+        if self.backend == "cpu":
+            return "torch _weight_int8pack_mm" if self.fmt.bits == 8 else "torch _weight_int4pack_mm_for_cpu"
+        return "reference (dequantise + F.linear)"
+
     def _tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.named_buffers(recurse=False))
+
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt.bits == 8:
+            from mpq.kernels.triton_w8a16 import w8a16_linear
+
+            return w8a16_linear(x, self.qweight, self.scales, self.bias)
+        from mpq.kernels.triton_w4a16 import w4a16_linear
+
+        return w4a16_linear(x, self.qweight, self.scales, getattr(self, "zeros", None), self.fmt.group_size, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -84,9 +124,11 @@ class QuantizedLinear(nn.Module):
             y = F.linear(x2, weight, bias)
         elif self.backend == "cpu":
             y = linear_cpu(x2, self._tensors(), self.fmt, self.bias)
+        elif self.backend == "triton":
+            y = self._triton(x2)
         else:
             y = linear_reference(x2, self._tensors(), self.fmt, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}, backend={self.backend}"
+        return f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}, kernel={self.kernel}"

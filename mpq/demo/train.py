@@ -129,6 +129,9 @@ def train(recipe: dict, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    # transformers 5 names the class TokenizersBackend, which 4.x cannot resolve; both load this one.
+    tok_config = out_dir / "tokenizer_config.json"
+    tok_config.write_text(tok_config.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
     (out_dir / "training.json").write_text(json.dumps({"recipe": recipe, "results": results}, indent=2) + "\n")
     return results
 

@@ -1,0 +1,77 @@
+"""Shared launch helpers for mpq's Triton kernels (imported only when a Triton kernel runs)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where kernels run on CPU tensors through numpy."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_dtype(x_dtype: torch.dtype):
+    """The dtype fed to tl.dot: the activation dtype on a GPU; fp32 under the interpreter, whose
+    bf16 tl.dot returns garbage (seen with triton 3.6-3.9)."""
+    import triton.language as tl
+
+    if interpreting():
+        return tl.float32
+    return tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float16
+
+
+def regime(m: int) -> str:
+    """Decode-sized batches (M <= 16) are memory-bound: split-K GEMV. Larger M: tiled GEMM."""
+    return "gemv" if m <= 16 else "gemm"
+
+
+def block_m_for(m: int) -> int:
+    # M == 1 takes the multiply-and-sum path (no tensor cores needed); otherwise tl.dot needs 16+ rows.
+    return 1 if m == 1 else 16
+
+
+def check_activation(x: torch.Tensor, in_features: int) -> None:
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)
+
+
+def interpreter_config(m: int, k_step: int) -> dict:
+    """One fixed small config under the interpreter, where autotuning every config would take minutes."""
+    if regime(m) == "gemv":
+        return {"BLOCK_M": block_m_for(m), "BLOCK_N": 32, "BLOCK_K": k_step, "SPLIT_K": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": k_step, "SPLIT_K": 1}
+
+
+def launch(kernel, gemv_tuned, gemm_tuned, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
+           config: dict | None) -> torch.Tensor:
+    """Allocate the output and launch: a pinned config directly, else the regime's autotuned kernel.
+
+    Kernels take (x, *pointers, out, *scalars, stride of out, **meta); split-K accumulates through fp32
+    atomics into a zeroed buffer, so any config with SPLIT_K > 1 (and every autotuned gemv one)
+    writes fp32 and is cast back here.
+    """
+    m = x.shape[0]
+    gemv = regime(m) == "gemv"
+    atomic = config["SPLIT_K"] > 1 if config is not None else gemv
+    out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic
+           else torch.empty((m, n), device=x.device, dtype=x.dtype))
+    full = (x, *pointers, out, *scalars, out.stride(0))
+    meta = {**meta, "ATOMIC": atomic, "DOT_DTYPE": dot_dtype(x.dtype)}
+    if config is not None:
+        grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
+        kernel[grid](*full, **meta, **config)
+    elif gemv:
+        block_m = block_m_for(m)
+        gemv_tuned[lambda p: (cdiv(m, block_m) * cdiv(n, p["BLOCK_N"]), p["SPLIT_K"])](*full, **meta, BLOCK_M=block_m)
+    else:
+        gemm_tuned[lambda p: (cdiv(m, p["BLOCK_M"]) * cdiv(n, p["BLOCK_N"]), 1)](*full, **meta)
+    return out.to(x.dtype)

@@ -1,0 +1,105 @@
+"""W4A16: INT4 group-wise weights (mpq's canonical packing), fp16/bf16 activations, fp32 accumulation.
+
+Weights: qweight uint8 [N, K/2], two 4-bit values per byte, the even input index in the low
+nibble; scales [N, K/G] bf16; zeros [N, K/G] (integer zero points, asymmetric) or none
+(symmetric, zero point 8). w[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G].
+
+One kernel, two regimes picked by M (kernels/triton_common.regime):
+- gemv (M <= 16, memory-bound decode): BLOCK_M = 1 multiplies and sums without tensor cores, or
+  BLOCK_M = 16 for M in 2..16; split-K spreads the K loop over more programs so the whole GPU
+  reads weights at once, partial sums meet through fp32 atomics.
+- gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), no split.
+BLOCK_K always divides the group size, so each K step reads one scale (and zero) per column and
+K needs no mask (K is a multiple of G).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mpq.kernels.triton_common import check_activation, interpreter_config, interpreting, launch
+
+
+def _configs(gemv: bool) -> list[triton.Config]:
+    # A small, deliberate space: tile width, K step and split for decode; tile shape for prefill.
+    if gemv:
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=st)
+                for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 4, 8) for st in (2, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=st)
+            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in (64, 128) for st in (3, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    group = named_args["GROUP"]
+    kept = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
+    return kept or [triton.Config({**configs[0].kwargs, "BLOCK_K": group}, num_warps=4, num_stages=2)]
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
+                  stride_xm, stride_wn, stride_sn, stride_om,
+                  GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // grid_n
+    pid_n = pid % grid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
+                         mask=mask_n[None, :], other=0).to(tl.int32)  # [BLOCK_K/2, BLOCK_N]
+        group = k0 // GROUP
+        scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+        else:
+            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+        w_lo = ((packed & 0xF).to(tl.float32) - zero[None, :]) * scale[None, :]
+        w_hi = (((packed >> 4) & 0xF).to(tl.float32) - zero[None, :]) * scale[None, :]
+        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * offs_j)[None, :], mask=mask_m[:, None], other=0.0)
+        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * offs_j + 1)[None, :], mask=mask_m[:, None], other=0.0)
+        if BLOCK_M == 1:
+            acc += tl.sum(x_even.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_lo, axis=0)[None, :]
+            acc += tl.sum(x_odd.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_hi, axis=0)[None, :]
+        else:
+            acc += tl.dot(x_even.to(DOT_DTYPE), w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
+            acc += tl.dot(x_odd.to(DOT_DTYPE), w_hi.to(DOT_DTYPE), out_dtype=tl.float32)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_GEMV = triton.autotune(configs=_configs(True), key=["M", "N", "K", "GROUP"], prune_configs_by={"early_config_prune": _prune},
+                        reset_to_zero=["out_ptr"])(_w4a16_kernel)
+_GEMM = triton.autotune(configs=_configs(False), key=["M", "N", "K", "GROUP"], prune_configs_by={"early_config_prune": _prune})(_w4a16_kernel)
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """y = x @ dequant(W)^T (+ bias) for a 2-D x. `config` pins the tile sizes (tests, interpreter)."""
+    n, half_k = qweight.shape
+    k = 2 * half_k
+    check_activation(x, k)
+    if k % group_size or scales.shape != (n, k // group_size):
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight in groups of {group_size}")
+    x = x.contiguous()
+    if config is None and interpreting():
+        config = interpreter_config(x.shape[0], min(64, group_size))
+    pointers = (qweight, scales, zeros if zeros is not None else scales)  # unused zeros pointer when symmetric
+    scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(0), scales.stride(0))
+    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None}
+    out = launch(_w4a16_kernel, _GEMV, _GEMM, x, n, pointers, scalars, meta, config)
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out
