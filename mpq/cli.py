@@ -28,15 +28,17 @@ def _compile(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    from mpq.checkpoint import kernels_of, load
     from mpq.inspect import describe
 
-    print(describe(args.config))
+    kernels = kernels_of(load(args.config, device=args.device)) if args.kernels else None
+    print(describe(args.config, kernels))
 
 
 def _eval(args: argparse.Namespace) -> None:
     from mpq.evaluate import evaluate_config
 
-    print(json.dumps(evaluate_config(args.config), indent=2))
+    print(json.dumps(evaluate_config(args.config, args.device), indent=2))
 
 
 def _heatmap(args: argparse.Namespace) -> None:
@@ -50,6 +52,12 @@ def _heatmap(args: argparse.Namespace) -> None:
     table = SensitivityTable.load(out / "sensitivity.json")
     layers = [LayerInfo(**layer) for layer in json.loads((out / "layers.json").read_text())["layers"]]
     print(draw_heatmap(table, layers, out / "heatmap.png"))
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,10 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="show a config's plan and quantisation card")
     i.add_argument("config", type=Path)
+    i.add_argument("--kernels", action="store_true", help="load the config and show which kernel runs each layer")
+    i.add_argument("--device", default=default_device(), help="device to load on for --kernels (default: cuda if present)")
     i.set_defaults(func=_inspect)
 
     e = sub.add_parser("eval", help="held-out quality, bytes and speed of a config on this machine")
     e.add_argument("config", type=Path)
+    e.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if present)")
     e.set_defaults(func=_eval)
 
     h = sub.add_parser("heatmap", help="redraw OUT/heatmap.png from OUT/sensitivity.json")

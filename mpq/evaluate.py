@@ -12,31 +12,38 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpq.checkpoint import load, read_manifest
+from mpq.checkpoint import kernels_of, load, read_manifest
 from mpq.environment import hardware
 from mpq.memory import resident_bytes
 from mpq.models import CAUSAL_LM, load_model
-from mpq.tasks import make_task
+from mpq.tasks import make_task, model_device
 
 PREFILL_TOKENS = 256
 DECODE_PROMPT, DECODE_TOKENS = 32, 32
 
 
 def _median_seconds(fn, repeats: int = 9) -> float:
-    fn()  # warm-up: kernel layout caches, allocator
+    fn()  # warm-up: kernel layout caches, autotuning, allocator
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
 def speed(model: nn.Module, task_kind: str, task) -> dict[str, float]:
     """Causal LM: prefill and greedy-decode tokens/s at batch 1. Encoder: sentences/s."""
     if task_kind == CAUSAL_LM:
-        ids = task.heldout["text"][:1, :PREFILL_TOKENS]
+        ids = task.heldout["text"][:1, :PREFILL_TOKENS].to(model_device(model))
         prefill = _median_seconds(lambda: model(input_ids=ids, use_cache=False))
         prompt = ids[:, :DECODE_PROMPT]
 
@@ -61,9 +68,9 @@ def evaluate_model(model: nn.Module, task_kind: str, task, with_speed: bool = Tr
     return out
 
 
-def evaluate_config(folder: str | Path) -> dict:
+def evaluate_config(folder: str | Path, device: str = "cpu") -> dict:
     manifest = read_manifest(Path(folder))
-    model = load(folder)
+    model = load(folder, device=device)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -73,4 +80,5 @@ def evaluate_config(folder: str | Path) -> dict:
     result = evaluate_model(model, manifest["task"], task)
     result["predicted_bytes"] = manifest["card"]["bytes"]["predicted"]
     result["hardware"] = hardware()
+    result["kernels"] = sorted(set(kernels_of(model).values()))
     return result

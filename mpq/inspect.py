@@ -9,7 +9,9 @@ from mpq.memory import format_size
 from mpq.plan import Plan
 
 
-def describe(folder: str | Path) -> str:
+def describe(folder: str | Path, kernels: dict[str, str] | None = None) -> str:
+    """The card and plan of a config; with `kernels` (layer -> kernel of a loaded model), which
+    kernel runs each layer on this machine."""
     manifest = read_manifest(Path(folder))
     plan = Plan.from_json(manifest["plan"])
     card = manifest["card"]
@@ -31,9 +33,12 @@ def describe(folder: str | Path) -> str:
     for spec in card["formats"].values():
         sym = "" if spec["symmetric"] is None else (", symmetric" if spec["symmetric"] else ", asymmetric (zero point)")
         lines.append(f"  {spec['name']:<14} {spec['bits']:>2} bits, granularity {spec['granularity']}{sym}")
-    lines += ["", f"{'layer':<48} {'format':<14} bits/weight"]
+    fused = {name: len(group) for group in manifest.get("fused", []) for name in group}
+    lines += ["", f"fused groups (one matmul each): {len(manifest.get('fused', []))}", "",
+              f"{'layer':<48} {'format':<14} bits/weight" + ("  kernel" if kernels else "  fused")]
     for layer, fmt in plan.formats.items():
-        lines.append(f"{layer:<48} {fmt:<14} {card['bits_per_layer'].get(layer, float('nan')):.3f}")
+        extra = kernels.get(layer, "?") if kernels else (f"x{fused[layer]}" if layer in fused else "")
+        lines.append(f"{layer:<48} {fmt:<14} {card['bits_per_layer'].get(layer, float('nan')):>11.3f}  {extra}")
     for layer, why in card.get("excluded_layers", {}).items():
         lines.append(f"{layer:<48} {'(kept)':<14} {why}")
     return "\n".join(lines)

@@ -25,6 +25,12 @@ DEFAULT_CALIB = "mpq corpus, calib split (Python docs + stdlib)"
 MIN_SENTENCE_WORDS = 6
 
 
+def model_device(model) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
 @dataclass
 class CalibrationText:
     source: str
@@ -89,7 +95,7 @@ class CausalLMTask:
         return self.calib_ids.numel()
 
     def _logits(self, model, ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, use_cache=False).logits.float()
+        return model(input_ids=ids.to(model_device(model)), use_cache=False).logits.float().cpu()
 
     @torch.no_grad()
     def reference(self, model) -> list[torch.Tensor]:
@@ -159,7 +165,8 @@ class EncoderTask:
     def embeddings(self, model, batches: list[dict]) -> torch.Tensor:
         out = []
         for batch in batches:
-            hidden = model(**batch).last_hidden_state.float()
+            device = model_device(model)
+            hidden = model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float().cpu()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             out.append(F.normalize(pooled, dim=-1))

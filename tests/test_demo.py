@@ -47,6 +47,11 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["bytes"] == evaluated["predicted_bytes"] == configs[0]["bytes"]
     assert evaluated["speed"]["decode_tokens_per_s"] > 0
+    all_int8 = next(c["name"] for c in configs if c["name"].endswith("all-int8"))
+    assert main(["inspect", str(out / "configs" / all_int8), "--kernels"]) == 0
+    shown = capsys.readouterr().out
+    assert "fused groups (one matmul each): 12" in shown  # q/k/v and gate/up in each of 6 blocks
+    assert shown.count("torch _weight_int8pack_mm (fused x3)") == 18
     (out / "heatmap.png").unlink()
     assert main(["heatmap", str(out)]) == 0 and (out / "heatmap.png").stat().st_size > 10_000
 
