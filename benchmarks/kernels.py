@@ -1,0 +1,175 @@
+"""Kernel benchmark (GPU): mpq's Triton W4A16 / W8A16 against FP16 cuBLAS on Llama-7B/8B shapes.
+
+For each layer shape and M in 1, 4, 16, 64, 512: median time (triton.testing.do_bench), achieved
+GB/s counting packed weights + scales + zeros + activations + outputs, percent of the device's
+measured copy bandwidth, TFLOP/s, speedup over torch.nn.functional.linear in fp16, and the
+relative error against the dequantise reference. Weights rotate through enough copies to
+overflow the L2 cache, so the numbers are DRAM numbers. Then greedy-decode tokens/s of a demo
+config against the unquantised demo. Prints a table and writes JSON.
+
+    python benchmarks/kernels.py                 # on a CUDA machine
+    python benchmarks/kernels.py --smoke         # tiny shapes, correctness only (CPU: TRITON_INTERPRET=1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # name: (N out, K in)
+    "attn 4096x4096": (4096, 4096),
+    "up 4096->11008": (11008, 4096),
+    "up 4096->14336": (14336, 4096),
+    "down 14336->4096": (4096, 14336),
+    "fused qkv 4096->6144": (6144, 4096),
+}
+SMOKE_SHAPES = {"smoke 96x256": (96, 256), "smoke odd 40x384": (40, 384)}
+BATCHES = (1, 4, 16, 64, 512)
+ROTATE_BYTES = 512 * 2**20  # > L2 of any current GPU
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def _timer(fn_for_copy, copies: int, smoke: bool) -> float | None:
+    if smoke:
+        fn_for_copy(0)
+        return None
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def run() -> None:
+        state["i"] = (state["i"] + 1) % copies
+        fn_for_copy(state["i"])
+
+    return do_bench(run, warmup=100, rep=500, return_mode="median")
+
+
+def bench_shape(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: bool) -> dict:
+    from mpq.formats import get_format
+    from mpq.kernels.reference import linear_reference
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w8a16 import w8a16_linear
+    from mpq.quantize import quantize_weight
+
+    fmt = get_format(fmt_name)
+    torch.manual_seed(0)
+    base = quantize_weight(torch.randn(n, k) * 0.02, fmt)
+    weight_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    copies = 1 if smoke else max(2, ROTATE_BYTES // weight_bytes + 1)
+    sets = [{key: t.to(device) for key, t in base.items()} for _ in range(copies)]
+    x = torch.randn(m, k, dtype=torch.float16, device=device)
+    dense = [torch.randn(n, k, dtype=torch.float16, device=device) * 0.02 for _ in range(max(2, ROTATE_BYTES // (2 * n * k) + 1) if not smoke else 1)]
+
+    def quantized(i: int) -> torch.Tensor:
+        t = sets[i % len(sets)]
+        if fmt.bits == 8:
+            return w8a16_linear(x, t["qweight"], t["scales"])
+        return w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_size)
+
+    got = quantized(0)
+    expected = linear_reference(x.float().cpu(), base, fmt, None)
+    rel_err = ((got.float().cpu() - expected).norm() / expected.norm()).item()
+    ms = _timer(quantized, copies, smoke)
+    ms_fp16 = _timer(lambda i: torch.nn.functional.linear(x, dense[i % len(dense)]), len(dense), smoke)
+    moved = weight_bytes + x.numel() * 2 + m * n * 2
+    row = {"shape": name, "N": n, "K": k, "M": m, "format": fmt_name, "rel_err": rel_err, "bytes_moved": moved}
+    if ms is not None:
+        row.update({"ms": ms, "fp16_ms": ms_fp16, "GBps": moved / (ms * 1e-3) / 1e9,
+                    "TFLOPs": 2 * m * n * k / (ms * 1e-3) / 1e12, "speedup_vs_fp16": ms_fp16 / ms})
+    return row
+
+
+def decode_tokens_per_s(device: str, tokens: int = 64) -> dict:
+    """Greedy decoding of the demo: an mpq config (all INT4, fused) against the unquantised model."""
+    import tempfile
+
+    import mpq
+    from mpq.compile import CompileOptions, compile_model
+    from mpq.models import load_model
+
+    out = Path(tempfile.mkdtemp(prefix="mpq-kbench-"))
+    summary = compile_model(CompileOptions(model="demo", out=out, trials=100, progress=False))
+    smallest = summary["configs"][0]["name"]
+    contenders = {"unquantised bf16": load_model("demo").model.to(device),
+                  f"mpq {smallest}": mpq.load(out / "configs" / smallest, device=device)}
+    prompt = torch.tensor([[1, 2, 3, 4]], device=device)
+    result = {}
+    for name, model in contenders.items():
+        model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up and autotune
+        runs = []
+        for _ in range(5):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            runs.append(tokens / (time.perf_counter() - start))
+        result[name] = statistics.median(runs)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, no timing: checks the script and kernels")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--formats", default="int4-g128,int8")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("benchmarks/kernels.py times GPU kernels: run it on a CUDA machine, or use --smoke")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    batches = (1, 3, 17) if args.smoke else BATCHES
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+              "torch": torch.__version__, "rows": []}
+    if not args.smoke:
+        report["copy_GBps"] = copy_bandwidth() / 1e9
+    for fmt_name in args.formats.split(","):
+        for name, (n, k) in shapes.items():
+            for m in batches:
+                row = bench_shape(name, n, k, fmt_name, m, device, args.smoke)
+                if "GBps" in row:
+                    row["pct_of_copy_bw"] = 100 * row["GBps"] / report["copy_GBps"]
+                report["rows"].append(row)
+                print(json.dumps(row), flush=True)
+    if not args.smoke:
+        report["decode_tokens_per_s"] = decode_tokens_per_s(device)
+    print(f"\n# {report['device']}" + (f", measured copy bandwidth {report['copy_GBps']:.0f} GB/s" if "copy_GBps" in report else ""))
+    print("| format | shape | M | ms | fp16 ms | speedup | GB/s | % copy BW | TFLOP/s | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        if "ms" in r:
+            print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['fp16_ms']:.4f} | {r['speedup_vs_fp16']:.2f}x | "
+                  f"{r['GBps']:.0f} | {r['pct_of_copy_bw']:.0f}% | {r['TFLOPs']:.1f} | {r['rel_err']:.1e} |")
+        else:
+            print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} |")
+    if "decode_tokens_per_s" in report:
+        print("\ndecode tokens/s (demo, batch 1): " + ", ".join(f"{k} {v:.0f}" for k, v in report["decode_tokens_per_s"].items()))
+    bad = [r for r in report["rows"] if not r["rel_err"] < 1e-2]
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "kernels-smoke.json" if args.smoke else f"kernels-{report['device'].replace(' ', '_')}.json"
+    (args.out / name).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out / name}")
+    if bad:
+        raise SystemExit(f"{len(bad)} rows exceed relative error 1e-2")
+
+
+if __name__ == "__main__":
+    main()
