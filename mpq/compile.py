@@ -23,7 +23,7 @@ from mpq.memory import format_size, memory_model, parse_size, resident_bytes
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
 from mpq.plan import Plan
 from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
-from mpq.search import Candidate, evaluate_plan, pareto_front, search_plans, spread, uniform_plan
+from mpq.search import Candidate, evaluate_plan, exact_front, pareto_front, search_plans, spread, uniform_plan
 from mpq.sensitivity import SensitivityTable, cache_dir, find_cached, measure_sensitivity
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import ModelGraph, trace_model
@@ -48,6 +48,7 @@ class CompileOptions:
     seed: int = 0
     max_configs: int = 12  # mixed configs measured on held-out data (uniform ones come on top)
     max_quality_drop: float | None = None  # causal LM: perplexity ratio - 1 (0.01 = 1%); encoder: cosine drop
+    tie: bool = True  # layers reading one input (q/k/v, gate/up) take one format, so kernels fuse them
     progress: bool = True
 
 
@@ -132,7 +133,10 @@ def compile_model(opts: CompileOptions) -> dict:
     costs = memory.layer_bytes
     sens = {layer: {fmt: table.values[layer][fmt] for fmt in costs[layer]} for layer in costs}
     uniform_names = [f.name for f in formats]
-    result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names)
+    groups = graph.shared_input_groups()
+    result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names,
+                          tied=groups if opts.tie else [])
+    untied = exact_front(costs, sens, budget - memory.fixed_bytes)
     lap("search")
 
     task.prepare_eval(loaded.model)
@@ -142,7 +146,6 @@ def compile_model(opts: CompileOptions) -> dict:
     mixed = [c for c in spread(result.front, opts.max_configs) if not c.origin.startswith("uniform")]
     measured = uniform + mixed
     has_bias = {layer.name: layer.has_bias for layer in graph.layers}
-    groups = graph.shared_input_groups()
     for cand in tqdm(measured, desc="held-out eval", disable=not opts.progress, unit="config"):
         fused = fusion_groups(cand.formats, groups, has_bias)
         with applied(loaded.model, {l: get_format(f) for l, f in cand.formats.items()}, cache, fused):
@@ -180,7 +183,9 @@ def compile_model(opts: CompileOptions) -> dict:
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),
                   "shared_input_groups": len(graph.shared_input_groups())},
         "calibration": calib_info, "baseline": baseline,
-        "search": {"trials": result.trials, "front": len(result.front), "measured": len(measured), "seconds": result.seconds},
+        "search": {"trials": result.trials, "front": len(result.front), "measured": len(measured), "seconds": result.seconds,
+                   "tied_groups": len(groups) if opts.tie else 0, "exact_best": result.exact_best,
+                   "sampler_best": result.sampler_best, "exact_best_untied": untied[-1].predicted if untied else None},
         "sensitivity_seconds": table.seconds, "sensitivity_reused": reused,
         "configs": config_rows,
         "uniform": [{"name": c.origin.split(":")[1], "bytes": c.bytes, "predicted": c.predicted, "metrics": c.measured,

@@ -119,6 +119,18 @@ def _quality_header(task_quality: str) -> str:
     return "mean cosine | NN agreement"
 
 
+def _search_line(search: dict, metric: str) -> str:
+    exact = search.get("exact_best")
+    if exact is None:
+        return "- exact optimum: none within the budget"
+    sampler = search.get("sampler_best")
+    found = "found no feasible plan of its own" if sampler is None else f"best of its own {sampler:.4g}"
+    tie = (f"; tying {search['tied_groups']} groups of layers that read one input costs "
+           f"{exact - search['exact_best_untied']:.3g} predicted {metric} at the budget (untied optimum "
+           f"{search['exact_best_untied']:.4g})" if search.get("tied_groups") else "; layers untied (--no-tie)")
+    return f"- predicted {metric} at the budget: exact optimum {exact:.4g}; the NSGA-II sampler {found}{tie}"
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -131,8 +143,9 @@ def write_report(path: Path, summary: dict) -> Path:
         f"- formats: {', '.join(s['formats'])}; calibration: {s['calibration']['samples']} samples x "
         f"{s['calibration']['seq_len']} tokens from {s['calibration']['source']}",
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
-        f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}); "
-        f"{s['search']['front']} on the predicted front, {s['search']['measured']} measured",
+        f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}), warm-started from the exact "
+        f"optimum of the additive model; {s['search']['front']} on the predicted front, {s['search']['measured']} measured",
+        _search_line(s["search"], s["metric"]),
         f"- hardware: {s['hardware']}; torch {s['versions']['torch']}, mpq {s['versions']['mpq']}",
         "",
         "## Baseline (unquantised)",

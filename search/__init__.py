@@ -1,10 +1,12 @@
-"""mpq.search: assign one format per layer under a hard memory budget (an Optuna study).
+"""mpq.search: assign one format per layer under a hard memory budget (an Optuna study, warm-
+started from the exact optimum of the additive model).
 
 The only place in mpq that imports optuna; it returns plain data, never a Study.
 """
 
-from mpq.search.pareto import (Candidate, SearchResult, evaluate_plan, greedy_path, pareto_front, search_plans, spread,
+from mpq.search.exact import ExactPoint, exact_front
+from mpq.search.pareto import (Candidate, SearchResult, evaluate_plan, expand, pareto_front, search_plans, spread, tie,
                                uniform_plan)
 
-__all__ = ["Candidate", "SearchResult", "evaluate_plan", "greedy_path", "pareto_front", "search_plans", "spread",
-           "uniform_plan"]
+__all__ = ["Candidate", "ExactPoint", "SearchResult", "evaluate_plan", "exact_front", "expand", "pareto_front",
+           "search_plans", "spread", "tie", "uniform_plan"]

@@ -2,9 +2,9 @@
 
 Predicted degradation is additive: the sum over layers of the sensitivity of the format each
 layer takes. Bytes are exact and the budget is a hard constraint (NSGA-II's constrained
-domination, so infeasible trials never enter the front). The study is seeded with the uniform
-configs and with points along a greedy path (cheapest first, then the upgrade with the best
-degradation saved per byte), which NSGA-II then improves on.
+domination, so infeasible trials never enter the front). Layers may be tied into units that take
+one format together (q/k/v, gate/up: so the kernels can fuse them). The study is seeded with the
+uniform configs and with plans from the exact optimum of the additive model (search/exact.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from mpq.search.exact import exact_front
+
 log = logging.getLogger(__name__)
-GREEDY_SEEDS = 24
+SEEDS_FROM_EXACT = 24
 
 
 @dataclass
@@ -22,7 +24,7 @@ class Candidate:
     formats: dict[str, str]  # layer -> format name
     bytes: int
     predicted: float
-    origin: str  # "uniform:int8", "greedy", "optuna"
+    origin: str  # "uniform:int8", "exact" (DP seed), "optuna" (found by the sampler)
     measured: dict = field(default_factory=dict)
 
 
@@ -31,6 +33,8 @@ class SearchResult:
     front: list[Candidate]  # feasible, non-dominated in (bytes, predicted), by bytes
     trials: int
     seconds: float
+    exact_best: float | None = None  # least predicted loss within the budget (exact DP)
+    sampler_best: float | None = None  # least predicted loss among the trials NSGA-II proposed itself
 
 
 def pareto_front(candidates: list[Candidate], loss=lambda c: c.predicted) -> list[Candidate]:
@@ -58,25 +62,6 @@ def spread(front: list[Candidate], count: int) -> list[Candidate]:
     return sorted(chosen, key=lambda c: c.bytes)
 
 
-def greedy_path(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]]) -> list[dict[str, str]]:
-    """Plans from the cheapest (every layer in its smallest format) upwards, one upgrade at a time,
-    always taking the upgrade that removes the most predicted degradation per extra byte."""
-    plan = {layer: min(options, key=options.get) for layer, options in costs.items()}
-    path = [dict(plan)]
-    while True:
-        best, best_ratio = None, 0.0
-        for layer, current in plan.items():
-            for fmt, nbytes in costs[layer].items():
-                extra = nbytes - costs[layer][current]
-                gain = sens[layer][current] - sens[layer][fmt]
-                if extra > 0 and gain > 0 and gain / extra > best_ratio:
-                    best, best_ratio = (layer, fmt), gain / extra
-        if best is None:
-            return path
-        plan[best[0]] = best[1]
-        path.append(dict(plan))
-
-
 def uniform_plan(costs: dict[str, dict[str, int]], fmt: str) -> dict[str, str]:
     """Every layer in `fmt`; a layer that cannot take it keeps its largest format."""
     return {layer: fmt if fmt in options else max(options, key=options.get) for layer, options in costs.items()}
@@ -87,45 +72,78 @@ def evaluate_plan(plan: dict[str, str], costs, sens, fixed_bytes: int) -> tuple[
             sum(sens[layer][fmt] for layer, fmt in plan.items()))
 
 
+def tie(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]], groups: list[list[str]]
+        ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]], dict[str, list[str]]]:
+    """Merge each group of layers into one unit that takes one format (the formats all members
+    allow), with the members' bytes and sensitivities summed. Returns unit costs, sens, members."""
+    grouped = {name for group in groups for name in group}
+    members = {group[0]: list(group) for group in groups}
+    members.update({name: [name] for name in costs if name not in grouped})
+    unit_costs, unit_sens = {}, {}
+    for unit, names in members.items():
+        shared = [f for f in costs[names[0]] if all(f in costs[n] for n in names)]
+        unit_costs[unit] = {f: sum(costs[n][f] for n in names) for f in shared}
+        unit_sens[unit] = {f: sum(sens[n][f] for n in names) for f in shared}
+    return unit_costs, unit_sens, members
+
+
+def expand(unit_plan: dict[str, str], members: dict[str, list[str]]) -> dict[str, str]:
+    return {name: fmt for unit, fmt in unit_plan.items() for name in members[unit]}
+
+
 def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]], fixed_bytes: int,
-                 budget: int, trials: int, seed: int, uniform: list[str]) -> SearchResult:
-    """Run the Optuna study and return its feasible (bytes, predicted) Pareto front."""
+                 budget: int, trials: int, seed: int, uniform: list[str], tied: list[list[str]] = ()) -> SearchResult:
+    """Run the Optuna study (NSGA-II, budget as a hard constraint) over units of tied layers, warm-
+    started from the uniform configs and from the exact optimum of the additive model along the
+    budget; return the feasible (bytes, predicted) Pareto front over everything seen."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.time()
-    layers = list(costs)
-    options = {layer: sorted(costs[layer], key=costs[layer].get) for layer in layers}
+    unit_costs, unit_sens, members = tie(costs, sens, list(tied))
+    units = list(unit_costs)
+    options = {unit: sorted(unit_costs[unit], key=unit_costs[unit].get) for unit in units}
+    for unit, opts in options.items():
+        if not opts:
+            raise ValueError(f"the layers tied with {unit} share no format: {members[unit]}")
 
     def objective(trial) -> tuple[float, float]:
-        plan = {layer: trial.suggest_categorical(layer, options[layer]) for layer in layers}
-        nbytes, predicted = evaluate_plan(plan, costs, sens, fixed_bytes)
+        plan = {unit: trial.suggest_categorical(unit, options[unit]) for unit in units}
+        nbytes, predicted = evaluate_plan(plan, unit_costs, unit_sens, fixed_bytes)
         trial.set_user_attr("bytes", nbytes)
         trial.set_constraint("memory", nbytes - budget)  # feasible when <= 0
         return float(nbytes), predicted
 
+    exact = exact_front(unit_costs, unit_sens, budget - fixed_bytes)
+    key = lambda plan: tuple(plan[unit] for unit in units)  # noqa: E731
+    origin: dict[tuple, str] = {}
+    seeds: list[dict[str, str]] = []
+    for fmt in uniform:
+        plan = {unit: fmt if fmt in options[unit] else options[unit][-1] for unit in units}
+        origin.setdefault(key(plan), f"uniform:{fmt}")
+        seeds.append(plan)
+    exact_candidates = [Candidate(p.plan, fixed_bytes + p.bytes, p.predicted, "exact") for p in exact]
+    for cand in spread(exact_candidates, SEEDS_FROM_EXACT):
+        origin.setdefault(key(cand.formats), "exact")
+        seeds.append(cand.formats)
     sampler = optuna.samplers.NSGAIISampler(seed=seed)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    seeds = [uniform_plan(costs, fmt) for fmt in uniform]
-    path = greedy_path(costs, sens)
-    step = max(1, len(path) // GREEDY_SEEDS)
-    seeds += path[::step] + [path[-1]]
-    origin: dict[tuple, str] = {}
-    for fmt, plan in zip(uniform, seeds):
-        origin[tuple(plan[layer] for layer in layers)] = f"uniform:{fmt}"
     for plan in seeds:
         study.enqueue_trial(plan, skip_if_exists=True)
-        origin.setdefault(tuple(plan[layer] for layer in layers), "greedy")
     study.optimize(objective, n_trials=max(trials, len(seeds)), show_progress_bar=False)
 
-    unique: dict[tuple, Candidate] = {}
+    unique: dict[tuple, Candidate] = {key(c.formats): c for c in exact_candidates}
+    sampler_best = float("inf")
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         nbytes = trial.user_attrs["bytes"]
         if nbytes > budget:
             continue
-        key = tuple(trial.params[layer] for layer in layers)
-        if key not in unique:
-            unique[key] = Candidate(formats=dict(trial.params), bytes=nbytes, predicted=trial.values[1],
-                                    origin=origin.get(key, "optuna"))
-    front = pareto_front(list(unique.values()))
-    return SearchResult(front=front, trials=len(study.trials), seconds=round(time.time() - start, 2))
+        k = key(trial.params)
+        if k not in origin:  # proposed by the sampler itself, not enqueued
+            sampler_best = min(sampler_best, trial.values[1])
+        if k not in unique or k in origin and origin[k].startswith("uniform"):
+            unique[k] = Candidate(dict(trial.params), nbytes, trial.values[1], origin.get(k, "optuna"))
+    front = [Candidate(expand(c.formats, members), c.bytes, c.predicted, c.origin) for c in pareto_front(list(unique.values()))]
+    return SearchResult(front=front, trials=len(study.trials), seconds=round(time.time() - start, 2),
+                        exact_best=exact[-1].predicted if exact else None,
+                        sampler_best=sampler_best if sampler_best < float("inf") else None)

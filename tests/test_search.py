@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from mpq.search import Candidate, greedy_path, pareto_front, search_plans, spread
+from mpq.search import Candidate, pareto_front, search_plans, spread
 
 FORMATS = {"fp16": 2000, "int8": 1010, "int4-g128": 530}
 
@@ -66,13 +66,26 @@ def test_search_reaches_the_exact_optimum_on_a_brute_forceable_case():
     assert min(c.predicted for c in result.front) == pytest.approx(best[0])
 
 
-def test_greedy_path_is_monotone():
-    costs, sens = problem(10, seed=2)
-    path = greedy_path(costs, sens)
-    sizes = [sum(costs[l][f] for l, f in p.items()) for p in path]
-    losses = [sum(sens[l][f] for l, f in p.items()) for p in path]
-    assert sizes == sorted(sizes) and losses == sorted(losses, reverse=True)
-    assert all(f == min(costs[l], key=costs[l].get) for l, f in path[0].items())
+def test_tied_layers_always_share_a_format_and_tying_costs_predicted_quality():
+    costs, sens = problem(12, seed=9)
+    groups = [["model.layers.0.proj", "model.layers.1.proj", "model.layers.2.proj"], ["model.layers.5.proj", "model.layers.6.proj"]]
+    budget = (sum(min(c.values()) for c in costs.values()) + sum(max(c.values()) for c in costs.values())) // 2
+    tied = search_plans(costs, sens, 0, budget, trials=80, seed=0, uniform=list(FORMATS), tied=groups)
+    free = search_plans(costs, sens, 0, budget, trials=80, seed=0, uniform=list(FORMATS))
+    for cand in tied.front:
+        assert len(cand.formats) == 12 and cand.bytes <= budget
+        for group in groups:
+            assert len({cand.formats[name] for name in group}) == 1
+    assert free.exact_best <= tied.exact_best  # tying can only cost predicted quality
+    assert min(c.predicted for c in tied.front) == pytest.approx(tied.exact_best)
+
+
+def test_the_front_contains_the_exact_optimum_and_the_sampler_is_scored_against_it():
+    costs, sens = problem(20, seed=4)
+    budget = sum(sorted(c.values())[1] for c in costs.values())
+    result = search_plans(costs, sens, 0, budget, trials=120, seed=0, uniform=list(FORMATS))
+    assert min(c.predicted for c in result.front) == pytest.approx(result.exact_best)
+    assert result.sampler_best is None or result.sampler_best >= result.exact_best - 1e-12
 
 
 def test_pareto_front_and_spread():
