@@ -23,7 +23,8 @@ from mpq.memory import format_size, memory_model, parse_size, resident_bytes
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
 from mpq.plan import Plan
 from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
-from mpq.search import Candidate, evaluate_plan, exact_front, pareto_front, search_plans, spread, uniform_plan
+from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread,
+                        uniform_plan)
 from mpq.sensitivity import SensitivityTable, cache_dir, find_cached, measure_sensitivity
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import ModelGraph, trace_model
@@ -49,6 +50,7 @@ class CompileOptions:
     max_configs: int = 12  # mixed configs measured on held-out data (uniform ones come on top)
     max_quality_drop: float | None = None  # causal LM: perplexity ratio - 1 (0.01 = 1%); encoder: cosine drop
     tie: bool = True  # layers reading one input (q/k/v, gate/up) take one format, so kernels fuse them
+    storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
     progress: bool = True
 
 
@@ -134,8 +136,13 @@ def compile_model(opts: CompileOptions) -> dict:
     sens = {layer: {fmt: table.values[layer][fmt] for fmt in costs[layer]} for layer in costs}
     uniform_names = [f.name for f in formats]
     groups = graph.shared_input_groups()
-    result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names,
-                          tied=groups if opts.tie else [])
+    storage = opts.storage if opts.storage is not None else str(out / "study.journal")
+    study_name = "mpq-" + data_fingerprint(table.key, budget, uniform_names, opts.tie, opts.seed)[:16]
+    try:
+        result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names,
+                              tied=groups if opts.tie else [], storage=open_storage(storage), study_name=study_name)
+    except ImportError as exc:
+        raise MpqError(f"--storage {storage}: {exc}; install the database driver or use a journal file path") from exc
     untied = exact_front(costs, sens, budget - memory.fixed_bytes)
     lap("search")
 
@@ -183,7 +190,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),
                   "shared_input_groups": len(graph.shared_input_groups())},
         "calibration": calib_info, "baseline": baseline,
-        "search": {"trials": result.trials, "front": len(result.front), "measured": len(measured), "seconds": result.seconds,
+        "search": {"trials": result.trials, "storage": storage, "study": study_name, "front": len(result.front), "measured": len(measured), "seconds": result.seconds,
                    "tied_groups": len(groups) if opts.tie else 0, "exact_best": result.exact_best,
                    "sampler_best": result.sampler_best, "exact_best_untied": untied[-1].predicted if untied else None},
         "sensitivity_seconds": table.seconds, "sensitivity_reused": reused,

@@ -72,6 +72,22 @@ def evaluate_plan(plan: dict[str, str], costs, sens, fixed_bytes: int) -> tuple[
             sum(sens[layer][fmt] for layer, fmt in plan.items()))
 
 
+def open_storage(spec: str | None):
+    """An Optuna storage from a CLI string: None or "memory" keeps the study in memory; a URL with
+    "://" (sqlite:///x.db, postgresql://...) is an RDBStorage, which several machines can share;
+    anything else is a path to an Optuna journal file, the default in OUT: 300 trials of the
+    demo's search took 4.4 s there against 24 s in SQLite and 0.5 s in memory (2-core CPU)."""
+    import optuna
+
+    if spec is None or spec == "memory":
+        return None
+    if "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(spec)))
+
+
 def tie(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]], groups: list[list[str]]
         ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]], dict[str, list[str]]]:
     """Merge each group of layers into one unit that takes one format (the formats all members
@@ -92,10 +108,14 @@ def expand(unit_plan: dict[str, str], members: dict[str, list[str]]) -> dict[str
 
 
 def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]], fixed_bytes: int,
-                 budget: int, trials: int, seed: int, uniform: list[str], tied: list[list[str]] = ()) -> SearchResult:
+                 budget: int, trials: int, seed: int, uniform: list[str], tied: list[list[str]] = (),
+                 storage: object | None = None, study_name: str = "mpq") -> SearchResult:
     """Run the Optuna study (NSGA-II, budget as a hard constraint) over units of tied layers, warm-
     started from the uniform configs and from the exact optimum of the additive model along the
-    budget; return the feasible (bytes, predicted) Pareto front over everything seen."""
+    budget; return the feasible (bytes, predicted) Pareto front over everything seen.
+
+    With `storage` (see open_storage) the study persists: a run that was stopped resumes, running
+    only the trials still missing, and optuna-dashboard can open it."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -127,10 +147,15 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
         origin.setdefault(key(cand.formats), "exact")
         seeds.append(cand.formats)
     sampler = optuna.samplers.NSGAIISampler(seed=seed)
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=storage,
+                                study_name=study_name, load_if_exists=storage is not None)
     for plan in seeds:
         study.enqueue_trial(plan, skip_if_exists=True)
-    study.optimize(objective, n_trials=max(trials, len(seeds)), show_progress_bar=False)
+    # A trial left RUNNING by a killed process stays so (harmless): only completed ones count as done.
+    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    remaining = max(trials, len(seeds)) - done
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, show_progress_bar=False)
 
     unique: dict[tuple, Candidate] = {key(c.formats): c for c in exact_candidates}
     sampler_best = float("inf")

@@ -95,6 +95,12 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     assert main([*args, "--max-mem", str(budget), "-o", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert json.loads((tmp_path / "again" / "sensitivity.json").read_text())["key"] == key
+    # the Optuna study was kept in OUT and a rerun resumes it: no new trials, same result
+    assert (out / "study.journal").stat().st_size > 0
+    assert main([*args, "--max-mem", str(budget), "--max-quality-drop", "0.5"]) == 0
+    rerun = json.loads((out / "summary.json").read_text())
+    assert rerun["search"]["trials"] == summary["search"]["trials"] == 80
+    assert [c["name"] for c in rerun["configs"]] == [c["name"] for c in summary["configs"]]
     probe = json.loads((first / "summary.json").read_text())
     assert not probe["sensitivity_reused"] and summary["sensitivity_reused"] and again["sensitivity_reused"]
     assert [c["bytes"] for c in again["configs"]] == [c["bytes"] for c in summary["configs"]]  # same seed, same set

@@ -94,3 +94,38 @@ def test_pareto_front_and_spread():
     assert [(c.bytes, c.predicted) for c in front] == [(1, 9.0), (2, 5.0), (4, 1.0), (6, 0.5)]
     picked = spread(front, 3)
     assert [c.bytes for c in picked] == [1, 4, 6]
+
+
+def test_a_stopped_study_resumes_to_the_same_front(tmp_path, monkeypatch):
+    import optuna
+
+    from mpq.search import open_storage
+
+    costs, sens = problem(16, seed=8)
+    budget = sum(sorted(c.values())[1] for c in costs.values())
+    args = (costs, sens, 0, budget, 120, 3, list(FORMATS))
+    whole = search_plans(*args, storage=open_storage(str(tmp_path / "whole.journal")), study_name="s")
+
+    original = optuna.study.Study.optimize
+
+    def killed_after_40(self, func, n_trials=None, **kwargs):
+        original(self, func, n_trials=40, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(optuna.study.Study, "optimize", killed_after_40)
+    with pytest.raises(KeyboardInterrupt):
+        search_plans(*args, storage=open_storage(str(tmp_path / "cut.journal")), study_name="s")
+    monkeypatch.undo()
+    resumed = search_plans(*args, storage=open_storage(str(tmp_path / "cut.journal")), study_name="s")
+    assert resumed.trials == whole.trials == 120
+    assert [(c.bytes, c.formats, c.origin) for c in resumed.front] == [(c.bytes, c.formats, c.origin) for c in whole.front]
+
+
+def test_sqlite_storage_works_too(tmp_path):
+    from mpq.search import open_storage
+
+    costs, sens = problem(6, seed=1)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first = search_plans(costs, sens, 0, 10**6, 30, 0, list(FORMATS), storage=open_storage(url), study_name="s")
+    again = search_plans(costs, sens, 0, 10**6, 30, 0, list(FORMATS), storage=open_storage(url), study_name="s")
+    assert first.trials == again.trials == 30 and (tmp_path / "study.db").stat().st_size > 0
