@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -16,8 +17,6 @@ def interpreting() -> bool:
 def dot_dtype(x_dtype: torch.dtype):
     """The dtype fed to tl.dot: the activation dtype on a GPU; fp32 under the interpreter, whose
     bf16 tl.dot returns garbage (seen with triton 3.6-3.9)."""
-    import triton.language as tl
-
     if interpreting():
         return tl.float32
     return tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float16
@@ -75,3 +74,24 @@ def launch(kernel, gemv_tuned, gemm_tuned, x: torch.Tensor, n: int, pointers: tu
     else:
         gemm_tuned[lambda p: (cdiv(m, p["BLOCK_M"]) * cdiv(n, p["BLOCK_N"]), 1)](*full, **meta)
     return out.to(x.dtype)
+
+
+@triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows and columns of the output tile this program owns (grid axis 0 walks N fastest)."""
+    pid = tl.program_id(0)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n
+
+
+@triton.jit
+def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr):
+    """Write the fp32 tile: add it into a zeroed fp32 buffer under split-K, else store it cast."""
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

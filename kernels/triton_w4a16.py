@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import check_activation, interpreter_config, interpreting, launch
+from mpq.kernels.triton_common import check_activation, interpreter_config, interpreting, launch, store_tile, tile_offsets
 
 
 def _configs(gemv: bool) -> list[triton.Config]:
@@ -42,13 +42,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
                   stride_xm, stride_wn, stride_sn, stride_om,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // grid_n
-    pid_n = pid % grid_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -72,12 +67,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
         else:
             acc += tl.dot(x_even.to(DOT_DTYPE), w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
             acc += tl.dot(x_odd.to(DOT_DTYPE), w_hi.to(DOT_DTYPE), out_dtype=tl.float32)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
 
 
 _GEMV = triton.autotune(configs=_configs(True), key=["M", "N", "K", "GROUP"], prune_configs_by={"early_config_prune": _prune},
