@@ -62,16 +62,17 @@ def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torc
 
 @contextmanager
 def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeightCache,
-            fused_groups: list[list[str]] = ()) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+            fused_groups: list[list[str]] = (), backend: str | None = None) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
     """Within the block, `model` runs with the plan's layers quantised; yields each layer's canonical
-    tensors and bias (what a checkpoint stores)."""
+    tensors and bias (what a checkpoint stores). The tensors come from the cache's model, so an
+    upcast copy of that model can run the very same quantised weights."""
     modules = {name: get_module(model, name) for name in plan}
-    tensors = {name: cache.get(name, fmt, modules[name]) for name, fmt in plan.items()}
+    tensors = {name: cache.get(name, fmt) for name, fmt in plan.items()}
     biases = {name: module.bias for name, module in modules.items()}
     in_features = {name: linear_weight(module).shape[1] for name, module in modules.items()}
     originals: dict[str, nn.Module] = {}
     try:
-        for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups).items():
+        for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups, backend).items():
             originals[name] = set_module(model, name, layer)
         yield {name: {**tensors[name], **({} if biases[name] is None else {"bias": biases[name]})} for name in plan}
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mpq.additivity import additivity_check
 from mpq.apply import QuantizedWeightCache, applied
 from mpq.checkpoint import save_config
 from mpq.environment import hardware, versions
@@ -25,7 +26,9 @@ from mpq.plan import Plan
 from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
 from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread,
                         uniform_plan)
-from mpq.sensitivity import SensitivityTable, cache_dir, find_cached, measure_sensitivity
+from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
+from mpq.sensitivity import (MEASURE_BACKEND, SensitivityTable, cache_dir, find_cached, measure_sensitivity,
+                             measurement_model)
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import ModelGraph, trace_model
 
@@ -72,15 +75,15 @@ def _accepts(metrics: dict, baseline: dict, drop: float | None, higher_is_better
     return ok, "" if ok else f"perplexity ratio {ratio:.4f} > {1 + drop:.4f}"
 
 
-def _sensitivity(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, formats, task, calib_info: dict,
+def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGraph, formats, task, calib_info: dict,
                  cache: QuantizedWeightCache) -> tuple[SensitivityTable, bool]:
     calib_data = task.calib_ids if loaded.task == CAUSAL_LM else [b["input_ids"] for b in task.calib_batches]
     key = data_fingerprint(model_fingerprint(loaded.model), calib_data, [f.name for f in formats], task.metric,
-                           [layer.name for layer in graph.layers])
+                           [layer.name for layer in graph.layers], SENSITIVITY_VERSION)
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
     reused = table is not None
     if table is None:
-        table = measure_sensitivity(loaded.model, graph.layers, formats, task, key, calib_info, cache, opts.progress)
+        table = measure_sensitivity(loaded.model, work, graph.layers, formats, task, key, calib_info, cache, opts.progress)
         try:
             table.save(cache_dir() / f"{key}.json")
         except OSError as exc:  # a read-only home still compiles; only reuse is lost
@@ -127,7 +130,8 @@ def compile_model(opts: CompileOptions) -> dict:
     lap("trace")
 
     cache = QuantizedWeightCache(loaded.model)
-    table, reused = _sensitivity(opts, loaded, graph, formats, task, calib_info, cache)
+    work = measurement_model(loaded.model)
+    table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache)
     draw_heatmap(table, graph.layers, out / "heatmap.png")
     (out / "sensitivity.md").write_text(heatmap_markdown(table, graph.layers))
     lap("sensitivity")
@@ -137,7 +141,9 @@ def compile_model(opts: CompileOptions) -> dict:
     uniform_names = [f.name for f in formats]
     groups = graph.shared_input_groups()
     storage = opts.storage if opts.storage is not None else str(out / "study.journal")
-    study_name = "mpq-" + data_fingerprint(table.key, budget, uniform_names, opts.tie, opts.seed)[:16]
+    # Named by everything the study's answers depend on, the sensitivity values included, so a
+    # resumed study is always the same problem.
+    study_name = "mpq-" + data_fingerprint(table.values, costs, memory.fixed_bytes, budget, opts.tie, groups, opts.seed)[:16]
     try:
         result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names,
                               tied=groups if opts.tie else [], storage=open_storage(storage), study_name=study_name)
@@ -153,10 +159,16 @@ def compile_model(opts: CompileOptions) -> dict:
     mixed = [c for c in spread(result.front, opts.max_configs) if not c.origin.startswith("uniform")]
     measured = uniform + mixed
     has_bias = {layer.name: layer.has_bias for layer in graph.layers}
+    reference = task.reference(work)
     for cand in tqdm(measured, desc="held-out eval", disable=not opts.progress, unit="config"):
-        fused = fusion_groups(cand.formats, groups, has_bias)
-        with applied(loaded.model, {l: get_format(f) for l, f in cand.formats.items()}, cache, fused):
+        specs = {layer: get_format(fmt) for layer, fmt in cand.formats.items()}
+        with applied(loaded.model, specs, cache, fusion_groups(cand.formats, groups, has_bias)):
             cand.measured = task.evaluate(loaded.model)
+        # the whole config's divergence on calibration data, measured as the sensitivities were,
+        # to check the additive prediction
+        with applied(work, specs, cache, backend=MEASURE_BACKEND):
+            cand.measured["calib_divergence"] = task.divergence(work, reference)
+    additivity = additivity_check([c.predicted for c in measured], [c.measured["calib_divergence"] for c in measured])
     lap("evaluate")
 
     feasible = [c for c in measured if c.bytes <= budget]
@@ -193,7 +205,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "search": {"trials": result.trials, "storage": storage, "study": study_name, "front": len(result.front), "measured": len(measured), "seconds": result.seconds,
                    "tied_groups": len(groups) if opts.tie else 0, "exact_best": result.exact_best,
                    "sampler_best": result.sampler_best, "exact_best_untied": untied[-1].predicted if untied else None},
-        "sensitivity_seconds": table.seconds, "sensitivity_reused": reused,
+        "sensitivity_seconds": table.seconds, "sensitivity_reused": reused, "additivity": additivity,
         "configs": config_rows,
         "uniform": [{"name": c.origin.split(":")[1], "bytes": c.bytes, "predicted": c.predicted, "metrics": c.measured,
                      "formats": c.formats} for c in uniform],

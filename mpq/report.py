@@ -131,6 +131,16 @@ def _search_line(search: dict, metric: str) -> str:
     return f"- predicted {metric} at the budget: exact optimum {exact:.4g}; the NSGA-II sampler {found}{tie}"
 
 
+def _additivity_line(check: dict, metric: str) -> str:
+    line = (f"- additive model: over the {check['configs']} measured configs, predicted {metric} (sum of layer "
+            f"sensitivities) against the whole config's {metric} on the calibration data: Spearman "
+            f"{check['spearman']:.3f}, median relative error "
+            + ("n/a" if check["median_relative_error"] is None else f"{check['median_relative_error']:.1%}"))
+    if check["weak"]:
+        line += f". WARNING: correlation under 0.9, so the predicted ranking of configs is not reliable here"
+    return line
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -146,6 +156,7 @@ def write_report(path: Path, summary: dict) -> Path:
         f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}), warm-started from the exact "
         f"optimum of the additive model; {s['search']['front']} on the predicted front, {s['search']['measured']} measured",
         _search_line(s["search"], s["metric"]),
+        _additivity_line(s["additivity"], s["metric"]),
         f"- hardware: {s['hardware']}; torch {s['versions']['torch']}, mpq {s['versions']['mpq']}",
         "",
         "## Baseline (unquantised)",

@@ -53,6 +53,8 @@ def spread(front: list[Candidate], count: int) -> list[Candidate]:
     """Up to `count` candidates spread evenly over the front's byte range, ends included."""
     if len(front) <= count:
         return list(front)
+    if count <= 1:
+        return front[-1:] if count == 1 else []
     low, high = front[0].bytes, front[-1].bytes
     chosen: list[Candidate] = []
     for i in range(count):

@@ -94,6 +94,7 @@ def test_pareto_front_and_spread():
     assert [(c.bytes, c.predicted) for c in front] == [(1, 9.0), (2, 5.0), (4, 1.0), (6, 0.5)]
     picked = spread(front, 3)
     assert [c.bytes for c in picked] == [1, 4, 6]
+    assert [c.bytes for c in spread(front, 1)] == [6] and spread(front, 0) == []
 
 
 def test_a_stopped_study_resumes_to_the_same_front(tmp_path, monkeypatch):
