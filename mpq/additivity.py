@@ -30,9 +30,10 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def additivity_check(predicted: list[float], measured: list[float]) -> dict:
-    """Spearman correlation and median relative error of predicted against measured."""
-    errors = [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0]
+def additivity_check(predicted: list[float], measured: list[float], same_units: bool = True) -> dict:
+    """Spearman correlation and (when both are in the same units) median relative error of
+    predicted against measured."""
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0] if same_units else []
     rho = spearman(predicted, measured)
     return {"configs": len(predicted), "spearman": rho, "median_relative_error": float(np.median(errors)) if errors else None,
             "weak": not rho >= WEAK_CORRELATION}

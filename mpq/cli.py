@@ -19,7 +19,7 @@ def _compile(args: argparse.Namespace) -> None:
         model=args.model, out=args.out, max_mem=args.max_mem, formats=args.formats, group_size=args.group_size,
         int4_symmetric=args.int4_sym, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
         trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
-        tie=not args.no_tie, storage=args.storage, progress=not args.quiet))
+        tie=not args.no_tie, storage=args.storage, sensitivity=args.sensitivity, progress=not args.quiet))
     print(f"{len(summary['configs'])} Pareto configs in {args.out}/configs (budget {format_size(summary['budget'])}):")
     for row in summary["configs"]:
         quality = row["metrics"].get("ppl", row["metrics"].get("mean_cosine"))
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-configs", type=int, default=12, help="mixed configs to measure on held-out data (default 12)")
     c.add_argument("--max-quality-drop", type=float,
                    help="acceptance: perplexity ratio - 1 (0.01 = 1%%) for LMs, cosine drop for encoders")
+    c.add_argument("--sensitivity", default="kl",
+                   help="signal: kl (the model's output divergence, one pass per layer and format; default) "
+                        "or local (each layer's own output error, one pass in all)")
     c.add_argument("--no-tie", action="store_true",
                    help="let layers that read one input (q/k/v, gate/up) take different formats (default: tied, so they fuse)")
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "

@@ -27,8 +27,8 @@ from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
 from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread,
                         uniform_plan)
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
-from mpq.sensitivity import (MEASURE_BACKEND, SensitivityTable, cache_dir, find_cached, measure_sensitivity,
-                             measurement_model)
+from mpq.sensitivity import (MEASURE_BACKEND, SIGNALS, SensitivityTable, cache_dir, find_cached, measure_local,
+                             measure_sensitivity, measurement_model)
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import ModelGraph, trace_model
 
@@ -54,6 +54,7 @@ class CompileOptions:
     max_quality_drop: float | None = None  # causal LM: perplexity ratio - 1 (0.01 = 1%); encoder: cosine drop
     tie: bool = True  # layers reading one input (q/k/v, gate/up) take one format, so kernels fuse them
     storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
+    sensitivity: str = "kl"  # the signal: "kl" (output divergence) or "local" (layer output error)
     progress: bool = True
 
 
@@ -79,11 +80,12 @@ def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGr
                  cache: QuantizedWeightCache) -> tuple[SensitivityTable, bool]:
     calib_data = task.calib_ids if loaded.task == CAUSAL_LM else [b["input_ids"] for b in task.calib_batches]
     key = data_fingerprint(model_fingerprint(loaded.model), calib_data, [f.name for f in formats], task.metric,
-                           [layer.name for layer in graph.layers], SENSITIVITY_VERSION)
+                           [layer.name for layer in graph.layers], SENSITIVITY_VERSION, opts.sensitivity)
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
     reused = table is not None
     if table is None:
-        table = measure_sensitivity(loaded.model, work, graph.layers, formats, task, key, calib_info, cache, opts.progress)
+        measure = measure_local if opts.sensitivity == "local" else measure_sensitivity
+        table = measure(loaded.model, work, graph.layers, formats, task, key, calib_info, cache, opts.progress)
         try:
             table.save(cache_dir() / f"{key}.json")
         except OSError as exc:  # a read-only home still compiles; only reuse is lost
@@ -104,6 +106,8 @@ def compile_model(opts: CompileOptions) -> dict:
 
     out = Path(opts.out)
     # Cheap checks of the user's input first, before minutes of loading and measuring.
+    if opts.sensitivity not in SIGNALS:
+        raise MpqError(f"--sensitivity {opts.sensitivity!r} is not one of {', '.join(SIGNALS)}")
     try:
         formats = parse_formats(opts.formats, opts.group_size, opts.int4_symmetric)
     except ValueError as exc:
@@ -168,7 +172,8 @@ def compile_model(opts: CompileOptions) -> dict:
         # to check the additive prediction
         with applied(work, specs, cache, backend=MEASURE_BACKEND):
             cand.measured["calib_divergence"] = task.divergence(work, reference)
-    additivity = additivity_check([c.predicted for c in measured], [c.measured["calib_divergence"] for c in measured])
+    additivity = additivity_check([c.predicted for c in measured], [c.measured["calib_divergence"] for c in measured],
+                                  same_units=table.metric == task.metric)
     lap("evaluate")
 
     feasible = [c for c in measured if c.bytes <= budget]
@@ -198,7 +203,7 @@ def compile_model(opts: CompileOptions) -> dict:
     summary = {
         "model": loaded.source, "task": loaded.task, "formats": uniform_names, "budget": budget,
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,
-        "metric": table.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
+        "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),
                   "shared_input_groups": len(graph.shared_input_groups())},
         "calibration": calib_info, "baseline": baseline,

@@ -131,11 +131,11 @@ def _search_line(search: dict, metric: str) -> str:
     return f"- predicted {metric} at the budget: exact optimum {exact:.4g}; the NSGA-II sampler {found}{tie}"
 
 
-def _additivity_line(check: dict, metric: str) -> str:
+def _additivity_line(check: dict, metric: str, task_metric: str) -> str:
     line = (f"- additive model: over the {check['configs']} measured configs, predicted {metric} (sum of layer "
-            f"sensitivities) against the whole config's {metric} on the calibration data: Spearman "
+            f"sensitivities) against the whole config's {task_metric} on the calibration data: Spearman "
             f"{check['spearman']:.3f}, median relative error "
-            + ("n/a" if check["median_relative_error"] is None else f"{check['median_relative_error']:.1%}"))
+            + ("n/a (other units)" if check["median_relative_error"] is None else f"{check['median_relative_error']:.1%}"))
     if check["weak"]:
         line += f". WARNING: correlation under 0.9, so the predicted ranking of configs is not reliable here"
     return line
@@ -156,7 +156,7 @@ def write_report(path: Path, summary: dict) -> Path:
         f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}), warm-started from the exact "
         f"optimum of the additive model; {s['search']['front']} on the predicted front, {s['search']['measured']} measured",
         _search_line(s["search"], s["metric"]),
-        _additivity_line(s["additivity"], s["metric"]),
+        _additivity_line(s["additivity"], s["metric"], s["task_metric"]),
         f"- hardware: {s['hardware']}; torch {s['versions']['torch']}, mpq {s['versions']['mpq']}",
         "",
         "## Baseline (unquantised)",

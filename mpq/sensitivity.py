@@ -1,8 +1,13 @@
 """Per-layer sensitivity: how much the output degrades when only one layer takes one format.
 
-Cost is one calibration pass per (layer, format): linear in layers x formats x calibration tokens.
-The table is plain data (sensitivity.json), keyed by a content hash of model, data and formats,
-and reused whenever that key comes again.
+Signals:
+- "kl": the model's own output divergence (KL of next-token distributions for causal LMs,
+  1 - cosine of embeddings for encoders) with only that layer quantised: one calibration pass per
+  (layer, format), linear in layers x formats x calibration tokens.
+- "local": the layer's own relative output error ||x (W - Wq)^T||^2 / ||x W^T||^2 on its
+  calibration inputs, all layers and formats in one pass (hooks), blind to what follows the layer.
+The table is plain data (sensitivity.json), keyed by a content hash of model, data, formats and
+signal, and reused whenever that key comes again.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: measured in float32 (measurement_model)
+SIGNALS = ("kl", "local")
 
 
 @dataclass
@@ -106,5 +112,41 @@ def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInf
                 score = task.divergence(work, reference)
         values.setdefault(layer.name, {})[fmt.name] = score
     return SensitivityTable(key=key, metric=task.metric, formats=[f.name for f in formats],
+                            layers=[layer.name for layer in layers], values=values, calib=calib,
+                            seconds=round(time.time() - start, 2))
+
+
+@torch.no_grad()
+def measure_local(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
+                  key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
+    """The "local" signal: each layer's relative output error per format, in one calibration pass."""
+    from mpq.quantize import dequantize_weight
+
+    start = time.time()
+    errors: dict[str, dict[str, float]] = {}
+    energy: dict[str, float] = {}
+    hooks = []
+    for layer in tqdm(layers, desc="local sensitivity", disable=not progress, unit="layer"):
+        weight = linear_weight(get_module(work, layer.name)).float()
+        deltas = {fmt.name: weight - dequantize_weight(cache.get(layer.name, fmt), fmt)
+                  for fmt in formats if fmt.supports(layer.out_features, layer.in_features)
+                  and not _lossless(get_module(model, layer.name), fmt)}
+        errors[layer.name] = {fmt.name: 0.0 for fmt in formats if fmt.supports(layer.out_features, layer.in_features)}
+        energy[layer.name] = 0.0
+
+        def hook(module, inputs, output, name=layer.name, weight=weight, deltas=deltas):
+            x = inputs[0].reshape(-1, weight.shape[1]).float()
+            energy[name] += torch.nn.functional.linear(x, weight).pow(2).sum().item()
+            for fmt_name, delta in deltas.items():
+                errors[name][fmt_name] += torch.nn.functional.linear(x, delta).pow(2).sum().item()
+
+        hooks.append(get_module(work, layer.name).register_forward_hook(hook))
+    try:
+        task.reference(work)  # one pass over the calibration data; the hooks do the measuring
+    finally:
+        for handle in hooks:
+            handle.remove()
+    values = {name: {fmt: err / max(energy[name], 1e-30) for fmt, err in per.items()} for name, per in errors.items()}
+    return SensitivityTable(key=key, metric="local", formats=[f.name for f in formats],
                             layers=[layer.name for layer in layers], values=values, calib=calib,
                             seconds=round(time.time() - start, 2))

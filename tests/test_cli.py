@@ -60,6 +60,11 @@ def test_too_little_calibration_text(tiny_llama_dir, tmp_path, capsys):
     assert code == 2 and "give more text or lower --samples" in capsys.readouterr().err
 
 
+def test_unknown_sensitivity_signal(tiny_llama_dir, tmp_path):
+    line = one_line_error(run_cli("compile", str(tiny_llama_dir), "--sensitivity", "vibes", "-o", str(tmp_path / "out")))
+    assert "--sensitivity 'vibes' is not one of kl, local" in line
+
+
 def test_inspect_of_a_non_config(tmp_path):
     line = one_line_error(run_cli("inspect", str(tmp_path)))
     assert "not an mpq config" in line
@@ -108,3 +113,13 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     assert main(["inspect", str(configs[0])]) == 0
     text = capsys.readouterr().out
     assert "granularity" in text and "model.layers.0.self_attn.q_proj" in text
+
+
+def test_compile_with_the_local_signal(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_llama_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
+                 "--trials", "40", "--max-configs", "3", "--group-size", "32", "--sensitivity", "local"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "local" and summary["task_metric"] == "kl"
+    assert summary["additivity"]["median_relative_error"] is None  # different units: rank correlation only
+    assert "predicted local" in (out / "report.md").read_text() and summary["configs"]
