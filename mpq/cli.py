@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-quality-drop", type=float,
                    help="acceptance: perplexity ratio - 1 (0.01 = 1%%) for LMs, cosine drop for encoders")
     c.add_argument("--sensitivity", default="kl",
-                   help="signal: kl (the model's output divergence, one pass per layer and format; default) "
-                        "or local (each layer's own output error, one pass in all)")
+                   help="signal: kl (the model's output divergence, one pass per layer and format; default), "
+                        "local (each layer's own output error, one pass in all) or fisher (squared gradients "
+                        "times rounding error, one forward and backward pass per batch; causal LMs)")
     c.add_argument("--no-tie", action="store_true",
                    help="let layers that read one input (q/k/v, gate/up) take different formats (default: tied, so they fuse)")
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "

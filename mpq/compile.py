@@ -27,8 +27,8 @@ from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
 from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread,
                         uniform_plan)
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
-from mpq.sensitivity import (MEASURE_BACKEND, SIGNALS, SensitivityTable, cache_dir, find_cached, measure_local,
-                             measure_sensitivity, measurement_model)
+from mpq.sensitivity import (MEASURE_BACKEND, SIGNALS, SensitivityTable, cache_dir, find_cached, measure_fisher,
+                             measure_local, measure_sensitivity, measurement_model)
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import ModelGraph, trace_model
 
@@ -54,7 +54,7 @@ class CompileOptions:
     max_quality_drop: float | None = None  # causal LM: perplexity ratio - 1 (0.01 = 1%); encoder: cosine drop
     tie: bool = True  # layers reading one input (q/k/v, gate/up) take one format, so kernels fuse them
     storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
-    sensitivity: str = "kl"  # the signal: "kl" (output divergence) or "local" (layer output error)
+    sensitivity: str = "kl"  # the signal: "kl" (output divergence), "local" (layer output error) or "fisher"
     progress: bool = True
 
 
@@ -84,7 +84,7 @@ def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGr
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
     reused = table is not None
     if table is None:
-        measure = measure_local if opts.sensitivity == "local" else measure_sensitivity
+        measure = {"kl": measure_sensitivity, "local": measure_local, "fisher": measure_fisher}[opts.sensitivity]
         table = measure(loaded.model, work, graph.layers, formats, task, key, calib_info, cache, opts.progress)
         try:
             table.save(cache_dir() / f"{key}.json")

@@ -6,6 +6,9 @@ Signals:
   (layer, format), linear in layers x formats x calibration tokens.
 - "local": the layer's own relative output error ||x (W - Wq)^T||^2 / ||x W^T||^2 on its
   calibration inputs, all layers and formats in one pass (hooks), blind to what follows the layer.
+- "fisher": 1/2 sum(F * (W - Wq)^2) with F the empirical Fisher diagonal (squared gradients of
+  the next-token loss on the calibration text): one forward and one backward pass per batch,
+  whatever the number of layers (causal LMs only: an encoder has no loss to differentiate).
 The table is plain data (sensitivity.json), keyed by a content hash of model, data, formats and
 signal, and reused whenever that key comes again.
 """
@@ -32,7 +35,7 @@ from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: measured in float32 (measurement_model)
-SIGNALS = ("kl", "local")
+SIGNALS = ("kl", "local", "fisher")
 
 
 @dataclass
@@ -148,5 +151,53 @@ def measure_local(model: nn.Module, work: nn.Module, layers: list[LayerInfo], fo
             handle.remove()
     values = {name: {fmt: err / max(energy[name], 1e-30) for fmt, err in per.items()} for name, per in errors.items()}
     return SensitivityTable(key=key, metric="local", formats=[f.name for f in formats],
+                            layers=[layer.name for layer in layers], values=values, calib=calib,
+                            seconds=round(time.time() - start, 2))
+
+
+def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
+                   key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
+    """The "fisher" signal: second-order estimate of the loss increase from each layer's rounding."""
+    from mpq.errors import MpqError
+    from mpq.quantize import dequantize_weight
+
+    if not hasattr(task, "calib_ids"):
+        raise MpqError("--sensitivity fisher needs a causal LM (an encoder has no loss to differentiate): use kl or local")
+    start = time.time()
+    params = {layer.name: get_module(work, layer.name).weight for layer in layers}
+    fisher = {name: torch.zeros_like(param, dtype=torch.float32) for name, param in params.items()}
+    was = {name: param.requires_grad for name, param in params.items()}
+    try:
+        for param in params.values():
+            param.requires_grad_(True)
+        for ids in tqdm(task.calib_ids.split(8), desc="fisher sensitivity", disable=not progress, unit="batch"):
+            work.zero_grad(set_to_none=True)
+            logits = work(input_ids=ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            for name, param in params.items():
+                fisher[name] += param.grad.float().pow(2)
+    finally:
+        for name, param in params.items():
+            param.requires_grad_(was[name])
+            param.grad = None
+    values: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for layer in layers:
+            module = get_module(model, layer.name)
+            weight_fisher = fisher[layer.name]
+            if type(module).__name__ == "Conv1D":  # its parameter is [in, out]; formats see [out, in]
+                weight_fisher = weight_fisher.t()
+            weight = linear_weight(module).float()
+            values[layer.name] = {}
+            for fmt in formats:
+                if not fmt.supports(layer.out_features, layer.in_features):
+                    continue
+                if _lossless(module, fmt):
+                    values[layer.name][fmt.name] = 0.0
+                    continue
+                delta = weight - dequantize_weight(cache.get(layer.name, fmt), fmt)
+                values[layer.name][fmt.name] = 0.5 * float((weight_fisher * delta.pow(2)).sum())
+    return SensitivityTable(key=key, metric="fisher", formats=[f.name for f in formats],
                             layers=[layer.name for layer in layers], values=values, calib=calib,
                             seconds=round(time.time() - start, 2))

@@ -62,7 +62,7 @@ def test_too_little_calibration_text(tiny_llama_dir, tmp_path, capsys):
 
 def test_unknown_sensitivity_signal(tiny_llama_dir, tmp_path):
     line = one_line_error(run_cli("compile", str(tiny_llama_dir), "--sensitivity", "vibes", "-o", str(tmp_path / "out")))
-    assert "--sensitivity 'vibes' is not one of kl, local" in line
+    assert "--sensitivity 'vibes' is not one of kl, local, fisher" in line
 
 
 def test_inspect_of_a_non_config(tmp_path):

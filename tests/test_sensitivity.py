@@ -6,7 +6,8 @@ import torch
 from mpq.apply import QuantizedWeightCache
 from mpq.formats import get_format
 from mpq.models import load_model
-from mpq.sensitivity import measure_local, measure_sensitivity, measurement_model
+from mpq.errors import MpqError
+from mpq.sensitivity import measure_fisher, measure_local, measure_sensitivity, measurement_model
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import trace_model
 
@@ -21,7 +22,7 @@ def setup(tiny_llama_dir):
     return loaded, task, graph
 
 
-@pytest.mark.parametrize("measure", [measure_sensitivity, measure_local])
+@pytest.mark.parametrize("measure", [measure_sensitivity, measure_local, measure_fisher])
 def test_signal_properties(setup, measure):
     loaded, task, graph = setup
     work = measurement_model(loaded.model)
@@ -55,3 +56,17 @@ def test_local_signal_is_the_relative_output_error(setup):
     expected = (x @ delta.t()).pow(2).sum() / (x @ weight.t()).pow(2).sum()
     table = measure_local(loaded.model, work, graph.layers, FORMATS, task, "k", {}, QuantizedWeightCache(loaded.model), False)
     assert table.values[name]["int4-g32"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_fisher_leaves_no_gradients_behind_and_refuses_encoders(setup):
+    loaded, task, graph = setup
+    work = measurement_model(loaded.model)
+    measure_fisher(loaded.model, work, graph.layers, FORMATS, task, "k", {}, QuantizedWeightCache(loaded.model), False)
+    assert all(not p.requires_grad and p.grad is None for p in work.parameters())
+
+    class EncoderLikeTask:  # no calibration token windows, as for an encoder
+        pass
+
+    with pytest.raises(MpqError, match="needs a causal LM"):
+        measure_fisher(loaded.model, work, graph.layers, FORMATS, EncoderLikeTask(), "k", {},
+                       QuantizedWeightCache(loaded.model), False)
