@@ -107,13 +107,11 @@ class QuantizedLinear(nn.Module):
         return dict(self.named_buffers(recurse=False))
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        from mpq.kernels import ops  # registers torch.ops.mpq.* (imports triton on first use)
+
         if self.fmt.bits == 8:
-            from mpq.kernels.triton_w8a16 import w8a16_linear
-
-            return w8a16_linear(x, self.qweight, self.scales, self.bias)
-        from mpq.kernels.triton_w4a16 import w4a16_linear
-
-        return w4a16_linear(x, self.qweight, self.scales, getattr(self, "zeros", None), self.fmt.group_size, self.bias)
+            return ops.w8a16_linear(x, self.qweight, self.scales, self.bias)
+        return ops.w4a16_linear(x, self.qweight, self.scales, getattr(self, "zeros", None), self.fmt.group_size, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

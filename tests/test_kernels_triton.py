@@ -87,3 +87,21 @@ def test_launcher_rejects_mismatched_shapes():
         w4a16_linear(x[:, :128], t["qweight"], t["scales"], t["zeros"], 64)
     with pytest.raises(ValueError, match="do not fit"):
         w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 128)
+
+
+def test_custom_ops_pass_opcheck_and_compile():
+    """torch.ops.mpq.* are well-formed custom ops (schema, fake tensors) and torch.compile traces them."""
+    from mpq.kernels import ops
+
+    fmt, t, x, bias = _inputs("int4-g64", 48, 128, 3, torch.bfloat16, seed=7)
+    torch.library.opcheck(ops.w4a16_linear, (x, t["qweight"], t["scales"], t["zeros"], 64, bias),
+                          test_utils=("test_schema", "test_faketensor"))
+    fmt8, t8, x8, bias8 = _inputs("int8", 48, 96, 3, torch.float16, seed=8)
+    torch.library.opcheck(ops.w8a16_linear, (x8, t8["qweight"], t8["scales"], bias8),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def layer(x):
+        return ops.w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64, bias).relu()
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))
