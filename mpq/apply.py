@@ -34,11 +34,10 @@ class QuantizedWeightCache:
         self.model = model
         self._tensors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
-    def get(self, name: str, fmt: FormatSpec, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def get(self, name: str, fmt: FormatSpec) -> dict[str, torch.Tensor]:
         key = (name, fmt.name)
         if key not in self._tensors:
-            module = module if module is not None else get_module(self.model, name)
-            self._tensors[key] = quantize_weight(linear_weight(module), fmt)
+            self._tensors[key] = quantize_weight(linear_weight(get_module(self.model, name)), fmt)
         return self._tensors[key]
 
 

@@ -183,5 +183,5 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
 
 def kernels_of(model: nn.Module) -> dict[str, str]:
     """Which kernel runs each quantised layer of a loaded model."""
-    return {name: module.kernel for name, module in model.named_modules() if hasattr(module, "kernel")
-            and type(module).__name__ in ("QuantizedLinear", "FusedSlice") and not name.endswith(".fused.layer")}
+    return {name: module.kernel for name, module in model.named_modules()
+            if type(module).__name__ in ("QuantizedLinear", "FusedSlice") and not name.endswith(".fused.layer")}

@@ -27,8 +27,7 @@ from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
 from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread,
                         uniform_plan)
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
-from mpq.sensitivity import (MEASURE_BACKEND, SIGNALS, SensitivityTable, cache_dir, find_cached, measure_fisher,
-                             measure_local, measure_sensitivity, measurement_model)
+from mpq.sensitivity import MEASURE_BACKEND, MEASURES, SIGNALS, SensitivityTable, cache_dir, find_cached, measurement_model
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import ModelGraph, trace_model
 
@@ -84,8 +83,7 @@ def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGr
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
     reused = table is not None
     if table is None:
-        measure = {"kl": measure_sensitivity, "local": measure_local, "fisher": measure_fisher}[opts.sensitivity]
-        table = measure(loaded.model, work, graph.layers, formats, task, key, calib_info, cache, opts.progress)
+        table = MEASURES[opts.sensitivity](loaded.model, work, graph.layers, formats, task, key, calib_info, cache, opts.progress)
         try:
             table.save(cache_dir() / f"{key}.json")
         except OSError as exc:  # a read-only home still compiles; only reuse is lost
@@ -205,7 +203,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),
-                  "shared_input_groups": len(graph.shared_input_groups())},
+                  "shared_input_groups": len(groups)},
         "calibration": calib_info, "baseline": baseline,
         "search": {"trials": result.trials, "storage": storage, "study": study_name, "front": len(result.front), "measured": len(measured), "seconds": result.seconds,
                    "tied_groups": len(groups) if opts.tie else 0, "exact_best": result.exact_best,

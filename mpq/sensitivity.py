@@ -35,7 +35,6 @@ from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: measured in float32 (measurement_model)
-SIGNALS = ("kl", "local", "fisher")
 
 
 @dataclass
@@ -119,22 +118,30 @@ def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInf
                             seconds=round(time.time() - start, 2))
 
 
+def _rounding_errors(model: nn.Module, layer: LayerInfo, formats: list[FormatSpec], cache: QuantizedWeightCache
+                     ) -> dict[str, torch.Tensor | None]:
+    """W - dequant(Q(W)) in float32 for each format the layer can take; None where it is lossless."""
+    from mpq.quantize import dequantize_weight
+
+    module = get_module(model, layer.name)
+    weight = linear_weight(module).float()
+    return {fmt.name: None if _lossless(module, fmt) else weight - dequantize_weight(cache.get(layer.name, fmt), fmt)
+            for fmt in formats if fmt.supports(layer.out_features, layer.in_features)}
+
+
 @torch.no_grad()
 def measure_local(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
                   key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
     """The "local" signal: each layer's relative output error per format, in one calibration pass."""
-    from mpq.quantize import dequantize_weight
-
     start = time.time()
     errors: dict[str, dict[str, float]] = {}
     energy: dict[str, float] = {}
     hooks = []
     for layer in tqdm(layers, desc="local sensitivity", disable=not progress, unit="layer"):
         weight = linear_weight(get_module(work, layer.name)).float()
-        deltas = {fmt.name: weight - dequantize_weight(cache.get(layer.name, fmt), fmt)
-                  for fmt in formats if fmt.supports(layer.out_features, layer.in_features)
-                  and not _lossless(get_module(model, layer.name), fmt)}
-        errors[layer.name] = {fmt.name: 0.0 for fmt in formats if fmt.supports(layer.out_features, layer.in_features)}
+        rounding = _rounding_errors(model, layer, formats, cache)
+        deltas = {name: delta for name, delta in rounding.items() if delta is not None}
+        errors[layer.name] = {name: 0.0 for name in rounding}
         energy[layer.name] = 0.0
 
         def hook(module, inputs, output, name=layer.name, weight=weight, deltas=deltas):
@@ -159,7 +166,6 @@ def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], f
                    key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
     """The "fisher" signal: second-order estimate of the loss increase from each layer's rounding."""
     from mpq.errors import MpqError
-    from mpq.quantize import dequantize_weight
 
     if not hasattr(task, "calib_ids"):
         raise MpqError("--sensitivity fisher needs a causal LM (an encoder has no loss to differentiate): use kl or local")
@@ -188,16 +194,12 @@ def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], f
             weight_fisher = fisher[layer.name]
             if type(module).__name__ == "Conv1D":  # its parameter is [in, out]; formats see [out, in]
                 weight_fisher = weight_fisher.t()
-            weight = linear_weight(module).float()
-            values[layer.name] = {}
-            for fmt in formats:
-                if not fmt.supports(layer.out_features, layer.in_features):
-                    continue
-                if _lossless(module, fmt):
-                    values[layer.name][fmt.name] = 0.0
-                    continue
-                delta = weight - dequantize_weight(cache.get(layer.name, fmt), fmt)
-                values[layer.name][fmt.name] = 0.5 * float((weight_fisher * delta.pow(2)).sum())
+            values[layer.name] = {name: 0.0 if delta is None else 0.5 * float((weight_fisher * delta.pow(2)).sum())
+                                  for name, delta in _rounding_errors(model, layer, formats, cache).items()}
     return SensitivityTable(key=key, metric="fisher", formats=[f.name for f in formats],
                             layers=[layer.name for layer in layers], values=values, calib=calib,
                             seconds=round(time.time() - start, 2))
+
+
+MEASURES = {"kl": measure_sensitivity, "local": measure_local, "fisher": measure_fisher}  # signal -> measure
+SIGNALS = tuple(MEASURES)

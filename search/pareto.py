@@ -141,7 +141,7 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
     origin: dict[tuple, str] = {}
     seeds: list[dict[str, str]] = []
     for fmt in uniform:
-        plan = {unit: fmt if fmt in options[unit] else options[unit][-1] for unit in units}
+        plan = uniform_plan(unit_costs, fmt)
         origin.setdefault(key(plan), f"uniform:{fmt}")
         seeds.append(plan)
     exact_candidates = [Candidate(p.plan, fixed_bytes + p.bytes, p.predicted, "exact") for p in exact]
