@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from mpq.formats import FormatSpec
 from mpq.fusion import fuse
-from mpq.qlinear import QuantizedLinear, linear_weight
+from mpq.qlinear import QuantizedLinear, linear_weight, out_features_of
 from mpq.quantize import quantize_weight
 
 
@@ -28,16 +28,23 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 
 class QuantizedWeightCache:
-    """Canonical tensors per (layer, format), so each weight is quantised once per compile."""
+    """Canonical tensors per (layer, format), so each weight is quantised once per compile.
 
-    def __init__(self, model: nn.Module) -> None:
+    `quantizer` (name, format) -> tensors is the method (mpq.methods.make_quantizer); by default
+    round to nearest."""
+
+    def __init__(self, model: nn.Module, quantizer: Callable[[str, FormatSpec], dict[str, torch.Tensor]] | None = None) -> None:
         self.model = model
+        self.quantizer = quantizer
         self._tensors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     def get(self, name: str, fmt: FormatSpec) -> dict[str, torch.Tensor]:
         key = (name, fmt.name)
         if key not in self._tensors:
-            self._tensors[key] = quantize_weight(linear_weight(get_module(self.model, name)), fmt)
+            if self.quantizer is None:
+                self._tensors[key] = quantize_weight(linear_weight(get_module(self.model, name)), fmt)
+            else:
+                self._tensors[key] = self.quantizer(name, fmt)
         return self._tensors[key]
 
 
@@ -54,7 +61,7 @@ def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torc
             layers.update(slices)
     for name, fmt in specs.items():
         if name not in layers:
-            out_features = next(iter(tensors[name].values())).shape[0]
+            out_features = out_features_of(tensors[name])
             layers[name] = QuantizedLinear(fmt, tensors[name], biases[name], in_features[name], out_features, backend, device)
     return layers
 

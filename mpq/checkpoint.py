@@ -160,6 +160,8 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
         except AttributeError as exc:
             raise MpqError(f"plan layer {layer} is not in the model: the config does not match its plan") from exc
         expected = {"weight"} if not fmt.quantized else ({"qweight", "scales"} | ({"zeros"} if fmt.bits == 4 and not fmt.symmetric else set()))
+        if fmt.quantized and "input_scale" in own:  # AWQ's input divisor
+            expected = expected | {"input_scale"}
         if set(own) != expected:
             raise MpqError(f"{folder}: layer {layer} holds {sorted(own)}, but {fmt.name} needs {sorted(expected)}; re-run mpq compile")
         layer_tensors[layer] = own

@@ -19,12 +19,22 @@ def _compile(args: argparse.Namespace) -> None:
         model=args.model, out=args.out, max_mem=args.max_mem, formats=args.formats, group_size=args.group_size,
         int4_symmetric=args.int4_sym, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
         trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
-        tie=not args.no_tie, storage=args.storage, sensitivity=args.sensitivity, progress=not args.quiet))
+        tie=not args.no_tie, storage=args.storage, sensitivity=args.sensitivity, method=args.method, latency=not args.no_latency,
+        regime=args.regime, batch=args.batch, length=args.length, max_latency=args.max_latency,
+        min_speedup=args.min_speedup, progress=not args.quiet))
     print(f"{len(summary['configs'])} Pareto configs in {args.out}/configs (budget {format_size(summary['budget'])}):")
     for row in summary["configs"]:
         quality = row["metrics"].get("ppl", row["metrics"].get("mean_cosine"))
-        print(f"  {row['name']:<28} {format_size(row['bytes']):>10}  {summary['quality_name']} {quality:.4f}")
+        speed = f"  {row['latency_predicted_s'] * 1e3:.3f} ms ({row['speedup_predicted']:.2f}x)" if "speedup_predicted" in row else ""
+        print(f"  {row['name']:<28} {format_size(row['bytes']):>10}  {summary['quality_name']} {quality:.4f}{speed}")
     print(f"report: {args.out}/report.md")
+
+
+def _profile(args: argparse.Namespace) -> None:
+    from mpq.profile import profile_model
+
+    print(profile_model(args.model, args.formats, args.group_size, args.int4_sym, args.regime, args.batch, args.length,
+                        args.device, args.out, cache=not args.no_cache))
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -54,6 +64,14 @@ def _heatmap(args: argparse.Namespace) -> None:
     print(draw_heatmap(table, layers, out / "heatmap.png"))
 
 
+def _regime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--regime", choices=("decode", "prefill"),
+                        help="what one timed step is (default: decode for causal LMs, prefill for encoders)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--length", type=int, default=128,
+                        help="prefill: tokens per sequence; decode: tokens already in the KV cache (default 128)")
+
+
 def default_device() -> str:
     import torch
 
@@ -81,15 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="acceptance: perplexity ratio - 1 (0.01 = 1%%) for LMs, cosine drop for encoders")
     c.add_argument("--sensitivity", default="kl",
                    help="signal: kl (the model's output divergence, one pass per layer and format; default), "
-                        "local (each layer's own output error, one pass in all) or fisher (squared gradients "
-                        "times rounding error, one forward and backward pass per batch; causal LMs)")
+                        "local (each layer's own output error, one pass in all), fisher (squared gradients "
+                        "times rounding error, one forward and backward pass per batch; causal LMs) or hessian "
+                        "(Hutchinson trace of each layer's Hessian times rounding error, as HAWQ; causal LMs)")
+    c.add_argument("--method", default="rtn",
+                   help="how weights are rounded: rtn (round to nearest; default), gptq (Hessian error compensation, "
+                        "act-order) or awq (activation-aware channel scaling); sensitivities are measured with it")
     c.add_argument("--no-tie", action="store_true",
                    help="let layers that read one input (q/k/v, gate/up) take different formats (default: tied, so they fuse)")
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "
                                       "or a database URL (sqlite:///study.db, postgresql://...) shared by several machines")
+    c.add_argument("--max-latency", help="hard cap on the predicted time of one step in --regime: 25ms, 800us, 0.02s")
+    c.add_argument("--min-speedup", type=float, help="hard floor on the predicted speedup over the unquantised model (1.5)")
+    c.add_argument("--no-latency", action="store_true", help="skip the latency profile: search on bytes and quality only")
+    _regime_arguments(c)
     c.add_argument("-o", "--out", type=Path, default=Path("mpq-out"))
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_compile)
+
+    p = sub.add_parser("profile", help="time every layer shape x format on this machine (the latency model)")
+    p.add_argument("model", nargs="?", default="demo", help="Hugging Face id, local folder, or demo name (demo, minilm)")
+    p.add_argument("--formats", default="fp16,int8,int4", help="formats to time (default fp16,int8,int4)")
+    p.add_argument("--group-size", type=int, default=128, help="INT4 group size (default 128)")
+    p.add_argument("--int4-sym", action="store_true", help="symmetric INT4")
+    _regime_arguments(p)
+    p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--no-cache", action="store_true", help="measure again even what the cache holds")
+    p.add_argument("-o", "--out", type=Path, help="also write the latency model here as JSON")
+    p.set_defaults(func=_profile)
 
     i = sub.add_parser("inspect", help="show a config's plan and quantisation card")
     i.add_argument("config", type=Path)

@@ -19,12 +19,17 @@ from mpq.errors import MpqError
 from mpq.fingerprint import data_fingerprint, model_fingerprint
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
+from mpq.calib_stats import collect_input_stats
 from mpq.io import write_json_atomic
+from mpq.methods import DESCRIPTIONS as METHOD_DESCRIPTIONS
+from mpq.methods import METHODS, make_quantizer
+from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measure_plans, models_dir, parse_seconds, profile,
+                         profile_key)
 from mpq.memory import format_size, memory_model, parse_size, resident_bytes
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
 from mpq.plan import Plan
-from mpq.report import draw_heatmap, draw_pareto, heatmap_markdown, write_report
-from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread,
+from mpq.report import draw_heatmap, draw_pareto, draw_speedup, heatmap_markdown, write_report
+from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread, tie,
                         uniform_plan)
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
 from mpq.sensitivity import MEASURE_BACKEND, MEASURES, SIGNALS, SensitivityTable, cache_dir, find_cached, measurement_model
@@ -34,6 +39,7 @@ from mpq.trace import ModelGraph, trace_model
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = {CAUSAL_LM: 32, "encoder": 128}
 DEFAULT_SEQ_LEN = {CAUSAL_LM: 128, "encoder": 128}
+LATENCY_RESOLUTION = 0.01
 
 
 @dataclass
@@ -54,6 +60,13 @@ class CompileOptions:
     tie: bool = True  # layers reading one input (q/k/v, gate/up) take one format, so kernels fuse them
     storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
     sensitivity: str = "kl"  # the signal: "kl" (output divergence), "local" (layer output error) or "fisher"
+    method: str = "rtn"  # how weights are rounded: "rtn", "gptq" or "awq" (mpq.methods)
+    latency: bool = True  # profile layer latencies and search on predicted step time too (mpq.latency)
+    regime: str | None = None  # "decode" | "prefill"; None: decode for causal LMs, prefill for encoders
+    batch: int = 1
+    length: int = 128  # prefill: tokens per sequence; decode: tokens in the KV cache
+    max_latency: str | float | None = None  # hard cap on predicted seconds per step ("25ms")
+    min_speedup: float | None = None  # hard floor on predicted speedup over the unquantised model
     progress: bool = True
 
 
@@ -79,7 +92,7 @@ def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGr
                  cache: QuantizedWeightCache) -> tuple[SensitivityTable, bool]:
     calib_data = task.calib_ids if loaded.task == CAUSAL_LM else [b["input_ids"] for b in task.calib_batches]
     key = data_fingerprint(model_fingerprint(loaded.model), calib_data, [f.name for f in formats], task.metric,
-                           [layer.name for layer in graph.layers], SENSITIVITY_VERSION, opts.sensitivity)
+                           [layer.name for layer in graph.layers], SENSITIVITY_VERSION, opts.sensitivity, opts.method)
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
     reused = table is not None
     if table is None:
@@ -90,6 +103,20 @@ def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGr
             log.warning("cannot write the sensitivity cache (%s)", exc)
     table.save(Path(opts.out) / "sensitivity.json")
     return table, reused
+
+
+def _latency(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, formats, regime: Regime,
+             groups: list[list[str]]) -> LatencyModel:
+    key = profile_key(model_fingerprint(loaded.model), regime, formats, groups, next(loaded.model.parameters()).device)
+    latency = find_profile(key, Path(opts.out) / "latency.json")
+    if latency is None:
+        latency = profile(loaded.model, loaded.task, graph.layers, formats, regime, groups, progress=opts.progress, key=key)
+        try:
+            latency.save(models_dir() / f"{key}.json")
+        except OSError as exc:
+            log.warning("cannot write the latency cache (%s)", exc)
+    latency.save(Path(opts.out) / "latency.json")
+    return latency
 
 
 def compile_model(opts: CompileOptions) -> dict:
@@ -106,12 +133,21 @@ def compile_model(opts: CompileOptions) -> dict:
     # Cheap checks of the user's input first, before minutes of loading and measuring.
     if opts.sensitivity not in SIGNALS:
         raise MpqError(f"--sensitivity {opts.sensitivity!r} is not one of {', '.join(SIGNALS)}")
+    if opts.method not in METHODS:
+        raise MpqError(f"--method {opts.method!r} is not one of {', '.join(METHODS)}")
     try:
         formats = parse_formats(opts.formats, opts.group_size, opts.int4_symmetric)
     except ValueError as exc:
         raise MpqError(str(exc)) from exc
     requested_budget = parse_size(opts.max_mem) if opts.max_mem is not None else None
+    max_latency = parse_seconds(opts.max_latency) if opts.max_latency is not None else None
+    if opts.min_speedup is not None and opts.min_speedup <= 0:
+        raise MpqError(f"--min-speedup must be positive, got {opts.min_speedup}")
+    if not opts.latency and (max_latency is not None or opts.min_speedup is not None):
+        raise MpqError("--max-latency and --min-speedup need the latency profile: drop --no-latency")
     loaded = load_model(opts.model)
+    regime = make_regime(opts.regime, opts.batch, opts.length, loaded.task,
+                         getattr(loaded.model.config, "max_position_embeddings", None)) if opts.latency else None
     samples = opts.samples or DEFAULT_SAMPLES[loaded.task]
     seq_len = opts.seq_len or DEFAULT_SEQ_LEN[loaded.task]
     calib = calibration_text(opts.calib)
@@ -122,7 +158,7 @@ def compile_model(opts: CompileOptions) -> dict:
     graph = trace_model(loaded.model, _example_inputs(task, loaded))
     if not graph.layers:
         raise MpqError(f"{opts.model} has no linear layers that mpq can quantise")
-    memory = memory_model(loaded.model, graph.layers, formats)
+    memory = memory_model(loaded.model, graph.layers, formats, opts.method)
     budget = requested_budget if requested_budget is not None else memory.largest()
     if budget < memory.smallest():
         raise MpqError(f"--max-mem {format_size(budget)} is below the smallest possible model, {format_size(memory.smallest())} "
@@ -131,34 +167,48 @@ def compile_model(opts: CompileOptions) -> dict:
     write_json_atomic(out / "layers.json", graph.to_json())
     lap("trace")
 
-    cache = QuantizedWeightCache(loaded.model)
     work = measurement_model(loaded.model)
+    groups = graph.shared_input_groups()
+    stats = collect_input_stats(work, graph.layers, groups, task) if opts.method != "rtn" else None
+    cache = QuantizedWeightCache(loaded.model, make_quantizer(opts.method, loaded.model, stats, groups))
     table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache)
     draw_heatmap(table, graph.layers, out / "heatmap.png")
     (out / "sensitivity.md").write_text(heatmap_markdown(table, graph.layers))
     lap("sensitivity")
 
+    latency, latency_cap = None, None
+    if regime is not None:
+        latency = _latency(opts, loaded, graph, formats, regime, groups)
+        latency_cap = _latency_cap(latency, max_latency, opts.min_speedup, memory.layer_bytes, groups if opts.tie else [])
+        lap("profile")
+
     costs = memory.layer_bytes
     sens = {layer: {fmt: table.values[layer][fmt] for fmt in costs[layer]} for layer in costs}
     uniform_names = [f.name for f in formats]
-    groups = graph.shared_input_groups()
     storage = opts.storage if opts.storage is not None else str(out / "study.journal")
-    # Named by everything the study's answers depend on, the sensitivity values included, so a
-    # resumed study is always the same problem.
-    study_name = "mpq-" + data_fingerprint(table.values, costs, memory.fixed_bytes, budget, opts.tie, groups, opts.seed)[:16]
+    # Named by everything the study's answers depend on, the sensitivity and latency values
+    # included, so a resumed study is always the same problem.
+    study_name = "mpq-" + data_fingerprint(table.values, costs, memory.fixed_bytes, budget, opts.tie, groups, opts.seed,
+                                           None if latency is None else [latency.layer_seconds, latency.group_seconds,
+                                                                         latency.rest_seconds], latency_cap)[:16]
     try:
         result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names,
-                              tied=groups if opts.tie else [], storage=open_storage(storage), study_name=study_name)
+                              tied=groups if opts.tie else [], storage=open_storage(storage), study_name=study_name,
+                              latency=latency, max_latency=latency_cap)
     except ImportError as exc:
         raise MpqError(f"--storage {storage}: {exc}; install the database driver or use a journal file path") from exc
+    if not result.front:
+        raise MpqError(f"no config found within both --max-mem {format_size(budget)} and the latency cap "
+                       f"{latency_cap * 1e3:.3f} ms per step: raise one of them")
     untied = exact_front(costs, sens, budget - memory.fixed_bytes)
     lap("search")
 
     task.prepare_eval(loaded.model)
     baseline = {"bytes": resident_bytes(loaded.model), "metrics": task.evaluate(loaded.model)}
-    uniform = [Candidate(plan, *evaluate_plan(plan, costs, sens, memory.fixed_bytes), f"uniform:{name}")
+    uniform = [Candidate(plan, *evaluate_plan(plan, costs, sens, memory.fixed_bytes), f"uniform:{name}",
+                         latency=None if latency is None else latency.predict(plan))
                for name, plan in ((name, uniform_plan(costs, name)) for name in uniform_names)]
-    mixed = [c for c in spread(result.front, opts.max_configs) if not c.origin.startswith("uniform")]
+    mixed = [c for c in _chosen(result.front, opts.max_configs, _time_step(latency)) if not c.origin.startswith("uniform")]
     measured = uniform + mixed
     has_bias = {layer.name: layer.has_bias for layer in graph.layers}
     reference = task.reference(work)
@@ -170,12 +220,17 @@ def compile_model(opts: CompileOptions) -> dict:
         # to check the additive prediction
         with applied(work, specs, cache, backend=MEASURE_BACKEND):
             cand.measured["calib_divergence"] = task.divergence(work, reference)
+    if regime is not None:  # the prediction's check: each emitted model's own step, timed
+        runs = [lambda c=c: applied(loaded.model, {n: get_format(f) for n, f in c.formats.items()}, cache,
+                                    fusion_groups(c.formats, groups, has_bias)) for c in measured]
+        for cand, step_s in zip(measured, measure_plans(loaded.model, loaded.task, regime, runs)):
+            cand.measured["latency_s"] = step_s
     additivity = additivity_check([c.predicted for c in measured], [c.measured["calib_divergence"] for c in measured],
                                   same_units=table.metric == task.metric)
     lap("evaluate")
 
-    feasible = [c for c in measured if c.bytes <= budget]
-    front = pareto_front(feasible, loss=lambda c: c.measured["loss"])
+    feasible = [c for c in measured if c.bytes <= budget and (latency_cap is None or c.latency <= latency_cap)]
+    front = _emitted_front(feasible, _time_step(latency))
     configs_dir = out / "configs"
     if configs_dir.exists():
         shutil.rmtree(configs_dir)  # configs of an earlier run would mislead next to this one
@@ -185,21 +240,25 @@ def compile_model(opts: CompileOptions) -> dict:
         name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if cand.origin.startswith("uniform") else "")
         plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
         accepted, because = _accepts(cand.measured, baseline["metrics"], opts.max_quality_drop, task.higher_is_better)
-        card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph)
+        card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, opts.method)
         fused = fusion_groups(cand.formats, groups, has_bias)
         with applied(loaded.model, plan.specs(), cache, fused) as tensors:
             save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
         config_rows.append({"name": name, "bytes": cand.bytes, "predicted": cand.predicted, "metrics": cand.measured,
                             "counts": plan.counts(), "origin": cand.origin, "accepted": accepted,
-                            "rejected_because": because})
+                            "rejected_because": because, **_latency_fields(cand, latency)})
     lap("emit")
 
     points = [{"name": c.origin.split(":")[-1] if c.origin.startswith("uniform") else "", "bytes": c.bytes,
-               "quality": _display_quality(c.measured), "pareto": c in front, "uniform": c.origin.startswith("uniform")}
+               "quality": _display_quality(c.measured), "pareto": c in front, "uniform": c.origin.startswith("uniform"),
+               "speedup": None if latency is None else latency.baseline_seconds / c.latency}
               for c in measured]
     draw_pareto(points, out / "pareto.png", task.quality_name, _display_quality(baseline["metrics"]), budget)
+    if latency is not None:
+        draw_speedup(points, out / "speedup.png", task.quality_name, _display_quality(baseline["metrics"]),
+                     latency.regime, None if latency_cap is None else latency.baseline_seconds / latency_cap)
     summary = {
-        "model": loaded.source, "task": loaded.task, "formats": uniform_names, "budget": budget,
+        "model": loaded.source, "task": loaded.task, "formats": uniform_names, "method": opts.method, "budget": budget,
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),
@@ -211,7 +270,9 @@ def compile_model(opts: CompileOptions) -> dict:
         "sensitivity_seconds": table.seconds, "sensitivity_reused": reused, "additivity": additivity,
         "configs": config_rows,
         "uniform": [{"name": c.origin.split(":")[1], "bytes": c.bytes, "predicted": c.predicted, "metrics": c.measured,
-                     "formats": c.formats} for c in uniform],
+                     "formats": c.formats, **_latency_fields(c, latency)} for c in uniform],
+        "latency": None if latency is None else _latency_summary(latency, latency_cap, max_latency, opts.min_speedup,
+                                                                 measured),
         **env,
     }
     lap("report")
@@ -221,18 +282,94 @@ def compile_model(opts: CompileOptions) -> dict:
     return summary
 
 
+def _latency_cap(latency: LatencyModel, max_latency: float | None, min_speedup: float | None,
+                 costs: dict[str, dict[str, int]], tied: list[list[str]]) -> float | None:
+    """The tighter of --max-latency and baseline / --min-speedup, checked against the fastest plan."""
+    caps = [c for c in (max_latency, None if min_speedup is None else latency.baseline_seconds / min_speedup) if c is not None]
+    if not caps:
+        return None
+    cap = min(caps)
+    units_costs, _, members = tie(costs, {n: {f: 0.0 for f in o} for n, o in costs.items()}, tied)
+    fastest = latency.rest_seconds + sum(min(latency.layers_seconds({m: f for m in members[u]}) for f in units_costs[u])
+                                         for u in units_costs)
+    if fastest > cap:
+        raise MpqError(f"no config can run a {Regime(**latency.regime).describe()} in {cap * 1e3:.3f} ms on this machine: "
+                       f"the fastest predicted is {fastest * 1e3:.3f} ms (speedup {latency.baseline_seconds / fastest:.2f}x); "
+                       f"raise --max-latency or lower --min-speedup")
+    return cap
+
+
+def _time_step(latency: LatencyModel | None) -> float:
+    """Latencies closer than this are one latency to the fronts: 1% of the unquantised step, under
+    which a prediction means nothing (it is validated to about 15%)."""
+    return 1.0 if latency is None else LATENCY_RESOLUTION * latency.baseline_seconds
+
+
+def _by_time(cands: list[Candidate], resolution: float) -> list[Candidate]:
+    """Copies of the candidates whose 'bytes' is their latency in steps of `resolution`, so that
+    pareto_front finds the (latency, loss) front."""
+    return [Candidate(c.formats, round(c.latency / resolution), c.predicted, c.origin, c.measured, c.latency) for c in cands]
+
+
+def _chosen(front: list[Candidate], count: int, resolution: float) -> list[Candidate]:
+    """The configs to measure: spread over the bytes of the (bytes, predicted) front, and, with a
+    latency model, as many again spread over the latency of the (latency, predicted) front."""
+    by_bytes = pareto_front(front)
+    if front and front[0].latency is None:
+        return spread(by_bytes, count)
+    by_time = sorted(pareto_front(_by_time(front, resolution)), key=lambda c: c.latency)
+    chosen = spread(by_bytes, count)
+    keys = {tuple(sorted(c.formats.items())) for c in chosen}
+    for quick in spread(by_time, count):
+        original = next(c for c in front if c.formats == quick.formats)
+        if tuple(sorted(original.formats.items())) not in keys:
+            chosen.append(original)
+    return sorted(chosen, key=lambda c: c.bytes)
+
+
+def _emitted_front(feasible: list[Candidate], resolution: float) -> list[Candidate]:
+    """Measured configs that none beats on bytes and held-out loss, or on predicted latency and loss."""
+    loss = lambda c: c.measured["loss"]  # noqa: E731
+    front = pareto_front(feasible, loss=loss)
+    if feasible and feasible[0].latency is not None:
+        by_time = pareto_front(_by_time(feasible, resolution), loss=loss)
+        fast = {tuple(sorted(c.formats.items())) for c in by_time}
+        front += [c for c in feasible if tuple(sorted(c.formats.items())) in fast and c not in front]
+    return sorted(front, key=lambda c: c.bytes)
+
+
+def _latency_fields(cand: Candidate, latency: LatencyModel | None) -> dict:
+    if latency is None:
+        return {}
+    measured = cand.measured.get("latency_s")
+    return {"latency_predicted_s": cand.latency, "latency_measured_s": measured,
+            "speedup_predicted": latency.baseline_seconds / cand.latency,
+            "latency_error": None if not measured else cand.latency / measured - 1}
+
+
+def _latency_summary(latency: LatencyModel, cap: float | None, max_latency: float | None, min_speedup: float | None,
+                     measured: list[Candidate]) -> dict:
+    errors = [abs(c.latency / c.measured["latency_s"] - 1) for c in measured if c.measured.get("latency_s")]
+    return {"regime": latency.regime, "describe": Regime(**latency.regime).describe(), "device": latency.device,
+            "baseline_seconds": latency.baseline_seconds, "rest_seconds": latency.rest_seconds,
+            "profile_seconds": latency.profile_seconds, "reused": latency.reused, "notes": latency.notes,
+            "cap_seconds": cap, "max_latency": max_latency, "min_speedup": min_speedup,
+            "max_abs_error": max(errors) if errors else None,
+            "median_abs_error": sorted(errors)[len(errors) // 2] if errors else None}
+
+
 def _display_quality(metrics: dict) -> float:
     return metrics["ppl"] if "ppl" in metrics else metrics["mean_cosine"]
 
 
 def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, calib_info: dict, task, accepted: bool,
-          env: dict, graph: ModelGraph) -> dict:
+          env: dict, graph: ModelGraph, method: str) -> dict:
     shapes = {layer.name: (layer.out_features, layer.in_features) for layer in graph.layers}
     specs = plan.specs()
     return {
         "model": loaded.source,
         "task": loaded.task,
-        "method": "rtn (round to nearest), weight-only",
+        "method": METHOD_DESCRIPTIONS[method],
         "formats": {fmt.name: fmt.card() for fmt in {s.name: s for s in specs.values()}.values()},
         "bits_per_layer": {layer: round(fmt.bits_per_weight(*shapes[layer]), 4) for layer, fmt in specs.items()},
         "activations": "bf16 in int8/int4 layers on the CPU (W8A16 / W4A16); the model's dtype elsewhere",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mpq.formats import FormatSpec
-from mpq.qlinear import QuantizedLinear, choose_backend
+from mpq.qlinear import QuantizedLinear, choose_backend, out_features_of
 
 
 def fusion_groups(plan: dict[str, str], shared_input_groups: list[list[str]], has_bias: dict[str, bool]) -> list[list[str]]:
@@ -74,15 +74,21 @@ class FusedSlice(nn.Module):
         return f"part {self.index} of {len(self.fused.sizes)}, out={self.out_features}"
 
 
+def fusable(fmt: FormatSpec, sizes: list[int], in_features: int, backend: str | None = None,
+             device: torch.device | str = "cpu") -> bool:
+    """Whether members of these output sizes fuse: only where the fused shape takes the same kernel."""
+    kinds = {choose_backend(fmt, size, in_features, backend, device) for size in sizes}
+    return kinds == {choose_backend(fmt, sum(sizes), in_features, backend, device)}
+
+
 def fuse(names: list[str], fmt: FormatSpec, tensors: dict[str, dict[str, torch.Tensor]],
          biases: dict[str, torch.Tensor | None], in_features: int, backend: str | None = None,
          device: torch.device | str | None = None) -> dict[str, FusedSlice] | None:
     """FusedSlices for one group, or None where the fused shape would take a different kernel."""
-    sizes = [next(iter(tensors[n].values())).shape[0] for n in names]
+    sizes = [out_features_of(tensors[n]) for n in names]
     total = sum(sizes)
     device = device if device is not None else next(iter(tensors[names[0]].values())).device
-    kinds = {choose_backend(fmt, size, in_features, backend, device) for size in sizes}
-    if kinds != {choose_backend(fmt, total, in_features, backend, device)}:
+    if not fusable(fmt, sizes, in_features, backend, device):
         return None
     cat = {key: torch.cat([tensors[n][key] for n in names]) for key in tensors[names[0]]}
     bias = None if biases[names[0]] is None else torch.cat([biases[n] for n in names])

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Iterator
 
 
+def cache_root() -> Path:
+    """Where measurements reused across compiles live: $MPQ_CACHE_DIR, else ~/.cache/mpq."""
+    return Path(os.environ.get("MPQ_CACHE_DIR", Path.home() / ".cache" / "mpq"))
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

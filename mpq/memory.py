@@ -66,11 +66,14 @@ class MemoryModel:
         return self.fixed_bytes + sum(max(options.values()) for options in self.layer_bytes.values())
 
 
-def memory_model(model: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec]) -> MemoryModel:
+def memory_model(model: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], method: str = "rtn") -> MemoryModel:
+    from mpq.methods import extra_bytes
+
     weights = {layer.name: linear_weight(model.get_submodule(layer.name)) for layer in layers}
     quantizable = sum(w.numel() * w.element_size() for w in weights.values())
     options = {
         layer.name: {fmt.name: fmt.weight_bytes(layer.out_features, layer.in_features)
+                     + extra_bytes(method, fmt, layer.in_features)
                      for fmt in formats if fmt.supports(layer.out_features, layer.in_features)}
         for layer in layers
     }

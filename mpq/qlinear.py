@@ -34,6 +34,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def out_features_of(tensors: dict[str, torch.Tensor]) -> int:
+    """Output features of a layer's canonical tensors (rows of its weight, packed or not)."""
+    return tensors["qweight" if "qweight" in tensors else "weight"].shape[0]
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -104,7 +109,7 @@ class QuantizedLinear(nn.Module):
         return "reference (dequantise + F.linear)"
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.named_buffers(recurse=False))
+        return {name: t for name, t in self.named_buffers(recurse=False) if name != "input_scale"}
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
         from mpq.kernels import ops  # registers torch.ops.mpq.* (imports triton on first use)
@@ -116,6 +121,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if hasattr(self, "input_scale"):  # AWQ: x / s, where the weight holds W s
+            # a fused group holds each member's (identical) vector one after another: the first serves
+            x2 = x2 * self.input_scale[: self.in_features].to(x2.dtype)
         if self.backend == "dense":
             weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)

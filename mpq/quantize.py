@@ -11,6 +11,8 @@ Scales are rounded to bf16 before the integers are computed, so the integers fit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mpq.formats import FormatSpec
@@ -29,6 +31,67 @@ def _rounded_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp_min(_TINY).to(SCALE_DTYPE)
 
 
+@dataclass
+class Grid:
+    """The quantisation grid of one weight: w ~ (q - zero) * scale, q in [low, high], with one scale
+    (and zero) per output row (int8) or per row and group of `group` input columns (int4)."""
+
+    scales: torch.Tensor  # [N] or [N, K/g], bf16 (what is stored)
+    zeros: torch.Tensor  # same shape, float32 integers (0 for int8, 8 for symmetric int4)
+    low: int
+    high: int
+    group: int  # columns per scale (K for per-channel)
+
+    def columns(self, cols: torch.Tensor | slice | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero of each row for the given input columns: [N, c] float32 each."""
+        index = torch.arange(self.group * self.scales.reshape(self.scales.shape[0], -1).shape[1])[cols] // self.group
+        scales = self.scales.float().reshape(self.scales.shape[0], -1)[:, index]
+        zeros = self.zeros.reshape(self.zeros.shape[0], -1)[:, index]
+        return scales, zeros
+
+    def integers(self, w: torch.Tensor, cols: torch.Tensor | slice | int = slice(None)) -> torch.Tensor:
+        """The grid's integers nearest to columns `cols` of a float32 weight slice w [N, c]."""
+        scales, zeros = self.columns(cols)
+        return (torch.round(w / scales) + zeros).clamp(self.low, self.high)
+
+    def snap(self, w: torch.Tensor, cols: torch.Tensor | slice | int = slice(None)) -> torch.Tensor:
+        """w rounded to the grid (quantise then dequantise), float32."""
+        scales, zeros = self.columns(cols)
+        return (self.integers(w, cols) - zeros) * scales
+
+
+def grid_for(weight: torch.Tensor, fmt: FormatSpec, clip: torch.Tensor | float = 1.0) -> Grid:
+    """The round-to-nearest grid of a weight: scales (and zeros) from each row's or group's range,
+    shrunk by `clip` (a ratio <= 1, one per row or per row and group) where a method clips it."""
+    n, k = weight.shape
+    if not fmt.supports(n, k) or not fmt.quantized:
+        raise ValueError(f"format {fmt.name} does not fit a weight of shape {n}x{k}")
+    w = weight.detach().float()
+    if fmt.bits == 8:
+        scales = _rounded_scale(w.abs().amax(dim=1) * clip / 127.0)
+        return Grid(scales, torch.zeros(n), -128, 127, k)
+    g = fmt.group_size
+    wg = w.reshape(n, k // g, g)
+    if fmt.symmetric:
+        scales = _rounded_scale(wg.abs().amax(dim=2) * clip / 7.5)
+        return Grid(scales, torch.full(scales.shape, 8.0), 0, 15, g)
+    low = wg.amin(dim=2).clamp(max=0.0) * clip
+    high = wg.amax(dim=2).clamp(min=0.0) * clip
+    scales = _rounded_scale((high - low) / 15.0)
+    zeros = torch.round(-low / scales.float()).clamp(0, 15)
+    return Grid(scales, zeros, 0, 15, g)
+
+
+def encode(q: torch.Tensor, grid: Grid, fmt: FormatSpec) -> dict[str, torch.Tensor]:
+    """Canonical tensors from the integers q [N, K] of a weight on `grid`."""
+    if fmt.bits == 8:
+        return {"qweight": q.to(torch.int8).contiguous(), "scales": grid.scales.contiguous()}
+    packed = {"qweight": pack_int4_u8(q).contiguous(), "scales": grid.scales.contiguous()}
+    if not fmt.symmetric:
+        packed["zeros"] = grid.zeros.to(SCALE_DTYPE).contiguous()
+    return packed
+
+
 def quantize_weight(weight: torch.Tensor, fmt: FormatSpec) -> dict[str, torch.Tensor]:
     """Quantise one [N, K] weight into the canonical tensors of `fmt` (round to nearest)."""
     n, k = weight.shape
@@ -36,27 +99,8 @@ def quantize_weight(weight: torch.Tensor, fmt: FormatSpec) -> dict[str, torch.Te
         raise ValueError(f"format {fmt.name} does not fit a weight of shape {n}x{k}")
     if fmt.bits == 16:
         return {"weight": weight.detach().to(sixteen_bit_dtype(weight.dtype)).contiguous()}
-    w = weight.detach().float()
-    if fmt.bits == 8:
-        scales = _rounded_scale(w.abs().amax(dim=1) / 127.0)
-        q = torch.round(w / scales.float()[:, None]).clamp(-128, 127).to(torch.int8)
-        return {"qweight": q.contiguous(), "scales": scales.contiguous()}
-    g = fmt.group_size
-    wg = w.reshape(n, k // g, g)
-    if fmt.symmetric:
-        scales = _rounded_scale(wg.abs().amax(dim=2) / 7.5)
-        q = torch.round(wg / scales.float()[..., None]).clamp(-8, 7) + 8
-        return {"qweight": pack_int4_u8(q.reshape(n, k)).contiguous(), "scales": scales.contiguous()}
-    low = wg.amin(dim=2).clamp(max=0.0)
-    high = wg.amax(dim=2).clamp(min=0.0)
-    scales = _rounded_scale((high - low) / 15.0)
-    zeros = torch.round(-low / scales.float()).clamp(0, 15)
-    q = (torch.round(wg / scales.float()[..., None]) + zeros[..., None]).clamp(0, 15)
-    return {
-        "qweight": pack_int4_u8(q.reshape(n, k)).contiguous(),
-        "scales": scales.contiguous(),
-        "zeros": zeros.to(SCALE_DTYPE).contiguous(),
-    }
+    grid = grid_for(weight, fmt)
+    return encode(grid.integers(weight.detach().float()), grid, fmt)
 
 
 def dequantize_weight(tensors: dict[str, torch.Tensor], fmt: FormatSpec) -> torch.Tensor:

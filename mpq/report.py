@@ -107,6 +107,69 @@ def draw_pareto(points: list[dict], path: Path, quality_name: str, baseline: flo
     return path
 
 
+def draw_speedup(points: list[dict], path: Path, quality_name: str, baseline: float | None, regime: dict,
+                 min_speedup: float | None = None) -> Path:
+    """Predicted speedup over the unquantised model against measured quality; the front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    higher_is_better = quality_name != "perplexity"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ordered = sorted(points, key=lambda p: -p["speedup"])
+    front, best = [], None
+    for p in ordered:  # fastest first: a point is on the front when its quality beats every faster one
+        if best is None or (p["quality"] > best if higher_is_better else p["quality"] < best):
+            front.append(p)
+            best = p["quality"]
+    rest = [p for p in points if p not in front]
+    if rest:
+        ax.scatter([p["speedup"] for p in rest], [p["quality"] for p in rest], c="0.7", label="measured, dominated")
+    ax.plot([p["speedup"] for p in front], [p["quality"] for p in front], "o-", c="tab:blue",
+            label="Pareto front (speedup, quality)")
+    for p in points:
+        if p["uniform"]:
+            ax.scatter([p["speedup"]], [p["quality"]], marker="s", s=60, c="tab:red", zorder=3)
+            ax.annotate(p["name"], (p["speedup"], p["quality"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", c="0.4", label="unquantised")
+    ax.axvline(1.0, ls="-", c="0.85")
+    if min_speedup is not None:
+        ax.axvline(min_speedup, ls=":", c="tab:green", label="latency cap")
+    kind = "decode step" if regime["kind"] == "decode" else "prefill"
+    ax.set_xlabel(f"predicted speedup over the unquantised model ({kind}, batch {regime['batch']}, length {regime['length']})")
+    ax.set_ylabel(quality_name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _latency_lines(s: dict) -> list[str]:
+    lat = s.get("latency")
+    if not lat:
+        return []
+    cap = "" if lat["cap_seconds"] is None else f"; cap {lat['cap_seconds'] * 1e3:.3f} ms per step (hard constraint)"
+    lines = ["## Latency", "",
+             f"- regime: {lat['describe']}; unquantised step {lat['baseline_seconds'] * 1e3:.3f} ms measured, of which "
+             f"{lat['rest_seconds'] * 1e3:.3f} ms outside the quantisable layers{cap}",
+             f"- profile: {lat['device']}; " + ("reused from the cache" if lat["reused"]
+                                                 else f"measured in {lat['profile_seconds']:.1f} s"),
+             *[f"- note: {note}" for note in lat["notes"]]]
+    if lat["max_abs_error"] is not None:
+        lines.append(f"- prediction (sum of layer times + rest) against the emitted model's measured step, over "
+                     f"every measured config: median error {lat['median_abs_error']:.1%}, worst {lat['max_abs_error']:.1%}")
+    lines += ["", "| config | bytes | predicted ms | measured ms | error | predicted speedup |", "|---|---|---|---|---|---|"]
+    for row in [*s["configs"], *s["uniform"]]:
+        measured = row.get("latency_measured_s")
+        lines.append(f"| {row['name']} | {format_size(row['bytes'])} | {row['latency_predicted_s'] * 1e3:.3f} | "
+                     + (f"{measured * 1e3:.3f} | {row['latency_error']:+.1%}" if measured else "- | -")
+                     + f" | {row['speedup_predicted']:.2f}x |")
+    return [*lines, "", "![speedup](speedup.png)", ""]
+
+
 def _quality_cell(metrics: dict) -> str:
     if "ppl" in metrics:
         return f"{metrics['ppl']:.3f} | {metrics['ppl_text']:.3f} | {metrics['ppl_code']:.3f}"
@@ -150,7 +213,7 @@ def write_report(path: Path, summary: dict) -> Path:
         "",
         f"- task: {s['task']}; trace: {s['trace']['method']} ({s['trace']['layers']} quantisable layers)"
         + (f"; warning: {s['trace']['warning']}" if s["trace"].get("warning") else ""),
-        f"- formats: {', '.join(s['formats'])}; calibration: {s['calibration']['samples']} samples x "
+        f"- formats: {', '.join(s['formats'])}; method: {s.get('method', 'rtn')}; calibration: {s['calibration']['samples']} samples x "
         f"{s['calibration']['seq_len']} tokens from {s['calibration']['source']}",
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
         f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}), warm-started from the exact "
@@ -181,7 +244,7 @@ def write_report(path: Path, summary: dict) -> Path:
               f"| config | bytes | {header} | within budget |", "|---|---|" + "---|" * len(header.split("|")) + "---|"]
     for u in s["uniform"]:
         lines.append(f"| {u['name']} | {format_size(u['bytes'])} | {_quality_cell(u['metrics'])} | {'yes' if u['bytes'] <= s['budget'] else 'no'} |")
-    lines += ["", "## Pareto plot", "", "![pareto](pareto.png)", "", "## Sensitivity", "",
+    lines += ["", "## Pareto plot", "", "![pareto](pareto.png)", "", *_latency_lines(s), "## Sensitivity", "",
               "![heatmap](heatmap.png)", "", "Table: [sensitivity.md](sensitivity.md); raw: sensitivity.json.", "",
               "## Time per stage (s)", "", "| " + " | ".join(s["seconds"]) + " |", "|---" * len(s["seconds"]) + "|",
               "| " + " | ".join(f"{v:.1f}" for v in s["seconds"].values()) + " |", ""]

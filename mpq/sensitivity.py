@@ -9,6 +9,8 @@ Signals:
 - "fisher": 1/2 sum(F * (W - Wq)^2) with F the empirical Fisher diagonal (squared gradients of
   the next-token loss on the calibration text): one forward and one backward pass per batch,
   whatever the number of layers (causal LMs only: an encoder has no loss to differentiate).
+- "hessian": as HAWQ-v2, 1/2 x the layer's mean Hessian diagonal (Hutchinson's trace estimate)
+  x the squared rounding error: curvature per layer, not per weight (causal LMs only).
 The table is plain data (sensitivity.json), keyed by a content hash of model, data, formats and
 signal, and reused whenever that key comes again.
 """
@@ -18,13 +20,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from mpq.apply import QuantizedWeightCache, applied, get_module
@@ -59,7 +61,9 @@ class SensitivityTable:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MPQ_CACHE_DIR", Path.home() / ".cache" / "mpq")) / "sensitivity"
+    from mpq.io import cache_root
+
+    return cache_root() / "sensitivity"
 
 
 def find_cached(key: str, *places: Path) -> SensitivityTable | None:
@@ -201,5 +205,67 @@ def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], f
                             seconds=round(time.time() - start, 2))
 
 
-MEASURES = {"kl": measure_sensitivity, "local": measure_local, "fisher": measure_fisher}  # signal -> measure
+HUTCHINSON_PROBES = 4
+HESSIAN_BATCHES = 4
+
+
+def hutchinson_traces(loss: torch.Tensor, params: list[torch.Tensor], probes: int, generator: torch.Generator) -> list[float]:
+    """Estimates of tr(d2 loss / d p2) for each parameter p: the mean of v^T H v over Rademacher
+    probes v, each H v a second backward pass through the gradient."""
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    traces = [0.0] * len(params)
+    for probe in range(probes):
+        vs = [torch.randint(0, 2, p.shape, generator=generator).to(p.dtype) * 2 - 1 for p in params]
+        dot = sum((g * v).sum() for g, v in zip(grads, vs))
+        hvps = torch.autograd.grad(dot, params, retain_graph=probe < probes - 1)
+        for i, (hv, v) in enumerate(zip(hvps, vs)):
+            traces[i] += float((hv * v).sum()) / probes
+    return traces
+
+
+def measure_hessian(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
+                    key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
+    """The "hessian" signal (HAWQ-v2): 1/2 x mean Hessian diagonal of the loss in each layer's weight
+    x the squared rounding error, the trace estimated by Hutchinson's method (E[v^T H v] over
+    Rademacher v; one Hessian-vector product, a second backward pass, per probe)."""
+    from mpq.errors import MpqError
+
+    if not hasattr(task, "calib_ids"):
+        raise MpqError("--sensitivity hessian needs a causal LM (an encoder has no loss to differentiate): use kl or local")
+    start = time.time()
+    params = {layer.name: get_module(work, layer.name).weight for layer in layers}
+    traces = {name: 0.0 for name in params}
+    was = {name: param.requires_grad for name, param in params.items()}
+    generator = torch.Generator().manual_seed(0)
+    batches = task.calib_ids.split(8)[:HESSIAN_BATCHES]
+    try:
+        for param in params.values():
+            param.requires_grad_(True)
+        for ids in tqdm(batches, desc="hessian sensitivity", disable=not progress, unit="batch"):
+            # the fused attention kernels have no second derivative; the plain math one does
+            with sdpa_kernel(SDPBackend.MATH):
+                logits = work(input_ids=ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            with sdpa_kernel(SDPBackend.MATH):
+                estimates = hutchinson_traces(loss, list(params.values()), HUTCHINSON_PROBES, generator)
+            for name, trace in zip(params, estimates):
+                traces[name] += trace / len(batches)
+    finally:
+        for name, param in params.items():
+            param.requires_grad_(was[name])
+            param.grad = None
+    values: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for layer in layers:
+            # a trace estimate can come out negative (a saddle, or noise); curvature below 0 is no safety
+            mean_diagonal = max(traces[layer.name], 0.0) / params[layer.name].numel()
+            values[layer.name] = {name: 0.0 if delta is None else 0.5 * mean_diagonal * float(delta.pow(2).sum())
+                                  for name, delta in _rounding_errors(model, layer, formats, cache).items()}
+    return SensitivityTable(key=key, metric="hessian", formats=[f.name for f in formats],
+                            layers=[layer.name for layer in layers], values=values, calib=calib,
+                            seconds=round(time.time() - start, 2))
+
+
+MEASURES = {"kl": measure_sensitivity, "local": measure_local, "fisher": measure_fisher,
+            "hessian": measure_hessian}  # signal -> measure
 SIGNALS = tuple(MEASURES)

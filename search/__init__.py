@@ -5,8 +5,8 @@ The only place in mpq that imports optuna; it returns plain data, never a Study.
 """
 
 from mpq.search.exact import ExactPoint, exact_front
-from mpq.search.pareto import (Candidate, SearchResult, evaluate_plan, expand, open_storage, pareto_front, search_plans,
-                               spread, tie, uniform_plan)
+from mpq.search.pareto import (Candidate, SearchResult, evaluate_plan, expand, open_storage, pareto_front, pareto_front_3d,
+                               search_plans, spread, tie, uniform_plan)
 
 __all__ = ["Candidate", "ExactPoint", "SearchResult", "evaluate_plan", "exact_front", "expand", "open_storage", "pareto_front",
-           "search_plans", "spread", "tie", "uniform_plan"]
+           "pareto_front_3d", "search_plans", "spread", "tie", "uniform_plan"]

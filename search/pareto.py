@@ -1,8 +1,10 @@
-"""Multi-objective search over per-layer formats: minimise bytes and predicted degradation.
+"""Multi-objective search over per-layer formats: minimise bytes, predicted degradation and,
+given a latency model, predicted step time.
 
 Predicted degradation is additive: the sum over layers of the sensitivity of the format each
-layer takes. Bytes are exact and the budget is a hard constraint (NSGA-II's constrained
-domination, so infeasible trials never enter the front). Layers may be tied into units that take
+layer takes; so is predicted latency over units (mpq.latency). Bytes are exact; the memory
+budget and a latency cap are hard constraints (NSGA-II's constrained domination via
+`trial.set_constraint`, so infeasible trials never enter the front). Layers may be tied into units that take
 one format together (q/k/v, gate/up: so the kernels can fuse them). The study is seeded with the
 uniform configs and with plans from the exact optimum of the additive model (search/exact.py).
 """
@@ -26,14 +28,15 @@ class Candidate:
     predicted: float
     origin: str  # "uniform:int8", "exact" (DP seed), "optuna" (found by the sampler)
     measured: dict = field(default_factory=dict)
+    latency: float | None = None  # predicted seconds per step, when the search had a latency model
 
 
 @dataclass
 class SearchResult:
-    front: list[Candidate]  # feasible, non-dominated in (bytes, predicted), by bytes
+    front: list[Candidate]  # feasible, non-dominated in (bytes, predicted[, latency]), by bytes
     trials: int
     seconds: float
-    exact_best: float | None = None  # least predicted loss within the budget (exact DP)
+    exact_best: float | None = None  # least predicted loss within the budget (exact DP, bytes only)
     sampler_best: float | None = None  # least predicted loss among the trials NSGA-II proposed itself
 
 
@@ -46,6 +49,20 @@ def pareto_front(candidates: list[Candidate], loss=lambda c: c.predicted) -> lis
         if loss(cand) < best:
             front.append(cand)
             best = loss(cand)
+    return front
+
+
+def pareto_front_3d(candidates: list[Candidate]) -> list[Candidate]:
+    """Candidates that none other dominates on (bytes, predicted, latency), by bytes."""
+    def dominates(a: Candidate, b: Candidate) -> bool:
+        pa, pb = (a.bytes, a.predicted, a.latency), (b.bytes, b.predicted, b.latency)
+        return all(x <= y for x, y in zip(pa, pb)) and pa != pb
+
+    ordered = sorted(candidates, key=lambda c: (c.bytes, c.predicted, c.latency))
+    front: list[Candidate] = []
+    for cand in ordered:  # nothing later in this order can dominate an earlier one
+        if not any(dominates(kept, cand) for kept in front):
+            front.append(cand)
     return front
 
 
@@ -109,13 +126,34 @@ def expand(unit_plan: dict[str, str], members: dict[str, list[str]]) -> dict[str
     return {name: fmt for unit, fmt in unit_plan.items() for name in members[unit]}
 
 
+def unit_latency(latency, members: dict[str, list[str]], unit_costs: dict[str, dict[str, int]]
+                 ) -> dict[str, dict[str, float]]:
+    """Seconds of each unit in each of its formats: its layers run fused where the kernels fuse them."""
+    return {unit: {fmt: latency.layers_seconds({name: fmt for name in members[unit]}) for fmt in unit_costs[unit]}
+            for unit in unit_costs}
+
+
+def _latency_weights(unit_sens, unit_lat) -> list[float]:
+    """Prices of a second in units of predicted loss, so that DP seeds trade loss for speed at a
+    few rates: the ratio of the plan space's loss range to its latency range, times 1/4, 1, 4."""
+    loss_range = sum(max(v.values()) - min(v.values()) for v in unit_sens.values())
+    time_range = sum(max(v.values()) - min(v.values()) for v in unit_lat.values())
+    if time_range <= 0 or loss_range <= 0:
+        return []
+    return [w * loss_range / time_range for w in (0.25, 1.0, 4.0)]
+
+
 def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]], fixed_bytes: int,
                  budget: int, trials: int, seed: int, uniform: list[str], tied: list[list[str]] = (),
-                 storage: object | None = None, study_name: str = "mpq") -> SearchResult:
+                 storage: object | None = None, study_name: str = "mpq", latency=None,
+                 max_latency: float | None = None) -> SearchResult:
     """Run the Optuna study (NSGA-II, budget as a hard constraint) over units of tied layers, warm-
     started from the uniform configs and from the exact optimum of the additive model along the
-    budget; return the feasible (bytes, predicted) Pareto front over everything seen.
+    budget; return the feasible Pareto front over everything seen.
 
+    With `latency` (an mpq.latency.LatencyModel, or anything with layers_seconds(plan) and
+    rest_seconds) predicted step time is a third objective, and `max_latency` (seconds) a second
+    hard constraint; DP seeds then also come from loss + price x latency at a few prices.
     With `storage` (see open_storage) the study persists: a run that was stopped resumes, running
     only the trials still missing, and optuna-dashboard can open it."""
     import optuna
@@ -128,13 +166,24 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
     for unit, opts in options.items():
         if not opts:
             raise ValueError(f"the layers tied with {unit} share no format: {members[unit]}")
+    unit_lat = unit_latency(latency, members, unit_costs) if latency is not None else None
 
-    def objective(trial) -> tuple[float, float]:
+    def step_seconds(plan: dict[str, str]) -> float:
+        return latency.rest_seconds + sum(unit_lat[unit][fmt] for unit, fmt in plan.items())
+
+    def objective(trial) -> tuple[float, ...]:
         plan = {unit: trial.suggest_categorical(unit, options[unit]) for unit in units}
         nbytes, predicted = evaluate_plan(plan, unit_costs, unit_sens, fixed_bytes)
         trial.set_user_attr("bytes", nbytes)
-        trial.set_constraint("memory", nbytes - budget)  # feasible when <= 0
-        return float(nbytes), predicted
+        constraints = [nbytes - budget]  # feasible when every one is <= 0
+        if unit_lat is None:
+            trial.set_constraint("memory", constraints[0])
+            return float(nbytes), predicted
+        seconds = step_seconds(plan)
+        trial.set_user_attr("latency", seconds)
+        trial.set_constraint("memory", constraints[0])
+        trial.set_constraint("latency", seconds - max_latency if max_latency is not None else -1.0)
+        return float(nbytes), predicted, seconds
 
     exact = exact_front(unit_costs, unit_sens, budget - fixed_bytes)
     key = lambda plan: tuple(plan[unit] for unit in units)  # noqa: E731
@@ -148,8 +197,16 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
     for cand in spread(exact_candidates, SEEDS_FROM_EXACT):
         origin.setdefault(key(cand.formats), "exact")
         seeds.append(cand.formats)
+    if unit_lat is not None:
+        for price in _latency_weights(unit_sens, unit_lat):
+            priced = {u: {f: unit_sens[u][f] + price * unit_lat[u][f] for f in unit_costs[u]} for u in units}
+            points = exact_front(unit_costs, priced, budget - fixed_bytes)
+            for cand in spread([Candidate(p.plan, p.bytes, p.predicted, "exact") for p in points], SEEDS_FROM_EXACT // 3):
+                origin.setdefault(key(cand.formats), "exact-latency")
+                seeds.append(cand.formats)
     sampler = optuna.samplers.NSGAIISampler(seed=seed)
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=storage,
+    directions = ["minimize"] * (2 if unit_lat is None else 3)
+    study = optuna.create_study(directions=directions, sampler=sampler, storage=storage,
                                 study_name=study_name, load_if_exists=storage is not None)
     for plan in seeds:
         study.enqueue_trial(plan, skip_if_exists=True)
@@ -159,18 +216,30 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, show_progress_bar=False)
 
-    unique: dict[tuple, Candidate] = {key(c.formats): c for c in exact_candidates}
+    def fits(plan: dict[str, str]) -> bool:
+        return max_latency is None or unit_lat is None or step_seconds(plan) <= max_latency
+
+    unique: dict[tuple, Candidate] = {key(c.formats): c for c in exact_candidates if fits(c.formats)}
     sampler_best = float("inf")
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         nbytes = trial.user_attrs["bytes"]
-        if nbytes > budget:
+        if nbytes > budget or not fits(trial.params):
             continue
         k = key(trial.params)
         if k not in origin:  # proposed by the sampler itself, not enqueued
             sampler_best = min(sampler_best, trial.values[1])
         if k not in unique or k in origin and origin[k].startswith("uniform"):
             unique[k] = Candidate(dict(trial.params), nbytes, trial.values[1], origin.get(k, "optuna"))
-    front = [Candidate(expand(c.formats, members), c.bytes, c.predicted, c.origin) for c in pareto_front(list(unique.values()))]
+    if unit_lat is None:
+        kept = pareto_front(list(unique.values()))
+    else:
+        for cand in unique.values():
+            cand.latency = step_seconds(cand.formats)
+        kept = pareto_front_3d(list(unique.values()))
+    front = [Candidate(expand(c.formats, members), c.bytes, c.predicted, c.origin, latency=c.latency) for c in kept]
+    if latency is not None:  # the exact prediction of the expanded plan (fused as emitted)
+        for cand in front:
+            cand.latency = latency.rest_seconds + latency.layers_seconds(cand.formats)
     return SearchResult(front=front, trials=len(study.trials), seconds=round(time.time() - start, 2),
                         exact_best=exact[-1].predicted if exact else None,
                         sampler_best=sampler_best if sampler_best < float("inf") else None)

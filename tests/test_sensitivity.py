@@ -7,7 +7,8 @@ from mpq.apply import QuantizedWeightCache
 from mpq.formats import get_format
 from mpq.models import load_model
 from mpq.errors import MpqError
-from mpq.sensitivity import measure_fisher, measure_local, measure_sensitivity, measurement_model
+from mpq.sensitivity import (hutchinson_traces, measure_fisher, measure_hessian, measure_local, measure_sensitivity,
+                             measurement_model)
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import trace_model
 
@@ -22,7 +23,7 @@ def setup(tiny_llama_dir):
     return loaded, task, graph
 
 
-@pytest.mark.parametrize("measure", [measure_sensitivity, measure_local, measure_fisher])
+@pytest.mark.parametrize("measure", [measure_sensitivity, measure_local, measure_fisher, measure_hessian])
 def test_signal_properties(setup, measure):
     loaded, task, graph = setup
     work = measurement_model(loaded.model)
@@ -70,3 +71,32 @@ def test_fisher_leaves_no_gradients_behind_and_refuses_encoders(setup):
     with pytest.raises(MpqError, match="needs a causal LM"):
         measure_fisher(loaded.model, work, graph.layers, FORMATS, EncoderLikeTask(), "k", {},
                        QuantizedWeightCache(loaded.model), False)
+
+
+def test_hutchinson_estimates_the_trace_of_a_known_hessian():
+    torch.manual_seed(0)
+    a = torch.randn(12, 12)
+    a = a @ a.T + torch.eye(12)  # symmetric positive definite: the Hessian of 1/2 w^T A w
+    b = torch.randn(5, 5)
+    b = b + b.T
+    w = torch.randn(12, requires_grad=True)
+    u = torch.randn(5, requires_grad=True)
+    loss = 0.5 * w @ a @ w + 0.5 * u @ b @ u + (w[:5] * u).sum()  # the cross term adds nothing to either trace
+    estimated = hutchinson_traces(loss, [w, u], 4000, torch.Generator().manual_seed(1))
+    assert estimated[0] == pytest.approx(torch.trace(a).item(), rel=0.05)
+    assert estimated[1] == pytest.approx(torch.trace(b).item(), abs=0.05 * torch.trace(a).item())
+
+
+def test_hessian_leaves_no_gradients_behind_and_refuses_encoders(setup):
+    loaded, task, graph = setup
+    work = measurement_model(loaded.model)
+    table = measure_hessian(loaded.model, work, graph.layers, FORMATS, task, "k", {}, QuantizedWeightCache(loaded.model), False)
+    assert all(not p.requires_grad and p.grad is None for p in work.parameters())
+    assert table.metric == "hessian"
+
+    class EncoderLikeTask:
+        pass
+
+    with pytest.raises(MpqError, match="needs a causal LM"):
+        measure_hessian(loaded.model, work, graph.layers, FORMATS, EncoderLikeTask(), "k", {},
+                        QuantizedWeightCache(loaded.model), False)

@@ -1,0 +1,394 @@
+"""Latency model: each layer's measured kernel time in each format, plus the rest of the model.
+
+`profile` times, on the machine at hand and through the very modules an emitted model runs
+(QuantizedLinear and fused groups, built by apply.build_layers: Triton on CUDA, torch's CPU
+kernels on the CPU), every layer shape x format at the regime's token count M (decode: M = batch;
+prefill: M = batch x sequence), each fusable group of layers that share an input fused as well,
+and the unquantised model's whole step once. The rest of the model (attention, norms,
+embeddings, the head, Python) is that step less its layers' 16-bit times. A plan's predicted
+step time is the rest plus its layers' (or fused groups') times. Layer entries are cached per
+device and shape; the whole latency model by a content hash (model, regime, formats, device),
+so a second compile of the model, at any budget, measures nothing again.
+
+Which format is fast is measured, not assumed: on a memory-bound decode step INT4 reads a quarter
+of the bytes, while in a compute-bound prefill the dequantisation can make it slower than 16 bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpq.apply import build_layers
+from mpq.environment import hardware
+from mpq.errors import MpqError
+from mpq.formats import FormatSpec, get_format
+from mpq.fusion import fusion_groups
+from mpq.io import cache_root, write_json_atomic
+from mpq.memory import resident_bytes
+from mpq.models import CAUSAL_LM
+from mpq.quantize import quantize_weight
+from mpq.trace import LayerInfo
+
+log = logging.getLogger(__name__)
+VERSION = 1
+REGIMES = ("decode", "prefill")
+MAX_WORKING_SET = 256 * 2**20  # beyond any last-level cache (CPU L3, GPU L2)
+MAX_COPIES = 512
+
+
+@dataclass(frozen=True)
+class Regime:
+    """What one timed step is. decode: one new token per sequence with `length` tokens in the KV
+    cache; prefill: `length` tokens per sequence at once (for encoders: one forward pass)."""
+
+    kind: str = "decode"
+    batch: int = 1
+    length: int = 128
+
+    @property
+    def tokens(self) -> int:
+        """Rows M of every layer's matmul in this regime."""
+        return self.batch if self.kind == "decode" else self.batch * self.length
+
+    def describe(self) -> str:
+        if self.kind == "decode":
+            return f"decode step, batch {self.batch}, {self.length} tokens in the KV cache (M = {self.tokens})"
+        return f"prefill, batch {self.batch} x {self.length} tokens (M = {self.tokens})"
+
+
+def make_regime(kind: str | None, batch: int, length: int, task: str, max_positions: int | None = None) -> Regime:
+    """The regime the user asked for, checked; default decode for causal LMs, prefill for encoders."""
+    kind = kind or ("decode" if task == CAUSAL_LM else "prefill")
+    if kind not in REGIMES:
+        raise MpqError(f"--regime {kind!r} is not one of {', '.join(REGIMES)}")
+    if kind == "decode" and task != CAUSAL_LM:
+        raise MpqError("--regime decode needs a causal LM: an encoder has no decode step; use --regime prefill")
+    if batch < 1 or length < 1:
+        raise MpqError(f"--batch and --length must be at least 1 (got {batch}, {length})")
+    if max_positions is not None and length + 1 > max_positions:
+        raise MpqError(f"--length {length} exceeds the model's {max_positions} positions: give a smaller --length")
+    return Regime(kind, batch, length)
+
+
+def parse_seconds(text: str | float) -> float:
+    """'25ms', '800us', '0.02s' or a number of seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    raw = text.strip().lower()
+    for suffix, scale in (("us", 1e-6), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if raw.endswith(suffix):
+            raw, factor = raw[: -len(suffix)], scale
+            break
+    else:
+        factor = 1.0
+    try:
+        value = float(raw) * factor
+    except ValueError:
+        raise MpqError(f"cannot read the time {text!r}: write it like 25ms, 800us or 0.02s") from None
+    if value <= 0:
+        raise MpqError(f"a latency limit must be positive, got {text!r}")
+    return value
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, device: torch.device | str = "cpu", budget_s: float = 0.12, samples: int = 9) -> float:
+    """Seconds of one call of `fn`: the least of `samples` timings, each the mean of enough
+    back-to-back calls to fill budget_s / samples, after warm-up (caches, autotuning, the
+    allocator). The least, not the median: on a shared machine other work only ever adds time."""
+    device = torch.device(device)
+    for _ in range(2):
+        fn()
+    _sync(device)
+    start, calls = time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - start < budget_s / samples:
+        fn()
+        calls += 1
+        if device.type == "cuda" and calls % 8 == 0:
+            _sync(device)
+    _sync(device)
+    per_sample = max(1, round(calls * (budget_s / samples) / (time.perf_counter() - start)))
+    times = []
+    for _ in range(samples):
+        _sync(device)
+        begin = time.perf_counter()
+        for _ in range(per_sample):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - begin) / per_sample)
+    return min(times)
+
+
+def device_signature(device: torch.device | str) -> str:
+    """What a measured time depends on besides the shape: the processor (or GPU), threads, torch."""
+    return f"{hardware()} | {torch.device(device).type} | torch {torch.__version__}"
+
+
+@torch.no_grad()
+def _random_inputs(model: nn.Module, regime: Regime, device: torch.device) -> torch.Tensor:
+    vocab = getattr(model.config, "vocab_size", 1000)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (regime.batch, regime.length), generator=generator).to(device)
+
+
+def model_step(model: nn.Module, task: str, regime: Regime):
+    """A callable that runs one step of `regime` on `model` (the thing whose time is predicted)."""
+    device = next(model.parameters()).device
+    ids = _random_inputs(model, regime, device)
+    if task != CAUSAL_LM:
+        mask = torch.ones_like(ids)
+        return lambda: model(input_ids=ids, attention_mask=mask)
+    if regime.kind == "prefill":
+        return lambda: model(input_ids=ids, use_cache=False)
+    with torch.no_grad():
+        past = model(input_ids=ids, use_cache=True).past_key_values
+    token = ids[:, -1:]
+
+    def step() -> None:
+        model(input_ids=token, past_key_values=past, use_cache=True)
+        past.crop(-1)  # drop the new token: every step sees `length` cached tokens
+
+    return step
+
+
+@torch.no_grad()
+def measure_step(model: nn.Module, task: str, regime: Regime, budget_s: float = 0.6) -> float:
+    """Measured seconds of one step of `regime` on `model` as it is (quantised or not)."""
+    return seconds_per_call(model_step(model, task, regime), next(model.parameters()).device, budget_s)
+
+
+def _entry_key(sizes: tuple[int, ...], in_features: int, fmt: str, tokens: int, bias: bool, dtype: torch.dtype,
+               fused: bool, working_set: int) -> str:
+    parts = "+".join(str(s) for s in sizes)
+    return (f"{fmt}|M{tokens}|K{in_features}|N{parts}|{'fused' if fused else 'apart'}|{'bias' if bias else 'nobias'}"
+            f"|{dtype}|ws{working_set}")
+
+
+@torch.no_grad()
+def time_layers(sizes: tuple[int, ...], in_features: int, fmt: FormatSpec, tokens: int, bias: bool,
+                dtype: torch.dtype, device: torch.device, fused: bool, budget_s: float, working_set: int) -> float:
+    """Seconds to run layers of these output sizes on one input, as an emitted model runs them:
+    one fused launch where `fused` (and the kernels allow), else one call each.
+
+    In a model step every other layer's weights pass through the caches between two calls of one
+    layer, so its weights are read cold-ish. Timed alone, a layer would find them hot and look
+    compute-bound. So the calls rotate over copies of the layer that together fill `working_set`
+    bytes (the model's size in this format), as a GPU benchmark flushes L2 between calls."""
+    generator = torch.Generator().manual_seed(len(sizes) * 7919 + in_features)
+    names = [f"l{i}" for i in range(len(sizes))]
+    tensors, biases = {}, {}
+    for name, size in zip(names, sizes):
+        weight = (torch.randn(size, in_features, generator=generator) * 0.02).to(dtype)
+        tensors[name] = {k: v.to(device) for k, v in quantize_weight(weight, fmt).items()}
+        biases[name] = torch.randn(size, generator=generator).to(dtype).to(device) if bias else None
+    unit_bytes = sum(fmt.weight_bytes(size, in_features) for size in sizes)
+    copies = max(1, min(MAX_COPIES, -(-min(working_set, MAX_WORKING_SET) // unit_bytes)))
+    rotation = []
+    for _ in range(copies):
+        cloned = {n: {k: v.clone() for k, v in t.items()} for n, t in tensors.items()}
+        layers = build_layers({n: fmt for n in names}, cloned, biases, {n: in_features for n in names},
+                              [names] if fused and len(names) > 1 else [], device=device)
+        rotation.append([layers[n] for n in names])
+    x = (torch.randn(tokens, in_features, generator=generator)).to(dtype).to(device)
+    turn = itertools.cycle(rotation)
+    return seconds_per_call(lambda: [m(x) for m in next(turn)], device, budget_s)
+
+
+@dataclass
+class LatencyModel:
+    """Plain data (OUT/latency.json): per-layer and per-fused-group seconds and the model's rest."""
+
+    regime: dict
+    device: str
+    layers: dict[str, list]  # layer -> [out_features, in_features, has_bias]
+    groups: list[list[str]]  # layers that share an input (fusable when they take one format)
+    layer_seconds: dict[str, dict[str, float]]  # layer -> format -> seconds, run alone
+    group_seconds: dict[str, dict[str, float]]  # "a|b" (a subset of a group) -> format -> seconds, fused
+    baseline_seconds: float  # the unquantised model's step, measured
+    rest_seconds: float  # the step less its layers' 16-bit times
+    profile_seconds: float = 0.0
+    reused: bool = False  # every number came from caches: nothing was timed this time
+    key: str = ""  # content hash of model, regime, formats, groups and device (see profile_key)
+    notes: list[str] = field(default_factory=list)
+    version: int = VERSION
+
+    def layers_seconds(self, plan: dict[str, str]) -> float:
+        """Seconds of the planned layers alone, fused as an emitted model fuses them."""
+        has_bias = {name: bool(info[2]) for name, info in self.layers.items()}
+        total = 0.0
+        done: set[str] = set()
+        for names in fusion_groups(plan, self.groups, has_bias):
+            total += self.group_seconds["|".join(names)][plan[names[0]]]
+            done.update(names)
+        return total + sum(self.layer_seconds[name][fmt] for name, fmt in plan.items() if name not in done)
+
+    def predict(self, plan: dict[str, str]) -> float:
+        """Predicted seconds of one step of the whole model under `plan`."""
+        return self.rest_seconds + self.layers_seconds(plan)
+
+    def speedup(self, plan: dict[str, str]) -> float:
+        return self.baseline_seconds / self.predict(plan)
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> "LatencyModel":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def profile_key(model_key: str, regime: Regime, formats: list[FormatSpec], groups: list[list[str]],
+                device: torch.device | str) -> str:
+    from mpq.fingerprint import data_fingerprint
+
+    return data_fingerprint(model_key, asdict(regime), [f.name for f in formats], groups, device_signature(device), VERSION)
+
+
+def models_dir() -> Path:
+    return cache_root() / "latency" / "models"
+
+
+def find_profile(key: str, *places: Path) -> LatencyModel | None:
+    """A latency model measured before for this key (in OUT or the cache), so that a rerun or another
+    budget predicts with the very same numbers and a resumed study stays the same problem."""
+    for path in (*places, models_dir() / f"{key}.json"):
+        try:
+            found = LatencyModel.load(path)
+        except (OSError, ValueError, TypeError) as exc:
+            continue
+        if found.key == key and found.version == VERSION:
+            found.reused = True
+            return found
+    return None
+
+
+class _EntryCache:
+    """Measured layer times per device, by shape, format, token count and working set."""
+
+    def __init__(self, device: torch.device, use_cache: bool) -> None:
+        self.signature = device_signature(device)
+        digest = hashlib.sha256(self.signature.encode()).hexdigest()[:16]
+        self.path = cache_root() / "latency" / f"{digest}.json"
+        self.data = {"device": self.signature, "version": VERSION, "entries": {}}
+        if use_cache:
+            try:
+                cached = json.loads(self.path.read_text())
+                if cached.get("device") == self.signature and cached.get("version") == VERSION:
+                    self.data = cached
+            except (OSError, ValueError):
+                pass
+        self.hits = self.misses = 0
+
+    def get(self, table: str, key: str, measure) -> float:
+        if key in self.data[table]:
+            self.hits += 1
+            return self.data[table][key]
+        self.misses += 1
+        value = measure()
+        self.data[table][key] = value
+        return value
+
+    def save(self) -> None:
+        try:
+            write_json_atomic(self.path, self.data)
+        except OSError as exc:  # a read-only home still profiles; only reuse is lost
+            log.warning("cannot write the latency cache (%s)", exc)
+
+
+def _subsets(group: list[str]) -> list[list[str]]:
+    return [list(c) for size in range(2, len(group) + 1) for c in itertools.combinations(group, size)]
+
+
+@torch.no_grad()
+def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[FormatSpec], regime: Regime,
+            groups: list[list[str]], use_cache: bool = True, budget_s: float = 0.12,
+            progress: bool = False, key: str = "") -> LatencyModel:
+    """Measure the latency model of `model` in `regime` on the device the model is on."""
+    from tqdm import tqdm
+
+    start = time.time()
+    device = next(model.parameters()).device
+    cache = _EntryCache(device, use_cache)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    info = {layer.name: [layer.out_features, layer.in_features, layer.has_bias] for layer in layers}
+    with_fp16 = formats if any(f.name == "fp16" for f in formats) else [*formats, get_format("fp16")]
+    # the bytes one step of the model reads, were every layer in one format (see time_layers)
+    rest_bytes = resident_bytes(model) - sum(2 * n * k for n, k, _ in info.values())
+    working_set = {fmt.name: rest_bytes + sum(fmt.weight_bytes(n, k) if fmt.supports(n, k) else 2 * n * k
+                                              for n, k, _ in info.values()) for fmt in with_fp16}
+    working_set = {name: -(-ws // 2**20) * 2**20 for name, ws in working_set.items()}  # whole MiB: stable keys
+    work: list[tuple[str, tuple[int, ...], int, FormatSpec, bool, bool]] = []  # (key, sizes, K, fmt, bias, fused)
+    for layer in layers:
+        for fmt in with_fp16:
+            if fmt.supports(layer.out_features, layer.in_features):
+                entry_key = _entry_key((layer.out_features,), layer.in_features, fmt.name, regime.tokens, layer.has_bias,
+                                       dtype, False, working_set[fmt.name])
+                work.append((entry_key, (layer.out_features,), layer.in_features, fmt, layer.has_bias, False))
+    for group in groups:
+        for names in _subsets(group):
+            if len({info[n][2] for n in names}) > 1:
+                continue  # a biased and an unbiased layer never fuse
+            sizes = tuple(info[n][0] for n in names)
+            for fmt in formats:
+                if all(fmt.supports(info[n][0], info[n][1]) for n in names):
+                    entry_key = _entry_key(sizes, info[names[0]][1], fmt.name, regime.tokens, info[names[0]][2], dtype,
+                                           True, working_set[fmt.name])
+                    work.append((entry_key, sizes, info[names[0]][1], fmt, info[names[0]][2], True))
+    unique = {item[0]: item for item in work}
+    for entry_key, sizes, k, fmt, bias, fused in tqdm(list(unique.values()), desc="profile", disable=not progress, unit="shape"):
+        cache.get("entries", entry_key, lambda: time_layers(sizes, k, fmt, regime.tokens, bias, dtype, device, fused, budget_s,
+                                                      working_set[fmt.name]))
+
+    def entry(sizes, k, fmt, bias, fused) -> float:
+        return cache.data["entries"][_entry_key(sizes, k, fmt, regime.tokens, bias, dtype, fused, working_set[fmt])]
+
+    layer_seconds = {name: {fmt.name: entry((n,), k, fmt.name, bias, False) for fmt in formats if fmt.supports(n, k)}
+                     for name, (n, k, bias) in info.items()}
+    sixteen = sum(entry((n,), k, "fp16", bias, False) for n, k, bias in info.values())
+    group_seconds = {}
+    for group in groups:
+        for names in _subsets(group):
+            n0, k, bias = info[names[0]]
+            if len({info[n][2] for n in names}) > 1:
+                continue
+            sizes = tuple(info[n][0] for n in names)
+            group_seconds["|".join(names)] = {fmt.name: entry(sizes, k, fmt.name, bias, True) for fmt in formats
+                                              if all(fmt.supports(info[n][0], info[n][1]) for n in names)}
+    cache.save()
+    # Timed afresh on every profile (the caller keeps the whole model by key): on a shared machine
+    # the speed of the moment drifts by more than the 15% the predictions aim at.
+    baseline = measure_step(model, task, regime, budget_s=1.0)
+    notes = []
+    rest = baseline - sixteen
+    if rest < 0:
+        notes.append(f"the layers timed alone ({sixteen * 1e3:.3f} ms) took longer than the whole model's step "
+                     f"({baseline * 1e3:.3f} ms): the rest is taken as 0, so predictions run high")
+        rest = 0.0
+    return LatencyModel(regime=asdict(regime), device=cache.signature, layers=info, groups=[list(g) for g in groups],
+                        layer_seconds=layer_seconds, group_seconds=group_seconds, baseline_seconds=baseline,
+                        rest_seconds=rest, profile_seconds=round(time.time() - start, 2),
+                        reused=cache.misses == 0, notes=notes, key=key)
+
+
+def measure_plans(model: nn.Module, task: str, regime: Regime, runs: list, rounds: int = 2) -> list[float]:
+    """Measured step seconds of each of `runs` (context managers that put a plan into `model`):
+    `rounds` passes over all of them, the least per plan, so a burst of other work on the machine
+    during one pass does not count against one plan."""
+    best = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            with run():
+                best[i] = min(best[i], measure_step(model, task, regime, budget_s=0.4))
+    return best

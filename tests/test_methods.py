@@ -1,0 +1,105 @@
+"""GPTQ and AWQ: same packed formats as round-to-nearest, and less output error on the data they saw."""
+
+import json
+
+import pytest
+import torch
+
+import mpq
+from mpq.awq import awq_quantize_group, output_error
+from mpq.cli import main
+from mpq.formats import get_format
+from mpq.gptq import gptq_quantize
+from mpq.memory import resident_bytes
+from mpq.quantize import dequantize_weight, quantize_weight
+
+FORMATS = ["int8", "int4-g32", "int4-g64-sym", "int4-g128"]
+
+
+def correlated_inputs(k: int, rows: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Inputs with correlated channels and a few large ones, as in transformer activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k ** 0.5
+    x = torch.randn(rows, k, generator=g) @ mix
+    x[:, :4] *= 8
+    return x
+
+
+def effective(tensors: dict, fmt) -> torch.Tensor:
+    w = dequantize_weight({k: v for k, v in tensors.items() if k != "input_scale"}, fmt)
+    return w * tensors["input_scale"].float()[None, :] if "input_scale" in tensors else w
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_gptq_has_less_output_error_than_rtn_and_the_same_layout(name):
+    fmt = get_format(name)
+    torch.manual_seed(1)
+    w = (torch.randn(96, 256) * 0.02).to(torch.bfloat16)
+    x = correlated_inputs(256)
+    h = x.T @ x / x.shape[0]
+    rtn, gptq = quantize_weight(w, fmt), gptq_quantize(w, fmt, h)
+    assert {k: (v.shape, v.dtype) for k, v in rtn.items()} == {k: (v.shape, v.dtype) for k, v in gptq.items()}
+    assert torch.equal(rtn["scales"], gptq["scales"])  # static groups: the grid is RTN's
+    err_rtn = output_error(w.float() - dequantize_weight(rtn, fmt), h)
+    err_gptq = output_error(w.float() - dequantize_weight(gptq, fmt), h)
+    assert err_gptq < 0.95 * err_rtn
+
+
+def test_gptq_with_uncorrelated_inputs_is_rounding_to_nearest():
+    """With a diagonal Hessian no column's error can be compensated by another: GPTQ = RTN."""
+    fmt = get_format("int4-g32")
+    w = torch.randn(40, 128) * 0.02
+    h = torch.diag(torch.rand(128) + 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(quantize_weight(w, fmt).values(), gptq_quantize(w, fmt, h).values()))
+
+
+def test_gptq_survives_dead_inputs_and_a_singular_hessian():
+    fmt = get_format("int8")
+    x = correlated_inputs(64, rows=16)  # fewer rows than channels: H is singular
+    x[:, 10] = 0.0  # an input that never fires
+    out = gptq_quantize(torch.randn(32, 64), fmt, x.T @ x / 16)
+    assert torch.isfinite(dequantize_weight(out, fmt)).all()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_awq_never_does_worse_than_rtn_on_its_objective(name):
+    fmt = get_format(name)
+    torch.manual_seed(2)
+    weights = {"q": torch.randn(64, 256) * 0.02, "k": torch.randn(32, 256) * 0.02}
+    x = correlated_inputs(256)
+    h = x.T @ x / x.shape[0]
+    out, alpha = awq_quantize_group(weights, fmt, x.abs().mean(0), h)
+    assert 0.0 <= alpha <= 1.0
+    assert torch.equal(out["q"]["input_scale"], out["k"]["input_scale"])  # one input, one divisor
+    assert out["q"]["input_scale"].dtype == torch.bfloat16 and out["q"]["input_scale"].shape == (256,)
+    err_awq = sum(output_error(w - effective(out[n], fmt), h) for n, w in weights.items())
+    err_rtn = sum(output_error(w - dequantize_weight(quantize_weight(w, fmt), fmt), h) for n, w in weights.items())
+    assert err_awq <= err_rtn * (1 + 1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_path, method):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_llama_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
+                 "--trials", "40", "--max-configs", "3", "--group-size", "32", "--method", method, "--no-latency"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method
+    ids = torch.randint(0, 4000, (1, 12))
+    for row in summary["configs"]:
+        folder = out / "configs" / row["name"]
+        card = json.loads((folder / "mpq.json").read_text())["card"]
+        assert card["method"].startswith(method)
+        model = mpq.load(folder)
+        assert resident_bytes(model) == row["bytes"]  # AWQ's input scales counted too
+        reference = mpq.load(folder, backend="reference")
+        a = model(input_ids=ids, use_cache=False).logits.float()
+        b = reference(input_ids=ids, use_cache=False).logits.float()
+        assert torch.isfinite(a).all() and (a - b).abs().max() < 0.1 * b.abs().max()
+    if method == "awq":
+        quantised = [r for r in summary["configs"] if any(f != "fp16" for f in r["counts"])]
+        folder = out / "configs" / quantised[0]["name"]
+        from safetensors import safe_open
+
+        with safe_open(folder / "model.safetensors", "pt") as handle:
+            assert any(key.endswith(".input_scale") for key in handle.keys())
