@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,8 +224,13 @@ def compile_model(opts: CompileOptions) -> dict:
     if regime is not None:  # the prediction's check: each emitted model's own step, timed
         runs = [lambda c=c: applied(loaded.model, {n: get_format(f) for n, f in c.formats.items()}, cache,
                                     fusion_groups(c.formats, groups, has_bias)) for c in measured]
-        for cand, step_s in zip(measured, measure_plans(loaded.model, loaded.task, regime, runs)):
+        # the unquantised model too, in the same rounds: a shared machine's speed drifts between the
+        # profile and now, and speedups measured side by side do not drift with it
+        *steps, baseline_now = measure_plans(loaded.model, loaded.task, regime, [*runs, nullcontext])
+        for cand, step_s in zip(measured, steps):
             cand.measured["latency_s"] = step_s
+            cand.measured["speedup"] = baseline_now / step_s
+        baseline["latency_s"] = baseline_now
     additivity = additivity_check([c.predicted for c in measured], [c.measured["calib_divergence"] for c in measured],
                                   same_units=table.metric == task.metric)
     lap("evaluate")
@@ -272,7 +278,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "uniform": [{"name": c.origin.split(":")[1], "bytes": c.bytes, "predicted": c.predicted, "metrics": c.measured,
                      "formats": c.formats, **_latency_fields(c, latency)} for c in uniform],
         "latency": None if latency is None else _latency_summary(latency, latency_cap, max_latency, opts.min_speedup,
-                                                                 measured),
+                                                                 measured, baseline.get("latency_s")),
         **env,
     }
     lap("report")
@@ -341,21 +347,32 @@ def _emitted_front(feasible: list[Candidate], resolution: float) -> list[Candida
 def _latency_fields(cand: Candidate, latency: LatencyModel | None) -> dict:
     if latency is None:
         return {}
-    measured = cand.measured.get("latency_s")
+    measured, speedup = cand.measured.get("latency_s"), cand.measured.get("speedup")
+    predicted_speedup = latency.baseline_seconds / cand.latency
     return {"latency_predicted_s": cand.latency, "latency_measured_s": measured,
-            "speedup_predicted": latency.baseline_seconds / cand.latency,
-            "latency_error": None if not measured else cand.latency / measured - 1}
+            "speedup_predicted": predicted_speedup, "speedup_measured": speedup,
+            "latency_error": None if not measured else cand.latency / measured - 1,
+            "speedup_error": None if not speedup else predicted_speedup / speedup - 1}
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def _latency_summary(latency: LatencyModel, cap: float | None, max_latency: float | None, min_speedup: float | None,
-                     measured: list[Candidate]) -> dict:
-    errors = [abs(c.latency / c.measured["latency_s"] - 1) for c in measured if c.measured.get("latency_s")]
+                     measured: list[Candidate], baseline_now: float | None) -> dict:
+    fields = [_latency_fields(c, latency) for c in measured if c.measured.get("latency_s")]
+    errors = [abs(f["latency_error"]) for f in fields]
+    speedup_errors = [abs(f["speedup_error"]) for f in fields]
     return {"regime": latency.regime, "describe": Regime(**latency.regime).describe(), "device": latency.device,
-            "baseline_seconds": latency.baseline_seconds, "rest_seconds": latency.rest_seconds,
+            "baseline_seconds": latency.baseline_seconds, "baseline_now_seconds": baseline_now,
+            "drift": None if not baseline_now else baseline_now / latency.baseline_seconds,
+            "rest_seconds": latency.rest_seconds,
             "profile_seconds": latency.profile_seconds, "reused": latency.reused, "notes": latency.notes,
             "cap_seconds": cap, "max_latency": max_latency, "min_speedup": min_speedup,
-            "max_abs_error": max(errors) if errors else None,
-            "median_abs_error": sorted(errors)[len(errors) // 2] if errors else None}
+            "max_abs_error": max(errors) if errors else None, "median_abs_error": _median(errors),
+            "max_abs_speedup_error": max(speedup_errors) if speedup_errors else None,
+            "median_abs_speedup_error": _median(speedup_errors)}
 
 
 def _display_quality(metrics: dict) -> float:

@@ -5,7 +5,8 @@
 kernels on the CPU), every layer shape x format at the regime's token count M (decode: M = batch;
 prefill: M = batch x sequence), each fusable group of layers that share an input fused as well,
 and the unquantised model's whole step once. The rest of the model (attention, norms,
-embeddings, the head, Python) is that step less its layers' 16-bit times. A plan's predicted
+embeddings, the head, Python) is that step less its layers' times as the model holds them
+(its own dtype: float32 layers of a float32 model, not their 16-bit copies). A plan's predicted
 step time is the rest plus its layers' (or fused groups') times. Layer entries are cached per
 device and shape; the whole latency model by a content hash (model, regime, formats, device),
 so a second compile of the model, at any budget, measures nothing again.
@@ -39,10 +40,11 @@ from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: the rest is split off with the original layers' times, not 16-bit ones
 REGIMES = ("decode", "prefill")
 MAX_WORKING_SET = 256 * 2**20  # beyond any last-level cache (CPU L3, GPU L2)
 MAX_COPIES = 512
+ORIGINAL = "original"  # pseudo-format of the layer as the unquantised model holds it
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,12 @@ def seconds_per_call(fn, device: torch.device | str = "cpu", budget_s: float = 0
     back-to-back calls to fill budget_s / samples, after warm-up (caches, autotuning, the
     allocator). The least, not the median: on a shared machine other work only ever adds time."""
     device = torch.device(device)
-    for _ in range(2):
+    # Warm-up, by time rather than by count: the first calls of a new shape pay for kernel
+    # selection, allocations and thread wake-up, and on the CPU that lasted longer than 2 calls.
+    begin, calls = time.perf_counter(), 0
+    while calls < 2 or time.perf_counter() - begin < budget_s / 4:
         fn()
+        calls += 1
     _sync(device)
     start, calls = time.perf_counter(), 0
     while calls < 3 or time.perf_counter() - start < budget_s / samples:
@@ -178,22 +184,26 @@ def _entry_key(sizes: tuple[int, ...], in_features: int, fmt: str, tokens: int, 
 
 @torch.no_grad()
 def time_layers(sizes: tuple[int, ...], in_features: int, fmt: FormatSpec, tokens: int, bias: bool,
-                dtype: torch.dtype, device: torch.device, fused: bool, budget_s: float, working_set: int) -> float:
+                dtype: torch.dtype, device: torch.device, fused: bool, budget_s: float, working_set: int,
+                original: bool = False) -> float:
     """Seconds to run layers of these output sizes on one input, as an emitted model runs them:
     one fused launch where `fused` (and the kernels allow), else one call each.
 
     In a model step every other layer's weights pass through the caches between two calls of one
     layer, so its weights are read cold-ish. Timed alone, a layer would find them hot and look
     compute-bound. So the calls rotate over copies of the layer that together fill `working_set`
-    bytes (the model's size in this format), as a GPU benchmark flushes L2 between calls."""
+    bytes (the model's size in this format), as a GPU benchmark flushes L2 between calls.
+    `original`: the unquantised layer as the model holds it (its own dtype, whatever `fmt`)."""
     generator = torch.Generator().manual_seed(len(sizes) * 7919 + in_features)
     names = [f"l{i}" for i in range(len(sizes))]
     tensors, biases = {}, {}
     for name, size in zip(names, sizes):
         weight = (torch.randn(size, in_features, generator=generator) * 0.02).to(dtype)
-        tensors[name] = {k: v.to(device) for k, v in quantize_weight(weight, fmt).items()}
+        stored = {"weight": weight} if original else quantize_weight(weight, fmt)
+        tensors[name] = {k: v.to(device) for k, v in stored.items()}
         biases[name] = torch.randn(size, generator=generator).to(dtype).to(device) if bias else None
-    unit_bytes = sum(fmt.weight_bytes(size, in_features) for size in sizes)
+    unit_bytes = sum(size * in_features * dtype.itemsize if original else fmt.weight_bytes(size, in_features)
+                     for size in sizes)
     copies = max(1, min(MAX_COPIES, -(-min(working_set, MAX_WORKING_SET) // unit_bytes)))
     rotation = []
     for _ in range(copies):
@@ -323,18 +333,21 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     cache = _EntryCache(device, use_cache)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     info = {layer.name: [layer.out_features, layer.in_features, layer.has_bias] for layer in layers}
-    with_fp16 = formats if any(f.name == "fp16" for f in formats) else [*formats, get_format("fp16")]
-    # the bytes one step of the model reads, were every layer in one format (see time_layers)
-    rest_bytes = resident_bytes(model) - sum(2 * n * k for n, k, _ in info.values())
-    working_set = {fmt.name: rest_bytes + sum(fmt.weight_bytes(n, k) if fmt.supports(n, k) else 2 * n * k
-                                              for n, k, _ in info.values()) for fmt in with_fp16}
+    # the bytes one step of the model reads, were every layer in one format (see time_layers);
+    # "original" is the model as it is, its layers in their own dtype (what the rest is split from)
+    model_bytes = resident_bytes(model)
+    rest_bytes = model_bytes - sum(n * k * dtype.itemsize for n, k, _ in info.values())
+    working_set = {fmt.name: rest_bytes + sum(fmt.weight_bytes(n, k) if fmt.supports(n, k) else n * k * dtype.itemsize
+                                              for n, k, _ in info.values()) for fmt in formats}
+    working_set[ORIGINAL] = model_bytes
     working_set = {name: -(-ws // 2**20) * 2**20 for name, ws in working_set.items()}  # whole MiB: stable keys
-    work: list[tuple[str, tuple[int, ...], int, FormatSpec, bool, bool]] = []  # (key, sizes, K, fmt, bias, fused)
+    work: list[tuple[str, tuple[int, ...], int, FormatSpec | None, bool, bool]] = []  # (key, sizes, K, fmt, bias, fused)
     for layer in layers:
-        for fmt in with_fp16:
-            if fmt.supports(layer.out_features, layer.in_features):
-                entry_key = _entry_key((layer.out_features,), layer.in_features, fmt.name, regime.tokens, layer.has_bias,
-                                       dtype, False, working_set[fmt.name])
+        for fmt in [*formats, None]:  # None: the original layer
+            name = ORIGINAL if fmt is None else fmt.name
+            if fmt is None or fmt.supports(layer.out_features, layer.in_features):
+                entry_key = _entry_key((layer.out_features,), layer.in_features, name, regime.tokens, layer.has_bias,
+                                       dtype, False, working_set[name])
                 work.append((entry_key, (layer.out_features,), layer.in_features, fmt, layer.has_bias, False))
     for group in groups:
         for names in _subsets(group):
@@ -348,15 +361,16 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
                     work.append((entry_key, sizes, info[names[0]][1], fmt, info[names[0]][2], True))
     unique = {item[0]: item for item in work}
     for entry_key, sizes, k, fmt, bias, fused in tqdm(list(unique.values()), desc="profile", disable=not progress, unit="shape"):
-        cache.get("entries", entry_key, lambda: time_layers(sizes, k, fmt, regime.tokens, bias, dtype, device, fused, budget_s,
-                                                      working_set[fmt.name]))
+        cache.get("entries", entry_key, lambda: time_layers(
+            sizes, k, fmt or get_format("fp16"), regime.tokens, bias, dtype, device, fused, budget_s,
+            working_set[fmt.name if fmt is not None else ORIGINAL], original=fmt is None))
 
     def entry(sizes, k, fmt, bias, fused) -> float:
         return cache.data["entries"][_entry_key(sizes, k, fmt, regime.tokens, bias, dtype, fused, working_set[fmt])]
 
     layer_seconds = {name: {fmt.name: entry((n,), k, fmt.name, bias, False) for fmt in formats if fmt.supports(n, k)}
                      for name, (n, k, bias) in info.items()}
-    sixteen = sum(entry((n,), k, "fp16", bias, False) for n, k, bias in info.values())
+    original = sum(entry((n,), k, ORIGINAL, bias, False) for n, k, bias in info.values())
     group_seconds = {}
     for group in groups:
         for names in _subsets(group):
@@ -371,9 +385,9 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     # the speed of the moment drifts by more than the 15% the predictions aim at.
     baseline = measure_step(model, task, regime, budget_s=1.0)
     notes = []
-    rest = baseline - sixteen
+    rest = baseline - original
     if rest < 0:
-        notes.append(f"the layers timed alone ({sixteen * 1e3:.3f} ms) took longer than the whole model's step "
+        notes.append(f"the layers timed alone ({original * 1e3:.3f} ms) took longer than the whole model's step "
                      f"({baseline * 1e3:.3f} ms): the rest is taken as 0, so predictions run high")
         rest = 0.0
     return LatencyModel(regime=asdict(regime), device=cache.signature, layers=info, groups=[list(g) for g in groups],
@@ -382,7 +396,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
                         reused=cache.misses == 0, notes=notes, key=key)
 
 
-def measure_plans(model: nn.Module, task: str, regime: Regime, runs: list, rounds: int = 2) -> list[float]:
+def measure_plans(model: nn.Module, task: str, regime: Regime, runs: list, rounds: int = 3) -> list[float]:
     """Measured step seconds of each of `runs` (context managers that put a plan into `model`):
     `rounds` passes over all of them, the least per plan, so a burst of other work on the machine
     during one pass does not count against one plan."""
@@ -390,5 +404,5 @@ def measure_plans(model: nn.Module, task: str, regime: Regime, runs: list, round
     for _ in range(rounds):
         for i, run in enumerate(runs):
             with run():
-                best[i] = min(best[i], measure_step(model, task, regime, budget_s=0.4))
+                best[i] = min(best[i], measure_step(model, task, regime, budget_s=0.3))
     return best
