@@ -19,7 +19,7 @@ def _compile(args: argparse.Namespace) -> None:
         model=args.model, out=args.out, max_mem=args.max_mem, formats=args.formats, group_size=args.group_size,
         int4_symmetric=args.int4_sym, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
         trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
-        tie=not args.no_tie, storage=args.storage, sensitivity=args.sensitivity, method=args.method, latency=not args.no_latency,
+        tie=not args.no_tie, storage=args.storage, sensitivity=args.sensitivity, method=args.method, refine=args.refine, latency=not args.no_latency,
         regime=args.regime, batch=args.batch, length=args.length, max_latency=args.max_latency,
         min_speedup=args.min_speedup, progress=not args.quiet))
     print(f"{len(summary['configs'])} Pareto configs in {args.out}/configs (budget {format_size(summary['budget'])}):")
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="rtn",
                    help="how weights are rounded: rtn (round to nearest; default), gptq (Hessian error compensation, "
                         "act-order) or awq (activation-aware channel scaling); sensitivities are measured with it")
+    c.add_argument("--refine", type=int, default=8,
+                   help="at the budget, measure this many of the best predicted plans for real and keep the best "
+                        "(default 8; 0: trust the additive prediction)")
     c.add_argument("--no-tie", action="store_true",
                    help="let layers that read one input (q/k/v, gate/up) take different formats (default: tied, so they fuse)")
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "

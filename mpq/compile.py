@@ -29,6 +29,7 @@ from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measur
 from mpq.memory import format_size, memory_model, parse_size, resident_bytes
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
 from mpq.plan import Plan
+from mpq.refine import REFINE_CANDIDATES, refine_at_budget
 from mpq.report import draw_heatmap, draw_pareto, draw_speedup, heatmap_markdown, write_report
 from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread, tie,
                         uniform_plan)
@@ -62,6 +63,7 @@ class CompileOptions:
     storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
     sensitivity: str = "kl"  # the signal: "kl" (output divergence), "local" (layer output error) or "fisher"
     method: str = "rtn"  # how weights are rounded: "rtn", "gptq" or "awq" (mpq.methods)
+    refine: int = REFINE_CANDIDATES  # plans measured for real at the budget (mpq.refine); 0: none
     latency: bool = True  # profile layer latencies and search on predicted step time too (mpq.latency)
     regime: str | None = None  # "decode" | "prefill"; None: decode for causal LMs, prefill for encoders
     batch: int = 1
@@ -204,23 +206,39 @@ def compile_model(opts: CompileOptions) -> dict:
     untied = exact_front(costs, sens, budget - memory.fixed_bytes)
     lap("search")
 
+    reference = task.reference(work)
+
+    def calib_divergence(plan: dict[str, str]) -> float:
+        """The whole config's divergence on calibration data, measured as the sensitivities were."""
+        with applied(work, {layer: get_format(fmt) for layer, fmt in plan.items()}, cache, backend=MEASURE_BACKEND):
+            return task.divergence(work, reference)
+
+    refinement = None
+    if opts.refine > 0 and result.exact_plan is not None:
+        predict = (lambda plan: None) if latency is None else latency.predict  # noqa: E731
+        exact = Candidate(result.exact_plan, *evaluate_plan(result.exact_plan, costs, sens, memory.fixed_bytes), "exact",
+                          latency=predict(result.exact_plan))
+        pool = [Candidate(c.formats, c.bytes, c.predicted, c.origin, latency=predict(c.formats)) for c in result.feasible]
+        pool = [c for c in pool if latency_cap is None or c.latency <= latency_cap]
+        refinement = refine_at_budget(exact, latency_cap is None or exact.latency <= latency_cap, pool,
+                                      calib_divergence, opts.refine)
+        lap("refine")
+
     task.prepare_eval(loaded.model)
     baseline = {"bytes": resident_bytes(loaded.model), "metrics": task.evaluate(loaded.model)}
     uniform = [Candidate(plan, *evaluate_plan(plan, costs, sens, memory.fixed_bytes), f"uniform:{name}",
                          latency=None if latency is None else latency.predict(plan))
                for name, plan in ((name, uniform_plan(costs, name)) for name in uniform_names)]
     mixed = [c for c in _chosen(result.front, opts.max_configs, _time_step(latency)) if not c.origin.startswith("uniform")]
+    if refinement is not None and all(c.formats != refinement.best.formats for c in uniform + mixed):
+        mixed.append(refinement.best)  # the measured best at the budget is always judged on held-out data
     measured = uniform + mixed
     has_bias = {layer.name: layer.has_bias for layer in graph.layers}
-    reference = task.reference(work)
     for cand in tqdm(measured, desc="held-out eval", disable=not opts.progress, unit="config"):
         specs = {layer: get_format(fmt) for layer, fmt in cand.formats.items()}
         with applied(loaded.model, specs, cache, fusion_groups(cand.formats, groups, has_bias)):
             cand.measured = task.evaluate(loaded.model)
-        # the whole config's divergence on calibration data, measured as the sensitivities were,
-        # to check the additive prediction
-        with applied(work, specs, cache, backend=MEASURE_BACKEND):
-            cand.measured["calib_divergence"] = task.divergence(work, reference)
+        cand.measured["calib_divergence"] = calib_divergence(cand.formats)  # to check the additive prediction
     if regime is not None:  # the prediction's check: each emitted model's own step, timed
         runs = [lambda c=c: applied(loaded.model, {n: get_format(f) for n, f in c.formats.items()}, cache,
                                     fusion_groups(c.formats, groups, has_bias)) for c in measured]
@@ -273,6 +291,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "search": {"trials": result.trials, "storage": storage, "study": study_name, "front": len(result.front), "measured": len(measured), "seconds": result.seconds,
                    "tied_groups": len(groups) if opts.tie else 0, "exact_best": result.exact_best,
                    "sampler_best": result.sampler_best, "exact_best_untied": untied[-1].predicted if untied else None},
+        "refinement": None if refinement is None else refinement.to_json(),
         "sensitivity_seconds": table.seconds, "sensitivity_reused": reused, "additivity": additivity,
         "configs": config_rows,
         "uniform": [{"name": c.origin.split(":")[1], "bytes": c.bytes, "predicted": c.predicted, "metrics": c.measured,

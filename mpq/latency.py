@@ -34,7 +34,6 @@ from mpq.errors import MpqError
 from mpq.formats import FormatSpec, get_format
 from mpq.fusion import fusion_groups
 from mpq.io import cache_root, write_json_atomic
-from mpq.memory import resident_bytes
 from mpq.models import CAUSAL_LM
 from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
@@ -333,13 +332,12 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     cache = _EntryCache(device, use_cache)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     info = {layer.name: [layer.out_features, layer.in_features, layer.has_bias] for layer in layers}
-    # the bytes one step of the model reads, were every layer in one format (see time_layers);
-    # "original" is the model as it is, its layers in their own dtype (what the rest is split from)
-    model_bytes = resident_bytes(model)
-    rest_bytes = model_bytes - sum(n * k * dtype.itemsize for n, k, _ in info.values())
-    working_set = {fmt.name: rest_bytes + sum(fmt.weight_bytes(n, k) if fmt.supports(n, k) else n * k * dtype.itemsize
-                                              for n, k, _ in info.values()) for fmt in formats}
-    working_set[ORIGINAL] = model_bytes
+    # the weight bytes one step reads, were every layer in one format (see time_layers): the
+    # quantisable layers' own (the rest of the model is mostly embeddings, of which a step reads
+    # a few rows); "original": the layers as the model holds them, in their own dtype
+    working_set = {fmt.name: sum(fmt.weight_bytes(n, k) if fmt.supports(n, k) else n * k * dtype.itemsize
+                                 for n, k, _ in info.values()) for fmt in formats}
+    working_set[ORIGINAL] = sum(n * k * dtype.itemsize for n, k, _ in info.values())
     working_set = {name: -(-ws // 2**20) * 2**20 for name, ws in working_set.items()}  # whole MiB: stable keys
     work: list[tuple[str, tuple[int, ...], int, FormatSpec | None, bool, bool]] = []  # (key, sizes, K, fmt, bias, fused)
     for layer in layers:

@@ -211,6 +211,18 @@ def _additivity_line(check: dict, metric: str, task_metric: str) -> str:
     return line
 
 
+def _refinement_lines(refinement: dict | None, task_metric: str) -> list[str]:
+    if not refinement:
+        return []
+    exact, optuna, best = refinement["exact"], refinement["optuna"], refinement["best"]
+    fits = "" if exact["fits"] else " (over the latency cap, so not a candidate)"
+    return [f"- measured refinement at the budget ({len(refinement['rows'])} plans, {task_metric} on calibration data): "
+            f"exact optimum of the additive model predicted {exact['predicted']:.4g}, measured {exact['measured']:.4g}{fits}; "
+            f"the study's least-predicted plan predicted {optuna['predicted']:.4g}, measured {optuna['measured']:.4g}; "
+            f"best measured {best['measured']:.4g} ({best['origin']}), {refinement['gain']:.1%} less than the "
+            f"least-predicted plan"]
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -227,6 +239,7 @@ def write_report(path: Path, summary: dict) -> Path:
         f"optimum of the additive model; {s['search']['front']} on the predicted front, {s['search']['measured']} measured",
         _search_line(s["search"], s["metric"]),
         _additivity_line(s["additivity"], s["metric"], s["task_metric"]),
+        *_refinement_lines(s.get("refinement"), s["task_metric"]),
         f"- hardware: {s['hardware']}; torch {s['versions']['torch']}, mpq {s['versions']['mpq']}",
         "",
         "## Baseline (unquantised)",

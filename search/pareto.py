@@ -38,6 +38,8 @@ class SearchResult:
     seconds: float
     exact_best: float | None = None  # least predicted loss within the budget (exact DP, bytes only)
     sampler_best: float | None = None  # least predicted loss among the trials NSGA-II proposed itself
+    exact_plan: dict[str, str] | None = None  # the plan of exact_best (layer -> format)
+    feasible: list[Candidate] = field(default_factory=list)  # every distinct feasible plan seen, by predicted loss
 
 
 def pareto_front(candidates: list[Candidate], loss=lambda c: c.predicted) -> list[Candidate]:
@@ -242,4 +244,7 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
             cand.latency = latency.rest_seconds + latency.layers_seconds(cand.formats)
     return SearchResult(front=front, trials=len(study.trials), seconds=round(time.time() - start, 2),
                         exact_best=exact[-1].predicted if exact else None,
-                        sampler_best=sampler_best if sampler_best < float("inf") else None)
+                        sampler_best=sampler_best if sampler_best < float("inf") else None,
+                        exact_plan=expand(exact[-1].plan, members) if exact else None,
+                        feasible=[Candidate(expand(c.formats, members), c.bytes, c.predicted, c.origin, latency=c.latency)
+                                  for c in sorted(unique.values(), key=lambda c: c.predicted)])
