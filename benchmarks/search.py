@@ -2,10 +2,12 @@
 GPTQ and AWQ beat round-to-nearest?
 
 For each model and method (rtn, gptq, awq): held-out quality of uniform INT4 and INT8; then for
-each sensitivity signal (kl, fisher, local; fisher for causal LMs only): its measuring time, and at
-budgets 25/50/75% of the way from all-INT4 to all-INT8 bytes, the exact DP optimum of the additive
-model (predicted) and Optuna's best within the same budget (predicted; the study is warm-started
-from the DP, so it can only match or beat it on predicted loss), each measured on held-out data.
+each sensitivity signal (kl, fisher, hessian, local; fisher and hessian for causal LMs only): its
+measuring time, and at budgets 25/50/75% of the way from all-INT4 to all-INT8 bytes: the exact DP
+optimum of the additive model (tied layers, as compile), the best plan the NSGA-II sampler proposed
+itself (its predicted gap to the optimum: what the study would find without the DP seeds), and the
+measured refinement (mpq.refine: the best of the DP optimum and the 8 least-predicted plans by
+calibration divergence), each measured on held-out data.
 Also the additive model's check (Spearman of predicted vs measured calibration divergence) over the
 plans measured. Prints Markdown tables and writes JSON.
 
@@ -30,7 +32,8 @@ from mpq.memory import memory_model
 from mpq.methods import make_quantizer
 from mpq.models import CAUSAL_LM, load_model
 from mpq.profile import example_inputs
-from mpq.search import evaluate_plan, exact_front, search_plans, uniform_plan
+from mpq.refine import refine_at_budget
+from mpq.search import Candidate, evaluate_plan, search_plans, uniform_plan
 from mpq.sensitivity import MEASURE_BACKEND, MEASURES, measurement_model
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import trace_model
@@ -62,12 +65,15 @@ def bench_model(name: str, methods: list[str], signals: list[str], trials: int) 
         memory = memory_model(loaded.model, graph.layers, formats, method)
         costs = memory.layer_bytes
 
+        def calib_divergence(plan: dict[str, str]) -> float:
+            with applied(work, {layer: get_format(fmt) for layer, fmt in plan.items()}, cache, backend=MEASURE_BACKEND):
+                return task.divergence(work, reference)
+
         def measure(plan: dict[str, str]) -> dict:
             specs = {layer: get_format(fmt) for layer, fmt in plan.items()}
             with applied(loaded.model, specs, cache, fusion_groups(plan, groups, has_bias)):
                 metrics = task.evaluate(loaded.model)
-            with applied(work, specs, cache, backend=MEASURE_BACKEND):
-                metrics["calib_divergence"] = task.divergence(work, reference)
+            metrics["calib_divergence"] = calib_divergence(plan)
             return metrics
 
         uniform = {fmt: uniform_plan(costs, fmt) for fmt in ("int4-g128", "int8")}
@@ -76,27 +82,35 @@ def bench_model(name: str, methods: list[str], signals: list[str], trials: int) 
                       "quantize_seconds": None, "signals": {}}
         per_method["quantize_seconds"] = round(time.time() - start, 1)  # statistics + both uniform plans' weights
         for signal in signals:
-            if signal == "fisher" and loaded.task != CAUSAL_LM:
+            if signal in ("fisher", "hessian") and loaded.task != CAUSAL_LM:
                 continue
             table = MEASURES[signal](loaded.model, work, graph.layers, formats, task, "bench", {}, cache, False)
             sens = {layer: {fmt: table.values[layer][fmt] for fmt in costs[layer]} for layer in costs}
             rows, predicted, measured = [], [], []
             for fraction in FRACTIONS:
                 budget = int(low + fraction * (high - low))
-                exact = exact_front(costs, sens, budget - memory.fixed_bytes)[-1]
+                start_search = time.time()
                 found = search_plans(costs, sens, memory.fixed_bytes, budget, trials, 0, [f.name for f in formats],
                                      tied=groups)
-                best = min(found.front, key=lambda c: c.predicted)
-                exact_metrics = measure(exact.plan)
-                best_metrics = exact_metrics if best.formats == exact.plan else measure(best.formats)
-                rows.append({"fraction": fraction, "budget": budget,
-                             "exact": {"bytes": memory.fixed_bytes + exact.bytes, "predicted": exact.predicted,
-                                       **exact_metrics},
-                             "optuna": {"bytes": best.bytes, "predicted": best.predicted, "origin": best.origin,
-                                        "sampler_best": found.sampler_best, **best_metrics}})
-                for cand_predicted, metrics in ((exact.predicted, exact_metrics), (best.predicted, best_metrics)):
-                    predicted.append(cand_predicted)
-                    measured.append(metrics["calib_divergence"])
+                search_seconds = time.time() - start_search
+                exact = Candidate(found.exact_plan, *evaluate_plan(found.exact_plan, costs, sens, memory.fixed_bytes), "exact")
+                refined = refine_at_budget(exact, True, found.feasible, calib_divergence)
+                row = {"fraction": fraction, "budget": budget, "search_seconds": round(search_seconds, 1),
+                       "refine_gain": refined.gain}
+                plans = {"exact": exact.formats, "sampler": found.sampler_plan, "refined": refined.best.formats}
+                seen: dict[tuple, dict] = {}
+                for role, plan in plans.items():
+                    if plan is None:
+                        row[role] = None
+                        continue
+                    key = tuple(sorted(plan.items()))
+                    if key not in seen:
+                        seen[key] = measure(plan)
+                    nbytes, plan_predicted = evaluate_plan(plan, costs, sens, memory.fixed_bytes)
+                    row[role] = {"bytes": nbytes, "predicted": plan_predicted, **seen[key]}
+                    predicted.append(plan_predicted)
+                    measured.append(seen[key]["calib_divergence"])
+                rows.append(row)
             check = additivity_check(predicted, measured, same_units=table.metric == task.metric) \
                 if len(set(predicted)) >= 3 else None
             per_method["signals"][signal] = {"seconds": table.seconds, "rows": rows, "additivity": check}
@@ -112,22 +126,26 @@ def print_tables(result: dict) -> None:
     for method, per in result["methods"].items():
         u = per["uniform"]
         print(f"| {method} | {quality(u['int4-g128']):.4f} | {quality(u['int8']):.4f} |")
-    print(f"\n| method | signal | signal s | budget | DP predicted | DP {name} | Optuna predicted | Optuna {name} | "
-          f"additivity Spearman |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| method | signal | signal s | budget | DP predicted | DP {name} | NSGA-II own best predicted (gap) | "
+          f"NSGA-II {name} | refined {name} (calib gain) | additivity Spearman |\n|---|---|---|---|---|---|---|---|---|---|")
     for method, per in result["methods"].items():
         for signal, data in per["signals"].items():
             spearman = "n/a" if data["additivity"] is None else f"{data['additivity']['spearman']:.3f}"
             for row in data["rows"]:
+                exact, own, refined = row["exact"], row["sampler"], row["refined"]
+                gap = "none found" if own is None else \
+                    f"{own['predicted']:.4g} ({own['predicted'] / exact['predicted'] - 1:+.1%})" if exact["predicted"] else f"{own['predicted']:.4g}"
                 print(f"| {method} | {signal} | {data['seconds']:.1f} | {row['budget'] / 1e6:.3f} MB | "
-                      f"{row['exact']['predicted']:.4g} | {quality(row['exact']):.4f} | {row['optuna']['predicted']:.4g} | "
-                      f"{quality(row['optuna']):.4f} | {spearman} |")
+                      f"{exact['predicted']:.4g} | {quality(exact):.4f} | {gap} | "
+                      f"{'-' if own is None else f'{quality(own):.4f}'} | {quality(refined):.4f} ({row['refine_gain']:.1%}) | "
+                      f"{spearman} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,minilm")
     parser.add_argument("--methods", default="rtn,gptq,awq")
-    parser.add_argument("--signals", default="kl,fisher,local")
+    parser.add_argument("--signals", default="kl,fisher,hessian,local")
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

@@ -61,6 +61,12 @@ def refine_at_budget(exact: Candidate, exact_fits: bool, feasible: list[Candidat
     first = feasible[0] if feasible else exact
     return Refinement(exact={"predicted": exact.predicted, "measured": exact_score, "fits": exact_fits},
                       optuna={"predicted": first.predicted, "measured": score(first)},
-                      best=Candidate(best.formats, best.bytes, best.predicted,
-                                     best.origin if best is first else "refined", latency=best.latency),
+                      best=Candidate(best.formats, best.bytes, best.predicted, _origin(best, exact, first), latency=best.latency),
                       best_measured=score(best), rows=rows)
+
+
+def _origin(best: Candidate, exact: Candidate, first: Candidate) -> str:
+    """"exact" or the least-predicted plan's origin where refinement kept what the prediction chose."""
+    if best.formats == exact.formats:
+        return "exact"
+    return first.origin if best.formats == first.formats else "refined"

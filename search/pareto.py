@@ -39,6 +39,7 @@ class SearchResult:
     exact_best: float | None = None  # least predicted loss within the budget (exact DP, bytes only)
     sampler_best: float | None = None  # least predicted loss among the trials NSGA-II proposed itself
     exact_plan: dict[str, str] | None = None  # the plan of exact_best (layer -> format)
+    sampler_plan: dict[str, str] | None = None  # the plan of sampler_best
     feasible: list[Candidate] = field(default_factory=list)  # every distinct feasible plan seen, by predicted loss
 
 
@@ -222,14 +223,14 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
         return max_latency is None or unit_lat is None or step_seconds(plan) <= max_latency
 
     unique: dict[tuple, Candidate] = {key(c.formats): c for c in exact_candidates if fits(c.formats)}
-    sampler_best = float("inf")
+    sampler_best, sampler_plan = float("inf"), None
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         nbytes = trial.user_attrs["bytes"]
         if nbytes > budget or not fits(trial.params):
             continue
         k = key(trial.params)
-        if k not in origin:  # proposed by the sampler itself, not enqueued
-            sampler_best = min(sampler_best, trial.values[1])
+        if k not in origin and trial.values[1] < sampler_best:  # proposed by the sampler itself, not enqueued
+            sampler_best, sampler_plan = trial.values[1], expand(dict(trial.params), members)
         if k not in unique or k in origin and origin[k].startswith("uniform"):
             unique[k] = Candidate(dict(trial.params), nbytes, trial.values[1], origin.get(k, "optuna"))
     if unit_lat is None:
@@ -245,6 +246,6 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
     return SearchResult(front=front, trials=len(study.trials), seconds=round(time.time() - start, 2),
                         exact_best=exact[-1].predicted if exact else None,
                         sampler_best=sampler_best if sampler_best < float("inf") else None,
-                        exact_plan=expand(exact[-1].plan, members) if exact else None,
+                        exact_plan=expand(exact[-1].plan, members) if exact else None, sampler_plan=sampler_plan,
                         feasible=[Candidate(expand(c.formats, members), c.bytes, c.predicted, c.origin, latency=c.latency)
                                   for c in sorted(unique.values(), key=lambda c: c.predicted)])

@@ -32,5 +32,5 @@ def test_an_exact_optimum_outside_the_latency_cap_is_measured_but_never_chosen()
     feasible = [Candidate(plan("int8"), 110, 0.12, "optuna"), Candidate(plan("fp16"), 120, 0.15, "optuna")]
     result = refine_at_budget(exact, False, feasible, lambda p: {"int4": 0.01, "int8": 0.3, "fp16": 0.2}[p["a"]], count=1)
     assert result.exact == {"predicted": 0.10, "measured": 0.01, "fits": False}
-    assert result.best.formats == plan("int8")  # count=1: only the least-predicted feasible plan was a candidate
+    assert result.best.formats == plan("int8") and result.best.origin == "optuna"  # count=1: the one candidate
     assert result.optuna["measured"] == 0.3 and result.gain == 0.0
