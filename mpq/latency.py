@@ -316,6 +316,17 @@ class _EntryCache:
             log.warning("cannot write the latency cache (%s)", exc)
 
 
+def _head_bytes(model: nn.Module, layers: dict) -> int:
+    """Bytes of the output head's weight (an LM's vocabulary projection, often tied) when it is
+    not one of the quantisable layers, else 0."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    weight = getattr(head, "weight", None)
+    if weight is None or any(model.get_submodule(name) is head for name in layers):
+        return 0
+    return weight.numel() * weight.element_size()
+
+
 def _subsets(group: list[str]) -> list[list[str]]:
     return [list(c) for size in range(2, len(group) + 1) for c in itertools.combinations(group, size)]
 
@@ -333,11 +344,12 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     info = {layer.name: [layer.out_features, layer.in_features, layer.has_bias] for layer in layers}
     # the weight bytes one step reads, were every layer in one format (see time_layers): the
-    # quantisable layers' own (the rest of the model is mostly embeddings, of which a step reads
-    # a few rows); "original": the layers as the model holds them, in their own dtype
-    working_set = {fmt.name: sum(fmt.weight_bytes(n, k) if fmt.supports(n, k) else n * k * dtype.itemsize
-                                 for n, k, _ in info.values()) for fmt in formats}
-    working_set[ORIGINAL] = sum(n * k * dtype.itemsize for n, k, _ in info.values())
+    # quantisable layers' own and the output head's (the rest is mostly input embeddings, of which
+    # a step reads a few rows); "original": the layers as the model holds them, in their own dtype
+    head = _head_bytes(model, info)
+    working_set = {fmt.name: head + sum(fmt.weight_bytes(n, k) if fmt.supports(n, k) else n * k * dtype.itemsize
+                                        for n, k, _ in info.values()) for fmt in formats}
+    working_set[ORIGINAL] = head + sum(n * k * dtype.itemsize for n, k, _ in info.values())
     working_set = {name: -(-ws // 2**20) * 2**20 for name, ws in working_set.items()}  # whole MiB: stable keys
     work: list[tuple[str, tuple[int, ...], int, FormatSpec | None, bool, bool]] = []  # (key, sizes, K, fmt, bias, fused)
     for layer in layers:

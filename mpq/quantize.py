@@ -104,7 +104,11 @@ def quantize_weight(weight: torch.Tensor, fmt: FormatSpec) -> dict[str, torch.Te
 
 
 def dequantize_weight(tensors: dict[str, torch.Tensor], fmt: FormatSpec) -> torch.Tensor:
-    """The float32 weight that the canonical tensors stand for (the reference every kernel matches)."""
+    """The float32 weight that the canonical tensors stand for (the reference every kernel matches),
+    AWQ's input scale folded back in where there is one."""
+    if "input_scale" in tensors:  # the stored weight is W s; the input is multiplied by 1/s
+        rest = {name: t for name, t in tensors.items() if name != "input_scale"}
+        return dequantize_weight(rest, fmt) * tensors["input_scale"].float()[None, :]
     if fmt.bits == 16:
         return tensors["weight"].float()
     if fmt.bits == 8:

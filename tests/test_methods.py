@@ -26,6 +26,7 @@ def correlated_inputs(k: int, rows: int = 2048, seed: int = 0) -> torch.Tensor:
 
 
 def effective(tensors: dict, fmt) -> torch.Tensor:
+    """The weight a layer computes with: AWQ's stored W s times the input's 1/s."""
     w = dequantize_weight({k: v for k, v in tensors.items() if k != "input_scale"}, fmt)
     return w * tensors["input_scale"].float()[None, :] if "input_scale" in tensors else w
 
@@ -72,6 +73,9 @@ def test_awq_never_does_worse_than_rtn_on_its_objective(name):
     assert 0.0 <= alpha <= 1.0
     assert torch.equal(out["q"]["input_scale"], out["k"]["input_scale"])  # one input, one divisor
     assert out["q"]["input_scale"].dtype == torch.bfloat16 and out["q"]["input_scale"].shape == (256,)
+    for n, w in weights.items():  # the reference dequantisation folds the input scale back in
+        assert torch.equal(dequantize_weight(out[n], fmt), effective(out[n], fmt))
+        assert (dequantize_weight(out[n], fmt) - w).norm() < 0.2 * w.norm()
     err_awq = sum(output_error(w - effective(out[n], fmt), h) for n, w in weights.items())
     err_rtn = sum(output_error(w - dequantize_weight(quantize_weight(w, fmt), fmt), h) for n, w in weights.items())
     assert err_awq <= err_rtn * (1 + 1e-6)
