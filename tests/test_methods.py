@@ -107,3 +107,29 @@ def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_
 
         with safe_open(folder / "model.safetensors", "pt") as handle:
             assert any(key.endswith(".input_scale") for key in handle.keys())
+
+
+def test_input_statistics_are_the_calibration_second_moments(tiny_llama_dir):
+    """Checked by hand for one group: H = X^T X / n of the inputs the layer saw, shared by q/k/v."""
+    from mpq.calib_stats import collect_input_stats
+    from mpq.models import load_model
+    from mpq.sensitivity import measurement_model
+    from mpq.tasks import calibration_text, make_task
+    from mpq.trace import trace_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
+    work = measurement_model(loaded.model)
+    groups = graph.shared_input_groups()
+    stats = collect_input_stats(work, graph.layers, groups, task)
+    q, k = groups[0][0], groups[0][1]
+    captured = []
+    handle = work.get_submodule(q).register_forward_hook(lambda m, i, o: captured.append(i[0].reshape(-1, i[0].shape[-1])))
+    task.reference(work)
+    handle.remove()
+    x = torch.cat(captured).float()
+    assert stats.hessian[q] is stats.hessian[k]  # one input, one matrix
+    assert torch.allclose(stats.hessian[q], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(stats.absmean[q], x.abs().mean(0), rtol=1e-4, atol=1e-6)
+    assert stats.rows == x.shape[0] == 4 * 32
