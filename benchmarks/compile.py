@@ -67,7 +67,7 @@ def print_table(result: dict) -> None:
     print(f"\n## {result['model']}: budget {result['budget'] / 1e6:.2f} MB, smallest {result['smallest'] / 1e6:.2f} MB, "
           f"compile {result['compile_seconds']} s")
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()))
-    print(f"| config | kind | MB | quality | speed |\n|---|---|---|---|---|")
+    print("| config | kind | MB | quality | speed |\n|---|---|---|---|---|")
     for row in result["rows"]:
         print(f"| {row['config']} | {row['kind']} | {row['bytes'] / 1e6:.3f} | {_quality(row)} | {_speed(row)} |")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -30,9 +29,10 @@ from mpq.memory import format_size, memory_model, parse_size, resident_bytes
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
 from mpq.plan import Plan
 from mpq.refine import REFINE_CANDIDATES, refine_at_budget
+from mpq.selection import (chosen_for_measuring, emitted_front, latency_fields, latency_limit, latency_summary,
+                           time_step)
 from mpq.report import draw_heatmap, draw_pareto, draw_speedup, heatmap_markdown, write_report
-from mpq.search import (Candidate, evaluate_plan, exact_front, open_storage, pareto_front, search_plans, spread, tie,
-                        uniform_plan)
+from mpq.search import Candidate, evaluate_plan, exact_front, open_storage, search_plans, uniform_plan
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
 from mpq.sensitivity import MEASURE_BACKEND, MEASURES, SIGNALS, SensitivityTable, cache_dir, find_cached, measurement_model
 from mpq.tasks import calibration_text, make_task
@@ -41,7 +41,6 @@ from mpq.trace import ModelGraph, trace_model
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = {CAUSAL_LM: 32, "encoder": 128}
 DEFAULT_SEQ_LEN = {CAUSAL_LM: 128, "encoder": 128}
-LATENCY_RESOLUTION = 0.01
 
 
 @dataclass
@@ -182,7 +181,7 @@ def compile_model(opts: CompileOptions) -> dict:
     latency, latency_cap = None, None
     if regime is not None:
         latency = _latency(opts, loaded, graph, formats, regime, groups)
-        latency_cap = _latency_cap(latency, max_latency, opts.min_speedup, memory.layer_bytes, groups if opts.tie else [])
+        latency_cap = latency_limit(latency, max_latency, opts.min_speedup, memory.layer_bytes, groups if opts.tie else [])
         lap("profile")
 
     costs = memory.layer_bytes
@@ -229,7 +228,7 @@ def compile_model(opts: CompileOptions) -> dict:
     uniform = [Candidate(plan, *evaluate_plan(plan, costs, sens, memory.fixed_bytes), f"uniform:{name}",
                          latency=None if latency is None else latency.predict(plan))
                for name, plan in ((name, uniform_plan(costs, name)) for name in uniform_names)]
-    mixed = [c for c in _chosen(result.front, opts.max_configs, _time_step(latency)) if not c.origin.startswith("uniform")]
+    mixed = [c for c in chosen_for_measuring(result.front, opts.max_configs, time_step(latency)) if not c.origin.startswith("uniform")]
     if refinement is not None and all(c.formats != refinement.best.formats for c in uniform + mixed):
         mixed.append(refinement.best)  # the measured best at the budget is always judged on held-out data
     measured = uniform + mixed
@@ -240,37 +239,18 @@ def compile_model(opts: CompileOptions) -> dict:
             cand.measured = task.evaluate(loaded.model)
         cand.measured["calib_divergence"] = calib_divergence(cand.formats)  # to check the additive prediction
     if regime is not None:  # the prediction's check: each emitted model's own step, timed
-        runs = [lambda c=c: applied(loaded.model, {n: get_format(f) for n, f in c.formats.items()}, cache,
-                                    fusion_groups(c.formats, groups, has_bias)) for c in measured]
-        # the unquantised model too, in the same rounds: a shared machine's speed drifts between the
-        # profile and now, and speedups measured side by side do not drift with it
-        *steps, baseline_now = measure_plans(loaded.model, loaded.task, regime, [*runs, nullcontext])
-        for cand, step_s in zip(measured, steps):
-            cand.measured["latency_s"] = step_s
-            cand.measured["speedup"] = baseline_now / step_s
-        baseline["latency_s"] = baseline_now
+        baseline["latency_s"] = _time_configs(loaded, regime, measured, cache, groups, has_bias)
     additivity = additivity_check([c.predicted for c in measured], [c.measured["calib_divergence"] for c in measured],
                                   same_units=table.metric == task.metric)
     lap("evaluate")
 
     feasible = [c for c in measured if c.bytes <= budget and (latency_cap is None or c.latency <= latency_cap)]
-    front = _emitted_front(feasible, _time_step(latency))
-    configs_dir = out / "configs"
-    if configs_dir.exists():
-        shutil.rmtree(configs_dir)  # configs of an earlier run would mislead next to this one
+    front = emitted_front(feasible, time_step(latency))
     env = {"versions": versions(), "hardware": hardware()}
-    config_rows = []
-    for index, cand in enumerate(front):
-        name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if cand.origin.startswith("uniform") else "")
-        plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
-        accepted, because = _accepts(cand.measured, baseline["metrics"], opts.max_quality_drop, task.higher_is_better)
-        card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, opts.method)
-        fused = fusion_groups(cand.formats, groups, has_bias)
-        with applied(loaded.model, plan.specs(), cache, fused) as tensors:
-            save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
-        config_rows.append({"name": name, "bytes": cand.bytes, "predicted": cand.predicted, "metrics": cand.measured,
-                            "counts": plan.counts(), "origin": cand.origin, "accepted": accepted,
-                            "rejected_because": because, **_latency_fields(cand, latency)})
+    if (out / "configs").exists():
+        shutil.rmtree(out / "configs")  # configs of an earlier run would mislead next to this one
+    config_rows = [_emit_config(out / "configs", index, cand, opts, loaded, task, graph, cache, baseline, calib_info, env,
+                                latency) for index, cand in enumerate(front)]
     lap("emit")
 
     points = [{"name": c.origin.split(":")[-1] if c.origin.startswith("uniform") else "", "bytes": c.bytes,
@@ -295,8 +275,8 @@ def compile_model(opts: CompileOptions) -> dict:
         "sensitivity_seconds": table.seconds, "sensitivity_reused": reused, "additivity": additivity,
         "configs": config_rows,
         "uniform": [{"name": c.origin.split(":")[1], "bytes": c.bytes, "predicted": c.predicted, "metrics": c.measured,
-                     "formats": c.formats, **_latency_fields(c, latency)} for c in uniform],
-        "latency": None if latency is None else _latency_summary(latency, latency_cap, max_latency, opts.min_speedup,
+                     "formats": c.formats, **latency_fields(c, latency)} for c in uniform],
+        "latency": None if latency is None else latency_summary(latency, latency_cap, max_latency, opts.min_speedup,
                                                                  measured, baseline.get("latency_s")),
         **env,
     }
@@ -307,91 +287,35 @@ def compile_model(opts: CompileOptions) -> dict:
     return summary
 
 
-def _latency_cap(latency: LatencyModel, max_latency: float | None, min_speedup: float | None,
-                 costs: dict[str, dict[str, int]], tied: list[list[str]]) -> float | None:
-    """The tighter of --max-latency and baseline / --min-speedup, checked against the fastest plan."""
-    caps = [c for c in (max_latency, None if min_speedup is None else latency.baseline_seconds / min_speedup) if c is not None]
-    if not caps:
-        return None
-    cap = min(caps)
-    units_costs, _, members = tie(costs, {n: {f: 0.0 for f in o} for n, o in costs.items()}, tied)
-    fastest = latency.rest_seconds + sum(min(latency.layers_seconds({m: f for m in members[u]}) for f in units_costs[u])
-                                         for u in units_costs)
-    if fastest > cap:
-        raise MpqError(f"no config can run a {Regime(**latency.regime).describe()} in {cap * 1e3:.3f} ms on this machine: "
-                       f"the fastest predicted is {fastest * 1e3:.3f} ms (speedup {latency.baseline_seconds / fastest:.2f}x); "
-                       f"raise --max-latency or lower --min-speedup")
-    return cap
+def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate], cache: QuantizedWeightCache,
+                  groups: list[list[str]], has_bias: dict[str, bool]) -> float:
+    """Time one step of each config as emitted (into cand.measured) and of the unquantised model in
+    the same rounds, whose time it returns: a shared machine's speed drifts between the profile and
+    now, and speedups measured side by side do not drift with it."""
+    runs = [lambda c=c: applied(loaded.model, {n: get_format(f) for n, f in c.formats.items()}, cache,
+                                fusion_groups(c.formats, groups, has_bias)) for c in measured]
+    *steps, baseline_now = measure_plans(loaded.model, loaded.task, regime, [*runs, nullcontext])
+    for cand, step_s in zip(measured, steps):
+        cand.measured["latency_s"] = step_s
+        cand.measured["speedup"] = baseline_now / step_s
+    return baseline_now
 
 
-def _time_step(latency: LatencyModel | None) -> float:
-    """Latencies closer than this are one latency to the fronts: 1% of the unquantised step, under
-    which a prediction means nothing (it is validated to about 15%)."""
-    return 1.0 if latency is None else LATENCY_RESOLUTION * latency.baseline_seconds
-
-
-def _by_time(cands: list[Candidate], resolution: float) -> list[Candidate]:
-    """Copies of the candidates whose 'bytes' is their latency in steps of `resolution`, so that
-    pareto_front finds the (latency, loss) front."""
-    return [Candidate(c.formats, round(c.latency / resolution), c.predicted, c.origin, c.measured, c.latency) for c in cands]
-
-
-def _chosen(front: list[Candidate], count: int, resolution: float) -> list[Candidate]:
-    """The configs to measure: spread over the bytes of the (bytes, predicted) front, and, with a
-    latency model, as many again spread over the latency of the (latency, predicted) front."""
-    by_bytes = pareto_front(front)
-    if front and front[0].latency is None:
-        return spread(by_bytes, count)
-    by_time = sorted(pareto_front(_by_time(front, resolution)), key=lambda c: c.latency)
-    chosen = spread(by_bytes, count)
-    keys = {tuple(sorted(c.formats.items())) for c in chosen}
-    for quick in spread(by_time, count):
-        original = next(c for c in front if c.formats == quick.formats)
-        if tuple(sorted(original.formats.items())) not in keys:
-            chosen.append(original)
-    return sorted(chosen, key=lambda c: c.bytes)
-
-
-def _emitted_front(feasible: list[Candidate], resolution: float) -> list[Candidate]:
-    """Measured configs that none beats on bytes and held-out loss, or on predicted latency and loss."""
-    loss = lambda c: c.measured["loss"]  # noqa: E731
-    front = pareto_front(feasible, loss=loss)
-    if feasible and feasible[0].latency is not None:
-        by_time = pareto_front(_by_time(feasible, resolution), loss=loss)
-        fast = {tuple(sorted(c.formats.items())) for c in by_time}
-        front += [c for c in feasible if tuple(sorted(c.formats.items())) in fast and c not in front]
-    return sorted(front, key=lambda c: c.bytes)
-
-
-def _latency_fields(cand: Candidate, latency: LatencyModel | None) -> dict:
-    if latency is None:
-        return {}
-    measured, speedup = cand.measured.get("latency_s"), cand.measured.get("speedup")
-    predicted_speedup = latency.baseline_seconds / cand.latency
-    return {"latency_predicted_s": cand.latency, "latency_measured_s": measured,
-            "speedup_predicted": predicted_speedup, "speedup_measured": speedup,
-            "latency_error": None if not measured else cand.latency / measured - 1,
-            "speedup_error": None if not speedup else predicted_speedup / speedup - 1}
-
-
-def _median(values: list[float]) -> float | None:
-    return sorted(values)[len(values) // 2] if values else None
-
-
-def _latency_summary(latency: LatencyModel, cap: float | None, max_latency: float | None, min_speedup: float | None,
-                     measured: list[Candidate], baseline_now: float | None) -> dict:
-    fields = [_latency_fields(c, latency) for c in measured if c.measured.get("latency_s")]
-    errors = [abs(f["latency_error"]) for f in fields]
-    speedup_errors = [abs(f["speedup_error"]) for f in fields]
-    return {"regime": latency.regime, "describe": Regime(**latency.regime).describe(), "device": latency.device,
-            "baseline_seconds": latency.baseline_seconds, "baseline_now_seconds": baseline_now,
-            "drift": None if not baseline_now else baseline_now / latency.baseline_seconds,
-            "rest_seconds": latency.rest_seconds,
-            "profile_seconds": latency.profile_seconds, "reused": latency.reused, "notes": latency.notes,
-            "cap_seconds": cap, "max_latency": max_latency, "min_speedup": min_speedup,
-            "max_abs_error": max(errors) if errors else None, "median_abs_error": _median(errors),
-            "max_abs_speedup_error": max(speedup_errors) if speedup_errors else None,
-            "median_abs_speedup_error": _median(speedup_errors)}
+def _emit_config(configs_dir: Path, index: int, cand: Candidate, opts: CompileOptions, loaded: LoadedModel, task,
+                 graph: ModelGraph, cache: QuantizedWeightCache, baseline: dict, calib_info: dict, env: dict,
+                 latency: LatencyModel | None) -> dict:
+    """Write one config folder (atomically) and return its row of the summary."""
+    uniform = cand.origin.startswith("uniform")
+    name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if uniform else "")
+    plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
+    accepted, because = _accepts(cand.measured, baseline["metrics"], opts.max_quality_drop, task.higher_is_better)
+    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, opts.method)
+    fused = fusion_groups(cand.formats, graph.shared_input_groups(), {layer.name: layer.has_bias for layer in graph.layers})
+    with applied(loaded.model, plan.specs(), cache, fused) as tensors:
+        save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
+    return {"name": name, "bytes": cand.bytes, "predicted": cand.predicted, "metrics": cand.measured,
+            "counts": plan.counts(), "origin": cand.origin, "accepted": accepted, "rejected_because": because,
+            **latency_fields(cand, latency)}
 
 
 def _display_quality(metrics: dict) -> float:

@@ -275,7 +275,7 @@ def find_profile(key: str, *places: Path) -> LatencyModel | None:
     for path in (*places, models_dir() / f"{key}.json"):
         try:
             found = LatencyModel.load(path)
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError):
             continue
         if found.key == key and found.version == VERSION:
             found.reused = True

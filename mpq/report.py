@@ -207,7 +207,7 @@ def _additivity_line(check: dict, metric: str, task_metric: str) -> str:
             f"{check['spearman']:.3f}, median relative error "
             + ("n/a (other units)" if check["median_relative_error"] is None else f"{check['median_relative_error']:.1%}"))
     if check["weak"]:
-        line += f". WARNING: correlation under 0.9, so the predicted ranking of configs is not reliable here"
+        line += ". WARNING: correlation under 0.9, so the predicted ranking of configs is not reliable here"
     return line
 
 
@@ -250,7 +250,7 @@ def write_report(path: Path, summary: dict) -> Path:
         "",
         "## Pareto set",
         "",
-        f"Configs under `configs/`; `mpq inspect configs/NAME` shows one. Acceptance: bytes <= --max-mem"
+        "Configs under `configs/`; `mpq inspect configs/NAME` shows one. Acceptance: bytes <= --max-mem"
         + (f" and quality drop <= {s['max_quality_drop']}" if s.get("max_quality_drop") is not None else "") + ".",
         "",
         f"| config | bytes | predicted {s['metric']} | {header} | formats | accepted |",

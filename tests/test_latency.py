@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from mpq.cli import main
 from mpq.errors import MpqError

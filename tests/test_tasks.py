@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mpq.errors import MpqError
-from mpq.tasks import CalibrationText, CausalLMTask, calibration_text
+from mpq.tasks import CausalLMTask, calibration_text
 
 from conftest import tiny_llama
 

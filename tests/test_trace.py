@@ -1,6 +1,5 @@
 """FX capture through torch.export on GPT-2, Llama, Qwen2 and BERT configs (small random weights)."""
 
-import pytest
 import torch
 
 from mpq.trace import trace_model

@@ -1,0 +1,101 @@
+"""Which configs a compile measures and emits, and the latency numbers its report gives.
+
+Plain functions over search Candidates: the configs to measure spread over the (bytes, predicted)
+and (latency, predicted) fronts, the emitted fronts over measured quality, the latency cap from
+the user's limits, and the per-config and summary latency fields.
+"""
+
+from __future__ import annotations
+
+from mpq.errors import MpqError
+from mpq.latency import LatencyModel, Regime
+from mpq.search import Candidate, pareto_front, spread, tie
+
+LATENCY_RESOLUTION = 0.01
+
+
+def latency_limit(latency: LatencyModel, max_latency: float | None, min_speedup: float | None,
+                 costs: dict[str, dict[str, int]], tied: list[list[str]]) -> float | None:
+    """The tighter of --max-latency and baseline / --min-speedup, checked against the fastest plan."""
+    caps = [c for c in (max_latency, None if min_speedup is None else latency.baseline_seconds / min_speedup) if c is not None]
+    if not caps:
+        return None
+    cap = min(caps)
+    units_costs, _, members = tie(costs, {n: {f: 0.0 for f in o} for n, o in costs.items()}, tied)
+    fastest = latency.rest_seconds + sum(min(latency.layers_seconds({m: f for m in members[u]}) for f in units_costs[u])
+                                         for u in units_costs)
+    if fastest > cap:
+        raise MpqError(f"no config can run a {Regime(**latency.regime).describe()} in {cap * 1e3:.3f} ms on this machine: "
+                       f"the fastest predicted is {fastest * 1e3:.3f} ms (speedup {latency.baseline_seconds / fastest:.2f}x); "
+                       f"raise --max-latency or lower --min-speedup")
+    return cap
+
+
+def time_step(latency: LatencyModel | None) -> float:
+    """Latencies closer than this are one latency to the fronts: 1% of the unquantised step, under
+    which a prediction means nothing (it is validated to about 15%)."""
+    return 1.0 if latency is None else LATENCY_RESOLUTION * latency.baseline_seconds
+
+
+def _by_time(cands: list[Candidate], resolution: float) -> list[Candidate]:
+    """Copies of the candidates whose 'bytes' is their latency in steps of `resolution`, so that
+    pareto_front finds the (latency, loss) front."""
+    return [Candidate(c.formats, round(c.latency / resolution), c.predicted, c.origin, c.measured, c.latency) for c in cands]
+
+
+def chosen_for_measuring(front: list[Candidate], count: int, resolution: float) -> list[Candidate]:
+    """The configs to measure: spread over the bytes of the (bytes, predicted) front, and, with a
+    latency model, as many again spread over the latency of the (latency, predicted) front."""
+    by_bytes = pareto_front(front)
+    if front and front[0].latency is None:
+        return spread(by_bytes, count)
+    by_time = sorted(pareto_front(_by_time(front, resolution)), key=lambda c: c.latency)
+    chosen = spread(by_bytes, count)
+    keys = {tuple(sorted(c.formats.items())) for c in chosen}
+    for quick in spread(by_time, count):
+        original = next(c for c in front if c.formats == quick.formats)
+        if tuple(sorted(original.formats.items())) not in keys:
+            chosen.append(original)
+    return sorted(chosen, key=lambda c: c.bytes)
+
+
+def emitted_front(feasible: list[Candidate], resolution: float) -> list[Candidate]:
+    """Measured configs that none beats on bytes and held-out loss, or on predicted latency and loss."""
+    loss = lambda c: c.measured["loss"]  # noqa: E731
+    front = pareto_front(feasible, loss=loss)
+    if feasible and feasible[0].latency is not None:
+        by_time = pareto_front(_by_time(feasible, resolution), loss=loss)
+        fast = {tuple(sorted(c.formats.items())) for c in by_time}
+        front += [c for c in feasible if tuple(sorted(c.formats.items())) in fast and c not in front]
+    return sorted(front, key=lambda c: c.bytes)
+
+
+def latency_fields(cand: Candidate, latency: LatencyModel | None) -> dict:
+    if latency is None:
+        return {}
+    measured, speedup = cand.measured.get("latency_s"), cand.measured.get("speedup")
+    predicted_speedup = latency.baseline_seconds / cand.latency
+    return {"latency_predicted_s": cand.latency, "latency_measured_s": measured,
+            "speedup_predicted": predicted_speedup, "speedup_measured": speedup,
+            "latency_error": None if not measured else cand.latency / measured - 1,
+            "speedup_error": None if not speedup else predicted_speedup / speedup - 1}
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def latency_summary(latency: LatencyModel, cap: float | None, max_latency: float | None, min_speedup: float | None,
+                     measured: list[Candidate], baseline_now: float | None) -> dict:
+    fields = [latency_fields(c, latency) for c in measured if c.measured.get("latency_s")]
+    errors = [abs(f["latency_error"]) for f in fields]
+    speedup_errors = [abs(f["speedup_error"]) for f in fields]
+    return {"regime": latency.regime, "describe": Regime(**latency.regime).describe(), "device": latency.device,
+            "baseline_seconds": latency.baseline_seconds, "baseline_now_seconds": baseline_now,
+            "drift": None if not baseline_now else baseline_now / latency.baseline_seconds,
+            "rest_seconds": latency.rest_seconds,
+            "profile_seconds": latency.profile_seconds, "reused": latency.reused, "notes": latency.notes,
+            "cap_seconds": cap, "max_latency": max_latency, "min_speedup": min_speedup,
+            "max_abs_error": max(errors) if errors else None, "median_abs_error": _median(errors),
+            "max_abs_speedup_error": max(speedup_errors) if speedup_errors else None,
+            "median_abs_speedup_error": _median(speedup_errors)}
