@@ -250,7 +250,7 @@ def compile_model(opts: CompileOptions) -> dict:
     if (out / "configs").exists():
         shutil.rmtree(out / "configs")  # configs of an earlier run would mislead next to this one
     config_rows = [_emit_config(out / "configs", index, cand, opts, loaded, task, graph, cache, baseline, calib_info, env,
-                                latency) for index, cand in enumerate(front)]
+                                latency, fusion_groups(cand.formats, groups, has_bias)) for index, cand in enumerate(front)]
     lap("emit")
 
     points = [{"name": c.origin.split(":")[-1] if c.origin.startswith("uniform") else "", "bytes": c.bytes,
@@ -303,14 +303,13 @@ def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate]
 
 def _emit_config(configs_dir: Path, index: int, cand: Candidate, opts: CompileOptions, loaded: LoadedModel, task,
                  graph: ModelGraph, cache: QuantizedWeightCache, baseline: dict, calib_info: dict, env: dict,
-                 latency: LatencyModel | None) -> dict:
-    """Write one config folder (atomically) and return its row of the summary."""
+                 latency: LatencyModel | None, fused: list[list[str]]) -> dict:
+    """Write one config folder (atomically), its layers fused as `fused`, and return its row of the summary."""
     uniform = cand.origin.startswith("uniform")
     name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if uniform else "")
     plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
     accepted, because = _accepts(cand.measured, baseline["metrics"], opts.max_quality_drop, task.higher_is_better)
     card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, opts.method)
-    fused = fusion_groups(cand.formats, graph.shared_input_groups(), {layer.name: layer.has_bias for layer in graph.layers})
     with applied(loaded.model, plan.specs(), cache, fused) as tensors:
         save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
     return {"name": name, "bytes": cand.bytes, "predicted": cand.predicted, "metrics": cand.measured,

@@ -351,45 +351,30 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
                                         for n, k, _ in info.values()) for fmt in formats}
     working_set[ORIGINAL] = head + sum(n * k * dtype.itemsize for n, k, _ in info.values())
     working_set = {name: -(-ws // 2**20) * 2**20 for name, ws in working_set.items()}  # whole MiB: stable keys
-    work: list[tuple[str, tuple[int, ...], int, FormatSpec | None, bool, bool]] = []  # (key, sizes, K, fmt, bias, fused)
-    for layer in layers:
-        for fmt in [*formats, None]:  # None: the original layer
-            name = ORIGINAL if fmt is None else fmt.name
-            if fmt is None or fmt.supports(layer.out_features, layer.in_features):
-                entry_key = _entry_key((layer.out_features,), layer.in_features, name, regime.tokens, layer.has_bias,
-                                       dtype, False, working_set[name])
-                work.append((entry_key, (layer.out_features,), layer.in_features, fmt, layer.has_bias, False))
+    # One job per (layer or fusable subset of a group, format): where its seconds go, and what to time.
+    # Layers of one shape share their cache entry, so each distinct shape is timed once.
+    layer_seconds: dict[str, dict[str, float]] = {name: {} for name in info}
+    group_seconds: dict[str, dict[str, float]] = {}
+    original_seconds: dict[str, float] = {}
+    jobs: list[tuple[dict, str, tuple[int, ...], int, FormatSpec | None, bool, bool]] = []
+    for name, (n, k, bias) in info.items():
+        jobs += [(layer_seconds[name], fmt.name, (n,), k, fmt, bias, False) for fmt in formats if fmt.supports(n, k)]
+        jobs.append((original_seconds, name, (n,), k, None, bias, False))  # None: the layer as the model holds it
     for group in groups:
         for names in _subsets(group):
             if len({info[n][2] for n in names}) > 1:
                 continue  # a biased and an unbiased layer never fuse
-            sizes = tuple(info[n][0] for n in names)
-            for fmt in formats:
-                if all(fmt.supports(info[n][0], info[n][1]) for n in names):
-                    entry_key = _entry_key(sizes, info[names[0]][1], fmt.name, regime.tokens, info[names[0]][2], dtype,
-                                           True, working_set[fmt.name])
-                    work.append((entry_key, sizes, info[names[0]][1], fmt, info[names[0]][2], True))
-    unique = {item[0]: item for item in work}
-    for entry_key, sizes, k, fmt, bias, fused in tqdm(list(unique.values()), desc="profile", disable=not progress, unit="shape"):
-        cache.get("entries", entry_key, lambda: time_layers(
-            sizes, k, fmt or get_format("fp16"), regime.tokens, bias, dtype, device, fused, budget_s,
-            working_set[fmt.name if fmt is not None else ORIGINAL], original=fmt is None))
-
-    def entry(sizes, k, fmt, bias, fused) -> float:
-        return cache.data["entries"][_entry_key(sizes, k, fmt, regime.tokens, bias, dtype, fused, working_set[fmt])]
-
-    layer_seconds = {name: {fmt.name: entry((n,), k, fmt.name, bias, False) for fmt in formats if fmt.supports(n, k)}
-                     for name, (n, k, bias) in info.items()}
-    original = sum(entry((n,), k, ORIGINAL, bias, False) for n, k, bias in info.values())
-    group_seconds = {}
-    for group in groups:
-        for names in _subsets(group):
-            n0, k, bias = info[names[0]]
-            if len({info[n][2] for n in names}) > 1:
-                continue
-            sizes = tuple(info[n][0] for n in names)
-            group_seconds["|".join(names)] = {fmt.name: entry(sizes, k, fmt.name, bias, True) for fmt in formats
-                                              if all(fmt.supports(info[n][0], info[n][1]) for n in names)}
+            sizes, (_, k, bias) = tuple(info[n][0] for n in names), info[names[0]]
+            target = group_seconds.setdefault("|".join(names), {})
+            jobs += [(target, fmt.name, sizes, k, fmt, bias, True) for fmt in formats
+                     if all(fmt.supports(info[n][0], info[n][1]) for n in names)]
+    for target, slot, sizes, k, fmt, bias, fused in tqdm(jobs, desc="profile", disable=not progress, unit="entry"):
+        ws = working_set[ORIGINAL if fmt is None else fmt.name]
+        entry_key = _entry_key(sizes, k, ORIGINAL if fmt is None else fmt.name, regime.tokens, bias, dtype, fused, ws)
+        target[slot] = cache.get("entries", entry_key, lambda: time_layers(
+            sizes, k, fmt or get_format("fp16"), regime.tokens, bias, dtype, device, fused, budget_s, ws,
+            original=fmt is None))
+    original = sum(original_seconds.values())
     cache.save()
     # Timed afresh on every profile (the caller keeps the whole model by key): on a shared machine
     # the speed of the moment drifts by more than the 15% the predictions aim at.

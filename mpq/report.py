@@ -91,20 +91,10 @@ def draw_pareto(points: list[dict], path: Path, quality_name: str, baseline: flo
     if others:
         ax.scatter([p["bytes"] / 1e6 for p in others], [p["quality"] for p in others], c="0.7", label="measured, dominated")
     ax.plot([p["bytes"] / 1e6 for p in front], [p["quality"] for p in front], "o-", c="tab:blue", label="mpq Pareto set")
-    for p in uniform:
-        ax.scatter([p["bytes"] / 1e6], [p["quality"]], marker="s", s=60, c="tab:red", zorder=3)
-        ax.annotate(p["name"], (p["bytes"] / 1e6, p["quality"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    if baseline is not None:
-        ax.axhline(baseline, ls="--", c="0.4", label="unquantised")
+    _mark_uniform(ax, uniform, lambda p: p["bytes"] / 1e6)
     if budget is not None:
         ax.axvline(budget / 1e6, ls=":", c="tab:green", label="--max-mem")
-    ax.set_xlabel("resident weight bytes (MB)")
-    ax.set_ylabel(quality_name)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "resident weight bytes (MB)", quality_name, baseline)
 
 
 def draw_speedup(points: list[dict], path: Path, quality_name: str, baseline: float | None, regime: dict,
@@ -128,17 +118,29 @@ def draw_speedup(points: list[dict], path: Path, quality_name: str, baseline: fl
         ax.scatter([p["speedup"] for p in rest], [p["quality"] for p in rest], c="0.7", label="measured, dominated")
     ax.plot([p["speedup"] for p in front], [p["quality"] for p in front], "o-", c="tab:blue",
             label="Pareto front (speedup, quality)")
-    for p in points:
-        if p["uniform"]:
-            ax.scatter([p["speedup"]], [p["quality"]], marker="s", s=60, c="tab:red", zorder=3)
-            ax.annotate(p["name"], (p["speedup"], p["quality"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    if baseline is not None:
-        ax.axhline(baseline, ls="--", c="0.4", label="unquantised")
+    _mark_uniform(ax, [p for p in points if p["uniform"]], lambda p: p["speedup"])
     ax.axvline(1.0, ls="-", c="0.85")
     if min_speedup is not None:
         ax.axvline(min_speedup, ls=":", c="tab:green", label="latency cap")
     kind = "decode step" if regime["kind"] == "decode" else "prefill"
-    ax.set_xlabel(f"predicted speedup over the unquantised model ({kind}, batch {regime['batch']}, length {regime['length']})")
+    return _save(fig, ax, path, f"predicted speedup over the unquantised model ({kind}, batch {regime['batch']}, "
+                 f"length {regime['length']})", quality_name, baseline)
+
+
+def _mark_uniform(ax, uniform: list[dict], x) -> None:
+    """The uniform configs as red squares, each with its format's name."""
+    for p in uniform:
+        ax.scatter([x(p)], [p["quality"]], marker="s", s=60, c="tab:red", zorder=3)
+        ax.annotate(p["name"], (x(p), p["quality"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+
+
+def _save(fig, ax, path: Path, xlabel: str, quality_name: str, baseline: float | None) -> Path:
+    """The parts both plots share: the unquantised line, labels, grid, legend; then write and close."""
+    import matplotlib.pyplot as plt
+
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", c="0.4", label="unquantised")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(quality_name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

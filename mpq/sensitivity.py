@@ -21,8 +21,10 @@ import copy
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -166,31 +168,45 @@ def measure_local(model: nn.Module, work: nn.Module, layers: list[LayerInfo], fo
                             seconds=round(time.time() - start, 2))
 
 
-def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
-                   key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
-    """The "fisher" signal: second-order estimate of the loss increase from each layer's rounding."""
+def _require_causal_lm(task, signal: str) -> None:
     from mpq.errors import MpqError
 
     if not hasattr(task, "calib_ids"):
-        raise MpqError("--sensitivity fisher needs a causal LM (an encoder has no loss to differentiate): use kl or local")
-    start = time.time()
-    params = {layer.name: get_module(work, layer.name).weight for layer in layers}
-    fisher = {name: torch.zeros_like(param, dtype=torch.float32) for name, param in params.items()}
+        raise MpqError(f"--sensitivity {signal} needs a causal LM (an encoder has no loss to differentiate): use kl or local")
+
+
+@contextmanager
+def _differentiable(params: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block the weights take gradients; after it, as they were and with no grad left."""
     was = {name: param.requires_grad for name, param in params.items()}
     try:
         for param in params.values():
             param.requires_grad_(True)
-        for ids in tqdm(task.calib_ids.split(8), desc="fisher sensitivity", disable=not progress, unit="batch"):
-            work.zero_grad(set_to_none=True)
-            logits = work(input_ids=ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            loss.backward()
-            for name, param in params.items():
-                fisher[name] += param.grad.float().pow(2)
+        yield
     finally:
         for name, param in params.items():
             param.requires_grad_(was[name])
             param.grad = None
+
+
+def _next_token_loss(work: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = work(input_ids=ids, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
+                   key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
+    """The "fisher" signal: second-order estimate of the loss increase from each layer's rounding."""
+    _require_causal_lm(task, "fisher")
+    start = time.time()
+    params = {layer.name: get_module(work, layer.name).weight for layer in layers}
+    fisher = {name: torch.zeros_like(param, dtype=torch.float32) for name, param in params.items()}
+    with _differentiable(params):
+        for ids in tqdm(task.calib_ids.split(8), desc="fisher sensitivity", disable=not progress, unit="batch"):
+            work.zero_grad(set_to_none=True)
+            _next_token_loss(work, ids).backward()
+            for name, param in params.items():
+                fisher[name] += param.grad.float().pow(2)
     values: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for layer in layers:
@@ -228,32 +244,18 @@ def measure_hessian(model: nn.Module, work: nn.Module, layers: list[LayerInfo], 
     """The "hessian" signal (HAWQ-v2): 1/2 x mean Hessian diagonal of the loss in each layer's weight
     x the squared rounding error, the trace estimated by Hutchinson's method (E[v^T H v] over
     Rademacher v; one Hessian-vector product, a second backward pass, per probe)."""
-    from mpq.errors import MpqError
-
-    if not hasattr(task, "calib_ids"):
-        raise MpqError("--sensitivity hessian needs a causal LM (an encoder has no loss to differentiate): use kl or local")
+    _require_causal_lm(task, "hessian")
     start = time.time()
     params = {layer.name: get_module(work, layer.name).weight for layer in layers}
     traces = {name: 0.0 for name in params}
-    was = {name: param.requires_grad for name, param in params.items()}
     generator = torch.Generator().manual_seed(0)
     batches = task.calib_ids.split(8)[:HESSIAN_BATCHES]
-    try:
-        for param in params.values():
-            param.requires_grad_(True)
+    # the fused attention kernels have no second derivative; the plain math one does
+    with _differentiable(params), sdpa_kernel(SDPBackend.MATH):
         for ids in tqdm(batches, desc="hessian sensitivity", disable=not progress, unit="batch"):
-            # the fused attention kernels have no second derivative; the plain math one does
-            with sdpa_kernel(SDPBackend.MATH):
-                logits = work(input_ids=ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            with sdpa_kernel(SDPBackend.MATH):
-                estimates = hutchinson_traces(loss, list(params.values()), HUTCHINSON_PROBES, generator)
+            estimates = hutchinson_traces(_next_token_loss(work, ids), list(params.values()), HUTCHINSON_PROBES, generator)
             for name, trace in zip(params, estimates):
                 traces[name] += trace / len(batches)
-    finally:
-        for name, param in params.items():
-            param.requires_grad_(was[name])
-            param.grad = None
     values: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for layer in layers:

@@ -178,13 +178,11 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
         plan = {unit: trial.suggest_categorical(unit, options[unit]) for unit in units}
         nbytes, predicted = evaluate_plan(plan, unit_costs, unit_sens, fixed_bytes)
         trial.set_user_attr("bytes", nbytes)
-        constraints = [nbytes - budget]  # feasible when every one is <= 0
+        trial.set_constraint("memory", nbytes - budget)  # feasible when every constraint is <= 0
         if unit_lat is None:
-            trial.set_constraint("memory", constraints[0])
             return float(nbytes), predicted
         seconds = step_seconds(plan)
         trial.set_user_attr("latency", seconds)
-        trial.set_constraint("memory", constraints[0])
         trial.set_constraint("latency", seconds - max_latency if max_latency is not None else -1.0)
         return float(nbytes), predicted, seconds
 
