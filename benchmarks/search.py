@@ -13,6 +13,7 @@ plans measured. Prints Markdown tables and writes JSON.
 
     python benchmarks/search.py                       # both demos, every method and signal
     python benchmarks/search.py --models demo --methods rtn,gptq --signals kl --trials 100
+The JSON keeps the entries of methods not run this time (a method's entry is replaced whole).
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ from pathlib import Path
 
 from mpq.additivity import additivity_check
 from mpq.apply import QuantizedWeightCache, applied
-from mpq.calib_stats import collect_input_stats
 from mpq.environment import hardware, versions
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
 from mpq.memory import memory_model
-from mpq.methods import make_quantizer
+from mpq.methods import method_quantizer
 from mpq.models import CAUSAL_LM, load_model
 from mpq.profile import example_inputs
 from mpq.refine import refine_at_budget
@@ -60,8 +60,7 @@ def bench_model(name: str, methods: list[str], signals: list[str], trials: int) 
     result = {"model": name, "task": loaded.task, "baseline": baseline, "methods": {}}
     for method in methods:
         start = time.time()
-        stats = collect_input_stats(work, graph.layers, groups, task) if method != "rtn" else None
-        cache = QuantizedWeightCache(loaded.model, make_quantizer(method, loaded.model, stats, groups))
+        cache = QuantizedWeightCache(loaded.model, method_quantizer(method, loaded.model, graph.layers, groups, formats, task))
         memory = memory_model(loaded.model, graph.layers, formats, method)
         costs = memory.layer_bytes
 
@@ -141,6 +140,20 @@ def print_tables(result: dict) -> None:
                       f"{spearman} |")
 
 
+def merged(path: Path, results: list[dict]) -> list[dict]:
+    """The results already in `path` with the (model, method) entries just run replaced, so that
+    `--methods awq` refreshes AWQ's rows and keeps the others."""
+    if not path.exists():
+        return results
+    old = {r["model"]: r for r in json.loads(path.read_text())["results"]}
+    for result in results:
+        if result["model"] in old:
+            old[result["model"]]["methods"].update(result["methods"])
+        else:
+            old[result["model"]] = result
+    return list(old.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,minilm")
@@ -158,7 +171,7 @@ def main() -> None:
         results.append(result)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "search.json"
-    path.write_text(json.dumps({"hardware": hardware(), "versions": versions(), "results": results}, indent=2) + "\n")
+    path.write_text(json.dumps({"hardware": hardware(), "versions": versions(), "results": merged(path, results)}, indent=2) + "\n")
     print(f"\nwrote {path}")
 
 

@@ -1,10 +1,11 @@
-"""What calibration-aware quantisers need to know about each layer's inputs, from one pass.
+"""What calibration-aware quantisers need to know about each layer's inputs.
 
 - GPTQ and AWQ: H = X^T X / n, the [K, K] second moment of the layer's inputs (AWQ scores its
   scales by the output error tr(dW H dW^T), GPTQ compensates rounding with H^-1);
 - AWQ: the mean magnitude of each input channel, which its scales are powers of.
 Layers that read the same tensor (q/k/v, gate/up) see the same X: one statistic serves the group,
-so memory is one [K, K] matrix per distinct input, not per layer.
+so memory is one [K, K] matrix per distinct input, not per layer. mpq.blockwise decides which
+modules are hooked and feeds them, one block at a time.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpq.apply import get_module
-from mpq.trace import LayerInfo
-
 
 @dataclass
 class InputStats:
@@ -25,36 +23,41 @@ class InputStats:
     rows: int  # calibration rows (tokens) seen by the least-fed layer
 
 
-@torch.no_grad()
-def collect_input_stats(model: nn.Module, layers: list[LayerInfo], groups: list[list[str]], task) -> InputStats:
-    """Run the calibration data through `model` (the float32 twin) once, hooking every layer."""
-    represent = {name: group[0] for group in groups for name in group}
-    owners = sorted({represent.get(layer.name, layer.name) for layer in layers})
-    sums: dict[str, torch.Tensor] = {}
-    absums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name in owners:
-        def hook(module, inputs, output, name=name):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            if name not in sums:
-                sums[name] = torch.zeros(x.shape[1], x.shape[1])
-                absums[name] = torch.zeros(x.shape[1])
-                counts[name] = 0
-            sums[name] += x.T @ x
-            absums[name] += x.abs().sum(0)
-            counts[name] += x.shape[0]
+class StatsRecorder:
+    """Hooks the modules of `root` that stand for some layers and sums their inputs' statistics.
 
-        hooks.append(get_module(model, name).register_forward_hook(hook))
-    try:
-        task.reference(model)  # one pass over the calibration data; the hooks do the work
-    finally:
-        for handle in hooks:
+    `modules` maps each layer's name to the module (under `root`) that computes it; `represent`
+    maps a layer to the first layer of its shared-input group, which alone is hooked."""
+
+    def __init__(self, modules: dict[str, nn.Module], represent: dict[str, str]) -> None:
+        self.owner = {name: represent.get(name, name) for name in modules}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.absums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.handles = [modules[name].register_forward_hook(self._hook(name))
+                        for name in sorted(set(self.owner.values()))]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                self.absums[name] = torch.zeros(x.shape[1], device=x.device)
+                self.counts[name] = 0
+            self.sums[name] += x.T @ x
+            self.absums[name] += x.abs().sum(0)
+            self.counts[name] += x.shape[0]
+        return hook
+
+    def finish(self) -> InputStats:
+        """Removes the hooks; the statistics of every layer (a group's members share one tensor)."""
+        for handle in self.handles:
             handle.remove()
-    for name in sums:
-        sums[name] /= counts[name]
-        absums[name] /= counts[name]
-    owner = {layer.name: represent.get(layer.name, layer.name) for layer in layers}
-    hessian = {name: sums[o] for name, o in owner.items()}  # one tensor per group, shared
-    absmean = {name: absums[o] for name, o in owner.items()}
-    return InputStats(hessian, absmean, min(counts.values()) if counts else 0)
+        hessian = {o: (self.sums[o] / self.counts[o]).cpu() for o in self.sums}
+        absmean = {o: (self.absums[o] / self.counts[o]).cpu() for o in self.sums}
+        missing = sorted(name for name, o in self.owner.items() if o not in hessian)
+        if missing:
+            raise RuntimeError(f"calibration never reached {missing[0]}: its inputs could not be recorded")
+        return InputStats({name: hessian[o] for name, o in self.owner.items()},
+                          {name: absmean[o] for name, o in self.owner.items()},
+                          min(self.counts.values()) if self.counts else 0)

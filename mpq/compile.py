@@ -19,10 +19,9 @@ from mpq.errors import MpqError
 from mpq.fingerprint import data_fingerprint, model_fingerprint
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
-from mpq.calib_stats import collect_input_stats
 from mpq.io import write_json_atomic
 from mpq.methods import DESCRIPTIONS as METHOD_DESCRIPTIONS
-from mpq.methods import METHODS, make_quantizer
+from mpq.methods import METHODS, method_quantizer
 from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measure_plans, models_dir, parse_seconds, profile,
                          profile_key)
 from mpq.memory import format_size, memory_model, parse_size, resident_bytes
@@ -171,8 +170,8 @@ def compile_model(opts: CompileOptions) -> dict:
 
     work = measurement_model(loaded.model)
     groups = graph.shared_input_groups()
-    stats = collect_input_stats(work, graph.layers, groups, task) if opts.method != "rtn" else None
-    cache = QuantizedWeightCache(loaded.model, make_quantizer(opts.method, loaded.model, stats, groups))
+    cache = QuantizedWeightCache(loaded.model, method_quantizer(opts.method, loaded.model, graph.layers, groups, formats,
+                                                                task, opts.progress))
     table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache)
     draw_heatmap(table, graph.layers, out / "heatmap.png")
     (out / "sensitivity.md").write_text(heatmap_markdown(table, graph.layers))

@@ -94,6 +94,10 @@ class CausalLMTask:
     def calib_tokens(self) -> int:
         return self.calib_ids.numel()
 
+    def calibration_inputs(self) -> list[dict]:
+        """The model's keyword arguments for each calibration batch, in the order `reference` runs them."""
+        return [{"input_ids": ids, "use_cache": False} for ids in self.calib_ids.split(BATCH)]
+
     def _logits(self, model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.to(model_device(model)), use_cache=False).logits.float().cpu()
 
@@ -156,6 +160,10 @@ class EncoderTask:
         return [dict(self.tokenizer(sentences[i:i + BATCH * 4], padding=True, truncation=True,
                                     max_length=self.seq_len, return_tensors="pt"))
                 for i in range(0, len(sentences), BATCH * 4)]
+
+    def calibration_inputs(self) -> list[dict]:
+        """The model's keyword arguments for each calibration batch, in the order `reference` runs them."""
+        return [dict(batch) for batch in self.calib_batches]
 
     @property
     def calib_tokens(self) -> int:

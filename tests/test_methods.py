@@ -109,27 +109,82 @@ def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_
             assert any(key.endswith(".input_scale") for key in handle.keys())
 
 
-def test_input_statistics_are_the_calibration_second_moments(tiny_llama_dir):
-    """Checked by hand for one group: H = X^T X / n of the inputs the layer saw, shared by q/k/v."""
-    from mpq.calib_stats import collect_input_stats
+def untied_llama_dir(tmp_path, tokenizer):
+    """The 2-block tiny Llama with its own lm_head, so one layer lies outside the blocks."""
+    from conftest import tiny_llama
+
+    path = tmp_path / "untied-llama"
+    tiny_llama(len(tokenizer), tie=False).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_block_by_block_statistics_are_the_calibration_second_moments(tmp_path, demo_tokenizer):
+    """Checked by hand: H = X^T X / n of the inputs each layer sees in the float32 twin of the whole
+    model, shared by q/k/v, though the blocks were run one at a time (and lm_head from the skeleton)."""
+    from mpq.blockwise import calibrate_blockwise
     from mpq.models import load_model
     from mpq.sensitivity import measurement_model
     from mpq.tasks import calibration_text, make_task
     from mpq.trace import trace_model
 
-    loaded = load_model(str(tiny_llama_dir))
+    loaded = load_model(str(untied_llama_dir(tmp_path, demo_tokenizer)))
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
     graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
-    work = measurement_model(loaded.model)
     groups = graph.shared_input_groups()
-    stats = collect_input_stats(work, graph.layers, groups, task)
-    q, k = groups[0][0], groups[0][1]
-    captured = []
-    handle = work.get_submodule(q).register_forward_hook(lambda m, i, o: captured.append(i[0].reshape(-1, i[0].shape[-1])))
-    task.reference(work)
-    handle.remove()
-    x = torch.cat(captured).float()
-    assert stats.hessian[q] is stats.hessian[k]  # one input, one matrix
-    assert torch.allclose(stats.hessian[q], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
-    assert torch.allclose(stats.absmean[q], x.abs().mean(0), rtol=1e-4, atol=1e-6)
-    assert stats.rows == x.shape[0] == 4 * 32
+    blocks = list(calibrate_blockwise(loaded.model, graph.layers, groups, task))
+    assert [b.name for b in blocks][-1] == "outside blocks" and blocks[-1].judge is None
+    assert sorted(n for b in blocks for n in b.layers) == sorted(layer.name for layer in graph.layers)
+    work = measurement_model(loaded.model)
+    last_block = blocks[-2]
+    q, k = [g for g in groups if g[0].startswith(last_block.name + ".")][0][:2]
+    for name in (q, "lm_head"):
+        captured = []
+        handle = work.get_submodule(name).register_forward_hook(lambda m, i, o: captured.append(i[0].reshape(-1, i[0].shape[-1])))
+        task.reference(work)
+        handle.remove()
+        x = torch.cat(captured).float()
+        stats = next(b.stats for b in blocks if name in b.layers)
+        assert torch.allclose(stats.hessian[name], x.T @ x / x.shape[0], rtol=1e-3, atol=1e-5)
+        assert torch.allclose(stats.absmean[name], x.abs().mean(0), rtol=1e-3, atol=1e-5)
+        assert stats.rows == x.shape[0] == 4 * 32
+    assert last_block.stats.hessian[q] is last_block.stats.hessian[k]  # one input, one matrix
+
+
+def test_block_judge_sees_a_weight_change_and_restores_the_block(tiny_llama_dir):
+    from mpq.blockwise import calibrate_blockwise
+    from mpq.models import load_model
+    from mpq.tasks import calibration_text, make_task
+    from mpq.trace import trace_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 2, 16)
+    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
+    block = next(iter(calibrate_blockwise(loaded.model, graph.layers, graph.shared_input_groups(), task)))
+    name = block.layers[0]
+    w = loaded.model.get_submodule(name).weight
+    fp16, int4 = get_format("fp16"), get_format("int4-g32")
+    exact = block.judge({name: quantize_weight(w, fp16)}, fp16)
+    rough = block.judge({name: quantize_weight(w, int4)}, int4)
+    assert exact < 1e-6 * rough and rough > 0
+    assert block.judge({name: quantize_weight(w, fp16)}, fp16) == exact  # the block got its weight back
+
+
+def test_awq_judged_on_the_block_never_does_worse_than_rtn_there(tmp_path, demo_tokenizer):
+    from mpq.blockwise import calibrate_blockwise
+    from mpq.models import load_model
+    from mpq.tasks import calibration_text, make_task
+    from mpq.trace import trace_model
+
+    loaded = load_model(str(untied_llama_dir(tmp_path, demo_tokenizer)))
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
+    groups = graph.shared_input_groups()
+    block = next(iter(calibrate_blockwise(loaded.model, graph.layers, groups, task)))
+    fmt = get_format("int4-g32")
+    for group in [g for g in groups if g[0] in block.layers] + [[block.layers[-1]]]:
+        weights = {n: loaded.model.get_submodule(n).weight for n in group}
+        out, _ = awq_quantize_group(weights, fmt, block.stats.absmean[group[0]], block.stats.hessian[group[0]], block.judge)
+        rtn = {n: quantize_weight(w, fmt) for n, w in weights.items()}
+        assert block.judge(out, fmt) <= block.judge(rtn, fmt)
+        assert all("input_scale" in t for t in out.values())  # bytes never depend on what the search chose
