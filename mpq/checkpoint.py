@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mpq.card import card_markdown
 from mpq.errors import MpqError
 from mpq.io import atomic_folder, write_json_atomic
 from mpq.models import CAUSAL_LM
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "mpq.json"
+CARD = "card.md"  # the quantisation card, readable (mpq.card)
 
 
 def file_sha256(path: Path) -> str:
@@ -83,6 +85,7 @@ def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan
             "card": card,
         }
         write_json_atomic(tmp / MANIFEST, manifest)
+        (tmp / CARD).write_text(card_markdown(manifest))
     return folder
 
 

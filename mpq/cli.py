@@ -21,12 +21,17 @@ def _compile(args: argparse.Namespace) -> None:
         trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
         tie=not args.no_tie, storage=args.storage, sensitivity=args.sensitivity, method=args.method, refine=args.refine, latency=not args.no_latency,
         regime=args.regime, batch=args.batch, length=args.length, max_latency=args.max_latency,
-        min_speedup=args.min_speedup, progress=not args.quiet))
+        min_speedup=args.min_speedup, prefer=args.prefer, eval_data=args.eval_data,
+        progress=not args.quiet))
     print(f"{len(summary['configs'])} Pareto configs in {args.out}/configs (budget {format_size(summary['budget'])}):")
     for row in summary["configs"]:
         quality = row["metrics"].get("ppl", row["metrics"].get("mean_cosine"))
         speed = f"  {row['latency_predicted_s'] * 1e3:.3f} ms ({row['speedup_predicted']:.2f}x)" if "speedup_predicted" in row else ""
         print(f"  {row['name']:<28} {format_size(row['bytes']):>10}  {summary['quality_name']} {quality:.4f}{speed}")
+    if summary["recommended"]:
+        print(f"recommended: {summary['recommended']} ({summary['criteria']['prefer']} that passes)")
+    elif any(v is not None for k, v in summary["criteria"].items() if k != "prefer"):
+        print("no config passes the acceptance criteria: relax one")
     print(f"report: {args.out}/report.md")
 
 
@@ -46,9 +51,15 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from mpq.evaluate import evaluate_config
+    from mpq.evaluate import evaluate_config, evaluate_original
 
-    print(json.dumps(evaluate_config(args.config, args.device), indent=2))
+    if (Path(args.target) / "mpq.json").is_file():
+        if args.dtype or args.bnb:
+            raise MpqError(f"{args.target} is an mpq config: --dtype and --bnb are for plain models")
+        result = evaluate_config(args.target, args.device, args.eval_data)
+    else:
+        result = evaluate_original(args.target, args.dtype, args.bnb, args.device, args.eval_data)
+    print(json.dumps(result, indent=2))
 
 
 def _heatmap(args: argparse.Namespace) -> None:
@@ -97,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-configs", type=int, default=12, help="mixed configs to measure on held-out data (default 12)")
     c.add_argument("--max-quality-drop", type=float,
                    help="acceptance: perplexity ratio - 1 (0.01 = 1%%) for LMs, cosine drop for encoders")
+    c.add_argument("--eval-data", default="both", choices=("both", "text", "code"),
+                   help="causal LMs: the held-out perplexity that configs are selected and accepted by (text, code or "
+                        "both; default both); without --calib, also the kind of the shipped calibration text")
+    c.add_argument("--prefer", default="smallest", choices=("smallest", "fastest"),
+                   help="which config that passes the acceptance criteria to recommend (default smallest)")
     c.add_argument("--sensitivity", default="kl",
                    help="signal: kl (the model's output divergence, one pass per layer and format; default), "
                         "local (each layer's own output error, one pass in all), fisher (squared gradients "
@@ -113,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "
                                       "or a database URL (sqlite:///study.db, postgresql://...) shared by several machines")
     c.add_argument("--max-latency", help="hard cap on the predicted time of one step in --regime: 25ms, 800us, 0.02s")
-    c.add_argument("--min-speedup", type=float, help="hard floor on the predicted speedup over the unquantised model (1.5)")
+    c.add_argument("--min-speedup", type=float, help="hard floor on the predicted speedup over the unquantised model (1.5) in the search; "
+                        "acceptance checks the measured speedup")
     c.add_argument("--no-latency", action="store_true", help="skip the latency profile: search on bytes and quality only")
     _regime_arguments(c)
     c.add_argument("-o", "--out", type=Path, default=Path("mpq-out"))
@@ -137,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default=default_device(), help="device to load on for --kernels (default: cuda if present)")
     i.set_defaults(func=_inspect)
 
-    e = sub.add_parser("eval", help="held-out quality, bytes and speed of a config on this machine")
-    e.add_argument("config", type=Path)
+    e = sub.add_parser("eval", help="held-out quality, bytes, peak memory and speed of a config or a plain model")
+    e.add_argument("target", help="an mpq config folder, or a model (Hugging Face id, folder, demo name)")
+    e.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="plain model: cast to this dtype (default: as stored)")
+    e.add_argument("--bnb", choices=("int8", "nf4"), help="plain model: quantise on load with bitsandbytes (pip install 'mpq-compiler[bnb]')")
+    e.add_argument("--eval-data", default="both", choices=("both", "text", "code"),
+                   help="causal LMs: which held-out perplexity is `loss` (default both)")
     e.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if present)")
     e.set_defaults(func=_eval)
 

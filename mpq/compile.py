@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mpq.additivity import additivity_check
+from mpq.acceptance import PREFERENCES, Criteria, failures, recommend
 from mpq.apply import QuantizedWeightCache, applied
 from mpq.checkpoint import save_config
 from mpq.environment import hardware, versions
@@ -68,6 +69,9 @@ class CompileOptions:
     length: int = 128  # prefill: tokens per sequence; decode: tokens in the KV cache
     max_latency: str | float | None = None  # hard cap on predicted seconds per step ("25ms")
     min_speedup: float | None = None  # hard floor on predicted speedup over the unquantised model
+    prefer: str = "smallest"  # which passing config to recommend: "smallest" or "fastest" (mpq.acceptance)
+    eval_data: str = "both"  # causal LMs: the held-out perplexity targeted ("text", "code" or "both"), and the
+    # default calibration text's kind
     progress: bool = True
 
 
@@ -76,17 +80,6 @@ def _example_inputs(task, loaded: LoadedModel) -> dict:
         return {"input_ids": task.calib_ids[:1, :16], "use_cache": False}
     batch = task.calib_batches[0]
     return {key: value[:2] for key, value in batch.items()}
-
-
-def _accepts(metrics: dict, baseline: dict, drop: float | None, higher_is_better: bool) -> tuple[bool, str]:
-    if drop is None:
-        return True, ""
-    if higher_is_better:
-        ok = metrics["mean_cosine"] >= baseline["mean_cosine"] - drop
-        return ok, "" if ok else f"cosine drop {baseline['mean_cosine'] - metrics['mean_cosine']:.4f} > {drop}"
-    ratio = metrics["ppl"] / baseline["ppl"]
-    ok = ratio <= 1 + drop
-    return ok, "" if ok else f"perplexity ratio {ratio:.4f} > {1 + drop:.4f}"
 
 
 def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGraph, formats, task, calib_info: dict,
@@ -144,6 +137,8 @@ def compile_model(opts: CompileOptions) -> dict:
     max_latency = parse_seconds(opts.max_latency) if opts.max_latency is not None else None
     if opts.min_speedup is not None and opts.min_speedup <= 0:
         raise MpqError(f"--min-speedup must be positive, got {opts.min_speedup}")
+    if opts.prefer not in PREFERENCES:
+        raise MpqError(f"--prefer {opts.prefer!r}: use one of {', '.join(PREFERENCES)}")
     if not opts.latency and (max_latency is not None or opts.min_speedup is not None):
         raise MpqError("--max-latency and --min-speedup need the latency profile: drop --no-latency")
     loaded = load_model(opts.model)
@@ -151,8 +146,8 @@ def compile_model(opts: CompileOptions) -> dict:
                          getattr(loaded.model.config, "max_position_embeddings", None)) if opts.latency else None
     samples = opts.samples or DEFAULT_SAMPLES[loaded.task]
     seq_len = opts.seq_len or DEFAULT_SEQ_LEN[loaded.task]
-    calib = calibration_text(opts.calib)
-    task = make_task(loaded.task, loaded.tokenizer, calib, samples, seq_len)
+    calib = calibration_text(opts.calib, opts.eval_data)
+    task = make_task(loaded.task, loaded.tokenizer, calib, samples, seq_len, target=opts.eval_data)
     calib_info = {"source": calib.source, "samples": samples, "seq_len": seq_len, "tokens": task.calib_tokens}
     lap("load")
 
@@ -246,10 +241,13 @@ def compile_model(opts: CompileOptions) -> dict:
     feasible = [c for c in measured if c.bytes <= budget and (latency_cap is None or c.latency <= latency_cap)]
     front = emitted_front(feasible, time_step(latency))
     env = {"versions": versions(), "hardware": hardware()}
+    criteria = Criteria(opts.max_quality_drop, opts.min_speedup, requested_budget, opts.prefer)
     if (out / "configs").exists():
         shutil.rmtree(out / "configs")  # configs of an earlier run would mislead next to this one
     config_rows = [_emit_config(out / "configs", index, cand, opts, loaded, task, graph, cache, baseline, calib_info, env,
-                                latency, fusion_groups(cand.formats, groups, has_bias)) for index, cand in enumerate(front)]
+                                latency, fusion_groups(cand.formats, groups, has_bias), criteria)
+                   for index, cand in enumerate(front)]
+    recommended = recommend(config_rows, criteria)
     lap("emit")
 
     points = [{"name": c.origin.split(":")[-1] if c.origin.startswith("uniform") else "", "bytes": c.bytes,
@@ -264,6 +262,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "model": loaded.source, "task": loaded.task, "formats": uniform_names, "method": opts.method, "budget": budget,
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
+        "criteria": criteria.to_json(), "eval_data": opts.eval_data, "recommended": None if recommended is None else recommended["name"],
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),
                   "shared_input_groups": len(groups)},
         "calibration": calib_info, "baseline": baseline,
@@ -302,13 +301,15 @@ def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate]
 
 def _emit_config(configs_dir: Path, index: int, cand: Candidate, opts: CompileOptions, loaded: LoadedModel, task,
                  graph: ModelGraph, cache: QuantizedWeightCache, baseline: dict, calib_info: dict, env: dict,
-                 latency: LatencyModel | None, fused: list[list[str]]) -> dict:
+                 latency: LatencyModel | None, fused: list[list[str]], criteria: Criteria) -> dict:
     """Write one config folder (atomically), its layers fused as `fused`, and return its row of the summary."""
     uniform = cand.origin.startswith("uniform")
     name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if uniform else "")
     plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
-    accepted, because = _accepts(cand.measured, baseline["metrics"], opts.max_quality_drop, task.higher_is_better)
+    reasons = failures(cand.bytes, cand.measured, baseline["metrics"], criteria)
+    accepted, because = not reasons, "; ".join(reasons)
     card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, opts.method)
+    card["criteria"] = criteria.to_json()
     with applied(loaded.model, plan.specs(), cache, fused) as tensors:
         save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
     return {"name": name, "bytes": cand.bytes, "predicted": cand.predicted, "metrics": cand.measured,

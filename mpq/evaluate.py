@@ -1,4 +1,4 @@
-"""`mpq eval CONFIG`: held-out quality, resident bytes and speed on this machine.
+"""`mpq eval CONFIG|MODEL`: held-out quality, resident bytes, peak memory and speed on this machine.
 
 The same functions measure every contender (configs, uniform configs, the original model), so
 their numbers compare.
@@ -6,6 +6,8 @@ their numbers compare.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -61,24 +63,82 @@ def speed(model: nn.Module, task_kind: str, task) -> dict[str, float]:
     return {"sentences_per_s": sum(b["input_ids"].shape[0] for b in batches) / seconds}
 
 
+class PeakMemory:
+    """The process's peak resident set size (RSS) while the block runs, sampled every few ms by a
+    thread (/proc/self/statm): what evaluating the model takes, activations and kernels' scratch
+    included, beyond the weights' own bytes. Linux only; `peak` stays None elsewhere."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.peak: int | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            now = self.rss()
+            if now is not None:
+                self.peak = max(self.peak or 0, now)
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = self.rss()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
+
 def evaluate_model(model: nn.Module, task_kind: str, task, with_speed: bool = True) -> dict:
-    out = {"bytes": resident_bytes(model), "quality": task.evaluate(model)}
-    if with_speed:
-        out["speed"] = speed(model, task_kind, task)
+    """Every contender's numbers, by the same code: resident weight bytes, held-out quality, peak
+    process memory while evaluating, and (optionally) speed on this machine."""
+    with PeakMemory() as memory:
+        out = {"bytes": resident_bytes(model), "quality": task.evaluate(model)}
+        if with_speed:
+            out["speed"] = speed(model, task_kind, task)
+    out["peak_rss_bytes"] = memory.peak
     return out
 
 
-def evaluate_config(folder: str | Path, device: str = "cpu") -> dict:
+def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "both") -> dict:
+    """`mpq eval CONFIG`: an mpq config folder, loaded with mpq's kernels for `device`."""
     manifest = read_manifest(Path(folder))
     model = load(folder, device=device)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    task = make_task(manifest["task"], tokenizer, None)
+    task = make_task(manifest["task"], tokenizer, None, target=eval_data)
     if manifest["task"] != CAUSAL_LM:  # fidelity is measured against the original model
         task.prepare_eval(load_model(manifest["card"]["model"]).model)
-    result = evaluate_model(model, manifest["task"], task)
+    result = {"contender": f"mpq config {Path(folder).name}", **evaluate_model(model, manifest["task"], task)}
     result["predicted_bytes"] = manifest["card"]["bytes"]["predicted"]
     result["hardware"] = hardware()
     result["kernels"] = sorted(set(kernels_of(model).values()))
+    return result
+
+
+def evaluate_original(name: str, dtype: str | None = None, bnb: str | None = None, device: str = "cpu",
+                      eval_data: str = "both") -> dict:
+    """`mpq eval MODEL`: a plain model (a demo, folder or id) in a dtype, or quantised by bitsandbytes."""
+    from mpq.contenders import load_original
+
+    loaded = load_original(name, dtype, bnb, device)
+    task = make_task(loaded.task, loaded.tokenizer, None, target=eval_data)
+    if loaded.task != CAUSAL_LM:
+        task.prepare_eval(load_model(name).model)
+    what = f"bitsandbytes {bnb}" if bnb else (dtype or "as stored")
+    result = {"contender": f"{name} ({what})", **evaluate_model(loaded.model, loaded.task, task)}
+    result["hardware"] = hardware()
     return result

@@ -36,11 +36,29 @@ def format_size(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _side_state(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors that quantisation libraries hang on a weight outside parameters and buffers:
+    bitsandbytes keeps LLM.int8's row scales in `weight.SCB` and NF4's block scales in
+    `weight.quant_state`; without them their models would look smaller than they are."""
+    out = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        if isinstance(getattr(weight, "SCB", None), torch.Tensor):
+            out.append(weight.SCB)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and hasattr(state, "as_dict"):
+            out.extend(t for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor))
+    return out
+
+
 def resident_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer the model holds, each shared tensor counted once."""
+    """Bytes of every parameter and buffer the model holds (and quantisation state kept beside
+    them), each shared tensor counted once."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in [*model.parameters(), *model.buffers(), *_side_state(model)]:
         key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
         if key in seen or tensor.device.type == "meta":
             continue

@@ -225,6 +225,22 @@ def _refinement_lines(refinement: dict | None, task_metric: str) -> list[str]:
             f"least-predicted plan"]
 
 
+def _acceptance_line(s: dict) -> str:
+    """The criteria asked and the recommended config (mpq.acceptance)."""
+    c = s.get("criteria") or {}
+    asked = [f"held-out quality drop <= {c['max_quality_drop']}" + (" (perplexity ratio - 1)" if s["task"] == "causal-lm" else " (cosine)")
+             if c.get("max_quality_drop") is not None else "",
+             f"measured speedup >= {c['min_speedup']}x" if c.get("min_speedup") is not None else "",
+             f"bytes <= {format_size(c['max_bytes'])}" if c.get("max_bytes") is not None else ""]
+    asked = [a for a in asked if a]
+    if not asked:
+        return "Acceptance: no criteria given (--max-quality-drop, --min-speedup, --max-mem); every config passes."
+    prefer = c.get("prefer", "smallest")
+    verdict = (f"**Recommended: {s['recommended']}** (the {prefer} config that passes; `--prefer smallest|fastest`)."
+               if s.get("recommended") else "**No config passes**: relax a criterion or raise --max-mem.")
+    return f"Acceptance: {'; '.join(asked)}. {verdict}"
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -237,6 +253,8 @@ def write_report(path: Path, summary: dict) -> Path:
         f"- formats: {', '.join(s['formats'])}; method: {s.get('method', 'rtn')}; calibration: {s['calibration']['samples']} samples x "
         f"{s['calibration']['seq_len']} tokens from {s['calibration']['source']}",
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
+        *([f"- configs are selected and accepted by held-out perplexity on {s.get('eval_data', 'both')} "
+           f"(`--eval-data`; both are shown)"] if s["task"] == "causal-lm" else []),
         f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}), warm-started from the exact "
         f"optimum of the additive model; {s['search']['front']} on the predicted front, {s['search']['measured']} measured",
         _search_line(s["search"], s["metric"]),
@@ -252,8 +270,9 @@ def write_report(path: Path, summary: dict) -> Path:
         "",
         "## Pareto set",
         "",
-        "Configs under `configs/`; `mpq inspect configs/NAME` shows one. Acceptance: bytes <= --max-mem"
-        + (f" and quality drop <= {s['max_quality_drop']}" if s.get("max_quality_drop") is not None else "") + ".",
+        "Configs under `configs/` (each with its quantisation card, `card.md`); `mpq inspect configs/NAME` shows one.",
+        "",
+        _acceptance_line(s),
         "",
         f"| config | bytes | predicted {s['metric']} | {header} | formats | accepted |",
         "|---|---|---|" + "---|" * len(header.split("|")) + "---|---|",

@@ -37,9 +37,15 @@ class CalibrationText:
     texts: list[str]
 
 
-def calibration_text(calib_file: Path | None) -> CalibrationText:
+EVAL_DATA = ("both", "text", "code")  # what held-out quality (and default calibration) a causal LM targets
+
+
+def calibration_text(calib_file: Path | None, target: str = "both") -> CalibrationText:
+    """The calibration text: `calib_file`, else the shipped corpus's calib split of the kind targeted."""
     if calib_file is None:
-        return CalibrationText(DEFAULT_CALIB, mixed_chunks("calib"))
+        if target == "both":
+            return CalibrationText(DEFAULT_CALIB, mixed_chunks("calib"))
+        return CalibrationText(f"mpq corpus, calib split ({target} only)", list(corpus_chunks(target, "calib")))
     path = Path(calib_file)
     if not path.is_file():
         raise MpqError(f"calibration file {path} does not exist: give a UTF-8 text file with --calib")
@@ -83,8 +89,11 @@ class CausalLMTask:
     higher_is_better = False
 
     def __init__(self, tokenizer, calib: CalibrationText | None, samples: int, seq_len: int,
-                 eval_samples: int = 24, eval_seq_len: int = 256) -> None:
+                 eval_samples: int = 24, eval_seq_len: int = 256, target: str = "both") -> None:
+        if target not in EVAL_DATA:
+            raise MpqError(f"--eval-data {target!r}: use one of {', '.join(EVAL_DATA)}")
         self.tokenizer = tokenizer
+        self.target = target
         if calib is not None:  # evaluation alone needs no calibration data
             self.calib_ids = _windows(tokenizer, calib.texts, samples, seq_len, f"calibration text ({calib.source})")
         self.heldout = {kind: _windows(tokenizer, list(corpus_chunks(kind, "heldout")), eval_samples, eval_seq_len,
@@ -127,14 +136,15 @@ class CausalLMTask:
         """Nothing to cache: perplexity needs no reference outputs."""
 
     def evaluate(self, model) -> dict[str, float]:
-        """Held-out perplexity on text, on code, and over both; `loss` is the one the search minimises."""
+        """Held-out perplexity on text, on code, and over both; `loss` is the targeted one (what
+        configs are selected by)."""
         out, total, count = {}, 0.0, 0
         for kind, ids in self.heldout.items():
             nll, n = self.nll(model, ids)
             out[f"ppl_{kind}"] = math.exp(nll / n)
             total, count = total + nll, count + n
         out["ppl"] = math.exp(total / count)
-        out["loss"] = out["ppl"]
+        out["loss"] = out["ppl"] if self.target == "both" else out[f"ppl_{self.target}"]
         return out
 
 
@@ -207,7 +217,11 @@ class EncoderTask:
         return {"mean_cosine": cosine, "nn_agreement": agreement, "loss": 1.0 - cosine}
 
 
-def make_task(task: str, tokenizer, calib: CalibrationText | None, samples: int = 0, seq_len: int = 128):
+def make_task(task: str, tokenizer, calib: CalibrationText | None, samples: int = 0, seq_len: int = 128,
+              target: str = "both"):
+    """The task of a model kind; `target` (causal LMs): the held-out perplexity configs are judged by."""
     if task == CAUSAL_LM:
-        return CausalLMTask(tokenizer, calib, samples, seq_len)
+        return CausalLMTask(tokenizer, calib, samples, seq_len, target=target)
+    if target == "code":
+        raise MpqError("--eval-data code is for causal LMs: encoders are judged on held-out text sentences")
     return EncoderTask(tokenizer, calib, samples, seq_len)

@@ -88,6 +88,13 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     assert len(configs) == len(summary["configs"]) >= 2
     for row in summary["configs"]:
         assert row["bytes"] <= budget
+    # acceptance (--max-quality-drop 0.5): the smallest config that passes is the one recommended
+    base = summary["baseline"]["metrics"]["ppl"]
+    for row in summary["configs"]:
+        assert row["accepted"] == (row["metrics"]["ppl"] / base <= 1.5)
+    passing = [row for row in summary["configs"] if row["accepted"]]
+    assert summary["recommended"] == min(passing, key=lambda r: (r["bytes"], r["metrics"]["ppl"]))["name"]
+    assert f"Recommended: {summary['recommended']}" in (out / "report.md").read_text()
     ids = torch.randint(0, 4000, (1, 16))
     for folder in configs:
         model = mpq.load(folder)
@@ -95,6 +102,10 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
         predicted = manifest["card"]["bytes"]["predicted"]
         assert abs(resident_bytes(model) - predicted) / predicted < 0.01
         assert torch.isfinite(model(input_ids=ids, use_cache=False).logits.float()).all()
+        card = (folder / "card.md").read_text()  # the readable quantisation card
+        assert all(f"| {fmt} |" in card for fmt in set(manifest["plan"]["formats"].values()))
+        assert "granularity" in card and "calibration data" in card and manifest["card"]["hardware"] in card
+        assert all(layer in card for layer in manifest["plan"]["formats"])
     # the sensitivity table is reused the second time round
     key = json.loads((out / "sensitivity.json").read_text())["key"]
     assert main([*args, "--max-mem", str(budget), "-o", str(tmp_path / "again")]) == 0

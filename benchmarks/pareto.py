@@ -1,0 +1,355 @@
+"""Does mixed precision beat what users would pick instead? Every contender and mpq's Pareto set, in
+one process, through one evaluation function (mpq.evaluate.evaluate_model).
+
+Contenders: the original model in fp32 / bf16 / fp16; bitsandbytes LLM.int8 and NF4 (when
+installed: pip install 'mpq-compiler[bnb]'); uniform INT8 and INT4-g128 by each method; the folk
+rule "first and last blocks (and lm_head) at FP16 (or INT8), the rest INT4"; and, at budgets from
+uniform INT4 to uniform INT8, 20 random per-layer assignments of the same bytes. mpq's Pareto set
+comes from `mpq compile` with INT4 at group sizes 32, 64 and 128 among the candidate formats.
+Then the issue's targets, checked on the numbers: at each budget mpq's best config of no more bytes
+against the rule and the random median; the share of the INT4 -> INT8 quality gap recovered with
+10% of the extra bytes; mixed vs uniform INT4-g128 at its own size; the smallest config within a 1%
+quality drop against uniform INT8; and whether any contender dominates an mpq config.
+
+    python benchmarks/pareto.py demo                 # one model; writes results/pareto_demo.{json,md,png}
+    python benchmarks/pareto.py demo minilm --methods rtn,gptq,awq --random 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mpq
+from mpq.acceptance import Criteria, failures
+from mpq.apply import QuantizedWeightCache, applied
+from mpq.compile import CompileOptions, compile_model
+from mpq.contenders import BNB_MODES, load_original, random_plans, rule_plan
+from mpq.environment import hardware, versions
+from mpq.errors import MpqError
+from mpq.evaluate import evaluate_model
+from mpq.formats import get_format, parse_formats
+from mpq.fusion import fusion_groups
+from mpq.memory import memory_model
+from mpq.methods import method_quantizer
+from mpq.models import CAUSAL_LM, load_model
+from mpq.profile import example_inputs
+from mpq.search import uniform_plan
+from mpq.tasks import calibration_text, make_task
+from mpq.trace import trace_model
+
+FORMATS = "fp16,int8,int4-g32,int4-g64,int4-g128"
+RANDOM_FRACTIONS = (0.1, 0.25, 0.5, 0.75)  # budgets, as the share of the way from uniform INT4-g128 to INT8 bytes
+SAMPLES = {CAUSAL_LM: 32, "encoder": 128}
+
+
+def loss(row: dict) -> float:
+    return row["quality"]["loss"]
+
+
+def display(row: dict) -> float:
+    q = row["quality"]
+    return q["ppl"] if "ppl" in q else q["mean_cosine"]
+
+
+def throughput(row: dict) -> float | None:
+    s = row.get("speed") or {}
+    return s.get("decode_tokens_per_s", s.get("sentences_per_s"))
+
+
+class Bench:
+    """One model's contenders, all evaluated by `evaluate_model` against the same task."""
+
+    def __init__(self, name: str, method: str, seed: int) -> None:
+        self.name, self.method, self.seed = name, method, seed
+        self.loaded = load_model(name)
+        self.task = make_task(self.loaded.task, self.loaded.tokenizer, calibration_text(None),
+                              SAMPLES[self.loaded.task], 128)
+        self.task.prepare_eval(self.loaded.model)
+        self.graph = trace_model(self.loaded.model, example_inputs(self.loaded.task, self.loaded.model.config.vocab_size))
+        self.groups = self.graph.shared_input_groups()
+        self.has_bias = {layer.name: layer.has_bias for layer in self.graph.layers}
+        self.formats = parse_formats(FORMATS)
+        self.caches: dict[str, QuantizedWeightCache] = {}
+        self.rows: list[dict] = []
+
+    def cache(self, method: str) -> QuantizedWeightCache:
+        if method not in self.caches:
+            quantizer = method_quantizer(method, self.loaded.model, self.graph.layers, self.groups, self.formats, self.task)
+            self.caches[method] = QuantizedWeightCache(self.loaded.model, quantizer)
+        return self.caches[method]
+
+    def costs(self, method: str) -> tuple[dict[str, dict[str, int]], int]:
+        memory = memory_model(self.loaded.model, self.graph.layers, self.formats, method)
+        return memory.layer_bytes, memory.fixed_bytes
+
+    def run_plan(self, plan: dict[str, str], method: str, with_speed: bool) -> dict:
+        specs = {layer: get_format(fmt) for layer, fmt in plan.items()}
+        with applied(self.loaded.model, specs, self.cache(method), fusion_groups(plan, self.groups, self.has_bias)):
+            return evaluate_model(self.loaded.model, self.loaded.task, self.task, with_speed)
+
+    def add(self, name: str, kind: str, result: dict, **extra) -> dict:
+        row = {"contender": name, "kind": kind, **extra, **result}
+        self.rows.append(row)
+        print(f"  {name:<42} {row['bytes'] / 1e6:8.3f} MB  quality {display(row):.4f}"
+              + (f"  {throughput(row):.1f}/s" if throughput(row) else ""), flush=True)
+        return row
+
+    def originals(self, bnb: bool) -> None:
+        for dtype in ("fp32", "bf16", "fp16"):
+            loaded = load_original(self.name, dtype=dtype)
+            self.add(f"original {dtype}", "original", evaluate_model(loaded.model, loaded.task, self.task))
+            del loaded
+            gc.collect()
+        for mode in BNB_MODES if bnb else ():
+            start = time.time()
+            try:
+                loaded = load_original(self.name, bnb=mode)
+            except MpqError as exc:
+                print(f"  bitsandbytes {mode}: skipped ({exc})")
+                continue
+            self.add(f"bitsandbytes {mode}", "bnb", evaluate_model(loaded.model, loaded.task, self.task),
+                     seconds=round(time.time() - start, 1))
+            del loaded
+            gc.collect()
+
+    def plans(self, methods: list[str]) -> None:
+        for method in methods:
+            costs, _ = self.costs(method)
+            for fmt in ("int8", "int4-g128"):
+                self.add(f"uniform {fmt} ({method})", "uniform", self.run_plan(uniform_plan(costs, fmt), method, True),
+                         method=method, format=fmt)
+        costs, _ = self.costs(self.method)
+        for high in ("fp16", "int8"):
+            plan = rule_plan(self.loaded.model, costs, high=high, low="int4-g128")
+            self.add(f"first/last + head {high}, rest int4-g128 ({self.method})", "rule",
+                     self.run_plan(plan, self.method, True), method=self.method, high=high)
+
+    def mpq_set(self, work: Path, trials: int) -> dict:
+        start = time.time()
+        summary = compile_model(CompileOptions(model=self.name, out=work / self.name, formats=FORMATS, method=self.method,
+                                               trials=trials, seed=self.seed, max_configs=16, progress=False))
+        seconds = time.time() - start
+        for config in summary["configs"]:
+            model = mpq.load(work / self.name / "configs" / config["name"])
+            self.add(f"mpq {config['name']}", "mpq", evaluate_model(model, self.loaded.task, self.task),
+                     counts=config["counts"])
+            del model
+        return {"seconds": round(seconds, 1), "stage_seconds": summary["seconds"], "configs": len(summary["configs"])}
+
+    def random_budgets(self, count: int) -> list[dict]:
+        costs, fixed = self.costs(self.method)
+        low, high = (fixed + sum(costs[layer][uniform_plan(costs, fmt)[layer]] for layer in costs)
+                     for fmt in ("int4-g128", "int8"))
+        out = []
+        for fraction in RANDOM_FRACTIONS:
+            budget = int(low + fraction * (high - low))
+            plans = random_plans(costs, budget, count, seed=self.seed, tied=self.groups, fixed_bytes=fixed)
+            results = [{"bytes": fixed + sum(costs[layer][fmt] for layer, fmt in plan.items()),
+                        **self.run_plan(plan, self.method, False)} for plan in plans]
+            losses = [loss(r) for r in results]
+            out.append({"fraction": fraction, "budget": budget, "bytes": [r["bytes"] for r in results],
+                        "losses": losses, "median_loss": statistics.median(losses),
+                        "median_display": statistics.median(display(r) for r in results)})
+            print(f"  random x{count} at {budget / 1e6:.3f} MB: median quality {out[-1]['median_display']:.4f}", flush=True)
+        return out
+
+
+def mpq_best(rows: list[dict], budget: float) -> dict | None:
+    fits = [r for r in rows if r["kind"] == "mpq" and r["bytes"] <= budget]
+    return min(fits, key=loss) if fits else None
+
+
+def check_targets(rows: list[dict], randoms: list[dict], method: str, baseline: dict) -> dict:
+    """The issue's targets, from the measured rows (lower `loss` is better for every task)."""
+    uniform = {r["format"]: r for r in rows if r["kind"] == "uniform" and r["method"] == method}
+    int4, int8 = uniform["int4-g128"], uniform["int8"]
+    per_budget = []
+    for entry in randoms:
+        best = mpq_best(rows, entry["budget"])
+        per_budget.append({"budget": entry["budget"], "mpq_best": best and best["contender"],
+                           "mpq_loss": best and loss(best), "random_median_loss": entry["median_loss"],
+                           "beats_random": bool(best and loss(best) < entry["median_loss"])})
+    rules = []
+    for rule in (r for r in rows if r["kind"] == "rule"):
+        best = mpq_best(rows, rule["bytes"])
+        rules.append({"rule": rule["contender"], "bytes": rule["bytes"], "rule_loss": loss(rule),
+                      "mpq_best": best and best["contender"], "mpq_loss": best and loss(best),
+                      "beats_rule": bool(best and loss(best) < loss(rule))})
+    tenth = int4["bytes"] + 0.1 * (int8["bytes"] - int4["bytes"])
+    best10 = mpq_best(rows, tenth)
+    gap = loss(int4) - loss(int8)
+    recovered = None if best10 is None or gap <= 0 else (loss(int4) - loss(best10)) / gap
+    at_int4 = mpq_best(rows, int4["bytes"])
+    passing = [r for r in rows if r["kind"] == "mpq" and not failures(r["bytes"], r["quality"], baseline,
+                                                                       Criteria(max_quality_drop=0.01))]
+    smallest = min(passing, key=lambda r: r["bytes"]) if passing else None
+    dominated = []
+    for r in (r for r in rows if r["kind"] == "mpq"):
+        for other in rows:
+            if other["kind"] != "mpq" and other["bytes"] <= r["bytes"] and loss(other) <= loss(r) and \
+                    (other["bytes"] < r["bytes"] or loss(other) < loss(r)):
+                dominated.append({"mpq": r["contender"], "by": other["contender"]})
+    return {
+        "method": method,
+        "random": per_budget,
+        "rule": rules,
+        "recovery_at_10pct_extra_bytes": {"budget": tenth, "mpq_best": best10 and best10["contender"],
+                                          "recovered": recovered, "target": 0.5},
+        "at_uniform_int4_bytes": {"uniform_loss": loss(int4), "mpq_best": at_int4 and at_int4["contender"],
+                                  "mpq_loss": at_int4 and loss(at_int4),
+                                  "beats_uniform_int4": bool(at_int4 and loss(at_int4) < loss(int4))},
+        "one_percent_drop": {"smallest_passing": smallest and smallest["contender"],
+                             "bytes": smallest and smallest["bytes"], "uniform_int8_bytes": int8["bytes"],
+                             "smaller_than_int8_by": smallest and 1 - smallest["bytes"] / int8["bytes"], "target": 0.15},
+        "dominated_mpq_configs": dominated,
+    }
+
+
+def markdown(result: dict) -> str:
+    rows, t = result["rows"], result["targets"]
+    encoder = result["task"] != CAUSAL_LM
+    reference = next(r for r in rows if r["kind"] == "original" and r["contender"] == f"original {result['stored_dtype']}")
+    base_tp = throughput(reference)
+    lines = [f"# {result['model']}: mpq against the alternatives", "",
+             f"Hardware: {result['hardware']}. Held-out data: "
+             + ("256 held-out sentences (fidelity to the fp32 original)" if encoder else
+                "24 x 256 tokens of text and 24 x 256 of code (mpq corpus, heldout split)") + ".", "",
+             "| contender | kind | MB | " + ("mean cosine | NN agreement" if encoder else "ppl | ppl text | ppl code")
+             + " | " + ("sentences/s" if encoder else "decode tok/s | prefill tok/s") + " | speedup | peak RSS MB |",
+             "|---|---|---|---|---|" + ("" if encoder else "---|") + "---|---|---|" + ("" if encoder else "---|")]
+    for r in rows:
+        q, s = r["quality"], r.get("speed") or {}
+        quality = f"{q['mean_cosine']:.4f} | {q['nn_agreement']:.3f}" if encoder else \
+            f"{q['ppl']:.3f} | {q['ppl_text']:.3f} | {q['ppl_code']:.3f}"
+        speed = f"{s.get('sentences_per_s', 0):.1f}" if encoder else \
+            f"{s.get('decode_tokens_per_s', 0):.1f} | {s.get('prefill_tokens_per_s', 0):.0f}"
+        speedup = f"{throughput(r) / base_tp:.2f}x" if throughput(r) and base_tp else "-"
+        peak = f"{r['peak_rss_bytes'] / 1e6:.0f}" if r.get("peak_rss_bytes") else "-"
+        lines.append(f"| {r['contender']} | {r['kind']} | {r['bytes'] / 1e6:.3f} | {quality} | {speed} | {speedup} | {peak} |")
+    name = "1 - cosine" if encoder else "ppl" + ("" if result["eval_data"] == "both" else f" ({result['eval_data']})")
+    lines += ["", f"Targets (quality as {name}; lower is better; mpq method {t['method']}):", "",
+              "| budget MB | mpq best at <= budget | its " + name + " | random median (20) | mpq better |", "|---|---|---|---|---|"]
+    for p in t["random"]:
+        lines.append(f"| {p['budget'] / 1e6:.3f} | {p['mpq_best']} | {_num(p['mpq_loss'])} | {p['random_median_loss']:.4f} | "
+                     f"{'yes' if p['beats_random'] else 'NO'} |")
+    lines += ["", "| rule | MB | rule " + name + " | mpq best at <= its bytes | its " + name + " | mpq better |",
+              "|---|---|---|---|---|---|"]
+    for p in t["rule"]:
+        lines.append(f"| {p['rule']} | {p['bytes'] / 1e6:.3f} | {p['rule_loss']:.4f} | {p['mpq_best']} | {_num(p['mpq_loss'])} | "
+                     f"{'yes' if p['beats_rule'] else 'NO'} |")
+    rec, at4, one = t["recovery_at_10pct_extra_bytes"], t["at_uniform_int4_bytes"], t["one_percent_drop"]
+    lines += ["",
+              f"- 10% of the INT4 -> INT8 extra bytes ({rec['budget'] / 1e6:.3f} MB): {rec['mpq_best']} recovers "
+              f"{_pct(rec['recovered'])} of the quality gap (target >= 50%)",
+              f"- at uniform INT4-g128's bytes: {at4['mpq_best']} {_num(at4['mpq_loss'])} vs uniform {at4['uniform_loss']:.4f} "
+              f"({'better' if at4['beats_uniform_int4'] else 'NOT better'})",
+              f"- smallest config within a 1% quality drop: {one['smallest_passing']} "
+              f"({_pct(one['smaller_than_int8_by'])} smaller than uniform INT8; target >= 15%)",
+              "- mpq configs dominated by a contender (bytes and quality): "
+              + (", ".join(f"{d['mpq']} by {d['by']}" for d in t["dominated_mpq_configs"]) or "none"), ""]
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    reference = next(r for r in rows if r["contender"] == f"original {result['stored_dtype']}")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    styles = {"original": ("tab:gray", "D"), "bnb": ("tab:purple", "^"), "uniform": ("tab:red", "s"),
+              "rule": ("tab:orange", "v"), "mpq": ("tab:blue", "o")}
+    for ax, x, label in ((axes[0], lambda r: r["bytes"] / 1e6, "resident weight bytes (MB)"),
+                         (axes[1], lambda r: throughput(r) / throughput(reference), "speedup over the original (measured)")):
+        for kind, (color, marker) in styles.items():
+            pts = [r for r in rows if r["kind"] == kind and throughput(r)]
+            ax.scatter([x(r) for r in pts], [display(r) for r in pts], c=color, marker=marker, label=kind, zorder=3)
+        for entry in result["random"] if ax is axes[0] else ():
+            ax.scatter([b / 1e6 for b in entry["bytes"]], [_display_of_loss(result, v) for v in entry["losses"]],
+                       c="0.75", s=10, label="random assignments" if entry is result["random"][0] else None)
+        front = _front([r for r in rows if throughput(r)], x, result["task"] != CAUSAL_LM, ax is axes[1])
+        ax.plot([x(r) for r in front], [display(r) for r in front], "-", c="tab:blue", alpha=0.6, label="Pareto front (all)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean cosine" if result["task"] != CAUSAL_LM else "held-out perplexity")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{result['model']}: mpq configs and the alternatives")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _display_of_loss(result: dict, value: float) -> float:
+    return 1.0 - value if result["task"] != CAUSAL_LM else value
+
+
+def _front(rows: list[dict], x, higher_is_better: bool, larger_x_is_better: bool) -> list[dict]:
+    """Points no other beats on both axes, in order of x."""
+    ordered = sorted(rows, key=lambda r: -x(r) if larger_x_is_better else x(r))
+    front, best = [], None
+    for r in ordered:
+        if best is None or (display(r) > best if higher_is_better else display(r) < best):
+            front.append(r)
+            best = display(r)
+    return sorted(front, key=x)
+
+
+def bench_model(name: str, methods: list[str], method: str, count: int, trials: int, bnb: bool, work: Path,
+                seed: int) -> dict:
+    start = time.time()
+    bench = Bench(name, method, seed)
+    print(f"\n## {name}", flush=True)
+    bench.originals(bnb)
+    bench.plans(methods)
+    compile_info = bench.mpq_set(work, trials)
+    randoms = bench.random_budgets(count)
+    stored = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[
+        str(next(bench.loaded.model.parameters()).dtype)]
+    baseline = next(r for r in bench.rows if r["contender"] == f"original {stored}")["quality"]
+    return {"model": name, "task": bench.loaded.task, "stored_dtype": stored, "eval_data": "both", "method": method,
+            "formats": FORMATS, "compile": compile_info, "rows": bench.rows, "random": randoms,
+            "targets": check_targets(bench.rows, randoms, method, baseline), "hardware": hardware(),
+            "versions": versions(), "seconds": round(time.time() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", default=["demo"])
+    parser.add_argument("--methods", default="rtn,gptq,awq", help="methods of the uniform contenders")
+    parser.add_argument("--method", default="gptq", help="mpq's method (also the rule's and the random plans')")
+    parser.add_argument("--random", type=int, default=20, help="random assignments per budget (default 20)")
+    parser.add_argument("--trials", type=int, default=300)
+    parser.add_argument("--no-bnb", action="store_true", help="leave out the bitsandbytes contenders")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--work", type=Path, help="where mpq's compile outputs go (default: a temporary folder)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="mpq-pareto-"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        result = bench_model(name, args.methods.split(","), args.method, args.random, args.trials, not args.no_bnb,
+                             work, args.seed)
+        (args.out / f"pareto_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"pareto_{name}.md").write_text(markdown(result))
+        plot(result, args.out / f"pareto_{name}.png")
+        print(markdown(result))
+        print(f"wrote {args.out}/pareto_{name}.json, .md, .png ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
