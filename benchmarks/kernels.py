@@ -79,7 +79,7 @@ def bench_shape(name: str, n: int, k: int, fmt_name: str, m: int, device: str, s
         t = sets[i % len(sets)]
         if fmt.bits == 8:
             return w8a16_linear(x, t["qweight"], t["scales"])
-        return w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_size)
+        return w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(x.shape[-1]))
 
     got = quantized(0)
     expected = linear_reference(x.float().cpu(), base, fmt, None)

@@ -5,7 +5,8 @@ Contenders: the original model in fp32 / bf16 / fp16; bitsandbytes LLM.int8 and 
 installed: pip install 'mpq-compiler[bnb]'); uniform INT8 and INT4-g128 by each method; the folk
 rule "first and last blocks (and lm_head) at FP16 (or INT8), the rest INT4"; and, at budgets from
 uniform INT4 to uniform INT8, 20 random per-layer assignments of the same bytes. mpq's Pareto set
-comes from `mpq compile` with INT4 at group sizes 32, 64 and 128 among the candidate formats.
+comes from `mpq compile` with INT4 at group sizes 32, 64, 128 and per-channel among the candidate
+formats, run with no budget and at each budget the targets name.
 Then the issue's targets, checked on the numbers: at each budget mpq's best config of no more bytes
 against the rule and the random median; the share of the INT4 -> INT8 quality gap recovered with
 10% of the extra bytes; mixed vs uniform INT4-g128 at its own size; the smallest config within a 1%
@@ -20,10 +21,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow Hugging Face's
+# `kernels` package, which bitsandbytes imports for its CPU kernels.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns of a bf16 -> fp16 cast on every int8 matmul
 
 import mpq
 from mpq.acceptance import Criteria, failures
@@ -43,7 +52,7 @@ from mpq.search import uniform_plan
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import trace_model
 
-FORMATS = "fp16,int8,int4-g32,int4-g64,int4-g128"
+FORMATS = "fp16,int8,int4-g32,int4-g64,int4-g128,int4-pc"
 RANDOM_FRACTIONS = (0.1, 0.25, 0.5, 0.75)  # budgets, as the share of the way from uniform INT4-g128 to INT8 bytes
 SAMPLES = {CAUSAL_LM: 32, "encoder": 128}
 
@@ -100,10 +109,21 @@ class Bench:
               + (f"  {throughput(row):.1f}/s" if throughput(row) else ""), flush=True)
         return row
 
+    def own_process_peak(self, *target: str) -> int | None:
+        """Peak RSS of `mpq eval TARGET --no-speed` in a process of its own: loading and running the
+        contender alone (the same evaluation; memory cannot be told apart inside this process)."""
+        proc = subprocess.run([sys.executable, "-m", "mpq.cli", "eval", *target, "--device", "cpu", "--no-speed"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"  mpq eval {' '.join(target)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            return None
+        return json.loads(proc.stdout)["peak_rss_bytes"]
+
     def originals(self, bnb: bool) -> None:
         for dtype in ("fp32", "bf16", "fp16"):
             loaded = load_original(self.name, dtype=dtype)
-            self.add(f"original {dtype}", "original", evaluate_model(loaded.model, loaded.task, self.task))
+            self.add(f"original {dtype}", "original", evaluate_model(loaded.model, loaded.task, self.task),
+                     peak_rss_own_process=self.own_process_peak(self.name, "--dtype", dtype))
             del loaded
             gc.collect()
         for mode in BNB_MODES if bnb else ():
@@ -114,12 +134,12 @@ class Bench:
                 print(f"  bitsandbytes {mode}: skipped ({exc})")
                 continue
             self.add(f"bitsandbytes {mode}", "bnb", evaluate_model(loaded.model, loaded.task, self.task),
-                     seconds=round(time.time() - start, 1))
+                     seconds=round(time.time() - start, 1), peak_rss_own_process=self.own_process_peak(self.name, "--bnb", mode))
             del loaded
             gc.collect()
 
     def plans(self, methods: list[str]) -> None:
-        for method in methods:
+        for method in dict.fromkeys([*methods, self.method]):  # mpq's own method is the targets' yardstick
             costs, _ = self.costs(method)
             for fmt in ("int8", "int4-g128"):
                 self.add(f"uniform {fmt} ({method})", "uniform", self.run_plan(uniform_plan(costs, fmt), method, True),
@@ -130,22 +150,42 @@ class Bench:
             self.add(f"first/last + head {high}, rest int4-g128 ({self.method})", "rule",
                      self.run_plan(plan, self.method, True), method=self.method, high=high)
 
+    def budgets(self) -> tuple[int, int]:
+        """Bytes of uniform INT4-g128 and of uniform INT8 (mpq's method)."""
+        costs, fixed = self.costs(self.method)
+        return tuple(fixed + sum(costs[layer][fmt] for layer, fmt in uniform_plan(costs, name).items())
+                     for name in ("int4-g128", "int8"))
+
     def mpq_set(self, work: Path, trials: int) -> dict:
-        start = time.time()
-        summary = compile_model(CompileOptions(model=self.name, out=work / self.name, formats=FORMATS, method=self.method,
-                                               trials=trials, seed=self.seed, max_configs=16, progress=False))
-        seconds = time.time() - start
-        for config in summary["configs"]:
-            model = mpq.load(work / self.name / "configs" / config["name"])
-            self.add(f"mpq {config['name']}", "mpq", evaluate_model(model, self.loaded.task, self.task),
-                     counts=config["counts"])
-            del model
-        return {"seconds": round(seconds, 1), "stage_seconds": summary["seconds"], "configs": len(summary["configs"])}
+        """mpq compiles at the budgets the targets name (uniform INT4-g128's bytes, and 10/25/50/75% of
+        the way to INT8's) and with no budget; measurements are reused from the first compile on, and
+        each compile refines its own budget. Every config emitted is a row."""
+        low, high = self.budgets()
+        budgets = [None, low] + [int(low + f * (high - low)) for f in RANDOM_FRACTIONS]
+        seconds, seen = [], set()
+        for index, budget in enumerate(budgets):
+            start = time.time()
+            out = work / self.name / f"budget{index}"
+            summary = compile_model(CompileOptions(model=self.name, out=out, formats=FORMATS, method=self.method,
+                                                   max_mem=budget, trials=trials, seed=self.seed, progress=False))
+            seconds.append(round(time.time() - start, 1))
+            for config in summary["configs"]:
+                plan = json.loads((out / "configs" / config["name"] / "mpq.json").read_text())["plan"]["formats"]
+                key = tuple(sorted(plan.items()))
+                if key in seen:
+                    continue
+                seen.add(key)
+                folder = out / "configs" / config["name"]
+                model = mpq.load(folder)
+                self.add(f"mpq {config['name']}" + ("" if budget is None else f" (budget {budget / 1e6:.3f} MB)"), "mpq",
+                         evaluate_model(model, self.loaded.task, self.task), counts=config["counts"],
+                         peak_rss_own_process=self.own_process_peak(str(folder)) if budget is None else None)
+                del model
+        return {"budgets": budgets, "seconds": seconds}
 
     def random_budgets(self, count: int) -> list[dict]:
         costs, fixed = self.costs(self.method)
-        low, high = (fixed + sum(costs[layer][uniform_plan(costs, fmt)[layer]] for layer in costs)
-                     for fmt in ("int4-g128", "int8"))
+        low, high = self.budgets()
         out = []
         for fraction in RANDOM_FRACTIONS:
             budget = int(low + fraction * (high - low))
@@ -163,6 +203,11 @@ class Bench:
 def mpq_best(rows: list[dict], budget: float) -> dict | None:
     fits = [r for r in rows if r["kind"] == "mpq" and r["bytes"] <= budget]
     return min(fits, key=loss) if fits else None
+
+
+def _dominates(a: dict, b: dict) -> bool:
+    """a is no larger and no worse than b, and better in one of the two."""
+    return a["bytes"] <= b["bytes"] and loss(a) <= loss(b) and (a["bytes"] < b["bytes"] or loss(a) < loss(b))
 
 
 def check_targets(rows: list[dict], randoms: list[dict], method: str, baseline: dict) -> dict:
@@ -189,11 +234,12 @@ def check_targets(rows: list[dict], randoms: list[dict], method: str, baseline: 
     passing = [r for r in rows if r["kind"] == "mpq" and not failures(r["bytes"], r["quality"], baseline,
                                                                        Criteria(max_quality_drop=0.01))]
     smallest = min(passing, key=lambda r: r["bytes"]) if passing else None
+    mpq_rows = [r for r in rows if r["kind"] == "mpq"]
+    front = [r for r in mpq_rows if not any(_dominates(o, r) for o in mpq_rows)]
     dominated = []
-    for r in (r for r in rows if r["kind"] == "mpq"):
+    for r in front:
         for other in rows:
-            if other["kind"] != "mpq" and other["bytes"] <= r["bytes"] and loss(other) <= loss(r) and \
-                    (other["bytes"] < r["bytes"] or loss(other) < loss(r)):
+            if other["kind"] != "mpq" and _dominates(other, r):
                 dominated.append({"mpq": r["contender"], "by": other["contender"]})
     return {
         "method": method,
@@ -207,6 +253,7 @@ def check_targets(rows: list[dict], randoms: list[dict], method: str, baseline: 
         "one_percent_drop": {"smallest_passing": smallest and smallest["contender"],
                              "bytes": smallest and smallest["bytes"], "uniform_int8_bytes": int8["bytes"],
                              "smaller_than_int8_by": smallest and 1 - smallest["bytes"] / int8["bytes"], "target": 0.15},
+        "mpq_front": [r["contender"] for r in sorted(front, key=lambda r: r["bytes"])],
         "dominated_mpq_configs": dominated,
     }
 
@@ -219,9 +266,14 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['model']}: mpq against the alternatives", "",
              f"Hardware: {result['hardware']}. Held-out data: "
              + ("256 held-out sentences (fidelity to the fp32 original)" if encoder else
-                "24 x 256 tokens of text and 24 x 256 of code (mpq corpus, heldout split)") + ".", "",
+                "24 x 256 tokens of text and 24 x 256 of code (mpq corpus, heldout split)") + ". Speed: "
+             + ("sentences/s over the held-out batches" if encoder else "greedy decode of 32 tokens after a 32-token prompt, "
+                "and a 256-token prefill, batch 1") + ", this machine; speedup over the original as stored. Peak RSS: "
+             "`mpq eval CONTENDER --no-speed` in a process of its own (bytes on the line for plans built in this "
+             "process are exact, their memory is not measured)" + (", the fp32 original loaded beside it for "
+                                                                  "the fidelity reference" if encoder else "") + ".", "",
              "| contender | kind | MB | " + ("mean cosine | NN agreement" if encoder else "ppl | ppl text | ppl code")
-             + " | " + ("sentences/s" if encoder else "decode tok/s | prefill tok/s") + " | speedup | peak RSS MB |",
+             + " | " + ("sentences/s" if encoder else "decode tok/s | prefill tok/s") + " | speedup | peak RSS MB, own process |",
              "|---|---|---|---|---|" + ("" if encoder else "---|") + "---|---|---|" + ("" if encoder else "---|")]
     for r in rows:
         q, s = r["quality"], r.get("speed") or {}
@@ -230,11 +282,12 @@ def markdown(result: dict) -> str:
         speed = f"{s.get('sentences_per_s', 0):.1f}" if encoder else \
             f"{s.get('decode_tokens_per_s', 0):.1f} | {s.get('prefill_tokens_per_s', 0):.0f}"
         speedup = f"{throughput(r) / base_tp:.2f}x" if throughput(r) and base_tp else "-"
-        peak = f"{r['peak_rss_bytes'] / 1e6:.0f}" if r.get("peak_rss_bytes") else "-"
+        peak = f"{r['peak_rss_own_process'] / 1e6:.0f}" if r.get("peak_rss_own_process") else "-"
         lines.append(f"| {r['contender']} | {r['kind']} | {r['bytes'] / 1e6:.3f} | {quality} | {speed} | {speedup} | {peak} |")
     name = "1 - cosine" if encoder else "ppl" + ("" if result["eval_data"] == "both" else f" ({result['eval_data']})")
     lines += ["", f"Targets (quality as {name}; lower is better; mpq method {t['method']}):", "",
-              "| budget MB | mpq best at <= budget | its " + name + " | random median (20) | mpq better |", "|---|---|---|---|---|"]
+              "| budget MB | mpq best at <= budget | its " + name + f" | random median ({result['random_count']}) | mpq better |",
+              "|---|---|---|---|---|"]
     for p in t["random"]:
         lines.append(f"| {p['budget'] / 1e6:.3f} | {p['mpq_best']} | {_num(p['mpq_loss'])} | {p['random_median_loss']:.4f} | "
                      f"{'yes' if p['beats_random'] else 'NO'} |")
@@ -251,7 +304,8 @@ def markdown(result: dict) -> str:
               f"({'better' if at4['beats_uniform_int4'] else 'NOT better'})",
               f"- smallest config within a 1% quality drop: {one['smallest_passing']} "
               f"({_pct(one['smaller_than_int8_by'])} smaller than uniform INT8; target >= 15%)",
-              "- mpq configs dominated by a contender (bytes and quality): "
+              f"- mpq's Pareto set over all its configs: {len(t['mpq_front'])} configs; of these, dominated by a "
+              "contender (bytes and quality): "
               + (", ".join(f"{d['mpq']} by {d['by']}" for d in t["dominated_mpq_configs"]) or "none"), ""]
     return "\n".join(lines)
 
@@ -279,6 +333,8 @@ def plot(result: dict, path: Path) -> None:
                          (axes[1], lambda r: throughput(r) / throughput(reference), "speedup over the original (measured)")):
         for kind, (color, marker) in styles.items():
             pts = [r for r in rows if r["kind"] == kind and throughput(r)]
+            if not pts:
+                continue
             ax.scatter([x(r) for r in pts], [display(r) for r in pts], c=color, marker=marker, label=kind, zorder=3)
         for entry in result["random"] if ax is axes[0] else ():
             ax.scatter([b / 1e6 for b in entry["bytes"]], [_display_of_loss(result, v) for v in entry["losses"]],
@@ -322,7 +378,7 @@ def bench_model(name: str, methods: list[str], method: str, count: int, trials: 
         str(next(bench.loaded.model.parameters()).dtype)]
     baseline = next(r for r in bench.rows if r["contender"] == f"original {stored}")["quality"]
     return {"model": name, "task": bench.loaded.task, "stored_dtype": stored, "eval_data": "both", "method": method,
-            "formats": FORMATS, "compile": compile_info, "rows": bench.rows, "random": randoms,
+            "formats": FORMATS, "random_count": count, "compile": compile_info, "rows": bench.rows, "random": randoms,
             "targets": check_targets(bench.rows, randoms, method, baseline), "hardware": hardware(),
             "versions": versions(), "seconds": round(time.time() - start, 1)}
 

@@ -13,14 +13,24 @@ from mpq.formats import FormatSpec
 
 ACT_DTYPE = torch.bfloat16
 _INT4_N_MULTIPLE = 16  # the CPU int4 layout packs output channels in blocks of 16
+_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes the CPU int4 kernel takes
 _ALIGNMENT = 64
+
+
+def kernel_group(fmt: FormatSpec, in_features: int) -> int | None:
+    """The group size the CPU int4 kernel runs a layer with: the format's own, or for per-channel
+    INT4 the largest one the kernel takes that divides K (each row's one scale, repeated)."""
+    if fmt.group_size is not None:
+        return fmt.group_size if fmt.group_size in _INT4_GROUPS else None
+    return next((g for g in _INT4_GROUPS if in_features % g == 0), None)
 
 
 def cpu_supports(fmt: FormatSpec, out_features: int, in_features: int) -> bool:
     if fmt.bits == 8:
         return True
     if fmt.bits == 4:
-        return out_features % _INT4_N_MULTIPLE == 0 and fmt.supports(out_features, in_features)
+        return (out_features % _INT4_N_MULTIPLE == 0 and fmt.supports(out_features, in_features)
+                and kernel_group(fmt, in_features) is not None)
     return False
 
 
@@ -38,6 +48,11 @@ def prepare_cpu(tensors: dict[str, torch.Tensor], fmt: FormatSpec) -> dict[str, 
 
         unpacked = unpack_int4_u8(prepared["qweight"]).to(torch.int32)
         prepared["qweight"] = torch._convert_weight_to_int4pack_for_cpu(unpacked, 1)
+        if fmt.group_size is None:  # per-channel: the row's scale (and zero) for each kernel group
+            repeat = unpacked.shape[1] // kernel_group(fmt, unpacked.shape[1])
+            for name in ("scales", "zeros"):
+                if name in prepared:
+                    prepared[name] = prepared[name].repeat_interleave(repeat, dim=1)
         if "zeros" in prepared:
             # Scales and zeros become the kernel's [K/G, N, 2] table once (same bytes): building it
             # per call cost 100 of 400 us at M = 1 on a 4096x4096 layer. Symmetric layers have no
@@ -63,7 +78,7 @@ def linear_cpu(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSp
         y = torch._weight_int8pack_mm(xb, prepared["qweight"], prepared["scales"])
     else:
         scale_zeros = prepared["scale_zeros"] if "scale_zeros" in prepared else _int4_scale_and_zeros(prepared)
-        y = torch._weight_int4pack_mm_for_cpu(xb, prepared["qweight"], fmt.group_size, scale_zeros)
+        y = torch._weight_int4pack_mm_for_cpu(xb, prepared["qweight"], kernel_group(fmt, x.shape[-1]), scale_zeros)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype)

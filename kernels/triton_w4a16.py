@@ -85,7 +85,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight in groups of {group_size}")
     x = x.contiguous()
     if config is None and interpreting():
-        config = interpreter_config(x.shape[0], min(64, group_size))
+        config = interpreter_config(x.shape[0], next(b for b in (64, 32, 16, 8, 4, 2) if group_size % b == 0))
     pointers = (qweight, scales, zeros if zeros is not None else scales)  # unused zeros pointer when symmetric
     scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(0), scales.stride(0))
     meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None}

@@ -61,7 +61,7 @@ def _clip_ratios(w: torch.Tensor, fmt: FormatSpec, hessian: torch.Tensor) -> tor
         err = torch.einsum("ngi,gij,ngj->ng", delta, blocks, delta)
         better = err < best_err
         best_err[better], best[better] = err[better], ratio
-    return best if fmt.group_size else best[:, 0]
+    return best if fmt.bits == 4 else best[:, 0]  # int4 grids take [N, groups] (one group per-channel)
 
 
 def _candidates(floats: dict[str, torch.Tensor], fmt: FormatSpec, absmean: torch.Tensor,

@@ -14,6 +14,8 @@ def _metrics(metrics: dict) -> str:
 
 def card_markdown(manifest: dict) -> str:
     card, formats = manifest["card"], manifest["plan"]["formats"]
+    if not {"model", "task", "method", "bytes", "quality", "calibration", "formats"} <= set(card):
+        return _plain_card(card, formats)  # a card written by other code than compile: shown as it is
     quality, counts = card["quality"], Counter(formats.values())
     fused = {name: len(group) for group in manifest.get("fused", []) for name in group}
     criteria = card.get("criteria") or {}
@@ -53,4 +55,10 @@ def card_markdown(manifest: dict) -> str:
                      f"{fused[layer] - 1 if layer in fused else 0} others |")
     for layer, why in card.get("excluded_layers", {}).items():
         lines.append(f"| {layer} | kept | - | {why} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plain_card(card: dict, formats: dict[str, str]) -> str:
+    lines = ["# Quantisation card", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in card.items()),
+             "", "## Layers", "", "| layer | format |", "|---|---|", *(f"| {k} | {v} |" for k, v in formats.items())]
     return "\n".join(lines) + "\n"

@@ -65,8 +65,9 @@ def speed(model: nn.Module, task_kind: str, task) -> dict[str, float]:
 
 class PeakMemory:
     """The process's peak resident set size (RSS) while the block runs, sampled every few ms by a
-    thread (/proc/self/statm): what evaluating the model takes, activations and kernels' scratch
-    included, beyond the weights' own bytes. Linux only; `peak` stays None elsewhere."""
+    thread (/proc/self/statm): with `mpq eval` in its own process, what loading and running the
+    model takes, activations and kernels' scratch included, beyond the weights' own bytes. Within
+    a longer process it includes whatever else the process holds. Linux only; else None."""
 
     def __init__(self, interval_s: float = 0.002) -> None:
         self.interval_s = interval_s
@@ -112,7 +113,7 @@ def evaluate_model(model: nn.Module, task_kind: str, task, with_speed: bool = Tr
     return out
 
 
-def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "both") -> dict:
+def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "both", with_speed: bool = True) -> dict:
     """`mpq eval CONFIG`: an mpq config folder, loaded with mpq's kernels for `device`."""
     manifest = read_manifest(Path(folder))
     model = load(folder, device=device)
@@ -122,7 +123,7 @@ def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "b
     task = make_task(manifest["task"], tokenizer, None, target=eval_data)
     if manifest["task"] != CAUSAL_LM:  # fidelity is measured against the original model
         task.prepare_eval(load_model(manifest["card"]["model"]).model)
-    result = {"contender": f"mpq config {Path(folder).name}", **evaluate_model(model, manifest["task"], task)}
+    result = {"contender": f"mpq config {Path(folder).name}", **evaluate_model(model, manifest["task"], task, with_speed)}
     result["predicted_bytes"] = manifest["card"]["bytes"]["predicted"]
     result["hardware"] = hardware()
     result["kernels"] = sorted(set(kernels_of(model).values()))
@@ -130,7 +131,7 @@ def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "b
 
 
 def evaluate_original(name: str, dtype: str | None = None, bnb: str | None = None, device: str = "cpu",
-                      eval_data: str = "both") -> dict:
+                      eval_data: str = "both", with_speed: bool = True) -> dict:
     """`mpq eval MODEL`: a plain model (a demo, folder or id) in a dtype, or quantised by bitsandbytes."""
     from mpq.contenders import load_original
 
@@ -139,6 +140,6 @@ def evaluate_original(name: str, dtype: str | None = None, bnb: str | None = Non
     if loaded.task != CAUSAL_LM:
         task.prepare_eval(load_model(name).model)
     what = f"bitsandbytes {bnb}" if bnb else (dtype or "as stored")
-    result = {"contender": f"{name} ({what})", **evaluate_model(loaded.model, loaded.task, task)}
+    result = {"contender": f"{name} ({what})", **evaluate_model(loaded.model, loaded.task, task, with_speed)}
     result["hardware"] = hardware()
     return result

@@ -1,6 +1,6 @@
 """Weight formats: one small frozen spec per format, registered by name, that knows its exact bytes.
 
-A format name fully determines the spec ("fp16", "int8", "int4-g128", "int4-g64-sym"), so a plan
+A format name fully determines the spec ("fp16", "int8", "int4-g128", "int4-g64-sym", "int4-pc"), so a plan
 stores names only and is rebuilt from them through `get_format`, never from arbitrary data.
 """
 
@@ -19,7 +19,7 @@ class FormatSpec:
 
     bits: 16 (kept in the model's 16-bit dtype), 8 or 4.
     group_size: quantisation group along the input dimension; None means one scale per output
-    channel (int8) or no quantisation (fp16).
+    channel (int8, "int4-pc") or no quantisation (fp16).
     symmetric: no zero point (int8 always; int4 when selected).
     """
 
@@ -41,8 +41,12 @@ class FormatSpec:
     def supports(self, out_features: int, in_features: int) -> bool:
         """Whether a weight of this shape can take this format."""
         if self.bits == 4:
-            return in_features % 2 == 0 and in_features % (self.group_size or in_features) == 0
+            return in_features % 2 == 0 and in_features % self.group_along(in_features) == 0
         return True
+
+    def group_along(self, in_features: int) -> int:
+        """Input columns per scale in a layer of `in_features` inputs (all of them when per-channel)."""
+        return self.group_size or in_features
 
     def weight_bytes(self, out_features: int, in_features: int) -> int:
         """Exact bytes of the stored weight: packed integers + scales + zero points (no bias)."""
@@ -51,7 +55,7 @@ class FormatSpec:
             return 2 * n * k
         if self.bits == 8:
             return n * k + SCALE_BYTES * n
-        groups = n * (k // self.group_size)
+        groups = n * (k // self.group_along(k))
         per_group = SCALE_BYTES if self.symmetric else 2 * SCALE_BYTES
         return n * k // 2 + per_group * groups
 
@@ -72,7 +76,7 @@ class FormatSpec:
 
 FP16 = FormatSpec("fp16", 16, None, True)
 INT8 = FormatSpec("int8", 8, None, True)
-_INT4_NAME = re.compile(r"^int4-g(\d+)(-sym)?$")
+_INT4_NAME = re.compile(r"^int4-(?:g(\d+)|pc)(-sym)?$")
 
 
 def get_format(name: str) -> FormatSpec:
@@ -82,10 +86,11 @@ def get_format(name: str) -> FormatSpec:
     if name == "int8":
         return INT8
     match = _INT4_NAME.match(name)
-    if match and int(match.group(1)) in INT4_GROUP_SIZES:
-        return FormatSpec(name, 4, int(match.group(1)), match.group(2) is not None)
+    if match and (match.group(1) is None or int(match.group(1)) in INT4_GROUP_SIZES):
+        return FormatSpec(name, 4, None if match.group(1) is None else int(match.group(1)), match.group(2) is not None)
     raise ValueError(
-        f"unknown format {name!r}: use fp16, int8, int4-gG or int4-gG-sym with G in {INT4_GROUP_SIZES}"
+        f"unknown format {name!r}: use fp16, int8, int4-gG or int4-gG-sym with G in {INT4_GROUP_SIZES}, "
+        f"or int4-pc / int4-pc-sym (one scale per output channel)"
     )
 
 

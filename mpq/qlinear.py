@@ -116,7 +116,8 @@ class QuantizedLinear(nn.Module):
 
         if self.fmt.bits == 8:
             return ops.w8a16_linear(x, self.qweight, self.scales, self.bias)
-        return ops.w4a16_linear(x, self.qweight, self.scales, getattr(self, "zeros", None), self.fmt.group_size, self.bias)
+        return ops.w4a16_linear(x, self.qweight, self.scales, getattr(self, "zeros", None),
+                                 self.fmt.group_along(self.in_features), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

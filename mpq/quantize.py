@@ -3,7 +3,7 @@
 Canonical tensors (what checkpoints hold, whatever kernel runs them):
 - fp16:  weight  [N, K] in the model's 16-bit dtype (bf16 for bf16 models, else fp16)
 - int8:  qweight [N, K] int8, scales [N] bf16;                w = q * s
-- int4:  qweight [N, K/2] uint8 (two per byte), scales [N, K/g] bf16,
+- int4:  qweight [N, K/2] uint8 (two per byte), scales [N, K/g] bf16 (g = K per-channel),
          zeros [N, K/g] bf16 holding integer zero points (asymmetric only);
          w = (q - z) * s, with z = 8 for symmetric
 Scales are rounded to bf16 before the integers are computed, so the integers fit the stored scale.
@@ -70,7 +70,7 @@ def grid_for(weight: torch.Tensor, fmt: FormatSpec, clip: torch.Tensor | float =
     if fmt.bits == 8:
         scales = _rounded_scale(w.abs().amax(dim=1) * clip / 127.0)
         return Grid(scales, torch.zeros(n), -128, 127, k)
-    g = fmt.group_size
+    g = fmt.group_along(k)
     wg = w.reshape(n, k // g, g)
     if fmt.symmetric:
         scales = _rounded_scale(wg.abs().amax(dim=2) * clip / 7.5)
@@ -115,7 +115,7 @@ def dequantize_weight(tensors: dict[str, torch.Tensor], fmt: FormatSpec) -> torc
         return tensors["qweight"].float() * tensors["scales"].float()[:, None]
     q = unpack_int4_u8(tensors["qweight"]).float()
     n, k = q.shape
-    g = fmt.group_size
+    g = fmt.group_along(k)
     scales = tensors["scales"].float()
     zeros = tensors["zeros"].float() if "zeros" in tensors else torch.full_like(scales, 8.0)
     w = (q.reshape(n, k // g, g) - zeros[..., None]) * scales[..., None]

@@ -18,3 +18,39 @@ def test_kernel_benchmark_smoke(tmp_path):
     report = json.loads((tmp_path / "kernels-smoke.json").read_text())
     assert {r["format"] for r in report["rows"]} == {"int4-g128", "int8"}
     assert len(report["rows"]) == 2 * 2 * 3 and all(r["rel_err"] < 1e-2 for r in report["rows"])
+
+
+def _pareto_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pareto_bench", ROOT / "benchmarks" / "pareto.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pareto_targets_on_crafted_numbers():
+    """The benchmark's verdicts (random median, rule, recovery, INT4 size, 1% drop, dominance)."""
+    pareto = _pareto_module()
+
+    def row(name, kind, nbytes, ppl, **extra):
+        return {"contender": name, "kind": kind, "bytes": nbytes, "quality": {"ppl": ppl, "loss": ppl}, **extra}
+
+    rows = [row("int4", "uniform", 400, 32.0, method="gptq", format="int4-g128"),
+            row("int8", "uniform", 600, 30.0, method="gptq", format="int8"),
+            row("int4 rtn", "uniform", 400, 33.0, method="rtn", format="int4-g128"),
+            row("rule", "rule", 700, 30.5),
+            row("nf4", "bnb", 390, 31.2),  # dominates mpq a, not b
+            row("a", "mpq", 395, 31.5), row("b", "mpq", 420, 30.9), row("c", "mpq", 520, 30.2),
+            row("d", "mpq", 560, 30.6)]  # d is dominated by c: not on mpq's front
+    randoms = [{"budget": 420, "median_loss": 31.0}, {"budget": 500, "median_loss": 30.8}]
+    t = pareto.check_targets(rows, randoms, "gptq", {"ppl": 30.0, "loss": 30.0})
+    assert [p["beats_random"] for p in t["random"]] == [True, False]  # b 30.9 < 31.0; at 500 still b: 30.9 > 30.8
+    assert t["rule"][0]["mpq_best"] == "c" and t["rule"][0]["beats_rule"]
+    rec = t["recovery_at_10pct_extra_bytes"]
+    assert rec["budget"] == 420 and rec["mpq_best"] == "b" and abs(rec["recovered"] - 0.55) < 1e-9
+    assert t["at_uniform_int4_bytes"]["mpq_best"] == "a" and t["at_uniform_int4_bytes"]["beats_uniform_int4"]
+    one = t["one_percent_drop"]  # within 30.3: c
+    assert one["smallest_passing"] == "c" and abs(one["smaller_than_int8_by"] - (1 - 520 / 600)) < 1e-9
+    assert t["mpq_front"] == ["a", "b", "c"]
+    assert t["dominated_mpq_configs"] == [{"mpq": "a", "by": "nf4"}]

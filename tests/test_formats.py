@@ -6,7 +6,8 @@ import torch
 from mpq.formats import get_format, parse_formats
 from mpq.quantize import dequantize_weight, quantize_weight, tensor_bytes
 
-FORMATS = ["fp16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256", "int4-g128-sym", "int4-g32-sym"]
+FORMATS = ["fp16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256", "int4-g128-sym", "int4-g32-sym", "int4-pc",
+           "int4-pc-sym"]
 # Minimum signal-to-quantisation-noise ratio (dB) on Gaussian weights for each bit width.
 MIN_SQNR = {16: 60.0, 8: 38.0, 4: 14.0}
 
@@ -66,9 +67,12 @@ def test_bytes_are_what_the_spec_says():
     assert get_format("int4-g128").weight_bytes(256, 256) == 256 * 128 + 256 * 2 * 4
     assert get_format("int4-g128-sym").weight_bytes(256, 256) == 256 * 128 + 256 * 2 * 2
     assert abs(get_format("int4-g128").bits_per_weight(4096, 4096) - 4.25) < 1e-9
+    assert get_format("int4-pc").weight_bytes(256, 768) == 256 * 384 + 256 * 2 * 2  # one scale and zero per row
+    assert get_format("int4-pc-sym").weight_bytes(256, 768) == 256 * 384 + 256 * 2
+    assert get_format("int4-pc").granularity == "per-channel" and get_format("int4-pc").supports(48, 96)
 
 
-@pytest.mark.parametrize("bad", ["int3", "int4-g100", "fp8", "int4-g128-asym", ""])
+@pytest.mark.parametrize("bad", ["int3", "int4-g100", "fp8", "int4-g128-asym", "", "int4-pc128", "int4-g"])
 def test_unknown_format_names_are_rejected(bad):
     with pytest.raises(ValueError, match="unknown format"):
         get_format(bad)

@@ -9,7 +9,7 @@ from mpq.qlinear import QuantizedLinear
 from mpq.quantize import quantize_weight
 
 SHAPES = [(48, 96), (64, 256), (112, 384), (16, 32)]  # (N, K): N multiple of 16, K odd multiples of groups
-FORMATS = ["int8", "int4-g32", "int4-g32-sym", "int4-g64", "int4-g128"]
+FORMATS = ["int8", "int4-g32", "int4-g32-sym", "int4-g64", "int4-g128", "int4-pc", "int4-pc-sym"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

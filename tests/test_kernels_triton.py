@@ -34,7 +34,7 @@ def _inputs(fmt_name: str, n: int, k: int, m: int, dtype: torch.dtype, seed: int
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("fmt_name", ["int4-g32", "int4-g64-sym", "int4-g128"])
+@pytest.mark.parametrize("fmt_name", ["int4-g32", "int4-g64-sym", "int4-g128", "int4-pc"])
 @pytest.mark.parametrize("n,k,m", [(33, 256, 1), (48, 384, 3), (17, 128, 17), (64, 256, 5)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_w4a16_matches_reference(path, fmt_name, n, k, m, dtype):
@@ -44,7 +44,7 @@ def test_w4a16_matches_reference(path, fmt_name, n, k, m, dtype):
     config = dict(PATHS[path])
     if config["BLOCK_M"] == 1 and m != 1:
         config["BLOCK_M"] = 16  # the M = 1 path serves single rows only
-    got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_size, bias, config=config)
+    got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
     expected = linear_reference(x, t, fmt, bias)
     assert got.shape == (m, n) and got.dtype == dtype and torch.isfinite(got).all()
     assert rel_err(got, expected) < 1e-2

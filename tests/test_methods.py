@@ -13,7 +13,7 @@ from mpq.gptq import gptq_quantize
 from mpq.memory import resident_bytes
 from mpq.quantize import dequantize_weight, quantize_weight
 
-FORMATS = ["int8", "int4-g32", "int4-g64-sym", "int4-g128"]
+FORMATS = ["int8", "int4-g32", "int4-g64-sym", "int4-g128", "int4-pc"]
 
 
 def correlated_inputs(k: int, rows: int = 2048, seed: int = 0) -> torch.Tensor:
