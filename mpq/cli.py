@@ -56,9 +56,10 @@ def _eval(args: argparse.Namespace) -> None:
     if (Path(args.target) / "mpq.json").is_file():
         if args.dtype or args.bnb:
             raise MpqError(f"{args.target} is an mpq config: --dtype and --bnb are for plain models")
-        result = evaluate_config(args.target, args.device, args.eval_data, not args.no_speed)
+        result = evaluate_config(args.target, args.device, args.eval_data, not args.no_speed, args.split)
     else:
-        result = evaluate_original(args.target, args.dtype, args.bnb, args.device, args.eval_data, not args.no_speed)
+        result = evaluate_original(args.target, args.dtype, args.bnb, args.device, args.eval_data, not args.no_speed,
+                                   args.split)
     print(json.dumps(result, indent=2))
 
 
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LMs: which held-out perplexity is `loss` (default both)")
     e.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if present)")
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement (quality, bytes and memory only)")
+    e.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="half of the held-out data: test (default; never seen by compile) or validation (what "
+                        "compile chose its configs on)")
     e.set_defaults(func=_eval)
 
     h = sub.add_parser("heatmap", help="redraw OUT/heatmap.png from OUT/sensitivity.json")

@@ -333,7 +333,8 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
         "bits_per_layer": {layer: round(fmt.bits_per_weight(*shapes[layer]), 4) for layer, fmt in specs.items()},
         "activations": "bf16 in int8/int4 layers on the CPU (W8A16 / W4A16); the model's dtype elsewhere",
         "calibration": calib_info,
-        "evaluation_data": "mpq corpus, heldout split" + (" (text and code)" if loaded.task == CAUSAL_LM else " (text sentences)"),
+        "evaluation_data": "mpq corpus, heldout split, validation half" + (" (text and code)" if loaded.task == CAUSAL_LM else " (text sentences)")
+                           + "; `mpq eval CONFIG` reports the test half, which compile never saw",
         "quality": {"sensitivity_metric": task.metric, "predicted": cand.predicted, "measured": cand.measured,
                     "baseline": baseline["metrics"]},
         "bytes": {"predicted": cand.bytes, "baseline": baseline["bytes"]},

@@ -113,14 +113,15 @@ def evaluate_model(model: nn.Module, task_kind: str, task, with_speed: bool = Tr
     return out
 
 
-def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "both", with_speed: bool = True) -> dict:
+def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "both", with_speed: bool = True,
+                    split: str = "test") -> dict:
     """`mpq eval CONFIG`: an mpq config folder, loaded with mpq's kernels for `device`."""
     manifest = read_manifest(Path(folder))
     model = load(folder, device=device)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    task = make_task(manifest["task"], tokenizer, None, target=eval_data)
+    task = make_task(manifest["task"], tokenizer, None, target=eval_data, split=split)
     if manifest["task"] != CAUSAL_LM:  # fidelity is measured against the original model
         task.prepare_eval(load_model(manifest["card"]["model"]).model)
     result = {"contender": f"mpq config {Path(folder).name}", **evaluate_model(model, manifest["task"], task, with_speed)}
@@ -131,12 +132,12 @@ def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "b
 
 
 def evaluate_original(name: str, dtype: str | None = None, bnb: str | None = None, device: str = "cpu",
-                      eval_data: str = "both", with_speed: bool = True) -> dict:
+                      eval_data: str = "both", with_speed: bool = True, split: str = "test") -> dict:
     """`mpq eval MODEL`: a plain model (a demo, folder or id) in a dtype, or quantised by bitsandbytes."""
     from mpq.contenders import load_original
 
     loaded = load_original(name, dtype, bnb, device)
-    task = make_task(loaded.task, loaded.tokenizer, None, target=eval_data)
+    task = make_task(loaded.task, loaded.tokenizer, None, target=eval_data, split=split)
     if loaded.task != CAUSAL_LM:
         task.prepare_eval(load_model(name).model)
     what = f"bitsandbytes {bnb}" if bnb else (dtype or "as stored")

@@ -255,6 +255,8 @@ def write_report(path: Path, summary: dict) -> Path:
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
         *([f"- configs are selected and accepted by held-out perplexity on {s.get('eval_data', 'both')} "
            f"(`--eval-data`; both are shown)"] if s["task"] == "causal-lm" else []),
+        "- held-out numbers here are on the validation half of the held-out data, which chose the configs; "
+        "`mpq eval configs/NAME` measures the test half, which nothing here has seen",
         f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}), warm-started from the exact "
         f"optimum of the additive model; {s['search']['front']} on the predicted front, {s['search']['measured']} measured",
         _search_line(s["search"], s["metric"]),

@@ -2,6 +2,9 @@
 
 - causal LM: sensitivity is the KL divergence of next-token distributions from the original's;
   held-out quality is perplexity on English text and on code (the shipped corpus's heldout split).
+The held-out data has two disjoint halves: "validation", on which compile chooses the configs it
+emits, and "test", which `mpq eval` and the benchmarks report by default, so that the numbers
+quoted for the chosen configs are not the ones they were chosen on.
 - encoder: sensitivity is 1 - cosine of mean-pooled, normalised embeddings to the original's;
   held-out quality is that fidelity (mean cosine) and nearest-neighbour agreement.
 Every evaluation goes through the same functions, for every config and baseline.
@@ -38,6 +41,7 @@ class CalibrationText:
 
 
 EVAL_DATA = ("both", "text", "code")  # what held-out quality (and default calibration) a causal LM targets
+EVAL_SPLITS = ("validation", "test")  # the two halves of the held-out data
 
 
 def calibration_text(calib_file: Path | None, target: str = "both") -> CalibrationText:
@@ -89,15 +93,19 @@ class CausalLMTask:
     higher_is_better = False
 
     def __init__(self, tokenizer, calib: CalibrationText | None, samples: int, seq_len: int,
-                 eval_samples: int = 24, eval_seq_len: int = 256, target: str = "both") -> None:
+                 eval_samples: int = 24, eval_seq_len: int = 256, target: str = "both", split: str = "validation") -> None:
         if target not in EVAL_DATA:
             raise MpqError(f"--eval-data {target!r}: use one of {', '.join(EVAL_DATA)}")
+        if split not in EVAL_SPLITS:
+            raise MpqError(f"held-out split {split!r}: use one of {', '.join(EVAL_SPLITS)}")
+        self.split = split
         self.tokenizer = tokenizer
         self.target = target
         if calib is not None:  # evaluation alone needs no calibration data
             self.calib_ids = _windows(tokenizer, calib.texts, samples, seq_len, f"calibration text ({calib.source})")
-        self.heldout = {kind: _windows(tokenizer, list(corpus_chunks(kind, "heldout")), eval_samples, eval_seq_len,
-                                       f"held-out {kind}") for kind in ("text", "code")}
+        half = slice(0, eval_samples) if split == "validation" else slice(eval_samples, 2 * eval_samples)
+        self.heldout = {kind: _windows(tokenizer, list(corpus_chunks(kind, "heldout")), 2 * eval_samples, eval_seq_len,
+                                       f"held-out {kind}")[half] for kind in ("text", "code")}
 
     @property
     def calib_tokens(self) -> int:
@@ -153,7 +161,11 @@ class EncoderTask:
     quality_name = "embedding cosine"
     higher_is_better = True
 
-    def __init__(self, tokenizer, calib: CalibrationText | None, samples: int, seq_len: int, eval_samples: int = 256) -> None:
+    def __init__(self, tokenizer, calib: CalibrationText | None, samples: int, seq_len: int, eval_samples: int = 256,
+                 split: str = "validation") -> None:
+        if split not in EVAL_SPLITS:
+            raise MpqError(f"held-out split {split!r}: use one of {', '.join(EVAL_SPLITS)}")
+        self.split = split
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         if calib is not None:  # evaluation alone needs no calibration data
@@ -162,7 +174,8 @@ class EncoderTask:
                 raise MpqError(f"calibration text ({calib.source}) gives {len(calib_sentences)} sentences of {MIN_SENTENCE_WORDS}+ words "
                                f"but --samples {samples} are needed: give more text or lower --samples")
             self.calib_batches = self._encode(calib_sentences[:samples])
-        heldout = _sentences(list(corpus_chunks("text", "heldout")))[:eval_samples]
+        half = slice(0, eval_samples) if split == "validation" else slice(eval_samples, 2 * eval_samples)
+        heldout = _sentences(list(corpus_chunks("text", "heldout")))[half]
         self.heldout_batches = self._encode(heldout)
         self.baseline: torch.Tensor | None = None
 
@@ -218,10 +231,11 @@ class EncoderTask:
 
 
 def make_task(task: str, tokenizer, calib: CalibrationText | None, samples: int = 0, seq_len: int = 128,
-              target: str = "both"):
-    """The task of a model kind; `target` (causal LMs): the held-out perplexity configs are judged by."""
+              target: str = "both", split: str = "validation"):
+    """The task of a model kind; `target` (causal LMs): the held-out perplexity configs are judged by;
+    `split`: which half of the held-out data evaluates (validation: compile's choice; test: reports)."""
     if task == CAUSAL_LM:
-        return CausalLMTask(tokenizer, calib, samples, seq_len, target=target)
+        return CausalLMTask(tokenizer, calib, samples, seq_len, target=target, split=split)
     if target == "code":
         raise MpqError("--eval-data code is for causal LMs: encoders are judged on held-out text sentences")
-    return EncoderTask(tokenizer, calib, samples, seq_len)
+    return EncoderTask(tokenizer, calib, samples, seq_len, split=split)

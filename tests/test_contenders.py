@@ -2,6 +2,7 @@
 bitsandbytes (when installed); and perplexity against a hand computation."""
 
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -102,8 +103,8 @@ def test_peak_memory_sees_a_transient_allocation():
     with PeakMemory() as before:
         pass
     with PeakMemory() as during:
-        block = torch.ones(64 * 2 ** 20 // 4)  # 64 MB, touched, then freed inside the block
-        block += 1
+        block = torch.ones(64 * 2 ** 20 // 4)  # 64 MB, touched, held a moment, freed inside the block
+        time.sleep(0.05)
         del block
     if during.peak is None:
         pytest.skip("no /proc/self/statm here")
@@ -121,3 +122,21 @@ def test_bitsandbytes_contenders_count_their_side_state(tiny_llama_dir):
         params = sum(t.untyped_storage().nbytes() for t in {id(p): p for p in [*model.parameters(), *model.buffers()]}.values())
         assert resident_bytes(model) >= params + side.numel() * side.element_size()
         assert resident_bytes(model) < resident_bytes(plain)
+
+
+def test_held_out_halves_are_disjoint_and_test_is_the_default_of_mpq_eval(demo_tokenizer):
+    import inspect
+
+    from mpq.evaluate import evaluate_config, evaluate_original
+    from mpq.tasks import EncoderTask
+
+    val, test = (make_task(CAUSAL_LM, demo_tokenizer, None, split=s) for s in ("validation", "test"))
+    for kind in ("text", "code"):
+        assert val.heldout[kind].shape == test.heldout[kind].shape
+        assert not torch.equal(val.heldout[kind], test.heldout[kind])
+    enc_val, enc_test = (EncoderTask(demo_tokenizer, None, 0, 64, split=s) for s in ("validation", "test"))
+    assert not torch.equal(enc_val.heldout_batches[0]["input_ids"], enc_test.heldout_batches[0]["input_ids"])
+    for fn in (evaluate_config, evaluate_original):
+        assert inspect.signature(fn).parameters["split"].default == "test"
+    with pytest.raises(Exception, match="split"):
+        make_task(CAUSAL_LM, demo_tokenizer, None, split="train")
