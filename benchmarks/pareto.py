@@ -309,9 +309,19 @@ def markdown(result: dict) -> str:
               f"- smallest config within a 1% quality drop: {one['smallest_passing']} "
               f"({_pct(one['smaller_than_int8_by'])} smaller than uniform INT8; target >= 15%)",
               f"- mpq's Pareto set over all its configs: {len(t['mpq_front'])} configs; of these, dominated by a "
-              "contender (bytes and quality): "
-              + (", ".join(f"{d['mpq']} by {d['by']}" for d in t["dominated_mpq_configs"]) or "none"), ""]
+              f"contender (bytes and quality): {_dominated_summary(t)}", ""]
     return "\n".join(lines)
+
+
+def _dominated_summary(t: dict) -> str:
+    """Each contender that dominates some of mpq's front, with how many and which."""
+    by: dict[str, list[str]] = {}
+    for d in t["dominated_mpq_configs"]:
+        by.setdefault(d["by"], []).append(d["mpq"])
+    if not by:
+        return "none"
+    return "; ".join(f"{other} dominates {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                     for other, names in by.items())
 
 
 def _num(x: float | None) -> str:
@@ -398,7 +408,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, help="where mpq's compile outputs go (default: a temporary folder)")
+    parser.add_argument("--render", action="store_true", help="only redraw the .md and .png from the saved JSON")
     args = parser.parse_args()
+    if args.render:
+        for name in args.models:
+            result = json.loads((args.out / f"pareto_{name}.json").read_text())
+            (args.out / f"pareto_{name}.md").write_text(markdown(result))
+            plot(result, args.out / f"pareto_{name}.png")
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="mpq-pareto-"))
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
