@@ -44,7 +44,7 @@ from mpq.errors import MpqError
 from mpq.evaluate import evaluate_model
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
-from mpq.memory import memory_model
+from mpq.memory import MemoryModel, memory_model
 from mpq.methods import method_quantizer
 from mpq.models import CAUSAL_LM, load_model
 from mpq.profile import example_inputs
@@ -94,9 +94,8 @@ class Bench:
             self.caches[method] = QuantizedWeightCache(self.loaded.model, quantizer)
         return self.caches[method]
 
-    def costs(self, method: str) -> tuple[dict[str, dict[str, int]], int]:
-        memory = memory_model(self.loaded.model, self.graph.layers, self.formats, method)
-        return memory.layer_bytes, memory.fixed_bytes
+    def memory(self, method: str) -> MemoryModel:
+        return memory_model(self.loaded.model, self.graph.layers, self.formats, method)
 
     def run_plan(self, plan: dict[str, str], method: str, with_speed: bool) -> dict:
         specs = {layer: get_format(fmt) for layer, fmt in plan.items()}
@@ -142,11 +141,11 @@ class Bench:
 
     def plans(self, methods: list[str]) -> None:
         for method in dict.fromkeys([*methods, self.method]):  # mpq's own method is the targets' yardstick
-            costs, _ = self.costs(method)
+            costs = self.memory(method).layer_bytes
             for fmt in ("int8", "int4-g128"):
                 self.add(f"uniform {fmt} ({method})", "uniform", self.run_plan(uniform_plan(costs, fmt), method, True),
                          method=method, format=fmt)
-        costs, _ = self.costs(self.method)
+        costs = self.memory(self.method).layer_bytes
         for high in ("fp16", "int8"):
             plan = rule_plan(self.loaded.model, costs, high=high, low="int4-g128")
             self.add(f"first/last + head {high}, rest int4-g128 ({self.method})", "rule",
@@ -154,9 +153,8 @@ class Bench:
 
     def budgets(self) -> tuple[int, int]:
         """Bytes of uniform INT4-g128 and of uniform INT8 (mpq's method)."""
-        costs, fixed = self.costs(self.method)
-        return tuple(fixed + sum(costs[layer][fmt] for layer, fmt in uniform_plan(costs, name).items())
-                     for name in ("int4-g128", "int8"))
+        memory = self.memory(self.method)
+        return tuple(memory.total(uniform_plan(memory.layer_bytes, name)) for name in ("int4-g128", "int8"))
 
     def mpq_set(self, work: Path, trials: int) -> dict:
         """mpq compiles at the budgets the targets name (uniform INT4-g128's bytes, and 10/25/50/75% of
@@ -186,13 +184,14 @@ class Bench:
         return {"budgets": budgets, "seconds": seconds}
 
     def random_budgets(self, count: int) -> list[dict]:
-        costs, fixed = self.costs(self.method)
+        memory = self.memory(self.method)
         low, high = self.budgets()
         out = []
         for fraction in RANDOM_FRACTIONS:
             budget = int(low + fraction * (high - low))
-            plans = random_plans(costs, budget, count, seed=self.seed, tied=self.groups, fixed_bytes=fixed)
-            results = [{"bytes": fixed + sum(costs[layer][fmt] for layer, fmt in plan.items()),
+            plans = random_plans(memory.layer_bytes, budget, count, seed=self.seed, tied=self.groups,
+                                 fixed_bytes=memory.fixed_bytes)
+            results = [{"bytes": memory.total(plan),
                         **self.run_plan(plan, self.method, False)} for plan in plans]
             losses = [loss(r) for r in results]
             out.append({"fraction": fraction, "budget": budget, "bytes": [r["bytes"] for r in results],

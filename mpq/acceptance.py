@@ -42,11 +42,10 @@ def failures(nbytes: int, metrics: dict, baseline: dict, criteria: Criteria) -> 
     """Why a config fails the criteria (empty: it passes). `metrics` may hold a measured `speedup`."""
     out = []
     if criteria.max_quality_drop is not None:
-        drop = quality_drop(metrics, baseline)
-        if drop > criteria.max_quality_drop:
-            what = "perplexity ratio" if "ppl" in metrics else "cosine drop"
-            value, limit = (1 + drop, 1 + criteria.max_quality_drop) if "ppl" in metrics else (drop, criteria.max_quality_drop)
-            out.append(f"{what} {value:.4f} > {limit:.4f}")
+        drop, limit = quality_drop(metrics, baseline), criteria.max_quality_drop
+        if drop > limit:
+            out.append(f"perplexity ratio {1 + drop:.4f} > {1 + limit:.4f}" if "ppl" in metrics
+                       else f"cosine drop {drop:.4f} > {limit:.4f}")
     if criteria.min_speedup is not None:
         speedup = metrics.get("speedup")
         if speedup is None:

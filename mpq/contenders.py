@@ -19,6 +19,7 @@ import torch
 from mpq.blockwise import find_blocks
 from mpq.errors import MpqError
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
+from mpq.search import uniform_plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BNB_MODES = ("int8", "nf4")
@@ -57,23 +58,17 @@ def _load_bnb(name: str, mode: str, device: str) -> LoadedModel:
 def first_last_plan(costs: dict[str, dict[str, int]], high: str, low: str, blocks_name: str | None) -> dict[str, str]:
     """The folk rule: layers of the first and last blocks, and every layer outside the blocks
     (lm_head, a pooler), in `high`; the rest in `low` (a layer that cannot take a format keeps its
-    largest)."""
-    def largest(layer: str) -> str:
-        return max(costs[layer], key=costs[layer].get)
-
+    largest, as in uniform_plan)."""
     def block_of(layer: str) -> int | None:
         if blocks_name is None or not layer.startswith(blocks_name + "."):
             return None
         return int(layer[len(blocks_name) + 1:].split(".")[0])
 
-    indices = [i for i in (block_of(layer) for layer in costs) if i is not None]
-    edges = {min(indices), max(indices)} if indices else set()
-    plan = {}
-    for layer, options in costs.items():
-        index = block_of(layer)
-        fmt = high if index is None or index in edges else low
-        plan[layer] = fmt if fmt in options else largest(layer)
-    return plan
+    index = {layer: block_of(layer) for layer in costs}
+    inside = [i for i in index.values() if i is not None]
+    edges = {min(inside), max(inside)} if inside else set()
+    highs, lows = uniform_plan(costs, high), uniform_plan(costs, low)
+    return {layer: highs[layer] if i is None or i in edges else lows[layer] for layer, i in index.items()}
 
 
 def rule_plan(model, costs: dict[str, dict[str, int]], high: str = "fp16", low: str = "int4-g128") -> dict[str, str]:

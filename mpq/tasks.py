@@ -2,11 +2,11 @@
 
 - causal LM: sensitivity is the KL divergence of next-token distributions from the original's;
   held-out quality is perplexity on English text and on code (the shipped corpus's heldout split).
+- encoder: sensitivity is 1 - cosine of mean-pooled, normalised embeddings to the original's;
+  held-out quality is that fidelity (mean cosine) and nearest-neighbour agreement.
 The held-out data has two disjoint halves: "validation", on which compile chooses the configs it
 emits, and "test", which `mpq eval` and the benchmarks report by default, so that the numbers
 quoted for the chosen configs are not the ones they were chosen on.
-- encoder: sensitivity is 1 - cosine of mean-pooled, normalised embeddings to the original's;
-  held-out quality is that fidelity (mean cosine) and nearest-neighbour agreement.
 Every evaluation goes through the same functions, for every config and baseline.
 """
 
@@ -42,6 +42,13 @@ class CalibrationText:
 
 EVAL_DATA = ("both", "text", "code")  # what held-out quality (and default calibration) a causal LM targets
 EVAL_SPLITS = ("validation", "test")  # the two halves of the held-out data
+
+
+def heldout_half(split: str, count: int) -> slice:
+    """Which of 2 x `count` held-out samples a split evaluates on."""
+    if split not in EVAL_SPLITS:
+        raise MpqError(f"held-out split {split!r}: use one of {', '.join(EVAL_SPLITS)}")
+    return slice(0, count) if split == "validation" else slice(count, 2 * count)
 
 
 def calibration_text(calib_file: Path | None, target: str = "both") -> CalibrationText:
@@ -96,14 +103,11 @@ class CausalLMTask:
                  eval_samples: int = 24, eval_seq_len: int = 256, target: str = "both", split: str = "validation") -> None:
         if target not in EVAL_DATA:
             raise MpqError(f"--eval-data {target!r}: use one of {', '.join(EVAL_DATA)}")
-        if split not in EVAL_SPLITS:
-            raise MpqError(f"held-out split {split!r}: use one of {', '.join(EVAL_SPLITS)}")
-        self.split = split
         self.tokenizer = tokenizer
         self.target = target
         if calib is not None:  # evaluation alone needs no calibration data
             self.calib_ids = _windows(tokenizer, calib.texts, samples, seq_len, f"calibration text ({calib.source})")
-        half = slice(0, eval_samples) if split == "validation" else slice(eval_samples, 2 * eval_samples)
+        half = heldout_half(split, eval_samples)
         self.heldout = {kind: _windows(tokenizer, list(corpus_chunks(kind, "heldout")), 2 * eval_samples, eval_seq_len,
                                        f"held-out {kind}")[half] for kind in ("text", "code")}
 
@@ -163,9 +167,7 @@ class EncoderTask:
 
     def __init__(self, tokenizer, calib: CalibrationText | None, samples: int, seq_len: int, eval_samples: int = 256,
                  split: str = "validation") -> None:
-        if split not in EVAL_SPLITS:
-            raise MpqError(f"held-out split {split!r}: use one of {', '.join(EVAL_SPLITS)}")
-        self.split = split
+        half = heldout_half(split, eval_samples)
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         if calib is not None:  # evaluation alone needs no calibration data
@@ -174,7 +176,6 @@ class EncoderTask:
                 raise MpqError(f"calibration text ({calib.source}) gives {len(calib_sentences)} sentences of {MIN_SENTENCE_WORDS}+ words "
                                f"but --samples {samples} are needed: give more text or lower --samples")
             self.calib_batches = self._encode(calib_sentences[:samples])
-        half = slice(0, eval_samples) if split == "validation" else slice(eval_samples, 2 * eval_samples)
         heldout = _sentences(list(corpus_chunks("text", "heldout")))[half]
         self.heldout_batches = self._encode(heldout)
         self.baseline: torch.Tensor | None = None
