@@ -91,6 +91,8 @@ def default_device() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mpq.refine import REFINE_TRIALS
+
     parser = argparse.ArgumentParser(prog="mpq", description="Sensitivity-driven mixed-precision compiler")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="rtn",
                    help="how weights are rounded: rtn (round to nearest; default), gptq (Hessian error compensation, "
                         "act-order) or awq (activation-aware channel scaling); sensitivities are measured with it")
-    c.add_argument("--refine", type=int, default=8,
-                   help="at the budget, measure this many of the best predicted plans for real and keep the best "
-                        "(default 8; 0: trust the additive prediction)")
+    c.add_argument("--refine", type=int, default=REFINE_TRIALS,
+                   help=f"trials of the measured Optuna study at the budget (default {REFINE_TRIALS}): the exact optimum "
+                        "of the additive model and the next-best predicted plans, then plans next to the best measured, "
+                        "each measured for real on calibration data; the best wins (0: trust the additive prediction)")
     c.add_argument("--no-tie", action="store_true",
                    help="let layers that read one input (q/k/v, gate/up) take different formats (default: tied, so they fuse)")
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "

@@ -28,7 +28,7 @@ from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measur
 from mpq.memory import format_size, memory_model, parse_size, resident_bytes
 from mpq.models import CAUSAL_LM, LoadedModel, load_model
 from mpq.plan import Plan
-from mpq.refine import REFINE_CANDIDATES, refine_at_budget
+from mpq.refine import REFINE_TRIALS, refine_at_budget
 from mpq.selection import (chosen_for_measuring, emitted_front, latency_fields, latency_limit, latency_summary,
                            time_step)
 from mpq.report import draw_heatmap, draw_pareto, draw_speedup, heatmap_markdown, write_report
@@ -62,7 +62,7 @@ class CompileOptions:
     storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
     sensitivity: str = "kl"  # the signal: "kl" (output divergence), "local" (layer output error) or "fisher"
     method: str = "rtn"  # how weights are rounded: "rtn", "gptq" or "awq" (mpq.methods)
-    refine: int = REFINE_CANDIDATES  # plans measured for real at the budget (mpq.refine); 0: none
+    refine: int = REFINE_TRIALS  # trials of the measured study at the budget (mpq.refine); 0: none
     latency: bool = True  # profile layer latencies and search on predicted step time too (mpq.latency)
     regime: str | None = None  # "decode" | "prefill"; None: decode for causal LMs, prefill for encoders
     batch: int = 1
@@ -206,6 +206,7 @@ def compile_model(opts: CompileOptions) -> dict:
         with applied(work, {layer: get_format(fmt) for layer, fmt in plan.items()}, cache, backend=MEASURE_BACKEND):
             return task.divergence(work, reference)
 
+    has_bias = {layer.name: layer.has_bias for layer in graph.layers}
     refinement = None
     if opts.refine > 0 and result.exact_plan is not None:
         predict = (lambda plan: None) if latency is None else latency.predict  # noqa: E731
@@ -213,8 +214,14 @@ def compile_model(opts: CompileOptions) -> dict:
                           latency=predict(result.exact_plan))
         pool = [Candidate(c.formats, c.bytes, c.predicted, c.origin, latency=predict(c.formats)) for c in result.feasible]
         pool = [c for c in pool if latency_cap is None or c.latency <= latency_cap]
-        refinement = refine_at_budget(exact, latency_cap is None or exact.latency <= latency_cap, pool,
-                                      calib_divergence, opts.refine)
+        refinement = refine_at_budget(exact, pool, calib_divergence, costs, sens, memory.fixed_bytes, budget,
+                                      tied=groups if opts.tie else [], trials=opts.refine, seed=opts.seed,
+                                      storage=open_storage(storage), study_name=study_name + "-measured",
+                                      fits=lambda plan: latency_cap is None or latency.predict(plan) <= latency_cap,
+                                      time_step=None if latency_cap is None else step_timer(loaded, regime, latency, cache,
+                                                                                            groups, has_bias),
+                                      max_latency=latency_cap)
+        refinement.best.latency = predict(refinement.best.formats)
         lap("refine")
 
     task.prepare_eval(loaded.model)
@@ -226,7 +233,6 @@ def compile_model(opts: CompileOptions) -> dict:
     if refinement is not None and all(c.formats != refinement.best.formats for c in uniform + mixed):
         mixed.append(refinement.best)  # the measured best at the budget is always judged on held-out data
     measured = uniform + mixed
-    has_bias = {layer.name: layer.has_bias for layer in graph.layers}
     for cand in tqdm(measured, desc="held-out eval", disable=not opts.progress, unit="config"):
         specs = {layer: get_format(fmt) for layer, fmt in cand.formats.items()}
         with applied(loaded.model, specs, cache, fusion_groups(cand.formats, groups, has_bias)):
@@ -283,6 +289,19 @@ def compile_model(opts: CompileOptions) -> dict:
     write_report(out / "report.md", summary)
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def step_timer(loaded: LoadedModel, regime: Regime, latency: LatencyModel, cache: QuantizedWeightCache,
+               groups: list[list[str]], has_bias: dict[str, bool]):
+    """plan -> its measured step as emitted, in the profile's seconds: timed beside the unquantised
+    model and scaled by the profile's baseline over the one timed now, so the machine's drift since
+    the profile does not decide whether a plan meets the latency cap."""
+    def time_step(plan: dict[str, str]) -> float:
+        def run():
+            return applied(loaded.model, {n: get_format(f) for n, f in plan.items()}, cache, fusion_groups(plan, groups, has_bias))
+        step_s, baseline_now = measure_plans(loaded.model, loaded.task, regime, [run, nullcontext], rounds=2)
+        return step_s * latency.baseline_seconds / baseline_now
+    return time_step
 
 
 def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate], cache: QuantizedWeightCache,

@@ -218,7 +218,13 @@ def _refinement_lines(refinement: dict | None, task_metric: str) -> list[str]:
         return []
     exact, optuna, best = refinement["exact"], refinement["optuna"], refinement["best"]
     fits = "" if exact["fits"] else " (over the latency cap, so not a candidate)"
-    return [f"- measured refinement at the budget ({len(refinement['rows'])} plans, {task_metric} on calibration data): "
+    timed = [row for row in refinement["rows"] if "latency_s" in row]
+    if timed:  # each trial's step was timed as emitted and held to the cap
+        fits += (f"; every trial's step also timed as emitted, {sum(not r['feasible'] for r in timed)} of {len(timed)} "
+                 "over the latency cap by measurement or prediction")
+    proposed = sum(row["origin"] == "refined" for row in refinement["rows"])
+    return [f"- measured refinement at the budget (an Optuna study of {len(refinement['rows'])} trials measured for real, "
+            f"{task_metric} on calibration data; {proposed} of them proposed next to the best measured): "
             f"exact optimum of the additive model predicted {exact['predicted']:.4g}, measured {exact['measured']:.4g}{fits}; "
             f"the study's least-predicted plan predicted {optuna['predicted']:.4g}, measured {optuna['measured']:.4g}; "
             f"best measured {best['measured']:.4g} ({best['origin']}), {refinement['gain']:.1%} less than the "

@@ -1,0 +1,206 @@
+"""The measured study: Optuna trials spent on real quality at one budget.
+
+The first study (search/pareto.py) ranks plans by the additive model: the sum of per-layer
+sensitivities. Layers interact, so that ranking is not the real one. This second study measures
+each trial for real (`measure(plan)`: the config's divergence on calibration data) and keeps the
+least. It starts from the plans the additive model likes best (the exact DP optimum, then the
+least-predicted feasible plans), enqueued; its further trials come from `NeighbourSampler`: one
+or two units of the best measured plans so far change format, and the rest of the plan is
+repaired to the budget along the additive model (bytes taken from, or given to, the units where
+they cost or buy the most predicted loss per byte). So each measurement tests a move the additive
+model thinks nearly neutral, which is where its errors decide.
+
+The study lives in the same storage as the first one, so an interrupted compile resumes here
+too. Proposals depend only on the completed trials (not on trial numbers), so a resumed study
+proposes what an uninterrupted one would have, and ends the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import optuna
+
+from mpq.search.pareto import Candidate, evaluate_plan, expand, tie
+
+NEIGHBOUR_TRIES = 64  # proposals drawn per trial before it falls back to a random plan (then skipped)
+TOURNAMENT = 8  # distinct new neighbours drawn per trial; the least predicted of them is measured
+
+
+@dataclass
+class MeasuredResult:
+    best: Candidate  # least measured plan within every constraint (layer plan)
+    best_measured: float
+    rows: list[dict] = field(default_factory=list)  # every measured trial in order: origin, bytes, predicted, measured
+    measured: dict[tuple, float] = field(default_factory=dict)  # sorted layer plan items -> measured loss
+    feasible: set[tuple] = field(default_factory=set)  # the measured plans (as keys) within every constraint
+    trials: int = 0  # trials measured (the seeds included)
+
+
+def _key(plan: dict[str, str]) -> tuple:
+    return tuple(sorted(plan.items()))
+
+
+class NeighbourSampler(optuna.samplers.BaseSampler):
+    """Proposes plans next to the best measured ones, at the budget (relative sampling over every
+    unit at once; a random plan only when no neighbour is left, which the objective then skips)."""
+
+    def __init__(self, options: dict[str, list[str]], unit_costs: dict[str, dict[str, int]],
+                 unit_sens: dict[str, dict[str, float]], room: int, fits: Callable[[dict[str, str]], bool], seed: int):
+        self._options, self._costs, self._sens, self._room, self._fits = options, unit_costs, unit_sens, room, fits
+        self._seed = seed
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        self._space = {u: optuna.distributions.CategoricalDistribution(opts) for u, opts in options.items()}
+        self._complete = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    # -- optuna.samplers.BaseSampler
+    def infer_relative_search_space(self, study, trial) -> dict:
+        return dict(self._space)
+
+    def sample_relative(self, study, trial, search_space) -> dict:
+        if not search_space:
+            return {}
+        done = study.get_trials(deepcopy=False, states=self._complete)
+        ranked = sorted((t for t in done if t.state.name == "COMPLETE" and t.user_attrs.get("feasible")),
+                        key=lambda t: (t.value, _key(t.params)))
+        if not ranked:
+            return {}
+        # Seeded by how many trials finished, not by the trial's number: a trial killed mid-way
+        # leaves a number behind, and the resumed study must still propose the same plans.
+        rng = np.random.RandomState([self._seed, len(done)])
+        seen = {_key(t.params) for t in done}
+        pool: dict[tuple, dict[str, str]] = {}
+        for _ in range(NEIGHBOUR_TRIES):
+            base = ranked[0] if len(ranked) == 1 or rng.rand() < 0.75 else ranked[rng.randint(1, min(4, len(ranked)))]
+            plan = self.neighbour(dict(base.params), rng)
+            if plan is not None and _key(plan) not in seen:
+                pool[_key(plan)] = plan
+                if len(pool) == TOURNAMENT:
+                    break
+        # Of a few random neighbours, the one the additive model likes best: a measurement is worth
+        # most where the prediction says "about as good", since there its errors decide.
+        return min(pool.values(), key=lambda plan: (self._predicted(plan), _key(plan))) if pool else {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def reseed_rng(self) -> None:
+        self._fallback.reseed_rng()
+
+    # -- the move
+    def _predicted(self, plan: dict[str, str]) -> float:
+        return sum(self._sens[u][f] for u, f in plan.items())
+
+    def _bytes(self, plan: dict[str, str]) -> int:
+        return sum(self._costs[u][f] for u, f in plan.items())
+
+    def neighbour(self, plan: dict[str, str], rng: np.random.RandomState) -> dict[str, str] | None:
+        """Change one or two units' formats, then repair the rest to the budget by the additive
+        model: while over it, the cheapest predicted loss per byte freed; then, while bytes are
+        left, the most predicted loss removed per byte spent. None when no fitting plan results."""
+        movable = [u for u, opts in self._options.items() if len(opts) > 1]
+        if not movable:
+            return None
+        changed = list(rng.choice(movable, size=min(len(movable), 1 + int(rng.rand() < 0.5)), replace=False))
+        for unit in changed:
+            plan[unit] = str(rng.choice([f for f in self._options[unit] if f != plan[unit]]))
+        others = [u for u in plan if u not in changed]
+        used = self._bytes(plan)
+        while used > self._room:
+            moves = [((self._sens[u][g] - self._sens[u][plan[u]]) / (self._costs[u][plan[u]] - self._costs[u][g]), u, g)
+                     for u in others for g in self._options[u] if self._costs[u][g] < self._costs[u][plan[u]]]
+            if not moves:
+                return None
+            _, unit, fmt = min(moves)
+            used += self._costs[unit][fmt] - self._costs[unit][plan[unit]]
+            plan[unit] = fmt
+        while True:
+            moves = [((self._sens[u][plan[u]] - self._sens[u][g]) / (self._costs[u][g] - self._costs[u][plan[u]]), u, g)
+                     for u in others for g in self._options[u]
+                     if self._costs[u][plan[u]] < self._costs[u][g] <= self._costs[u][plan[u]] + self._room - used
+                     and self._sens[u][g] < self._sens[u][plan[u]]]
+            if not moves:
+                break
+            _, unit, fmt = max(moves)
+            used += self._costs[unit][fmt] - self._costs[unit][plan[unit]]
+            plan[unit] = fmt
+        return plan if self._fits(plan) else None
+
+
+def measured_search(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]], fixed_bytes: int, budget: int,
+                    measure: Callable[[dict[str, str]], float], seeds: list[Candidate], trials: int, seed: int = 0,
+                    tied: list[list[str]] = (), storage: object | None = None, study_name: str = "mpq-measured",
+                    fits: Callable[[dict[str, str]], bool] = lambda plan: True,
+                    time_step: Callable[[dict[str, str]], float] | None = None,
+                    max_latency: float | None = None) -> MeasuredResult:
+    """Spend `trials` measurements at `budget`: the `seeds` first (in order; those outside the
+    budget or `fits` are measured, so they can be reported, but never chosen), then the sampler's
+    neighbours. `measure` maps a layer plan to its real loss; `fits` says whether a layer plan
+    meets the other constraints by prediction (a latency cap). With `time_step` (a layer plan ->
+    its measured seconds per step) and `max_latency`, each trial's step is timed too and a plan
+    whose measured step exceeds the cap is never chosen, whatever its prediction said. Layers in
+    `tied` groups keep one format."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    unit_costs, unit_sens, members = tie(costs, sens, list(tied))
+    units = list(unit_costs)
+    options = {u: sorted(unit_costs[u], key=unit_costs[u].get) for u in units}
+    room = budget - fixed_bytes
+
+    def unit_plan(plan: dict[str, str]) -> dict[str, str] | None:
+        """The plan per unit; None where tied layers disagree (not a plan this study can hold)."""
+        if any(len({plan[n] for n in members[u]}) > 1 for u in units):
+            return None
+        return {u: plan[members[u][0]] for u in units}
+
+    sampler = NeighbourSampler(options, unit_costs, unit_sens, room, lambda p: fits(expand(p, members)), seed)
+    study = optuna.create_study(direction="minimize", sampler=sampler, storage=storage, study_name=study_name,
+                                load_if_exists=storage is not None)
+    kept = {_key(t.params) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                                              optuna.trial.TrialState.WAITING))}
+    for cand in seeds[:trials]:
+        plan = unit_plan(cand.formats)
+        if plan is not None and _key(plan) not in kept:  # a seed left RUNNING by a killed process runs again
+            kept.add(_key(plan))
+            study.enqueue_trial(plan, user_attrs={"origin": cand.origin})
+
+    def objective(trial) -> float:
+        plan = {u: trial.suggest_categorical(u, options[u]) for u in units}
+        layers = expand(plan, members)
+        nbytes, predicted = evaluate_plan(layers, costs, sens, fixed_bytes)
+        feasible = nbytes <= budget and fits(layers)
+        if "origin" not in trial.user_attrs:
+            if not feasible:  # the sampler's random fallback: not worth a measurement
+                raise optuna.TrialPruned()
+            trial.set_user_attr("origin", "refined")
+        if time_step is not None and max_latency is not None:
+            seconds = time_step(layers)
+            trial.set_user_attr("latency_s", seconds)
+            feasible = feasible and seconds <= max_latency
+        trial.set_user_attr("bytes", nbytes)
+        trial.set_user_attr("predicted", predicted)
+        trial.set_user_attr("feasible", feasible)
+        return measure(layers)
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = trials - len(study.get_trials(deepcopy=False, states=states))
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, show_progress_bar=False)
+
+    rows, measured, feasible, best = [], {}, set(), None
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        layers = expand(dict(trial.params), members)
+        attrs = trial.user_attrs
+        rows.append({"origin": attrs["origin"], "bytes": attrs["bytes"], "predicted": attrs["predicted"],
+                     "measured": trial.value, "feasible": attrs["feasible"],
+                     **({"latency_s": attrs["latency_s"]} if "latency_s" in attrs else {})})
+        measured[_key(layers)] = trial.value
+        if attrs["feasible"]:
+            feasible.add(_key(layers))
+        if attrs["feasible"] and (best is None or (trial.value, _key(layers)) < (best[1], _key(best[0].formats))):
+            best = (Candidate(layers, attrs["bytes"], attrs["predicted"], attrs["origin"]), trial.value)
+    if best is None:
+        raise ValueError("the measured study found no plan within the constraints: give it a feasible seed")
+    return MeasuredResult(best=best[0], best_measured=best[1], rows=rows, measured=measured, feasible=feasible,
+                          trials=len(rows))
