@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns of a bf16 -> fp16 cast on every int8 matmul
 
+import torch
+
 import mpq
 from mpq.acceptance import Criteria, failures
 from mpq.apply import QuantizedWeightCache, applied
@@ -46,7 +48,7 @@ from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
 from mpq.memory import MemoryModel, memory_model
 from mpq.methods import method_quantizer
-from mpq.models import CAUSAL_LM, load_model
+from mpq.models import CAUSAL_LM, DTYPES, load_model
 from mpq.profile import example_inputs
 from mpq.search import uniform_plan
 from mpq.tasks import calibration_text, make_task
@@ -74,13 +76,16 @@ def throughput(row: dict) -> float | None:
 class Bench:
     """One model's contenders, all evaluated by `evaluate_model` against the same task."""
 
-    def __init__(self, name: str, method: str, seed: int) -> None:
-        self.name, self.method, self.seed = name, method, seed
+    def __init__(self, name: str, method: str, seed: int, dtype: str | None = None) -> None:
+        self.name, self.method, self.seed, self.dtype = name, method, seed, dtype
         self.loaded = load_model(name)
         # Reported on the test half of the held-out data: compile chose its configs on the other half.
         self.task = make_task(self.loaded.task, self.loaded.tokenizer, calibration_text(None),
                               SAMPLES[self.loaded.task], 128, split="test")
-        self.task.prepare_eval(self.loaded.model)
+        self.task.prepare_eval(self.loaded.model)  # encoders: fidelity to the model as stored, whatever the cast
+        self.stored = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.loaded.model.dtype]
+        if dtype is not None:  # as `mpq compile --dtype`: the plans mpq builds (uniform, rule, random) start from it too
+            self.loaded.model.to(DTYPES[dtype])
         self.graph = trace_model(self.loaded.model, example_inputs(self.loaded.task, self.loaded.model.config.vocab_size))
         self.groups = self.graph.shared_input_groups()
         self.has_bias = {layer.name: layer.has_bias for layer in self.graph.layers}
@@ -167,7 +172,7 @@ class Bench:
             start = time.time()
             out = work / self.name / f"budget{index}"
             summary = compile_model(CompileOptions(model=self.name, out=out, formats=FORMATS, method=self.method,
-                                                   max_mem=budget, trials=trials, seed=self.seed, progress=False))
+                                                   dtype=self.dtype, max_mem=budget, trials=trials, seed=self.seed, progress=False))
             seconds.append(round(time.time() - start, 1))
             for config in summary["configs"]:
                 plan = json.loads((out / "configs" / config["name"] / "mpq.json").read_text())["plan"]["formats"]
@@ -274,7 +279,10 @@ def markdown(result: dict) -> str:
                 "and a 256-token prefill, batch 1") + ", this machine; speedup over the original as stored. Peak RSS: "
              "`mpq eval CONTENDER --no-speed` in a process of its own (bytes on the line for plans built in this "
              "process are exact, their memory is not measured)" + (", the fp32 original loaded beside it for "
-                                                                  "the fidelity reference" if encoder else "") + ".", "",
+                                                                  "the fidelity reference" if encoder else "") + "."
+             + (f" mpq's compiles and the plans built here (uniform, rule, random) start from the model cast to "
+                f"{result['dtype']} (`--dtype {result['dtype']}`): what is not quantised is stored in it."
+                if result.get("dtype", result["stored_dtype"]) != result["stored_dtype"] else ""), "",
              "| contender | kind | MB | " + ("mean cosine | NN agreement" if encoder else "ppl | ppl text | ppl code")
              + " | " + ("sentences/s" if encoder else "decode tok/s | prefill tok/s") + " | speedup | peak RSS MB, own process |",
              "|---|---|---|---|---|" + ("" if encoder else "---|") + "---|---|---|" + ("" if encoder else "---|")]
@@ -379,19 +387,18 @@ def _front(rows: list[dict], x, higher_is_better: bool, larger_x_is_better: bool
 
 
 def bench_model(name: str, methods: list[str], method: str, count: int, trials: int, bnb: bool, work: Path,
-                seed: int) -> dict:
+                seed: int, dtype: str | None = None) -> dict:
     start = time.time()
-    bench = Bench(name, method, seed)
+    bench = Bench(name, method, seed, dtype)
     print(f"\n## {name}", flush=True)
     bench.originals(bnb)
     bench.plans(methods)
     compile_info = bench.mpq_set(work, trials)
     randoms = bench.random_budgets(count)
-    stored = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[
-        str(next(bench.loaded.model.parameters()).dtype)]
+    stored = bench.stored
     baseline = next(r for r in bench.rows if r["contender"] == f"original {stored}")["quality"]
     return {"model": name, "task": bench.loaded.task, "stored_dtype": stored, "eval_data": "both", "method": method,
-            "formats": FORMATS, "random_count": count, "compile": compile_info, "rows": bench.rows, "random": randoms,
+            "dtype": dtype or stored, "formats": FORMATS, "random_count": count, "compile": compile_info, "rows": bench.rows, "random": randoms,
             "targets": check_targets(bench.rows, randoms, method, baseline), "hardware": hardware(),
             "versions": versions(), "seconds": round(time.time() - start, 1)}
 
@@ -405,6 +412,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--no-bnb", action="store_true", help="leave out the bitsandbytes contenders")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
+                        help="mpq's compiles (--dtype) and the plans it builds start from the model cast to this "
+                             "(default: as stored); the originals and bitsandbytes rows are as they are")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, help="where mpq's compile outputs go (default: a temporary folder)")
     parser.add_argument("--render", action="store_true", help="only redraw the .md and .png from the saved JSON")
@@ -419,7 +429,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         result = bench_model(name, args.methods.split(","), args.method, args.random, args.trials, not args.no_bnb,
-                             work, args.seed)
+                             work, args.seed, args.dtype)
         (args.out / f"pareto_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / f"pareto_{name}.md").write_text(markdown(result))
         plot(result, args.out / f"pareto_{name}.png")

@@ -21,7 +21,7 @@ def _compile(args: argparse.Namespace) -> None:
         trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
         tie=not args.no_tie, storage=args.storage, sensitivity=args.sensitivity, method=args.method, refine=args.refine, latency=not args.no_latency,
         regime=args.regime, batch=args.batch, length=args.length, max_latency=args.max_latency,
-        min_speedup=args.min_speedup, prefer=args.prefer, eval_data=args.eval_data,
+        min_speedup=args.min_speedup, prefer=args.prefer, dtype=args.dtype, eval_data=args.eval_data,
         progress=not args.quiet))
     print(f"{len(summary['configs'])} Pareto configs in {args.out}/configs (budget {format_size(summary['budget'])}):")
     for row in summary["configs"]:
@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Hutchinson trace of each layer's Hessian times rounding error, as HAWQ; causal LMs)")
     c.add_argument("--method", default="rtn",
                    help="how weights are rounded: rtn (round to nearest; default), gptq (Hessian error compensation, "
-                        "act-order) or awq (activation-aware channel scaling); sensitivities are measured with it")
+                        "act-order) or awq (activation-aware channel scaling), or one per format: int8=rtn,int4=gptq "
+                        "(int4 covers every int4 group size); sensitivities are measured with it")
+    c.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                   help="cast the model to this dtype on load (default: as stored): it is then the baseline, and the "
+                        "embeddings and norms (what is not quantised) stay in it: bf16 halves a float32 model's rest")
     c.add_argument("--refine", type=int, default=REFINE_TRIALS,
                    help=f"trials of the measured Optuna study at the budget (default {REFINE_TRIALS}): the exact optimum "
                         "of the additive model and the next-best predicted plans, then plans next to the best measured, "

@@ -21,12 +21,11 @@ from mpq.fingerprint import data_fingerprint, model_fingerprint
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
 from mpq.io import write_json_atomic
-from mpq.methods import DESCRIPTIONS as METHOD_DESCRIPTIONS
-from mpq.methods import METHODS, method_quantizer
+from mpq.methods import check_method, describe, method_quantizer
 from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measure_plans, models_dir, parse_seconds, profile,
                          profile_key)
-from mpq.memory import format_size, memory_model, parse_size, resident_bytes
-from mpq.models import CAUSAL_LM, LoadedModel, load_model
+from mpq.memory import float_dtype_of, format_size, memory_model, parse_size, resident_bytes
+from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model
 from mpq.plan import Plan
 from mpq.refine import REFINE_TRIALS, refine_at_budget
 from mpq.selection import (chosen_for_measuring, emitted_front, latency_fields, latency_limit, latency_summary,
@@ -61,7 +60,7 @@ class CompileOptions:
     tie: bool = True  # layers reading one input (q/k/v, gate/up) take one format, so kernels fuse them
     storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
     sensitivity: str = "kl"  # the signal: "kl" (output divergence), "local" (layer output error) or "fisher"
-    method: str = "rtn"  # how weights are rounded: "rtn", "gptq" or "awq" (mpq.methods)
+    method: str = "rtn"  # how weights are rounded: "rtn", "gptq" or "awq", or per format "int8=rtn,int4=gptq" (mpq.methods)
     refine: int = REFINE_TRIALS  # trials of the measured study at the budget (mpq.refine); 0: none
     latency: bool = True  # profile layer latencies and search on predicted step time too (mpq.latency)
     regime: str | None = None  # "decode" | "prefill"; None: decode for causal LMs, prefill for encoders
@@ -70,6 +69,8 @@ class CompileOptions:
     max_latency: str | float | None = None  # hard cap on predicted seconds per step ("25ms")
     min_speedup: float | None = None  # hard floor on predicted speedup over the unquantised model
     prefer: str = "smallest"  # which passing config to recommend: "smallest" or "fastest" (mpq.acceptance)
+    dtype: str | None = None  # "fp32" | "bf16" | "fp16": cast the model on load (it is then the baseline, and
+    # what is not quantised stays in it); None: as stored
     eval_data: str = "both"  # causal LMs: the held-out perplexity targeted ("text", "code" or "both"), and the
     # default calibration text's kind
     progress: bool = True
@@ -127,10 +128,9 @@ def compile_model(opts: CompileOptions) -> dict:
     # Cheap checks of the user's input first, before minutes of loading and measuring.
     if opts.sensitivity not in SIGNALS:
         raise MpqError(f"--sensitivity {opts.sensitivity!r} is not one of {', '.join(SIGNALS)}")
-    if opts.method not in METHODS:
-        raise MpqError(f"--method {opts.method!r} is not one of {', '.join(METHODS)}")
     try:
         formats = parse_formats(opts.formats, opts.group_size, opts.int4_symmetric)
+        check_method(opts.method, formats)
     except ValueError as exc:
         raise MpqError(str(exc)) from exc
     requested_budget = parse_size(opts.max_mem) if opts.max_mem is not None else None
@@ -141,7 +141,9 @@ def compile_model(opts: CompileOptions) -> dict:
         raise MpqError(f"--prefer {opts.prefer!r}: use one of {', '.join(PREFERENCES)}")
     if not opts.latency and (max_latency is not None or opts.min_speedup is not None):
         raise MpqError("--max-latency and --min-speedup need the latency profile: drop --no-latency")
-    loaded = load_model(opts.model)
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise MpqError(f"--dtype {opts.dtype!r}: use one of {', '.join(DTYPES)}")
+    loaded = load_model(opts.model, DTYPES[opts.dtype] if opts.dtype else "auto")
     regime = make_regime(opts.regime, opts.batch, opts.length, loaded.task,
                          getattr(loaded.model.config, "max_position_embeddings", None)) if opts.latency else None
     samples = opts.samples or DEFAULT_SAMPLES[loaded.task]
@@ -347,10 +349,11 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
     return {
         "model": loaded.source,
         "task": loaded.task,
-        "method": METHOD_DESCRIPTIONS[method],
+        "method": describe(method, list(specs.values())),
         "formats": {fmt.name: fmt.card() for fmt in {s.name: s for s in specs.values()}.values()},
         "bits_per_layer": {layer: round(fmt.bits_per_weight(*shapes[layer]), 4) for layer, fmt in specs.items()},
         "activations": "bf16 in int8/int4 layers on the CPU (W8A16 / W4A16); the model's dtype elsewhere",
+        "model_dtype": str(float_dtype_of(loaded.model)).removeprefix("torch."),
         "calibration": calib_info,
         "evaluation_data": "mpq corpus, heldout split, validation half" + (" (text and code)" if loaded.task == CAUSAL_LM else " (text sentences)")
                            + "; `mpq eval CONFIG` reports the test half, which compile never saw",

@@ -18,10 +18,9 @@ import torch
 
 from mpq.blockwise import find_blocks
 from mpq.errors import MpqError
-from mpq.models import CAUSAL_LM, LoadedModel, load_model
+from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model
 from mpq.search import uniform_plan
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BNB_MODES = ("int8", "nf4")
 
 

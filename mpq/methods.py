@@ -3,6 +3,8 @@
 - rtn: round to nearest (mpq.quantize), needs no data;
 - gptq: second-order error compensation with the layer's input Hessian (mpq.gptq);
 - awq: activation-aware per-channel scaling searched on calibration rows (mpq.awq).
+A method may be chosen per format: "int8=rtn,int4=gptq" (a name before "=" is a format, or a
+family of them: "int4" covers int4-g32 ... int4-pc); formats not named round to nearest.
 All three produce the same packed formats (AWQ adds one bf16 `input_scale` vector per layer), so
 kernels, checkpoints and loading are shared. Sensitivity is measured with the method that will
 be used, because the tensors measured are the tensors emitted (QuantizedWeightCache).
@@ -38,9 +40,54 @@ DESCRIPTIONS = {
 Quantizer = Callable[[str, FormatSpec], dict[str, torch.Tensor]]
 
 
+def _entries(method: str) -> dict[str, str]:
+    if "=" not in method:
+        return {"": method.strip()}
+    entries = {}
+    for part in method.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--method {method!r}: write one method (rtn, gptq, awq) or FORMAT=METHOD pairs, "
+                             "e.g. int8=rtn,int4=gptq")
+        entries[key.strip()] = value.strip()
+    return entries
+
+
+def method_of(method: str, fmt: FormatSpec) -> str:
+    """The method that rounds `fmt` under `method` ("gptq", or per format "int8=rtn,int4=gptq");
+    unquantised formats and formats not named are "rtn"."""
+    if not fmt.quantized:
+        return "rtn"
+    entries = _entries(method)
+    if "" in entries:
+        return entries[""]
+    if fmt.name in entries:
+        return entries[fmt.name]
+    family = [key for key in entries if fmt.name.startswith(key + "-")]
+    return entries[max(family, key=len)] if family else "rtn"
+
+
+def check_method(method: str, formats: list[FormatSpec]) -> None:
+    """Raise ValueError (saying what to write) for an unknown method or a format name matching none of `formats`."""
+    entries = _entries(method)
+    for key, value in entries.items():
+        if value not in METHODS:
+            raise ValueError(f"--method {method!r}: {value!r} is not one of {', '.join(METHODS)}")
+        if key and not any(f.name == key or f.name.startswith(key + "-") for f in formats):
+            raise ValueError(f"--method {method!r}: {key!r} names none of the formats {', '.join(f.name for f in formats)}")
+
+
+def describe(method: str, formats: list[FormatSpec]) -> str:
+    """For the card: the method of each quantised format (one line when they all share one)."""
+    used = {fmt.name: method_of(method, fmt) for fmt in formats if fmt.quantized}
+    if len(set(used.values())) <= 1:
+        return DESCRIPTIONS[next(iter(used.values()), "rtn")]
+    return "; ".join(f"{name}: {DESCRIPTIONS[m]}" for name, m in used.items())
+
+
 def extra_bytes(method: str, fmt: FormatSpec, in_features: int) -> int:
     """Bytes a method stores beside the format's own: AWQ's bf16 input scale per quantised layer."""
-    return 2 * in_features if method == "awq" and fmt.quantized else 0
+    return 2 * in_features if method_of(method, fmt) == "awq" else 0
 
 
 def rtn_quantizer(model: nn.Module) -> Quantizer:
@@ -51,11 +98,12 @@ def rtn_quantizer(model: nn.Module) -> Quantizer:
 def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
                        formats: list[FormatSpec], task, progress: bool = False
                        ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-    """Canonical tensors of every (layer, quantised format) by GPTQ or AWQ, computed block by block
-    from the original weights of `model` and the calibration data of `task`."""
-    if method not in ("gptq", "awq"):
-        raise ValueError(f"method {method!r} takes no calibration: use one of gptq, awq")
-    quantised = [fmt for fmt in formats if fmt.quantized]
+    """Canonical tensors of every (layer, quantised format) whose method (method_of) is GPTQ or
+    AWQ, computed block by block from the original weights of `model` and the calibration data of
+    `task`: one pass over the blocks serves every format."""
+    quantised = [fmt for fmt in formats if method_of(method, fmt) in ("gptq", "awq")]
+    if not quantised:
+        raise ValueError(f"method {method!r} calibrates none of the formats: use gptq or awq for one")
     group_of = {name: list(group) for group in groups for name in group}
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     blocks = calibrate_blockwise(model, layers, groups, task)
@@ -68,7 +116,7 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
             done.update(members)
             weights = {m: linear_weight(get_module(model, m)) for m in members}
             for fmt in quantised:
-                if method == "gptq":
+                if method_of(method, fmt) == "gptq":
                     tensors = {m: gptq_quantize(w, fmt, block.stats.hessian[m]) for m, w in weights.items()}
                 else:
                     tensors, _ = awq_quantize_group(weights, fmt, block.stats.absmean[name], block.stats.hessian[name],
@@ -80,21 +128,25 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
 def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str], dict[str, torch.Tensor]] | None = None
                    ) -> Quantizer:
     """A function (layer name, format) -> canonical tensors of that layer's weight in `model`:
-    round to nearest, or the tensors GPTQ/AWQ computed (`calibrated_tensors`) for quantised formats."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    round to nearest, or the tensors GPTQ/AWQ computed (`calibrated_tensors`) for the formats
+    whose method is one of them."""
+    if not _calibrated(method):
+        return rtn_quantizer(model)
     rtn = rtn_quantizer(model)
-    if method == "rtn":
-        return rtn
     if tensors is None:
         raise ValueError(f"method {method} needs its calibrated tensors (calibrated_tensors)")
     # The weight cache keeps what it gets, so each entry is handed over once.
-    return lambda name, fmt: tensors.pop((name, fmt.name)) if fmt.quantized else rtn(name, fmt)
+    return lambda name, fmt: tensors.pop((name, fmt.name)) if method_of(method, fmt) != "rtn" else rtn(name, fmt)
+
+
+def _calibrated(method: str) -> bool:
+    return any(value in ("gptq", "awq") for value in _entries(method).values())
 
 
 def method_quantizer(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
                      formats: list[FormatSpec], task, progress: bool = False) -> Quantizer:
     """The quantizer of `method` for this model and calibration data (GPTQ/AWQ computed now)."""
-    if method == "rtn":
-        return make_quantizer(method, model)
+    check_method(method, formats)
+    if not _calibrated(method) or not any(method_of(method, f) != "rtn" for f in formats):
+        return make_quantizer("rtn", model)
     return make_quantizer(method, model, calibrated_tensors(method, model, layers, groups, formats, task, progress))

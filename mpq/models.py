@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from mpq.errors import MpqError
@@ -61,7 +62,10 @@ def task_of(config) -> str:
     return ENCODER
 
 
-def load_model(name: str, dtype: str = "auto") -> LoadedModel:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype: cast on load
+
+
+def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
     """Load `name` with its tokenizer; raises MpqError with what to do when it cannot."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 
+import optuna
 import pytest
 import torch
 
 import mpq
 from mpq.cli import main
 from mpq.memory import resident_bytes
+from mpq.search import open_storage
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -117,6 +119,10 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     rerun = json.loads((out / "summary.json").read_text())
     assert rerun["search"]["trials"] == summary["search"]["trials"] == 80
     assert [c["name"] for c in rerun["configs"]] == [c["name"] for c in summary["configs"]]
+    # the measured study too: it resumed with its 24 trials done, and measured nothing again
+    assert rerun["refinement"]["rows"] == summary["refinement"]["rows"] and len(summary["refinement"]["rows"]) == 24
+    measured = optuna.load_study(study_name=summary["search"]["study"] + "-measured", storage=open_storage(str(out / "study.journal")))
+    assert len(measured.trials) == 24 and summary["refinement"]["best"]["bytes"] <= budget
     probe = json.loads((first / "summary.json").read_text())
     assert not probe["sensitivity_reused"] and summary["sensitivity_reused"] and again["sensitivity_reused"]
     assert [c["bytes"] for c in again["configs"]] == [c["bytes"] for c in summary["configs"]]  # same seed, same set
@@ -134,3 +140,20 @@ def test_compile_with_the_local_signal(tiny_llama_dir, tmp_path):
     assert summary["metric"] == "local" and summary["task_metric"] == "kl"
     assert summary["additivity"]["median_relative_error"] is None  # different units: rank correlation only
     assert "predicted local" in (out / "report.md").read_text() and summary["configs"]
+
+
+def test_dtype_casts_the_model_on_load_and_what_is_not_quantised_stays_in_it(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_llama_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
+                 "--trials", "20", "--max-configs", "2", "--group-size", "32", "--sensitivity", "local",
+                 "--refine", "4", "--no-latency", "--dtype", "fp32"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    stored = mpq.models.load_model(str(tiny_llama_dir)).model  # bf16, as saved
+    layers = {row["name"] for row in json.loads((out / "layers.json").read_text())["layers"]}
+    rest = sum(p.numel() for name, p in stored.named_parameters() if name.rsplit(".", 1)[0] not in layers)
+    buffers = sum(b.numel() * b.element_size() for b in stored.float().buffers())  # rotary frequencies
+    assert summary["fixed_bytes"] == 4 * rest + buffers  # float32: twice what the stored bf16 rest takes
+    config = sorted((out / "configs").iterdir())[0]
+    model = mpq.load(config)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert json.loads((config / "mpq.json").read_text())["card"]["model_dtype"] == "float32"

@@ -188,3 +188,37 @@ def test_awq_judged_on_the_block_never_does_worse_than_rtn_there(tmp_path, demo_
         rtn = {n: quantize_weight(w, fmt) for n, w in weights.items()}
         assert block.judge(out, fmt) <= block.judge(rtn, fmt)
         assert all("input_scale" in t for t in out.values())  # bytes never depend on what the search chose
+
+
+def test_a_method_per_format_rounds_each_format_by_its_own(tmp_path, demo_tokenizer):
+    """int8=rtn,int4=gptq: INT8 tensors are round-to-nearest's, INT4 ones GPTQ's (which differ)."""
+    from mpq.methods import check_method, describe, method_of, method_quantizer
+    from mpq.memory import memory_model
+    from mpq.models import load_model
+    from mpq.tasks import calibration_text, make_task
+    from mpq.trace import trace_model
+
+    formats = [get_format(n) for n in ("fp16", "int8", "int4-g32", "int4-pc")]
+    assert [method_of("int8=rtn,int4=gptq", f) for f in formats] == ["rtn", "rtn", "gptq", "gptq"]
+    assert [method_of("int4-pc=awq,int4=gptq", f) for f in formats] == ["rtn", "rtn", "gptq", "awq"]  # the exact name wins
+    assert method_of("awq", formats[1]) == "awq" and method_of("int4=gptq", formats[1]) == "rtn"  # not named: rtn
+    for bad in ("int8=fast", "int3=gptq", "int8=", "gptq,int4"):
+        with pytest.raises(ValueError, match="--method"):
+            check_method(bad, formats)
+    assert describe("int8=rtn,int4=gptq", formats).startswith("int8: rtn") and "int4-pc: gptq" in describe("int8=rtn,int4=gptq", formats)
+
+    loaded = load_model(str(untied_llama_dir(tmp_path, demo_tokenizer)))
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
+    groups = graph.shared_input_groups()
+    mixed = method_quantizer("int8=rtn,int4=gptq", loaded.model, graph.layers, groups, formats, task)
+    rtn = method_quantizer("rtn", loaded.model, graph.layers, groups, formats, task)
+    gptq = method_quantizer("gptq", loaded.model, graph.layers, groups, formats, task)
+    name = graph.layers[0].name
+    assert all(torch.equal(a, b) for a, b in zip(mixed(name, formats[1]).values(), rtn(name, formats[1]).values()))
+    int4_mixed, int4_gptq = mixed(name, formats[2]), gptq(name, formats[2])
+    assert all(torch.equal(a, b) for a, b in zip(int4_mixed.values(), int4_gptq.values()))
+    assert not torch.equal(int4_mixed["qweight"], rtn(name, formats[2])["qweight"])
+    awq_int4 = memory_model(loaded.model, graph.layers, formats, "int4=awq").layer_bytes[name]
+    plain = memory_model(loaded.model, graph.layers, formats, "rtn").layer_bytes[name]
+    assert awq_int4["int8"] == plain["int8"] and awq_int4["int4-g32"] == plain["int4-g32"] + 2 * graph.layers[0].in_features
