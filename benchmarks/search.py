@@ -2,7 +2,7 @@
 GPTQ and AWQ beat round-to-nearest?
 
 For each model and method (rtn, gptq, awq): held-out quality of uniform INT4 and INT8; then for
-each sensitivity signal (kl, fisher, hessian, local; fisher and hessian for causal LMs only): its
+each sensitivity signal (kl, fisher, hessian, local): its
 measuring time, and at budgets 25/50/75% of the way from all-INT4 to all-INT8 bytes: the exact DP
 optimum of the additive model (tied layers, as compile), the best plan the NSGA-II sampler proposed
 itself (its predicted gap to the optimum: what the study would find without the DP seeds), and the
@@ -82,8 +82,6 @@ def bench_model(name: str, methods: list[str], signals: list[str], trials: int) 
                       "quantize_seconds": None, "signals": {}}
         per_method["quantize_seconds"] = round(time.time() - start, 1)  # statistics + both uniform plans' weights
         for signal in signals:
-            if signal in ("fisher", "hessian") and loaded.task != CAUSAL_LM:
-                continue
             table = MEASURES[signal](loaded.model, work, graph.layers, formats, task, "bench", {}, cache, False)
             sens = {layer: {fmt: table.values[layer][fmt] for fmt in costs[layer]} for layer in costs}
             rows, predicted, measured = [], [], []

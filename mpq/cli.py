@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sensitivity", default="kl",
                    help="signal: kl (the model's output divergence, one pass per layer and format; default), "
                         "local (each layer's own output error, one pass in all), fisher (squared gradients "
-                        "times rounding error, one forward and backward pass per batch; causal LMs) or hessian "
-                        "(Hutchinson trace of each layer's Hessian times rounding error, as HAWQ; causal LMs)")
+                        "times rounding error, one forward and backward pass per batch) or hessian "
+                        "(Hutchinson trace of each layer's Hessian times rounding error, as HAWQ)")
     c.add_argument("--method", default="rtn",
                    help="how weights are rounded: rtn (round to nearest; default), gptq (Hessian error compensation, "
                         "act-order) or awq (activation-aware channel scaling), or one per format: int8=rtn,int4=gptq "

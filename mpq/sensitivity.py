@@ -8,9 +8,13 @@ Signals:
   calibration inputs, all layers and formats in one pass (hooks), blind to what follows the layer.
 - "fisher": 1/2 sum(F * (W - Wq)^2) with F the empirical Fisher diagonal (squared gradients of
   the next-token loss on the calibration text): one forward and one backward pass per batch,
-  whatever the number of layers (causal LMs only: an encoder has no loss to differentiate).
+  whatever the number of layers. An encoder has no loss with labels; near the original weights
+  1 - cos(u, u0) is 1/2 |J dW|^2 (u the unit embedding, J its Jacobian), and for r ~ N(0, I)
+  the gradient g of r . u has E[g^2] = diag(J^T J): one random probe per sentence, the same one
+  forward and one backward pass per batch, and F = sum g^2 / sentences predicts 1 - cos itself.
 - "hessian": as HAWQ-v2, 1/2 x the layer's mean Hessian diagonal (Hutchinson's trace estimate)
-  x the squared rounding error: curvature per layer, not per weight (causal LMs only).
+  x the squared rounding error: curvature per layer, not per weight. The loss is the next-token
+  loss for causal LMs and 1 - cos to the original's embeddings for encoders.
 The table is plain data (sensitivity.json), keyed by a content hash of model, data, formats and
 signal, and reused whenever that key comes again.
 """
@@ -168,13 +172,6 @@ def measure_local(model: nn.Module, work: nn.Module, layers: list[LayerInfo], fo
                             seconds=round(time.time() - start, 2))
 
 
-def _require_causal_lm(task, signal: str) -> None:
-    from mpq.errors import MpqError
-
-    if not hasattr(task, "calib_ids"):
-        raise MpqError(f"--sensitivity {signal} needs a causal LM (an encoder has no loss to differentiate): use kl or local")
-
-
 @contextmanager
 def _differentiable(params: dict[str, torch.Tensor]) -> Iterator[None]:
     """Within the block the weights take gradients; after it, as they were and with no grad left."""
@@ -194,19 +191,54 @@ def _next_token_loss(work: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def _is_causal_lm(task) -> bool:
+    return hasattr(task, "calib_ids")
+
+
+def _fisher_losses(task, work: nn.Module, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One differentiable loss per calibration batch whose squared gradients sum to the signal's F
+    (see the module's notes): the next-token loss, or an encoder's random projection r . u."""
+    if _is_causal_lm(task):
+        for ids in task.calib_ids.split(8):
+            yield _next_token_loss(work, ids)
+        return
+    sentences = sum(len(batch["input_ids"]) for batch in task.calib_batches)
+    for batch in task.calib_batches:
+        units = task.pooled(work, batch)
+        probes = torch.randn(units.shape, generator=generator).to(units.device)
+        yield (units * probes).sum() / sentences ** 0.5
+
+
+def _hessian_losses(task, work: nn.Module) -> Iterator[torch.Tensor]:
+    """Up to HESSIAN_BATCHES differentiable losses whose curvature the signal estimates."""
+    if _is_causal_lm(task):
+        for ids in task.calib_ids.split(8)[:HESSIAN_BATCHES]:
+            yield _next_token_loss(work, ids)
+        return
+    reference = task.reference(work)
+    start = 0
+    for batch in task.calib_batches[:HESSIAN_BATCHES]:
+        units = task.pooled(work, batch)
+        yield (1.0 - (units * reference[start:start + len(units)].to(units.device)).sum(-1)).mean()
+        start += len(units)
+
+
 def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
                    key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
     """The "fisher" signal: second-order estimate of the loss increase from each layer's rounding."""
-    _require_causal_lm(task, "fisher")
     start = time.time()
     params = {layer.name: get_module(work, layer.name).weight for layer in layers}
     fisher = {name: torch.zeros_like(param, dtype=torch.float32) for name, param in params.items()}
+    generator = torch.Generator().manual_seed(0)
+    batches = len(task.calib_ids.split(8)) if _is_causal_lm(task) else len(task.calib_batches)
     with _differentiable(params):
-        for ids in tqdm(task.calib_ids.split(8), desc="fisher sensitivity", disable=not progress, unit="batch"):
+        for loss in tqdm(_fisher_losses(task, work, generator), total=batches, desc="fisher sensitivity",
+                         disable=not progress, unit="batch"):
             work.zero_grad(set_to_none=True)
-            _next_token_loss(work, ids).backward()
+            loss.backward()
             for name, param in params.items():
-                fisher[name] += param.grad.float().pow(2)
+                if param.grad is not None:  # None: a layer the output does not use (BERT's pooler, for mean pooling)
+                    fisher[name] += param.grad.float().pow(2)
     values: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for layer in layers:
@@ -228,14 +260,16 @@ HESSIAN_BATCHES = 4
 def hutchinson_traces(loss: torch.Tensor, params: list[torch.Tensor], probes: int, generator: torch.Generator) -> list[float]:
     """Estimates of tr(d2 loss / d p2) for each parameter p: the mean of v^T H v over Rademacher
     probes v, each H v a second backward pass through the gradient."""
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    used = [i for i, g in enumerate(grads) if g is not None]  # a parameter the loss does not use has no curvature
     traces = [0.0] * len(params)
     for probe in range(probes):
         vs = [torch.randint(0, 2, p.shape, generator=generator).to(p.dtype) * 2 - 1 for p in params]
-        dot = sum((g * v).sum() for g, v in zip(grads, vs))
-        hvps = torch.autograd.grad(dot, params, retain_graph=probe < probes - 1)
-        for i, (hv, v) in enumerate(zip(hvps, vs)):
-            traces[i] += float((hv * v).sum()) / probes
+        dot = sum((grads[i] * vs[i]).sum() for i in used)
+        hvps = torch.autograd.grad(dot, [params[i] for i in used], retain_graph=probe < probes - 1, allow_unused=True)
+        for i, hv in zip(used, hvps):
+            if hv is not None:
+                traces[i] += float((hv * vs[i]).sum()) / probes
     return traces
 
 
@@ -244,18 +278,18 @@ def measure_hessian(model: nn.Module, work: nn.Module, layers: list[LayerInfo], 
     """The "hessian" signal (HAWQ-v2): 1/2 x mean Hessian diagonal of the loss in each layer's weight
     x the squared rounding error, the trace estimated by Hutchinson's method (E[v^T H v] over
     Rademacher v; one Hessian-vector product, a second backward pass, per probe)."""
-    _require_causal_lm(task, "hessian")
     start = time.time()
     params = {layer.name: get_module(work, layer.name).weight for layer in layers}
     traces = {name: 0.0 for name in params}
     generator = torch.Generator().manual_seed(0)
-    batches = task.calib_ids.split(8)[:HESSIAN_BATCHES]
+    batches = min(HESSIAN_BATCHES, len(task.calib_ids.split(8)) if _is_causal_lm(task) else len(task.calib_batches))
     # the fused attention kernels have no second derivative; the plain math one does
     with _differentiable(params), sdpa_kernel(SDPBackend.MATH):
-        for ids in tqdm(batches, desc="hessian sensitivity", disable=not progress, unit="batch"):
-            estimates = hutchinson_traces(_next_token_loss(work, ids), list(params.values()), HUTCHINSON_PROBES, generator)
+        for loss in tqdm(_hessian_losses(task, work), total=batches, desc="hessian sensitivity", disable=not progress,
+                         unit="batch"):
+            estimates = hutchinson_traces(loss, list(params.values()), HUTCHINSON_PROBES, generator)
             for name, trace in zip(params, estimates):
-                traces[name] += trace / len(batches)
+                traces[name] += trace / batches
     values: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for layer in layers:

@@ -193,16 +193,17 @@ class EncoderTask:
     def calib_tokens(self) -> int:
         return int(sum(batch["attention_mask"].sum() for batch in self.calib_batches))
 
+    def pooled(self, model, batch: dict) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings of one batch, differentiable (the fisher and hessian
+        signals take gradients through it)."""
+        device = model_device(model)
+        hidden = model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float().to(device)
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
+
     @torch.no_grad()
     def embeddings(self, model, batches: list[dict]) -> torch.Tensor:
-        out = []
-        for batch in batches:
-            device = model_device(model)
-            hidden = model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float().cpu()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            out.append(F.normalize(pooled, dim=-1))
-        return torch.cat(out)
+        return torch.cat([self.pooled(model, batch).cpu() for batch in batches])
 
     def reference(self, model) -> torch.Tensor:
         return self.embeddings(model, self.calib_batches)

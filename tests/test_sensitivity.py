@@ -6,10 +6,9 @@ import torch
 from mpq.apply import QuantizedWeightCache
 from mpq.formats import get_format
 from mpq.models import load_model
-from mpq.errors import MpqError
 from mpq.sensitivity import (hutchinson_traces, measure_fisher, measure_hessian, measure_local, measure_sensitivity,
                              measurement_model)
-from mpq.tasks import calibration_text, make_task
+from mpq.tasks import EncoderTask, calibration_text, make_task
 from mpq.trace import trace_model
 
 FORMATS = [get_format(n) for n in ("fp16", "int8", "int4-g32")]
@@ -59,18 +58,97 @@ def test_local_signal_is_the_relative_output_error(setup):
     assert table.values[name]["int4-g32"] == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_fisher_leaves_no_gradients_behind_and_refuses_encoders(setup):
+def test_fisher_leaves_no_gradients_behind(setup):
     loaded, task, graph = setup
     work = measurement_model(loaded.model)
     measure_fisher(loaded.model, work, graph.layers, FORMATS, task, "k", {}, QuantizedWeightCache(loaded.model), False)
     assert all(not p.requires_grad and p.grad is None for p in work.parameters())
 
-    class EncoderLikeTask:  # no calibration token windows, as for an encoder
-        pass
 
-    with pytest.raises(MpqError, match="needs a causal LM"):
-        measure_fisher(loaded.model, work, graph.layers, FORMATS, EncoderLikeTask(), "k", {},
-                       QuantizedWeightCache(loaded.model), False)
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    return BertModel(config).eval().requires_grad_(False)
+
+
+class ProbeTask:
+    """An encoder task's calibration side: batches of token ids and the pooled unit embeddings."""
+    pooled = EncoderTask.pooled
+    embeddings = EncoderTask.embeddings
+    reference = EncoderTask.reference
+
+    def __init__(self, batches):
+        self.calib_batches = batches
+
+
+def test_encoder_fisher_estimates_the_curvature_of_one_minus_cosine():
+    """E[F] = diag(J^T J) / n for the unit embeddings u(W): checked against the exact Jacobian of a
+    tiny BERT's layer, averaged over many probe draws."""
+    from mpq.sensitivity import _fisher_losses
+
+    model = tiny_bert()
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 100, (3, 7), generator=g), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+               for _ in range(2)]
+    batches[1]["attention_mask"][0, 5:] = 0  # padding is pooled out
+    task = ProbeTask(batches)
+    name = "encoder.layer.0.intermediate.dense"
+    layer = model.get_submodule(name)
+    original = layer.weight.detach().clone()
+
+    class WithWeight(torch.nn.Module):  # the model with this layer's weight swapped for `weight`, differentiably
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, **inputs):
+            return torch.func.functional_call(model, {f"{name}.weight": self.weight}, args=(), kwargs=inputs)
+
+    def units(weight):
+        return torch.cat([task.pooled(WithWeight(weight), b) for b in batches]).flatten()
+
+    jacobian = torch.autograd.functional.jacobian(units, original)  # [n * d, out, in]
+    exact = jacobian.pow(2).sum(0) / 6  # 6 sentences
+    draws = 300
+    estimate = torch.zeros_like(original)
+    generator = torch.Generator().manual_seed(0)
+    layer.weight.requires_grad_(True)
+    for _ in range(draws):
+        for loss in _fisher_losses(task, model, generator):
+            (grad,) = torch.autograd.grad(loss, [layer.weight])
+            estimate += grad.pow(2) / draws
+    assert estimate.sum().item() == pytest.approx(exact.sum().item(), rel=0.05)
+    assert torch.corrcoef(torch.stack([estimate.flatten(), exact.flatten()]))[0, 1] > 0.95
+    # and it predicts 1 - cos: a small change along one weight costs about 1/2 eps^2 G_jj
+    j = exact.flatten().argmax()
+    bumped = original.clone().flatten()
+    bumped[j] += 1e-2
+    with torch.no_grad():
+        after = units(bumped.view_as(original)).view(6, -1)
+        before = units(original).view(6, -1)
+    measured = (0.5 * (after - before).pow(2).sum(-1)).mean().item()  # = 1 - cos for unit vectors, without cancellation
+    assert measured == pytest.approx(0.5 * 1e-4 * exact.flatten()[j].item(), rel=0.05)
+
+
+def test_fisher_and_hessian_run_on_an_encoder():
+    """Both second-order signals take an encoder: finite, non-negative, INT4 above INT8 in all."""
+    from mpq.trace import trace_model
+
+    model = tiny_bert()
+    g = torch.Generator().manual_seed(4)
+    task = ProbeTask([{"input_ids": torch.randint(0, 100, (4, 9), generator=g),
+                       "attention_mask": torch.ones(4, 9, dtype=torch.long)} for _ in range(3)])
+    graph = trace_model(model, {"input_ids": task.calib_batches[0]["input_ids"][:1]})
+    formats = [get_format(n) for n in ("int8", "int4-g32")]
+    for measure in (measure_fisher, measure_hessian):
+        table = measure(model, model, graph.layers, formats, task, "k", {}, QuantizedWeightCache(model), False)
+        assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+        values = table.values
+        assert all(v >= 0 and v == v for per in values.values() for v in per.values())
+        assert sum(p["int8"] for p in values.values()) < sum(p["int4-g32"] for p in values.values())
 
 
 def test_hutchinson_estimates_the_trace_of_a_known_hessian():
@@ -87,16 +165,9 @@ def test_hutchinson_estimates_the_trace_of_a_known_hessian():
     assert estimated[1] == pytest.approx(torch.trace(b).item(), abs=0.05 * torch.trace(a).item())
 
 
-def test_hessian_leaves_no_gradients_behind_and_refuses_encoders(setup):
+def test_hessian_leaves_no_gradients_behind(setup):
     loaded, task, graph = setup
     work = measurement_model(loaded.model)
     table = measure_hessian(loaded.model, work, graph.layers, FORMATS, task, "k", {}, QuantizedWeightCache(loaded.model), False)
     assert all(not p.requires_grad and p.grad is None for p in work.parameters())
     assert table.metric == "hessian"
-
-    class EncoderLikeTask:
-        pass
-
-    with pytest.raises(MpqError, match="needs a causal LM"):
-        measure_hessian(loaded.model, work, graph.layers, FORMATS, EncoderLikeTask(), "k", {},
-                        QuantizedWeightCache(loaded.model), False)
