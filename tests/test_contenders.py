@@ -100,15 +100,17 @@ def test_every_contender_goes_through_one_evaluation(tiny_llama_dir):
 
 
 def test_peak_memory_sees_a_transient_allocation():
-    with PeakMemory() as before:
-        pass
-    with PeakMemory() as during:
-        block = torch.ones(64 * 2 ** 20 // 4)  # 64 MB, touched, held a moment, freed inside the block
-        time.sleep(0.05)
-        del block
-    if during.peak is None:
+    if PeakMemory.rss() is None:
         pytest.skip("no /proc/self/statm here")
-    assert during.peak >= before.peak + 32 * 2 ** 20
+    with PeakMemory() as during:
+        block = torch.ones(128 * 2 ** 20 // 4)  # 128 MB, touched, held a moment, freed inside the block
+        held = PeakMemory.rss()
+        time.sleep(0.2)
+        del block
+        after = PeakMemory.rss()
+    if held - after < 64 * 2 ** 20:  # the allocator kept the pages (reused from earlier tests): nothing transient
+        pytest.skip("the allocation did not show in this process's RSS")
+    assert during.peak >= held > after  # the sampler saw the peak that was gone by the block's end
 
 
 @pytest.mark.slow
