@@ -28,6 +28,7 @@ class Refinement:
     best: Candidate  # the least measured feasible plan
     best_measured: float
     rows: list[dict] = field(default_factory=list)  # every trial measured: origin, bytes, predicted, measured, feasible
+    timing_met: bool = True  # False: no trial met the latency cap as timed; `best` meets it by prediction
 
     @property
     def gain(self) -> float:
@@ -37,7 +38,7 @@ class Refinement:
     def to_json(self) -> dict:
         return {"exact": self.exact, "optuna": self.optuna, "best": {"bytes": self.best.bytes,
                 "predicted": self.best.predicted, "measured": self.best_measured, "origin": self.best.origin},
-                "gain": self.gain, "rows": self.rows}
+                "gain": self.gain, "timing_met": self.timing_met, "rows": self.rows}
 
 
 def refine_at_budget(exact: Candidate, feasible: list[Candidate],
@@ -67,4 +68,4 @@ def refine_at_budget(exact: Candidate, feasible: list[Candidate],
                              "fits": key(exact.formats) in found.feasible},
                       optuna={"predicted": first.predicted, "measured": first_measured},
                       best=Candidate(best.formats, best.bytes, best.predicted, origin, latency=best.latency),
-                      best_measured=found.best_measured, rows=found.rows)
+                      best_measured=found.best_measured, rows=found.rows, timing_met=found.timing_met)

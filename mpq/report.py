@@ -221,7 +221,9 @@ def _refinement_lines(refinement: dict | None, task_metric: str) -> list[str]:
     timed = [row for row in refinement["rows"] if "latency_s" in row]
     if timed:  # each trial's step was timed as emitted and held to the cap
         fits += (f"; every trial's step also timed as emitted, {sum(not r['feasible'] for r in timed)} of {len(timed)} "
-                 "over the latency cap by measurement or prediction")
+                 "over the latency cap by measurement or prediction"
+                 + ("" if refinement.get("timing_met", True) else
+                    " (none met it as timed, so the best is chosen among those that meet it by prediction)"))
     proposed = sum(row["origin"] == "refined" for row in refinement["rows"])
     return [f"- measured refinement at the budget (an Optuna study of {len(refinement['rows'])} trials measured for real, "
             f"{task_metric} on calibration data; {proposed} of them proposed next to the best measured): "

@@ -155,3 +155,14 @@ def test_a_plan_whose_measured_step_exceeds_the_latency_cap_is_never_chosen():
     capped = refine_at_budget(exact, feasible, measure, costs, sens, 0, budget, trials=20, time_step=slow, max_latency=1.5)
     assert capped.best.formats["l3"] != "int4"
     assert all(("latency_s" in row) and row["feasible"] == (row["latency_s"] <= 1.5) for row in capped.rows)
+
+
+def test_when_no_plan_meets_the_cap_as_timed_the_best_by_prediction_is_chosen_and_said():
+    costs, sens = problem()
+    budget = 300
+    exact, feasible = seeds_for(costs, sens, budget)
+    result = refine_at_budget(exact, feasible, real_loss(sens), costs, sens, 0, budget, trials=10,
+                              time_step=lambda plan: 2.0, max_latency=1.0)  # a machine slower than every plan's cap
+    assert not result.timing_met and result.to_json()["timing_met"] is False
+    assert result.best.bytes <= budget and all(not row["feasible"] for row in result.rows)
+    assert result.best_measured == min(row["measured"] for row in result.rows)
