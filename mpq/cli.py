@@ -91,6 +91,7 @@ def default_device() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mpq.models import DTYPES
     from mpq.refine import REFINE_TRIALS
 
     parser = argparse.ArgumentParser(prog="mpq", description="Sensitivity-driven mixed-precision compiler")
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how weights are rounded: rtn (round to nearest; default), gptq (Hessian error compensation, "
                         "act-order) or awq (activation-aware channel scaling), or one per format: int8=rtn,int4=gptq "
                         "(int4 covers every int4 group size); sensitivities are measured with it")
-    c.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+    c.add_argument("--dtype", choices=tuple(DTYPES),
                    help="cast the model to this dtype on load (default: as stored): it is then the baseline, and the "
                         "embeddings and norms (what is not quantised) stay in it: bf16 halves a float32 model's rest")
     c.add_argument("--refine", type=int, default=REFINE_TRIALS,
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out quality, bytes, peak memory and speed of a config or a plain model")
     e.add_argument("target", help="an mpq config folder, or a model (Hugging Face id, folder, demo name)")
-    e.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="plain model: cast to this dtype (default: as stored)")
+    e.add_argument("--dtype", choices=tuple(DTYPES), help="plain model: cast to this dtype (default: as stored)")
     e.add_argument("--bnb", choices=("int8", "nf4"), help="plain model: quantise on load with bitsandbytes (pip install 'mpq-compiler[bnb]')")
     e.add_argument("--eval-data", default="both", choices=("both", "text", "code"),
                    help="causal LMs: which held-out perplexity is `loss` (default both)")

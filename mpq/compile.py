@@ -190,8 +190,9 @@ def compile_model(opts: CompileOptions) -> dict:
                                            None if latency is None else [latency.layer_seconds, latency.group_seconds,
                                                                          latency.rest_seconds], latency_cap)[:16]
     try:
+        study_storage = open_storage(storage)  # both studies, the search's and the measured one at the budget
         result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names,
-                              tied=groups if opts.tie else [], storage=open_storage(storage), study_name=study_name,
+                              tied=groups if opts.tie else [], storage=study_storage, study_name=study_name,
                               latency=latency, max_latency=latency_cap)
     except ImportError as exc:
         raise MpqError(f"--storage {storage}: {exc}; install the database driver or use a journal file path") from exc
@@ -218,7 +219,7 @@ def compile_model(opts: CompileOptions) -> dict:
         pool = [c for c in pool if latency_cap is None or c.latency <= latency_cap]
         refinement = refine_at_budget(exact, pool, calib_divergence, costs, sens, memory.fixed_bytes, budget,
                                       tied=groups if opts.tie else [], trials=opts.refine, seed=opts.seed,
-                                      storage=open_storage(storage), study_name=study_name + "-measured",
+                                      storage=study_storage, study_name=study_name + "-measured",
                                       fits=lambda plan: latency_cap is None or latency.predict(plan) <= latency_cap,
                                       time_step=None if latency_cap is None else step_timer(loaded, regime, latency, cache,
                                                                                             groups, has_bias),
@@ -236,8 +237,7 @@ def compile_model(opts: CompileOptions) -> dict:
         mixed.append(refinement.best)  # the measured best at the budget is always judged on held-out data
     measured = uniform + mixed
     for cand in tqdm(measured, desc="held-out eval", disable=not opts.progress, unit="config"):
-        specs = {layer: get_format(fmt) for layer, fmt in cand.formats.items()}
-        with applied(loaded.model, specs, cache, fusion_groups(cand.formats, groups, has_bias)):
+        with as_emitted(loaded, cand.formats, cache, groups, has_bias):
             cand.measured = task.evaluate(loaded.model)
         cand.measured["calib_divergence"] = calib_divergence(cand.formats)  # to check the additive prediction
     if regime is not None:  # the prediction's check: each emitted model's own step, timed
@@ -293,14 +293,19 @@ def compile_model(opts: CompileOptions) -> dict:
     return summary
 
 
+def as_emitted(loaded: LoadedModel, plan: dict[str, str], cache: QuantizedWeightCache, groups: list[list[str]],
+               has_bias: dict[str, bool]):
+    """A context that puts `plan` into the model as its checkpoint will run: emitted kernels, fused groups."""
+    return applied(loaded.model, {n: get_format(f) for n, f in plan.items()}, cache, fusion_groups(plan, groups, has_bias))
+
+
 def step_timer(loaded: LoadedModel, regime: Regime, latency: LatencyModel, cache: QuantizedWeightCache,
                groups: list[list[str]], has_bias: dict[str, bool]):
     """plan -> its measured step as emitted, in the profile's seconds: timed beside the unquantised
     model and scaled by the profile's baseline over the one timed now, so the machine's drift since
     the profile does not decide whether a plan meets the latency cap."""
     def time_step(plan: dict[str, str]) -> float:
-        def run():
-            return applied(loaded.model, {n: get_format(f) for n, f in plan.items()}, cache, fusion_groups(plan, groups, has_bias))
+        run = lambda: as_emitted(loaded, plan, cache, groups, has_bias)  # noqa: E731
         step_s, baseline_now = measure_plans(loaded.model, loaded.task, regime, [run, nullcontext], rounds=2)
         return step_s * latency.baseline_seconds / baseline_now
     return time_step
@@ -311,8 +316,7 @@ def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate]
     """Time one step of each config as emitted (into cand.measured) and of the unquantised model in
     the same rounds, whose time it returns: a shared machine's speed drifts between the profile and
     now, and speedups measured side by side do not drift with it."""
-    runs = [lambda c=c: applied(loaded.model, {n: get_format(f) for n, f in c.formats.items()}, cache,
-                                fusion_groups(c.formats, groups, has_bias)) for c in measured]
+    runs = [lambda c=c: as_emitted(loaded, c.formats, cache, groups, has_bias) for c in measured]
     *steps, baseline_now = measure_plans(loaded.model, loaded.task, regime, [*runs, nullcontext])
     for cand, step_s in zip(measured, steps):
         cand.measured["latency_s"] = step_s

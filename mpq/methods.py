@@ -130,9 +130,9 @@ def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str],
     """A function (layer name, format) -> canonical tensors of that layer's weight in `model`:
     round to nearest, or the tensors GPTQ/AWQ computed (`calibrated_tensors`) for the formats
     whose method is one of them."""
-    if not _calibrated(method):
-        return rtn_quantizer(model)
     rtn = rtn_quantizer(model)
+    if not _calibrated(method):
+        return rtn
     if tensors is None:
         raise ValueError(f"method {method} needs its calibrated tensors (calibrated_tensors)")
     # The weight cache keeps what it gets, so each entry is handed over once.
@@ -147,6 +147,6 @@ def method_quantizer(method: str, model: nn.Module, layers: list[LayerInfo], gro
                      formats: list[FormatSpec], task, progress: bool = False) -> Quantizer:
     """The quantizer of `method` for this model and calibration data (GPTQ/AWQ computed now)."""
     check_method(method, formats)
-    if not _calibrated(method) or not any(method_of(method, f) != "rtn" for f in formats):
+    if all(method_of(method, f) == "rtn" for f in formats):
         return make_quantizer("rtn", model)
     return make_quantizer(method, model, calibrated_tensors(method, model, layers, groups, formats, task, progress))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from mpq.search import Candidate
-from mpq.search.measured import measured_search
+from mpq.search.measured import measured_search, plan_key
 
 REFINE_TRIALS = 24  # measured trials at the budget (about 0.5 s each on the demo, 2-core CPU)
 REFINE_SEEDS = 8  # of which the least-predicted feasible plans enqueued after the exact optimum
@@ -57,15 +57,14 @@ def refine_at_budget(exact: Candidate, feasible: list[Candidate],
     plan -> measured seconds per step) every trial is also timed and held to `max_latency`."""
     found = measured_search(costs, sens, fixed_bytes, budget, measure, [exact, *feasible[:seeds]], max(trials, 1), seed,
                             tied, storage, study_name, fits, time_step, max_latency)
-    key = lambda plan: tuple(sorted(plan.items()))  # noqa: E731
     first = feasible[0] if feasible else exact
-    first_measured = found.measured.get(key(first.formats))
+    first_measured = found.measured.get(plan_key(first.formats))
     if first_measured is None:  # fewer trials than seeds
         first_measured = measure(first.formats)
     best = found.best
     origin = "exact" if best.formats == exact.formats else first.origin if best.formats == first.formats else best.origin
-    return Refinement(exact={"predicted": exact.predicted, "measured": found.measured[key(exact.formats)],
-                             "fits": key(exact.formats) in found.feasible},
+    return Refinement(exact={"predicted": exact.predicted, "measured": found.measured[plan_key(exact.formats)],
+                             "fits": plan_key(exact.formats) in found.feasible},
                       optuna={"predicted": first.predicted, "measured": first_measured},
                       best=Candidate(best.formats, best.bytes, best.predicted, origin, latency=best.latency),
                       best_measured=found.best_measured, rows=found.rows, timing_met=found.timing_met)

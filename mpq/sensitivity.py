@@ -195,11 +195,17 @@ def _is_causal_lm(task) -> bool:
     return hasattr(task, "calib_ids")
 
 
+def _calibration_batches(task) -> list:
+    """The batches the second-order signals run: windows of token ids (causal LMs) or an encoder's
+    tokenised sentence batches."""
+    return list(task.calib_ids.split(8)) if _is_causal_lm(task) else task.calib_batches
+
+
 def _fisher_losses(task, work: nn.Module, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """One differentiable loss per calibration batch whose squared gradients sum to the signal's F
     (see the module's notes): the next-token loss, or an encoder's random projection r . u."""
     if _is_causal_lm(task):
-        for ids in task.calib_ids.split(8):
+        for ids in _calibration_batches(task):
             yield _next_token_loss(work, ids)
         return
     sentences = sum(len(batch["input_ids"]) for batch in task.calib_batches)
@@ -212,12 +218,13 @@ def _fisher_losses(task, work: nn.Module, generator: torch.Generator) -> Iterato
 def _hessian_losses(task, work: nn.Module) -> Iterator[torch.Tensor]:
     """Up to HESSIAN_BATCHES differentiable losses whose curvature the signal estimates."""
     if _is_causal_lm(task):
-        for ids in task.calib_ids.split(8)[:HESSIAN_BATCHES]:
+        for ids in _calibration_batches(task)[:HESSIAN_BATCHES]:
             yield _next_token_loss(work, ids)
         return
-    reference = task.reference(work)
+    batches = task.calib_batches[:HESSIAN_BATCHES]
+    reference = task.embeddings(work, batches)  # the original's, for the batches used only
     start = 0
-    for batch in task.calib_batches[:HESSIAN_BATCHES]:
+    for batch in batches:
         units = task.pooled(work, batch)
         yield (1.0 - (units * reference[start:start + len(units)].to(units.device)).sum(-1)).mean()
         start += len(units)
@@ -230,7 +237,7 @@ def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], f
     params = {layer.name: get_module(work, layer.name).weight for layer in layers}
     fisher = {name: torch.zeros_like(param, dtype=torch.float32) for name, param in params.items()}
     generator = torch.Generator().manual_seed(0)
-    batches = len(task.calib_ids.split(8)) if _is_causal_lm(task) else len(task.calib_batches)
+    batches = len(_calibration_batches(task))
     with _differentiable(params):
         for loss in tqdm(_fisher_losses(task, work, generator), total=batches, desc="fisher sensitivity",
                          disable=not progress, unit="batch"):
@@ -282,7 +289,7 @@ def measure_hessian(model: nn.Module, work: nn.Module, layers: list[LayerInfo], 
     params = {layer.name: get_module(work, layer.name).weight for layer in layers}
     traces = {name: 0.0 for name in params}
     generator = torch.Generator().manual_seed(0)
-    batches = min(HESSIAN_BATCHES, len(task.calib_ids.split(8)) if _is_causal_lm(task) else len(task.calib_batches))
+    batches = min(HESSIAN_BATCHES, len(_calibration_batches(task)))
     # the fused attention kernels have no second derivative; the plain math one does
     with _differentiable(params), sdpa_kernel(SDPBackend.MATH):
         for loss in tqdm(_hessian_losses(task, work), total=batches, desc="hessian sensitivity", disable=not progress,

@@ -36,11 +36,11 @@ class MeasuredResult:
     rows: list[dict] = field(default_factory=list)  # every measured trial in order: origin, bytes, predicted, measured
     measured: dict[tuple, float] = field(default_factory=dict)  # sorted layer plan items -> measured loss
     feasible: set[tuple] = field(default_factory=set)  # the measured plans (as keys) within every constraint
-    trials: int = 0  # trials measured (the seeds included)
     timing_met: bool = True  # False: no plan met the latency cap as timed, so `best` meets it by prediction only
 
 
-def _key(plan: dict[str, str]) -> tuple:
+def plan_key(plan: dict[str, str]) -> tuple:
+    """A plan as a hashable, order-free key."""
     return tuple(sorted(plan.items()))
 
 
@@ -65,24 +65,24 @@ class NeighbourSampler(optuna.samplers.BaseSampler):
             return {}
         done = study.get_trials(deepcopy=False, states=self._complete)
         ranked = sorted((t for t in done if t.state.name == "COMPLETE" and t.user_attrs.get("feasible")),
-                        key=lambda t: (t.value, _key(t.params)))
+                        key=lambda t: (t.value, plan_key(t.params)))
         if not ranked:
             return {}
         # Seeded by how many trials finished, not by the trial's number: a trial killed mid-way
         # leaves a number behind, and the resumed study must still propose the same plans.
         rng = np.random.RandomState([self._seed, len(done)])
-        seen = {_key(t.params) for t in done}
+        seen = {plan_key(t.params) for t in done}
         pool: dict[tuple, dict[str, str]] = {}
         for _ in range(NEIGHBOUR_TRIES):
             base = ranked[0] if len(ranked) == 1 or rng.rand() < 0.75 else ranked[rng.randint(1, min(4, len(ranked)))]
             plan = self.neighbour(dict(base.params), rng)
-            if plan is not None and _key(plan) not in seen:
-                pool[_key(plan)] = plan
+            if plan is not None and plan_key(plan) not in seen:
+                pool[plan_key(plan)] = plan
                 if len(pool) == TOURNAMENT:
                     break
         # Of a few random neighbours, the one the additive model likes best: a measurement is worth
         # most where the prediction says "about as good", since there its errors decide.
-        return min(pool.values(), key=lambda plan: (self._predicted(plan), _key(plan))) if pool else {}
+        return min(pool.values(), key=lambda plan: (self._predicted(plan), plan_key(plan))) if pool else {}
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
@@ -158,12 +158,12 @@ def measured_search(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, 
     sampler = NeighbourSampler(options, unit_costs, unit_sens, room, lambda p: fits(expand(p, members)), seed)
     study = optuna.create_study(direction="minimize", sampler=sampler, storage=storage, study_name=study_name,
                                 load_if_exists=storage is not None)
-    kept = {_key(t.params) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+    kept = {plan_key(t.params) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                                               optuna.trial.TrialState.WAITING))}
     for cand in seeds[:trials]:
         plan = unit_plan(cand.formats)
-        if plan is not None and _key(plan) not in kept:  # a seed left RUNNING by a killed process runs again
-            kept.add(_key(plan))
+        if plan is not None and plan_key(plan) not in kept:  # a seed left RUNNING by a killed process runs again
+            kept.add(plan_key(plan))
             study.enqueue_trial(plan, user_attrs={"origin": cand.origin})
 
     def objective(trial) -> float:
@@ -202,12 +202,12 @@ def measured_search(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, 
         rows.append({"origin": attrs["origin"], "bytes": attrs["bytes"], "predicted": attrs["predicted"],
                      "measured": trial.value, "feasible": attrs["feasible"],
                      **({"latency_s": attrs["latency_s"]} if "latency_s" in attrs else {})})
-        measured[_key(layers)] = trial.value
+        measured[plan_key(layers)] = trial.value
         if attrs["feasible"]:
-            feasible.add(_key(layers))
-        if attrs[chosen_by] and (best is None or (trial.value, _key(layers)) < (best[1], _key(best[0].formats))):
+            feasible.add(plan_key(layers))
+        if attrs[chosen_by] and (best is None or (trial.value, plan_key(layers)) < (best[1], plan_key(best[0].formats))):
             best = (Candidate(layers, attrs["bytes"], attrs["predicted"], attrs["origin"]), trial.value)
     if best is None:
         raise ValueError("the measured study found no plan within the constraints: give it a feasible seed")
     return MeasuredResult(best=best[0], best_measured=best[1], rows=rows, measured=measured, feasible=feasible,
-                          trials=len(rows), timing_met=timing_met)
+                          timing_met=timing_met)
