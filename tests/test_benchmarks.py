@@ -54,3 +54,21 @@ def test_pareto_targets_on_crafted_numbers():
     assert one["smallest_passing"] == "c" and abs(one["smaller_than_int8_by"] - (1 - 520 / 600)) < 1e-9
     assert t["mpq_front"] == ["a", "b", "c"]
     assert t["dominated_mpq_configs"] == [{"mpq": "a", "by": "nf4"}]
+
+
+def test_pareto_contenders_start_from_the_model_compile_quantises():
+    """`--dtype` in the benchmark loads the model as `mpq compile --dtype` does: a `.to(dtype)` would
+    also round buffers transformers keeps in fp32 (rotary inv_freq), and every in-process contender
+    would then run a slightly different model than mpq's configs."""
+    import torch
+
+    from mpq.models import load_model
+
+    bench = _pareto_module().Bench("demo", "rtn", seed=0, dtype="bf16")
+    compiled = load_model("demo", torch.bfloat16).model
+    ours = dict(bench.loaded.model.named_buffers())
+    theirs = dict(compiled.named_buffers())
+    assert ours.keys() == theirs.keys() and ours
+    for name, buffer in theirs.items():
+        assert ours[name].dtype == buffer.dtype and torch.equal(ours[name], buffer), name
+    assert all(torch.equal(a, b) for a, b in zip(bench.loaded.model.parameters(), compiled.parameters()))
