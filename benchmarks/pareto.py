@@ -47,7 +47,7 @@ from mpq.evaluate import evaluate_model
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
 from mpq.memory import MemoryModel, memory_model
-from mpq.methods import method_quantizer
+from mpq.methods import AUTO, method_quantizer
 from mpq.models import CAUSAL_LM, DTYPES, load_model
 from mpq.profile import example_inputs
 from mpq.search import uniform_plan
@@ -170,13 +170,16 @@ class Bench:
         each compile refines its own budget. Every config emitted is a row."""
         low, high = self.budgets()
         budgets = [None, low] + [int(low + f * (high - low)) for f in RANDOM_FRACTIONS]
-        seconds, seen = [], set()
+        seconds, seen, calib = [], set(), []
         for index, budget in enumerate(budgets):
             start = time.time()
             out = work / self.name / f"budget{index}"
             summary = compile_model(CompileOptions(model=self.name, out=out, formats=FORMATS, method=self.method,
                                                    dtype=self.dtype, max_mem=budget, trials=trials, seed=self.seed, progress=False))
             seconds.append(round(time.time() - start, 1))
+            if self.method == AUTO:  # resolved on the validation half by the first compile; the rest reuse it
+                self.method = summary["method"]
+            calib.append(calibration_recovery(summary))
             for config in summary["configs"]:
                 plan = json.loads((out / "configs" / config["name"] / "mpq.json").read_text())["plan"]["formats"]
                 key = tuple(sorted(plan.items()))
@@ -189,7 +192,7 @@ class Bench:
                          evaluate_model(model, self.loaded.task, self.task), counts=config["counts"],
                          peak_rss_own_process=self.own_process_peak(str(folder)) if budget is None else None)
                 del model
-        return {"budgets": budgets, "seconds": seconds}
+        return {"budgets": budgets, "seconds": seconds, "calibration_recovery": calib}
 
     def random_budgets(self, count: int) -> list[dict]:
         memory = self.memory(self.method)
@@ -207,6 +210,21 @@ class Bench:
                         "median_display": statistics.median(display(r) for r in results)})
             print(f"  random x{count} at {budget / 1e6:.3f} MB: median quality {out[-1]['median_display']:.4f}", flush=True)
         return out
+
+
+def calibration_recovery(summary: dict) -> dict | None:
+    """On calibration data (what the search optimises), the share of the uniform INT4-g128 -> INT8
+    divergence gap that the compile's measured best at its budget closes: if this is small, no
+    choice of formats at that budget closes much of the held-out gap either."""
+    refinement = summary.get("refinement")
+    divergence = {u["name"]: u["metrics"]["calib_divergence"] for u in summary["uniform"]}
+    if not refinement or not {"int4-g128", "int8"} <= divergence.keys():
+        return None
+    gap = divergence["int4-g128"] - divergence["int8"]
+    best = refinement["best"]["measured"]
+    return {"budget": summary["budget"], "best_bytes": refinement["best"]["bytes"], "best": best,
+            "int4-g128": divergence["int4-g128"], "int8": divergence["int8"],
+            "recovered": (divergence["int4-g128"] - best) / gap if gap > 0 else None}
 
 
 def mpq_best(rows: list[dict], budget: float) -> dict | None:
@@ -299,7 +317,8 @@ def markdown(result: dict) -> str:
         peak = f"{r['peak_rss_own_process'] / 1e6:.0f}" if r.get("peak_rss_own_process") else "-"
         lines.append(f"| {r['contender']} | {r['kind']} | {r['bytes'] / 1e6:.3f} | {quality} | {speed} | {speedup} | {peak} |")
     name = "1 - cosine" if encoder else "ppl" + ("" if result["eval_data"] == "both" else f" ({result['eval_data']})")
-    lines += ["", f"Targets (quality as {name}; lower is better; mpq method {t['method']}):", "",
+    auto = " (`--method auto`, resolved by the first compile on the validation half)" if result.get("method_requested") == AUTO else ""
+    lines += ["", f"Targets (quality as {name}; lower is better; mpq method {t['method']}{auto}):", "",
               "| budget MB | mpq best at <= budget | its " + name + f" | random median ({result['random_count']}) | mpq better |",
               "|---|---|---|---|---|"]
     for p in t["random"]:
@@ -313,7 +332,7 @@ def markdown(result: dict) -> str:
     rec, at4, one = t["recovery_at_10pct_extra_bytes"], t["at_uniform_int4_bytes"], t["one_percent_drop"]
     lines += ["",
               f"- 10% of the INT4 -> INT8 extra bytes ({rec['budget'] / 1e6:.3f} MB): {rec['mpq_best']} recovers "
-              f"{_pct(rec['recovered'])} of the quality gap (target >= 50%)",
+              f"{_pct(rec['recovered'])} of the quality gap (target >= 50%)" + _calibration_note(result, rec["budget"]),
               f"- at uniform INT4-g128's bytes: {at4['mpq_best']} {_num(at4['mpq_loss'])} vs uniform {at4['uniform_loss']:.4f} "
               f"({'better' if at4['beats_uniform_int4'] else 'NOT better'})",
               f"- smallest config within a 1% quality drop: {one['smallest_passing']} "
@@ -321,6 +340,14 @@ def markdown(result: dict) -> str:
               f"- mpq's Pareto set over all its configs: {len(t['mpq_front'])} configs; of these, dominated by a "
               f"contender (bytes and quality): {_dominated_summary(t)}", ""]
     return "\n".join(lines)
+
+
+def _calibration_note(result: dict, budget: float) -> str:
+    entries = [e for e in result.get("compile", {}).get("calibration_recovery", []) if e and abs(e["budget"] - budget) <= 1]
+    if not entries or entries[0]["recovered"] is None:
+        return ""
+    return (f"; on calibration data, which the search optimises, the compile at that budget closes "
+            f"{_pct(entries[0]['recovered'])} of the divergence gap")
 
 
 def _dominated_summary(t: dict) -> str:
@@ -392,15 +419,17 @@ def _front(rows: list[dict], x, higher_is_better: bool, larger_x_is_better: bool
 def bench_model(name: str, methods: list[str], method: str, count: int, trials: int, bnb: bool, work: Path,
                 seed: int, dtype: str | None = None) -> dict:
     start = time.time()
-    bench = Bench(name, method, seed, dtype)
+    bench, requested = Bench(name, method, seed, dtype), method
     print(f"\n## {name}", flush=True)
     bench.originals(bnb)
+    compile_info = bench.mpq_set(work, trials)  # first: it resolves --method auto for the plans below
+    method = bench.method
     bench.plans(methods)
-    compile_info = bench.mpq_set(work, trials)
     randoms = bench.random_budgets(count)
     stored = bench.stored
     baseline = next(r for r in bench.rows if r["contender"] == f"original {stored}")["quality"]
     return {"model": name, "task": bench.loaded.task, "stored_dtype": stored, "eval_data": "both", "method": method,
+            "method_requested": requested,
             "dtype": dtype or stored, "formats": FORMATS, "random_count": count, "compile": compile_info, "rows": bench.rows, "random": randoms,
             "targets": check_targets(bench.rows, randoms, method, baseline), "hardware": hardware(),
             "versions": versions(), "seconds": round(time.time() - start, 1)}
@@ -410,7 +439,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", default=["demo"])
     parser.add_argument("--methods", default="rtn,gptq,awq", help="methods of the uniform contenders")
-    parser.add_argument("--method", default="gptq", help="mpq's method (also the rule's and the random plans')")
+    parser.add_argument("--method", default="gptq", help="mpq's method (also the rule's and the random plans'); "
+                        "auto: as mpq compile resolves it (per format, on the validation half)")
     parser.add_argument("--random", type=int, default=20, help="random assignments per budget (default 20)")
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--no-bnb", action="store_true", help="leave out the bitsandbytes contenders")

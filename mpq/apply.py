@@ -47,6 +47,10 @@ class QuantizedWeightCache:
                 self._tensors[key] = self.quantizer(name, fmt)
         return self._tensors[key]
 
+    def forget(self, fmt_name: str) -> None:
+        """Drop every layer's tensors of one format (a format this cache's method will not serve)."""
+        self._tensors = {key: value for key, value in self._tensors.items() if key[1] != fmt_name}
+
 
 def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torch.Tensor]],
                  biases: dict[str, torch.Tensor | None], in_features: dict[str, int],

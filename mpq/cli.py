@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="rtn",
                    help="how weights are rounded: rtn (round to nearest; default), gptq (Hessian error compensation, "
                         "act-order) or awq (activation-aware channel scaling), or one per format: int8=rtn,int4=gptq "
-                        "(int4 covers every int4 group size); sensitivities are measured with it")
+                        "(int4 covers every int4 group size), or auto: per format, rtn or gptq, whichever config of that "
+                        "format alone scores better on held-out (validation) data; sensitivities are measured with it")
     c.add_argument("--dtype", choices=tuple(DTYPES),
                    help="cast the model to this dtype on load (default: as stored): it is then the baseline, and the "
                         "embeddings and norms (what is not quantised) stay in it: bf16 halves a float32 model's rest")

@@ -21,7 +21,8 @@ from mpq.fingerprint import data_fingerprint, model_fingerprint
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
 from mpq.io import write_json_atomic
-from mpq.methods import check_method, describe, method_quantizer
+from mpq.method_choice import choose_method
+from mpq.methods import AUTO, check_method, describe
 from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measure_plans, models_dir, parse_seconds, profile,
                          profile_key)
 from mpq.memory import float_dtype_of, format_size, memory_model, parse_size, resident_bytes
@@ -84,10 +85,10 @@ def _example_inputs(task, loaded: LoadedModel) -> dict:
 
 
 def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGraph, formats, task, calib_info: dict,
-                 cache: QuantizedWeightCache) -> tuple[SensitivityTable, bool]:
+                 cache: QuantizedWeightCache, method: str) -> tuple[SensitivityTable, bool]:
     calib_data = task.calib_ids if loaded.task == CAUSAL_LM else [b["input_ids"] for b in task.calib_batches]
     key = data_fingerprint(model_fingerprint(loaded.model), calib_data, [f.name for f in formats], task.metric,
-                           [layer.name for layer in graph.layers], SENSITIVITY_VERSION, opts.sensitivity, opts.method)
+                           [layer.name for layer in graph.layers], SENSITIVITY_VERSION, opts.sensitivity, method)
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
     reused = table is not None
     if table is None:
@@ -156,7 +157,8 @@ def compile_model(opts: CompileOptions) -> dict:
     graph = trace_model(loaded.model, _example_inputs(task, loaded))
     if not graph.layers:
         raise MpqError(f"{opts.model} has no linear layers that mpq can quantise")
-    memory = memory_model(loaded.model, graph.layers, formats, opts.method)
+    # auto chooses between rtn and gptq, which store the same bytes
+    memory = memory_model(loaded.model, graph.layers, formats, "rtn" if opts.method == AUTO else opts.method)
     budget = requested_budget if requested_budget is not None else memory.largest()
     if budget < memory.smallest():
         raise MpqError(f"--max-mem {format_size(budget)} is below the smallest possible model, {format_size(memory.smallest())} "
@@ -167,9 +169,18 @@ def compile_model(opts: CompileOptions) -> dict:
 
     work = measurement_model(loaded.model)
     groups = graph.shared_input_groups()
-    cache = QuantizedWeightCache(loaded.model, method_quantizer(opts.method, loaded.model, graph.layers, groups, formats,
-                                                                task, opts.progress))
-    table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache)
+    has_bias = {layer.name: layer.has_bias for layer in graph.layers}
+    task.prepare_eval(loaded.model)
+
+    def heldout_loss(plan: dict[str, str], plan_cache: QuantizedWeightCache) -> float:
+        with as_emitted(loaded, plan, plan_cache, groups, has_bias):
+            return task.evaluate(loaded.model)["loss"]
+
+    choice = choose_method(opts.method, loaded.model, graph.layers, groups, formats, task, memory.layer_bytes,
+                           heldout_loss, opts.progress)
+    method = choice.method
+    cache = QuantizedWeightCache(loaded.model, choice.quantizer)
+    table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache, method)
     draw_heatmap(table, graph.layers, out / "heatmap.png")
     (out / "sensitivity.md").write_text(heatmap_markdown(table, graph.layers))
     lap("sensitivity")
@@ -209,7 +220,6 @@ def compile_model(opts: CompileOptions) -> dict:
         with applied(work, {layer: get_format(fmt) for layer, fmt in plan.items()}, cache, backend=MEASURE_BACKEND):
             return task.divergence(work, reference)
 
-    has_bias = {layer.name: layer.has_bias for layer in graph.layers}
     refinement = None
     if opts.refine > 0 and result.exact_plan is not None:
         predict = (lambda plan: None) if latency is None else latency.predict  # noqa: E731
@@ -227,7 +237,6 @@ def compile_model(opts: CompileOptions) -> dict:
         refinement.best.latency = predict(refinement.best.formats)
         lap("refine")
 
-    task.prepare_eval(loaded.model)
     baseline = {"bytes": resident_bytes(loaded.model), "metrics": task.evaluate(loaded.model)}
     uniform = [Candidate(plan, *evaluate_plan(plan, costs, sens, memory.fixed_bytes), f"uniform:{name}",
                          latency=None if latency is None else latency.predict(plan))
@@ -253,7 +262,7 @@ def compile_model(opts: CompileOptions) -> dict:
     if (out / "configs").exists():
         shutil.rmtree(out / "configs")  # configs of an earlier run would mislead next to this one
     config_rows = [_emit_config(out / "configs", index, cand, opts, loaded, task, graph, cache, baseline, calib_info, env,
-                                latency, fusion_groups(cand.formats, groups, has_bias), criteria)
+                                latency, fusion_groups(cand.formats, groups, has_bias), criteria, method)
                    for index, cand in enumerate(front)]
     recommended = recommend(config_rows, criteria)
     lap("emit")
@@ -267,7 +276,8 @@ def compile_model(opts: CompileOptions) -> dict:
         draw_speedup(points, out / "speedup.png", task.quality_name, _display_quality(baseline["metrics"]),
                      latency.regime, None if latency_cap is None else latency.baseline_seconds / latency_cap)
     summary = {
-        "model": loaded.source, "task": loaded.task, "formats": uniform_names, "method": opts.method, "budget": budget,
+        "model": loaded.source, "task": loaded.task, "formats": uniform_names, "method": method, "budget": budget,
+        "method_choice": choice.to_json(),
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
         "criteria": criteria.to_json(), "eval_data": opts.eval_data, "recommended": None if recommended is None else recommended["name"],
@@ -326,14 +336,14 @@ def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate]
 
 def _emit_config(configs_dir: Path, index: int, cand: Candidate, opts: CompileOptions, loaded: LoadedModel, task,
                  graph: ModelGraph, cache: QuantizedWeightCache, baseline: dict, calib_info: dict, env: dict,
-                 latency: LatencyModel | None, fused: list[list[str]], criteria: Criteria) -> dict:
+                 latency: LatencyModel | None, fused: list[list[str]], criteria: Criteria, method: str) -> dict:
     """Write one config folder (atomically), its layers fused as `fused`, and return its row of the summary."""
     uniform = cand.origin.startswith("uniform")
     name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if uniform else "")
     plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
     reasons = failures(cand.bytes, cand.measured, baseline["metrics"], criteria)
     accepted, because = not reasons, "; ".join(reasons)
-    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, opts.method)
+    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, method)
     card["criteria"] = criteria.to_json()
     with applied(loaded.model, plan.specs(), cache, fused) as tensors:
         save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)

@@ -30,6 +30,7 @@ from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
 
 METHODS = ("rtn", "gptq", "awq")
+AUTO = "auto"  # per format, the method measured best (mpq.method_choice)
 DESCRIPTIONS = {
     "rtn": "rtn (round to nearest), weight-only",
     "gptq": "gptq (static groups, act-order, damping 0.01; block by block), weight-only",
@@ -69,10 +70,12 @@ def method_of(method: str, fmt: FormatSpec) -> str:
 
 def check_method(method: str, formats: list[FormatSpec]) -> None:
     """Raise ValueError (saying what to write) for an unknown method or a format name matching none of `formats`."""
+    if method == AUTO:
+        return
     entries = _entries(method)
     for key, value in entries.items():
         if value not in METHODS:
-            raise ValueError(f"--method {method!r}: {value!r} is not one of {', '.join(METHODS)}")
+            raise ValueError(f"--method {method!r}: {value!r} is not one of {', '.join(METHODS)} (or write auto alone)")
         if key and not any(f.name == key or f.name.startswith(key + "-") for f in formats):
             raise ValueError(f"--method {method!r}: {key!r} names none of the formats {', '.join(f.name for f in formats)}")
 
@@ -146,6 +149,8 @@ def _calibrated(method: str) -> bool:
 def method_quantizer(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
                      formats: list[FormatSpec], task, progress: bool = False) -> Quantizer:
     """The quantizer of `method` for this model and calibration data (GPTQ/AWQ computed now)."""
+    if method == AUTO:
+        raise ValueError("--method auto is resolved by mpq.method_choice.choose_method, on held-out data")
     check_method(method, formats)
     if all(method_of(method, f) == "rtn" for f in formats):
         return make_quantizer("rtn", model)

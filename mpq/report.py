@@ -249,6 +249,16 @@ def _acceptance_line(s: dict) -> str:
     return f"Acceptance: {'; '.join(asked)}. {verdict}"
 
 
+def _method_choice_lines(choice: dict | None, quality_name: str) -> list[str]:
+    if not choice:
+        return []
+    losses = choice["heldout_loss"]
+    parts = [", ".join(f"{m} {v:.5g}" for m, v in values.items()) for values in losses.values()]
+    return [f"- `--method auto` chose {choice['chosen']}: per format, the method whose uniform config scored best on the "
+            f"held-out validation half ({quality_name if quality_name == 'perplexity' else '1 - ' + quality_name}; "
+            "lower is better): " + "; ".join(f"{fmt}: {part}" for fmt, part in zip(losses, parts))]
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -260,6 +270,7 @@ def write_report(path: Path, summary: dict) -> Path:
         + (f"; warning: {s['trace']['warning']}" if s["trace"].get("warning") else ""),
         f"- formats: {', '.join(s['formats'])}; method: {s.get('method', 'rtn')}; calibration: {s['calibration']['samples']} samples x "
         f"{s['calibration']['seq_len']} tokens from {s['calibration']['source']}",
+        *_method_choice_lines(s.get("method_choice"), s["quality_name"]),
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
         *([f"- configs are selected and accepted by held-out perplexity on {s.get('eval_data', 'both')} "
            f"(`--eval-data`; both are shown)"] if s["task"] == "causal-lm" else []),

@@ -54,6 +54,11 @@ def test_pareto_targets_on_crafted_numbers():
     assert one["smallest_passing"] == "c" and abs(one["smaller_than_int8_by"] - (1 - 520 / 600)) < 1e-9
     assert t["mpq_front"] == ["a", "b", "c"]
     assert t["dominated_mpq_configs"] == [{"mpq": "a", "by": "nf4"}]
+    summary = {"budget": 420, "refinement": {"best": {"bytes": 410, "measured": 0.04}},
+               "uniform": [{"name": "int4-g128", "metrics": {"calib_divergence": 0.10}},
+                           {"name": "int8", "metrics": {"calib_divergence": 0.02}}]}
+    assert abs(pareto.calibration_recovery(summary)["recovered"] - 0.75) < 1e-9  # (0.10 - 0.04) / (0.10 - 0.02)
+    assert pareto.calibration_recovery({**summary, "refinement": None}) is None
 
 
 def test_pareto_contenders_start_from_the_model_compile_quantises():

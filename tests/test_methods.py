@@ -82,18 +82,26 @@ def test_awq_never_does_worse_than_rtn_on_its_objective(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "auto"])
 def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_path, method):
     out = tmp_path / "out"
     assert main(["compile", str(tiny_llama_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
                  "--trials", "40", "--max-configs", "3", "--group-size", "32", "--method", method, "--no-latency"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == method
+    if method == "auto":  # resolved per format from the held-out losses it records
+        choice = summary["method_choice"]
+        assert summary["method"] == choice["chosen"] and set(choice["heldout_loss"]) == {"int8", "int4-g32"}
+        picked = dict(part.split("=") for part in choice["chosen"].split(","))
+        assert all(picked[fmt] == min(losses, key=losses.get) for fmt, losses in choice["heldout_loss"].items())
+        assert "--method auto" in (out / "report.md").read_text()
+        method = picked["int4-g32"]  # what the INT4 layers' card line starts with
+    else:
+        assert summary["method"] == method and summary["method_choice"] is None
     ids = torch.randint(0, 4000, (1, 12))
     for row in summary["configs"]:
         folder = out / "configs" / row["name"]
         card = json.loads((folder / "mpq.json").read_text())["card"]
-        assert card["method"].startswith(method)
+        assert method in card["method"]
         model = mpq.load(folder)
         assert resident_bytes(model) == row["bytes"]  # AWQ's input scales counted too
         reference = mpq.load(folder, backend="reference")
@@ -222,3 +230,48 @@ def test_a_method_per_format_rounds_each_format_by_its_own(tmp_path, demo_tokeni
     awq_int4 = memory_model(loaded.model, graph.layers, formats, "int4=awq").layer_bytes[name]
     plain = memory_model(loaded.model, graph.layers, formats, "rtn").layer_bytes[name]
     assert awq_int4["int8"] == plain["int8"] and awq_int4["int4-g32"] == plain["int4-g32"] + 2 * graph.layers[0].in_features
+
+
+def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path, demo_tokenizer):
+    """--method auto: each quantised format gets the method whose uniform config the judge scores
+    lower, and the quantizer then serves that method's tensors. The judge here is crafted so the
+    two formats choose differently: INT8 by weight error (RTN's is smaller: GPTQ trades weight
+    error for output error), INT4 by minus weight error (so GPTQ)."""
+    from mpq.memory import memory_model
+    from mpq.method_choice import choose_method
+    from mpq.methods import check_method, method_quantizer
+    from mpq.models import load_model
+    from mpq.qlinear import linear_weight
+    from mpq.apply import get_module
+    from mpq.tasks import calibration_text, make_task
+    from mpq.trace import trace_model
+
+    formats = [get_format(n) for n in ("fp16", "int8", "int4-g32")]
+    check_method("auto", formats)  # accepted alone
+    with pytest.raises(ValueError, match="auto alone"):
+        check_method("int8=auto", formats)
+    loaded = load_model(str(untied_llama_dir(tmp_path, demo_tokenizer)))
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
+    groups = graph.shared_input_groups()
+    costs = memory_model(loaded.model, graph.layers, formats, "rtn").layer_bytes
+    calls = []
+
+    def weight_error(plan, cache):
+        calls.append(plan)
+        fmt = get_format(next(iter(plan.values())))
+        error = sum(float((linear_weight(get_module(loaded.model, layer)).float()
+                           - dequantize_weight(cache.get(layer, get_format(name)), get_format(name))).pow(2).sum())
+                    for layer, name in plan.items())
+        return error if fmt.name == "int8" else -error
+
+    choice = choose_method("auto", loaded.model, graph.layers, groups, formats, task, costs, weight_error)
+    assert choice.method == "int8=rtn,int4-g32=gptq"
+    assert len(calls) == 4 and all(len(set(plan.values())) == 1 for plan in calls)  # uniform plans, 2 methods each
+    assert choice.heldout_loss["int8"]["rtn"] < choice.heldout_loss["int8"]["gptq"]
+    rtn = method_quantizer("rtn", loaded.model, graph.layers, groups, formats, task)
+    gptq = method_quantizer("gptq", loaded.model, graph.layers, groups, formats, task)
+    for layer in (graph.layers[0].name, graph.layers[-1].name):
+        assert all(torch.equal(a, b) for a, b in zip(choice.quantizer(layer, formats[1]).values(), rtn(layer, formats[1]).values()))
+        assert all(torch.equal(a, b) for a, b in zip(choice.quantizer(layer, formats[2]).values(), gptq(layer, formats[2]).values()))
+    assert choose_method("rtn", loaded.model, graph.layers, groups, formats, task, costs, weight_error).heldout_loss is None
