@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from mpq.additivity import additivity_check
@@ -172,9 +173,9 @@ def compile_model(opts: CompileOptions) -> dict:
     has_bias = {layer.name: layer.has_bias for layer in graph.layers}
     task.prepare_eval(loaded.model)
 
-    def heldout_loss(plan: dict[str, str], plan_cache: QuantizedWeightCache) -> float:
+    def heldout_loss(plan: dict[str, str], plan_cache: QuantizedWeightCache) -> torch.Tensor:
         with as_emitted(loaded, plan, plan_cache, groups, has_bias):
-            return task.evaluate(loaded.model)["loss"]
+            return task.window_losses(loaded.model)
 
     choice = choose_method(opts.method, loaded.model, graph.layers, groups, formats, task, memory.layer_bytes,
                            heldout_loss, opts.progress)

@@ -252,11 +252,11 @@ def _acceptance_line(s: dict) -> str:
 def _method_choice_lines(choice: dict | None, quality_name: str) -> list[str]:
     if not choice:
         return []
-    losses = choice["heldout_loss"]
-    parts = [", ".join(f"{m} {v:.5g}" for m, v in values.items()) for values in losses.values()]
-    return [f"- `--method auto` chose {choice['chosen']}: per format, the method whose uniform config scored best on the "
-            f"held-out validation half ({quality_name if quality_name == 'perplexity' else '1 - ' + quality_name}; "
-            "lower is better): " + "; ".join(f"{fmt}: {part}" for fmt, part in zip(losses, parts))]
+    unit = "nats per token" if quality_name == "perplexity" else "1 - cosine"
+    parts = [f"{fmt}: rtn {v['rtn']:.5g}, gptq {v['gptq']:.5g} (paired z {v['z']:+.1f}"
+             + (", within noise)" if abs(v["z"]) < 2 else ")") for fmt, v in choice["heldout_loss"].items()]
+    return [f"- `--method auto` chose {choice['chosen']}: per format, the method whose uniform config has the lower "
+            f"mean loss on the held-out validation half ({unit}): " + "; ".join(parts)]
 
 
 def write_report(path: Path, summary: dict) -> Path:

@@ -137,6 +137,19 @@ class CausalLMTask:
         return max(total / count, 0.0)
 
     @torch.no_grad()
+    def window_losses(self, model) -> torch.Tensor:
+        """Mean next-token loss (nats) of each held-out window of the targeted data: paired samples
+        on which two configs can be compared (their mean is log perplexity: windows are equal length)."""
+        kinds = self.heldout if self.target == "both" else {self.target: self.heldout[self.target]}
+        losses = []
+        for ids in kinds.values():
+            for batch in ids.split(BATCH):
+                logits = self._logits(model, batch)[:, :-1]
+                nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+                losses.append(nll.view(batch.shape[0], -1).mean(1))
+        return torch.cat(losses)
+
+    @torch.no_grad()
     def nll(self, model, ids: torch.Tensor) -> tuple[float, int]:
         total = 0.0
         for batch in ids.split(BATCH):
@@ -221,6 +234,12 @@ class EncoderTask:
         sim = emb @ emb.t()
         sim.fill_diagonal_(-2.0)
         return sim.argmax(-1)
+
+    def window_losses(self, model) -> torch.Tensor:
+        """1 - cosine to the original's embedding, per held-out sentence (paired samples)."""
+        if self.baseline is None:
+            raise RuntimeError("call prepare_eval(original_model) before window_losses()")
+        return 1.0 - (self.embeddings(model, self.heldout_batches) * self.baseline).sum(-1)
 
     def evaluate(self, model) -> dict[str, float]:
         """Fidelity to the original on held-out sentences: mean cosine and nearest-neighbour agreement."""

@@ -92,7 +92,8 @@ def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_
         choice = summary["method_choice"]
         assert summary["method"] == choice["chosen"] and set(choice["heldout_loss"]) == {"int8", "int4-g32"}
         picked = dict(part.split("=") for part in choice["chosen"].split(","))
-        assert all(picked[fmt] == min(losses, key=losses.get) for fmt, losses in choice["heldout_loss"].items())
+        assert all(picked[fmt] == ("gptq" if losses["gptq"] < losses["rtn"] else "rtn")
+                   for fmt, losses in choice["heldout_loss"].items())
         assert "--method auto" in (out / "report.md").read_text()
         method = picked["int4-g32"]  # what the INT4 layers' card line starts with
     else:
@@ -234,9 +235,10 @@ def test_a_method_per_format_rounds_each_format_by_its_own(tmp_path, demo_tokeni
 
 def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path, demo_tokenizer):
     """--method auto: each quantised format gets the method whose uniform config the judge scores
-    lower, and the quantizer then serves that method's tensors. The judge here is crafted so the
-    two formats choose differently: INT8 by weight error (RTN's is smaller: GPTQ trades weight
-    error for output error), INT4 by minus weight error (so GPTQ)."""
+    lower (with the paired z of the difference), and the quantizer then serves that method's tensors. The judge
+    here is crafted so the two formats choose differently: its "windows" are the layers, scored
+    for INT8 by weight error (RTN's is smaller: GPTQ trades weight error for output error), for
+    INT4 by minus weight error (so GPTQ)."""
     from mpq.memory import memory_model
     from mpq.method_choice import choose_method
     from mpq.methods import check_method, method_quantizer
@@ -260,18 +262,33 @@ def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path,
     def weight_error(plan, cache):
         calls.append(plan)
         fmt = get_format(next(iter(plan.values())))
-        error = sum(float((linear_weight(get_module(loaded.model, layer)).float()
-                           - dequantize_weight(cache.get(layer, get_format(name)), get_format(name))).pow(2).sum())
-                    for layer, name in plan.items())
+        error = torch.tensor([float((linear_weight(get_module(loaded.model, layer)).float()
+                                     - dequantize_weight(cache.get(layer, get_format(name)), get_format(name))).pow(2).sum())
+                              for layer, name in plan.items()]).log()  # layers differ in size: compare ratios
         return error if fmt.name == "int8" else -error
 
     choice = choose_method("auto", loaded.model, graph.layers, groups, formats, task, costs, weight_error)
     assert choice.method == "int8=rtn,int4-g32=gptq"
     assert len(calls) == 4 and all(len(set(plan.values())) == 1 for plan in calls)  # uniform plans, 2 methods each
-    assert choice.heldout_loss["int8"]["rtn"] < choice.heldout_loss["int8"]["gptq"]
+    assert choice.heldout_loss["int8"]["rtn"] < choice.heldout_loss["int8"]["gptq"] and choice.heldout_loss["int8"]["z"] > 2
+    assert choice.heldout_loss["int4-g32"]["z"] < -2
     rtn = method_quantizer("rtn", loaded.model, graph.layers, groups, formats, task)
     gptq = method_quantizer("gptq", loaded.model, graph.layers, groups, formats, task)
     for layer in (graph.layers[0].name, graph.layers[-1].name):
         assert all(torch.equal(a, b) for a, b in zip(choice.quantizer(layer, formats[1]).values(), rtn(layer, formats[1]).values()))
         assert all(torch.equal(a, b) for a, b in zip(choice.quantizer(layer, formats[2]).values(), gptq(layer, formats[2]).values()))
     assert choose_method("rtn", loaded.model, graph.layers, groups, formats, task, costs, weight_error).heldout_loss is None
+
+
+def test_auto_reports_whether_a_choice_is_within_the_noise():
+    """paired_z: a small but consistent gain is significant; a larger mean gain that is noise is not."""
+    from mpq.method_choice import NOISE_Z, paired_z
+
+    g = torch.Generator().manual_seed(0)
+    base = 3.0 + torch.rand(48, generator=g)
+    assert paired_z(base - 0.001, base) == -float("inf")  # the same gain on every window
+    consistent = base - 0.01 + 0.002 * torch.randn(48, generator=g)
+    noisy = base - 0.01 + 0.2 * torch.randn(48, generator=g)
+    assert paired_z(consistent, base) < -NOISE_Z
+    assert abs(paired_z(noisy, base)) < NOISE_Z
+    assert paired_z(base, base) == 0.0 and paired_z(base + 0.01, base) == float("inf")
