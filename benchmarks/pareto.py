@@ -419,7 +419,8 @@ def _front(rows: list[dict], x, higher_is_better: bool, larger_x_is_better: bool
 def bench_model(name: str, methods: list[str], method: str, count: int, trials: int, bnb: bool, work: Path,
                 seed: int, dtype: str | None = None) -> dict:
     start = time.time()
-    bench, requested = Bench(name, method, seed, dtype), method
+    requested = method
+    bench = Bench(name, method, seed, dtype)
     print(f"\n## {name}", flush=True)
     bench.originals(bnb)
     compile_info = bench.mpq_set(work, trials)  # first: it resolves --method auto for the plans below

@@ -10,10 +10,10 @@ method with the lower mean loss. The two runs are also compared window by window
 the z score of the difference is recorded: on the demo's INT8 the two differ by 0.03% of
 perplexity (z -0.7), noise that flipped sign between the validation and test halves, so the
 report says when a choice is within noise. (Requiring |z| > 2 was tried: it also sent the
-demo's INT4-g128 to rtn, at z -1.1, which the test half then showed 1.8% worse.) AWQ is left out: it stores extra bytes per layer, so it does
-not compete at equal size. The result is an ordinary per-format method string
-("int8=rtn,int4-g128=gptq"), so everything downstream (cache, card, checkpoints) is as if the
-user had written it.
+demo's INT4-g128 to rtn, at z -1.1, which the test half then showed 1.8% worse.)
+AWQ is left out: it stores extra bytes per layer, so it does not compete at equal size. The
+result is an ordinary per-format method string ("int8=rtn,int4-g128=gptq"), so everything
+downstream (cache, card, checkpoints) is as if the user had written it.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ def choose_method(method: str, model: nn.Module, layers: list[LayerInfo], groups
             if name != method_of(chosen, fmt):
                 cache.forget(fmt.name)
     return MethodChoice(chosen, lambda layer, fmt: caches[method_of(chosen, fmt)].get(layer, fmt), measured)
-
 
 
 def paired_z(candidate: torch.Tensor, base: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from mpq.memory import format_size
+from mpq.method_choice import NOISE_Z
 from mpq.sensitivity import SensitivityTable
 from mpq.trace import LayerInfo
 
@@ -254,7 +255,7 @@ def _method_choice_lines(choice: dict | None, quality_name: str) -> list[str]:
         return []
     unit = "nats per token" if quality_name == "perplexity" else "1 - cosine"
     parts = [f"{fmt}: rtn {v['rtn']:.5g}, gptq {v['gptq']:.5g} (paired z {v['z']:+.1f}"
-             + (", within noise)" if abs(v["z"]) < 2 else ")") for fmt, v in choice["heldout_loss"].items()]
+             + (", within noise)" if abs(v["z"]) < NOISE_Z else ")") for fmt, v in choice["heldout_loss"].items()]
     return [f"- `--method auto` chose {choice['chosen']}: per format, the method whose uniform config has the lower "
             f"mean loss on the held-out validation half ({unit}): " + "; ".join(parts)]
 

@@ -137,25 +137,25 @@ class CausalLMTask:
         return max(total / count, 0.0)
 
     @torch.no_grad()
-    def window_losses(self, model) -> torch.Tensor:
-        """Mean next-token loss (nats) of each held-out window of the targeted data: paired samples
-        on which two configs can be compared (their mean is log perplexity: windows are equal length)."""
-        kinds = self.heldout if self.target == "both" else {self.target: self.heldout[self.target]}
+    def token_losses(self, model, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token loss (nats) at every position of every window of `ids`: (windows, length - 1)."""
         losses = []
-        for ids in kinds.values():
-            for batch in ids.split(BATCH):
-                logits = self._logits(model, batch)[:, :-1]
-                nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-                losses.append(nll.view(batch.shape[0], -1).mean(1))
-        return torch.cat(losses)
-
-    @torch.no_grad()
-    def nll(self, model, ids: torch.Tensor) -> tuple[float, int]:
-        total = 0.0
         for batch in ids.split(BATCH):
             logits = self._logits(model, batch)[:, :-1]
-            total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        return total, ids[:, 1:].numel()
+            nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            losses.append(nll.view(batch.shape[0], -1))
+        return torch.cat(losses)
+
+    def window_losses(self, model) -> torch.Tensor:
+        """Mean next-token loss of each held-out window of the targeted data: paired samples on
+        which two configs can be compared (their mean is log perplexity: windows are equal length)."""
+        kinds = self.heldout if self.target == "both" else {self.target: self.heldout[self.target]}
+        return torch.cat([self.token_losses(model, ids).mean(1) for ids in kinds.values()])
+
+    def nll(self, model, ids: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token loss over `ids` and the number of tokens it covers."""
+        losses = self.token_losses(model, ids)
+        return losses.double().sum().item(), losses.numel()
 
     def prepare_eval(self, model) -> None:
         """Nothing to cache: perplexity needs no reference outputs."""
