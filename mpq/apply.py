@@ -1,4 +1,5 @@
-"""Module surgery: put QuantizedLinear layers (fused where allowed) into a model, and take them out."""
+"""Module surgery: put QuantizedLinear layers (fused where allowed) and QuantizedEmbedding tables
+into a model, and take them out."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from torch import nn
 
 from mpq.formats import FormatSpec
 from mpq.fusion import fuse
+from mpq.qembedding import QuantizedEmbedding
 from mpq.qlinear import QuantizedLinear, linear_weight, out_features_of
 from mpq.quantize import quantize_weight
+from mpq.trace import is_embedding
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -55,10 +58,14 @@ class QuantizedWeightCache:
 def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torch.Tensor]],
                  biases: dict[str, torch.Tensor | None], in_features: dict[str, int],
                  fused_groups: list[list[str]] = (), backend: str | None = None,
-                 device: torch.device | str | None = None) -> dict[str, nn.Module]:
-    """The module to install for each planned layer: a FusedSlice in a fused group, else a QuantizedLinear.
-    Both compile (to measure) and load use this, so the loaded model is the measured one."""
-    layers: dict[str, nn.Module] = {}
+                 device: torch.device | str | None = None,
+                 embeddings: dict[str, torch.dtype] | None = None) -> dict[str, nn.Module]:
+    """The module to install for each planned layer: a QuantizedEmbedding for the tables named in
+    `embeddings` (with the dtype they output), a FusedSlice in a fused group, else a
+    QuantizedLinear. Both compile (to measure) and load use this, so the loaded model is the
+    measured one."""
+    layers: dict[str, nn.Module] = {
+        name: QuantizedEmbedding(specs[name], tensors[name], dtype, device) for name, dtype in (embeddings or {}).items()}
     for names in fused_groups:
         slices = fuse(names, specs[names[0]], tensors, biases, in_features[names[0]], backend, device)
         if slices:
@@ -78,11 +85,13 @@ def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeigh
     upcast copy of that model can run the very same quantised weights."""
     modules = {name: get_module(model, name) for name in plan}
     tensors = {name: cache.get(name, fmt) for name, fmt in plan.items()}
-    biases = {name: module.bias for name, module in modules.items()}
+    biases = {name: getattr(module, "bias", None) for name, module in modules.items()}
     in_features = {name: linear_weight(module).shape[1] for name, module in modules.items()}
+    tables = {name: module.weight.dtype for name, module in modules.items() if is_embedding(module)}
     originals: dict[str, nn.Module] = {}
     try:
-        for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups, backend).items():
+        for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups, backend,
+                                        embeddings=tables).items():
             originals[name] = set_module(model, name, layer)
         yield {name: {**tensors[name], **({} if biases[name] is None else {"bias": biases[name]})} for name in plan}
     finally:

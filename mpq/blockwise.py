@@ -140,9 +140,10 @@ def _block_judge(block: nn.Module, prefix: str, calls: list[tuple[tuple, dict]],
 def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[list[str]], task,
                         device: torch.device | str | None = None) -> Iterator[BlockCalibration]:
     """Yield each block's calibration in order, then that of the layers outside the blocks. A block's
-    float32 copy lives only until the caller asks for the next one."""
+    float32 copy lives only until the caller asks for the next one. Embedding tables are left out:
+    their input is token ids, not activations to gather statistics of."""
     device = torch.device(device) if device is not None else model_device(model)
-    names = [layer.name for layer in layers]
+    names = [layer.name for layer in layers if not layer.is_embedding]
     represent = {name: group[0] for group in groups for name in group}
     batches = [_to_device(batch, device) for batch in task.calibration_inputs()]
     blocks_name = find_blocks(model, names)

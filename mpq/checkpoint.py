@@ -22,8 +22,9 @@ from mpq.io import atomic_folder, write_json_atomic
 from mpq.models import CAUSAL_LM
 from mpq.plan import Plan
 from mpq.apply import build_layers, set_module
+from mpq.qembedding import QuantizedEmbedding
 from mpq.qlinear import linear_weight
-from mpq.trace import tied_parameter_groups
+from mpq.trace import is_embedding, tied_parameter_groups
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
@@ -63,6 +64,22 @@ def checkpoint_tensors(model: nn.Module, layer_tensors: dict[str, dict[str, torc
     return {name: tensor.detach().contiguous() for name, tensor in out.items()}
 
 
+def _embedding_dtypes(model: nn.Module) -> dict[str, str]:
+    """The quantised embedding tables and the dtype each outputs (the model's, which a meta
+    skeleton cannot tell)."""
+    return {name: str(module.out_dtype).removeprefix("torch.") for name, module in model.named_modules()
+            if isinstance(module, QuantizedEmbedding)}
+
+
+def _table_dtypes(manifest: dict, folder: Path) -> dict[str, torch.dtype]:
+    out = {}
+    for name, dtype in manifest.get("embeddings", {}).items():
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise MpqError(f"{folder}: embedding {name} has dtype {dtype!r}; re-run mpq compile")
+        out[name] = getattr(torch, dtype)
+    return out
+
+
 def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan,
                 layer_tensors: dict[str, dict[str, torch.Tensor]], card: dict, fused: list[list[str]] = ()) -> Path:
     """Write one config folder atomically. `model` must have the plan applied."""
@@ -80,6 +97,7 @@ def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan
             "plan": plan.to_json(),
             "tied": tied_parameter_groups(model),
             "fused": [list(group) for group in fused],
+            "embeddings": _embedding_dtypes(model),
             "non_persistent_buffers": _non_persistent_buffers(model),
             "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
             "card": card,
@@ -151,6 +169,7 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
     tensors = _read_weights(folder, manifest)
     model = _skeleton(folder, manifest["task"])
     specs = plan.specs()
+    tables = _table_dtypes(manifest, folder)
     layer_tensors: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor | None] = {}
     in_features: dict[str, int] = {}
@@ -167,10 +186,14 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
             expected = expected | {"input_scale"}
         if set(own) != expected:
             raise MpqError(f"{folder}: layer {layer} holds {sorted(own)}, but {fmt.name} needs {sorted(expected)}; re-run mpq compile")
+        if is_embedding(module) != (layer in tables):
+            raise MpqError(f"{folder}: plan layer {layer} is {'not ' if layer in tables else ''}an embedding table "
+                           f"in the model, but {MANIFEST} says otherwise; re-run mpq compile")
         layer_tensors[layer] = own
         in_features[layer] = linear_weight(module).shape[1]
     fused = manifest.get("fused", [])
-    for layer, module in build_layers(specs, layer_tensors, biases, in_features, fused, backend, device).items():
+    for layer, module in build_layers(specs, layer_tensors, biases, in_features, fused, backend, device,
+                                      embeddings=tables).items():
         set_module(model, layer, module)
         log.info("%s: %s", layer, module.kernel)
     for name, tensor in tensors.items():
@@ -189,4 +212,5 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
 def kernels_of(model: nn.Module) -> dict[str, str]:
     """Which kernel runs each quantised layer of a loaded model."""
     return {name: module.kernel for name, module in model.named_modules()
-            if type(module).__name__ in ("QuantizedLinear", "FusedSlice") and not name.endswith(".fused.layer")}
+            if type(module).__name__ in ("QuantizedLinear", "FusedSlice", "QuantizedEmbedding")
+            and not name.endswith(".fused.layer")}

@@ -19,7 +19,7 @@ def _compile(args: argparse.Namespace) -> None:
         model=args.model, out=args.out, max_mem=args.max_mem, formats=args.formats, group_size=args.group_size,
         int4_symmetric=args.int4_sym, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
         trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
-        tie=not args.no_tie, storage=args.storage, sensitivity=args.sensitivity, method=args.method, refine=args.refine, latency=not args.no_latency,
+        tie=not args.no_tie, embeddings=not args.no_embeddings, storage=args.storage, sensitivity=args.sensitivity, method=args.method, refine=args.refine, latency=not args.no_latency,
         regime=args.regime, batch=args.batch, length=args.length, max_latency=args.max_latency,
         min_speedup=args.min_speedup, prefer=args.prefer, dtype=args.dtype, eval_data=args.eval_data,
         progress=not args.quiet))
@@ -129,11 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "format alone scores better on held-out (validation) data; sensitivities are measured with it")
     c.add_argument("--dtype", choices=tuple(DTYPES),
                    help="cast the model to this dtype on load (default: as stored): it is then the baseline, and the "
-                        "embeddings and norms (what is not quantised) stay in it: bf16 halves a float32 model's rest")
+                        "norms (what is not quantised) stay in it: bf16 halves a float32 model's rest")
     c.add_argument("--refine", type=int, default=REFINE_TRIALS,
                    help=f"trials of the measured Optuna study at the budget (default {REFINE_TRIALS}): the exact optimum "
                         "of the additive model and the next-best predicted plans, then plans next to the best measured, "
                         "each measured for real on calibration data; the best wins (0: trust the additive prediction)")
+    c.add_argument("--no-embeddings", action="store_true",
+                   help="leave the input embedding table as stored (default: a layer like the others, looked up "
+                        "row by row in its format; a table tied to the output head always stays)")
     c.add_argument("--no-tie", action="store_true",
                    help="let layers that read one input (q/k/v, gate/up) take different formats (default: tied, so they fuse)")
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "

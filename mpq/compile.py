@@ -60,6 +60,7 @@ class CompileOptions:
     max_configs: int = 12  # mixed configs measured on held-out data (uniform ones come on top)
     max_quality_drop: float | None = None  # causal LM: perplexity ratio - 1 (0.01 = 1%); encoder: cosine drop
     tie: bool = True  # layers reading one input (q/k/v, gate/up) take one format, so kernels fuse them
+    embeddings: bool = True  # the input embedding table is a layer of the plan (unless tied to the head)
     storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
     sensitivity: str = "kl"  # the signal: "kl" (output divergence), "local" (layer output error) or "fisher"
     method: str = "rtn"  # how weights are rounded: "rtn", "gptq" or "awq", or per format "int8=rtn,int4=gptq" (mpq.methods)
@@ -104,7 +105,8 @@ def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGr
 
 def _latency(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, formats, regime: Regime,
              groups: list[list[str]]) -> LatencyModel:
-    key = profile_key(model_fingerprint(loaded.model), regime, formats, groups, next(loaded.model.parameters()).device)
+    key = profile_key(model_fingerprint(loaded.model), regime, formats, groups, next(loaded.model.parameters()).device,
+                      [layer.name for layer in graph.layers])
     latency = find_profile(key, Path(opts.out) / "latency.json")
     if latency is None:
         latency = profile(loaded.model, loaded.task, graph.layers, formats, regime, groups, progress=opts.progress, key=key)
@@ -155,7 +157,7 @@ def compile_model(opts: CompileOptions) -> dict:
     calib_info = {"source": calib.source, "samples": samples, "seq_len": seq_len, "tokens": task.calib_tokens}
     lap("load")
 
-    graph = trace_model(loaded.model, _example_inputs(task, loaded))
+    graph = trace_model(loaded.model, _example_inputs(task, loaded), opts.embeddings)
     if not graph.layers:
         raise MpqError(f"{opts.model} has no linear layers that mpq can quantise")
     # auto chooses between rtn and gptq, which store the same bytes
@@ -361,10 +363,14 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
           env: dict, graph: ModelGraph, method: str) -> dict:
     shapes = {layer.name: (layer.out_features, layer.in_features) for layer in graph.layers}
     specs = plan.specs()
+    tables = [layer.name for layer in graph.layers if layer.is_embedding and specs[layer.name].quantized]
+    method_text = describe(method, list(specs.values()))
+    if tables and not method_text.startswith("rtn"):
+        method_text += f"; {', '.join(tables)}: rtn (a table's input is a token id: nothing for gptq or awq to weigh)"
     return {
         "model": loaded.source,
         "task": loaded.task,
-        "method": describe(method, list(specs.values())),
+        "method": method_text,
         "formats": {fmt.name: fmt.card() for fmt in {s.name: s for s in specs.values()}.values()},
         "bits_per_layer": {layer: round(fmt.bits_per_weight(*shapes[layer]), 4) for layer, fmt in specs.items()},
         "activations": "bf16 in int8/int4 layers on the CPU (W8A16 / W4A16); the model's dtype elsewhere",

@@ -7,7 +7,8 @@ prefill: M = batch x sequence), each fusable group of layers that share an input
 and the unquantised model's whole step once. The rest of the model (attention, norms,
 embeddings, the head, Python) is that step less its layers' times as the model holds them
 (its own dtype: float32 layers of a float32 model, not their 16-bit copies). A plan's predicted
-step time is the rest plus its layers' (or fused groups') times. Layer entries are cached per
+step time is the rest plus its layers' (or fused groups') times. An input embedding table that the
+plan quantises is timed as what it is, a lookup of M rows. Layer entries are cached per
 device and shape; the whole latency model by a content hash (model, regime, formats, device),
 so a second compile of the model, at any budget, measures nothing again.
 
@@ -215,13 +216,33 @@ def time_layers(sizes: tuple[int, ...], in_features: int, fmt: FormatSpec, token
     return seconds_per_call(lambda: [m(x) for m in next(turn)], device, budget_s)
 
 
+@torch.no_grad()
+def time_embedding(rows: int, dim: int, fmt: FormatSpec, tokens: int, dtype: torch.dtype, device: torch.device,
+                   budget_s: float, original: bool = False) -> float:
+    """Seconds to look up `tokens` random rows of a table, as an emitted model does (QuantizedEmbedding),
+    or as the model holds it (`original`: nn.Embedding in its own dtype). A lookup reads a few rows,
+    not the table, so there is no working set to rotate through."""
+    from mpq.apply import build_layers
+
+    generator = torch.Generator().manual_seed(rows * 31 + dim)
+    table = (torch.randn(rows, dim, generator=generator) * 0.02).to(dtype)
+    ids = torch.randint(0, rows, (tokens,), generator=generator).to(device)
+    if original:
+        layer = nn.Embedding(rows, dim, _weight=table).to(device)
+    else:
+        tensors = {k: v.to(device) for k, v in quantize_weight(table, fmt).items()}
+        layer = build_layers({"table": fmt}, {"table": tensors}, {"table": None}, {"table": dim},
+                             device=device, embeddings={"table": dtype})["table"]
+    return seconds_per_call(lambda: layer(ids), device, budget_s)
+
+
 @dataclass
 class LatencyModel:
     """Plain data (OUT/latency.json): per-layer and per-fused-group seconds and the model's rest."""
 
     regime: dict
     device: str
-    layers: dict[str, list]  # layer -> [out_features, in_features, has_bias]
+    layers: dict[str, list]  # layer -> [out_features, in_features, has_bias] (an embedding: [rows, dim, False])
     groups: list[list[str]]  # layers that share an input (fusable when they take one format)
     layer_seconds: dict[str, dict[str, float]]  # layer -> format -> seconds, run alone
     group_seconds: dict[str, dict[str, float]]  # "a|b" (a subset of a group) -> format -> seconds, fused
@@ -229,9 +250,10 @@ class LatencyModel:
     rest_seconds: float  # the step less its layers' 16-bit times
     profile_seconds: float = 0.0
     reused: bool = False  # every number came from caches: nothing was timed this time
-    key: str = ""  # content hash of model, regime, formats, groups and device (see profile_key)
+    key: str = ""  # content hash of model, regime, formats, groups, device and layers (see profile_key)
     notes: list[str] = field(default_factory=list)
     version: int = VERSION
+    tables: list[str] = field(default_factory=list)  # the layers that are embedding lookups, not matmuls
 
     def layers_seconds(self, plan: dict[str, str]) -> float:
         """Seconds of the planned layers alone, fused as an emitted model fuses them."""
@@ -259,10 +281,11 @@ class LatencyModel:
 
 
 def profile_key(model_key: str, regime: Regime, formats: list[FormatSpec], groups: list[list[str]],
-                device: torch.device | str) -> str:
+                device: torch.device | str, layers: list[str]) -> str:
     from mpq.fingerprint import data_fingerprint
 
-    return data_fingerprint(model_key, asdict(regime), [f.name for f in formats], groups, device_signature(device), VERSION)
+    return data_fingerprint(model_key, asdict(regime), [f.name for f in formats], groups, device_signature(device),
+                            VERSION, layers)
 
 
 def models_dir() -> Path:
@@ -343,34 +366,43 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     cache = _EntryCache(device, use_cache)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     info = {layer.name: [layer.out_features, layer.in_features, layer.has_bias] for layer in layers}
+    tables = {layer.name for layer in layers if layer.is_embedding}
     # the weight bytes one step reads, were every layer in one format (see time_layers): the
-    # quantisable layers' own and the output head's (the rest is mostly input embeddings, of which
-    # a step reads a few rows); "original": the layers as the model holds them, in their own dtype
+    # quantisable matmuls' own and the output head's (not an embedding table's: a step reads a few
+    # of its rows); "original": the layers as the model holds them, in their own dtype
     head = _head_bytes(model, info)
+    matmuls = [shape for name, shape in info.items() if name not in tables]
     working_set = {fmt.name: head + sum(fmt.weight_bytes(n, k) if fmt.supports(n, k) else n * k * dtype.itemsize
-                                        for n, k, _ in info.values()) for fmt in formats}
-    working_set[ORIGINAL] = head + sum(n * k * dtype.itemsize for n, k, _ in info.values())
+                                        for n, k, _ in matmuls) for fmt in formats}
+    working_set[ORIGINAL] = head + sum(n * k * dtype.itemsize for n, k, _ in matmuls)
     working_set = {name: -(-ws // 2**20) * 2**20 for name, ws in working_set.items()}  # whole MiB: stable keys
     # One job per (layer or fusable subset of a group, format): where its seconds go, and what to time.
     # Layers of one shape share their cache entry, so each distinct shape is timed once.
     layer_seconds: dict[str, dict[str, float]] = {name: {} for name in info}
     group_seconds: dict[str, dict[str, float]] = {}
     original_seconds: dict[str, float] = {}
-    jobs: list[tuple[dict, str, tuple[int, ...], int, FormatSpec | None, bool, bool]] = []
+    jobs: list[tuple[dict, str, tuple[int, ...], int, FormatSpec | None, bool, bool, bool]] = []
     for name, (n, k, bias) in info.items():
-        jobs += [(layer_seconds[name], fmt.name, (n,), k, fmt, bias, False) for fmt in formats if fmt.supports(n, k)]
-        jobs.append((original_seconds, name, (n,), k, None, bias, False))  # None: the layer as the model holds it
+        table = name in tables
+        jobs += [(layer_seconds[name], fmt.name, (n,), k, fmt, bias, False, table) for fmt in formats if fmt.supports(n, k)]
+        jobs.append((original_seconds, name, (n,), k, None, bias, False, table))  # None: the layer as the model holds it
     for group in groups:
         for names in _subsets(group):
             if len({info[n][2] for n in names}) > 1:
                 continue  # a biased and an unbiased layer never fuse
             sizes, (_, k, bias) = tuple(info[n][0] for n in names), info[names[0]]
             target = group_seconds.setdefault("|".join(names), {})
-            jobs += [(target, fmt.name, sizes, k, fmt, bias, True) for fmt in formats
+            jobs += [(target, fmt.name, sizes, k, fmt, bias, True, False) for fmt in formats
                      if all(fmt.supports(info[n][0], info[n][1]) for n in names)]
-    for target, slot, sizes, k, fmt, bias, fused in tqdm(jobs, desc="profile", disable=not progress, unit="entry"):
-        ws = working_set[ORIGINAL if fmt is None else fmt.name]
-        entry_key = _entry_key(sizes, k, ORIGINAL if fmt is None else fmt.name, regime.tokens, bias, dtype, fused, ws)
+    for target, slot, sizes, k, fmt, bias, fused, table in tqdm(jobs, desc="profile", disable=not progress, unit="entry"):
+        fmt_name = ORIGINAL if fmt is None else fmt.name
+        if table:
+            entry_key = f"embedding|{fmt_name}|M{regime.tokens}|rows{sizes[0]}|dim{k}|{dtype}"
+            target[slot] = cache.get("entries", entry_key, lambda: time_embedding(
+                sizes[0], k, fmt or get_format("fp16"), regime.tokens, dtype, device, budget_s, original=fmt is None))
+            continue
+        ws = working_set[fmt_name]
+        entry_key = _entry_key(sizes, k, fmt_name, regime.tokens, bias, dtype, fused, ws)
         target[slot] = cache.get("entries", entry_key, lambda: time_layers(
             sizes, k, fmt or get_format("fp16"), regime.tokens, bias, dtype, device, fused, budget_s, ws,
             original=fmt is None))
@@ -388,7 +420,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     return LatencyModel(regime=asdict(regime), device=cache.signature, layers=info, groups=[list(g) for g in groups],
                         layer_seconds=layer_seconds, group_seconds=group_seconds, baseline_seconds=baseline,
                         rest_seconds=rest, profile_seconds=round(time.time() - start, 2),
-                        reused=cache.misses == 0, notes=notes, key=key)
+                        reused=cache.misses == 0, notes=notes, key=key, tables=sorted(tables))
 
 
 def measure_plans(model: nn.Module, task: str, regime: Regime, runs: list, rounds: int = 3) -> list[float]:

@@ -91,7 +91,7 @@ def memory_model(model: nn.Module, layers: list[LayerInfo], formats: list[Format
     quantizable = sum(w.numel() * w.element_size() for w in weights.values())
     options = {
         layer.name: {fmt.name: fmt.weight_bytes(layer.out_features, layer.in_features)
-                     + extra_bytes(method, fmt, layer.in_features)
+                     + extra_bytes(method, fmt, layer)
                      for fmt in formats if fmt.supports(layer.out_features, layer.in_features)}
         for layer in layers
     }

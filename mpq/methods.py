@@ -5,7 +5,8 @@
 - awq: activation-aware per-channel scaling searched on calibration rows (mpq.awq).
 A method may be chosen per format: "int8=rtn,int4=gptq" (a name before "=" is a format, or a
 family of them: "int4" covers int4-g32 ... int4-pc); formats not named round to nearest.
-All three produce the same packed formats (AWQ adds one bf16 `input_scale` vector per layer), so
+Embedding tables always round to nearest: both other methods weigh a layer's input activations,
+and a table's input is a token id. All three produce the same packed formats (AWQ adds one bf16 `input_scale` vector per layer), so
 kernels, checkpoints and loading are shared. Sensitivity is measured with the method that will
 be used, because the tensors measured are the tensors emitted (QuantizedWeightCache).
 GPTQ and AWQ run block by block (mpq.blockwise): every format of a block's layers is computed
@@ -27,7 +28,7 @@ from mpq.formats import FormatSpec
 from mpq.gptq import gptq_quantize
 from mpq.qlinear import linear_weight
 from mpq.quantize import quantize_weight
-from mpq.trace import LayerInfo
+from mpq.trace import LayerInfo, is_embedding
 
 METHODS = ("rtn", "gptq", "awq")
 AUTO = "auto"  # per format, the method measured best (mpq.method_choice)
@@ -88,9 +89,9 @@ def describe(method: str, formats: list[FormatSpec]) -> str:
     return "; ".join(f"{name}: {DESCRIPTIONS[m]}" for name, m in used.items())
 
 
-def extra_bytes(method: str, fmt: FormatSpec, in_features: int) -> int:
-    """Bytes a method stores beside the format's own: AWQ's bf16 input scale per quantised layer."""
-    return 2 * in_features if method_of(method, fmt) == "awq" else 0
+def extra_bytes(method: str, fmt: FormatSpec, layer: LayerInfo) -> int:
+    """Bytes a method stores beside the format's own: AWQ's bf16 input scale per quantised linear."""
+    return 2 * layer.in_features if method_of(method, fmt) == "awq" and not layer.is_embedding else 0
 
 
 def rtn_quantizer(model: nn.Module) -> Quantizer:
@@ -119,6 +120,8 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
             done.update(members)
             weights = {m: linear_weight(get_module(model, m)) for m in members}
             for fmt in quantised:
+                if not all(fmt.supports(*w.shape) for w in weights.values()):
+                    continue  # a format these layers cannot take (int4-g128 of 64 inputs): no plan asks for it
                 if method_of(method, fmt) == "gptq":
                     tensors = {m: gptq_quantize(w, fmt, block.stats.hessian[m]) for m, w in weights.items()}
                 else:
@@ -138,8 +141,12 @@ def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str],
         return rtn
     if tensors is None:
         raise ValueError(f"method {method} needs its calibrated tensors (calibrated_tensors)")
-    # The weight cache keeps what it gets, so each entry is handed over once.
-    return lambda name, fmt: tensors.pop((name, fmt.name)) if method_of(method, fmt) != "rtn" else rtn(name, fmt)
+    def quantize(name: str, fmt: FormatSpec) -> dict[str, torch.Tensor]:
+        if method_of(method, fmt) == "rtn" or is_embedding(get_module(model, name)):
+            return rtn(name, fmt)
+        return tensors.pop((name, fmt.name))  # the weight cache keeps what it gets: each is handed over once
+
+    return quantize
 
 
 def _calibrated(method: str) -> bool:

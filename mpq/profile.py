@@ -30,13 +30,13 @@ def profile_table(latency: LatencyModel) -> str:
     rows: dict[tuple, dict[str, float]] = {}
     for name, per_format in latency.layer_seconds.items():
         n, k, _ = latency.layers[name]
-        rows.setdefault((f"{n}x{k}", "alone"), per_format)
+        rows.setdefault((f"{n}x{k}", "lookup" if name in latency.tables else "alone"), per_format)
     for key, per_format in latency.group_seconds.items():
         names = key.split("|")
         shape = "+".join(str(latency.layers[n][0]) for n in names) + f"x{latency.layers[names[0]][1]}"
         rows.setdefault((shape, "fused"), per_format)
     formats = sorted({f for per_format in rows.values() for f in per_format})
-    header = "| layer (out x in) | how | " + " | ".join(f"{f} us" for f in formats) + " | " + \
+    header = "| layer (out x in; table: rows x dim) | how | " + " | ".join(f"{f} us" for f in formats) + " | " + \
              " | ".join(f"{f} vs 16-bit" for f in formats if f != "fp16") + " |"
     lines = [header, "|" + "---|" * (2 + len(formats) + len([f for f in formats if f != "fp16"]))]
     for (shape, how), per_format in sorted(rows.items()):

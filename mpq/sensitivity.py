@@ -5,7 +5,8 @@ Signals:
   1 - cosine of embeddings for encoders) with only that layer quantised: one calibration pass per
   (layer, format), linear in layers x formats x calibration tokens.
 - "local": the layer's own relative output error ||x (W - Wq)^T||^2 / ||x W^T||^2 on its
-  calibration inputs, all layers and formats in one pass (hooks), blind to what follows the layer.
+  calibration inputs (for an embedding table: over the rows its tokens look up), all layers and
+  formats in one pass (hooks), blind to what follows the layer.
 - "fisher": 1/2 sum(F * (W - Wq)^2) with F the empirical Fisher diagonal (squared gradients of
   the next-token loss on the calibration text): one forward and one backward pass per batch,
   whatever the number of layers. An encoder has no loss with labels; near the original weights
@@ -154,7 +155,13 @@ def measure_local(model: nn.Module, work: nn.Module, layers: list[LayerInfo], fo
         errors[layer.name] = {name: 0.0 for name in rounding}
         energy[layer.name] = 0.0
 
-        def hook(module, inputs, output, name=layer.name, weight=weight, deltas=deltas):
+        def hook(module, inputs, output, name=layer.name, weight=weight, deltas=deltas, table=layer.is_embedding):
+            if table:  # a lookup's output is the rows of its tokens; their error, the same rows of delta
+                ids = inputs[0].reshape(-1)
+                energy[name] += weight[ids].pow(2).sum().item()
+                for fmt_name, delta in deltas.items():
+                    errors[name][fmt_name] += delta[ids].pow(2).sum().item()
+                return
             x = inputs[0].reshape(-1, weight.shape[1]).float()
             energy[name] += torch.nn.functional.linear(x, weight).pow(2).sum().item()
             for fmt_name, delta in deltas.items():

@@ -4,6 +4,8 @@ The graph gives each linear's module path (from `nn_module_stack`), its order of
 its input node; networkx then answers graph questions: which layers read the same input
 (q/k/v, gate/up: candidates for fused kernels) and which weights are tied (embedding, lm_head).
 If export fails, module discovery takes over with a warning that names the reason.
+The input embedding table (a vocabulary's rows: half of a small encoder's weights) is a layer
+too, first in order, unless it is tied to the output head (see `_embedding_layer`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 @dataclass(frozen=True)
 class LayerInfo:
     name: str  # module path, e.g. model.layers.3.self_attn.q_proj
-    module_type: str  # Linear or Conv1D
+    module_type: str  # Linear, Conv1D or Embedding
     kind: str  # the path inside its block, e.g. self_attn.q_proj (the heatmap's column)
     block: int | None  # transformer block index (the heatmap's row), None outside the blocks
     in_features: int
@@ -36,6 +38,14 @@ class LayerInfo:
     params: int
     order: int  # position in execution order
     has_bias: bool
+
+    @property
+    def is_embedding(self) -> bool:
+        """A lookup table (rows = out_features tokens of in_features values), not a matmul."""
+        return self.module_type == EMBEDDING
+
+
+EMBEDDING = "Embedding"
 
 
 @dataclass
@@ -65,6 +75,33 @@ class ModelGraph:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def is_embedding(module: nn.Module) -> bool:
+    """Exactly torch's nn.Embedding: a subclass may do more in forward (Gemma scales its rows),
+    which a quantised table in its place would silently drop."""
+    return type(module) is nn.Embedding
+
+
+def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[str, str], wanted: bool) -> LayerInfo | None:
+    """The model's input embedding table as a layer, or None (with the reason in `excluded`)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    table = getter() if getter is not None else None
+    if table is None:
+        return None
+    path = next(name for name, module in model.named_modules() if module is table)
+    if not wanted:
+        excluded[path] = "embedding tables left as stored (asked for)"
+        return None
+    if not is_embedding(table):
+        excluded[path] = f"{type(table).__name__} is not a plain nn.Embedding (its forward may do more than a lookup)"
+        return None
+    if f"{path}.weight" in tied_weights:
+        excluded[path] = "table tied to the output head (kept in the model's dtype with it)"
+        return None
+    rows, dim = table.weight.shape
+    return LayerInfo(name=path, module_type=EMBEDDING, kind=path.rpartition(".")[2], block=None, in_features=dim,
+                     out_features=rows, params=rows * dim, order=0, has_bias=False)
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -104,8 +141,9 @@ def _exported_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str,
     return found
 
 
-def trace_model(model: nn.Module, example_inputs: dict) -> ModelGraph:
-    """Layers of `model` that mpq can quantise, and the graph facts about them."""
+def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True) -> ModelGraph:
+    """Layers of `model` that mpq can quantise, and the graph facts about them (`embeddings`: the
+    input embedding table is one of them where it can be)."""
     modules = dict(model.named_modules())
     method, warning = "export", None
     try:
@@ -125,6 +163,10 @@ def trace_model(model: nn.Module, example_inputs: dict) -> ModelGraph:
     graph = nx.Graph()
     layers: list[LayerInfo] = []
     excluded: dict[str, str] = {}
+    table = _embedding_layer(model, tied_weights, excluded, embeddings)
+    if table is not None:
+        layers.append(table)
+        graph.add_node(table.name, kind="embedding")
     readers: dict[torch.fx.Node, list[str]] = {}
     for path, source in linears:
         module = modules.get(path)

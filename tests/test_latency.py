@@ -172,7 +172,7 @@ def test_profile_command_prints_the_table_and_writes_json(tiny_llama_dir, tmp_pa
     assert main(["profile", str(tiny_llama_dir), "--regime", "prefill", "--length", "16", "--group-size", "32",
                  "--device", "cpu", "-o", str(tmp_path / "latency.json")]) == 0
     printed = capsys.readouterr().out
-    assert "| layer (out x in) | how |" in printed and "prefill, batch 1, length 16" in printed
+    assert "| layer (out x in; table: rows x dim) | how |" in printed and "prefill, batch 1, length 16" in printed
     saved = LatencyModel.load(tmp_path / "latency.json")
     assert saved.regime == {"kind": "prefill", "batch": 1, "length": 16}
     assert main(["profile", str(tiny_llama_dir), "--length", "100000", "--device", "cpu"]) == 2

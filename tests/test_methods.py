@@ -143,7 +143,9 @@ def test_block_by_block_statistics_are_the_calibration_second_moments(tmp_path, 
     groups = graph.shared_input_groups()
     blocks = list(calibrate_blockwise(loaded.model, graph.layers, groups, task))
     assert [b.name for b in blocks][-1] == "outside blocks" and blocks[-1].judge is None
-    assert sorted(n for b in blocks for n in b.layers) == sorted(layer.name for layer in graph.layers)
+    # every linear, and not the input table (token ids are no activations)
+    assert sorted(n for b in blocks for n in b.layers) == sorted(l.name for l in graph.layers if not l.is_embedding)
+    assert graph.layers[0].is_embedding
     work = measurement_model(loaded.model)
     last_block = blocks[-2]
     q, k = [g for g in groups if g[0].startswith(last_block.name + ".")][0][:2]
@@ -223,14 +225,15 @@ def test_a_method_per_format_rounds_each_format_by_its_own(tmp_path, demo_tokeni
     mixed = method_quantizer("int8=rtn,int4=gptq", loaded.model, graph.layers, groups, formats, task)
     rtn = method_quantizer("rtn", loaded.model, graph.layers, groups, formats, task)
     gptq = method_quantizer("gptq", loaded.model, graph.layers, groups, formats, task)
-    name = graph.layers[0].name
+    first = next(layer for layer in graph.layers if not layer.is_embedding)
+    name = first.name
     assert all(torch.equal(a, b) for a, b in zip(mixed(name, formats[1]).values(), rtn(name, formats[1]).values()))
     int4_mixed, int4_gptq = mixed(name, formats[2]), gptq(name, formats[2])
     assert all(torch.equal(a, b) for a, b in zip(int4_mixed.values(), int4_gptq.values()))
     assert not torch.equal(int4_mixed["qweight"], rtn(name, formats[2])["qweight"])
     awq_int4 = memory_model(loaded.model, graph.layers, formats, "int4=awq").layer_bytes[name]
     plain = memory_model(loaded.model, graph.layers, formats, "rtn").layer_bytes[name]
-    assert awq_int4["int8"] == plain["int8"] and awq_int4["int4-g32"] == plain["int4-g32"] + 2 * graph.layers[0].in_features
+    assert awq_int4["int8"] == plain["int8"] and awq_int4["int4-g32"] == plain["int4-g32"] + 2 * first.in_features
 
 
 def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path, demo_tokenizer):
@@ -274,7 +277,7 @@ def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path,
     assert choice.heldout_loss["int4-g32"]["z"] < -2
     rtn = method_quantizer("rtn", loaded.model, graph.layers, groups, formats, task)
     gptq = method_quantizer("gptq", loaded.model, graph.layers, groups, formats, task)
-    for layer in (graph.layers[0].name, graph.layers[-1].name):
+    for layer in (graph.layers[1].name, graph.layers[-1].name):  # [0] is the input table: rtn under any method
         assert all(torch.equal(a, b) for a, b in zip(choice.quantizer(layer, formats[1]).values(), rtn(layer, formats[1]).values()))
         assert all(torch.equal(a, b) for a, b in zip(choice.quantizer(layer, formats[2]).values(), gptq(layer, formats[2]).values()))
     assert choose_method("rtn", loaded.model, graph.layers, groups, formats, task, costs, weight_error).heldout_loss is None

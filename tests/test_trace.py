@@ -49,20 +49,24 @@ def test_gpt2_conv1d_layers_found_and_lm_head_tied():
 def test_llama_shared_inputs_and_untied_head():
     graph = trace_model(_llama(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
     names = [l.name for l in graph.layers]
-    assert len(names) == 2 * 7 + 1 and names[-1] == "lm_head"
+    # the untied input table first, then 7 linears per block, then the head
+    assert len(names) == 1 + 2 * 7 + 1 and names[0] == "model.embed_tokens" and names[-1] == "lm_head"
     assert [l.order for l in graph.layers] == list(range(len(names)))
+    table = graph.layers[0]
+    assert table.is_embedding and (table.out_features, table.in_features, table.block) == (128, 64, None)
     groups = graph.shared_input_groups()
     assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"] in groups
     assert ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"] in groups
     assert len(groups) == 4  # qkv and gate/up in each of 2 blocks
-    k_proj = graph.layers[1]
+    k_proj = graph.layers[2]
     assert (k_proj.block, k_proj.kind, k_proj.out_features) == (0, "self_attn.k_proj", 32)
 
 
 def test_qwen2_tied_head_excluded_and_groups():
     graph = trace_model(_qwen2(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
-    assert "lm_head" in graph.excluded
+    assert "lm_head" in graph.excluded and "tied" in graph.excluded["model.embed_tokens"]
     assert len(graph.layers) == 14 and len(graph.shared_input_groups()) == 4
+    assert not any(l.is_embedding for l in graph.layers)
 
 
 def test_bert_kinds_keep_the_several_dense_layers_apart():
@@ -71,6 +75,9 @@ def test_bert_kinds_keep_the_several_dense_layers_apart():
     assert kinds == {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                      "intermediate.dense", "output.dense"}
     assert graph.layers[-1].name == "pooler.dense" and graph.layers[-1].block is None
+    assert graph.layers[0].name == "embeddings.word_embeddings" and graph.layers[0].kind == "word_embeddings"
+    # position and token-type tables are small and stay as they are
+    assert sum(l.is_embedding for l in graph.layers) == 1
     assert ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
             "encoder.layer.0.attention.self.value"] in graph.shared_input_groups()
 
@@ -83,5 +90,21 @@ def test_export_failure_falls_back_with_a_warning(monkeypatch, caplog):
     graph = trace_model(_llama(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
     assert graph.method == "modules"
     assert "data-dependent control flow" in graph.warning
-    assert len(graph.layers) == 15 and graph.shared_input_groups() == []
+    assert len(graph.layers) == 16 and graph.shared_input_groups() == []
     assert any("torch.export failed" in r.message for r in caplog.records)
+
+
+def test_embedding_tables_can_be_left_out_and_subclasses_are_not_taken():
+    inputs = {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL}
+    graph = trace_model(_llama(), inputs, embeddings=False)
+    assert not any(l.is_embedding for l in graph.layers) and "asked for" in graph.excluded["model.embed_tokens"]
+
+    class ScaledEmbedding(torch.nn.Embedding):  # as Gemma's: forward does more than a lookup
+        def forward(self, ids):
+            return super().forward(ids) * 8.0
+
+    model = _llama()
+    model.model.embed_tokens = ScaledEmbedding(128, 64)
+    graph = trace_model(model, inputs)
+    assert not any(l.is_embedding for l in graph.layers)
+    assert "ScaledEmbedding" in graph.excluded["model.embed_tokens"]

@@ -1,0 +1,168 @@
+"""Input embedding tables as plan layers: lookups that match the dequantised table, checkpoints that
+load back bit-identical with the predicted bytes, round to nearest under every method, and their
+own sensitivity and latency entries."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpq
+from mpq.apply import QuantizedWeightCache, applied
+from mpq.checkpoint import MANIFEST, kernels_of, save_config
+from mpq.cli import main
+from mpq.formats import get_format
+from mpq.memory import memory_model, resident_bytes
+from mpq.methods import method_quantizer
+from mpq.models import load_model
+from mpq.plan import Plan
+from mpq.qembedding import QuantizedEmbedding
+from mpq.quantize import dequantize_weight, quantize_weight
+from mpq.trace import trace_model
+
+TABLE = "model.embed_tokens"
+
+
+@pytest.fixture
+def untied_llama_dir(tmp_path, demo_tokenizer):
+    """The conftest tiny Llama with its own output head, so its input table is a plan layer."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(len(demo_tokenizer), tie=False).to(torch.bfloat16)
+    path = tmp_path / "untied-llama"
+    model.save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    return path
+
+
+def _graph(loaded):
+    return trace_model(loaded.model, {"input_ids": torch.randint(0, 4000, (1, 8)), "use_cache": False})
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4-g32", "int4-g64-sym", "int4-pc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lookup_is_the_dequantised_table_row_by_row(name, dtype):
+    fmt = get_format(name)
+    generator = torch.Generator().manual_seed(3)
+    table = (torch.randn(37, 64, generator=generator) * 0.05).to(dtype)  # an odd vocabulary
+    tensors = quantize_weight(table, fmt)
+    ids = torch.randint(0, 37, (3, 5), generator=generator)
+    ids[0, :2] = torch.tensor([36, 36])  # the last row, looked up twice
+    layer = QuantizedEmbedding(fmt, tensors, dtype)
+    out = layer(ids)
+    assert out.shape == (3, 5, 64) and out.dtype == dtype
+    assert torch.equal(out, F.embedding(ids, dequantize_weight(tensors, fmt)).to(dtype))
+    if fmt.quantized:  # a quantised lookup differs from the table (the test could fail)
+        assert not torch.equal(out, F.embedding(ids, table))
+
+
+def test_untied_table_checkpoint_loads_bit_identical_with_the_predicted_bytes(untied_llama_dir, tmp_path):
+    loaded = load_model(str(untied_llama_dir))
+    graph = _graph(loaded)
+    assert graph.layers[0].name == TABLE
+    plan = Plan(formats={layer.name: ("int4-g64" if layer.is_embedding else "int8") for layer in graph.layers},
+                model=str(untied_llama_dir))
+    memory = memory_model(loaded.model, graph.layers, [get_format("int8"), get_format("int4-g64")])
+    ids = torch.randint(0, 4000, (2, 24))
+    with applied(loaded.model, plan.specs(), QuantizedWeightCache(loaded.model)) as tensors:
+        before = loaded.model(input_ids=ids, use_cache=False).logits
+        save_config(tmp_path / "cfg", loaded.model, loaded.tokenizer, loaded.task, plan, tensors, {"note": "test"})
+    original = loaded.model(input_ids=ids, use_cache=False).logits
+    assert not torch.equal(before, original)  # the table's rounding shows in the logits
+    assert type(loaded.model.get_submodule(TABLE)) is torch.nn.Embedding  # restored after emitting
+
+    model = mpq.load(tmp_path / "cfg")
+    assert torch.equal(model(input_ids=ids, use_cache=False).logits, before)
+    assert resident_bytes(model) == memory.total(plan.formats)
+    assert kernels_of(model)[TABLE] == "gather + dequantise rows (torch)"
+    assert json.loads((tmp_path / "cfg" / MANIFEST).read_text())["embeddings"] == {TABLE: "bfloat16"}
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_manifest_that_hides_a_table_is_refused(untied_llama_dir, tmp_path):
+    loaded = load_model(str(untied_llama_dir))
+    plan = Plan(formats={layer.name: "int8" for layer in _graph(loaded).layers}, model=str(untied_llama_dir))
+    with applied(loaded.model, plan.specs(), QuantizedWeightCache(loaded.model)) as tensors:
+        save_config(tmp_path / "cfg", loaded.model, loaded.tokenizer, loaded.task, plan, tensors, {"note": "test"})
+    path = tmp_path / "cfg" / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["embeddings"] = {}
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(mpq.MpqError, match="embedding table"):
+        mpq.load(tmp_path / "cfg")
+
+
+def test_gptq_and_awq_round_the_table_to_nearest(untied_llama_dir):
+    from mpq.tasks import calibration_text, make_task
+
+    loaded = load_model(str(untied_llama_dir))
+    graph = _graph(loaded)
+    formats = [get_format("int4-g32")]
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    quantizer = method_quantizer("gptq", loaded.model, graph.layers, graph.shared_input_groups(), formats, task)
+    table = loaded.model.get_submodule(TABLE).weight
+    rtn = quantize_weight(table, formats[0])
+    served = quantizer(TABLE, formats[0])
+    assert all(torch.equal(served[k], rtn[k]) for k in rtn)
+    q_proj = "model.layers.0.self_attn.q_proj"
+    linear_rtn = quantize_weight(loaded.model.get_submodule(q_proj).weight, formats[0])
+    assert not torch.equal(quantizer(q_proj, formats[0])["qweight"], linear_rtn["qweight"])  # gptq did run
+    # AWQ stores an input scale per linear, none for the table
+    awq = memory_model(loaded.model, graph.layers, formats, method="awq").layer_bytes
+    rows, dim = table.shape
+    assert awq[TABLE]["int4-g32"] == formats[0].weight_bytes(rows, dim)
+    assert awq[q_proj]["int4-g32"] == formats[0].weight_bytes(64, 64) + 2 * 64
+
+
+def test_local_sensitivity_of_the_table_is_its_looked_up_rows_error(untied_llama_dir):
+    from mpq.sensitivity import measure_local
+    from mpq.tasks import calibration_text, make_task
+
+    loaded = load_model(str(untied_llama_dir))
+    graph = _graph(loaded)
+    formats = [get_format("int8"), get_format("int4-g32")]
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    cache = QuantizedWeightCache(loaded.model)
+    work = loaded.model.float()  # bf16 -> float32 in place: the table's rows as measured
+    table = measure_local(loaded.model, work, graph.layers, formats, task, "k", {}, cache, progress=False)
+    weight = work.get_submodule(TABLE).weight
+    rows = weight[task.calib_ids.reshape(-1)]
+    for fmt in formats:
+        delta = weight - dequantize_weight(cache.get(TABLE, fmt), fmt)
+        expected = delta[task.calib_ids.reshape(-1)].pow(2).sum() / rows.pow(2).sum()
+        assert table.values[TABLE][fmt.name] == pytest.approx(expected.item(), rel=1e-4)
+    assert table.values[TABLE]["int4-g32"] > table.values[TABLE]["int8"] > 0
+
+
+def test_profile_times_the_table_as_a_lookup(untied_llama_dir):
+    from mpq.formats import parse_formats
+    from mpq.latency import Regime, profile
+    from mpq.profile import profile_table
+
+    loaded = load_model(str(untied_llama_dir))
+    graph = _graph(loaded)
+    latency = profile(loaded.model, loaded.task, graph.layers, parse_formats("fp16,int8,int4", 32),
+                      Regime("decode", 1, 8), graph.shared_input_groups(), budget_s=0.01, key="k")
+    assert latency.tables == [TABLE]
+    assert set(latency.layer_seconds[TABLE]) == {"fp16", "int8", "int4-g32"}
+    assert all(v > 0 for v in latency.layer_seconds[TABLE].values())
+    assert f"| {loaded.model.config.vocab_size}x64 | lookup |" in profile_table(latency)
+
+
+def test_compile_puts_the_table_in_the_plan_unless_asked_not_to(untied_llama_dir, tmp_path):
+    args = [str(untied_llama_dir), "-q", "--samples", "4", "--seq-len", "32", "--trials", "20", "--refine", "0",
+            "--no-latency", "--max-configs", "2", "--method", "gptq"]
+    assert main(["compile", *args, "-o", str(tmp_path / "with")]) == 0
+    summary = json.loads((tmp_path / "with" / "summary.json").read_text())
+    config = tmp_path / "with" / "configs" / summary["configs"][0]["name"]
+    manifest = json.loads((config / MANIFEST).read_text())
+    assert TABLE in manifest["plan"]["formats"]
+    if get_format(manifest["plan"]["formats"][TABLE]).quantized:
+        assert f"{TABLE}: rtn" in manifest["card"]["method"]
+    mpq.load(config)  # loads back
+    assert main(["compile", *args, "--no-embeddings", "-o", str(tmp_path / "without")]) == 0
+    summary = json.loads((tmp_path / "without" / "summary.json").read_text())
+    manifest = json.loads((tmp_path / "without" / "configs" / summary["configs"][0]["name"] / MANIFEST).read_text())
+    assert TABLE not in manifest["plan"]["formats"] and TABLE in manifest["card"]["excluded_layers"]
