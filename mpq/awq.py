@@ -4,7 +4,7 @@ For layers reading input X with per-channel mean magnitude a, scale input channe
 by s_j = a_j^alpha (normalised) before rounding and divide the input by s_j at run time:
 x W^T = (x / s) (W s)^T, and the channels with large activations get proportionally finer steps.
 alpha is searched on a grid in [0, 1], each alpha with each group's range clipped by the ratio
-in CLIPS that rounds it best on the layer's output error over all calibration tokens,
+in mpq.clipping.CLIPS that rounds it best on the layer's output error over all calibration tokens,
 tr(dW H dW^T) with H = X^T X / n (the same statistic as GPTQ's). The alphas are then judged, as
 the AWQ paper does, on the output of the whole transformer block the layers sit in (the layer's
 own output error prefers large alphas that fit calibration text and lose on held-out text: on the
@@ -25,14 +25,14 @@ from typing import Callable, Iterator
 
 import torch
 
+from mpq.clipping import clipped_grid
 from mpq.formats import FormatSpec
-from mpq.quantize import SCALE_DTYPE, dequantize_weight, encode, grid_for, quantize_weight
+from mpq.quantize import SCALE_DTYPE, dequantize_weight, encode, quantize_weight
 
 # Candidate tensors of a group's layers -> the error they cause where it is judged (mpq.blockwise).
 Judge = Callable[[dict[str, dict[str, torch.Tensor]], FormatSpec], float]
 
 ALPHAS = tuple(i / 10 for i in range(11))
-CLIPS = tuple(1.0 - i / 20 for i in range(11))  # 1.0 down to 0.5
 
 
 def _scales(absmean: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,22 +46,6 @@ def _scales(absmean: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Te
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """sum over calibration rows of ||x dW^T||^2 / n = tr(dW H dW^T)."""
     return float(((delta @ hessian) * delta).sum())
-
-
-def _clip_ratios(w: torch.Tensor, fmt: FormatSpec, hessian: torch.Tensor) -> torch.Tensor:
-    """Per row (and group) the ratio in CLIPS whose grid gives the least output error, judged on
-    each group's own block of H (cross-group terms left out, as AWQ judges groups apart)."""
-    n, k = w.shape
-    g = fmt.group_size or k
-    blocks = torch.stack([hessian[i:i + g, i:i + g] for i in range(0, k, g)])  # [G, g, g]
-    best_err = torch.full((n, k // g), float("inf"))
-    best = torch.ones(n, k // g)
-    for ratio in CLIPS:
-        delta = (w - grid_for(w, fmt, clip=ratio).snap(w)).reshape(n, k // g, g)
-        err = torch.einsum("ngi,gij,ngj->ng", delta, blocks, delta)
-        better = err < best_err
-        best_err[better], best[better] = err[better], ratio
-    return best if fmt.bits == 4 else best[:, 0]  # int4 grids take [N, groups] (one group per-channel)
 
 
 def _candidates(floats: dict[str, torch.Tensor], fmt: FormatSpec, absmean: torch.Tensor,
@@ -78,7 +62,7 @@ def _candidates(floats: dict[str, torch.Tensor], fmt: FormatSpec, absmean: torch
         err, tensors = 0.0, {}
         for name, w in floats.items():
             scaled = w * s[None, :]
-            grid = grid_for(scaled, fmt, clip=_clip_ratios(scaled, fmt, scaled_h))
+            grid = clipped_grid(scaled, fmt, scaled_h)
             err += output_error(scaled - grid.snap(scaled), scaled_h)
             tensors[name] = encode(grid.integers(scaled), grid, fmt)
             tensors[name]["input_scale"] = inverse.clone()  # one per layer: a checkpoint stores each layer apart

@@ -366,7 +366,7 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
     tables = [layer.name for layer in graph.layers if layer.is_embedding and specs[layer.name].quantized]
     method_text = describe(method, list(specs.values()))
     if tables and not method_text.startswith("rtn"):
-        method_text += f"; {', '.join(tables)}: rtn (a table's input is a token id: nothing for gptq or awq to weigh)"
+        method_text += f"; {', '.join(tables)}: rtn with a searched clipping range (a table's input is a token id: nothing else of gptq or awq applies)"
     return {
         "model": loaded.source,
         "task": loaded.task,

@@ -43,7 +43,7 @@ from mpq.quantize import sixteen_bit_dtype
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2: measured in float32 (measurement_model)
+VERSION = 3  # 2: measured in float32 (measurement_model); 3: tables clipped under gptq/awq
 
 
 @dataclass

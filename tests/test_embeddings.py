@@ -11,11 +11,13 @@ import torch.nn.functional as F
 import mpq
 from mpq.apply import QuantizedWeightCache, applied
 from mpq.checkpoint import MANIFEST, kernels_of, save_config
+from mpq.clipping import clipped_grid
 from mpq.cli import main
 from mpq.formats import get_format
 from mpq.memory import memory_model, resident_bytes
 from mpq.methods import method_quantizer
 from mpq.models import load_model
+from mpq.packing import pack_int4_u8
 from mpq.plan import Plan
 from mpq.qembedding import QuantizedEmbedding
 from mpq.quantize import dequantize_weight, quantize_weight
@@ -94,7 +96,7 @@ def test_manifest_that_hides_a_table_is_refused(untied_llama_dir, tmp_path):
         mpq.load(tmp_path / "cfg")
 
 
-def test_gptq_and_awq_round_the_table_to_nearest(untied_llama_dir):
+def test_gptq_rounds_the_table_to_nearest_on_a_clipped_range(untied_llama_dir):
     from mpq.tasks import calibration_text, make_task
 
     loaded = load_model(str(untied_llama_dir))
@@ -105,7 +107,11 @@ def test_gptq_and_awq_round_the_table_to_nearest(untied_llama_dir):
     table = loaded.model.get_submodule(TABLE).weight
     rtn = quantize_weight(table, formats[0])
     served = quantizer(TABLE, formats[0])
-    assert all(torch.equal(served[k], rtn[k]) for k in rtn)
+    grid = clipped_grid(table, formats[0])
+    assert torch.equal(served["qweight"], pack_int4_u8(grid.integers(table.detach().float())))
+    assert torch.equal(served["scales"], grid.scales)
+    served_error = (dequantize_weight(served, formats[0]) - table.float()).square().sum()
+    assert served_error <= (dequantize_weight(rtn, formats[0]) - table.float()).square().sum()
     q_proj = "model.layers.0.self_attn.q_proj"
     linear_rtn = quantize_weight(loaded.model.get_submodule(q_proj).weight, formats[0])
     assert not torch.equal(quantizer(q_proj, formats[0])["qweight"], linear_rtn["qweight"])  # gptq did run
@@ -160,7 +166,7 @@ def test_compile_puts_the_table_in_the_plan_unless_asked_not_to(untied_llama_dir
     manifest = json.loads((config / MANIFEST).read_text())
     assert TABLE in manifest["plan"]["formats"]
     if get_format(manifest["plan"]["formats"][TABLE]).quantized:
-        assert f"{TABLE}: rtn" in manifest["card"]["method"]
+        assert f"{TABLE}: rtn with a searched clipping range" in manifest["card"]["method"]
     mpq.load(config)  # loads back
     assert main(["compile", *args, "--no-embeddings", "-o", str(tmp_path / "without")]) == 0
     summary = json.loads((tmp_path / "without" / "summary.json").read_text())
