@@ -29,11 +29,11 @@ from tqdm import tqdm
 from mpq.apply import get_module
 from mpq.awq import awq_quantize_group
 from mpq.blockwise import calibrate_blockwise
-from mpq.clipping import clipped_grid
+from mpq.clipping import clip_ratios
 from mpq.formats import FormatSpec
 from mpq.gptq import gptq_quantize
 from mpq.qlinear import linear_weight
-from mpq.quantize import encode, quantize_weight
+from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo, is_embedding
 
 METHODS = ("rtn", "gptq", "awq")
@@ -152,9 +152,8 @@ def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str],
             return rtn(name, fmt)
         module = get_module(model, name)
         if is_embedding(module):  # of GPTQ/AWQ, only the clipping search applies to a looked-up table
-            weight = module.weight.detach()
-            grid = clipped_grid(weight, fmt)
-            return encode(grid.integers(weight.float()), grid, fmt)
+            weight = linear_weight(module)
+            return quantize_weight(weight, fmt, clip=clip_ratios(weight, fmt))
         return tensors.pop((name, fmt.name))  # the weight cache keeps what it gets: each is handed over once
 
     return quantize

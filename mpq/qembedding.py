@@ -4,8 +4,9 @@ The table [vocabulary, dim] is quantised like a linear weight [out, in] (rows ar
 run along the embedding dimension), so it uses the same canonical tensors, checkpoints and byte
 counts. A lookup reads only the rows of the tokens asked for and dequantises those: a gather, not
 a matmul, so the same torch code serves the CPU and CUDA (its cost is a few rows per token,
-nothing a kernel would win back). Round to nearest only: GPTQ and AWQ weigh a layer's input
-activations, and an embedding's input is a token id.
+nothing a kernel would win back). Rounded to nearest: GPTQ and AWQ weigh a layer's input
+activations, and an embedding's input is a token id (under them, only the range is clipped:
+mpq.methods).
 """
 
 from __future__ import annotations

@@ -92,14 +92,15 @@ def encode(q: torch.Tensor, grid: Grid, fmt: FormatSpec) -> dict[str, torch.Tens
     return packed
 
 
-def quantize_weight(weight: torch.Tensor, fmt: FormatSpec) -> dict[str, torch.Tensor]:
-    """Quantise one [N, K] weight into the canonical tensors of `fmt` (round to nearest)."""
+def quantize_weight(weight: torch.Tensor, fmt: FormatSpec, clip: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
+    """Quantise one [N, K] weight into the canonical tensors of `fmt` (round to nearest), each
+    row's (and group's) range shrunk by `clip` where one is given (see grid_for)."""
     n, k = weight.shape
     if not fmt.supports(n, k):
         raise ValueError(f"format {fmt.name} does not fit a weight of shape {n}x{k}")
     if fmt.bits == 16:
         return {"weight": weight.detach().to(sixteen_bit_dtype(weight.dtype)).contiguous()}
-    grid = grid_for(weight, fmt)
+    grid = grid_for(weight, fmt, clip)
     return encode(grid.integers(weight.detach().float()), grid, fmt)
 
 
