@@ -70,6 +70,46 @@ def _int4_scale_and_zeros(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([scales.t(), offset.t()], dim=-1).contiguous()
 
 
+_INT4_BLOCK_N = 64  # the CPU int4 layout's row block (torch 2.5-2.13): see int4_rows
+
+
+def int4_rows(packed: torch.Tensor, ids: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Rows `ids` of a weight relaid out by `_convert_weight_to_int4pack_for_cpu`, as integers
+    0..15 [len(ids), K] (what a tied embedding table looks up in its head). The layout packs rows
+    in blocks of 64: in a full block, byte (k, j) holds row j's value at k in its low nibble and row
+    j + 32's in its high one; a last, shorter block of b rows pairs rows j and j + 1 in byte
+    (k, j / 2). It is torch's private layout, so callers check it against the canonical weight
+    (rows_layout_matches) before trusting it."""
+    n, k = out_features, in_features
+    start = ids // _INT4_BLOCK_N * _INT4_BLOCK_N
+    block = (n - start).clamp(max=_INT4_BLOCK_N)
+    j = ids - start
+    full = block == _INT4_BLOCK_N
+    half = block // 2
+    within = torch.where(full, j % half, j // 2)
+    shift = torch.where(full, (j >= half).long(), j % 2) * 4
+    cols = torch.arange(k, device=packed.device)
+    offsets = (start * k // 2 + within)[:, None] + cols[None, :] * half[:, None]
+    return (packed.reshape(-1)[offsets].long() >> shift[:, None]) & 0xF
+
+
+def dequantize_rows_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, ids: torch.Tensor,
+                        out_features: int, in_features: int) -> torch.Tensor:
+    """Float32 rows `ids` [len(ids), K] of an int4 weight held in the CPU kernel's own tensors
+    (prepare_cpu), dequantised as the kernel does: w = (q - 8) s + zf."""
+    q = int4_rows(prepared["qweight"], ids, out_features, in_features).float()
+    group = kernel_group(fmt, in_features)
+    m = len(ids)
+    if "scale_zeros" in prepared:
+        pairs = prepared["scale_zeros"].index_select(1, ids).float()  # [K/G, rows, 2]
+        scales, offsets = pairs[..., 0].t(), pairs[..., 1].t()
+    else:
+        scales = prepared["scales"].index_select(0, ids).float()
+        offsets = torch.zeros_like(scales)
+    w = (q.reshape(m, -1, group) - 8) * scales[..., None] + offsets[..., None]
+    return w.reshape(m, in_features)
+
+
 def linear_cpu(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
                bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a 2-D x, through torch's CPU kernel for the format."""

@@ -1,5 +1,5 @@
-"""Module surgery: put QuantizedLinear layers (fused where allowed) and QuantizedEmbedding tables
-into a model, and take them out."""
+"""Module surgery: put QuantizedLinear layers (fused where allowed), QuantizedEmbedding tables and
+the TiedEmbedding of a tied head into a model, and take them out."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from torch import nn
 
 from mpq.formats import FormatSpec
 from mpq.fusion import fuse
-from mpq.qembedding import QuantizedEmbedding
+from mpq.qembedding import QuantizedEmbedding, TiedEmbedding
 from mpq.qlinear import QuantizedLinear, linear_weight, out_features_of
 from mpq.quantize import quantize_weight
-from mpq.trace import is_embedding
+from mpq.trace import is_embedding, tied_table_of
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -59,11 +59,13 @@ def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torc
                  biases: dict[str, torch.Tensor | None], in_features: dict[str, int],
                  fused_groups: list[list[str]] = (), backend: str | None = None,
                  device: torch.device | str | None = None,
-                 embeddings: dict[str, torch.dtype] | None = None) -> dict[str, nn.Module]:
+                 embeddings: dict[str, torch.dtype] | None = None,
+                 tied: dict[str, tuple[str, torch.dtype]] | None = None) -> dict[str, nn.Module]:
     """The module to install for each planned layer: a QuantizedEmbedding for the tables named in
     `embeddings` (with the dtype they output), a FusedSlice in a fused group, else a
-    QuantizedLinear. Both compile (to measure) and load use this, so the loaded model is the
-    measured one."""
+    QuantizedLinear; and for each head in `tied` (head -> its table's path and dtype) a
+    TiedEmbedding at the table's path. Both compile (to measure) and load use this, so the loaded
+    model is the measured one."""
     layers: dict[str, nn.Module] = {
         name: QuantizedEmbedding(specs[name], tensors[name], dtype, device) for name, dtype in (embeddings or {}).items()}
     for names in fused_groups:
@@ -74,6 +76,8 @@ def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torc
         if name not in layers:
             out_features = out_features_of(tensors[name])
             layers[name] = QuantizedLinear(fmt, tensors[name], biases[name], in_features[name], out_features, backend, device)
+    for head, (table, dtype) in (tied or {}).items():
+        layers[table] = TiedEmbedding(layers[head], head, dtype, tensors[head])
     return layers
 
 
@@ -88,10 +92,12 @@ def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeigh
     biases = {name: getattr(module, "bias", None) for name, module in modules.items()}
     in_features = {name: linear_weight(module).shape[1] for name, module in modules.items()}
     tables = {name: module.weight.dtype for name, module in modules.items() if is_embedding(module)}
+    tied = {name: (table, module.weight.dtype) for name, module in modules.items()
+            if (table := tied_table_of(model, name)) is not None}
     originals: dict[str, nn.Module] = {}
     try:
         for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups, backend,
-                                        embeddings=tables).items():
+                                        embeddings=tables, tied=tied).items():
             originals[name] = set_module(model, name, layer)
         yield {name: {**tensors[name], **({} if biases[name] is None else {"bias": biases[name]})} for name in plan}
     finally:

@@ -22,7 +22,7 @@ from mpq.io import atomic_folder, write_json_atomic
 from mpq.models import CAUSAL_LM
 from mpq.plan import Plan
 from mpq.apply import build_layers, set_module
-from mpq.qembedding import QuantizedEmbedding
+from mpq.qembedding import QuantizedEmbedding, TiedEmbedding
 from mpq.qlinear import linear_weight
 from mpq.trace import is_embedding, tied_parameter_groups
 
@@ -71,12 +71,34 @@ def _embedding_dtypes(model: nn.Module) -> dict[str, str]:
             if isinstance(module, QuantizedEmbedding)}
 
 
+def _tied_tables(model: nn.Module) -> dict[str, dict[str, str]]:
+    """Each quantised head whose weight is also the input table: head -> {table, dtype}."""
+    return {module.head_name: {"table": name, "dtype": str(module.out_dtype).removeprefix("torch.")}
+            for name, module in model.named_modules() if isinstance(module, TiedEmbedding)}
+
+
+def _dtype(text: str, what: str, folder: Path) -> torch.dtype:
+    if text not in ("float32", "bfloat16", "float16"):
+        raise MpqError(f"{folder}: {what} has dtype {text!r}; re-run mpq compile")
+    return getattr(torch, text)
+
+
 def _table_dtypes(manifest: dict, folder: Path) -> dict[str, torch.dtype]:
+    return {name: _dtype(dtype, f"embedding {name}", folder) for name, dtype in manifest.get("embeddings", {}).items()}
+
+
+def _tied_from(manifest: dict, folder: Path, model: nn.Module, specs: dict) -> dict[str, tuple[str, torch.dtype]]:
+    """The manifest's tied tables, checked against the skeleton: a planned head, a plain table."""
     out = {}
-    for name, dtype in manifest.get("embeddings", {}).items():
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise MpqError(f"{folder}: embedding {name} has dtype {dtype!r}; re-run mpq compile")
-        out[name] = getattr(torch, dtype)
+    for head, entry in manifest.get("tied_tables", {}).items():
+        table = entry.get("table") if isinstance(entry, dict) else None
+        try:
+            module = model.get_submodule(table) if isinstance(table, str) else None
+        except AttributeError:
+            module = None
+        if head not in specs or not is_embedding(module):
+            raise MpqError(f"{folder}: {MANIFEST} ties {head} to table {table!r}, which the model or plan does not have; re-run mpq compile")
+        out[head] = (table, _dtype(entry.get("dtype"), f"table {table}", folder))
     return out
 
 
@@ -98,6 +120,7 @@ def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan
             "tied": tied_parameter_groups(model),
             "fused": [list(group) for group in fused],
             "embeddings": _embedding_dtypes(model),
+            "tied_tables": _tied_tables(model),
             "non_persistent_buffers": _non_persistent_buffers(model),
             "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
             "card": card,
@@ -170,6 +193,7 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
     model = _skeleton(folder, manifest["task"])
     specs = plan.specs()
     tables = _table_dtypes(manifest, folder)
+    tied = _tied_from(manifest, folder, model, specs)
     layer_tensors: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor | None] = {}
     in_features: dict[str, int] = {}
@@ -193,7 +217,7 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
         in_features[layer] = linear_weight(module).shape[1]
     fused = manifest.get("fused", [])
     for layer, module in build_layers(specs, layer_tensors, biases, in_features, fused, backend, device,
-                                      embeddings=tables).items():
+                                      embeddings=tables, tied=tied).items():
         set_module(model, layer, module)
         log.info("%s: %s", layer, module.kernel)
     for name, tensor in tensors.items():
@@ -212,5 +236,5 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
 def kernels_of(model: nn.Module) -> dict[str, str]:
     """Which kernel runs each quantised layer of a loaded model."""
     return {name: module.kernel for name, module in model.named_modules()
-            if type(module).__name__ in ("QuantizedLinear", "FusedSlice", "QuantizedEmbedding")
+            if type(module).__name__ in ("QuantizedLinear", "FusedSlice", "QuantizedEmbedding", "TiedEmbedding")
             and not name.endswith(".fused.layer")}

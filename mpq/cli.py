@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the additive model and the next-best predicted plans, then plans next to the best measured, "
                         "each measured for real on calibration data; the best wins (0: trust the additive prediction)")
     c.add_argument("--no-embeddings", action="store_true",
-                   help="leave the input embedding table as stored (default: a layer like the others, looked up "
-                        "row by row in its format; a table tied to the output head always stays)")
+                   help="leave the input embedding table (and a head tied to it) as stored (default: a layer like "
+                        "the others, looked up row by row in its format; a tied table shares its head's format)")
     c.add_argument("--no-tie", action="store_true",
                    help="let layers that read one input (q/k/v, gate/up) take different formats (default: tied, so they fuse)")
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "

@@ -367,6 +367,9 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
     method_text = describe(method, list(specs.values()))
     if tables and not method_text.startswith("rtn"):
         method_text += f"; {', '.join(tables)}: rtn with a searched clipping range (a table's input is a token id: nothing else of gptq or awq applies)"
+    tied = [f"{layer.tied_table} (tied to {layer.name})" for layer in graph.layers if layer.tied_table and layer.name in specs]
+    if tied:
+        method_text += f"; {', '.join(tied)}: looked up in the head's quantised weight, in its format"
     return {
         "model": loaded.source,
         "task": loaded.task,

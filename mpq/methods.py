@@ -11,7 +11,8 @@ rounds it better (mpq.clipping, plain squared error): 2-4% less calibration dive
 all-MiniLM-L6-v2 at uniform INT4. The same search ahead of GPTQ (each group's range clipped on
 its block of H before the column sweep) was measured and left out: it helped INT4 per-channel
 (held-out cosine 0.9652 -> 0.9721) but hurt INT4-g32 and g64 and INT8, whose rounding errors
-GPTQ already compensates. All three produce the same packed formats (AWQ adds one bf16 `input_scale` vector per layer), so
+GPTQ already compensates. A table tied to the output head is the head's tensors: the head's
+method rounds them (GPTQ on the head's inputs), and the lookups read the same rows. All three produce the same packed formats (AWQ adds one bf16 `input_scale` vector per layer), so
 kernels, checkpoints and loading are shared. Sensitivity is measured with the method that will
 be used, because the tensors measured are the tensors emitted (QuantizedWeightCache).
 GPTQ and AWQ run block by block (mpq.blockwise): every format of a block's layers is computed

@@ -1,4 +1,5 @@
-"""QuantizedEmbedding: a token-embedding table stored in one of mpq's formats.
+"""QuantizedEmbedding: a token-embedding table stored in one of mpq's formats; TiedEmbedding: a
+table that is the weight of a quantised output head (tied), read from the head's own tensors.
 
 The table [vocabulary, dim] is quantised like a linear weight [out, in] (rows are tokens, groups
 run along the embedding dimension), so it uses the same canonical tensors, checkpoints and byte
@@ -11,12 +12,19 @@ mpq.methods).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mpq.formats import FormatSpec
-from mpq.quantize import dequantize_weight
+from mpq.kernels.cpu import dequantize_rows_cpu, int4_rows
+from mpq.packing import unpack_int4_u8
+from mpq.qlinear import QuantizedLinear
+from mpq.quantize import dequantize_weight, tensor_bytes
+
+log = logging.getLogger(__name__)
 
 
 def embedding_rows(ids: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: FormatSpec) -> torch.Tensor:
@@ -53,3 +61,60 @@ class QuantizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}, kernel={self.kernel}"
+
+
+class TiedEmbedding(nn.Module):
+    """The input embedding table of a model whose output head shares its weight: a lookup
+    dequantises the rows of its tokens from the head's QuantizedLinear, whichever backend holds
+    them (the canonical tensors, or the CPU int4 kernel's own layout), so the one quantised weight
+    serves both, as the one float weight did. It holds no tensors itself; the head is referenced,
+    not registered, so it is saved, moved and counted once, as the head."""
+
+    def __init__(self, head: QuantizedLinear, head_name: str, dtype: torch.dtype,
+                 canonical: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "head", head)  # a plain attribute: nn.Module would register it a second time
+        self.head_name = head_name
+        self.out_dtype = dtype
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self._own: dict[str, torch.Tensor] | None = None
+        if self._reads_cpu_int4() and canonical is not None and not _rows_layout_matches(head, canonical):
+            # torch changed its private int4 layout: keep a canonical copy rather than wrong rows
+            self._own = {name: t for name, t in canonical.items() if name != "input_scale"}
+            log.warning("the CPU int4 layout of %s is not the one mpq reads rows from: its tied table keeps "
+                        "its own copy (%d bytes more)", head_name, tensor_bytes(self._own))
+
+    def _reads_cpu_int4(self) -> bool:
+        return self.head.backend == "cpu" and self.head.fmt.bits == 4
+
+    @property
+    def kernel(self) -> str:
+        return f"rows of {self.head_name}'s weight ({'F.embedding' if self.head.backend == 'dense' else 'gather + dequantise'})"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        if head.backend == "dense":
+            return F.embedding(ids, head.weight).to(self.out_dtype)
+        flat = ids.reshape(-1)
+        if self._own is not None:
+            rows = embedding_rows(flat, self._own, head.fmt)
+        elif self._reads_cpu_int4():
+            rows = dequantize_rows_cpu(head._tensors(), head.fmt, flat, head.out_features, head.in_features)
+        else:  # the canonical layout (the CPU int8 kernel reads it as it is)
+            rows = embedding_rows(flat, head._tensors(), head.fmt)
+        if hasattr(head, "input_scale"):  # AWQ: the head's weight is its dequantised tensors times this vector
+            rows = rows * head.input_scale[: head.in_features].float()
+        return rows.reshape(*ids.shape, -1).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.head.fmt.name}, kernel={self.kernel}"
+
+
+def _rows_layout_matches(head: QuantizedLinear, canonical: dict[str, torch.Tensor]) -> bool:
+    """Whether int4_rows reads the head's CPU layout right: its first, last and a middle row
+    (the last block is laid out differently from full ones) against the canonical integers."""
+    n = head.out_features
+    ids = torch.tensor(sorted({0, n // 2, n - 1}))
+    got = int4_rows(head.qweight, ids, n, head.in_features)
+    want = unpack_int4_u8(canonical["qweight"].index_select(0, ids)).long()
+    return bool(torch.equal(got, want))

@@ -6,7 +6,8 @@ Signals:
   (layer, format), linear in layers x formats x calibration tokens.
 - "local": the layer's own relative output error ||x (W - Wq)^T||^2 / ||x W^T||^2 on its
   calibration inputs (for an embedding table: over the rows its tokens look up), all layers and
-  formats in one pass (hooks), blind to what follows the layer.
+  formats in one pass (hooks), blind to what follows the layer (and, for a head tied to the input
+  table, to the table's share: "kl", "fisher" and "hessian" see both uses of the one weight).
 - "fisher": 1/2 sum(F * (W - Wq)^2) with F the empirical Fisher diagonal (squared gradients of
   the next-token loss on the calibration text): one forward and one backward pass per batch,
   whatever the number of layers. An encoder has no loss with labels; near the original weights
@@ -43,7 +44,7 @@ from mpq.quantize import sixteen_bit_dtype
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
-VERSION = 3  # 2: measured in float32 (measurement_model); 3: tables clipped under gptq/awq
+VERSION = 4  # 2: measured in float32 (measurement_model); 3: tables clipped under gptq/awq; 4: tied heads are layers
 
 
 @dataclass

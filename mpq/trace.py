@@ -5,7 +5,8 @@ its input node; networkx then answers graph questions: which layers read the sam
 (q/k/v, gate/up: candidates for fused kernels) and which weights are tied (embedding, lm_head).
 If export fails, module discovery takes over with a warning that names the reason.
 The input embedding table (a vocabulary's rows: half of a small encoder's weights) is a layer
-too, first in order, unless it is tied to the output head (see `_embedding_layer`).
+too, first in order. A table tied to the output head (most small LMs) is one tensor with it: the
+head is the layer, and the table looks its rows up in the head's quantised weight (`tied_table`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class LayerInfo:
     params: int
     order: int  # position in execution order
     has_bias: bool
+    tied_table: str | None = None  # the input embedding table that shares this layer's weight (quantised with it)
 
     @property
     def is_embedding(self) -> bool:
@@ -83,13 +85,30 @@ def is_embedding(module: nn.Module) -> bool:
     return type(module) is nn.Embedding
 
 
-def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[str, str], wanted: bool) -> LayerInfo | None:
-    """The model's input embedding table as a layer, or None (with the reason in `excluded`)."""
+def _input_table(model: nn.Module) -> tuple[str, nn.Module] | None:
     getter = getattr(model, "get_input_embeddings", None)
     table = getter() if getter is not None else None
     if table is None:
         return None
-    path = next(name for name, module in model.named_modules() if module is table)
+    return next(name for name, module in model.named_modules() if module is table), table
+
+
+def tied_table_of(model: nn.Module, name: str) -> str | None:
+    """The path of the plain nn.Embedding whose table is the weight of linear `name` (an output
+    head tied to the input embeddings), else None."""
+    found = _input_table(model)
+    if found is None or not is_embedding(found[1]) or type(model.get_submodule(name)) is not nn.Linear:
+        return None
+    return found[0] if model.get_submodule(name).weight is found[1].weight else None
+
+
+def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[str, str], wanted: bool) -> LayerInfo | None:
+    """The model's input embedding table as a layer, or None (with the reason in `excluded`; a
+    table tied to the head is that layer's, see trace_model)."""
+    found = _input_table(model)
+    if found is None:
+        return None
+    path, table = found
     if not wanted:
         excluded[path] = "embedding tables left as stored (asked for)"
         return None
@@ -97,7 +116,6 @@ def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[st
         excluded[path] = f"{type(table).__name__} is not a plain nn.Embedding (its forward may do more than a lookup)"
         return None
     if f"{path}.weight" in tied_weights:
-        excluded[path] = "table tied to the output head (kept in the model's dtype with it)"
         return None
     rows, dim = table.weight.shape
     return LayerInfo(name=path, module_type=EMBEDDING, kind=path.rpartition(".")[2], block=None, in_features=dim,
@@ -172,9 +190,12 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True)
         module = modules.get(path)
         if module is None or not _is_linear(module) or any(layer.name == path for layer in layers):
             continue  # a module called twice is one layer
-        if f"{path}.weight" in tied_weights:
+        tied_table = tied_table_of(model, path) if embeddings else None
+        if f"{path}.weight" in tied_weights and tied_table is None:
             excluded[path] = "weight tied to another parameter (kept in the model's dtype with it)"
             continue
+        if tied_table is not None:
+            excluded[tied_table] = f"shares its weight with {path}: quantised with it, in its format"
         out_features, in_features = _shape(module)
         block = _BLOCK_INDEX.search(f".{path}.")
         # The kind is the path inside its block (self_attn.q_proj, intermediate.dense), so that
@@ -184,6 +205,7 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True)
             name=path, module_type=type(module).__name__, kind=kind,
             block=int(block.group(1)) if block else None, in_features=in_features, out_features=out_features,
             params=in_features * out_features, order=len(layers), has_bias=module.bias is not None,
+            tied_table=tied_table,
         ))
         graph.add_node(path, kind="layer")
         if source is not None:

@@ -39,10 +39,12 @@ def test_gpt2_conv1d_layers_found_and_lm_head_tied():
     graph = trace_model(_gpt2(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
     assert graph.method == "export" and graph.warning is None
     assert [l.kind for l in graph.layers[:4]] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-    assert all(l.module_type == "Conv1D" for l in graph.layers)
+    assert all(l.module_type == "Conv1D" for l in graph.layers[:-1])
     c_attn = graph.layers[0]
     assert (c_attn.in_features, c_attn.out_features) == (64, 192)
-    assert "lm_head" in graph.excluded  # tied to wte
+    head = graph.layers[-1]  # an nn.Linear tied to wte: one layer with its table
+    assert (head.name, head.module_type, head.tied_table) == ("lm_head", "Linear", "transformer.wte")
+    assert "shares its weight with lm_head" in graph.excluded["transformer.wte"]
     assert graph.graph.has_edge("transformer.wte.weight", "lm_head.weight")
 
 
@@ -62,11 +64,14 @@ def test_llama_shared_inputs_and_untied_head():
     assert (k_proj.block, k_proj.kind, k_proj.out_features) == (0, "self_attn.k_proj", 32)
 
 
-def test_qwen2_tied_head_excluded_and_groups():
+def test_qwen2_tied_head_is_a_layer_with_its_table_and_groups():
     graph = trace_model(_qwen2(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
-    assert "lm_head" in graph.excluded and "tied" in graph.excluded["model.embed_tokens"]
-    assert len(graph.layers) == 14 and len(graph.shared_input_groups()) == 4
+    assert graph.layers[-1].name == "lm_head" and graph.layers[-1].tied_table == "model.embed_tokens"
+    assert "lm_head" not in graph.excluded and "shares its weight" in graph.excluded["model.embed_tokens"]
+    assert len(graph.layers) == 15 and len(graph.shared_input_groups()) == 4
     assert not any(l.is_embedding for l in graph.layers)
+    kept = trace_model(_qwen2(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL}, embeddings=False)
+    assert len(kept.layers) == 14 and "tied" in kept.excluded["lm_head"]
 
 
 def test_bert_kinds_keep_the_several_dense_layers_apart():
