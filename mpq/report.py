@@ -256,8 +256,9 @@ def _method_choice_lines(choice: dict | None, quality_name: str) -> list[str]:
     unit = "nats per token" if quality_name == "perplexity" else "1 - cosine"
     parts = [f"{fmt}: rtn {v['rtn']:.5g}, gptq {v['gptq']:.5g} (paired z {v['z']:+.1f}"
              + (", within noise)" if abs(v["z"]) < NOISE_Z else ")") for fmt, v in choice["heldout_loss"].items()]
-    return [f"- `--method auto` chose {choice['chosen']}: per format, the method whose uniform config has the lower "
-            f"mean loss on the held-out validation half ({unit}): " + "; ".join(parts)]
+    return [f"- `--method auto` chose {choice['chosen']}: per format, gptq at 4 bits and rtn at 8 unless the other "
+            f"method's uniform config has a lower mean loss on the held-out validation half by more than the noise "
+            f"(|z| > {NOISE_Z:g}; {unit}): " + "; ".join(parts)]
 
 
 def write_report(path: Path, summary: dict) -> Path:

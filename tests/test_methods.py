@@ -92,7 +92,9 @@ def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_
         choice = summary["method_choice"]
         assert summary["method"] == choice["chosen"] and set(choice["heldout_loss"]) == {"int8", "int4-g32"}
         picked = dict(part.split("=") for part in choice["chosen"].split(","))
-        assert all(picked[fmt] == ("gptq" if losses["gptq"] < losses["rtn"] else "rtn")
+        from mpq.method_choice import DEFAULT_BY_BITS, pick
+
+        assert all(picked[fmt] == pick(DEFAULT_BY_BITS[get_format(fmt).bits], losses)
                    for fmt, losses in choice["heldout_loss"].items())
         assert "--method auto" in (out / "report.md").read_text()
         method = picked["int4-g32"]  # what the INT4 layers' card line starts with
@@ -295,3 +297,13 @@ def test_auto_reports_whether_a_choice_is_within_the_noise():
     assert paired_z(consistent, base) < -NOISE_Z
     assert abs(paired_z(noisy, base)) < NOISE_Z
     assert paired_z(base, base) == 0.0 and paired_z(base + 0.01, base) == float("inf")
+
+
+@pytest.mark.parametrize("z, int8, int4", [(-1.2, "rtn", "gptq"), (-2.5, "gptq", "gptq"), (1.1, "rtn", "gptq"),
+                                           (2.5, "rtn", "rtn")])
+def test_auto_keeps_the_bit_widths_default_unless_the_other_method_wins_beyond_noise(z, int8, int4):
+    """GPTQ at 4 bits, rtn at 8 (z is gptq's paired difference from rtn: negative where it is better)."""
+    from mpq.method_choice import DEFAULT_BY_BITS, pick
+
+    measured = {"rtn": 3.0, "gptq": 3.0 + 0.001 * z, "z": z}
+    assert pick(DEFAULT_BY_BITS[8], measured) == int8 and pick(DEFAULT_BY_BITS[4], measured) == int4
