@@ -39,7 +39,7 @@ import torch
 import mpq
 from mpq.acceptance import Criteria, failures
 from mpq.apply import QuantizedWeightCache, applied
-from mpq.compile import CompileOptions, compile_model
+from mpq.compile import DEFAULT_SAMPLES, CompileOptions, compile_model
 from mpq.contenders import BNB_MODES, load_original, random_plans, rule_plan
 from mpq.environment import hardware, versions
 from mpq.errors import MpqError
@@ -56,7 +56,7 @@ from mpq.trace import trace_model
 
 FORMATS = "fp16,int8,int4-g32,int4-g64,int4-g128,int4-pc"
 RANDOM_FRACTIONS = (0.1, 0.25, 0.5, 0.75)  # budgets, as the share of the way from uniform INT4-g128 to INT8 bytes
-SAMPLES = {CAUSAL_LM: 32, "encoder": 128}
+SAMPLES = DEFAULT_SAMPLES  # the contenders calibrate as compile does
 
 
 def loss(row: dict) -> float:

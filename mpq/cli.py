@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=128, help="INT4 group size: 32, 64, 128 or 256 (default 128)")
     c.add_argument("--int4-sym", action="store_true", help="symmetric INT4 (no zero point)")
     c.add_argument("--calib", type=Path, help="calibration text file (default: the shipped corpus's calib split)")
-    c.add_argument("--samples", type=int, help="calibration samples (default 32 sequences / 128 sentences)")
+    c.add_argument("--samples", type=int, help="calibration samples (default 32 sequences / 256 sentences)")
     c.add_argument("--seq-len", type=int, help="calibration sequence length in tokens (default 128)")
     c.add_argument("--trials", type=int, default=300, help="Optuna trials (default 300)")
     c.add_argument("--seed", type=int, default=0)

@@ -22,7 +22,6 @@ downstream (cache, card, checkpoints) is as if the user had written it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,10 +31,10 @@ from torch import nn
 from mpq.apply import QuantizedWeightCache
 from mpq.formats import FormatSpec
 from mpq.methods import AUTO, Quantizer, calibrated_tensors, make_quantizer, method_of, method_quantizer
+from mpq.noise import NOISE_Z, paired_z
 from mpq.search import uniform_plan
 from mpq.trace import LayerInfo
 
-NOISE_Z = 2.0  # a paired difference under this many standard errors is reported as within noise
 DEFAULT_BY_BITS = {8: "rtn", 4: "gptq"}  # what a format keeps unless the other method wins beyond noise
 
 
@@ -84,14 +83,3 @@ def pick(default: str, measured: dict[str, float]) -> str:
     if default == "gptq":
         return "rtn" if measured["z"] > NOISE_Z else "gptq"
     return "gptq" if measured["z"] < -NOISE_Z else "rtn"
-
-
-def paired_z(candidate: torch.Tensor, base: torch.Tensor) -> float:
-    """Mean of the per-window differences over its standard error: below -NOISE_Z, `candidate` is
-    better than `base` by more than the windows' noise."""
-    diff = (candidate - base).double()
-    if diff.numel() < 2:
-        return 0.0
-    error = diff.std().item() / math.sqrt(diff.numel())
-    mean = diff.mean().item()
-    return mean / error if error > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from mpq.memory import format_size
-from mpq.method_choice import NOISE_Z
+from mpq.noise import NOISE_Z
 from mpq.sensitivity import SensitivityTable
 from mpq.trace import LayerInfo
 
@@ -261,6 +261,14 @@ def _method_choice_lines(choice: dict | None, quality_name: str) -> list[str]:
             f"(|z| > {NOISE_Z:g}; {unit}): " + "; ".join(parts)]
 
 
+def _noise_line(s: dict) -> str:
+    dropped = s.get("within_noise", 0)
+    return (f"A config is emitted only when it beats every smaller (or faster) emitted one by more than the noise of the "
+            f"held-out windows (paired z below -{NOISE_Z:g} on its per-window losses): "
+            + (f"{dropped} config(s) on the measured front were better only within noise and are not emitted."
+               if dropped else "none on the measured front was left out."))
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -294,6 +302,8 @@ def write_report(path: Path, summary: dict) -> Path:
         "## Pareto set",
         "",
         "Configs under `configs/` (each with its quantisation card, `card.md`); `mpq inspect configs/NAME` shows one.",
+        "",
+        _noise_line(s),
         "",
         _acceptance_line(s),
         "",

@@ -7,8 +7,11 @@ the user's limits, and the per-config and summary latency fields.
 
 from __future__ import annotations
 
+import torch
+
 from mpq.errors import MpqError
 from mpq.latency import LatencyModel, Regime
+from mpq.noise import NOISE_Z, paired_z
 from mpq.search import Candidate, pareto_front, spread, tie
 
 LATENCY_RESOLUTION = 0.01
@@ -59,15 +62,37 @@ def chosen_for_measuring(front: list[Candidate], count: int, resolution: float) 
     return sorted(chosen, key=lambda c: c.bytes)
 
 
-def emitted_front(feasible: list[Candidate], resolution: float) -> list[Candidate]:
-    """Measured configs that none beats on bytes and held-out loss, or on predicted latency and loss."""
-    loss = lambda c: c.measured["loss"]  # noqa: E731
-    front = pareto_front(feasible, loss=loss)
+def plan_key(cand: Candidate) -> tuple:
+    return tuple(sorted(cand.formats.items()))
+
+
+def significant_front(cands: list[Candidate], windows: dict[tuple, torch.Tensor]) -> list[Candidate]:
+    """The (bytes, held-out loss) front, less what noise put on it: by bytes, a config is kept
+    when it beats the best kept so far (every smaller kept config) by more than the windows'
+    noise (paired z below -NOISE_Z on its per-window held-out losses). A bigger config that is
+    better only by luck of the windows is nothing a user should pay bytes for."""
+    kept: list[Candidate] = []
+    for cand in pareto_front(cands, loss=lambda c: c.measured["loss"]):
+        best = min(kept, key=lambda c: c.measured["loss"], default=None)
+        if best is None or paired_z(windows[plan_key(cand)], windows[plan_key(best)]) < -NOISE_Z:
+            kept.append(cand)
+    return kept
+
+
+def emitted_front(feasible: list[Candidate], resolution: float, windows: dict[tuple, torch.Tensor]) -> list[Candidate]:
+    """Measured configs that none beats beyond noise on bytes and held-out loss, or on predicted
+    latency and held-out loss (`windows`: each config's per-window held-out losses, by plan_key)."""
+    front = significant_front(feasible, windows)
     if feasible and feasible[0].latency is not None:
-        by_time = pareto_front(_by_time(feasible, resolution), loss=loss)
-        fast = {tuple(sorted(c.formats.items())) for c in by_time}
-        front += [c for c in feasible if tuple(sorted(c.formats.items())) in fast and c not in front]
+        by_time = significant_front(_by_time(feasible, resolution), windows)
+        fast = {plan_key(c) for c in by_time}
+        front += [c for c in feasible if plan_key(c) in fast and c not in front]
     return sorted(front, key=lambda c: c.bytes)
+
+
+def within_noise(feasible: list[Candidate], emitted: list[Candidate]) -> int:
+    """How many configs of the plain measured (bytes, loss) front the noise test left out."""
+    return sum(c not in emitted for c in pareto_front(feasible, loss=lambda c: c.measured["loss"]))
 
 
 def latency_fields(cand: Candidate, latency: LatencyModel | None) -> dict:

@@ -163,14 +163,20 @@ class CausalLMTask:
     def evaluate(self, model) -> dict[str, float]:
         """Held-out perplexity on text, on code, and over both; `loss` is the targeted one (what
         configs are selected by)."""
-        out, total, count = {}, 0.0, 0
+        return self.evaluate_windows(model)[0]
+
+    def evaluate_windows(self, model) -> tuple[dict[str, float], torch.Tensor]:
+        """`evaluate` and `window_losses` from one pass over the held-out windows."""
+        out, total, count, windows = {}, 0.0, 0, []
         for kind, ids in self.heldout.items():
-            nll, n = self.nll(model, ids)
-            out[f"ppl_{kind}"] = math.exp(nll / n)
-            total, count = total + nll, count + n
+            losses = self.token_losses(model, ids)
+            out[f"ppl_{kind}"] = math.exp(losses.double().sum().item() / losses.numel())
+            total, count = total + losses.double().sum().item(), count + losses.numel()
+            if self.target in ("both", kind):
+                windows.append(losses.mean(1))
         out["ppl"] = math.exp(total / count)
         out["loss"] = out["ppl"] if self.target == "both" else out[f"ppl_{self.target}"]
-        return out
+        return out, torch.cat(windows)
 
 
 class EncoderTask:
@@ -243,12 +249,17 @@ class EncoderTask:
 
     def evaluate(self, model) -> dict[str, float]:
         """Fidelity to the original on held-out sentences: mean cosine and nearest-neighbour agreement."""
+        return self.evaluate_windows(model)[0]
+
+    def evaluate_windows(self, model) -> tuple[dict[str, float], torch.Tensor]:
+        """`evaluate` and `window_losses` from one pass over the held-out sentences."""
         if self.baseline is None:
             raise RuntimeError("call prepare_eval(original_model) before evaluate()")
         emb = self.embeddings(model, self.heldout_batches)
-        cosine = (emb * self.baseline).sum(-1).mean().item()
+        cosines = (emb * self.baseline).sum(-1)
         agreement = (self._nearest(emb) == self._nearest(self.baseline)).float().mean().item()
-        return {"mean_cosine": cosine, "nn_agreement": agreement, "loss": 1.0 - cosine}
+        cosine = cosines.mean().item()
+        return {"mean_cosine": cosine, "nn_agreement": agreement, "loss": 1.0 - cosine}, 1.0 - cosines
 
 
 def make_task(task: str, tokenizer, calib: CalibrationText | None, samples: int = 0, seq_len: int = 128,

@@ -31,7 +31,9 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys):
     sizes = {u["name"]: u["bytes"] for u in summary["uniform"]}
     assert sizes["int4-g128"] < 8_000_000 < sizes["fp16"]
     configs = summary["configs"]
-    assert len(configs) >= 5
+    # a real trade-off, not one point; configs better only within noise are dropped (within_noise)
+    assert len(configs) >= 3 and summary["within_noise"] >= 0
+    assert [c["bytes"] for c in configs] == sorted({c["bytes"] for c in configs})
     assert all(sizes["int4-g128"] <= c["bytes"] <= 8_000_000 for c in configs)
     # no mixed config is dominated by a uniform one of the same or larger size
     for c in configs:
@@ -67,7 +69,7 @@ def test_compile_minilm(tmp_path):
     assert main(["compile", "minilm", "-o", str(out), "-q", "--samples", "64", "--trials", "150"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "encoder" and summary["metric"] == "1-cos"
-    assert len(summary["configs"]) >= 5
+    assert len(summary["configs"]) >= 3  # configs better only within noise are dropped
     best = max(c["metrics"]["mean_cosine"] for c in summary["configs"])
     assert best > 0.999
     model = mpq.load(out / "configs" / summary["configs"][-1]["name"])

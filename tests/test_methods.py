@@ -287,7 +287,7 @@ def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path,
 
 def test_auto_reports_whether_a_choice_is_within_the_noise():
     """paired_z: a small but consistent gain is significant; a larger mean gain that is noise is not."""
-    from mpq.method_choice import NOISE_Z, paired_z
+    from mpq.noise import NOISE_Z, paired_z
 
     g = torch.Generator().manual_seed(0)
     base = 3.0 + torch.rand(48, generator=g)

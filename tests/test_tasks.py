@@ -56,3 +56,38 @@ def test_encoder_fidelity_is_one_for_the_original():
     metrics = task.evaluate(loaded.model)
     assert metrics["mean_cosine"] == pytest.approx(1.0, abs=1e-5) and metrics["nn_agreement"] == 1.0
     assert task.divergence(loaded.model, task.reference(loaded.model)) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("target", ["both", "text", "code"])
+def test_one_pass_gives_the_metrics_and_the_per_window_losses_of_the_target(demo_tokenizer, target):
+    """evaluate_windows (what compile uses) is evaluate and window_losses at once, and the windows'
+    mean is the log of the targeted perplexity (windows are equally long)."""
+    model = tiny_llama(len(demo_tokenizer))
+    task = CausalLMTask(demo_tokenizer, None, 0, 0, eval_samples=2, eval_seq_len=16, target=target)
+    metrics, windows = task.evaluate_windows(model)
+    assert metrics == pytest.approx(task.evaluate(model))
+    assert torch.allclose(windows, task.window_losses(model))
+    assert windows.numel() == (4 if target == "both" else 2)
+    assert math.exp(windows.double().mean().item()) == pytest.approx(metrics["loss"], rel=1e-5)
+
+
+def test_encoder_windows_are_one_minus_cosine_per_held_out_sentence(demo_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    from mpq.tasks import EncoderTask
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(demo_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    original = BertModel(config).eval()
+    changed = BertModel(config).eval()
+    changed.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        changed.encoder.layer[0].output.dense.weight.mul_(3.0)
+    task = EncoderTask(demo_tokenizer, None, 0, 64, eval_samples=12)
+    task.prepare_eval(original)
+    metrics, windows = task.evaluate_windows(changed)
+    assert metrics == pytest.approx(task.evaluate(changed))
+    assert windows.numel() == 12 and bool((windows > 0).all())
+    assert torch.allclose(windows, task.window_losses(changed))
+    assert windows.mean().item() == pytest.approx(metrics["loss"], abs=1e-6)
