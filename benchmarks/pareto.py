@@ -6,8 +6,9 @@ installed: pip install 'mpq-compiler[bnb]'); uniform INT8 and INT4-g128 by each 
 rule "first and last blocks (and lm_head) at FP16 (or INT8), the rest INT4"; and, at budgets from
 uniform INT4 to uniform INT8, 20 random per-layer assignments of the same bytes. mpq's Pareto set
 comes from `mpq compile` with INT4 at group sizes 32, 64, 128 and per-channel, asymmetric and (at
-32, 64, 128) symmetric, among the candidate formats, run with no budget and at each budget the
-targets name.
+32, 64, 128) symmetric, among the candidate formats, and for an untied embedding table INT4 with
+the calibration text's 256/512/1024 most frequent tokens' rows also at INT8 (+hotK, mpq.hot_rows),
+run with no budget and at each budget the targets name.
 Then the issue's targets, checked on the numbers: at each budget mpq's best config of no more bytes
 against the rule and the random median; the share of the INT4 -> INT8 quality gap recovered with
 10% of the extra bytes; mixed vs uniform INT4-g128 at its own size; the smallest config within a 1%
@@ -57,7 +58,8 @@ from mpq.trace import trace_model
 
 # Symmetric groups drop the zero point (2 bytes a group), so g32-sym costs what g64 does and g64-sym
 # what g128 does: finer groups at the same bytes, which the search weighs layer by layer.
-FORMATS = "fp16,int8,int4-g32,int4-g64,int4-g128,int4-pc,int4-g32-sym,int4-g64-sym,int4-g128-sym"
+FORMATS = ("fp16,int8,int4-g32,int4-g64,int4-g128,int4-pc,int4-g32-sym,int4-g64-sym,int4-g128-sym,"
+           "int4-pc+hot256,int4-pc+hot512,int4-pc+hot1024,int4-g64-sym+hot512")
 RANDOM_FRACTIONS = (0.1, 0.25, 0.5, 0.75)  # budgets, as the share of the way from uniform INT4-g128 to INT8 bytes
 SAMPLES = DEFAULT_SAMPLES  # the contenders calibrate as compile does
 

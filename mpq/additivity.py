@@ -34,6 +34,9 @@ def additivity_check(predicted: list[float], measured: list[float], same_units: 
     """Spearman correlation and (when both are in the same units) median relative error of
     predicted against measured."""
     errors = [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0] if same_units else []
+    if len(predicted) < 3:  # a rank correlation of two points says nothing (a search over one or two formats)
+        return {"configs": len(predicted), "spearman": None,
+                "median_relative_error": float(np.median(errors)) if errors else None, "weak": None}
     rho = spearman(predicted, measured)
     return {"configs": len(predicted), "spearman": rho, "median_relative_error": float(np.median(errors)) if errors else None,
             "weak": not rho >= WEAK_CORRELATION}

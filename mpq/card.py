@@ -49,6 +49,7 @@ def card_markdown(manifest: dict) -> str:
         sym = "-" if spec["symmetric"] is None else ("yes" if spec["symmetric"] else "no")
         lines.append(f"| {spec['name']} | {spec['bits']} | {spec['granularity']} | {sym} | {spec['scale_dtype'] or '-'} | "
                      f"{spec['zero_point'] or '-'} | {counts[spec['name']]} |")
+    lines += [f"- {spec['name']}: {spec['hot_rows']}" for spec in card["formats"].values() if spec.get("hot_rows")]
     lines += ["", "## Layers", "", "| layer | format | bits per weight | fused with |", "|---|---|---|---|"]
     for layer, fmt in formats.items():
         lines.append(f"| {layer} | {fmt} | {card['bits_per_layer'].get(layer, float('nan')):.3f} | "

@@ -24,6 +24,7 @@ from mpq.plan import Plan
 from mpq.apply import build_layers, set_module
 from mpq.qembedding import QuantizedEmbedding, TiedEmbedding
 from mpq.qlinear import linear_weight
+from mpq.quantize import HOT_TENSORS
 from mpq.trace import is_embedding, tied_parameter_groups
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,12 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
         expected = {"weight"} if not fmt.quantized else ({"qweight", "scales"} | ({"zeros"} if fmt.bits == 4 and not fmt.symmetric else set()))
         if fmt.quantized and "input_scale" in own:  # AWQ's input divisor
             expected = expected | {"input_scale"}
+        if fmt.hot_rows:
+            expected = expected | set(HOT_TENSORS)
         if set(own) != expected:
             raise MpqError(f"{folder}: layer {layer} holds {sorted(own)}, but {fmt.name} needs {sorted(expected)}; re-run mpq compile")
+        if fmt.embedding_only and not is_embedding(module):
+            raise MpqError(f"{folder}: layer {layer} is not an embedding table but its format is {fmt.name}; re-run mpq compile")
         if is_embedding(module) != (layer in tables):
             raise MpqError(f"{folder}: plan layer {layer} is {'not ' if layer in tables else ''}an embedding table "
                            f"in the model, but {MANIFEST} says otherwise; re-run mpq compile")

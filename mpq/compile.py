@@ -199,7 +199,7 @@ def compile_model(opts: CompileOptions) -> dict:
 
     costs = memory.layer_bytes
     sens = {layer: {fmt: table.values[layer][fmt] for fmt in costs[layer]} for layer in costs}
-    uniform_names = [f.name for f in formats]
+    uniform_names = [f.name for f in formats if not f.embedding_only]  # a +hot format is one table's option
     storage = opts.storage if opts.storage is not None else str(out / "study.journal")
     # Named by everything the study's answers depend on, the sensitivity and latency values
     # included, so a resumed study is always the same problem.
@@ -283,7 +283,7 @@ def compile_model(opts: CompileOptions) -> dict:
         draw_speedup(points, out / "speedup.png", task.quality_name, _display_quality(baseline["metrics"]),
                      latency.regime, None if latency_cap is None else latency.baseline_seconds / latency_cap)
     summary = {
-        "model": loaded.source, "task": loaded.task, "formats": uniform_names, "method": method, "budget": budget,
+        "model": loaded.source, "task": loaded.task, "formats": [f.name for f in formats], "method": method, "budget": budget,
         "method_choice": choice.to_json(),
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,

@@ -32,7 +32,8 @@ def describe(folder: str | Path, kernels: dict[str, str] | None = None) -> str:
     ]
     for spec in card["formats"].values():
         sym = "" if spec["symmetric"] is None else (", symmetric" if spec["symmetric"] else ", asymmetric (zero point)")
-        lines.append(f"  {spec['name']:<14} {spec['bits']:>2} bits, granularity {spec['granularity']}{sym}")
+        hot = f"; {spec['hot_rows']}" if spec.get("hot_rows") else ""
+        lines.append(f"  {spec['name']:<14} {spec['bits']:>2} bits, granularity {spec['granularity']}{sym}{hot}")
     fused = {name: len(group) for group in manifest.get("fused", []) for name in group}
     lines += ["", f"fused groups (one matmul each): {len(manifest.get('fused', []))}", "",
               f"{'layer':<48} {'format':<14} bits/weight" + ("  kernel" if kernels else "  fused")]

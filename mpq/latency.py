@@ -230,7 +230,8 @@ def time_embedding(rows: int, dim: int, fmt: FormatSpec, tokens: int, dtype: tor
     if original:
         layer = nn.Embedding(rows, dim, _weight=table).to(device)
     else:
-        tensors = {k: v.to(device) for k, v in quantize_weight(table, fmt).items()}
+        hot_ids = torch.arange(min(fmt.hot_rows, rows), dtype=torch.int32)  # which rows changes no timing
+        tensors = {k: v.to(device) for k, v in quantize_weight(table, fmt, hot_ids=hot_ids if fmt.hot_rows else None).items()}
         layer = build_layers({"table": fmt}, {"table": tensors}, {"table": None}, {"table": dim},
                              device=device, embeddings={"table": dtype})["table"]
     return seconds_per_call(lambda: layer(ids), device, budget_s)
@@ -384,7 +385,8 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     jobs: list[tuple[dict, str, tuple[int, ...], int, FormatSpec | None, bool, bool, bool]] = []
     for name, (n, k, bias) in info.items():
         table = name in tables
-        jobs += [(layer_seconds[name], fmt.name, (n,), k, fmt, bias, False, table) for fmt in formats if fmt.supports(n, k)]
+        jobs += [(layer_seconds[name], fmt.name, (n,), k, fmt, bias, False, table) for fmt in formats
+                 if fmt.supports(n, k) and (table or not fmt.embedding_only)]
         jobs.append((original_seconds, name, (n,), k, None, bias, False, table))  # None: the layer as the model holds it
     for group in groups:
         for names in _subsets(group):
@@ -393,7 +395,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
             sizes, (_, k, bias) = tuple(info[n][0] for n in names), info[names[0]]
             target = group_seconds.setdefault("|".join(names), {})
             jobs += [(target, fmt.name, sizes, k, fmt, bias, True, False) for fmt in formats
-                     if all(fmt.supports(info[n][0], info[n][1]) for n in names)]
+                     if not fmt.embedding_only and all(fmt.supports(info[n][0], info[n][1]) for n in names)]
     for target, slot, sizes, k, fmt, bias, fused, table in tqdm(jobs, desc="profile", disable=not progress, unit="entry"):
         fmt_name = ORIGINAL if fmt is None else fmt.name
         if table:

@@ -92,7 +92,7 @@ def memory_model(model: nn.Module, layers: list[LayerInfo], formats: list[Format
     options = {
         layer.name: {fmt.name: fmt.weight_bytes(layer.out_features, layer.in_features)
                      + extra_bytes(method, fmt, layer)
-                     for fmt in formats if fmt.supports(layer.out_features, layer.in_features)}
+                     for fmt in formats if layer.takes(fmt)}
         for layer in layers
     }
     for name, opts in options.items():

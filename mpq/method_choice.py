@@ -30,6 +30,7 @@ from torch import nn
 
 from mpq.apply import QuantizedWeightCache
 from mpq.formats import FormatSpec
+from mpq.hot_rows import token_counts_for
 from mpq.methods import AUTO, Quantizer, calibrated_tensors, make_quantizer, method_of, method_quantizer
 from mpq.noise import NOISE_Z, paired_z
 from mpq.search import uniform_plan
@@ -59,10 +60,13 @@ def choose_method(method: str, model: nn.Module, layers: list[LayerInfo], groups
     if method != AUTO:
         return MethodChoice(method, method_quantizer(method, model, layers, groups, formats, task, progress))
     quantised = [fmt for fmt in formats if fmt.quantized]
+    counts = token_counts_for(task, formats)
     if not quantised:
         return MethodChoice("rtn", make_quantizer("rtn", model))
-    gptq = make_quantizer("gptq", model, calibrated_tensors("gptq", model, layers, groups, quantised, task, progress))
-    caches = {"rtn": QuantizedWeightCache(model), "gptq": QuantizedWeightCache(model, gptq)}
+    calibrated = calibrated_tensors("gptq", model, layers, groups, quantised, task, progress) \
+        if any(not fmt.embedding_only for fmt in quantised) else {}
+    caches = {"rtn": QuantizedWeightCache(model, make_quantizer("rtn", model, token_counts=counts)),
+              "gptq": QuantizedWeightCache(model, make_quantizer("gptq", model, calibrated, counts))}
     measured: dict[str, dict[str, float]] = {}
     for fmt in quantised:
         plan = uniform_plan(costs, fmt.name)

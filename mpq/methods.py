@@ -21,7 +21,7 @@ while that block alone is in memory in float32.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from mpq.blockwise import calibrate_blockwise
 from mpq.clipping import clip_ratios
 from mpq.formats import FormatSpec
 from mpq.gptq import gptq_quantize
+from mpq.hot_rows import hot_row_ids, token_counts_for
 from mpq.qlinear import linear_weight
 from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo, is_embedding
@@ -101,8 +102,22 @@ def extra_bytes(method: str, fmt: FormatSpec, layer: LayerInfo) -> int:
     return 2 * layer.in_features if method_of(method, fmt) == "awq" and not layer.is_embedding else 0
 
 
-def rtn_quantizer(model: nn.Module) -> Quantizer:
-    return lambda name, fmt: quantize_weight(linear_weight(get_module(model, name)), fmt)
+def rtn_quantizer(model: nn.Module, token_counts: Mapping[int, int] | None = None) -> Quantizer:
+    def quantize(name: str, fmt: FormatSpec) -> dict[str, torch.Tensor]:
+        weight = linear_weight(get_module(model, name))
+        return quantize_weight(weight, fmt, hot_ids=_hot_ids(name, fmt, weight, token_counts))
+
+    return quantize
+
+
+def _hot_ids(name: str, fmt: FormatSpec, weight: torch.Tensor, token_counts: Mapping[int, int] | None
+             ) -> torch.Tensor | None:
+    """The rows a +hot format keeps at int8 (mpq.hot_rows), None for any other format."""
+    if not fmt.hot_rows:
+        return None
+    if token_counts is None:
+        raise ValueError(f"{name} in {fmt.name}: the quantizer needs the calibration token counts (mpq.hot_rows)")
+    return hot_row_ids(token_counts, weight.shape[0], fmt.hot_rows)
 
 
 @torch.no_grad()
@@ -112,7 +127,7 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
     """Canonical tensors of every (layer, quantised format) whose method (method_of) is GPTQ or
     AWQ, computed block by block from the original weights of `model` and the calibration data of
     `task`: one pass over the blocks serves every format."""
-    quantised = [fmt for fmt in formats if method_of(method, fmt) in ("gptq", "awq")]
+    quantised = [fmt for fmt in formats if method_of(method, fmt) in ("gptq", "awq") and not fmt.embedding_only]
     if not quantised:
         raise ValueError(f"method {method!r} calibrates none of the formats: use gptq or awq for one")
     group_of = {name: list(group) for group in groups for name in group}
@@ -138,12 +153,12 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
     return out
 
 
-def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str], dict[str, torch.Tensor]] | None = None
-                   ) -> Quantizer:
+def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str], dict[str, torch.Tensor]] | None = None,
+                   token_counts: Mapping[int, int] | None = None) -> Quantizer:
     """A function (layer name, format) -> canonical tensors of that layer's weight in `model`:
     round to nearest, or the tensors GPTQ/AWQ computed (`calibrated_tensors`) for the formats
     whose method is one of them."""
-    rtn = rtn_quantizer(model)
+    rtn = rtn_quantizer(model, token_counts)
     if not _calibrated(method):
         return rtn
     if tensors is None:
@@ -154,7 +169,8 @@ def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str],
         module = get_module(model, name)
         if is_embedding(module):  # of GPTQ/AWQ, only the clipping search applies to a looked-up table
             weight = linear_weight(module)
-            return quantize_weight(weight, fmt, clip=clip_ratios(weight, fmt))
+            return quantize_weight(weight, fmt, clip=clip_ratios(weight, fmt.base),
+                                   hot_ids=_hot_ids(name, fmt, weight, token_counts))
         return tensors.pop((name, fmt.name))  # the weight cache keeps what it gets: each is handed over once
 
     return quantize
@@ -170,6 +186,10 @@ def method_quantizer(method: str, model: nn.Module, layers: list[LayerInfo], gro
     if method == AUTO:
         raise ValueError("--method auto is resolved by mpq.method_choice.choose_method, on held-out data")
     check_method(method, formats)
+    counts = token_counts_for(task, formats)
     if all(method_of(method, f) == "rtn" for f in formats):
-        return make_quantizer("rtn", model)
-    return make_quantizer(method, model, calibrated_tensors(method, model, layers, groups, formats, task, progress))
+        return make_quantizer("rtn", model, token_counts=counts)
+    if all(method_of(method, f) == "rtn" or f.embedding_only for f in formats):
+        return make_quantizer(method, model, {}, counts)  # a table's rounding needs no calibrated tensors
+    return make_quantizer(method, model, calibrated_tensors(method, model, layers, groups, formats, task, progress),
+                          counts)

@@ -22,7 +22,7 @@ from mpq.formats import FormatSpec
 from mpq.kernels.cpu import dequantize_rows_cpu, int4_rows
 from mpq.packing import unpack_int4_u8
 from mpq.qlinear import QuantizedLinear
-from mpq.quantize import dequantize_weight, tensor_bytes
+from mpq.quantize import HOT_TENSORS, dequantize_weight, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,15 @@ log = logging.getLogger(__name__)
 def embedding_rows(ids: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: FormatSpec) -> torch.Tensor:
     """Rows `ids` (any shape) of the table the canonical tensors stand for, float32 [..., dim]."""
     flat = ids.reshape(-1)
-    rows = {name: tensor.index_select(0, flat) for name, tensor in tensors.items()}
-    return dequantize_weight(rows, fmt).reshape(*ids.shape, -1)
+    rows = {name: tensor.index_select(0, flat) for name, tensor in tensors.items() if name not in HOT_TENSORS}
+    out = dequantize_weight(rows, fmt.base)
+    if fmt.hot_rows:  # a token among the hot ids reads its int8 row instead
+        hot_ids = tensors["hot_ids"]
+        slot = torch.searchsorted(hot_ids, flat.to(hot_ids.dtype)).clamp(max=hot_ids.numel() - 1)
+        hit = hot_ids.index_select(0, slot) == flat
+        slot = slot[hit]
+        out[hit] = tensors["hot_qweight"].index_select(0, slot).float() * tensors["hot_scales"].index_select(0, slot).float()[:, None]
+    return out.reshape(*ids.shape, -1)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -51,7 +58,9 @@ class QuantizedEmbedding(nn.Module):
 
     @property
     def kernel(self) -> str:
-        return "F.embedding" if not self.fmt.quantized else "gather + dequantise rows (torch)"
+        if not self.fmt.quantized:
+            return "F.embedding"
+        return "gather + dequantise rows (torch)" + (f", {self.fmt.hot_rows} hot rows int8" if self.fmt.hot_rows else "")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.fmt.quantized:

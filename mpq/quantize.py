@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpq.formats import FormatSpec
+from mpq.formats import INT8, FormatSpec
 from mpq.packing import pack_int4_u8, unpack_int4_u8
 
 SCALE_DTYPE = torch.bfloat16
@@ -92,21 +92,47 @@ def encode(q: torch.Tensor, grid: Grid, fmt: FormatSpec) -> dict[str, torch.Tens
     return packed
 
 
-def quantize_weight(weight: torch.Tensor, fmt: FormatSpec, clip: torch.Tensor | float = 1.0) -> dict[str, torch.Tensor]:
+HOT_TENSORS = ("hot_ids", "hot_qweight", "hot_scales")
+
+
+def quantize_weight(weight: torch.Tensor, fmt: FormatSpec, clip: torch.Tensor | float = 1.0,
+                    hot_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Quantise one [N, K] weight into the canonical tensors of `fmt` (round to nearest), each
-    row's (and group's) range shrunk by `clip` where one is given (see grid_for)."""
+    row's (and group's) range shrunk by `clip` where one is given (see grid_for). A "+hot" format
+    also takes `hot_ids`, the rows (distinct, min(K, N) of them) held at int8 besides."""
     n, k = weight.shape
     if not fmt.supports(n, k):
         raise ValueError(f"format {fmt.name} does not fit a weight of shape {n}x{k}")
+    if fmt.hot_rows:
+        return _with_hot_rows(weight, fmt, clip, hot_ids)
     if fmt.bits == 16:
         return {"weight": weight.detach().to(sixteen_bit_dtype(weight.dtype)).contiguous()}
     grid = grid_for(weight, fmt, clip)
     return encode(grid.integers(weight.detach().float()), grid, fmt)
 
 
+def _with_hot_rows(weight: torch.Tensor, fmt: FormatSpec, clip: torch.Tensor | float,
+                   hot_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    n = weight.shape[0]
+    count = min(fmt.hot_rows, n)
+    if hot_ids is None or hot_ids.numel() != count or torch.unique(hot_ids).numel() != count:
+        raise ValueError(f"format {fmt.name} of a {n}-row table needs {count} distinct hot row ids "
+                         f"(mpq.hot_rows picks them from calibration text)")
+    ids = torch.sort(hot_ids.to(torch.int64)).values
+    if ids[0] < 0 or ids[-1] >= n:
+        raise ValueError(f"hot row ids of format {fmt.name} must lie in [0, {n})")
+    hot = quantize_weight(weight.detach().index_select(0, ids), INT8)
+    return {**quantize_weight(weight, fmt.base, clip), "hot_ids": ids.to(torch.int32).contiguous(),
+            "hot_qweight": hot["qweight"], "hot_scales": hot["scales"]}
+
+
 def dequantize_weight(tensors: dict[str, torch.Tensor], fmt: FormatSpec) -> torch.Tensor:
     """The float32 weight that the canonical tensors stand for (the reference every kernel matches),
     AWQ's input scale folded back in where there is one."""
+    if fmt.hot_rows:
+        weight = dequantize_weight({name: t for name, t in tensors.items() if name not in HOT_TENSORS}, fmt.base)
+        weight[tensors["hot_ids"].long()] = tensors["hot_qweight"].float() * tensors["hot_scales"].float()[:, None]
+        return weight
     if "input_scale" in tensors:  # the stored weight is W s; the input is multiplied by 1/s
         rest = {name: t for name, t in tensors.items() if name != "input_scale"}
         return dequantize_weight(rest, fmt) * tensors["input_scale"].float()[None, :]

@@ -205,6 +205,8 @@ def _search_line(search: dict, metric: str) -> str:
 
 
 def _additivity_line(check: dict, metric: str, task_metric: str) -> str:
+    if check["spearman"] is None:
+        return f"- additive model: only {check['configs']} configs measured, too few to rank-correlate"
     line = (f"- additive model: over the {check['configs']} measured configs, predicted {metric} (sum of layer "
             f"sensitivities) against the whole config's {task_metric} on the calibration data: Spearman "
             f"{check['spearman']:.3f}, median relative error "

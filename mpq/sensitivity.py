@@ -117,7 +117,7 @@ def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInf
     jobs = [(layer, fmt) for layer in layers for fmt in formats]
     for layer, fmt in tqdm(jobs, desc="sensitivity", disable=not progress, unit="pass"):
         module = get_module(model, layer.name)
-        if not fmt.supports(layer.out_features, layer.in_features):
+        if not layer.takes(fmt):
             continue
         if _lossless(module, fmt):
             score = 0.0
@@ -138,7 +138,7 @@ def _rounding_errors(model: nn.Module, layer: LayerInfo, formats: list[FormatSpe
     module = get_module(model, layer.name)
     weight = linear_weight(module).float()
     return {fmt.name: None if _lossless(module, fmt) else weight - dequantize_weight(cache.get(layer.name, fmt), fmt)
-            for fmt in formats if fmt.supports(layer.out_features, layer.in_features)}
+            for fmt in formats if layer.takes(fmt)}
 
 
 @torch.no_grad()

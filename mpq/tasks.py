@@ -13,6 +13,7 @@ Every evaluation goes through the same functions, for every config and baseline.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from mpq.corpus import corpus_chunks, mixed_chunks
 from mpq.errors import MpqError
+from mpq.hot_rows import count_tokens
 from mpq.models import CAUSAL_LM
 
 BATCH = 8
@@ -105,6 +107,7 @@ class CausalLMTask:
             raise MpqError(f"--eval-data {target!r}: use one of {', '.join(EVAL_DATA)}")
         self.tokenizer = tokenizer
         self.target = target
+        self.calib = calib
         if calib is not None:  # evaluation alone needs no calibration data
             self.calib_ids = _windows(tokenizer, calib.texts, samples, seq_len, f"calibration text ({calib.source})")
         half = heldout_half(split, eval_samples)
@@ -114,6 +117,11 @@ class CausalLMTask:
     @property
     def calib_tokens(self) -> int:
         return self.calib_ids.numel()
+
+    def token_counts(self) -> Counter:
+        """How often each token occurs in the whole calibration text, tokenised as the windows are
+        (mpq.hot_rows: which embedding rows a +hot format keeps at int8)."""
+        return count_tokens(self.tokenizer(text)["input_ids"] for text in self.calib.texts)
 
     def calibration_inputs(self) -> list[dict]:
         """The model's keyword arguments for each calibration batch, in the order `reference` runs them."""
@@ -189,6 +197,7 @@ class EncoderTask:
         half = heldout_half(split, eval_samples)
         self.tokenizer = tokenizer
         self.seq_len = seq_len
+        self.calib = calib
         if calib is not None:  # evaluation alone needs no calibration data
             calib_sentences = _sentences(calib.texts)
             if len(calib_sentences) < samples:
@@ -211,6 +220,14 @@ class EncoderTask:
     @property
     def calib_tokens(self) -> int:
         return int(sum(batch["attention_mask"].sum() for batch in self.calib_batches))
+
+    def token_counts(self) -> Counter:
+        """How often each token occurs over every sentence of the calibration text (not only the
+        `samples` the model runs on: counting is cheap), with the [CLS]/[SEP] each lookup adds."""
+        sentences = _sentences(self.calib.texts)
+        batches = (sentences[i:i + 1024] for i in range(0, len(sentences), 1024))
+        return count_tokens(ids for batch in batches
+                            for ids in self.tokenizer(batch, truncation=True, max_length=self.seq_len)["input_ids"])
 
     def pooled(self, model, batch: dict) -> torch.Tensor:
         """Unit-length mean-pooled embeddings of one batch, differentiable (the fisher and hessian

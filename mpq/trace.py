@@ -14,10 +14,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mpq.formats import FormatSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ class LayerInfo:
     def is_embedding(self) -> bool:
         """A lookup table (rows = out_features tokens of in_features values), not a matmul."""
         return self.module_type == EMBEDDING
+
+    def takes(self, fmt: "FormatSpec") -> bool:
+        """Whether this layer can be stored in `fmt`: its shape fits, and hot rows only on a lookup table."""
+        return fmt.supports(self.out_features, self.in_features) and (self.is_embedding or not fmt.embedding_only)
 
 
 EMBEDDING = "Embedding"

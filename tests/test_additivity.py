@@ -19,3 +19,9 @@ def test_additivity_check_flags_weak_correlation():
     assert not good["weak"] and good["median_relative_error"] == pytest.approx(0.075, abs=0.03)
     bad = additivity_check([0.1, 0.2, 0.3, 0.4], [0.4, 0.1, 0.3, 0.2])
     assert bad["weak"]
+
+
+def test_additivity_check_of_two_configs_reports_no_correlation():
+    check = additivity_check([0.1, 0.2], [0.1, 0.4])
+    assert check["spearman"] is None and check["weak"] is None and check["configs"] == 2
+    assert check["median_relative_error"] == 0.25  # |0.1-0.1|/0.1 = 0, |0.2-0.4|/0.4 = 0.5
