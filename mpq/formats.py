@@ -5,7 +5,7 @@ A format name fully determines the spec ("fp16", "int8", "int4-g128", "int4-g64-
 from arbitrary data.
 
 "+hotK" is for embedding tables only: a token's row is read only when the token occurs, and text is
-Zipfian (the 512 most frequent tokens of a WordPiece vocabulary cover ~70% of held-out text), so
+Zipfian (a few hundred tokens make up most of any text), so
 keeping those K rows at int8 beside the int4 table buys most of an int8 table's fidelity for a few
 percent of its extra bytes. Which K rows is a calibration fact (mpq.hot_rows), stored with the table.
 """
