@@ -16,7 +16,7 @@ demo's INT4-g128 to rtn at z -1.1, which the test half then showed 1.8% worse), 
 nearest at 8 bits, whose error is already near the noise (demo INT8: gptq by z -1.2 on the
 validation half, then 0.07% worse on the test half).
 AWQ is left out: it stores extra bytes per layer, so it does not compete at equal size. The
-result is an ordinary per-format method string ("int8=rtn,int4-g128=gptq"), so everything
+result is an ordinary per-format method string ("int8=rtn,int4=gptq"), so everything
 downstream (cache, card, checkpoints) is as if the user had written it.
 """
 
@@ -31,7 +31,8 @@ from torch import nn
 from mpq.apply import QuantizedWeightCache
 from mpq.formats import FormatSpec
 from mpq.hot_rows import token_counts_for
-from mpq.methods import AUTO, Quantizer, calibrated_tensors, make_quantizer, method_of, method_quantizer
+from mpq.methods import (AUTO, Quantizer, calibrated_tensors, compact_method, make_quantizer, method_of,
+                         method_quantizer)
 from mpq.noise import NOISE_Z, paired_z
 from mpq.search import uniform_plan
 from mpq.trace import LayerInfo
@@ -41,7 +42,7 @@ DEFAULT_BY_BITS = {8: "rtn", 4: "gptq"}  # what a format keeps unless the other 
 
 @dataclass
 class MethodChoice:
-    method: str  # what every later stage uses, e.g. "int8=rtn,int4-g128=gptq"
+    method: str  # what every later stage uses, e.g. "int8=rtn,int4=gptq" (mpq.methods.compact_method)
     quantizer: Quantizer
     heldout_loss: dict[str, dict[str, float]] | None = None  # auto only: format -> {rtn, gptq: mean loss, z}
 
@@ -73,7 +74,8 @@ def choose_method(method: str, model: nn.Module, layers: list[LayerInfo], groups
         rtn, gptq_losses = heldout_loss(plan, caches["rtn"]), heldout_loss(plan, caches["gptq"])
         measured[fmt.name] = {"rtn": rtn.mean().item(), "gptq": gptq_losses.mean().item(),
                               "z": paired_z(gptq_losses, rtn)}
-    chosen = ",".join(f"{fmt.name}={pick(DEFAULT_BY_BITS.get(fmt.bits, 'rtn'), measured[fmt.name])}" for fmt in quantised)
+    chosen = compact_method({fmt.name: pick(DEFAULT_BY_BITS.get(fmt.bits, "rtn"), measured[fmt.name]) for fmt in quantised},
+                            quantised)
     for fmt in quantised:  # the losing method's tensors are not needed again
         for name, cache in caches.items():
             if name != method_of(chosen, fmt):

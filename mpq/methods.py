@@ -77,6 +77,21 @@ def method_of(method: str, fmt: FormatSpec) -> str:
     return entries[max(family, key=len)] if family else "rtn"
 
 
+def compact_method(chosen: dict[str, str], formats: list[FormatSpec]) -> str:
+    """The shortest method text that gives each format in `chosen` (name -> method) its method:
+    "gptq" when all agree, "int8=rtn,int4=gptq" when each bit width agrees, else one pair per format."""
+    by_width: dict[str, set[str]] = {}
+    for name, method in chosen.items():
+        by_width.setdefault(name.split("-")[0], set()).add(method)
+    candidates = [",".join(f"{key}={value}" for key, value in chosen.items())]
+    if all(len(methods) == 1 for methods in by_width.values()):
+        candidates.insert(0, ",".join(f"{key}={next(iter(methods))}" for key, methods in by_width.items()))
+    if len(set(chosen.values())) == 1:
+        candidates.insert(0, next(iter(chosen.values())))
+    named = [fmt for fmt in formats if fmt.name in chosen]
+    return next(text for text in candidates if all(method_of(text, fmt) == chosen[fmt.name] for fmt in named))
+
+
 def check_method(method: str, formats: list[FormatSpec]) -> None:
     """Raise ValueError (saying what to write) for an unknown method or a format name matching none of `formats`."""
     if method == AUTO:

@@ -91,13 +91,13 @@ def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_
     if method == "auto":  # resolved per format from the held-out losses it records
         choice = summary["method_choice"]
         assert summary["method"] == choice["chosen"] and set(choice["heldout_loss"]) == {"int8", "int4-g32"}
-        picked = dict(part.split("=") for part in choice["chosen"].split(","))
         from mpq.method_choice import DEFAULT_BY_BITS, pick
+        from mpq.methods import method_of
 
-        assert all(picked[fmt] == pick(DEFAULT_BY_BITS[get_format(fmt).bits], losses)
+        assert all(method_of(choice["chosen"], get_format(fmt)) == pick(DEFAULT_BY_BITS[get_format(fmt).bits], losses)
                    for fmt, losses in choice["heldout_loss"].items())
         assert "--method auto" in (out / "report.md").read_text()
-        method = picked["int4-g32"]  # what the INT4 layers' card line starts with
+        method = method_of(choice["chosen"], get_format("int4-g32"))  # what the INT4 layers' card line starts with
     else:
         assert summary["method"] == method and summary["method_choice"] is None
     ids = torch.randint(0, 4000, (1, 12))
@@ -273,7 +273,7 @@ def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path,
         return error if fmt.name == "int8" else -error
 
     choice = choose_method("auto", loaded.model, graph.layers, groups, formats, task, costs, weight_error)
-    assert choice.method == "int8=rtn,int4-g32=gptq"
+    assert choice.method == "int8=rtn,int4=gptq"
     assert len(calls) == 4 and all(len(set(plan.values())) == 1 for plan in calls)  # uniform plans, 2 methods each
     assert choice.heldout_loss["int8"]["rtn"] < choice.heldout_loss["int8"]["gptq"] and choice.heldout_loss["int8"]["z"] > 2
     assert choice.heldout_loss["int4-g32"]["z"] < -2
@@ -307,3 +307,19 @@ def test_auto_keeps_the_bit_widths_default_unless_the_other_method_wins_beyond_n
 
     measured = {"rtn": 3.0, "gptq": 3.0 + 0.001 * z, "z": z}
     assert pick(DEFAULT_BY_BITS[8], measured) == int8 and pick(DEFAULT_BY_BITS[4], measured) == int4
+
+
+def test_compact_method_is_the_shortest_text_that_gives_each_format_its_method():
+    from mpq.methods import compact_method, method_of
+
+    formats = [get_format(n) for n in ("int8", "int4-g32", "int4-g128-sym", "int4-pc", "int4-pc+hot512")]
+    cases = {
+        ("gptq",) * 5: "gptq",
+        ("rtn", "gptq", "gptq", "gptq", "gptq"): "int8=rtn,int4=gptq",
+        ("rtn", "gptq", "rtn", "gptq", "gptq"): "int8=rtn,int4-g32=gptq,int4-g128-sym=rtn,int4-pc=gptq,int4-pc+hot512=gptq",
+    }
+    for methods, expected in cases.items():
+        chosen = {fmt.name: method for fmt, method in zip(formats, methods)}
+        text = compact_method(chosen, formats)
+        assert text == expected
+        assert all(method_of(text, fmt) == chosen[fmt.name] for fmt in formats)
