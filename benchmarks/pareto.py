@@ -49,7 +49,7 @@ from mpq.evaluate import evaluate_model
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
 from mpq.memory import MemoryModel, memory_model
-from mpq.methods import AUTO, method_quantizer
+from mpq.methods import AUTO, method_of, method_quantizer
 from mpq.models import CAUSAL_LM, DTYPES, load_model
 from mpq.profile import example_inputs
 from mpq.search import uniform_plan
@@ -153,11 +153,16 @@ class Bench:
             gc.collect()
 
     def plans(self, methods: list[str]) -> None:
+        done: set[tuple[str, str]] = set()
         for method in dict.fromkeys([*methods, self.method]):  # mpq's own method is the targets' yardstick
             costs = self.memory(method).layer_bytes
             for fmt in ("int8", "int4-g128"):
-                self.add(f"uniform {fmt} ({method})", "uniform", self.run_plan(uniform_plan(costs, fmt), method, True),
-                         method=method, format=fmt)
+                rounding = method_of(method, get_format(fmt))  # "int8=rtn,int4=gptq" rounds int8 as rtn does
+                if (fmt, rounding) in done:
+                    continue
+                done.add((fmt, rounding))
+                self.add(f"uniform {fmt} ({rounding})", "uniform", self.run_plan(uniform_plan(costs, fmt), method, True),
+                         method=rounding, format=fmt)
         costs = self.memory(self.method).layer_bytes
         for high in ("fp16", "int8"):
             plan = rule_plan(self.loaded.model, costs, high=high, low="int4-g128")
@@ -244,7 +249,8 @@ def _dominates(a: dict, b: dict) -> bool:
 
 def check_targets(rows: list[dict], randoms: list[dict], method: str, baseline: dict) -> dict:
     """The issue's targets, from the measured rows (lower `loss` is better for every task)."""
-    uniform = {r["format"]: r for r in rows if r["kind"] == "uniform" and r["method"] == method}
+    uniform = {r["format"]: r for r in rows
+               if r["kind"] == "uniform" and r["method"] == method_of(method, get_format(r["format"]))}
     int4, int8 = uniform["int4-g128"], uniform["int8"]
     per_budget = []
     for entry in randoms:

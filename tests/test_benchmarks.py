@@ -77,3 +77,22 @@ def test_pareto_contenders_start_from_the_model_compile_quantises():
     for name, buffer in theirs.items():
         assert ours[name].dtype == buffer.dtype and torch.equal(ours[name], buffer), name
     assert all(torch.equal(a, b) for a, b in zip(bench.loaded.model.parameters(), compiled.parameters()))
+
+
+def test_pareto_targets_take_each_uniform_row_rounded_as_mpq_rounds_that_format():
+    """With a per-format method (int8=rtn,int4=gptq) the yardsticks are uniform INT8 by rtn and
+    uniform INT4 by gptq: one row each, shared with the single-method contenders."""
+    pareto = _pareto_module()
+
+    def row(name, kind, nbytes, ppl, **extra):
+        return {"contender": name, "kind": kind, "bytes": nbytes, "quality": {"ppl": ppl, "loss": ppl}, **extra}
+
+    rows = [row("int4 gptq", "uniform", 400, 32.0, method="gptq", format="int4-g128"),
+            row("int8 gptq", "uniform", 600, 31.0, method="gptq", format="int8"),
+            row("int4 rtn", "uniform", 400, 33.0, method="rtn", format="int4-g128"),
+            row("int8 rtn", "uniform", 600, 30.0, method="rtn", format="int8"),
+            row("b", "mpq", 420, 30.9)]
+    t = pareto.check_targets(rows, [], "int8=rtn,int4=gptq", {"ppl": 30.0, "loss": 30.0})
+    rec = t["recovery_at_10pct_extra_bytes"]  # gap 32 -> 30, b recovers 1.1 of 2
+    assert rec["mpq_best"] == "b" and abs(rec["recovered"] - 0.55) < 1e-9
+    assert t["at_uniform_int4_bytes"]["uniform_loss"] == 32.0 and t["one_percent_drop"]["uniform_int8_bytes"] == 600
