@@ -63,6 +63,11 @@ class FormatSpec:
             return in_features % 2 == 0 and in_features % self.group_along(in_features) == 0
         return True
 
+    def fits(self, out_features: int, in_features: int, is_table: bool) -> bool:
+        """Whether a layer of this shape, a lookup table or a matmul, can take this format (hot rows
+        only on a table)."""
+        return self.supports(out_features, in_features) and (is_table or not self.embedding_only)
+
     def group_along(self, in_features: int) -> int:
         """Input columns per scale in a layer of `in_features` inputs (all of them when per-channel)."""
         return self.group_size or in_features

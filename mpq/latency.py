@@ -386,7 +386,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     for name, (n, k, bias) in info.items():
         table = name in tables
         jobs += [(layer_seconds[name], fmt.name, (n,), k, fmt, bias, False, table) for fmt in formats
-                 if fmt.supports(n, k) and (table or not fmt.embedding_only)]
+                 if fmt.fits(n, k, table)]
         jobs.append((original_seconds, name, (n,), k, None, bias, False, table))  # None: the layer as the model holds it
     for group in groups:
         for names in _subsets(group):
@@ -395,7 +395,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
             sizes, (_, k, bias) = tuple(info[n][0] for n in names), info[names[0]]
             target = group_seconds.setdefault("|".join(names), {})
             jobs += [(target, fmt.name, sizes, k, fmt, bias, True, False) for fmt in formats
-                     if not fmt.embedding_only and all(fmt.supports(info[n][0], info[n][1]) for n in names)]
+                     if all(fmt.fits(info[n][0], info[n][1], False) for n in names)]
     for target, slot, sizes, k, fmt, bias, fused, table in tqdm(jobs, desc="profile", disable=not progress, unit="entry"):
         fmt_name = ORIGINAL if fmt is None else fmt.name
         if table:

@@ -51,8 +51,8 @@ class LayerInfo:
         return self.module_type == EMBEDDING
 
     def takes(self, fmt: "FormatSpec") -> bool:
-        """Whether this layer can be stored in `fmt`: its shape fits, and hot rows only on a lookup table."""
-        return fmt.supports(self.out_features, self.in_features) and (self.is_embedding or not fmt.embedding_only)
+        """Whether this layer can be stored in `fmt` (FormatSpec.fits)."""
+        return fmt.fits(self.out_features, self.in_features, self.is_embedding)
 
 
 EMBEDDING = "Embedding"

@@ -46,3 +46,21 @@ def tiny_llama_dir(tmp_path, demo_tokenizer):
     model.save_pretrained(path)
     demo_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def untied_llama_dir(tmp_path, demo_tokenizer):
+    """The tiny Llama with its own output head, so its input table is a plan layer (and one layer
+    lies outside the blocks)."""
+    model = tiny_llama(len(demo_tokenizer), tie=False).to(torch.bfloat16)
+    path = tmp_path / "untied-llama"
+    model.save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    return path
+
+
+def trace_tiny(loaded, embeddings: bool = True):
+    """The graph of a tiny test model, traced on 8 random token ids."""
+    from mpq.trace import trace_model
+
+    return trace_model(loaded.model, {"input_ids": torch.randint(0, 4000, (1, 8)), "use_cache": False}, embeddings)

@@ -29,12 +29,14 @@ def _pareto_module():
     return module
 
 
+def row(name, kind, nbytes, ppl, **extra):
+    """A benchmark row with crafted numbers (loss = ppl)."""
+    return {"contender": name, "kind": kind, "bytes": nbytes, "quality": {"ppl": ppl, "loss": ppl}, **extra}
+
+
 def test_pareto_targets_on_crafted_numbers():
     """The benchmark's verdicts (random median, rule, recovery, INT4 size, 1% drop, dominance)."""
     pareto = _pareto_module()
-
-    def row(name, kind, nbytes, ppl, **extra):
-        return {"contender": name, "kind": kind, "bytes": nbytes, "quality": {"ppl": ppl, "loss": ppl}, **extra}
 
     rows = [row("int4", "uniform", 400, 32.0, method="gptq", format="int4-g128"),
             row("int8", "uniform", 600, 30.0, method="gptq", format="int8"),
@@ -83,9 +85,6 @@ def test_pareto_targets_take_each_uniform_row_rounded_as_mpq_rounds_that_format(
     """With a per-format method (int8=rtn,int4=gptq) the yardsticks are uniform INT8 by rtn and
     uniform INT4 by gptq: one row each, shared with the single-method contenders."""
     pareto = _pareto_module()
-
-    def row(name, kind, nbytes, ppl, **extra):
-        return {"contender": name, "kind": kind, "bytes": nbytes, "quality": {"ppl": ppl, "loss": ppl}, **extra}
 
     rows = [row("int4 gptq", "uniform", 400, 32.0, method="gptq", format="int4-g128"),
             row("int8 gptq", "uniform", 600, 31.0, method="gptq", format="int8"),

@@ -21,25 +21,10 @@ from mpq.packing import pack_int4_u8
 from mpq.plan import Plan
 from mpq.qembedding import QuantizedEmbedding
 from mpq.quantize import dequantize_weight, quantize_weight
-from mpq.trace import trace_model
+
+from conftest import trace_tiny as _graph
 
 TABLE = "model.embed_tokens"
-
-
-@pytest.fixture
-def untied_llama_dir(tmp_path, demo_tokenizer):
-    """The conftest tiny Llama with its own output head, so its input table is a plan layer."""
-    from conftest import tiny_llama
-
-    model = tiny_llama(len(demo_tokenizer), tie=False).to(torch.bfloat16)
-    path = tmp_path / "untied-llama"
-    model.save_pretrained(path)
-    demo_tokenizer.save_pretrained(path)
-    return path
-
-
-def _graph(loaded):
-    return trace_model(loaded.model, {"input_ids": torch.randint(0, 4000, (1, 8)), "use_cache": False})
 
 
 @pytest.mark.parametrize("name", ["fp16", "int8", "int4-g32", "int4-g64-sym", "int4-pc"])

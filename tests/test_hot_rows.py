@@ -22,24 +22,10 @@ from mpq.plan import Plan
 from mpq.qembedding import QuantizedEmbedding
 from mpq.quantize import dequantize_weight, quantize_weight, tensor_bytes
 from mpq.tasks import calibration_text, make_task
-from mpq.trace import trace_model
+
+from conftest import trace_tiny as _graph
 
 TABLE = "model.embed_tokens"
-
-
-@pytest.fixture
-def untied_llama_dir(tmp_path, demo_tokenizer):
-    from conftest import tiny_llama
-
-    model = tiny_llama(len(demo_tokenizer), tie=False).to(torch.bfloat16)
-    path = tmp_path / "untied-llama"
-    model.save_pretrained(path)
-    demo_tokenizer.save_pretrained(path)
-    return path
-
-
-def _graph(loaded):
-    return trace_model(loaded.model, {"input_ids": torch.randint(0, 4000, (1, 8)), "use_cache": False})
 
 
 @pytest.mark.parametrize("name", ["int4-pc+hot512", "int4-g64-sym+hot7", "int4-g32+hot1"])

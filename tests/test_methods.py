@@ -120,17 +120,7 @@ def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_
             assert any(key.endswith(".input_scale") for key in handle.keys())
 
 
-def untied_llama_dir(tmp_path, tokenizer):
-    """The 2-block tiny Llama with its own lm_head, so one layer lies outside the blocks."""
-    from conftest import tiny_llama
-
-    path = tmp_path / "untied-llama"
-    tiny_llama(len(tokenizer), tie=False).to(torch.bfloat16).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_block_by_block_statistics_are_the_calibration_second_moments(tmp_path, demo_tokenizer):
+def test_block_by_block_statistics_are_the_calibration_second_moments(untied_llama_dir):
     """Checked by hand: H = X^T X / n of the inputs each layer sees in the float32 twin of the whole
     model, shared by q/k/v, though the blocks were run one at a time (and lm_head from the skeleton)."""
     from mpq.blockwise import calibrate_blockwise
@@ -139,7 +129,7 @@ def test_block_by_block_statistics_are_the_calibration_second_moments(tmp_path, 
     from mpq.tasks import calibration_text, make_task
     from mpq.trace import trace_model
 
-    loaded = load_model(str(untied_llama_dir(tmp_path, demo_tokenizer)))
+    loaded = load_model(str(untied_llama_dir))
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
     graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
     groups = graph.shared_input_groups()
@@ -183,13 +173,13 @@ def test_block_judge_sees_a_weight_change_and_restores_the_block(tiny_llama_dir)
     assert block.judge({name: quantize_weight(w, fp16)}, fp16) == exact  # the block got its weight back
 
 
-def test_awq_judged_on_the_block_never_does_worse_than_rtn_there(tmp_path, demo_tokenizer):
+def test_awq_judged_on_the_block_never_does_worse_than_rtn_there(untied_llama_dir):
     from mpq.blockwise import calibrate_blockwise
     from mpq.models import load_model
     from mpq.tasks import calibration_text, make_task
     from mpq.trace import trace_model
 
-    loaded = load_model(str(untied_llama_dir(tmp_path, demo_tokenizer)))
+    loaded = load_model(str(untied_llama_dir))
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
     graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
     groups = graph.shared_input_groups()
@@ -203,7 +193,7 @@ def test_awq_judged_on_the_block_never_does_worse_than_rtn_there(tmp_path, demo_
         assert all("input_scale" in t for t in out.values())  # bytes never depend on what the search chose
 
 
-def test_a_method_per_format_rounds_each_format_by_its_own(tmp_path, demo_tokenizer):
+def test_a_method_per_format_rounds_each_format_by_its_own(untied_llama_dir):
     """int8=rtn,int4=gptq: INT8 tensors are round-to-nearest's, INT4 ones GPTQ's (which differ)."""
     from mpq.methods import check_method, describe, method_of, method_quantizer
     from mpq.memory import memory_model
@@ -220,7 +210,7 @@ def test_a_method_per_format_rounds_each_format_by_its_own(tmp_path, demo_tokeni
             check_method(bad, formats)
     assert describe("int8=rtn,int4=gptq", formats).startswith("int8: rtn") and "int4-pc: gptq" in describe("int8=rtn,int4=gptq", formats)
 
-    loaded = load_model(str(untied_llama_dir(tmp_path, demo_tokenizer)))
+    loaded = load_model(str(untied_llama_dir))
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
     graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
     groups = graph.shared_input_groups()
@@ -238,7 +228,7 @@ def test_a_method_per_format_rounds_each_format_by_its_own(tmp_path, demo_tokeni
     assert awq_int4["int8"] == plain["int8"] and awq_int4["int4-g32"] == plain["int4-g32"] + 2 * first.in_features
 
 
-def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path, demo_tokenizer):
+def test_auto_method_takes_per_format_the_method_its_judge_scores_best(untied_llama_dir):
     """--method auto: each quantised format gets the method whose uniform config the judge scores
     lower (with the paired z of the difference), and the quantizer then serves that method's tensors. The judge
     here is crafted so the two formats choose differently: its "windows" are the layers, scored
@@ -257,7 +247,7 @@ def test_auto_method_takes_per_format_the_method_its_judge_scores_best(tmp_path,
     check_method("auto", formats)  # accepted alone
     with pytest.raises(ValueError, match="auto alone"):
         check_method("int8=auto", formats)
-    loaded = load_model(str(untied_llama_dir(tmp_path, demo_tokenizer)))
+    loaded = load_model(str(untied_llama_dir))
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
     graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
     groups = graph.shared_input_groups()

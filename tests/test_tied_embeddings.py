@@ -20,13 +20,10 @@ from mpq.plan import Plan
 from mpq.qembedding import TiedEmbedding
 from mpq.qlinear import QuantizedLinear, triton_available
 from mpq.quantize import dequantize_weight, quantize_weight
-from mpq.trace import trace_model
+
+from conftest import trace_tiny as _graph
 
 TABLE, HEAD = "model.embed_tokens", "lm_head"
-
-
-def _graph(loaded, embeddings: bool = True):
-    return trace_model(loaded.model, {"input_ids": torch.randint(0, 4000, (1, 8)), "use_cache": False}, embeddings)
 
 
 @pytest.mark.parametrize("rows, cols", [(64, 64), (80, 32), (16, 64), (48, 128), (208, 96), (1040, 256)])
