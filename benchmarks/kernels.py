@@ -5,7 +5,8 @@ GB/s counting packed weights + scales + zeros + activations + outputs, percent o
 measured copy bandwidth, TFLOP/s, speedup over torch.nn.functional.linear in fp16, and the
 relative error against the dequantise reference. Weights rotate through enough copies to
 overflow the L2 cache, so the numbers are DRAM numbers. Then greedy-decode tokens/s of a demo
-config against the unquantised demo. Prints a table and writes JSON.
+config against the unquantised demo, after every emitted demo config is loaded on the GPU and
+checked against the CPU reference (kernel per layer, logits). Prints a table and writes JSON.
 
     python benchmarks/kernels.py                 # on a CUDA machine
     python benchmarks/kernels.py --smoke         # tiny shapes, correctness only (CPU: TRITON_INTERPRET=1)
@@ -94,34 +95,50 @@ def bench_shape(name: str, n: int, k: int, fmt_name: str, m: int, device: str, s
     return row
 
 
-def decode_tokens_per_s(device: str, tokens: int = 64) -> dict:
-    """Greedy decoding of the demo: an mpq config (all INT4, fused) against the unquantised model."""
+def end_to_end(device: str, tokens: int = 64) -> dict:
+    """The demo compiled, each emitted config loaded on `device` and checked against the CPU
+    reference (which kernel runs each layer, relative error of the logits), and greedy-decode
+    tokens/s of the smallest config against the unquantised model."""
     import tempfile
 
     import mpq
     from mpq.compile import CompileOptions, compile_model
+    from mpq.device_check import check_on_device, describe_check
     from mpq.models import load_model
 
     out = Path(tempfile.mkdtemp(prefix="mpq-kbench-"))
     summary = compile_model(CompileOptions(model="demo", out=out, trials=100, progress=False))
-    smallest = summary["configs"][0]["name"]
+    folders = [out / "configs" / c["name"] for c in summary["configs"]]
+    checks = []
+    for folder in folders:
+        checks.append(check_on_device(folder, device))
+        print(describe_check(checks[-1]), flush=True)
     contenders = {"unquantised bf16": load_model("demo").model.to(device),
-                  f"mpq {smallest}": mpq.load(out / "configs" / smallest, device=device)}
+                  f"mpq {folders[0].name}": mpq.load(folders[0], device=device)}
     prompt = torch.tensor([[1, 2, 3, 4]], device=device)
-    result = {}
+    speed = {}
     for name, model in contenders.items():
-        model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up and autotune
+        model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up and config choice
         runs = []
         for _ in range(5):
-            if device == "cuda":
-                torch.cuda.synchronize()
+            torch.cuda.synchronize()
             start = time.perf_counter()
             model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            torch.cuda.synchronize()
             runs.append(tokens / (time.perf_counter() - start))
-        result[name] = statistics.median(runs)
-    return result
+        speed[name] = statistics.median(runs)
+    return {"checks": checks, "decode_tokens_per_s": speed}
+
+
+def failures(report: dict) -> list[str]:
+    """What the run must not show: a kernel off the reference by 1e-2, a loaded config off by 2e-2
+    or with a layer left on the reference path."""
+    bad = [f"{r['format']} {r['shape']} M={r['M']}: rel err {r['rel_err']:.1e}" for r in report["rows"]
+           if not r["rel_err"] < 1e-2]
+    for check in report.get("end_to_end", {}).get("checks", []):
+        if check["fallback_layers"] or not all(e < 2e-2 for e in check["rel_err"].values()):
+            bad.append(f"{check['config']} on {check['device']}: {check['fallback_layers'] or check['rel_err']}")
+    return bad
 
 
 def main() -> None:
@@ -129,6 +146,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, no timing: checks the script and kernels")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--formats", default="int4-g128,int8")
+    parser.add_argument("--no-e2e", action="store_true", help="kernels only: skip the demo's compile, check and decode")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
@@ -149,8 +167,26 @@ def main() -> None:
                     row["pct_of_copy_bw"] = 100 * row["GBps"] / report["copy_GBps"]
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
-    if not args.smoke:
-        report["decode_tokens_per_s"] = decode_tokens_per_s(device)
+    from mpq.kernels.triton_tuning import chosen_configs
+
+    report["chosen_configs"] = {" ".join(map(str, key)): config for key, config in chosen_configs().items()}
+    print_table(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "kernels-smoke.json" if args.smoke else f"kernels-{report['device'].replace(' ', '_')}.json"
+    path = args.out / name
+    path.write_text(json.dumps(report, indent=2) + "\n")  # the kernel table is kept even if the end to end part fails
+    if not args.smoke and not args.no_e2e:
+        report["end_to_end"] = end_to_end(device)
+        print("\ndecode tokens/s (demo, batch 1): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in report["end_to_end"]["decode_tokens_per_s"].items()))
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    bad = failures(report)
+    if bad:
+        raise SystemExit(f"{len(bad)} failures: " + "; ".join(bad))
+
+
+def print_table(report: dict) -> None:
     print(f"\n# {report['device']}" + (f", measured copy bandwidth {report['copy_GBps']:.0f} GB/s" if "copy_GBps" in report else ""))
     print("| format | shape | M | ms | fp16 ms | speedup | GB/s | % copy BW | TFLOP/s | rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -160,15 +196,6 @@ def main() -> None:
                   f"{r['GBps']:.0f} | {r['pct_of_copy_bw']:.0f}% | {r['TFLOPs']:.1f} | {r['rel_err']:.1e} |")
         else:
             print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} |")
-    if "decode_tokens_per_s" in report:
-        print("\ndecode tokens/s (demo, batch 1): " + ", ".join(f"{k} {v:.0f}" for k, v in report["decode_tokens_per_s"].items()))
-    bad = [r for r in report["rows"] if not r["rel_err"] < 1e-2]
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "kernels-smoke.json" if args.smoke else f"kernels-{report['device'].replace(' ', '_')}.json"
-    (args.out / name).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out / name}")
-    if bad:
-        raise SystemExit(f"{len(bad)} rows exceed relative error 1e-2")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mpq.kernels.triton_tuning import choose_config, m_bucket
+
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1, where kernels run on CPU tensors through numpy."""
@@ -50,30 +52,32 @@ def interpreter_config(m: int, k_step: int) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": k_step, "SPLIT_K": 1}
 
 
-def launch(kernel, gemv_tuned, gemm_tuned, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
-           config: dict | None) -> torch.Tensor:
-    """Allocate the output and launch: a pinned config directly, else the regime's autotuned kernel.
+def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
+               config: dict) -> torch.Tensor:
+    """Allocate the output and launch one config.
 
-    Kernels take (x, *pointers, out, *scalars, stride of out, **meta); split-K accumulates through fp32
-    atomics into a zeroed buffer, so any config with SPLIT_K > 1 (and every autotuned gemv one)
-    writes fp32 and is cast back here.
+    Kernels take (x, *pointers, out, *scalars, stride of out, **meta). A config with SPLIT_K > 1
+    adds its partial sums through fp32 atomics into a zeroed buffer that is cast back here; one
+    without split stores its tile once, in the activation dtype, with no extra launch.
     """
     m = x.shape[0]
-    gemv = regime(m) == "gemv"
-    atomic = config["SPLIT_K"] > 1 if config is not None else gemv
+    atomic = config["SPLIT_K"] > 1
     out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic
            else torch.empty((m, n), device=x.device, dtype=x.dtype))
-    full = (x, *pointers, out, *scalars, out.stride(0))
-    meta = {**meta, "ATOMIC": atomic, "DOT_DTYPE": dot_dtype(x.dtype)}
-    if config is not None:
-        grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-        kernel[grid](*full, **meta, **config)
-    elif gemv:
-        block_m = block_m_for(m)
-        gemv_tuned[lambda p: (cdiv(m, block_m) * cdiv(n, p["BLOCK_N"]), p["SPLIT_K"])](*full, **meta, BLOCK_M=block_m)
-    else:
-        gemm_tuned[lambda p: (cdiv(m, p["BLOCK_M"]) * cdiv(n, p["BLOCK_N"]), 1)](*full, **meta)
-    return out.to(x.dtype)
+    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
+    kernel[grid](x, *pointers, out, *scalars, out.stride(0), **meta, ATOMIC=atomic,
+                 DOT_DTYPE=dot_dtype(x.dtype), **config)
+    return out.to(x.dtype) if atomic else out
+
+
+def launch(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict | None,
+           shape_key: tuple, candidates: list[dict]) -> torch.Tensor:
+    """Run `config` when pinned, else the fastest of `candidates` for this shape (timed on first use)."""
+    if config is None:
+        m = x.shape[0]
+        key = (kernel.__name__, regime(m), m_bucket(m), n, *shape_key, str(x.dtype), str(x.device))
+        config = choose_config(key, candidates, lambda c: run_config(kernel, x, n, pointers, scalars, meta, c))
+    return run_config(kernel, x, n, pointers, scalars, meta, config)
 
 
 @triton.jit

@@ -19,22 +19,24 @@ import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import check_activation, interpreter_config, interpreting, launch, store_tile, tile_offsets
+from mpq.kernels.triton_common import (block_m_for, check_activation, interpreter_config, interpreting, launch, regime,
+                                       store_tile, tile_offsets)
 
 
-def _configs(gemv: bool) -> list[triton.Config]:
-    # A small, deliberate space: tile width, K step and split for decode; tile shape for prefill.
-    if gemv:
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=st)
-                for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 4, 8) for st in (2, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=st)
-            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in (64, 128) for st in (3, 4)]
+def _candidates(m: int, group: int) -> list[dict]:
+    """A small, deliberate space. Decode: tile width, K step and split (1 = no atomics), which
+    trade parallelism against extra launches. Prefill: tile shape and pipeline depth."""
+    steps = [bk for bk in (64, 128) if group % bk == 0] or [k_step_for(group)]
+    if regime(m) == "gemv":
+        return [{"BLOCK_M": block_m_for(m), "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
+                for bn in (16, 32, 64, 128) for bk in steps for sk in (1, 2, 4, 8)]
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
+            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in steps for st in (3, 4)]
 
 
-def _prune(configs, named_args, **kwargs):
-    group = named_args["GROUP"]
-    kept = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
-    return kept or [triton.Config({**configs[0].kwargs, "BLOCK_K": group}, num_warps=4, num_stages=2)]
+def k_step_for(group: int) -> int:
+    """The largest power-of-two K step (at most 64) inside one group: a step reads one scale per column."""
+    return next(b for b in (64, 32, 16, 8, 4, 2) if group % b == 0)
 
 
 @triton.jit
@@ -70,11 +72,6 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
 
 
-_GEMV = triton.autotune(configs=_configs(True), key=["M", "N", "K", "GROUP"], prune_configs_by={"early_config_prune": _prune},
-                        reset_to_zero=["out_ptr"])(_w4a16_kernel)
-_GEMM = triton.autotune(configs=_configs(False), key=["M", "N", "K", "GROUP"], prune_configs_by={"early_config_prune": _prune})(_w4a16_kernel)
-
-
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ bias) for a 2-D x. `config` pins the tile sizes (tests, interpreter)."""
@@ -85,11 +82,14 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight in groups of {group_size}")
     x = x.contiguous()
     if config is None and interpreting():
-        config = interpreter_config(x.shape[0], next(b for b in (64, 32, 16, 8, 4, 2) if group_size % b == 0))
+        config = interpreter_config(x.shape[0], k_step_for(group_size))
+    if config is not None and group_size % config["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K={config['BLOCK_K']} must divide the group size {group_size} (one scale per K step)")
     pointers = (qweight, scales, zeros if zeros is not None else scales)  # unused zeros pointer when symmetric
     scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(0), scales.stride(0))
     meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None}
-    out = launch(_w4a16_kernel, _GEMV, _GEMM, x, n, pointers, scalars, meta, config)
+    out = launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=(k, group_size, zeros is not None),
+                 candidates=_candidates(x.shape[0], group_size))
     if bias is not None:
         out += bias.to(out.dtype)
     return out

@@ -12,14 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import check_activation, interpreter_config, interpreting, launch, store_tile, tile_offsets
+from mpq.kernels.triton_common import (block_m_for, check_activation, interpreter_config, interpreting, launch, regime,
+                                       store_tile, tile_offsets)
 
 
-def _configs(gemv: bool) -> list[triton.Config]:
-    if gemv:
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=st)
-                for bn in (32, 64, 128) for bk in (64, 128, 256) for sk in (1, 4, 8) for st in (2, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=st)
+def _candidates(m: int) -> list[dict]:
+    """As W4A16's: tile width, K step and split for decode; tile shape and pipeline depth for prefill."""
+    if regime(m) == "gemv":
+        return [{"BLOCK_M": block_m_for(m), "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
+                for bn in (16, 32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in (64, 128) for st in (3, 4)]
 
 
@@ -48,10 +50,6 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, s
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
 
 
-_GEMV = triton.autotune(configs=_configs(True), key=["M", "N", "K"], reset_to_zero=["out_ptr"])(_w8a16_kernel)
-_GEMM = triton.autotune(configs=_configs(False), key=["M", "N", "K"])(_w8a16_kernel)
-
-
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
     """y = x @ (q * s)^T (+ bias) for a 2-D x. `config` pins the tile sizes (tests, interpreter)."""
@@ -63,7 +61,8 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
     if config is None and interpreting():
         config = interpreter_config(x.shape[0], 64)
     scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(0))
-    out = launch(_w8a16_kernel, _GEMV, _GEMM, x, n, (qweight, scales), scalars, {}, config)
+    out = launch(_w8a16_kernel, x, n, (qweight, scales), scalars, {}, config, shape_key=(k,),
+                 candidates=_candidates(x.shape[0]))
     if bias is not None:
         out += bias.to(out.dtype)
     return out

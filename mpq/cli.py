@@ -46,6 +46,11 @@ def _inspect(args: argparse.Namespace) -> None:
     from mpq.checkpoint import kernels_of, load
     from mpq.inspect import describe
 
+    if args.check:
+        from mpq.device_check import check_on_device, describe_check
+
+        print(describe_check(check_on_device(args.config, args.device)))
+        return
     kernels = kernels_of(load(args.config, device=args.device)) if args.kernels else None
     print(describe(args.config, kernels))
 
@@ -164,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show a config's plan and quantisation card")
     i.add_argument("config", type=Path)
     i.add_argument("--kernels", action="store_true", help="load the config and show which kernel runs each layer")
-    i.add_argument("--device", default=default_device(), help="device to load on for --kernels (default: cuda if present)")
+    i.add_argument("--check", action="store_true",
+                   help="instead of the card: count the kernels the config runs on --device and compare its outputs with "
+                        "the reference on the CPU")
+    i.add_argument("--device", default=default_device(), help="device to load on for --kernels/--check (default: cuda if present)")
     i.set_defaults(func=_inspect)
 
     e = sub.add_parser("eval", help="held-out quality, bytes, peak memory and speed of a config or a plain model")

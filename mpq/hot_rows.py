@@ -43,4 +43,4 @@ def token_counts_for(task, formats: Iterable[FormatSpec]) -> Counter | None:
         return None
     if getattr(task, "calib", None) is None:
         raise MpqError("a +hot format needs calibration text to count tokens in: give --calib or drop the +hot format")
-    return task.token_counts()
+    return task.token_counts

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.formats import FormatSpec, get_format
-from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu
+from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu, triton_supports
 from mpq.quantize import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,17 @@ def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, request
         return "reference"
     on_cuda = torch.device(device).type == "cuda"
     if requested == "triton" or (requested == "auto" and on_cuda):
-        if triton_available():
+        if not triton_available():
+            if requested == "triton":
+                raise ValueError("MPQ_KERNELS=triton but triton is not installed: pip install 'mpq-compiler[triton]'")
+            log.warning("triton is not installed: %dx%d %s runs the dequantise reference on CUDA", out_features, in_features, fmt.name)
+            return "reference"
+        if triton_supports(fmt, in_features):
             return "triton"
         if requested == "triton":
-            raise ValueError("MPQ_KERNELS=triton but triton is not installed: pip install 'mpq-compiler[triton]'")
-        log.warning("triton is not installed: %dx%d %s runs the dequantise reference on CUDA", out_features, in_features, fmt.name)
+            raise ValueError(f"no Triton kernel for {fmt.name} at {out_features}x{in_features} (groups must be a multiple "
+                             "of 32 columns): use MPQ_KERNELS=reference")
+        log.warning("no Triton kernel for %dx%d %s: it runs the dequantise reference on CUDA", out_features, in_features, fmt.name)
         return "reference"
     if not on_cuda and cpu_supports(fmt, out_features, in_features):
         return "cpu"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -118,9 +119,11 @@ class CausalLMTask:
     def calib_tokens(self) -> int:
         return self.calib_ids.numel()
 
+    @cached_property
     def token_counts(self) -> Counter:
         """How often each token occurs in the whole calibration text, tokenised as the windows are
-        (mpq.hot_rows: which embedding rows a +hot format keeps at int8)."""
+        (mpq.hot_rows: which embedding rows a +hot format keeps at int8). Counted once per task:
+        every quantiser built from it (one per method tried) reads the same counts."""
         return count_tokens(self.tokenizer(text)["input_ids"] for text in self.calib.texts)
 
     def calibration_inputs(self) -> list[dict]:
@@ -221,6 +224,7 @@ class EncoderTask:
     def calib_tokens(self) -> int:
         return int(sum(batch["attention_mask"].sum() for batch in self.calib_batches))
 
+    @cached_property
     def token_counts(self) -> Counter:
         """How often each token occurs over every sentence of the calibration text (not only the
         `samples` the model runs on: counting is cheap), with the [CLS]/[SEP] each lookup adds."""

@@ -20,13 +20,32 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert len(report["rows"]) == 2 * 2 * 3 and all(r["rel_err"] < 1e-2 for r in report["rows"])
 
 
-def _pareto_module():
+def _bench_module(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("pareto_bench", ROOT / "benchmarks" / "pareto.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_kernel_benchmark_failures_on_crafted_results():
+    """A GPU run fails on a kernel off the reference, a loaded config off it, or a layer on the fallback."""
+    kernels = _bench_module("kernels")
+    good_row = {"format": "int4-g128", "shape": "attn", "M": 1, "rel_err": 3e-3}
+    good_check = {"config": "c1", "device": "cuda", "fallback_layers": [], "rel_err": {"prefill": 5e-3, "decode": 4e-3}}
+    assert kernels.failures({"rows": [good_row], "end_to_end": {"checks": [good_check]}}) == []
+    assert kernels.failures({"rows": [good_row]}) == []
+    assert len(kernels.failures({"rows": [good_row, {**good_row, "rel_err": 0.2}]})) == 1
+    assert len(kernels.failures({"rows": [{**good_row, "rel_err": float("nan")}]})) == 1
+    off = {**good_check, "rel_err": {"prefill": 5e-3, "decode": 0.3}}
+    fallback = {**good_check, "fallback_layers": ["model.layers.0.mlp.down_proj"]}
+    found = kernels.failures({"rows": [good_row], "end_to_end": {"checks": [good_check, off, fallback]}})
+    assert len(found) == 2 and "0.3" in found[0] and "down_proj" in found[1]
+
+
+def _pareto_module():
+    return _bench_module("pareto")
 
 
 def row(name, kind, nbytes, ppl, **extra):

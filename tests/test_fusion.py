@@ -8,6 +8,7 @@ import torch
 import mpq
 from mpq.apply import QuantizedWeightCache, applied
 from mpq.checkpoint import kernels_of, save_config
+from mpq.device_check import check_on_device
 from mpq.formats import get_format
 from mpq.fusion import fusion_groups
 from mpq.models import load_model
@@ -66,21 +67,38 @@ def test_fused_model_matches_unfused_and_reloads_bit_identical(tiny_llama_dir, t
 
 
 def test_triton_path_on_a_loaded_model_matches_the_reference(tiny_llama_dir, tmp_path, monkeypatch):
-    """The CUDA dispatch path, exercised on the CPU through the Triton interpreter."""
+    """The CUDA dispatch path, exercised on the CPU through the Triton interpreter (on CUDA when present)."""
     pytest.importorskip("triton")
-    loaded, graph, plan, groups = _setup(tiny_llama_dir)
-    with applied(loaded.model, {k: get_format(v) for k, v in plan.items()}, QuantizedWeightCache(loaded.model), groups) as tensors:
-        save_config(tmp_path / "cfg", loaded.model, loaded.tokenizer, loaded.task, Plan(plan), tensors, {}, groups)
-    ids = torch.randint(0, 4000, (1, 9))
-    reference = mpq.load(tmp_path / "cfg", backend="reference")
+    folder = _saved_config(tiny_llama_dir, tmp_path)
     if torch.cuda.is_available():
-        model, ids_dev = mpq.load(tmp_path / "cfg", device="cuda"), ids.cuda()
+        result = check_on_device(folder, "cuda")
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        model, ids_dev = mpq.load(tmp_path / "cfg", backend="triton"), ids
-    kernels = kernels_of(model)
-    assert kernels["model.layers.0.self_attn.q_proj"] == "triton w8a16 (fused x3)"
-    assert kernels["model.layers.1.mlp.down_proj"] == "triton w4a16"
-    got = model(input_ids=ids_dev, use_cache=False).logits.float().cpu()
-    expected = reference(input_ids=ids, use_cache=False).logits.float()
-    assert ((got - expected).norm() / expected.norm()).item() < 2e-2
+        result = check_on_device(folder, "cpu", backend="triton", tokens=9)
+    # block 0: q/k/v int8 fused, gate/up int4 fused, o and down fp16; block 1: q int8, k/v and gate/up
+    # int4 fused, o and down int4; the int4 head, whose rows the tied embedding reads
+    assert result["kernels"] == {"triton w8a16 (fused x3)": 3, "triton w4a16 (fused x2)": 6, "triton w8a16": 1,
+                                 "triton w4a16": 3, "F.linear": 2, "rows of lm_head's weight (gather + dequantise)": 1}
+    assert result["fallback_layers"] == [] and result["layers"] == 16
+    assert set(result["rel_err"]) == {"prefill", "decode"} and all(e < 2e-2 for e in result["rel_err"].values())
+
+
+def test_inspect_check_compares_a_config_with_the_reference(tiny_llama_dir, tmp_path, capsys):
+    """`mpq inspect --check` on the CPU: torch's CPU kernels against the dequantise reference; a
+    broken kernel would show as a large error, so the printed numbers are asserted small."""
+    from mpq.cli import main
+
+    folder = _saved_config(tiny_llama_dir, tmp_path)
+    assert main(["inspect", str(folder), "--check", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if "relative error to the CPU reference" in l)
+    errors = [float(part.split()[-1]) for part in line.split(": ", 1)[1].split(", ")]
+    assert len(errors) == 2 and all(0 < e < 2e-2 for e in errors)
+    assert "torch _weight_int4pack_mm_for_cpu (fused x2)" in text and "on the reference path" not in text
+
+
+def _saved_config(model_dir, tmp_path):
+    loaded, graph, plan, groups = _setup(model_dir)
+    with applied(loaded.model, {k: get_format(v) for k, v in plan.items()}, QuantizedWeightCache(loaded.model), groups) as tensors:
+        save_config(tmp_path / "cfg", loaded.model, loaded.tokenizer, loaded.task, Plan(plan), tensors, {}, groups)
+    return tmp_path / "cfg"

@@ -112,7 +112,7 @@ def test_tasks_count_every_calibration_token(untied_llama_dir):
     loaded = load_model(str(untied_llama_dir))
     calib = calibration_text(None)
     task = make_task(loaded.task, loaded.tokenizer, calib, 4, 32)
-    counts = task.token_counts()
+    counts = task.token_counts
     assert sum(counts.values()) > task.calib_tokens  # the whole text, not only the calibration windows
     first = loaded.tokenizer(calib.texts[0])["input_ids"]
     assert all(counts[t] >= first.count(t) for t in set(first))
@@ -125,7 +125,7 @@ def test_hot_table_checkpoint_loads_bit_identical_with_the_predicted_bytes(untie
     plan = Plan(formats={layer.name: (fmt.name if layer.is_embedding else "int8") for layer in graph.layers},
                 model=str(untied_llama_dir))
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
-    counts = task.token_counts()
+    counts = task.token_counts
     memory = memory_model(loaded.model, graph.layers, [get_format("int8"), fmt])
     ids = torch.tensor([[t for t, _ in counts.most_common(12)] + [3999, 17]])  # hot tokens and others
     with applied(loaded.model, plan.specs(), QuantizedWeightCache(loaded.model, rtn_quantizer(loaded.model, counts))) as tensors:
@@ -154,7 +154,7 @@ def test_gptq_quantizer_serves_a_hot_table_from_the_calibration_counts(untied_ll
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
     quantizer = method_quantizer("gptq", loaded.model, graph.layers, graph.shared_input_groups(), formats, task)
     served = quantizer(TABLE, formats[1])
-    expected = hot_row_ids(task.token_counts(), loaded.model.config.vocab_size, 16)
+    expected = hot_row_ids(task.token_counts, loaded.model.config.vocab_size, 16)
     assert torch.equal(served["hot_ids"], expected)
     assert torch.equal(served["qweight"], quantizer(TABLE, formats[0])["qweight"])  # the same clipped base table
 

@@ -10,10 +10,12 @@ from mpq.quantize import quantize_weight
 
 pytest.importorskip("triton")
 
-# Pinned configs cover each code path of each kernel: M = 1 multiply-and-sum, split-K with
-# tl.dot (M <= 16), and the tiled GEMM without split.
+# Pinned configs cover each code path of each kernel: M = 1 multiply-and-sum with and without
+# split-K (atomics into fp32, or one store in the activation dtype), split-K with tl.dot
+# (M <= 16), and the tiled GEMM without split.
 PATHS = {
     "gemv-m1": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
+    "gemv-m1-nosplit": {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1},
     "gemv-splitk": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4},
     "gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1},
 }
@@ -68,7 +70,7 @@ def test_w8a16_matches_reference(path, n, k, m, dtype):
 
 @pytest.mark.parametrize("m", [1, 4, 16, 40])
 def test_default_launch_picks_a_regime_and_is_correct(m):
-    """Without a pinned config the launcher chooses by M (autotuned on a GPU, fixed under the interpreter)."""
+    """Without a pinned config the launcher chooses by M (timed per shape on a GPU, fixed under the interpreter)."""
     from mpq.kernels.triton_w4a16 import w4a16_linear
     from mpq.kernels.triton_w8a16 import w8a16_linear
 
@@ -87,6 +89,8 @@ def test_launcher_rejects_mismatched_shapes():
         w4a16_linear(x[:, :128], t["qweight"], t["scales"], t["zeros"], 64)
     with pytest.raises(ValueError, match="do not fit"):
         w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 128)
+    with pytest.raises(ValueError, match="BLOCK_K=128 must divide the group size 64"):
+        w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64, config={**PATHS["gemm"], "BLOCK_K": 128})
 
 
 def test_custom_ops_pass_opcheck_and_compile():

@@ -1,0 +1,110 @@
+"""How the Triton launchers choose a config on a GPU: every candidate timed on the real call,
+the fastest kept per shape. Timing is faked here (CI has no GPU); the launches are real, under
+TRITON_INTERPRET=1."""
+
+import pytest
+import torch
+
+from mpq.formats import get_format
+from mpq.kernels import triton_supports
+from mpq.kernels.reference import linear_reference
+from mpq.qlinear import choose_backend
+from mpq.quantize import quantize_weight
+
+pytest.importorskip("triton")
+
+from mpq.kernels import triton_tuning  # noqa: E402  (imports nothing from triton itself, but its users do)
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.setattr(triton_tuning, "_CHOSEN", {})
+
+
+def test_m_bucket_rounds_up_to_a_power_of_two():
+    assert [triton_tuning.m_bucket(m) for m in (1, 2, 3, 16, 17, 300, 512)] == [1, 2, 4, 16, 32, 512, 512]
+
+
+def test_choose_config_keeps_the_fastest_and_times_each_shape_once():
+    candidates = [{"SPLIT_K": 1}, {"SPLIT_K": 2}, {"SPLIT_K": 4}]
+    speed = {1: 3.0, 2: 1.0, 4: 2.0}
+    timed = []
+
+    def timer(call):
+        config = call()
+        timed.append(config["SPLIT_K"])
+        return speed[config["SPLIT_K"]]
+
+    assert triton_tuning.choose_config("k", candidates, lambda c: c, timer) == {"SPLIT_K": 2}
+    assert triton_tuning.choose_config("k", candidates, lambda c: c, timer) == {"SPLIT_K": 2}
+    assert timed == [1, 2, 4]  # the second call was answered from the cache
+    speed[4] = 0.5
+    assert triton_tuning.choose_config("other shape", candidates, lambda c: c, timer) == {"SPLIT_K": 4}
+    assert set(triton_tuning.chosen_configs()) == {"k", "other shape"}
+
+
+def test_a_failing_candidate_is_skipped_and_all_failing_is_an_error():
+    def run(config):
+        if config["BLOCK_N"] == 128:
+            raise RuntimeError("out of shared memory")
+        return config
+
+    candidates = [{"BLOCK_N": 128}, {"BLOCK_N": 64}]
+    assert triton_tuning.choose_config("k", candidates, run, lambda call: call()["BLOCK_N"]) == {"BLOCK_N": 64}
+    with pytest.raises(RuntimeError, match="no launch config ran.*out of shared memory"):
+        triton_tuning.choose_config("k2", candidates[:1], run, lambda call: call())
+
+
+@pytest.mark.parametrize("m", [1, 5, 20])
+def test_an_untuned_launch_times_every_candidate_and_runs_the_fastest(m, monkeypatch):
+    """The GPU launch path, on the CPU: pinning is switched off, so the launcher times each
+    candidate (fake clock: the no-split config is fastest) and the result is still right."""
+    import mpq.kernels.triton_w4a16 as w4
+
+    candidates = [{"BLOCK_M": 1 if m == 1 else 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": s} for s in (2, 1)]
+    if m > 16:
+        candidates = [{**c, "BLOCK_M": 32, "SPLIT_K": 1, "BLOCK_N": bn} for c, bn in zip(candidates, (16, 32))]
+    monkeypatch.setattr(w4, "interpreting", lambda: False)
+    monkeypatch.setattr(w4, "_candidates", lambda m, group: candidates)
+    outputs = []
+
+    def fake_clock(call):
+        outputs.append(call())
+        return 1.0 if len(outputs) == 2 else 2.0  # the second candidate wins
+
+    monkeypatch.setattr(triton_tuning, "gpu_time_ms", fake_clock)
+    torch.manual_seed(m)
+    fmt = get_format("int4-g64")
+    t = quantize_weight(torch.randn(40, 128), fmt)
+    x = torch.randn(m, 128, dtype=torch.bfloat16)
+    expected = linear_reference(x, t, fmt, None)
+    got = w4.w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64)
+    assert len(outputs) == 2 and list(triton_tuning.chosen_configs().values()) == [candidates[1]]
+    for y in (*outputs, got):
+        assert y.dtype == torch.bfloat16 and ((y.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_the_candidate_spaces_fit_a_gpu():
+    """Every candidate a GPU would time is launchable there: power-of-two tiles, a K step inside
+    one group, and tl.dot operands of 16+ along each side."""
+    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
+    from mpq.kernels.triton_w8a16 import _candidates as w8_candidates
+
+    for m in (1, 4, 16, 64, 512):
+        for group in (32, 64, 128, 4096, 96):
+            for c in w4_candidates(m, group):
+                assert group % c["BLOCK_K"] == 0 and c["BLOCK_K"] // 2 >= 16
+                assert c["BLOCK_M"] in (1, 16) if m <= 16 else c["BLOCK_M"] >= 16
+        for c in w8_candidates(m):
+            assert c["BLOCK_K"] >= 16 and (c["BLOCK_M"] in (1, 16) if m <= 16 else c["BLOCK_M"] >= 16)
+        splits = {c["SPLIT_K"] for c in w4_candidates(m, 128)}
+        assert splits == ({1, 2, 4, 8} if m <= 16 else {1})  # decode may go without atomics
+
+
+def test_int4_layers_whose_groups_a_gpu_kernel_cannot_step_run_the_reference_on_cuda():
+    odd = get_format("int4-pc")  # per channel: one group of all 200 inputs, not whole 32-column steps
+    assert not triton_supports(odd, 200) and triton_supports(odd, 256) and triton_supports(get_format("int8"), 200)
+    assert choose_backend(odd, 64, 200, "auto", "cuda") == "reference"
+    assert choose_backend(odd, 64, 256, "auto", "cuda") == "triton"
+    with pytest.raises(ValueError, match="no Triton kernel for int4-pc at 64x200.*MPQ_KERNELS=reference"):
+        choose_backend(odd, 64, 200, "triton", "cpu")
