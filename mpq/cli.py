@@ -95,6 +95,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(name: str) -> None:
+    """A --device this machine has, or a one-line error (before any model is loaded)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MpqError(f"--device {name} is not a device torch knows: use cpu or cuda") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MpqError(f"--device {name}: this machine has no CUDA GPU that torch {torch.__version__} can use; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise MpqError(f"--device {name}: mpq runs on cpu or cuda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mpq.models import DTYPES
     from mpq.refine import REFINE_TRIALS
@@ -198,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         args.func(args)
     except MpqError as exc:
         print(f"mpq: error: {exc}", file=sys.stderr)

@@ -72,6 +72,15 @@ def test_inspect_of_a_non_config(tmp_path):
     assert "not an mpq config" in line
 
 
+@pytest.mark.parametrize("device,says", [("gpu", "not a device torch knows"), ("mps", "mpq runs on cpu or cuda"),
+                                         ("cuda", "no CUDA GPU")])
+def test_a_device_this_machine_lacks(tmp_path, device, says):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    line = one_line_error(run_cli("inspect", str(tmp_path), "--check", "--device", device))
+    assert says in line and f"--device {device}" in line
+
+
 @pytest.mark.slow
 def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "out"

@@ -7,6 +7,7 @@ import torch
 
 import mpq
 from mpq.cli import main
+from mpq.device_check import check_on_device
 from mpq.models import DEMO_DIR, load_model
 from mpq.tasks import CausalLMTask
 
@@ -74,3 +75,7 @@ def test_compile_minilm(tmp_path):
     assert best > 0.999
     model = mpq.load(out / "configs" / summary["configs"][-1]["name"])
     assert type(model).__name__ == "BertModel"
+    # the encoder through the device check: its hidden states, torch's CPU kernels against the reference
+    check = check_on_device(out / "configs" / summary["configs"][0]["name"], "cpu")
+    assert sum(check["kernels"].values()) == check["layers"] >= 36
+    assert all(0 < e < 2e-2 for e in check["rel_err"].values()), check
