@@ -20,6 +20,23 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert len(report["rows"]) == 2 * 2 * 3 and all(r["rel_err"] < 1e-2 for r in report["rows"])
 
 
+def test_every_kernel_config_compiles_for_an_h100(tmp_path):
+    """Each config a GPU would time goes through Triton's compiler to an sm_90 cubin on this CPU
+    machine; the script fails on any config that does not compile, needs more shared memory than
+    an H100 block has, misses tensor cores on a tl.dot path, or loads weights byte by byte."""
+    pytest.importorskip("triton")
+    from mpq.kernels import triton_w4a16, triton_w8a16
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_compile.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "kernels-compile-sm90.json").read_text())["rows"]
+    expected = sum(len(triton_w4a16._candidates(m, 128)) + len(triton_w8a16._candidates(m)) for m in (1, 16, 64))
+    assert len(rows) == expected and not any(r["problems"] for r in rows)
+    assert {r["tensor_cores"] for r in rows if r["M"] == 1} == {False} and all(r["tensor_cores"] for r in rows if r["M"] > 1)
+    assert any(op.startswith("wgmma") for r in rows if r["M"] == 64 for op in r["ops"])  # Hopper's warpgroup MMA
+
+
 def _bench_module(name):
     import importlib.util
 

@@ -1,0 +1,132 @@
+"""Compile every launch config the kernels would time on a GPU, for a GPU, on any machine.
+
+The interpreter tests prove the kernels' arithmetic but accept programs a GPU compiler rejects
+(tl.dot under 16 rows, more shared memory than a block may have). This script sends each
+candidate config of each regime through Triton's real compiler down to a cubin (ptxas included),
+specialised as a launch specialises it (pointers and multiples of 16 marked aligned, an M of 1 a
+constant), for a target such as sm_90 (H100/H200), and reads the PTX for what the design relies
+on: tensor cores in the tl.dot paths, atomics exactly when split-K, weight bytes loaded several
+at a time, and the shared memory each config needs. No GPU is needed. Prints a table, writes JSON.
+
+    python benchmarks/kernels_compile.py                  # sm_90, Llama 4096x4096 INT4-g128 / INT8
+    python benchmarks/kernels_compile.py --arch 80        # an A100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # real JIT functions, whatever the caller's environment says
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from mpq.kernels import triton_w4a16, triton_w8a16  # noqa: E402
+
+SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}  # bytes of dynamic shared memory per block
+LOADS = re.compile(r"\b(?:ld\.global|cp\.async\.c[ag]|atom|red|mma|wgmma)[\w.]*")
+
+
+def compile_for(kernel, runtime: dict[str, tuple[str, int]], constexprs: dict, num_warps: int, num_stages: int,
+                arch: int):
+    """triton.compile for cuda sm_`arch` without a GPU. `runtime`: argument -> (Triton type, value)."""
+    signature, constants, attrs = {}, {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs or (runtime[name][0].startswith("i") and runtime[name][1] == 1):
+            signature[name] = "constexpr"
+            constants[(index,)] = constexprs.get(name, 1)
+            continue
+        kind, value = runtime[name]
+        signature[name] = kind
+        if kind.startswith("*") or value % 16 == 0:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: int, arch: int) -> dict:
+    tiles = {key: value for key, value in config.items() if key.isupper()}
+    atomic = tiles["SPLIT_K"] > 1
+    int4 = name == "w4a16"
+    runtime = {"x_ptr": ("*bf16", 0), "w_ptr": ("*u8" if int4 else "*i8", 0), "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
+               "out_ptr": ("*fp32" if atomic else "*bf16", 0), "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
+               "stride_xm": ("i32", k), "stride_wn": ("i32", k // 2 if int4 else k), "stride_sn": ("i32", k // group),
+               "stride_om": ("i32", n)}
+    constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": tl.bfloat16}
+    if int4:
+        constexprs.update(GROUP=group, HAS_ZEROS=True)
+    kernel = triton_w4a16._w4a16_kernel if int4 else triton_w8a16._w8a16_kernel
+    row = {"kernel": name, "M": m, "config": config}
+    try:
+        compiled = compile_for(kernel, runtime, constexprs, config["num_warps"], config["num_stages"], arch)
+    except Exception as error:  # noqa: BLE001 - a config the compiler refuses is a finding, not a crash
+        return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+    ops = Counter(LOADS.findall(compiled.asm["ptx"]))
+    return {**row, "cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "ops": dict(ops),
+            "tensor_cores": any(op.startswith(("mma", "wgmma")) for op in ops),
+            "atomics": any(op.startswith(("atom", "red")) for op in ops),
+            "byte_loads": any(op.startswith(("ld.global.b8", "ld.global.u8", "ld.global.s8")) for op in ops)}
+
+
+def problems(row: dict, arch: int) -> list[str]:
+    """What would break or undo the design on that GPU."""
+    if "error" in row:
+        return [row["error"]]
+    found = []
+    if row["shared"] > SHARED_LIMIT.get(arch, SHARED_LIMIT[80]):
+        found.append(f"needs {row['shared']} B of shared memory")
+    if row["tensor_cores"] != (row["config"]["BLOCK_M"] > 1):
+        found.append("tensor cores " + ("unused on a tl.dot path" if row["config"]["BLOCK_M"] > 1 else "on the M = 1 path"))
+    if row["atomics"] != (row["config"]["SPLIT_K"] > 1):
+        found.append("atomics " + ("missing under split-K" if row["config"]["SPLIT_K"] > 1 else "without split-K"))
+    if row["byte_loads"]:
+        found.append("weights loaded one byte at a time")
+    if not row["cubin"]:
+        found.append("no cubin")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--batches", default="1,16,64", help="values of M: one per code path (M = 1, tl.dot gemv, gemm)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    n, k, group = 4096, 4096, 128
+    start = time.perf_counter()
+    rows = []
+    for name in ("w4a16", "w8a16"):
+        for m in map(int, args.batches.split(",")):
+            candidates = triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m)
+            for config in candidates:
+                row = compile_candidate(name, m, config, n, k, group, args.arch)
+                row["problems"] = problems(row, args.arch)
+                rows.append(row)
+    print(f"# sm_{args.arch}, {n}x{k}, INT4 group {group}: {len(rows)} configs compiled in {time.perf_counter() - start:.0f} s")
+    print("| kernel | M | BLOCK M/N/K | split | warps/stages | shared B | tensor cores | atomics | problems |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c = r["config"]
+        print(f"| {r['kernel']} | {r['M']} | {c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} | {c['SPLIT_K']} | "
+              f"{c['num_warps']}/{c['num_stages']} | {r.get('shared', '-')} | {r.get('tensor_cores', '-')} | "
+              f"{r.get('atomics', '-')} | {'; '.join(r['problems']) or '-'} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"kernels-compile-sm{args.arch}.json"
+    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+    bad = [r for r in rows if r["problems"]]
+    if bad:
+        raise SystemExit(f"{len(bad)} of {len(rows)} configs have problems")
+
+
+if __name__ == "__main__":
+    main()
