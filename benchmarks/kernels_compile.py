@@ -6,7 +6,12 @@ candidate config of each regime through Triton's real compiler down to a cubin (
 specialised as a launch specialises it (pointers and multiples of 16 marked aligned, an M of 1 a
 constant), for a target such as sm_90 (H100/H200), and reads the PTX for what the design relies
 on: tensor cores in the tl.dot paths, atomics exactly when split-K, weight bytes loaded several
-at a time, and the shared memory each config needs. No GPU is needed. Prints a table, writes JSON.
+at a time, and the shared memory each config needs. It also disassembles each cubin (nvdisasm,
+bundled with Triton) and counts the instructions in the K loop per weight byte a thread reads:
+decode is memory-bound only while the SMs can issue that many instructions in the time the
+memory delivers the byte (an H100 SXM issues about 3.3e13 thread-instructions a second, 132 SMs
+x 128 lanes x 1.98 GHz, against 3.35e12 B/s of HBM: about 10 per byte is where the two cross).
+No GPU is needed. Prints a table, writes JSON.
 
     python benchmarks/kernels_compile.py                  # sm_90, Llama 4096x4096 INT4-g128 / INT8
     python benchmarks/kernels_compile.py --arch 80        # an A100
@@ -18,6 +23,8 @@ import argparse
 import json
 import os
 import re
+import subprocess
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,6 +40,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from mpq.kernels import triton_w4a16, triton_w8a16  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}  # bytes of dynamic shared memory per block
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+BRANCH_BACK = re.compile(r"\bBRA\b[^;]*?(\.L_x_\d+)")
 LOADS = re.compile(r"\b(?:ld\.global|cp\.async\.c[ag]|atom|red|mma|wgmma)[\w.]*")
 
 
@@ -53,17 +62,39 @@ def compile_for(kernel, runtime: dict[str, tuple[str, int]], constexprs: dict, n
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def k_loop_instructions(cubin: bytes) -> Counter:
+    """Opcodes of the kernel's K loop: the longest body a backward branch closes, in the SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    labels = {line.strip()[:-1]: index for index, line in enumerate(sass) if re.fullmatch(r"\s*\.L_x_\d+:", line)}
+    loops = [(labels[m.group(1)], index) for index, line in enumerate(sass)
+             if (m := BRANCH_BACK.search(line)) and labels.get(m.group(1), index) < index]
+    if not loops:
+        return Counter()
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    return Counter(m.group(1) for line in sass[start:end + 1] if (m := INSTRUCTION.search(line)))
+
+
+def weight_bytes_per_thread(name: str, config: dict) -> float:
+    """Weight bytes one thread reads per K step (the loop runs one step per pass)."""
+    per_column = config["BLOCK_K"] // 2 if name == "w4a16" else config["BLOCK_K"]
+    return config["BLOCK_N"] * per_column / (32 * config["num_warps"])
+
+
 def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: int, arch: int) -> dict:
     tiles = {key: value for key, value in config.items() if key.isupper()}
     atomic = tiles["SPLIT_K"] > 1
     int4 = name == "w4a16"
-    runtime = {"x_ptr": ("*bf16", 0), "w_ptr": ("*u8" if int4 else "*i8", 0), "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
+    runtime = {"x_ptr": ("*i32" if int4 else "*bf16", 0), "w_ptr": ("*u8" if int4 else "*i8", 0), "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
                "out_ptr": ("*fp32" if atomic else "*bf16", 0), "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
-               "stride_xm": ("i32", k), "stride_wn": ("i32", k // 2 if int4 else k), "stride_sn": ("i32", k // group),
+               "stride_xm": ("i32", k // 2 if int4 else k), "stride_wn": ("i32", k // 2 if int4 else k), "stride_sn": ("i32", k // group),
                "stride_om": ("i32", n)}
     constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": tl.bfloat16}
     if int4:
-        constexprs.update(GROUP=group, HAS_ZEROS=True)
+        constexprs.update(GROUP=group, HAS_ZEROS=True, X_PAIRS=True, X_DTYPE=tl.bfloat16)
     kernel = triton_w4a16._w4a16_kernel if int4 else triton_w8a16._w8a16_kernel
     row = {"kernel": name, "M": m, "config": config}
     try:
@@ -71,7 +102,11 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     except Exception as error:  # noqa: BLE001 - a config the compiler refuses is a finding, not a crash
         return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
     ops = Counter(LOADS.findall(compiled.asm["ptx"]))
+    loop = k_loop_instructions(compiled.asm["cubin"])
+    per_byte = sum(loop.values()) / weight_bytes_per_thread(name, config) if loop else None
     return {**row, "cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "ops": dict(ops),
+            "loop_instructions": sum(loop.values()), "loop_opcodes": dict(loop.most_common()),
+            "instructions_per_weight_byte": per_byte,
             "tensor_cores": any(op.startswith(("mma", "wgmma")) for op in ops),
             "atomics": any(op.startswith(("atom", "red")) for op in ops),
             "byte_loads": any(op.startswith(("ld.global.b8", "ld.global.u8", "ld.global.s8")) for op in ops)}
@@ -92,7 +127,21 @@ def problems(row: dict, arch: int) -> list[str]:
         found.append("weights loaded one byte at a time")
     if not row["cubin"]:
         found.append("no cubin")
+    if not row["loop_instructions"]:
+        found.append("no K loop found in the SASS")
     return found
+
+
+def leanest_loops(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """Per (kernel, M): the config whose K loop spends the fewest instructions per weight byte."""
+    best: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        if row.get("instructions_per_weight_byte") is None:
+            continue
+        key = (row["kernel"], row["M"])
+        if key not in best or row["instructions_per_weight_byte"] < best[key]["instructions_per_weight_byte"]:
+            best[key] = row
+    return best
 
 
 def main() -> None:
@@ -112,16 +161,25 @@ def main() -> None:
                 row["problems"] = problems(row, args.arch)
                 rows.append(row)
     print(f"# sm_{args.arch}, {n}x{k}, INT4 group {group}: {len(rows)} configs compiled in {time.perf_counter() - start:.0f} s")
-    print("| kernel | M | BLOCK M/N/K | split | warps/stages | shared B | tensor cores | atomics | problems |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | M | BLOCK M/N/K | split | warps/stages | shared B | tensor cores | atomics | loop instr / weight B | problems |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["config"]
+        per_byte = r.get("instructions_per_weight_byte")
         print(f"| {r['kernel']} | {r['M']} | {c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} | {c['SPLIT_K']} | "
               f"{c['num_warps']}/{c['num_stages']} | {r.get('shared', '-')} | {r.get('tensor_cores', '-')} | "
-              f"{r.get('atomics', '-')} | {'; '.join(r['problems']) or '-'} |")
+              f"{r.get('atomics', '-')} | {'-' if per_byte is None else f'{per_byte:.2f}'} | {'; '.join(r['problems']) or '-'} |")
+    print("\nLeanest K loop per kernel and M (instructions per weight byte, per thread):")
+    for (kernel, m), r in leanest_loops(rows).items():
+        c = r["config"]
+        print(f"  {kernel} M={m}: {r['instructions_per_weight_byte']:.2f} with BLOCK {c['BLOCK_M']}/{c['BLOCK_N']}/"
+              f"{c['BLOCK_K']}, split {c['SPLIT_K']}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"kernels-compile-sm{args.arch}.json"
-    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "rows": rows}, indent=2) + "\n")
+    leanest = [{"kernel": kernel, "M": m, "instructions_per_weight_byte": r["instructions_per_weight_byte"],
+                "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
+    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "leanest": leanest, "rows": rows},
+                               indent=2) + "\n")
     print(f"wrote {path}")
     bad = [r for r in rows if r["problems"]]
     if bad:

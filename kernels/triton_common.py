@@ -17,11 +17,11 @@ def interpreting() -> bool:
 
 
 def dot_dtype(x_dtype: torch.dtype):
-    """The dtype fed to tl.dot: the activation dtype on a GPU; fp32 under the interpreter, whose
-    bf16 tl.dot returns garbage (seen with triton 3.6-3.9)."""
+    """The dtype fed to tl.dot: the activation dtype on a GPU (bf16 for fp32 activations, whose
+    range fp16 lacks); fp32 under the interpreter, whose bf16 tl.dot returns garbage (triton 3.6-3.9)."""
     if interpreting():
         return tl.float32
-    return tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float16
+    return tl.float16 if x_dtype == torch.float16 else tl.bfloat16
 
 
 def regime(m: int) -> str:
@@ -32,6 +32,19 @@ def regime(m: int) -> str:
 def block_m_for(m: int) -> int:
     # M == 1 takes the multiply-and-sum path (no tensor cores needed); otherwise tl.dot needs 16+ rows.
     return 1 if m == 1 else 16
+
+
+def decode_candidates(m: int, k_steps: list[int], dot_k_step: int) -> list[dict]:
+    """The decode (M <= 16) launch space both kernels share: tile width, K step and split (1 = no
+    atomics), which trade parallelism against extra launches. At M = 1 a few tl.dot configs (15 of
+    their 16 rows masked) join the multiply-and-sum ones: the tensor cores do the multiply-adds that
+    would otherwise compete with dequantisation for issue slots, and the timer decides which wins."""
+    space = [{"BLOCK_M": block_m_for(m), "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
+             for bn in (16, 32, 64, 128) for bk in k_steps for sk in (1, 2, 4, 8)]
+    if m == 1:
+        space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": dot_k_step, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
+                  for bn in (32, 64, 128) for sk in (1, 2, 4, 8)]
+    return space
 
 
 def check_activation(x: torch.Tensor, in_features: int) -> None:
@@ -53,10 +66,11 @@ def interpreter_config(m: int, k_step: int) -> dict:
 
 
 def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
-               config: dict) -> torch.Tensor:
+               config: dict, x_arg: torch.Tensor | None = None) -> torch.Tensor:
     """Allocate the output and launch one config.
 
-    Kernels take (x, *pointers, out, *scalars, stride of out, **meta). A config with SPLIT_K > 1
+    Kernels take (x, *pointers, out, *scalars, stride of out, **meta); `x_arg` replaces x there
+    when a kernel reads it through another view (W4A16's int32 pairs). A config with SPLIT_K > 1
     adds its partial sums through fp32 atomics into a zeroed buffer that is cast back here; one
     without split stores its tile once, in the activation dtype, with no extra launch.
     """
@@ -65,19 +79,19 @@ def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple,
     out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic
            else torch.empty((m, n), device=x.device, dtype=x.dtype))
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-    kernel[grid](x, *pointers, out, *scalars, out.stride(0), **meta, ATOMIC=atomic,
+    kernel[grid](x if x_arg is None else x_arg, *pointers, out, *scalars, out.stride(0), **meta, ATOMIC=atomic,
                  DOT_DTYPE=dot_dtype(x.dtype), **config)
     return out.to(x.dtype) if atomic else out
 
 
 def launch(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict | None,
-           shape_key: tuple, candidates: list[dict]) -> torch.Tensor:
+           shape_key: tuple, candidates: list[dict], x_arg: torch.Tensor | None = None) -> torch.Tensor:
     """Run `config` when pinned, else the fastest of `candidates` for this shape (timed on first use)."""
     if config is None:
         m = x.shape[0]
         key = (kernel.__name__, regime(m), m_bucket(m), n, *shape_key, str(x.dtype), str(x.device))
-        config = choose_config(key, candidates, lambda c: run_config(kernel, x, n, pointers, scalars, meta, c))
-    return run_config(kernel, x, n, pointers, scalars, meta, config)
+        config = choose_config(key, candidates, lambda c: run_config(kernel, x, n, pointers, scalars, meta, c, x_arg))
+    return run_config(kernel, x, n, pointers, scalars, meta, config, x_arg)
 
 
 @triton.jit

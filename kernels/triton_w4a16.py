@@ -6,11 +6,17 @@ nibble; scales [N, K/G] bf16; zeros [N, K/G] (integer zero points, asymmetric) o
 
 One kernel, two regimes picked by M (kernels/triton_common.regime):
 - gemv (M <= 16, memory-bound decode): BLOCK_M = 1 multiplies and sums without tensor cores, or
-  BLOCK_M = 16 for M in 2..16; split-K spreads the K loop over more programs so the whole GPU
-  reads weights at once, partial sums meet through fp32 atomics.
+  BLOCK_M = 16 runs tl.dot (M in 2..16, and timed against the former at M = 1); split-K spreads
+  the K loop over more programs so the whole GPU reads weights at once, partial sums meet
+  through fp32 atomics. Both apply the scale to each K step's sum, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), no split.
 BLOCK_K always divides the group size, so each K step reads one scale (and zero) per column and
 K needs no mask (K is a multiple of G).
+
+Decode reads little and must not spend more issue slots per weight byte than the memory system
+takes to deliver it (benchmarks/kernels_compile.py counts them): nibbles become floats by bit
+tricks instead of conversion instructions, and 16-bit activations are read as int32 pairs that
+line up with the packed bytes.
 """
 
 from __future__ import annotations
@@ -19,17 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import (block_m_for, check_activation, interpreter_config, interpreting, launch, regime,
-                                       store_tile, tile_offsets)
+from mpq.kernels.triton_common import (check_activation, decode_candidates, interpreter_config, interpreting, launch,
+                                       regime, store_tile, tile_offsets)
 
 
 def _candidates(m: int, group: int) -> list[dict]:
-    """A small, deliberate space. Decode: tile width, K step and split (1 = no atomics), which
-    trade parallelism against extra launches. Prefill: tile shape and pipeline depth."""
+    """A small, deliberate space: decode_candidates for M <= 16; tile shape and pipeline depth for prefill."""
     steps = [bk for bk in (64, 128) if group % bk == 0] or [k_step_for(group)]
     if regime(m) == "gemv":
-        return [{"BLOCK_M": block_m_for(m), "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
-                for bn in (16, 32, 64, 128) for bk in steps for sk in (1, 2, 4, 8)]
+        return decode_candidates(m, steps, steps[-1])
     return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in steps for st in (3, 4)]
 
@@ -43,6 +47,7 @@ def k_step_for(group: int) -> int:
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
                   stride_xm, stride_wn, stride_sn, stride_om,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
@@ -52,24 +57,63 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
-                         mask=mask_n[None, :], other=0).to(tl.int32)  # [BLOCK_K/2, BLOCK_N]
+                         mask=mask_n[None, :], other=0).to(tl.int32)  # [BLOCK_K/2, BLOCK_N], zero-extended
         group = k0 // GROUP
         scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
         else:
             zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        w_lo = ((packed & 0xF).to(tl.float32) - zero[None, :]) * scale[None, :]
-        w_hi = (((packed >> 4) & 0xF).to(tl.float32) - zero[None, :]) * scale[None, :]
-        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * offs_j)[None, :], mask=mask_m[:, None], other=0.0)
-        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * offs_j + 1)[None, :], mask=mask_m[:, None], other=0.0)
+        # q - z for each nibble without an int-to-float conversion (a reduced-rate instruction, one
+        # per weight): OR-ing the low nibble q into the mantissa of 2^23 makes the float 2^23 + q,
+        # and one subtraction of 2^23 + z leaves q - z exactly. The high nibble stays in place
+        # (2^23 + 16 q), saving the shift; a fused multiply-add by 1/16 takes 2^19 + z off 2^19 + q.
+        offset = zero + 8388608.0
+        w_lo = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - offset[None, :]
+        w_hi = ((packed & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) * 0.0625 - (zero + 524288.0)[None, :]
+        x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
         if BLOCK_M == 1:
-            acc += tl.sum(x_even.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_lo, axis=0)[None, :]
-            acc += tl.sum(x_odd.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_hi, axis=0)[None, :]
+            # The group's scale is one number per column, so it multiplies the step's sum, not each weight.
+            part = tl.sum(x_even.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_lo
+                          + x_odd.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_hi, axis=0)
+            acc += (part * scale)[None, :]
+        elif BLOCK_M <= 16:
+            # q - z is a small integer, exact in fp16/bf16: the tensor cores see exact weights and
+            # the scale is applied to the step's [BLOCK_M, BLOCK_N] result.
+            part = tl.dot(x_even.to(DOT_DTYPE), w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
+            part = tl.dot(x_odd.to(DOT_DTYPE), w_hi.to(DOT_DTYPE), acc=part, out_dtype=tl.float32)
+            acc += part * scale[None, :]
         else:
-            acc += tl.dot(x_even.to(DOT_DTYPE), w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
-            acc += tl.dot(x_odd.to(DOT_DTYPE), w_hi.to(DOT_DTYPE), out_dtype=tl.float32)
+            # Prefill tiles have more rows than a K step has columns: scaling each weight is cheaper.
+            acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
+            acc = tl.dot(x_odd.to(DOT_DTYPE), (w_hi * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+
+
+@triton.jit
+def load_x_halves(x_ptr, offs_m, mask_m, stride_xm, pair_index, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr):
+    """x[:, 2j] and x[:, 2j + 1] for the packed byte indices j. 16-bit activations arrive as int32
+    pairs (x_pairs), so one 4-byte load per byte of weights brings both, in the weights' layout;
+    fp32 activations are read as two strided halves."""
+    if X_PAIRS:
+        pairs = tl.load(x_ptr + offs_m[:, None] * stride_xm + pair_index[None, :], mask=mask_m[:, None], other=0)
+        x_even = (pairs & 0xFFFF).to(tl.uint16).to(X_DTYPE, bitcast=True)
+        x_odd = (pairs >> 16).to(tl.uint16).to(X_DTYPE, bitcast=True)
+    else:
+        row = x_ptr + offs_m[:, None] * stride_xm + 2 * pair_index[None, :]
+        x_even = tl.load(row, mask=mask_m[:, None], other=0.0)
+        x_odd = tl.load(row + 1, mask=mask_m[:, None], other=0.0)
+    return x_even, x_odd
+
+
+def x_pairs(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The activation argument and its constexprs: a 16-bit x as int32 pairs (a view; a copy
+    only when its storage starts at an odd element), an fp32 x as it is."""
+    if x.element_size() != 2:
+        return x, {"X_PAIRS": False, "X_DTYPE": tl.float32}
+    if x.storage_offset() % 2:
+        x = x.clone()
+    return x.view(torch.int32), {"X_PAIRS": True, "X_DTYPE": tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16}
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -86,10 +130,11 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if config is not None and group_size % config["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={config['BLOCK_K']} must divide the group size {group_size} (one scale per K step)")
     pointers = (qweight, scales, zeros if zeros is not None else scales)  # unused zeros pointer when symmetric
-    scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(0), scales.stride(0))
-    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None}
+    x_arg, x_meta = x_pairs(x)
+    scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(0), scales.stride(0))
+    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, **x_meta}
     out = launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=(k, group_size, zeros is not None),
-                 candidates=_candidates(x.shape[0], group_size))
+                 candidates=_candidates(x.shape[0], group_size), x_arg=x_arg)
     if bias is not None:
         out += bias.to(out.dtype)
     return out

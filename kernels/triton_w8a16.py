@@ -12,15 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import (block_m_for, check_activation, interpreter_config, interpreting, launch, regime,
-                                       store_tile, tile_offsets)
+from mpq.kernels.triton_common import (check_activation, decode_candidates, interpreter_config, interpreting, launch,
+                                       regime, store_tile, tile_offsets)
 
 
 def _candidates(m: int) -> list[dict]:
-    """As W4A16's: tile width, K step and split for decode; tile shape and pipeline depth for prefill."""
+    """As W4A16's: decode_candidates for M <= 16; tile shape and pipeline depth for prefill."""
     if regime(m) == "gemv":
-        return [{"BLOCK_M": block_m_for(m), "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
-                for bn in (16, 32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+        return decode_candidates(m, [128, 256], 128)
     return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in (64, 128) for st in (3, 4)]
 
@@ -34,17 +33,27 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, s
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:
+        # The scale is per output channel, so the products can pile up per (k, n) over the whole
+        # K loop and be summed across threads once at the end, not once per K step.
+        acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         mask_k = (k0 + offs_k) < K
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N] int8
+                    mask=mask_k[:, None] & mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N] bytes of int8
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if BLOCK_M == 1:
-            acc += tl.sum(x.to(tl.float32).reshape(BLOCK_K, 1) * w.to(tl.float32), axis=0)[None, :]
+            # int8 to float without a conversion instruction: the byte read unsigned with its top
+            # bit flipped is q + 128; XOR-ing both into the mantissa of 2^23 gives 2^23 + q + 128.
+            biased = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
+            acc_k += x.to(tl.float32).reshape(BLOCK_K, 1) * (biased - 8388736.0)
         else:
-            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), out_dtype=tl.float32)
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_k, axis=0)[None, :]
     scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc = acc * scale[None, :]
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)

@@ -68,6 +68,25 @@ def test_w8a16_matches_reference(path, n, k, m, dtype):
     assert rel_err(got, expected) < 1e-2
 
 
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("m", [1, 3])
+def test_w4a16_reads_fp32_and_odd_offset_activations(path, m):
+    """16-bit activations are read as int32 pairs; fp32 ones as two strided halves, and a 16-bit x
+    whose storage starts at an odd element is copied first (a pairs view would be misaligned)."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+
+    fmt, t, x, bias = _inputs("int4-g64", 40, 256, m, torch.float32, seed=11 + m)
+    config = dict(PATHS[path])
+    if config["BLOCK_M"] == 1 and m != 1:
+        config["BLOCK_M"] = 16
+    got = w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64, bias, config=config)
+    assert got.dtype == torch.float32 and rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+    shifted = torch.randn(m * 256 + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(m, 256)
+    assert shifted.storage_offset() == 1
+    got = w4a16_linear(shifted, t["qweight"], t["scales"], t["zeros"], 64, bias.bfloat16(), config=config)
+    assert rel_err(got, linear_reference(shifted, t, fmt, bias.bfloat16())) < 1e-2
+
 @pytest.mark.parametrize("m", [1, 4, 16, 40])
 def test_default_launch_picks_a_regime_and_is_correct(m):
     """Without a pinned config the launcher chooses by M (timed per shape on a GPU, fixed under the interpreter)."""
