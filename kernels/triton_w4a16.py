@@ -68,9 +68,12 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
         # per weight): OR-ing the low nibble q into the mantissa of 2^23 makes the float 2^23 + q,
         # and one subtraction of 2^23 + z leaves q - z exactly. The high nibble stays in place
         # (2^23 + 16 q), saving the shift; a fused multiply-add by 1/16 takes 2^19 + z off 2^19 + q.
+        # The exponent is OR-ed in once per byte and each mask keeps it, so every logic instruction
+        # has one constant: with two (mask, then exponent) ptxas reloaded a register per nibble.
         offset = zero + 8388608.0
-        w_lo = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - offset[None, :]
-        w_hi = ((packed & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) * 0.0625 - (zero + 524288.0)[None, :]
+        biased = packed | 0x4B000000
+        w_lo = (biased & 0x4B00000F).to(tl.float32, bitcast=True) - offset[None, :]
+        w_hi = (biased & 0x4B0000F0).to(tl.float32, bitcast=True) * 0.0625 - (zero + 524288.0)[None, :]
         x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
         if BLOCK_M == 1:
             # The group's scale is one number per column, so it multiplies the step's sum, not each weight.
