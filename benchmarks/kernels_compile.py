@@ -94,7 +94,7 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
                "stride_om": ("i32", n)}
     constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": tl.bfloat16}
     if int4:
-        constexprs.update(GROUP=group, HAS_ZEROS=True, X_PAIRS=True, X_DTYPE=tl.bfloat16)
+        constexprs.update(GROUP=group, HAS_ZEROS=True, X_PAIRS=True, X_DTYPE=tl.bfloat16, NIBBLE_DTYPE=tl.bfloat16)
     kernel = triton_w4a16._w4a16_kernel if int4 else triton_w8a16._w8a16_kernel
     row = {"kernel": name, "M": m, "config": config}
     try:

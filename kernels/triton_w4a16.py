@@ -15,8 +15,9 @@ K needs no mask (K is a multiple of G).
 
 Decode reads little and must not spend more issue slots per weight byte than the memory system
 takes to deliver it (benchmarks/kernels_compile.py counts them): nibbles become floats by bit
-tricks instead of conversion instructions, and 16-bit activations are read as int32 pairs that
-line up with the packed bytes.
+tricks instead of conversion instructions (nibble_floats on the tensor-core decode path, where
+the zero point comes off the result instead of each weight; nibbles_minus_zero elsewhere), and
+16-bit activations are read as int32 pairs that line up with the packed bytes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def k_step_for(group: int) -> int:
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
                   stride_xm, stride_wn, stride_sn, stride_om,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr,
+                  X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, NIBBLE_DTYPE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
@@ -57,40 +58,71 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
-                         mask=mask_n[None, :], other=0).to(tl.int32)  # [BLOCK_K/2, BLOCK_N], zero-extended
+                         mask=mask_n[None, :], other=0)  # [BLOCK_K/2, BLOCK_N] bytes
         group = k0 // GROUP
         scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
         else:
             zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        # q - z for each nibble without an int-to-float conversion (a reduced-rate instruction, one
-        # per weight): OR-ing the low nibble q into the mantissa of 2^23 makes the float 2^23 + q,
-        # and one subtraction of 2^23 + z leaves q - z exactly. The high nibble stays in place
-        # (2^23 + 16 q), saving the shift; a fused multiply-add by 1/16 takes 2^19 + z off 2^19 + q.
-        # The exponent is OR-ed in once per byte and each mask keeps it, so every logic instruction
-        # has one constant: with two (mask, then exponent) ptxas reloaded a register per nibble.
-        offset = zero + 8388608.0
-        biased = packed | 0x4B000000
-        w_lo = (biased & 0x4B00000F).to(tl.float32, bitcast=True) - offset[None, :]
-        w_hi = (biased & 0x4B0000F0).to(tl.float32, bitcast=True) * 0.0625 - (zero + 524288.0)[None, :]
         x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
-        if BLOCK_M == 1:
-            # The group's scale is one number per column, so it multiplies the step's sum, not each weight.
-            part = tl.sum(x_even.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_lo
-                          + x_odd.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_hi, axis=0)
-            acc += (part * scale)[None, :]
-        elif BLOCK_M <= 16:
-            # q - z is a small integer, exact in fp16/bf16: the tensor cores see exact weights and
-            # the scale is applied to the step's [BLOCK_M, BLOCK_N] result.
-            part = tl.dot(x_even.to(DOT_DTYPE), w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
-            part = tl.dot(x_odd.to(DOT_DTYPE), w_hi.to(DOT_DTYPE), acc=part, out_dtype=tl.float32)
-            acc += part * scale[None, :]
+        if BLOCK_M > 1 and BLOCK_M <= 16:
+            # Decode on tensor cores multiplies exact integers: nibble_floats makes each nibble q
+            # the 16-bit float B + q, the products are exact and summed in fp32, and (B + z) times
+            # the step's activation sum comes off the result, which the group's scale then scales.
+            # The sum is of the activations as the tensor cores see them (rounded to 16 bits).
+            x_even = x_even.to(NIBBLE_DTYPE).to(DOT_DTYPE)
+            x_odd = x_odd.to(NIBBLE_DTYPE).to(DOT_DTYPE)
+            w_lo, w_hi, base = nibble_floats(packed, NIBBLE_DTYPE)
+            part = tl.dot(x_even, w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
+            part = tl.dot(x_odd, w_hi.to(DOT_DTYPE), acc=part, out_dtype=tl.float32)
+            x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+            acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
         else:
-            # Prefill tiles have more rows than a K step has columns: scaling each weight is cheaper.
-            acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
-            acc = tl.dot(x_odd.to(DOT_DTYPE), (w_hi * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
+            w_lo, w_hi = nibbles_minus_zero(packed, zero)
+            if BLOCK_M == 1:
+                # The group's scale is one number per column, so it multiplies the step's sum, not each weight.
+                part = tl.sum(x_even.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_lo
+                              + x_odd.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_hi, axis=0)
+                acc += (part * scale)[None, :]
+            else:
+                # Prefill tiles have more rows than a K step has columns: scaling each weight is cheaper.
+                acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc,
+                             out_dtype=tl.float32)
+                acc = tl.dot(x_odd.to(DOT_DTYPE), (w_hi * scale[None, :]).to(DOT_DTYPE), acc=acc,
+                             out_dtype=tl.float32)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+
+
+@triton.jit
+def nibbles_minus_zero(packed, zero):
+    """q - z in fp32 for the low and high nibble of each byte, without an int-to-float conversion
+    (a reduced-rate instruction, one per weight): OR-ing the low nibble q into the mantissa of 2^23
+    makes the float 2^23 + q, and one subtraction of 2^23 + z leaves q - z exactly. The high nibble
+    stays in place (2^23 + 16 q), saving the shift; a fused multiply-add by 1/16 takes 2^19 + z off
+    2^19 + q. The exponent is OR-ed in once per byte and each mask keeps it, so every logic
+    instruction has one constant: with two (mask, then exponent) ptxas reloaded a register per nibble."""
+    biased = packed.to(tl.int32) | 0x4B000000
+    w_lo = (biased & 0x4B00000F).to(tl.float32, bitcast=True) - (zero + 8388608.0)[None, :]
+    w_hi = (biased & 0x4B0000F0).to(tl.float32, bitcast=True) * 0.0625 - (zero + 524288.0)[None, :]
+    return w_lo, w_hi
+
+
+@triton.jit
+def nibble_floats(packed, NIBBLE_DTYPE: tl.constexpr):
+    """The low and high nibble q of each byte as the 16-bit float B + q, and B: the nibble OR-ed
+    into the mantissa of B, the power of two at which that float's spacing is 1 (bf16: 128, fp16:
+    1024). No conversion instruction, and the 16-bit logic runs two values per 32-bit instruction."""
+    if NIBBLE_DTYPE == tl.float16:
+        bits: tl.constexpr = 0x6400
+        base: tl.constexpr = 1024.0
+    else:
+        bits: tl.constexpr = 0x4300
+        base: tl.constexpr = 128.0
+    wide = packed.to(tl.int16)  # zero-extended: the high nibble shifts down with nothing above it
+    w_lo = ((wide | bits) & (bits | 0xF)).to(NIBBLE_DTYPE, bitcast=True)
+    w_hi = ((wide >> 4) | bits).to(NIBBLE_DTYPE, bitcast=True)
+    return w_lo, w_hi, base
 
 
 @triton.jit
@@ -135,7 +167,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     pointers = (qweight, scales, zeros if zeros is not None else scales)  # unused zeros pointer when symmetric
     x_arg, x_meta = x_pairs(x)
     scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(0), scales.stride(0))
-    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, **x_meta}
+    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, **x_meta,
+            "NIBBLE_DTYPE": tl.float16 if x.dtype == torch.float16 else tl.bfloat16}  # the decode tl.dot's dtype
     out = launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=(k, group_size, zeros is not None),
                  candidates=_candidates(x.shape[0], group_size), x_arg=x_arg)
     if bias is not None:
