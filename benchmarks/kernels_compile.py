@@ -15,6 +15,7 @@ No GPU is needed. Prints a table, writes JSON.
 
     python benchmarks/kernels_compile.py                  # sm_90, Llama 4096x4096 INT4-g128 / INT8
     python benchmarks/kernels_compile.py --arch 80        # an A100
+    python benchmarks/kernels_compile.py --group 32 --activations fp32 --symmetric --batches 1
 """
 
 from __future__ import annotations
@@ -84,17 +85,27 @@ def weight_bytes_per_thread(name: str, config: dict) -> float:
     return config["BLOCK_N"] * per_column / (32 * config["num_warps"])
 
 
-def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: int, arch: int) -> dict:
+DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+
+
+def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: int, arch: int,
+                      activations: str = "bf16", symmetric: bool = False) -> dict:
+    """One launch config, specialised as w4a16_linear / w8a16_linear would launch it for these
+    activations (16-bit ones reach W4A16 as int32 pairs) and weights (zero points or symmetric)."""
     tiles = {key: value for key, value in config.items() if key.isupper()}
     atomic = tiles["SPLIT_K"] > 1
     int4 = name == "w4a16"
-    runtime = {"x_ptr": ("*i32" if int4 else "*bf16", 0), "w_ptr": ("*u8" if int4 else "*i8", 0), "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
-               "out_ptr": ("*fp32" if atomic else "*bf16", 0), "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
-               "stride_xm": ("i32", k // 2 if int4 else k), "stride_wn": ("i32", k // 2 if int4 else k), "stride_sn": ("i32", k // group),
-               "stride_om": ("i32", n)}
-    constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": tl.bfloat16}
+    pairs = int4 and activations != "fp32"
+    runtime = {"x_ptr": ("*i32" if pairs else f"*{activations}", 0), "w_ptr": ("*u8" if int4 else "*i8", 0),
+               "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
+               "out_ptr": ("*fp32" if atomic else f"*{activations}", 0), "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
+               "stride_xm": ("i32", k // 2 if pairs else k), "stride_wn": ("i32", k // 2 if int4 else k),
+               "stride_sn": ("i32", k // group), "stride_om": ("i32", n)}
+    half = DTYPES["fp16" if activations == "fp16" else "bf16"]  # the tensor cores' dtype (fp32 x goes as bf16)
+    constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": half}
     if int4:
-        constexprs.update(GROUP=group, HAS_ZEROS=True, X_PAIRS=True, X_DTYPE=tl.bfloat16, NIBBLE_DTYPE=tl.bfloat16)
+        constexprs.update(GROUP=group, HAS_ZEROS=not symmetric, X_PAIRS=pairs,
+                          X_DTYPE=DTYPES[activations] if not pairs else half, NIBBLE_DTYPE=half)
     kernel = triton_w4a16._w4a16_kernel if int4 else triton_w8a16._w8a16_kernel
     row = {"kernel": name, "M": m, "config": config}
     try:
@@ -148,19 +159,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     parser.add_argument("--batches", default="1,16,64", help="values of M: one per code path (M = 1, tl.dot gemv, gemm)")
+    parser.add_argument("--group", type=int, default=128, help="INT4 group size (32, 64, 128)")
+    parser.add_argument("--activations", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--symmetric", action="store_true", help="INT4 without zero points")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    n, k, group = 4096, 4096, 128
+    n, k, group = 4096, 4096, args.group
     start = time.perf_counter()
     rows = []
     for name in ("w4a16", "w8a16"):
         for m in map(int, args.batches.split(",")):
             candidates = triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m)
             for config in candidates:
-                row = compile_candidate(name, m, config, n, k, group, args.arch)
+                row = compile_candidate(name, m, config, n, k, group, args.arch, args.activations, args.symmetric)
                 row["problems"] = problems(row, args.arch)
                 rows.append(row)
-    print(f"# sm_{args.arch}, {n}x{k}, INT4 group {group}: {len(rows)} configs compiled in {time.perf_counter() - start:.0f} s")
+    print(f"# sm_{args.arch}, {n}x{k}, INT4 group {group}{' symmetric' if args.symmetric else ''}, {args.activations} "
+          f"activations: {len(rows)} configs compiled in {time.perf_counter() - start:.0f} s")
     print("| kernel | M | BLOCK M/N/K | split | warps/stages | shared B | tensor cores | atomics | loop instr / weight B | problems |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -175,10 +190,14 @@ def main() -> None:
         print(f"  {kernel} M={m}: {r['instructions_per_weight_byte']:.2f} with BLOCK {c['BLOCK_M']}/{c['BLOCK_N']}/"
               f"{c['BLOCK_K']}, split {c['SPLIT_K']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kernels-compile-sm{args.arch}.json"
+    variant = "" if (group, args.activations, args.symmetric) == (128, "bf16", False) else \
+        f"-g{group}-{args.activations}" + ("-sym" if args.symmetric else "")
+    path = args.out / f"kernels-compile-sm{args.arch}{variant}.json"
     leanest = [{"kernel": kernel, "M": m, "instructions_per_weight_byte": r["instructions_per_weight_byte"],
                 "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
-    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "leanest": leanest, "rows": rows},
+    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "group": group,
+                                "activations": args.activations, "symmetric": args.symmetric,
+                                "leanest": leanest, "rows": rows},
                                indent=2) + "\n")
     print(f"wrote {path}")
     bad = [r for r in rows if r["problems"]]

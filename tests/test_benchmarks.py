@@ -46,6 +46,27 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert any(op.startswith("wgmma") for r in rows if r["M"] == 64 for op in r["ops"])  # Hopper's warpgroup MMA
 
 
+@pytest.mark.parametrize("variant,batches", [(["--group", "32", "--activations", "fp32", "--symmetric"], "1"),
+                                             (["--group", "64", "--activations", "fp16"], "16,64")])
+def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, variant, batches):
+    """The specialisations the default run does not reach compile too: fp32 activations (two
+    strided loads instead of int32 pairs) with symmetric groups of 32, and fp16 activations
+    (fp16 tensor cores, nibbles built in fp16) with groups of 64."""
+    pytest.importorskip("triton")
+    from mpq.kernels import triton_w4a16, triton_w8a16
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_compile.py"), *variant, "--batches", batches,
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    (path,) = tmp_path.glob("kernels-compile-sm90-g*.json")
+    report = json.loads(path.read_text())
+    group = int(variant[1])
+    expected = sum(len(triton_w4a16._candidates(m, group)) + len(triton_w8a16._candidates(m))
+                   for m in map(int, batches.split(",")))
+    assert report["group"] == group and report["activations"] == variant[3]
+    assert len(report["rows"]) == expected and not any(r["problems"] for r in report["rows"])
+
+
 def _bench_module(name):
     import importlib.util
 
