@@ -6,7 +6,7 @@ candidate config of each regime through Triton's real compiler down to a cubin (
 specialised as a launch specialises it (pointers and multiples of 16 marked aligned, an M of 1 a
 constant), for a target such as sm_90 (H100/H200), and reads the PTX for what the design relies
 on: tensor cores in the tl.dot paths, atomics exactly when split-K, weight bytes loaded several
-at a time, and the shared memory each config needs. It also disassembles each cubin (nvdisasm,
+at a time, the shared memory each config needs, and no register spills in the K loop. It also disassembles each cubin (nvdisasm,
 bundled with Triton) and counts the instructions in the K loop per weight byte a thread reads:
 decode is memory-bound only while the SMs can issue that many instructions in the time the
 memory delivers the byte (an H100 SXM issues about 3.3e13 thread-instructions a second, 132 SMs
@@ -136,6 +136,9 @@ def problems(row: dict, arch: int) -> list[str]:
         found.append("atomics " + ("missing under split-K" if row["config"]["SPLIT_K"] > 1 else "without split-K"))
     if row["byte_loads"]:
         found.append("weights loaded one byte at a time")
+    local = row["loop_opcodes"].get("LDL", 0) + row["loop_opcodes"].get("STL", 0)
+    if local > 8:  # a reloaded loop constant or two is cheap; a spilled accumulator costs one per element
+        found.append(f"{local} local-memory (register spill) instructions in the K loop")
     if not row["cubin"]:
         found.append("no cubin")
     if not row["loop_instructions"]:

@@ -19,7 +19,10 @@ from mpq.kernels.triton_common import (check_activation, decode_candidates, inte
 def _candidates(m: int) -> list[dict]:
     """As W4A16's: decode_candidates for M <= 16; tile shape and pipeline depth for prefill."""
     if regime(m) == "gemv":
-        return decode_candidates(m, [128, 256], 128)
+        # The M = 1 path keeps a [BLOCK_K, BLOCK_N] fp32 accumulator: at 128 x 256 that is 256
+        # registers a thread, which spill to local memory inside the K loop (kernels_compile.py).
+        return [c for c in decode_candidates(m, [128, 256], 128)
+                if c["BLOCK_M"] > 1 or c["BLOCK_N"] * c["BLOCK_K"] <= 128 * 32 * c["num_warps"]]
     return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in (64, 128) for st in (3, 4)]
 
