@@ -6,8 +6,8 @@ candidate config of each regime through Triton's real compiler down to a cubin (
 specialised as a launch specialises it (pointers and multiples of 16 marked aligned, an M of 1 a
 constant), for a target such as sm_90 (H100/H200), and reads the PTX for what the design relies
 on: tensor cores in the tl.dot paths, atomics exactly when split-K, weight bytes loaded several
-at a time, the shared memory each config needs, and no register spills in the K loop. It also disassembles each cubin (nvdisasm,
-bundled with Triton) and counts the instructions in the K loop per weight byte a thread reads:
+at a time, the shared memory each config needs, and no register spills in the K loop. It also
+disassembles each cubin (nvdisasm, bundled with Triton) and counts the instructions in the K loop per weight byte a thread reads:
 decode is memory-bound only while the SMs can issue that many instructions in the time the
 memory delivers the byte (an H100 SXM issues about 3.3e13 thread-instructions a second, 132 SMs
 x 128 lanes x 1.98 GHz, against 3.35e12 B/s of HBM: about 10 per byte is where the two cross).
@@ -105,7 +105,7 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": half}
     if int4:
         constexprs.update(GROUP=group, HAS_ZEROS=not symmetric, X_PAIRS=pairs,
-                          X_DTYPE=DTYPES[activations] if not pairs else half, NIBBLE_DTYPE=half)
+                          X_DTYPE=DTYPES[activations])
     kernel = triton_w4a16._w4a16_kernel if int4 else triton_w8a16._w8a16_kernel
     row = {"kernel": name, "M": m, "config": config}
     try:

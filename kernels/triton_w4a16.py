@@ -48,7 +48,7 @@ def k_step_for(group: int) -> int:
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
                   stride_xm, stride_wn, stride_sn, stride_om,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, NIBBLE_DTYPE: tl.constexpr,
+                  X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
@@ -71,9 +71,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
             # the 16-bit float B + q, the products are exact and summed in fp32, and (B + z) times
             # the step's activation sum comes off the result, which the group's scale then scales.
             # The sum is of the activations as the tensor cores see them (rounded to 16 bits).
-            x_even = x_even.to(NIBBLE_DTYPE).to(DOT_DTYPE)
-            x_odd = x_odd.to(NIBBLE_DTYPE).to(DOT_DTYPE)
-            w_lo, w_hi, base = nibble_floats(packed, NIBBLE_DTYPE)
+            w_lo, w_hi, base = nibble_floats(packed, X_DTYPE)
+            x_even = x_even.to(w_lo.dtype).to(DOT_DTYPE)
+            x_odd = x_odd.to(w_lo.dtype).to(DOT_DTYPE)
             part = tl.dot(x_even, w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
             part = tl.dot(x_odd, w_hi.to(DOT_DTYPE), acc=part, out_dtype=tl.float32)
             x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
@@ -109,19 +109,20 @@ def nibbles_minus_zero(packed, zero):
 
 
 @triton.jit
-def nibble_floats(packed, NIBBLE_DTYPE: tl.constexpr):
-    """The low and high nibble q of each byte as the 16-bit float B + q, and B: the nibble OR-ed
-    into the mantissa of B, the power of two at which that float's spacing is 1 (bf16: 128, fp16:
-    1024). No conversion instruction, and the 16-bit logic runs two values per 32-bit instruction."""
-    if NIBBLE_DTYPE == tl.float16:
-        bits: tl.constexpr = 0x6400
-        base: tl.constexpr = 1024.0
-    else:
-        bits: tl.constexpr = 0x4300
-        base: tl.constexpr = 128.0
+def nibble_floats(packed, X_DTYPE: tl.constexpr):
+    """The low and high nibble q of each byte as the 16-bit float B + q, and B, in the dtype the
+    tensor cores take for these activations (fp16 for fp16, bf16 otherwise: dot_dtype): the nibble
+    OR-ed into the mantissa of B, the power of two at which that float's spacing is 1 (bf16: 128,
+    fp16: 1024). No conversion instruction; the 16-bit logic runs two values per 32-bit instruction."""
     wide = packed.to(tl.int16)  # zero-extended: the high nibble shifts down with nothing above it
-    w_lo = ((wide | bits) & (bits | 0xF)).to(NIBBLE_DTYPE, bitcast=True)
-    w_hi = ((wide >> 4) | bits).to(NIBBLE_DTYPE, bitcast=True)
+    if X_DTYPE == tl.float16:
+        w_lo = ((wide | 0x6400) & 0x640F).to(tl.float16, bitcast=True)
+        w_hi = ((wide >> 4) | 0x6400).to(tl.float16, bitcast=True)
+        base = 1024.0
+    else:
+        w_lo = ((wide | 0x4300) & 0x430F).to(tl.bfloat16, bitcast=True)
+        w_hi = ((wide >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+        base = 128.0
     return w_lo, w_hi, base
 
 
@@ -167,8 +168,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     pointers = (qweight, scales, zeros if zeros is not None else scales)  # unused zeros pointer when symmetric
     x_arg, x_meta = x_pairs(x)
     scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(0), scales.stride(0))
-    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, **x_meta,
-            "NIBBLE_DTYPE": tl.float16 if x.dtype == torch.float16 else tl.bfloat16}  # the decode tl.dot's dtype
+    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, **x_meta}
     out = launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=(k, group_size, zeros is not None),
                  candidates=_candidates(x.shape[0], group_size), x_arg=x_arg)
     if bias is not None:

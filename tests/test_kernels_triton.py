@@ -68,7 +68,6 @@ def test_w8a16_matches_reference(path, n, k, m, dtype):
     assert rel_err(got, expected) < 1e-2
 
 
-
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("m", [1, 3])
 def test_w4a16_reads_fp32_and_odd_offset_activations(path, m):
@@ -86,6 +85,7 @@ def test_w4a16_reads_fp32_and_odd_offset_activations(path, m):
     assert shifted.storage_offset() == 1
     got = w4a16_linear(shifted, t["qweight"], t["scales"], t["zeros"], 64, bias.bfloat16(), config=config)
     assert rel_err(got, linear_reference(shifted, t, fmt, bias.bfloat16())) < 1e-2
+
 
 @pytest.mark.parametrize("m", [1, 4, 16, 40])
 def test_default_launch_picks_a_regime_and_is_correct(m):
