@@ -10,6 +10,11 @@ checked against the CPU reference (kernel per layer, logits). Prints a table and
 
     python benchmarks/kernels.py                 # on a CUDA machine
     python benchmarks/kernels.py --smoke         # tiny shapes, correctness only (CPU: TRITON_INTERPRET=1)
+    python benchmarks/kernels.py --smoke --configs demo-out   # and the first demo config on the Triton kernels
+    mpq compile demo --max-mem 8MB -o demo-out   # anywhere (optuna), then on the GPU machine, which needs none:
+    python benchmarks/kernels.py --configs demo-out --out $OUT
+
+The JSON is rewritten after every row, so a run cut off by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +39,7 @@ SHAPES = {  # name: (N out, K in)
 SMOKE_SHAPES = {"smoke 96x256": (96, 256), "smoke odd 40x384": (40, 384)}
 BATCHES = (1, 4, 16, 64, 512)
 ROTATE_BYTES = 512 * 2**20  # > L2 of any current GPU
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def copy_bandwidth() -> float:
@@ -60,12 +67,15 @@ def _timer(fn_for_copy, copies: int, smoke: bool) -> float | None:
     return do_bench(run, warmup=100, rep=500, return_mode="median")
 
 
-def bench_shape(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: bool) -> dict:
+def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ...], device: str, smoke: bool,
+                dtype: torch.dtype = torch.bfloat16) -> Iterator[dict]:
+    """One row per M for an [n, k] layer in `fmt_name`: the weight is quantised, copied for
+    rotation and dequantised for the reference once, then each M is checked and timed. The
+    kernel's activations are `dtype`; the baseline is torch's F.linear on fp16 weights."""
     from mpq.formats import get_format
-    from mpq.kernels.reference import linear_reference
     from mpq.kernels.triton_w4a16 import w4a16_linear
     from mpq.kernels.triton_w8a16 import w8a16_linear
-    from mpq.quantize import quantize_weight
+    from mpq.quantize import dequantize_weight, quantize_weight
 
     fmt = get_format(fmt_name)
     torch.manual_seed(0)
@@ -73,46 +83,70 @@ def bench_shape(name: str, n: int, k: int, fmt_name: str, m: int, device: str, s
     weight_bytes = sum(t.numel() * t.element_size() for t in base.values())
     copies = 1 if smoke else max(2, ROTATE_BYTES // weight_bytes + 1)
     sets = [{key: t.to(device) for key, t in base.items()} for _ in range(copies)]
-    x = torch.randn(m, k, dtype=torch.float16, device=device)
-    dense = [torch.randn(n, k, dtype=torch.float16, device=device) * 0.02 for _ in range(max(2, ROTATE_BYTES // (2 * n * k) + 1) if not smoke else 1)]
+    reference_weight = dequantize_weight(sets[0], fmt)  # float32, on the device: the reference is plain torch
+    dense = [torch.randn(n, k, dtype=torch.float16, device=device) * 0.02
+             for _ in range(1 if smoke else max(2, ROTATE_BYTES // (2 * n * k) + 1))]
+    for m in batches:
+        x = torch.randn(m, k, device=device).to(dtype)
+        x16 = x.to(torch.float16)
 
-    def quantized(i: int) -> torch.Tensor:
-        t = sets[i % len(sets)]
-        if fmt.bits == 8:
-            return w8a16_linear(x, t["qweight"], t["scales"])
-        return w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(x.shape[-1]))
+        def quantized(i: int) -> torch.Tensor:
+            t = sets[i % len(sets)]
+            if fmt.bits == 8:
+                return w8a16_linear(x, t["qweight"], t["scales"])
+            return w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k))
 
-    got = quantized(0)
-    expected = linear_reference(x.float().cpu(), base, fmt, None)
-    rel_err = ((got.float().cpu() - expected).norm() / expected.norm()).item()
-    ms = _timer(quantized, copies, smoke)
-    ms_fp16 = _timer(lambda i: torch.nn.functional.linear(x, dense[i % len(dense)]), len(dense), smoke)
-    moved = weight_bytes + x.numel() * 2 + m * n * 2
-    row = {"shape": name, "N": n, "K": k, "M": m, "format": fmt_name, "rel_err": rel_err, "bytes_moved": moved}
-    if ms is not None:
-        row.update({"ms": ms, "fp16_ms": ms_fp16, "GBps": moved / (ms * 1e-3) / 1e9,
-                    "TFLOPs": 2 * m * n * k / (ms * 1e-3) / 1e12, "speedup_vs_fp16": ms_fp16 / ms})
-    return row
+        expected = torch.nn.functional.linear(x.float(), reference_weight)
+        rel_err = ((quantized(0).float() - expected).norm() / expected.norm()).item()
+        ms = _timer(quantized, copies, smoke)
+        ms_fp16 = _timer(lambda i: torch.nn.functional.linear(x16, dense[i % len(dense)]), len(dense), smoke)
+        moved = weight_bytes + x.numel() * x.element_size() + m * n * x.element_size()
+        row = {"shape": name, "N": n, "K": k, "M": m, "format": fmt_name, "activations": str(dtype).removeprefix("torch."),
+               "rel_err": rel_err, "bytes_moved": moved}
+        if ms is not None:
+            row.update({"ms": ms, "fp16_ms": ms_fp16, "GBps": moved / (ms * 1e-3) / 1e9,
+                        "TFLOPs": 2 * m * n * k / (ms * 1e-3) / 1e12, "speedup_vs_fp16": ms_fp16 / ms})
+        yield row
 
 
-def end_to_end(device: str, tokens: int = 64) -> dict:
-    """The demo compiled, each emitted config loaded on `device` and checked against the CPU
-    reference (which kernel runs each layer, relative error of the logits), and greedy-decode
-    tokens/s of the smallest config against the unquantised model."""
+def compiled_demo() -> Path:
+    """`mpq compile demo` into a temporary folder (this needs the compiler's dependencies, optuna)."""
     import tempfile
 
-    import mpq
     from mpq.compile import CompileOptions, compile_model
+
+    out = Path(tempfile.mkdtemp(prefix="mpq-kbench-"))
+    compile_model(CompileOptions(model="demo", out=out, trials=100, progress=False))
+    return out
+
+
+def check_configs_folder(out: Path) -> None:
+    """Refuse, before any timing, a --configs folder that is not `mpq compile demo`'s output."""
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise SystemExit(f"--configs {out}: no summary.json there; give the -o folder of `mpq compile demo`")
+    model = json.loads(summary_path.read_text()).get("model")
+    if model != "demo":
+        raise SystemExit(f"--configs {out}: compiled from {model!r}; the decode comparison needs `mpq compile demo`")
+
+
+def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) -> dict:
+    """Each config of the demo's compile output `out` loaded on `device` and checked against the
+    CPU reference (which kernel runs each layer, relative error of the logits), and greedy-decode
+    tokens/s of the first config against the unquantised model. `smoke`: the first config only,
+    its layers on the Triton kernels wherever `device` is (the CPU: the interpreter), no timing."""
+    import mpq
     from mpq.device_check import check_on_device, describe_check
     from mpq.models import load_model
 
-    out = Path(tempfile.mkdtemp(prefix="mpq-kbench-"))
-    summary = compile_model(CompileOptions(model="demo", out=out, trials=100, progress=False))
+    summary = json.loads((out / "summary.json").read_text())
     folders = [out / "configs" / c["name"] for c in summary["configs"]]
     checks = []
-    for folder in folders:
-        checks.append(check_on_device(folder, device))
+    for folder in folders[:1] if smoke else folders:
+        checks.append(check_on_device(folder, device, backend="triton" if smoke else None))
         print(describe_check(checks[-1]), flush=True)
+    if smoke:
+        return {"checks": checks}
     contenders = {"unquantised bf16": load_model("demo").model.to(device),
                   f"mpq {folders[0].name}": mpq.load(folders[0], device=device)}
     prompt = torch.tensor([[1, 2, 3, 4]], device=device)
@@ -146,48 +180,68 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, no timing: checks the script and kernels")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--formats", default="int4-g128,int8")
+    parser.add_argument("--activations", choices=sorted(DTYPES), default="bf16",
+                        help="the kernels' activation dtype (the fp16 cuBLAS baseline stays fp16)")
+    parser.add_argument("--batches", default=None, help="comma-separated M values (default 1,4,16,64,512)")
     parser.add_argument("--no-e2e", action="store_true", help="kernels only: skip the demo's compile, check and decode")
+    parser.add_argument("--configs", type=Path, default=None,
+                        help="an `mpq compile demo` output folder to check and time, instead of compiling the demo here")
     args = parser.parse_args()
+    if args.configs is not None:
+        check_configs_folder(args.configs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
         raise SystemExit("benchmarks/kernels.py times GPU kernels: run it on a CUDA machine, or use --smoke")
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    batches = (1, 3, 17) if args.smoke else BATCHES
+    batches = tuple(int(m) for m in args.batches.split(",")) if args.batches else (1, 3, 17) if args.smoke else BATCHES
+    import triton
+
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
-              "torch": torch.__version__, "rows": []}
+              "torch": torch.__version__, "triton": triton.__version__, "activations": args.activations, "rows": []}
     if not args.smoke:
         report["copy_GBps"] = copy_bandwidth() / 1e9
+    args.out.mkdir(parents=True, exist_ok=True)
+    filename = ("kernels-smoke.json" if args.smoke else
+                f"kernels-{report['device'].replace(' ', '_')}-{args.formats.replace(',', '+')}-{args.activations}.json")
+    path = args.out / filename
     for fmt_name in args.formats.split(","):
         for name, (n, k) in shapes.items():
-            for m in batches:
-                row = bench_shape(name, n, k, fmt_name, m, device, args.smoke)
+            for row in bench_layer(name, n, k, fmt_name, batches, device, args.smoke, DTYPES[args.activations]):
                 if "GBps" in row:
                     row["pct_of_copy_bw"] = 100 * row["GBps"] / report["copy_GBps"]
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
-    from mpq.kernels.triton_tuning import chosen_configs
-
-    report["chosen_configs"] = {" ".join(map(str, key)): config for key, config in chosen_configs().items()}
+                write_report(path, report)
     print_table(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "kernels-smoke.json" if args.smoke else f"kernels-{report['device'].replace(' ', '_')}.json"
-    path = args.out / name
-    path.write_text(json.dumps(report, indent=2) + "\n")  # the kernel table is kept even if the end to end part fails
-    if not args.smoke and not args.no_e2e:
-        report["end_to_end"] = end_to_end(device)
+    if args.smoke and args.configs is not None:
+        report["end_to_end"] = end_to_end(device, args.configs, smoke=True)
+        write_report(path, report)
+    elif not args.smoke and not args.no_e2e:
+        report["end_to_end"] = end_to_end(device, args.configs or compiled_demo())
         print("\ndecode tokens/s (demo, batch 1): "
               + ", ".join(f"{k} {v:.0f}" for k, v in report["end_to_end"]["decode_tokens_per_s"].items()))
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(path, report)
     print(f"wrote {path}")
     bad = failures(report)
     if bad:
         raise SystemExit(f"{len(bad)} failures: " + "; ".join(bad))
 
 
+def write_report(path: Path, report: dict) -> None:
+    """The report so far, with the launch configs the tuner has chosen so far."""
+    from mpq.io import write_json_atomic
+    from mpq.kernels.triton_tuning import chosen_configs
+
+    report["chosen_configs"] = {" ".join(map(str, key)): config for key, config in chosen_configs().items()}
+    write_json_atomic(path, report)
+
+
 def print_table(report: dict) -> None:
     print(f"\n# {report['device']}" + (f", measured copy bandwidth {report['copy_GBps']:.0f} GB/s" if "copy_GBps" in report else ""))
+    print(f"Triton {report['triton']}, torch {report['torch']}; activations {report['activations']}, "
+          "the cuBLAS baseline (F.linear) fp16")
     print("| format | shape | M | ms | fp16 ms | speedup | GB/s | % copy BW | TFLOP/s | rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:

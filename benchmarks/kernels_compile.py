@@ -16,6 +16,10 @@ No GPU is needed. Prints a table, writes JSON.
     python benchmarks/kernels_compile.py                  # sm_90, Llama 4096x4096 INT4-g128 / INT8
     python benchmarks/kernels_compile.py --arch 80        # an A100
     python benchmarks/kernels_compile.py --group 32 --activations fp32 --symmetric --batches 1
+
+mpq runs its kernels with Triton 3.4 or newer (mpq.qlinear.TRITON_MIN); to check another version,
+run this script in a venv that has it (older Triton's interpreter needs numpy < 2.4 for the tests):
+    pip install triton==3.4.0 'numpy<2.4' && python benchmarks/kernels_compile.py
 """
 
 from __future__ import annotations

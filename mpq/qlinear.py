@@ -11,9 +11,11 @@ when the layer is built. A layer stays on the device it was built on (mpq.load(.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +41,35 @@ def out_features_of(tensors: dict[str, torch.Tensor]) -> int:
     return tensors["qweight" if "qweight" in tensors else "weight"].shape[0]
 
 
+# The oldest Triton that benchmarks/kernels_compile.py has compiled every launch config with
+# for sm_90 (3.4, 3.6 and 3.9 checked; 3.4 is what torch 2.8 pins): an older one may reject a
+# kernel at its first call, so the layer runs the reference instead.
+TRITON_MIN = (3, 4)
+
+
+@functools.cache
+def triton_version() -> str | None:
+    """The installed Triton's version, None if there is none."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def triton_problem() -> str | None:
+    """Why mpq's Triton kernels cannot run here, or None when they can."""
+    version = triton_version()
+    if version is None:
+        return "triton is not installed"
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if numbers < TRITON_MIN:
+        return f"triton {version} is older than {'.'.join(map(str, TRITON_MIN))}, the oldest mpq's kernels are checked with"
+    return None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return triton_problem() is None
 
 
 def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, requested: str | None = None,
@@ -54,10 +83,12 @@ def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, request
         return "reference"
     on_cuda = torch.device(device).type == "cuda"
     if requested == "triton" or (requested == "auto" and on_cuda):
-        if not triton_available():
+        problem = triton_problem()
+        if problem is not None:
             if requested == "triton":
-                raise ValueError("MPQ_KERNELS=triton but triton is not installed: pip install 'mpq-compiler[triton]'")
-            log.warning("triton is not installed: %dx%d %s runs the dequantise reference on CUDA", out_features, in_features, fmt.name)
+                raise ValueError(f"MPQ_KERNELS=triton but {problem}: pip install 'mpq-compiler[triton]'")
+            log.warning("%s: %dx%d %s runs the dequantise reference on CUDA (pip install 'mpq-compiler[triton]')",
+                        problem, out_features, in_features, fmt.name)
             return "reference"
         if triton_supports(fmt, in_features):
             return "triton"

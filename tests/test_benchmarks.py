@@ -161,3 +161,41 @@ def test_pareto_targets_take_each_uniform_row_rounded_as_mpq_rounds_that_format(
     rec = t["recovery_at_10pct_extra_bytes"]  # gap 32 -> 30, b recovers 1.1 of 2
     assert rec["mpq_best"] == "b" and abs(rec["recovered"] - 0.55) < 1e-9
     assert t["at_uniform_int4_bytes"]["uniform_loss"] == 32.0 and t["one_percent_drop"]["uniform_int8_bytes"] == 600
+
+
+def test_kernel_benchmark_refuses_a_configs_folder_that_is_not_the_demos_output(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--configs", str(tmp_path),
+               "--out", str(tmp_path / "results")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "no summary.json there" in proc.stderr
+    (tmp_path / "summary.json").write_text(json.dumps({"model": "minilm", "configs": []}))
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "compiled from 'minilm'" in proc.stderr
+    assert not (tmp_path / "results").exists()  # refused before anything was measured or written
+
+
+def test_kernel_benchmark_timed_rows(monkeypatch):
+    """The GPU-only part of a row (rotation over weight copies, bytes moved, GB/s, speedup) on the
+    CPU, with the GPU timer replaced by a count of the copies each timed function would cycle."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = _bench_module("kernels")
+    monkeypatch.setattr(kernels, "ROTATE_BYTES", 40_000)
+    timed = []
+
+    def fake_timer(fn_for_copy, copies, smoke):
+        assert not smoke
+        for i in range(copies):  # each copy is a real launch: a bad index or shape fails here
+            fn_for_copy(i)
+        timed.append(copies)
+        return 0.5 if len(timed) % 2 else 2.0  # the kernel, then the fp16 baseline
+
+    monkeypatch.setattr(kernels, "_timer", fake_timer)
+    rows = list(kernels.bench_layer("odd", 40, 384, "int4-g128", (1, 17), "cpu", smoke=False))
+    weight_bytes = 40 * 384 // 2 + 2 * 40 * 3 * 2  # packed nibbles, then bf16 scales and zeros of 3 groups per row
+    assert timed == [40_000 // weight_bytes + 1, 40_000 // (2 * 40 * 384) + 1] * 2 == [5, 2, 5, 2]
+    for row, m in zip(rows, (1, 17)):
+        assert row["bytes_moved"] == weight_bytes + 2 * m * 384 + 2 * m * 40
+        assert row["GBps"] == pytest.approx(row["bytes_moved"] / 0.5e-3 / 1e9)
+        assert row["TFLOPs"] == pytest.approx(2 * m * 40 * 384 / 0.5e-3 / 1e12)
+        assert row["speedup_vs_fp16"] == 4.0 and row["activations"] == "bfloat16" and row["rel_err"] < 1e-2

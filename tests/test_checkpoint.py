@@ -1,6 +1,8 @@
 """Save/load: bit-identical outputs, exact bytes, no pickles, corrupt folders refused, atomic writes."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,3 +119,24 @@ def test_crash_mid_write_leaves_no_folder(tiny_llama_dir, tmp_path, monkeypatch)
         _emit(tiny_llama_dir, tmp_path / "cfg")
     assert not (tmp_path / "cfg").exists()
     assert list(tmp_path.glob(".cfg*")) == []
+
+
+def test_a_config_loads_and_runs_where_the_compiler_cannot_be_imported(tiny_llama_dir, tmp_path):
+    """Serving needs none of the compiler: with optuna unimportable (a GPU image without it, say),
+    `import mpq` and `mpq.load` work and the model gives the emitted logits."""
+    ids, before, _, _ = _emit(tiny_llama_dir, tmp_path / "cfg")
+    script = ("import json, sys, torch\n"
+              "sys.modules['optuna'] = None  # any import of optuna now fails\n"
+              "import mpq\n"
+              "model = mpq.load(sys.argv[1])\n"
+              "ids = torch.tensor(json.loads(sys.argv[2]))\n"
+              "print(json.dumps(model(input_ids=ids, use_cache=False).logits.float().tolist()))\n"
+              "assert 'mpq.compile' not in sys.modules and 'mpq.search' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cfg"), json.dumps(ids.tolist())],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logits = torch.tensor(json.loads(proc.stdout))
+    assert ((logits - before.float()).norm() / before.float().norm()).item() < 1e-3
+    blocked = subprocess.run([sys.executable, "-c", "import sys; sys.modules['optuna'] = None; import mpq; mpq.compile_model"],
+                             capture_output=True, text=True, timeout=600)
+    assert blocked.returncode != 0 and "optuna" in blocked.stderr  # the compiler is still there, imported on use

@@ -1,6 +1,10 @@
 """The bundled demos: a genuinely trained model, and `mpq compile` on it end to end."""
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +65,18 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys):
     assert shown.count("torch _weight_int4pack_mm_for_cpu (fused x2)") == 12
     (out / "heatmap.png").unlink()
     assert main(["heatmap", str(out)]) == 0 and (out / "heatmap.png").stat().st_size > 10_000
+    # the GPU benchmark's end-to-end part takes this output as it is (a GPU image need not compile):
+    # its first config, every layer on the Triton kernels (here the interpreter), against the reference
+    if importlib.util.find_spec("triton") is not None:
+        script = Path(__file__).parent.parent / "benchmarks" / "kernels.py"
+        proc = subprocess.run([sys.executable, str(script), "--smoke", "--configs", str(out), "--formats", "int8",
+                               "--batches", "1", "--out", str(tmp_path / "bench")], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (check,) = json.loads((tmp_path / "bench" / "kernels-smoke.json").read_text())["end_to_end"]["checks"]
+        assert check["config"] == all_int4 and check["fallback_layers"] == []
+        assert check["kernels"] == {"triton w4a16": 13, "triton w4a16 (fused x2)": 12, "triton w4a16 (fused x3)": 18,
+                                    "rows of lm_head's weight (gather + dequantise)": 1}
+        assert all(e < 2e-2 for e in check["rel_err"].values()), check
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 the fastest kept per shape. Timing is faked here (CI has no GPU); the launches are real, under
 TRITON_INTERPRET=1."""
 
+import re
+
 import pytest
 import torch
 
@@ -108,3 +110,29 @@ def test_int4_layers_whose_groups_a_gpu_kernel_cannot_step_run_the_reference_on_
     assert choose_backend(odd, 64, 256, "auto", "cuda") == "triton"
     with pytest.raises(ValueError, match="no Triton kernel for int4-pc at 64x200.*MPQ_KERNELS=reference"):
         choose_backend(odd, 64, 200, "triton", "cpu")
+
+
+@pytest.mark.parametrize("version, runs", [("3.2.0", "reference"), ("3.3.1+git1234", "reference"), ("3.4.0", "triton"),
+                                           ("3.6.0", "triton"), ("3.10.0", "triton"), ("4.0.0", "triton")])
+def test_a_triton_older_than_the_checked_ones_leaves_cuda_layers_on_the_reference(monkeypatch, caplog, version, runs):
+    from mpq import qlinear
+
+    monkeypatch.setattr(qlinear, "triton_version", lambda: version)
+    int4 = get_format("int4-g128")
+    assert choose_backend(int4, 64, 256, "auto", "cuda") == runs
+    if runs == "reference":
+        assert f"triton {version} is older than 3.4" in caplog.text
+        with pytest.raises(ValueError, match=f"MPQ_KERNELS=triton but triton {re.escape(version)} is older"):
+            choose_backend(int4, 64, 256, "triton", "cuda")
+    assert choose_backend(int4, 64, 256, "auto", "cpu") == "cpu"  # the CPU never needs triton
+
+
+def test_without_triton_cuda_layers_run_the_reference_and_asking_for_it_says_how_to_install(monkeypatch, caplog):
+    from mpq import qlinear
+
+    monkeypatch.setattr(qlinear, "triton_version", lambda: None)
+    int8 = get_format("int8")
+    assert choose_backend(int8, 64, 256, "auto", "cuda") == "reference"
+    assert "triton is not installed" in caplog.text
+    with pytest.raises(ValueError, match=r"triton is not installed: pip install 'mpq-compiler\[triton\]'"):
+        choose_backend(int8, 64, 256, "triton", "cuda")

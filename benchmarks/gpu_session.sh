@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU half of the kernel benchmark, as one command for a lent GPU machine (the `device` tool).
+# Those machines hold torch, triton and transformers but no optuna and no network, so mpq goes in
+# without its dependencies, and the demo is compiled beforehand on any machine with mpq:
+#     mpq compile demo --max-mem 8MB -o .gpu/demo-out -q       # .gpu/ is git-ignored; carry it
+# then on the GPU, one call each (arguments after the folder go to benchmarks/kernels.py):
+#     bash benchmarks/gpu_session.sh .gpu/demo-out --formats int4-g128 --no-e2e
+#     bash benchmarks/gpu_session.sh .gpu/demo-out --formats int8
+# Results go to $OUT (which the device tool brings back), else benchmarks/results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+configs=${1:?usage: bash benchmarks/gpu_session.sh DEMO_COMPILE_OUT [benchmarks/kernels.py options]}
+shift
+python3 -m pip install --no-deps --no-build-isolation --quiet -e . \
+  || { echo "gpu_session.sh: mpq did not install without its dependencies (it needs setuptools>=69 and wheel)" >&2; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "(no nvidia-smi)"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+python3 benchmarks/kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@"
