@@ -12,7 +12,11 @@ from mpq.errors import MpqError
 
 
 def _compile(args: argparse.Namespace) -> None:
-    from mpq.compile import CompileOptions, compile_model
+    try:
+        from mpq.compile import CompileOptions, compile_model
+    except ImportError as exc:  # loading and checking configs need less than compiling does
+        raise MpqError(f"mpq compile needs {exc.name or 'a package'}, which is not installed: "
+                       f"pip install {exc.name or 'mpq-compiler'}") from exc
     from mpq.memory import format_size
 
     summary = compile_model(CompileOptions(

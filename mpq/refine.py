@@ -12,10 +12,10 @@ unseen: it judges the result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from mpq.search import Candidate
-from mpq.search.measured import measured_search, plan_key
+if TYPE_CHECKING:  # the search (optuna) loads when a refinement runs: the CLI reads REFINE_TRIALS without it
+    from mpq.search import Candidate
 
 REFINE_TRIALS = 24  # measured trials at the budget (about 0.5 s each on the demo, 2-core CPU)
 REFINE_SEEDS = 8  # of which the least-predicted feasible plans enqueued after the exact optimum
@@ -55,6 +55,9 @@ def refine_at_budget(exact: Candidate, feasible: list[Candidate],
     constraint, least predicted first). `measure` maps a plan to its real loss; `fits` says whether
     a plan meets the constraints besides bytes by prediction (a latency cap); with `time_step` (a
     plan -> measured seconds per step) every trial is also timed and held to `max_latency`."""
+    from mpq.search import Candidate
+    from mpq.search.measured import measured_search, plan_key
+
     found = measured_search(costs, sens, fixed_bytes, budget, measure, [exact, *feasible[:seeds]], max(trials, 1), seed,
                             tied, storage, study_name, fits, time_step, max_latency)
     first = feasible[0] if feasible else exact

@@ -123,7 +123,7 @@ def test_crash_mid_write_leaves_no_folder(tiny_llama_dir, tmp_path, monkeypatch)
 
 def test_a_config_loads_and_runs_where_the_compiler_cannot_be_imported(tiny_llama_dir, tmp_path):
     """Serving needs none of the compiler: with optuna unimportable (a GPU image without it, say),
-    `import mpq` and `mpq.load` work and the model gives the emitted logits."""
+    `import mpq` and `mpq.load` work and the model gives the emitted logits, and `mpq inspect --check` runs."""
     ids, before, _, _ = _emit(tiny_llama_dir, tmp_path / "cfg")
     script = ("import json, sys, torch\n"
               "sys.modules['optuna'] = None  # any import of optuna now fails\n"
@@ -140,3 +140,13 @@ def test_a_config_loads_and_runs_where_the_compiler_cannot_be_imported(tiny_llam
     blocked = subprocess.run([sys.executable, "-c", "import sys; sys.modules['optuna'] = None; import mpq; mpq.compile_model"],
                              capture_output=True, text=True, timeout=600)
     assert blocked.returncode != 0 and "optuna" in blocked.stderr  # the compiler is still there, imported on use
+    # the CLI too: inspecting a config works, compiling says in one line what is missing
+    cli = "import sys; sys.modules['optuna'] = None; from mpq.cli import main; sys.exit(main(sys.argv[1:]))"
+    inspect = subprocess.run([sys.executable, "-c", cli, "inspect", str(tmp_path / "cfg"), "--check", "--device", "cpu"],
+                             capture_output=True, text=True, timeout=600)
+    assert inspect.returncode == 0 and "relative error to the CPU reference" in inspect.stdout, inspect.stderr[-3000:]
+    compile_ = subprocess.run([sys.executable, "-c", cli, "compile", "demo", "-o", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=600)
+    assert compile_.returncode == 2 and compile_.stderr.strip() == (
+        "mpq: error: mpq compile needs optuna, which is not installed: pip install optuna")
+    assert not (tmp_path / "out").exists()
