@@ -150,15 +150,16 @@ def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) ->
     contenders = {"unquantised bf16": load_model("demo").model.to(device),
                   f"mpq {folders[0].name}": mpq.load(folders[0], device=device)}
     prompt = torch.tensor([[1, 2, 3, 4]], device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     speed = {}
     for name, model in contenders.items():
         model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up and config choice
         runs = []
         for _ in range(5):
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            torch.cuda.synchronize()
+            sync()
             runs.append(tokens / (time.perf_counter() - start))
         speed[name] = statistics.median(runs)
     return {"checks": checks, "decode_tokens_per_s": speed}

@@ -77,6 +77,15 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys):
         assert check["kernels"] == {"triton w4a16": 13, "triton w4a16 (fused x2)": 12, "triton w4a16 (fused x3)": 18,
                                     "rows of lm_head's weight (gather + dequantise)": 1}
         assert all(e < 2e-2 for e in check["rel_err"].values()), check
+    # and its GPU-only part (every config checked, decode timed) runs through on the CPU's kernels
+    spec = importlib.util.spec_from_file_location("kernels_bench", Path(__file__).parent.parent / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.end_to_end("cpu", out, tokens=4)
+    assert [c["config"] for c in result["checks"]] == [c["name"] for c in configs]
+    assert bench.failures({"rows": [], "end_to_end": result}) == []
+    assert set(result["decode_tokens_per_s"]) == {"unquantised bf16", f"mpq {all_int4}"}
+    assert all(speed > 0 for speed in result["decode_tokens_per_s"].values())
 
 
 @pytest.mark.slow
