@@ -11,8 +11,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 configs=${1:?usage: bash benchmarks/gpu_session.sh DEMO_COMPILE_OUT [benchmarks/kernels.py options]}
 shift
-python3 -m pip install --no-deps --no-build-isolation --quiet -e . \
-  || { echo "gpu_session.sh: mpq did not install without its dependencies (it needs setuptools>=69 and wheel)" >&2; exit 1; }
+if ! python3 -m pip install --no-deps --no-build-isolation --quiet -e .; then
+  # No build tools that fit: import mpq from a folder that lays the package out as pyproject maps it.
+  overlay=$(mktemp -d)
+  mkdir "$overlay/mpq"
+  ln -s "$PWD"/mpq/* "$overlay/mpq/"
+  ln -s "$PWD/kernels" "$overlay/mpq/kernels"
+  ln -s "$PWD/search" "$overlay/mpq/search"
+  export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}"
+  echo "gpu_session.sh: pip could not install mpq; importing it from $overlay"
+fi
+python3 -P -c "import mpq.kernels, mpq.search; print('mpq from', mpq.__file__)"  # -P: not the source tree in the working directory
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "(no nvidia-smi)"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 python3 benchmarks/kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@"
