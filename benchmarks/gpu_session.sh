@@ -21,7 +21,7 @@ if ! python3 -m pip install --no-deps --no-build-isolation --quiet -e .; then
   export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}"
   echo "gpu_session.sh: pip could not install mpq; importing it from $overlay"
 fi
-python3 -P -c "import mpq.kernels, mpq.search; print('mpq from', mpq.__file__)"  # -P: not the source tree in the working directory
+python3 -P -c "import mpq.kernels; print('mpq from', mpq.__file__)"  # -P: not the source tree in the working directory
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "(no nvidia-smi)"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 python3 benchmarks/kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@"
