@@ -39,7 +39,6 @@ SHAPES = {  # name: (N out, K in)
 SMOKE_SHAPES = {"smoke 96x256": (96, 256), "smoke odd 40x384": (40, 384)}
 BATCHES = (1, 4, 16, 64, 512)
 ROTATE_BYTES = 512 * 2**20  # > L2 of any current GPU
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def copy_bandwidth() -> float:
@@ -181,7 +180,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, no timing: checks the script and kernels")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--formats", default="int4-g128,int8")
-    parser.add_argument("--activations", choices=sorted(DTYPES), default="bf16",
+    parser.add_argument("--activations", choices=("bf16", "fp16"), default="bf16",
                         help="the kernels' activation dtype (the fp16 cuBLAS baseline stays fp16)")
     parser.add_argument("--batches", default=None, help="comma-separated M values (default 1,4,16,64,512)")
     parser.add_argument("--no-e2e", action="store_true", help="kernels only: skip the demo's compile, check and decode")
@@ -197,10 +196,11 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     batches = tuple(int(m) for m in args.batches.split(",")) if args.batches else (1, 3, 17) if args.smoke else BATCHES
-    import triton
+    from mpq.models import DTYPES
+    from mpq.qlinear import triton_version
 
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
-              "torch": torch.__version__, "triton": triton.__version__, "activations": args.activations, "rows": []}
+              "torch": torch.__version__, "triton": triton_version(), "activations": args.activations, "rows": []}
     if not args.smoke:
         report["copy_GBps"] = copy_bandwidth() / 1e9
     args.out.mkdir(parents=True, exist_ok=True)

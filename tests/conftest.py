@@ -23,6 +23,22 @@ def tiny_llama(vocab_size: int = 4096, tie: bool = True):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture
+def benchmark_script():
+    """A script of benchmarks/ imported as a module by name (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Sensitivity caches go to a per-test folder, never to the user's home."""

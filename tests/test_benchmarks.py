@@ -67,18 +67,9 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
     assert len(report["rows"]) == expected and not any(r["problems"] for r in report["rows"])
 
 
-def _bench_module(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_kernel_benchmark_failures_on_crafted_results():
+def test_kernel_benchmark_failures_on_crafted_results(benchmark_script):
     """A GPU run fails on a kernel off the reference, a loaded config off it, or a layer on the fallback."""
-    kernels = _bench_module("kernels")
+    kernels = benchmark_script("kernels")
     good_row = {"format": "int4-g128", "shape": "attn", "M": 1, "rel_err": 3e-3}
     good_check = {"config": "c1", "device": "cuda", "fallback_layers": [], "rel_err": {"prefill": 5e-3, "decode": 4e-3}}
     assert kernels.failures({"rows": [good_row], "end_to_end": {"checks": [good_check]}}) == []
@@ -91,18 +82,14 @@ def test_kernel_benchmark_failures_on_crafted_results():
     assert len(found) == 2 and "0.3" in found[0] and "down_proj" in found[1]
 
 
-def _pareto_module():
-    return _bench_module("pareto")
-
-
 def row(name, kind, nbytes, ppl, **extra):
     """A benchmark row with crafted numbers (loss = ppl)."""
     return {"contender": name, "kind": kind, "bytes": nbytes, "quality": {"ppl": ppl, "loss": ppl}, **extra}
 
 
-def test_pareto_targets_on_crafted_numbers():
+def test_pareto_targets_on_crafted_numbers(benchmark_script):
     """The benchmark's verdicts (random median, rule, recovery, INT4 size, 1% drop, dominance)."""
-    pareto = _pareto_module()
+    pareto = benchmark_script("pareto")
 
     rows = [row("int4", "uniform", 400, 32.0, method="gptq", format="int4-g128"),
             row("int8", "uniform", 600, 30.0, method="gptq", format="int8"),
@@ -129,7 +116,7 @@ def test_pareto_targets_on_crafted_numbers():
     assert pareto.calibration_recovery({**summary, "refinement": None}) is None
 
 
-def test_pareto_contenders_start_from_the_model_compile_quantises():
+def test_pareto_contenders_start_from_the_model_compile_quantises(benchmark_script):
     """`--dtype` in the benchmark loads the model as `mpq compile --dtype` does: a `.to(dtype)` would
     also round buffers transformers keeps in fp32 (rotary inv_freq), and every in-process contender
     would then run a slightly different model than mpq's configs."""
@@ -137,7 +124,7 @@ def test_pareto_contenders_start_from_the_model_compile_quantises():
 
     from mpq.models import load_model
 
-    bench = _pareto_module().Bench("demo", "rtn", seed=0, dtype="bf16")
+    bench = benchmark_script("pareto").Bench("demo", "rtn", seed=0, dtype="bf16")
     compiled = load_model("demo", torch.bfloat16).model
     ours = dict(bench.loaded.model.named_buffers())
     theirs = dict(compiled.named_buffers())
@@ -147,10 +134,10 @@ def test_pareto_contenders_start_from_the_model_compile_quantises():
     assert all(torch.equal(a, b) for a, b in zip(bench.loaded.model.parameters(), compiled.parameters()))
 
 
-def test_pareto_targets_take_each_uniform_row_rounded_as_mpq_rounds_that_format():
+def test_pareto_targets_take_each_uniform_row_rounded_as_mpq_rounds_that_format(benchmark_script):
     """With a per-format method (int8=rtn,int4=gptq) the yardsticks are uniform INT8 by rtn and
     uniform INT4 by gptq: one row each, shared with the single-method contenders."""
-    pareto = _pareto_module()
+    pareto = benchmark_script("pareto")
 
     rows = [row("int4 gptq", "uniform", 400, 32.0, method="gptq", format="int4-g128"),
             row("int8 gptq", "uniform", 600, 31.0, method="gptq", format="int8"),
@@ -174,12 +161,12 @@ def test_kernel_benchmark_refuses_a_configs_folder_that_is_not_the_demos_output(
     assert not (tmp_path / "results").exists()  # refused before anything was measured or written
 
 
-def test_kernel_benchmark_timed_rows(monkeypatch):
+def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     """The GPU-only part of a row (rotation over weight copies, bytes moved, GB/s, speedup) on the
     CPU, with the GPU timer replaced by a count of the copies each timed function would cycle."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = _bench_module("kernels")
+    kernels = benchmark_script("kernels")
     monkeypatch.setattr(kernels, "ROTATE_BYTES", 40_000)
     timed = []
 

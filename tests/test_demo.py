@@ -29,7 +29,7 @@ def test_demo_is_a_trained_model(demo_tokenizer):
 
 
 @pytest.mark.slow
-def test_compile_demo_between_int4_and_fp16(tmp_path, capsys):
+def test_compile_demo_between_int4_and_fp16(tmp_path, capsys, benchmark_script):
     out = tmp_path / "out"
     assert main(["compile", "demo", "--max-mem", "8MB", "-o", str(out), "-q"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -78,9 +78,7 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys):
                                     "rows of lm_head's weight (gather + dequantise)": 1}
         assert all(e < 2e-2 for e in check["rel_err"].values()), check
     # and its GPU-only part (every config checked, decode timed) runs through on the CPU's kernels
-    spec = importlib.util.spec_from_file_location("kernels_bench", Path(__file__).parent.parent / "benchmarks" / "kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("kernels")
     result = bench.end_to_end("cpu", out, tokens=4)
     assert [c["config"] for c in result["checks"]] == [c["name"] for c in configs]
     assert bench.failures({"rows": [], "end_to_end": result}) == []
