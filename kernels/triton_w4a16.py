@@ -5,19 +5,21 @@ nibble; scales [N, K/G] bf16; zeros [N, K/G] (integer zero points, asymmetric) o
 (symmetric, zero point 8). w[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G].
 
 One kernel, two regimes picked by M (kernels/triton_common.regime):
-- gemv (M <= 16, memory-bound decode): BLOCK_M = 1 multiplies and sums without tensor cores, or
-  BLOCK_M = 16 runs tl.dot (M in 2..16, and timed against the former at M = 1); split-K spreads
-  the K loop over more programs so the whole GPU reads weights at once, partial sums meet
-  through fp32 atomics. Both apply the scale to each K step's sum, not to each weight.
+- gemv (M <= 16, memory-bound decode): BLOCK_M = 1 (single_row) reads the weights as int32
+  words and multiplies and sums on the FMA units, or BLOCK_M = 16 runs tl.dot (M in 2..16, and
+  timed against the former at M = 1); split-K spreads the K loop over more programs so the whole
+  GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
+  sum of products, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), no split.
 BLOCK_K always divides the group size, so each K step reads one scale (and zero) per column and
 K needs no mask (K is a multiple of G).
 
 Decode reads little and must not spend more issue slots per weight byte than the memory system
 takes to deliver it (benchmarks/kernels_compile.py counts them): nibbles become floats by bit
-tricks instead of conversion instructions (nibble_floats on the tensor-core decode path, where
-the zero point comes off the result instead of each weight; nibbles_minus_zero elsewhere), and
-16-bit activations are read as int32 pairs that line up with the packed bytes.
+tricks instead of conversion instructions (byte_floats on the single-row path, nibble_floats on
+the tensor-core decode path; in both the zero point comes off a sum instead of each weight;
+nibbles_minus_zero for prefill), and 16-bit activations are read as int32 pairs that line up
+with the packed bytes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ def _candidates(m: int, group: int) -> list[dict]:
     """A small, deliberate space: decode_candidates for M <= 16; tile shape and pipeline depth for prefill."""
     steps = [bk for bk in (64, 128) if group % bk == 0] or [k_step_for(group)]
     if regime(m) == "gemv":
-        return decode_candidates(m, steps, steps[-1])
+        space = decode_candidates(m, steps, steps[-1])
+        if m == 1:
+            # single_row repeats each K step's activation work in every thread of a row of
+            # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
+            space += [{"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
+                      for bk in steps for sk in (1, 2, 4, 8)]
+        return space
     return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in steps for st in (3, 4)]
 
@@ -55,43 +63,125 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
     offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
+                         GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
+                             mask=mask_n[None, :], other=0)  # [BLOCK_K/2, BLOCK_N] bytes
+            group = k0 // GROUP
+            scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+            else:
+                zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+            x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
+            if BLOCK_M <= 16:
+                # Decode on tensor cores multiplies exact integers: nibble_floats makes each nibble q
+                # the 16-bit float B + q, the products are exact and summed in fp32, and (B + z) times
+                # the step's activation sum comes off the result, which the group's scale then scales.
+                # The sum is of the activations as the tensor cores see them (rounded to 16 bits).
+                w_lo, w_hi, base = nibble_floats(packed, X_DTYPE)
+                x_even = x_even.to(w_lo.dtype).to(DOT_DTYPE)
+                x_odd = x_odd.to(w_lo.dtype).to(DOT_DTYPE)
+                part = tl.dot(x_even, w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
+                part = tl.dot(x_odd, w_hi.to(DOT_DTYPE), acc=part, out_dtype=tl.float32)
+                x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+                acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
+            else:
+                # Prefill tiles have more rows than a K step has columns: scaling each weight is cheaper.
+                w_lo, w_hi = nibbles_minus_zero(packed, zero)
+                acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
+                acc = tl.dot(x_odd.to(DOT_DTYPE), (w_hi * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+
+
+@triton.jit
+def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
+               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """x @ dequant(W)^T for a single row of x, [1, BLOCK_N] in fp32, on the FMA units.
+
+    The weights are read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j, nibble i
+    in bits 4i .. 4i + 3: the canonical bytes read little-endian), so no byte is widened on its
+    own. One shift per byte moves it to bits 15..22 (byte_floats), where one logic instruction
+    per nibble makes it a float B + q: 256 + q for the low nibble, 16 + q for the high one. Then
+    each nibble costs one more instruction, the multiply-add with its activation. A 16-bit
+    activation times B + q is exact in fp32 (at most 11 + 9 significant bits), and
+    sum(x B) + z sum(x) comes off each word's sum at once: (x_base + x_sum z) below. The group's
+    scale multiplies each word's sum; the sum across threads runs once, after the K loop.
+    (benchmarks/kernels_compile.py counts the loop: about 7 instructions per weight byte at
+    BLOCK_N = 256, where the byte-wise multiply-and-sum took 11.)
+    """
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * (stride_wn // 4) + offs_w[:, None]
+    acc_k = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    # The exponents go in as registers the compiler cannot see are constant (N >> 31 is 0 for any
+    # real N): as immediates, LLVM merges them with the masks into one two-constant instruction
+    # and ptxas then reloads a register before every nibble.
+    unknown_zero = N >> 31
+    exp256 = unknown_zero + 0x43800000
+    exp16 = unknown_zero + 0x41800000
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
-                         mask=mask_n[None, :], other=0)  # [BLOCK_K/2, BLOCK_N] bytes
+        words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
         group = k0 // GROUP
         scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
         else:
             zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
-        if BLOCK_M > 1 and BLOCK_M <= 16:
-            # Decode on tensor cores multiplies exact integers: nibble_floats makes each nibble q
-            # the 16-bit float B + q, the products are exact and summed in fp32, and (B + z) times
-            # the step's activation sum comes off the result, which the group's scale then scales.
-            # The sum is of the activations as the tensor cores see them (rounded to 16 bits).
-            w_lo, w_hi, base = nibble_floats(packed, X_DTYPE)
-            x_even = x_even.to(w_lo.dtype).to(DOT_DTYPE)
-            x_odd = x_odd.to(w_lo.dtype).to(DOT_DTYPE)
-            part = tl.dot(x_even, w_lo.to(DOT_DTYPE), out_dtype=tl.float32)
-            part = tl.dot(x_odd, w_hi.to(DOT_DTYPE), acc=part, out_dtype=tl.float32)
-            x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
-            acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
+        word_index = k0 // 8 + offs_w
+        x0, x1 = load_x_pair(x_ptr, word_index, 0, X_PAIRS, X_DTYPE)
+        x2, x3 = load_x_pair(x_ptr, word_index, 1, X_PAIRS, X_DTYPE)
+        x4, x5 = load_x_pair(x_ptr, word_index, 2, X_PAIRS, X_DTYPE)
+        x6, x7 = load_x_pair(x_ptr, word_index, 3, X_PAIRS, X_DTYPE)
+        x_low = x0 + x2 + x4 + x6  # the activations of the low nibbles (bias 256) and the high ones (bias 16)
+        x_high = x1 + x3 + x5 + x7
+        x_base = x_low * 256.0 + x_high * 16.0
+        x_sum = x_low + x_high
+        f0, f1 = byte_floats(words << 15, exp256, exp16)
+        f2, f3 = byte_floats(words << 7, exp256, exp16)
+        f4, f5 = byte_floats(words >> 1, exp256, exp16)
+        f6, f7 = byte_floats(words >> 9, exp256, exp16)
+        part = x0[:, None] * f0 - (x_base[:, None] + x_sum[:, None] * zero[None, :])
+        part += x1[:, None] * f1
+        part += x2[:, None] * f2
+        part += x3[:, None] * f3
+        part += x4[:, None] * f4
+        part += x5[:, None] * f5
+        part += x6[:, None] * f6
+        part += x7[:, None] * f7
+        acc_k += part * scale[None, :]
+    return tl.sum(acc_k, axis=0)[None, :]
+
+
+@triton.jit
+def byte_floats(shifted, exp256, exp16):
+    """The nibbles of the byte in bits 15..22 of `shifted` as floats 256 + q (low) and 16 + q
+    (high): each nibble lands in the mantissa where that float's spacing is 1."""
+    low = ((shifted & 0x78000) | exp256).to(tl.float32, bitcast=True)
+    high = ((shifted & 0x780000) | exp16).to(tl.float32, bitcast=True)
+    return low, high
+
+
+@triton.jit
+def load_x_pair(x_ptr, word_index, pair: tl.constexpr, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr):
+    """x[8j + 2 pair] and x[8j + 2 pair + 1] in fp32 for the weight words j. A 16-bit pair is one
+    int32 (bf16 widens by bit moves alone); fp32 activations are two loads."""
+    if X_PAIRS:
+        pairs = tl.load(x_ptr + 4 * word_index + pair)
+        if X_DTYPE == tl.bfloat16:
+            even = (pairs << 16).to(tl.float32, bitcast=True)
+            odd = (pairs & -65536).to(tl.float32, bitcast=True)
         else:
-            w_lo, w_hi = nibbles_minus_zero(packed, zero)
-            if BLOCK_M == 1:
-                # The group's scale is one number per column, so it multiplies the step's sum, not each weight.
-                part = tl.sum(x_even.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_lo
-                              + x_odd.to(tl.float32).reshape(BLOCK_K // 2, 1) * w_hi, axis=0)
-                acc += (part * scale)[None, :]
-            else:
-                # Prefill tiles have more rows than a K step has columns: scaling each weight is cheaper.
-                acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc,
-                             out_dtype=tl.float32)
-                acc = tl.dot(x_odd.to(DOT_DTYPE), (w_hi * scale[None, :]).to(DOT_DTYPE), acc=acc,
-                             out_dtype=tl.float32)
-    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+            even = (pairs & 0xFFFF).to(tl.uint16).to(X_DTYPE, bitcast=True).to(tl.float32)
+            odd = (pairs >> 16).to(tl.uint16).to(X_DTYPE, bitcast=True).to(tl.float32)
+    else:
+        even = tl.load(x_ptr + 8 * word_index + 2 * pair).to(tl.float32)
+        odd = tl.load(x_ptr + 8 * word_index + 2 * pair + 1).to(tl.float32)
+    return even, odd
 
 
 @triton.jit
@@ -160,11 +250,17 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     check_activation(x, k)
     if k % group_size or scales.shape != (n, k // group_size):
         raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight in groups of {group_size}")
+    if k % 8 or qweight.stride(1) != 1 or qweight.stride(0) % 4 or qweight.data_ptr() % 4:
+        # single_row reads each row of qweight as int32 words; mpq sends only groups of 32 or more
+        raise ValueError(f"W4A16 reads qweight rows as int32 words: K must be a multiple of 8 and each row start on a "
+                         f"4-byte boundary (K={k}, strides {qweight.stride()}, address % 4 = {qweight.data_ptr() % 4})")
     x = x.contiguous()
     if config is None and interpreting():
         config = interpreter_config(x.shape[0], k_step_for(group_size))
     if config is not None and group_size % config["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={config['BLOCK_K']} must divide the group size {group_size} (one scale per K step)")
+    if config is not None and config["BLOCK_M"] == 1 and config["BLOCK_K"] < 8:
+        raise ValueError(f"BLOCK_K={config['BLOCK_K']}: the single-row path reads K steps of whole int32 words (8+)")
     pointers = (qweight, scales, zeros if zeros is not None else scales)  # unused zeros pointer when symmetric
     x_arg, x_meta = x_pairs(x)
     scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(0), scales.stride(0))

@@ -110,6 +110,13 @@ def test_launcher_rejects_mismatched_shapes():
         w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 128)
     with pytest.raises(ValueError, match="BLOCK_K=128 must divide the group size 64"):
         w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64, config={**PATHS["gemm"], "BLOCK_K": 128})
+    # the single-row path reads qweight rows as int32 words: a view two bytes into a buffer cannot be one
+    shifted = torch.empty(t["qweight"].numel() + 2, dtype=torch.uint8, device=DEVICE)[2:].view_as(t["qweight"])
+    shifted.copy_(t["qweight"])
+    with pytest.raises(ValueError, match=r"int32 words.*address % 4 = 2"):
+        w4a16_linear(x, shifted, t["scales"], t["zeros"], 64)
+    with pytest.raises(ValueError, match="whole int32 words"):
+        w4a16_linear(x[:1], t["qweight"], t["scales"], t["zeros"], 64, config={**PATHS["gemv-m1"], "BLOCK_K": 4})
 
 
 def test_custom_ops_pass_opcheck_and_compile():
