@@ -71,12 +71,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
                              mask=mask_n[None, :], other=0)  # [BLOCK_K/2, BLOCK_N] bytes
-            group = k0 // GROUP
-            scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
-            else:
-                zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
             x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
             if BLOCK_M <= 16:
                 # Decode on tensor cores multiplies exact integers: nibble_floats makes each nibble q
@@ -96,6 +91,17 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
                 acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
                 acc = tl.dot(x_odd.to(DOT_DTYPE), (w_hi * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+
+
+@triton.jit
+def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, group, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The scale and zero point (8 when symmetric) of one group for the tile's columns, in fp32."""
+    scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+    return scale, zero
 
 
 @triton.jit
@@ -126,12 +132,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     exp16 = unknown_zero + 0x41800000
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
-        group = k0 // GROUP
-        scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
         word_index = k0 // 8 + offs_w
         x0, x1 = load_x_pair(x_ptr, word_index, 0, X_PAIRS, X_DTYPE)
         x2, x3 = load_x_pair(x_ptr, word_index, 1, X_PAIRS, X_DTYPE)
