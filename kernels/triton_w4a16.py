@@ -60,13 +60,13 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
-    mask_m = offs_m < M
     mask_n = offs_n < N
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K)
     else:
+        offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
+        mask_m = offs_m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
@@ -170,7 +170,8 @@ def byte_floats(shifted, exp256, exp16):
 @triton.jit
 def load_x_pair(x_ptr, word_index, pair: tl.constexpr, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr):
     """x[8j + 2 pair] and x[8j + 2 pair + 1] in fp32 for the weight words j. A 16-bit pair is one
-    int32 (bf16 widens by bit moves alone); fp32 activations are two loads."""
+    int32 (bf16 widens by bit moves alone); fp32 activations are two loads. load_x_halves' route
+    (through 16-bit values, masked rows) costs PRMTs here: 7.10 instructions per byte, not 6.94."""
     if X_PAIRS:
         pairs = tl.load(x_ptr + 4 * word_index + pair)
         if X_DTYPE == tl.bfloat16:
