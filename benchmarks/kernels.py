@@ -119,14 +119,15 @@ def compiled_demo() -> Path:
     return out
 
 
-def check_configs_folder(out: Path) -> None:
-    """Refuse, before any timing, a --configs folder that is not `mpq compile demo`'s output."""
+def demo_summary(out: Path) -> dict:
+    """The summary.json of `mpq compile demo`'s output `out`; anything else is refused before any timing."""
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise SystemExit(f"--configs {out}: no summary.json there; give the -o folder of `mpq compile demo`")
-    model = json.loads(summary_path.read_text()).get("model")
-    if model != "demo":
-        raise SystemExit(f"--configs {out}: compiled from {model!r}; the decode comparison needs `mpq compile demo`")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("model") != "demo":
+        raise SystemExit(f"--configs {out}: compiled from {summary.get('model')!r}; the decode comparison needs `mpq compile demo`")
+    return summary
 
 
 def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) -> dict:
@@ -138,7 +139,7 @@ def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) ->
     from mpq.device_check import check_on_device, describe_check
     from mpq.models import load_model
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = demo_summary(out)
     folders = [out / "configs" / c["name"] for c in summary["configs"]]
     checks = []
     for folder in folders[:1] if smoke else folders:
@@ -188,7 +189,7 @@ def main() -> None:
                         help="an `mpq compile demo` output folder to check and time, instead of compiling the demo here")
     args = parser.parse_args()
     if args.configs is not None:
-        check_configs_folder(args.configs)
+        demo_summary(args.configs)  # refused now, not after the kernel rows
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
         raise SystemExit("benchmarks/kernels.py times GPU kernels: run it on a CUDA machine, or use --smoke")

@@ -16,6 +16,7 @@ from torch import nn
 
 from mpq.checkpoint import kernels_of, load, read_manifest
 from mpq.environment import hardware
+from mpq.kv_cache import forward_with_cache
 from mpq.memory import resident_bytes
 from mpq.models import CAUSAL_LM, load_model
 from mpq.tasks import make_task, model_device
@@ -50,11 +51,9 @@ def speed(model: nn.Module, task_kind: str, task) -> dict[str, float]:
         prompt = ids[:, :DECODE_PROMPT]
 
         def decode() -> None:
-            out = model(input_ids=prompt, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out, past = forward_with_cache(model, prompt)
             for _ in range(DECODE_TOKENS):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out, past = forward_with_cache(model, out.logits[:, -1:].argmax(-1), past)
 
         total = _median_seconds(decode, repeats=7)
         return {"prefill_tokens_per_s": ids.shape[1] / prefill, "decode_tokens_per_s": DECODE_TOKENS / total}

@@ -35,6 +35,7 @@ from mpq.errors import MpqError
 from mpq.formats import FormatSpec, get_format
 from mpq.fusion import fusion_groups
 from mpq.io import cache_root, write_json_atomic
+from mpq.kv_cache import forward_with_cache
 from mpq.models import CAUSAL_LM
 from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
@@ -159,11 +160,11 @@ def model_step(model: nn.Module, task: str, regime: Regime):
     if regime.kind == "prefill":
         return lambda: model(input_ids=ids, use_cache=False)
     with torch.no_grad():
-        past = model(input_ids=ids, use_cache=True).past_key_values
+        _, past = forward_with_cache(model, ids)
     token = ids[:, -1:]
 
     def step() -> None:
-        model(input_ids=token, past_key_values=past, use_cache=True)
+        forward_with_cache(model, token, past)
         past.crop(-1)  # drop the new token: every step sees `length` cached tokens
 
     return step

@@ -1,0 +1,31 @@
+"""Decoding with a causal LM's KV cache across transformers' rename of `past_key_values` to `cache`.
+
+transformers 5.24 renamed the forward argument and the output field (`cache`); the old names
+still work there with a warning and are due to go in 5.40, while releases before 5.24 know only
+the old ones. mpq supports both, so it asks the model's class which name its forward takes.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which `model`'s forward takes a KV cache: `cache` or `past_key_values`."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(output) -> object:
+    """The KV cache a forward with use_cache=True returned, under either name."""
+    return output["cache"] if "cache" in output.keys() else output["past_key_values"]
+
+
+def forward_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: object | None = None):
+    """model(input_ids, use_cache=True), continuing `cache` when given; the output and its cache."""
+    kwargs = {cache_argument(model): cache} if cache is not None else {}
+    output = model(input_ids=input_ids, use_cache=True, **kwargs)
+    return output, returned_cache(output)
