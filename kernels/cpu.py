@@ -7,6 +7,9 @@ dtypes are cast to bf16 and the output cast back. The int4 kernel needs its own 
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
 from mpq.formats import FormatSpec
@@ -70,27 +73,61 @@ def _int4_scale_and_zeros(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([scales.t(), offset.t()], dim=-1).contiguous()
 
 
-_INT4_BLOCK_N = 64  # the CPU int4 layout's row block (torch 2.5-2.13): see int4_rows
+@dataclass(frozen=True)
+class Int4RowLayout:
+    """How `_convert_weight_to_int4pack_for_cpu` lays out a weight's rows. It is torch's private
+    layout and depends on the CPU torch runs on (its int4mm_kernel.cpp): rows go in blocks of
+    `block` (64 under AVX512, 32 under AVX2); in a full block, byte (k, j) holds row j's value at k
+    in its low nibble and row j + block/2's in its high one where `split` (the vector builds), row
+    j + 1's otherwise; a last, shorter block always pairs rows j and j + 1 in byte (k, j / 2)."""
+
+    block: int
+    split: bool
+
+
+_INT4_LAYOUTS = tuple(Int4RowLayout(block, split) for block in (64, 32, 16) for split in (True, False))
+
+
+@functools.cache
+def int4_row_layout() -> Int4RowLayout | None:
+    """The layout this process's torch packs int4 weights in, found once by packing a probe and
+    reading it back under each known layout; None if none reads it right (a torch that changed it)."""
+    rows, cols = 144, 4  # two full blocks of 64 and a shorter last one: every known layout reads it differently
+    values = torch.randint(0, 16, (rows, cols), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+    except (AttributeError, RuntimeError):
+        return None
+    if packed.numel() != rows * cols // 2:
+        return None
+    ids = torch.arange(rows)
+    return next((layout for layout in _INT4_LAYOUTS
+                 if torch.equal(_int4_rows_in(layout, packed, ids, rows, cols), values.long())), None)
+
+
+def _int4_rows_in(layout: Int4RowLayout, packed: torch.Tensor, ids: torch.Tensor, out_features: int,
+                  in_features: int) -> torch.Tensor:
+    n, k = out_features, in_features
+    start = ids // layout.block * layout.block
+    block = (n - start).clamp(max=layout.block)
+    j = ids - start
+    split = (block == layout.block) & layout.split
+    half = block // 2
+    within = torch.where(split, j % half, j // 2)
+    shift = torch.where(split, (j >= half).long(), j % 2) * 4
+    cols = torch.arange(k, device=packed.device)
+    offsets = (start * k // 2 + within)[:, None] + cols[None, :] * half[:, None]
+    return (packed.reshape(-1)[offsets].long() >> shift[:, None]) & 0xF
 
 
 def int4_rows(packed: torch.Tensor, ids: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Rows `ids` of a weight relaid out by `_convert_weight_to_int4pack_for_cpu`, as integers
-    0..15 [len(ids), K] (what a tied embedding table looks up in its head). The layout packs rows
-    in blocks of 64: in a full block, byte (k, j) holds row j's value at k in its low nibble and row
-    j + 32's in its high one; a last, shorter block of b rows pairs rows j and j + 1 in byte
-    (k, j / 2). It is torch's private layout, so callers check it against the canonical weight
-    (rows_layout_matches) before trusting it."""
-    n, k = out_features, in_features
-    start = ids // _INT4_BLOCK_N * _INT4_BLOCK_N
-    block = (n - start).clamp(max=_INT4_BLOCK_N)
-    j = ids - start
-    full = block == _INT4_BLOCK_N
-    half = block // 2
-    within = torch.where(full, j % half, j // 2)
-    shift = torch.where(full, (j >= half).long(), j % 2) * 4
-    cols = torch.arange(k, device=packed.device)
-    offsets = (start * k // 2 + within)[:, None] + cols[None, :] * half[:, None]
-    return (packed.reshape(-1)[offsets].long() >> shift[:, None]) & 0xF
+    0..15 [len(ids), K] (what a tied embedding table looks up in its head). Callers check
+    int4_row_layout() is not None first, and the rows against the canonical weight before trusting them."""
+    layout = int4_row_layout()
+    if layout is None:
+        raise RuntimeError("this torch's CPU int4 layout is none that mpq knows how to read rows from")
+    return _int4_rows_in(layout, packed, ids, out_features, in_features)
 
 
 def dequantize_rows_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, ids: torch.Tensor,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.formats import FormatSpec
-from mpq.kernels.cpu import dequantize_rows_cpu, int4_rows
+from mpq.kernels.cpu import dequantize_rows_cpu, int4_row_layout, int4_rows
 from mpq.packing import unpack_int4_u8
 from mpq.qlinear import QuantizedLinear
 from mpq.quantize import HOT_TENSORS, dequantize_weight, tensor_bytes
@@ -88,7 +88,7 @@ class TiedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self._own: dict[str, torch.Tensor] | None = None
         if self._reads_cpu_int4() and canonical is not None and not _rows_layout_matches(head, canonical):
-            # torch changed its private int4 layout: keep a canonical copy rather than wrong rows
+            # a torch whose private int4 layout mpq does not know: keep a canonical copy rather than wrong rows
             self._own = {name: t for name, t in canonical.items() if name != "input_scale"}
             log.warning("the CPU int4 layout of %s is not the one mpq reads rows from: its tied table keeps "
                         "its own copy (%d bytes more)", head_name, tensor_bytes(self._own))
@@ -122,6 +122,8 @@ class TiedEmbedding(nn.Module):
 def _rows_layout_matches(head: QuantizedLinear, canonical: dict[str, torch.Tensor]) -> bool:
     """Whether int4_rows reads the head's CPU layout right: its first, last and a middle row
     (the last block is laid out differently from full ones) against the canonical integers."""
+    if int4_row_layout() is None:
+        return False
     n = head.out_features
     ids = torch.tensor(sorted({0, n // 2, n - 1}))
     got = int4_rows(head.qweight, ids, n, head.in_features)

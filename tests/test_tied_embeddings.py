@@ -4,6 +4,9 @@ holds them, so checkpoints store the weight once and load back bit-identical."""
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,6 +39,37 @@ def test_int4_rows_reads_torchs_cpu_layout(rows, cols):
     ids = torch.randint(0, rows, (37,), generator=generator)
     ids[:2] = torch.tensor([rows - 1, 0])
     assert torch.equal(int4_rows(packed, ids, rows, cols), values[ids].long())
+
+
+_READS_EVERY_LAYOUT = """
+import torch
+from mpq.kernels.cpu import int4_row_layout, int4_rows
+
+layout = int4_row_layout()
+for rows, cols in [(64, 64), (80, 32), (16, 64), (48, 128), (208, 96), (1040, 256)]:
+    values = torch.randint(0, 16, (rows, cols), generator=torch.Generator().manual_seed(rows), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+    assert torch.equal(int4_rows(packed, torch.arange(rows), rows, cols), values.long()), (rows, cols)
+print(torch.backends.cpu.get_cpu_capability(), layout.block, layout.split)
+"""
+
+
+_CAPABILITIES = ("default", "avx2", "avx512")  # torch's x86 builds, narrowest first
+
+
+@pytest.mark.parametrize("capability, block, split", [("avx512", 64, True), ("avx2", 32, True), ("default", 32, False)])
+def test_int4_rows_reads_the_layout_of_each_cpu_capability(capability, block, split):
+    """torch packs int4 weights differently by the vector width it runs with (blocks of 64 rows
+    under AVX512, 32 under AVX2, no lane split without vectors). ATEN_CPU_CAPABILITY makes it run
+    a narrower build than the one it picked, so one machine checks every layout up to its own (a
+    wider one than torch picked may not run on this CPU at all)."""
+    own = torch.backends.cpu.get_cpu_capability().lower()
+    if own not in _CAPABILITIES or _CAPABILITIES.index(capability) > _CAPABILITIES.index(own):
+        pytest.skip(f"torch runs the {own} build on this CPU, not {capability} or wider")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    run = subprocess.run([sys.executable, "-c", _READS_EVERY_LAYOUT], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [capability.upper(), str(block), str(split)]
 
 
 def _backends():
