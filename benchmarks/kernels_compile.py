@@ -170,7 +170,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128, help="INT4 group size (32, 64, 128)")
     parser.add_argument("--activations", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--symmetric", action="store_true", help="INT4 without zero points")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="configs compiled at once (default: one per core)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--jobs", type=int, default=cores, help="configs compiled at once (default: one per core this process may use)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     n, k, group = 4096, 4096, args.group
@@ -179,12 +180,13 @@ def main() -> None:
             for name in ("w4a16", "w8a16") for m in map(int, args.batches.split(","))
             for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))]
     # Each config compiles on its own (Triton's passes, then ptxas and nvdisasm): one process per core.
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    workers = max(1, min(args.jobs, len(jobs)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         rows = list(pool.map(compile_candidate, *zip(*jobs)))
     for row in rows:
         row["problems"] = problems(row, args.arch)
     print(f"# sm_{args.arch}, {n}x{k}, INT4 group {group}{' symmetric' if args.symmetric else ''}, {args.activations} "
-          f"activations: {len(rows)} configs compiled in {time.perf_counter() - start:.0f} s ({args.jobs} processes)")
+          f"activations: {len(rows)} configs compiled in {time.perf_counter() - start:.0f} s ({workers} processes)")
     print("| kernel | M | BLOCK M/N/K | split | warps/stages | shared B | tensor cores | atomics | loop instr / weight B | problems |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
