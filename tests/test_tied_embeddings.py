@@ -29,7 +29,11 @@ from conftest import trace_tiny as _graph
 TABLE, HEAD = "model.embed_tokens", "lm_head"
 
 
-@pytest.mark.parametrize("rows, cols", [(64, 64), (80, 32), (16, 64), (48, 128), (208, 96), (1040, 256)])
+# full blocks of 64 and of 32 rows, and shorter last blocks of 16 and 48 (laid out differently)
+_LAYOUT_SHAPES = [(64, 64), (80, 32), (16, 64), (48, 128), (208, 96), (1040, 256)]
+
+
+@pytest.mark.parametrize("rows, cols", _LAYOUT_SHAPES)
 def test_int4_rows_reads_torchs_cpu_layout(rows, cols):
     """Rows read back from `_convert_weight_to_int4pack_for_cpu` are the integers put in, in full
     blocks of 64 and in a shorter last block (laid out differently)."""
@@ -46,7 +50,7 @@ import torch
 from mpq.kernels.cpu import int4_row_layout, int4_rows
 
 layout = int4_row_layout()
-for rows, cols in [(64, 64), (80, 32), (16, 64), (48, 128), (208, 96), (1040, 256)]:
+for rows, cols in {shapes}:
     values = torch.randint(0, 16, (rows, cols), generator=torch.Generator().manual_seed(rows), dtype=torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
     assert torch.equal(int4_rows(packed, torch.arange(rows), rows, cols), values.long()), (rows, cols)
@@ -67,7 +71,8 @@ def test_int4_rows_reads_the_layout_of_each_cpu_capability(capability, block, sp
     if own not in _CAPABILITIES or _CAPABILITIES.index(capability) > _CAPABILITIES.index(own):
         pytest.skip(f"torch runs the {own} build on this CPU, not {capability} or wider")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    run = subprocess.run([sys.executable, "-c", _READS_EVERY_LAYOUT], env=env, capture_output=True, text=True)
+    script = _READS_EVERY_LAYOUT.format(shapes=_LAYOUT_SHAPES)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [capability.upper(), str(block), str(split)]
 
