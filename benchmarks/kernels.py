@@ -3,8 +3,11 @@
 For each layer shape and M in 1, 4, 16, 64, 512: median time (triton.testing.do_bench), achieved
 GB/s counting packed weights + scales + zeros + activations + outputs, percent of the device's
 measured copy bandwidth, TFLOP/s, speedup over torch.nn.functional.linear in fp16, and the
-relative error against the dequantise reference. Weights rotate through enough copies to
-overflow the L2 cache, so the numbers are DRAM numbers. Then greedy-decode tokens/s of a demo
+relative error against the dequantise reference. Times are the device's: one CUDA graph runs the
+call on each of enough weight copies to overflow the L2 cache (mpq.kernels.triton_tuning.
+rotating_time_ms), so weights come from DRAM and the host's launch cost stays out. Beside them, the
+wall time per call of eager calls in a row, which adds the host's Python launch cost that a caller
+without CUDA graphs pays. Then greedy-decode tokens/s of a demo
 config against the unquantised demo, after every emitted demo config is loaded on the GPU and
 checked against the CPU reference (kernel per layer, logits). Prints a table and writes JSON.
 
@@ -38,7 +41,7 @@ SHAPES = {  # name: (N out, K in)
 }
 SMOKE_SHAPES = {"smoke 96x256": (96, 256), "smoke odd 40x384": (40, 384)}
 BATCHES = (1, 4, 16, 64, 512)
-ROTATE_BYTES = 512 * 2**20  # > L2 of any current GPU
+ROTATE_BYTES = 512 * 2**20  # weight copies per timed graph: several times the L2 of any current GPU
 
 
 def copy_bandwidth() -> float:
@@ -51,26 +54,33 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def _timer(fn_for_copy, copies: int, smoke: bool) -> float | None:
+def device_ms(calls: list, smoke: bool) -> float | None:
+    """Median device time per call of `calls` (one per weight copy) in a CUDA graph; None in a smoke run."""
     if smoke:
-        fn_for_copy(0)
+        calls[0]()
         return None
-    from triton.testing import do_bench
+    from mpq.kernels.triton_tuning import rotating_time_ms
 
-    state = {"i": 0}
+    return rotating_time_ms(calls)
 
-    def run() -> None:
-        state["i"] = (state["i"] + 1) % copies
-        fn_for_copy(state["i"])
 
-    return do_bench(run, warmup=100, rep=500, return_mode="median")
+def eager_ms(fn, calls: int = 200) -> float:
+    """Wall time per call of `calls` eager calls in a row: the larger of the host's launch cost and
+    the device time (the weights stay in L2 here, so this is mostly the host's share)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
 
 
 def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ...], device: str, smoke: bool,
                 dtype: torch.dtype = torch.bfloat16) -> Iterator[dict]:
-    """One row per M for an [n, k] layer in `fmt_name`: the weight is quantised, copied for
-    rotation and dequantised for the reference once, then each M is checked and timed. The
-    kernel's activations are `dtype`; the baseline is torch's F.linear on fp16 weights."""
+    """One row per M for an [n, k] layer in `fmt_name`: the weight is quantised and dequantised
+    for the reference once, then each M is checked and timed. The kernel's activations are
+    `dtype`; the baseline is torch's F.linear on fp16 weights."""
     from mpq.formats import get_format
     from mpq.kernels.triton_w4a16 import w4a16_linear
     from mpq.kernels.triton_w8a16 import w8a16_linear
@@ -81,7 +91,7 @@ def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ..
     base = quantize_weight(torch.randn(n, k) * 0.02, fmt)
     weight_bytes = sum(t.numel() * t.element_size() for t in base.values())
     copies = 1 if smoke else max(2, ROTATE_BYTES // weight_bytes + 1)
-    sets = [{key: t.to(device) for key, t in base.items()} for _ in range(copies)]
+    sets = [{key: value.to(device) for key, value in base.items()} for _ in range(copies)]
     reference_weight = dequantize_weight(sets[0], fmt)  # float32, on the device: the reference is plain torch
     dense = [torch.randn(n, k, dtype=torch.float16, device=device) * 0.02
              for _ in range(1 if smoke else max(2, ROTATE_BYTES // (2 * n * k) + 1))]
@@ -89,22 +99,25 @@ def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ..
         x = torch.randn(m, k, device=device).to(dtype)
         x16 = x.to(torch.float16)
 
-        def quantized(i: int) -> torch.Tensor:
-            t = sets[i % len(sets)]
+        def quantized(t: dict = sets[0]) -> torch.Tensor:
             if fmt.bits == 8:
                 return w8a16_linear(x, t["qweight"], t["scales"])
             return w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k))
 
+        def fp16(weight: torch.Tensor = dense[0]) -> torch.Tensor:
+            return torch.nn.functional.linear(x16, weight)
+
         expected = torch.nn.functional.linear(x.float(), reference_weight)
-        rel_err = ((quantized(0).float() - expected).norm() / expected.norm()).item()
-        ms = _timer(quantized, copies, smoke)
-        ms_fp16 = _timer(lambda i: torch.nn.functional.linear(x16, dense[i % len(dense)]), len(dense), smoke)
+        rel_err = ((quantized().float() - expected).norm() / expected.norm()).item()
+        ms = device_ms([lambda t=t: quantized(t) for t in sets], smoke)
+        ms_fp16 = device_ms([lambda w=w: fp16(w) for w in dense], smoke)
         moved = weight_bytes + x.numel() * x.element_size() + m * n * x.element_size()
         row = {"shape": name, "N": n, "K": k, "M": m, "format": fmt_name, "activations": str(dtype).removeprefix("torch."),
                "rel_err": rel_err, "bytes_moved": moved}
         if ms is not None:
             row.update({"ms": ms, "fp16_ms": ms_fp16, "GBps": moved / (ms * 1e-3) / 1e9,
-                        "TFLOPs": 2 * m * n * k / (ms * 1e-3) / 1e12, "speedup_vs_fp16": ms_fp16 / ms})
+                        "TFLOPs": 2 * m * n * k / (ms * 1e-3) / 1e12, "speedup_vs_fp16": ms_fp16 / ms,
+                        "eager_ms": eager_ms(quantized), "fp16_eager_ms": eager_ms(fp16)})
         yield row
 
 
@@ -206,7 +219,7 @@ def main() -> None:
         report["copy_GBps"] = copy_bandwidth() / 1e9
     args.out.mkdir(parents=True, exist_ok=True)
     filename = ("kernels-smoke.json" if args.smoke else
-                f"kernels-{report['device'].replace(' ', '_')}-{args.formats.replace(',', '+')}-{args.activations}.json")
+                f"kernels-{report['device'].replace(' ', '_')}-{args.formats.replace(',', '_')}-{args.activations}.json")
     path = args.out / filename
     for fmt_name in args.formats.split(","):
         for name, (n, k) in shapes.items():
@@ -244,14 +257,16 @@ def print_table(report: dict) -> None:
     print(f"\n# {report['device']}" + (f", measured copy bandwidth {report['copy_GBps']:.0f} GB/s" if "copy_GBps" in report else ""))
     print(f"Triton {report['triton']}, torch {report['torch']}; activations {report['activations']}, "
           "the cuBLAS baseline (F.linear) fp16")
-    print("| format | shape | M | ms | fp16 ms | speedup | GB/s | % copy BW | TFLOP/s | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("ms: device time per call (CUDA graph over weight copies that overflow L2); eager ms: wall time per call of eager calls in a row")
+    print("| format | shape | M | ms | fp16 ms | speedup | GB/s | % copy BW | TFLOP/s | rel err | eager ms | fp16 eager ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         if "ms" in r:
             print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['fp16_ms']:.4f} | {r['speedup_vs_fp16']:.2f}x | "
-                  f"{r['GBps']:.0f} | {r['pct_of_copy_bw']:.0f}% | {r['TFLOPs']:.1f} | {r['rel_err']:.1e} |")
+                  f"{r['GBps']:.0f} | {r['pct_of_copy_bw']:.0f}% | {r['TFLOPs']:.1f} | {r['rel_err']:.1e} | "
+                  f"{r['eager_ms']:.4f} | {r['fp16_eager_ms']:.4f} |")
         else:
-            print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} |")
+            print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} | - | - |")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_tuning import choose_config, m_bucket
+from mpq.kernels.triton_tuning import choose_config, chosen_config, m_bucket
 
 
 def interpreting() -> bool:
@@ -85,12 +86,14 @@ def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple,
 
 
 def launch(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict | None,
-           shape_key: tuple, candidates: list[dict], x_arg: torch.Tensor | None = None) -> torch.Tensor:
-    """Run `config` when pinned, else the fastest of `candidates` for this shape (timed on first use)."""
+           shape_key: tuple, candidates: Callable[[], list[dict]], x_arg: torch.Tensor | None = None) -> torch.Tensor:
+    """Run `config` when pinned, else the fastest of `candidates()` for this shape (timed on first
+    use). The list is built only then: building it on every call cost ~10 us of host time per layer."""
     if config is None:
         m = x.shape[0]
-        key = (kernel.__name__, regime(m), m_bucket(m), n, *shape_key, str(x.dtype), str(x.device))
-        config = choose_config(key, candidates, lambda c: run_config(kernel, x, n, pointers, scalars, meta, c, x_arg))
+        key = (kernel.__name__, regime(m), m_bucket(m), n, *shape_key, x.dtype, x.device)
+        config = chosen_config(key) or choose_config(
+            key, candidates(), lambda c: run_config(kernel, x, n, pointers, scalars, meta, c, x_arg))
     return run_config(kernel, x, n, pointers, scalars, meta, config, x_arg)
 
 

@@ -24,11 +24,52 @@ def m_bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
 
-def gpu_time_ms(run: Callable[[], object]) -> float:
-    """Median GPU time of one call, short enough to time a few dozen candidates in seconds."""
+def gpu_time_ms(run: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
+    """Median device time of one call of `run` in ms; the defaults time a few dozen candidates in seconds.
+
+    The call is captured once in a CUDA graph and the graph is replayed: a Python launch of these
+    kernels takes longer on the host (measured on an H100: tens of microseconds) than a decode-sized
+    kernel runs on the GPU, so timing eager calls measured the host, and the tuner picked among
+    equal-looking candidates at random. do_bench flushes the L2 cache before each replay, so the
+    time is that of weights read from DRAM, as in a model whose layers evict each other."""
+    import torch
     from triton.testing import do_bench
 
-    return do_bench(run, warmup=5, rep=20, return_mode="median")
+    run()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+
+
+def rotating_time_ms(calls: list[Callable[[], object]], replays: int = 30) -> float:
+    """Median device time per call of `calls` run in turn, each on its own copy of the weights, all
+    captured in one CUDA graph: with more bytes between two reads of a copy than the L2 cache holds,
+    every call reads its weights from DRAM, as a layer in a model does, and no flush is needed (a
+    flush before each call, as in do_bench, leaves the L2 full of dirty lines whose write-back the
+    next call pays for). Launch gaps inside the graph stay in, as in a graph-captured decode step."""
+    import statistics
+
+    import torch
+
+    for call in calls:  # compile and warm up outside the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(times)
 
 
 def choose_config(key: Hashable, candidates: list[Config], run: Callable[[Config], object],
@@ -52,6 +93,11 @@ def choose_config(key: Hashable, candidates: list[Config], run: Callable[[Config
     _CHOSEN[key] = candidates[best]
     log.info("%s: %s (%.4f ms, fastest of %d)", key, candidates[best], ms, len(times))
     return candidates[best]
+
+
+def chosen_config(key: Hashable) -> Config | None:
+    """The config already chosen for `key`, if any (the launchers' fast path)."""
+    return _CHOSEN.get(key)
 
 
 def chosen_configs() -> dict[Hashable, Config]:

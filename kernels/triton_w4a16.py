@@ -268,7 +268,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(0), scales.stride(0))
     meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, **x_meta}
     out = launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=(k, group_size, zeros is not None),
-                 candidates=_candidates(x.shape[0], group_size), x_arg=x_arg)
+                 candidates=lambda: _candidates(x.shape[0], group_size), x_arg=x_arg)
     if bias is not None:
         out += bias.to(out.dtype)
     return out

@@ -74,7 +74,7 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
         config = interpreter_config(x.shape[0], 64)
     scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(0))
     out = launch(_w8a16_kernel, x, n, (qweight, scales), scalars, {}, config, shape_key=(k,),
-                 candidates=_candidates(x.shape[0]))
+                 candidates=lambda: _candidates(x.shape[0]))
     if bias is not None:
         out += bias.to(out.dtype)
     return out

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 
@@ -163,27 +164,34 @@ def test_kernel_benchmark_refuses_a_configs_folder_that_is_not_the_demos_output(
 
 
 def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
-    """The GPU-only part of a row (rotation over weight copies, bytes moved, GB/s, speedup) on the
-    CPU, with the GPU timer replaced by a count of the copies each timed function would cycle."""
+    """The GPU-only part of a row (weight copies, bytes moved, GB/s, speedup, eager times) on the
+    CPU, with the GPU timers replaced by fakes that call each timed function for real."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernels = benchmark_script("kernels")
     monkeypatch.setattr(kernels, "ROTATE_BYTES", 40_000)
-    timed = []
+    timed, eager = [], []
 
-    def fake_timer(fn_for_copy, copies, smoke):
+    def fake_device_ms(calls, smoke):
         assert not smoke
-        for i in range(copies):  # each copy is a real launch: a bad index or shape fails here
-            fn_for_copy(i)
-        timed.append(copies)
+        timed.append([call().shape for call in calls])  # each copy is a real launch: a bad shape fails here
         return 0.5 if len(timed) % 2 else 2.0  # the kernel, then the fp16 baseline
 
-    monkeypatch.setattr(kernels, "_timer", fake_timer)
+    def fake_eager_ms(fn):
+        eager.append(fn().dtype)
+        return 0.25 * len(eager)
+
+    monkeypatch.setattr(kernels, "device_ms", fake_device_ms)
+    monkeypatch.setattr(kernels, "eager_ms", fake_eager_ms)
     rows = list(kernels.bench_layer("odd", 40, 384, "int4-g128", (1, 17), "cpu", smoke=False))
     weight_bytes = 40 * 384 // 2 + 2 * 40 * 3 * 2  # packed nibbles, then bf16 scales and zeros of 3 groups per row
-    assert timed == [40_000 // weight_bytes + 1, 40_000 // (2 * 40 * 384) + 1] * 2 == [5, 2, 5, 2]
+    # 40_000 bytes of copies: 5 of the int4 weight, 2 (the minimum) of the fp16 one
+    assert timed == [[(1, 40)] * 5, [(1, 40)] * 2, [(17, 40)] * 5, [(17, 40)] * 2]
+    assert eager == [torch.bfloat16, torch.float16] * 2  # the kernel's activations, then the fp16 baseline's
     for row, m in zip(rows, (1, 17)):
         assert row["bytes_moved"] == weight_bytes + 2 * m * 384 + 2 * m * 40
         assert row["GBps"] == pytest.approx(row["bytes_moved"] / 0.5e-3 / 1e9)
         assert row["TFLOPs"] == pytest.approx(2 * m * 40 * 384 / 0.5e-3 / 1e12)
+    assert [(r["eager_ms"], r["fp16_eager_ms"]) for r in rows] == [(0.25, 0.5), (0.75, 1.0)]
+    for row in rows:
         assert row["speedup_vs_fp16"] == 4.0 and row["activations"] == "bfloat16" and row["rel_err"] < 1e-2

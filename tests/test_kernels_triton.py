@@ -135,3 +135,35 @@ def test_custom_ops_pass_opcheck_and_compile():
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("fmt_name", ["int4-g64", "int8"])
+def test_eager_layers_launch_directly_and_traced_ones_record_the_custom_op(fmt_name, monkeypatch):
+    """An eager call skips torch.ops.mpq.* (its host cost); make_fx, torch.export and a call that wants
+    gradients go through it, so the graph holds the op and backward refuses instead of returning nothing."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mpq.kernels import ops
+    from mpq.qlinear import QuantizedLinear
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(128, 40).to(torch.bfloat16)
+    layer, tensors = QuantizedLinear.from_module(linear, fmt_name, backend="triton")
+    layer = layer.to(DEVICE)
+    op_name = "w8a16_linear" if fmt_name == "int8" else "w4a16_linear"
+    through_op = []
+    real_op = getattr(ops, op_name)
+    monkeypatch.setattr(ops, op_name, lambda *args: through_op.append(1) or real_op(*args))
+    x = torch.randn(3, 128, dtype=torch.bfloat16, device=DEVICE)
+    expected = linear_reference(x, {k: v.to(DEVICE) for k, v in tensors.items()}, get_format(fmt_name), layer.bias)
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) < 1e-2 and through_op == []
+    graph = make_fx(layer)(x)
+    assert f"mpq.{op_name}" in str(graph.graph) and len(through_op) == 1
+    exported = torch.export.export(layer, (x,))
+    assert any(f"mpq.{op_name}" in str(node.target) for node in exported.graph.nodes)
+    x.requires_grad_(True)
+    y = layer(x)
+    assert len(through_op) == 3 and rel_err(y.detach(), expected) < 1e-2
+    with pytest.raises(RuntimeError, match="[Aa]utograd"):
+        y.sum().backward()
