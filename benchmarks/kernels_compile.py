@@ -44,6 +44,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mpq.kernels import triton_w4a16, triton_w8a16  # noqa: E402
+from mpq.kernels.triton_tuning import usable_cores  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}  # bytes of dynamic shared memory per block
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
@@ -170,8 +171,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128, help="INT4 group size (32, 64, 128)")
     parser.add_argument("--activations", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--symmetric", action="store_true", help="INT4 without zero points")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    parser.add_argument("--jobs", type=int, default=cores, help="configs compiled at once (default: one per core this process may use)")
+    parser.add_argument("--jobs", type=int, default=usable_cores(), help="configs compiled at once (default: one per core this process may use)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     n, k, group = 4096, 4096, args.group

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -66,6 +67,20 @@ def interpreter_config(m: int, k_step: int) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": k_step, "SPLIT_K": 1}
 
 
+def _grid_and_arguments(x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict,
+                        x_arg: torch.Tensor | None, out: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """The grid, positional and keyword arguments of one launch (run_config's layout)."""
+    grid = (cdiv(x.shape[0], config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
+    arguments = (x if x_arg is None else x_arg, *pointers, out, *scalars, out.stride(0))
+    return grid, arguments, {**meta, "ATOMIC": config["SPLIT_K"] > 1, "DOT_DTYPE": dot_dtype(x.dtype), **config}
+
+
+def _output(x: torch.Tensor, n: int, config: dict, zeroed: bool = True) -> torch.Tensor:
+    if config["SPLIT_K"] > 1:  # partial sums meet in fp32 through atomics
+        return (torch.zeros if zeroed else torch.empty)((x.shape[0], n), device=x.device, dtype=torch.float32)
+    return torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
+
+
 def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
                config: dict, x_arg: torch.Tensor | None = None) -> torch.Tensor:
     """Allocate the output and launch one config.
@@ -75,25 +90,35 @@ def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple,
     adds its partial sums through fp32 atomics into a zeroed buffer that is cast back here; one
     without split stores its tile once, in the activation dtype, with no extra launch.
     """
-    m = x.shape[0]
-    atomic = config["SPLIT_K"] > 1
-    out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic
-           else torch.empty((m, n), device=x.device, dtype=x.dtype))
-    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-    kernel[grid](x if x_arg is None else x_arg, *pointers, out, *scalars, out.stride(0), **meta, ATOMIC=atomic,
-                 DOT_DTYPE=dot_dtype(x.dtype), **config)
-    return out.to(x.dtype) if atomic else out
+    out = _output(x, n, config)
+    grid, arguments, keywords = _grid_and_arguments(x, n, pointers, scalars, meta, config, x_arg, out)
+    kernel[grid](*arguments, **keywords)
+    return out.to(x.dtype) if config["SPLIT_K"] > 1 else out
+
+
+def compile_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
+                   config: dict, x_arg: torch.Tensor | None = None) -> None:
+    """Compile the kernel as run_config would launch it, without running it (Triton's warmup:
+    the same specialisation and cache entry as the launch, so the launch then finds it compiled)."""
+    out = _output(x, n, config, zeroed=False)
+    grid, arguments, keywords = _grid_and_arguments(x, n, pointers, scalars, meta, config, x_arg, out)
+    # The device is per thread in CUDA; Triton files the kernel under the current one.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        kernel.warmup(*arguments, grid=grid, **keywords)
 
 
 def launch(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict | None,
            shape_key: tuple, candidates: Callable[[], list[dict]], x_arg: torch.Tensor | None = None) -> torch.Tensor:
-    """Run `config` when pinned, else the fastest of `candidates()` for this shape (timed on first
-    use). The list is built only then: building it on every call cost ~10 us of host time per layer."""
+    """Run `config` when pinned, else the fastest of `candidates()` for this shape (compiled in
+    parallel, then timed, on first use). The list is built only then: building it on every call
+    cost ~10 us of host time per layer."""
     if config is None:
         m = x.shape[0]
         key = (kernel.__name__, regime(m), m_bucket(m), n, *shape_key, x.dtype, x.device)
         config = chosen_config(key) or choose_config(
-            key, candidates(), lambda c: run_config(kernel, x, n, pointers, scalars, meta, c, x_arg))
+            key, candidates(), lambda c: run_config(kernel, x, n, pointers, scalars, meta, c, x_arg),
+            compile_one=None if interpreting() else (
+                lambda c: compile_config(kernel, x, n, pointers, scalars, meta, c, x_arg)))
     return run_config(kernel, x, n, pointers, scalars, meta, config, x_arg)
 
 

@@ -2,7 +2,12 @@
 the fastest kept per shape. Timing is faked here (CI has no GPU); the launches are real, under
 TRITON_INTERPRET=1."""
 
+import json
 import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,8 @@ from mpq.quantize import quantize_weight
 pytest.importorskip("triton")
 
 from mpq.kernels import triton_tuning  # noqa: E402  (imports nothing from triton itself, but its users do)
+
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +62,55 @@ def test_a_failing_candidate_is_skipped_and_all_failing_is_an_error():
     assert triton_tuning.choose_config("k", candidates, run, lambda call: call()["BLOCK_N"]) == {"BLOCK_N": 64}
     with pytest.raises(RuntimeError, match="no launch config ran.*out of shared memory"):
         triton_tuning.choose_config("k2", candidates[:1], run, lambda call: call())
+
+
+def test_compile_ahead_compiles_every_config_in_threads_and_a_failure_stops_none():
+    compiled = []
+
+    def compile_one(config):
+        if config["BLOCK_N"] == 128:
+            raise RuntimeError("too much shared memory")
+        compiled.append((config["BLOCK_N"], threading.current_thread().name))
+
+    configs = [{"BLOCK_N": n} for n in (16, 128, 32, 64)]
+    assert triton_tuning.compile_ahead(configs, compile_one) >= 0
+    assert sorted(n for n, _ in compiled) == [16, 32, 64]
+    # the first on the calling thread (it makes the JIT's per-device cache), the rest on workers
+    assert compiled[0] == (16, threading.current_thread().name)
+    assert all(name.startswith("mpq-compile") for _, name in compiled[1:])
+
+
+
+def test_compile_threads_follow_the_usable_cores_unless_set(monkeypatch):
+    monkeypatch.delenv("MPQ_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(triton_tuning, "usable_cores", lambda: 16)
+    assert [triton_tuning.compile_threads(jobs) for jobs in (0, 3, 51)] == [0, 3, 16]
+    monkeypatch.setenv("MPQ_COMPILE_THREADS", "1")
+    assert triton_tuning.compile_threads(51) == 1
+    monkeypatch.setenv("MPQ_COMPILE_THREADS", "0")  # off: each config compiles when it is first timed
+    assert triton_tuning.compile_threads(51) == 0
+    assert triton_tuning.compile_ahead([{"BLOCK_N": 16}], lambda config: pytest.fail("compiled ahead")) == 0.0
+
+
+def test_a_shapes_first_call_compiles_its_candidates_ahead_in_threads_and_times_them_compiled(tmp_path):
+    """benchmarks/first_call.py: real Triton compiles for sm_90 through the launchers, no GPU. With
+    compiling ahead off (0 threads) each candidate compiles when it is timed, one after another;
+    with 2 threads the launcher compiles them ahead (Triton's warmup; all but the first on worker
+    threads), and every timed launch finds its kernel compiled: the warmup's specialisation and
+    cache key are the launch's."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_call.py"), "--shape", "48x256", "--batches",
+                           "1,20", "--configs", "3", "--threads", "0,2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "first_call.json").read_text())["rows"]
+    assert {(r["format"], r["M"], r["threads"]) for r in rows} == {(f, m, t) for f in ("int4-g128", "int8")
+                                                                     for m in (1, 20) for t in (0, 2)}
+    for r in rows:
+        assert r["configs"] == r["compiles"] == r["cubins_in_cache"] == 3, r  # real sm_90 binaries, one per config
+        if r["threads"] == 0:
+            assert (r["compiled_on_workers"], r["compiled_while_timing"]) == (0, 3), r
+        else:
+            assert (r["compiled_on_workers"], r["compiled_while_timing"]) == (2, 0), r
 
 
 @pytest.mark.parametrize("m", [1, 5, 20])
