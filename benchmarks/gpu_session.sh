@@ -3,9 +3,11 @@
 # Those machines hold torch, triton and transformers but no optuna and no network, so mpq goes in
 # without its dependencies, and the demo is compiled beforehand on any machine with mpq:
 #     mpq compile demo --max-mem 8MB -o .gpu/demo-out -q       # .gpu/ is git-ignored; carry it
-# then on the GPU, one call each (arguments after the folder go to benchmarks/kernels.py):
-#     bash benchmarks/gpu_session.sh .gpu/demo-out --formats int4-g128 --no-e2e
-#     bash benchmarks/gpu_session.sh .gpu/demo-out --formats int8
+# then on the GPU, one call for everything (both formats, every shape and M, then the demo's configs;
+# arguments after the folder go to benchmarks/kernels.py, e.g. --formats int8 for a rerun of one):
+#     bash benchmarks/gpu_session.sh .gpu/demo-out
+# A shape's first call compiles its launch candidates in threads, one per core, before timing them.
+# The JSON is rewritten after every row, so a run stopped at its time limit still brings its rows back.
 # Results go to $OUT (which the device tool brings back), else benchmarks/results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,7 @@ if ! python3 -m pip install --no-deps --no-build-isolation --quiet -e .; then
   echo "gpu_session.sh: pip could not install mpq; importing it from $overlay"
 fi
 python3 -P -c "import mpq.kernels; print('mpq from', mpq.__file__)"  # -P: not the source tree in the working directory
+echo "cores: $(nproc)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "(no nvidia-smi)"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 python3 benchmarks/kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@"

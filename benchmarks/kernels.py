@@ -247,9 +247,10 @@ def main() -> None:
 def write_report(path: Path, report: dict) -> None:
     """The report so far, with the launch configs the tuner has chosen so far."""
     from mpq.io import write_json_atomic
-    from mpq.kernels.triton_tuning import chosen_configs
+    from mpq.kernels.triton_tuning import chosen_configs, tuning_costs
 
     report["chosen_configs"] = {" ".join(map(str, key)): config for key, config in chosen_configs().items()}
+    report["tuning_costs"] = {" ".join(map(str, key)): costs for key, costs in tuning_costs().items()}
     write_json_atomic(path, report)
 
 

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 Config = dict[str, int]  # BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, and num_warps / num_stages for the compiler
 _CHOSEN: dict[Hashable, Config] = {}
+_TUNING: dict[Hashable, dict[str, float]] = {}  # per key: what its first call spent compiling ahead and timing
 
 
 def m_bucket(m: int) -> int:
@@ -90,10 +91,10 @@ def compile_threads(jobs: int) -> int:
 def compile_ahead(configs: list[Config], compile_one: Callable[[Config], object]) -> float:
     """Compile every config in threads before any is timed; returns the seconds it took.
 
-    A shape's first call compiles every candidate (one to two seconds each), and timing them one
-    by one compiled them one after another: minutes on a 7B model's first token. Triton's compiler
-    releases the GIL for most of its work (measured on 2 cores, sm_90 cubins: 1.7x with Triton 3.6,
-    1.9x with 3.9), so threads compile side by side; the timing then finds each kernel compiled.
+    A shape's first call compiles every candidate (about 0.6 s each for sm_90 on this project's
+    2-core CI machines; 52 of them for INT4 at M = 1), and timing them one by one compiled them one
+    after another. Triton's compiler releases the GIL for most of its work, so threads compile side
+    by side (2 cores: 1.6-1.8x, benchmarks/first_call.py); the timing then finds each compiled.
     A config that fails to compile here fails again when timed, and is skipped there."""
     threads = compile_threads(len(configs))
     if not threads:
@@ -138,8 +139,10 @@ def choose_config(key: Hashable, candidates: list[Config], run: Callable[[Config
         raise RuntimeError(f"no launch config ran for {key}: {first_error}") from first_error
     ms, best = min(times)
     _CHOSEN[key] = candidates[best]
+    _TUNING[key] = {"candidates": len(candidates), "ran": len(times), "compile_ahead_s": compile_s,
+                    "timing_s": time.perf_counter() - start, "best_ms": ms}
     log.info("%s: %s (%.4f ms, fastest of %d; compiled ahead in %.1f s, timed in %.1f s)", key, candidates[best], ms,
-             len(times), compile_s, time.perf_counter() - start)
+             len(times), compile_s, _TUNING[key]["timing_s"])
     return candidates[best]
 
 
@@ -151,3 +154,8 @@ def chosen_config(key: Hashable) -> Config | None:
 def chosen_configs() -> dict[Hashable, Config]:
     """The configs chosen so far (the benchmark records them beside its timings)."""
     return dict(_CHOSEN)
+
+
+def tuning_costs() -> dict[Hashable, dict[str, float]]:
+    """Per key chosen so far: candidates, how many ran, seconds compiling ahead and timing, best ms."""
+    return dict(_TUNING)

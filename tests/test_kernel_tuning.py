@@ -28,6 +28,7 @@ ROOT = Path(__file__).parent.parent
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch):
     monkeypatch.setattr(triton_tuning, "_CHOSEN", {})
+    monkeypatch.setattr(triton_tuning, "_TUNING", {})
 
 
 def test_m_bucket_rounds_up_to_a_power_of_two():
@@ -60,6 +61,8 @@ def test_a_failing_candidate_is_skipped_and_all_failing_is_an_error():
 
     candidates = [{"BLOCK_N": 128}, {"BLOCK_N": 64}]
     assert triton_tuning.choose_config("k", candidates, run, lambda call: call()["BLOCK_N"]) == {"BLOCK_N": 64}
+    costs = triton_tuning.tuning_costs()["k"]
+    assert (costs["candidates"], costs["ran"], costs["best_ms"], costs["compile_ahead_s"]) == (2, 1, 64, 0.0)
     with pytest.raises(RuntimeError, match="no launch config ran.*out of shared memory"):
         triton_tuning.choose_config("k2", candidates[:1], run, lambda call: call())
 
