@@ -74,10 +74,13 @@ def first_calls(m: int, n: int, k: int, configs: int) -> list[dict]:
         return 1.0
 
     triton_tuning.gpu_time_ms = timer
-    spaces = {"w4a16": triton_w4a16._candidates, "w8a16": triton_w8a16._candidates}
     if configs:  # an evenly spread subset of each space, split-K and not
-        for module, full in ((triton_w4a16, spaces["w4a16"]), (triton_w8a16, spaces["w8a16"])):
-            module._candidates = lambda *key, full=full: (lambda s: s[::max(1, len(s) // configs)][:configs])(full(*key))
+        for module in (triton_w4a16, triton_w8a16):
+            def spread(*key, space=module._candidates) -> list[dict]:
+                full = space(*key)
+                return full[::max(1, len(full) // configs)][:configs]
+
+            module._candidates = spread
     torch.manual_seed(0)
     x = torch.randn(m, k, dtype=torch.bfloat16)
     rows = []

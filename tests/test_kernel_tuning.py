@@ -83,7 +83,6 @@ def test_compile_ahead_compiles_every_config_in_threads_and_a_failure_stops_none
     assert all(name.startswith("mpq-compile") for _, name in compiled[1:])
 
 
-
 def test_compile_threads_follow_the_usable_cores_unless_set(monkeypatch):
     monkeypatch.delenv("MPQ_COMPILE_THREADS", raising=False)
     monkeypatch.setattr(triton_tuning, "usable_cores", lambda: 16)
