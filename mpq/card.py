@@ -38,6 +38,7 @@ def card_markdown(manifest: dict) -> str:
         f"| evaluation data | {card['evaluation_data']} |",
         f"| activations | {card['activations']} |",
         f"| hardware | {card['hardware']} |",
+        *([f"| matmuls in quality passes | {card['quality_matmuls']} |"] if card.get("quality_matmuls") else []),
         f"| software | {', '.join(f'{k} {v}' for k, v in card['versions'].items())} |",
         "",
         "## Formats",

@@ -16,6 +16,7 @@ from mpq.additivity import additivity_check
 from mpq.acceptance import PREFERENCES, Criteria, failures, recommend
 from mpq.apply import QuantizedWeightCache, applied
 from mpq.checkpoint import save_config
+from mpq import cpu_matmul
 from mpq.environment import hardware, versions
 from mpq.errors import MpqError
 from mpq.fingerprint import data_fingerprint, model_fingerprint
@@ -264,7 +265,7 @@ def compile_model(opts: CompileOptions) -> dict:
 
     feasible = [c for c in measured if c.bytes <= budget and (latency_cap is None or c.latency <= latency_cap)]
     front = emitted_front(feasible, time_step(latency), windows)
-    env = {"versions": versions(), "hardware": hardware()}
+    env = {"versions": versions(), "hardware": hardware(), "quality_matmuls": cpu_matmul.describe()}
     criteria = Criteria(opts.max_quality_drop, opts.min_speedup, requested_budget, opts.prefer)
     if (out / "configs").exists():
         shutil.rmtree(out / "configs")  # configs of an earlier run would mislead next to this one

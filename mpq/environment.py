@@ -35,5 +35,8 @@ def hardware() -> str:
     import torch
 
     threads = torch.get_num_threads()
+    # The vector ISA torch's CPU kernels run with (AVX2, AVX512, ...): two "AMD EPYC" machines
+    # with different ones differ 5x in bf16 matmul speed.
+    isa = torch.backends.cpu.get_cpu_capability()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} CPUs ({threads} torch threads){gpu}"
+    return f"{cpu}, {os.cpu_count()} CPUs ({threads} torch threads, {isa}){gpu}"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mpq.checkpoint import kernels_of, load, read_manifest
+from mpq.cpu_matmul import describe as describe_matmuls
 from mpq.environment import hardware
 from mpq.kv_cache import forward_with_cache
 from mpq.memory import resident_bytes
@@ -57,8 +58,11 @@ def speed(model: nn.Module, task_kind: str, task) -> dict[str, float]:
 
         total = _median_seconds(decode, repeats=7)
         return {"prefill_tokens_per_s": ids.shape[1] / prefill, "decode_tokens_per_s": DECODE_TOKENS / total}
-    batches = task.heldout_batches
-    seconds = _median_seconds(lambda: task.embeddings(model, batches), repeats=5)
+    device = model_device(model)
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in task.heldout_batches]
+    # The plain forward, not task.embeddings: quality passes may route 16-bit products through
+    # float32 (mpq.cpu_matmul), and speed is what the user's runtime does.
+    seconds = _median_seconds(lambda: [model(**batch) for batch in batches], repeats=5)
     return {"sentences_per_s": sum(b["input_ids"].shape[0] for b in batches) / seconds}
 
 
@@ -126,6 +130,7 @@ def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "b
     result = {"contender": f"mpq config {Path(folder).name}", **evaluate_model(model, manifest["task"], task, with_speed)}
     result["predicted_bytes"] = manifest["card"]["bytes"]["predicted"]
     result["hardware"] = hardware()
+    result["quality_matmuls"] = describe_matmuls()
     result["kernels"] = sorted(set(kernels_of(model).values()))
     return result
 
@@ -142,4 +147,5 @@ def evaluate_original(name: str, dtype: str | None = None, bnb: str | None = Non
     what = f"bitsandbytes {bnb}" if bnb else (dtype or "as stored")
     result = {"contender": f"{name} ({what})", **evaluate_model(loaded.model, loaded.task, task, with_speed)}
     result["hardware"] = hardware()
+    result["quality_matmuls"] = describe_matmuls()
     return result

@@ -293,7 +293,8 @@ def write_report(path: Path, summary: dict) -> Path:
         _search_line(s["search"], s["metric"]),
         _additivity_line(s["additivity"], s["metric"], s["task_metric"]),
         *_refinement_lines(s.get("refinement"), s["task_metric"]),
-        f"- hardware: {s['hardware']}; torch {s['versions']['torch']}, mpq {s['versions']['mpq']}",
+        f"- hardware: {s['hardware']}; torch {s['versions']['torch']}, mpq {s['versions']['mpq']}"
+        + (f"; quality passes: {s['quality_matmuls']}" if s.get("quality_matmuls") else ""),
         "",
         "## Baseline (unquantised)",
         "",

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mpq.corpus import corpus_chunks, mixed_chunks
+from mpq.cpu_matmul import float32_products
 from mpq.errors import MpqError
 from mpq.hot_rows import count_tokens
 from mpq.models import CAUSAL_LM
@@ -29,6 +30,13 @@ from mpq.models import CAUSAL_LM
 BATCH = 8
 DEFAULT_CALIB = "mpq corpus, calib split (Python docs + stdlib)"
 MIN_SENTENCE_WORDS = 6
+
+
+def quality_forward(model, **inputs):
+    """The model's output on `inputs` for a quality measurement: on a CPU without a 16-bit GEMM its
+    16-bit products are computed in float32 (mpq.cpu_matmul: same arithmetic, about 5x faster)."""
+    with float32_products():
+        return model(**inputs)
 
 
 def model_device(model) -> torch.device:
@@ -131,7 +139,7 @@ class CausalLMTask:
         return [{"input_ids": ids, "use_cache": False} for ids in self.calib_ids.split(BATCH)]
 
     def _logits(self, model, ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids.to(model_device(model)), use_cache=False).logits.float().cpu()
+        return quality_forward(model, input_ids=ids.to(model_device(model)), use_cache=False).logits.float().cpu()
 
     @torch.no_grad()
     def reference(self, model) -> list[torch.Tensor]:
@@ -237,7 +245,7 @@ class EncoderTask:
         """Unit-length mean-pooled embeddings of one batch, differentiable (the fisher and hessian
         signals take gradients through it)."""
         device = model_device(model)
-        hidden = model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float()
+        hidden = quality_forward(model, **{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float().to(device)
         return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
 
