@@ -3,11 +3,10 @@
 Where oneDNN has no bf16 (or fp16) GEMM for the CPU (an AVX2 one: no AVX-512), torch multiplies
 16-bit matrices in a generic loop, about 5x slower than in float32: the demo's held-out evaluation
 takes 18.5 s in bf16 and 4.0 s with its products in float32 on a 2-core AVX2 EPYC
-(benchmarks/cpu_matmul.py). The arithmetic
-is the same either way (16-bit inputs, float32 products and sums, the output rounded once to the
-16-bit dtype); only the order of the sums differs, so an output differs rarely and by one unit in
-its last place (0.01% of them on random 512x512 @ 512x1024 bf16, 0.2% in fp16), or where the sum
-cancels, by float32's rounding of the sum.
+(benchmarks/cpu_matmul.py). The arithmetic is the same either way (16-bit inputs, float32
+products and sums, the output rounded once to the 16-bit dtype); only the order of the sums
+differs, so an output differs rarely and by one unit in its last place (about 0.02% of them on
+random 512x512 @ 512x1024 bf16, 0.2% in fp16), or where the sum cancels, by float32's rounding.
 
 mpq's quality passes (mpq.tasks: calibration references, divergences, held-out losses, embeddings)
 run under `float32_products()`. Speed is timed without it: that is what a user's runtime runs.
@@ -118,9 +117,10 @@ def _routed(*tensors: torch.Tensor) -> bool:
             and tensors[-2].dim() == 2 and tensors[-1].dim() == 2)
 
 
-def float32_products():
+def float32_products(device: torch.device | str = "cpu"):
     """A context in which CPU products of 16-bit matrices are computed in float32 where `routes`
-    says so; a plain no-op context where nothing would be routed (no dispatch cost then)."""
-    if not any(routes(dtype) for dtype in SIXTEEN_BIT):
+    says so; for a model on another `device`, or where nothing would be routed, a plain no-op
+    context (the dispatch mode's Python call per op would cost a GPU's forward pass for nothing)."""
+    if torch.device(device).type != "cpu" or not any(routes(dtype) for dtype in SIXTEEN_BIT):
         return nullcontext()
     return Float32Products()

@@ -40,10 +40,15 @@ def time_step(latency: LatencyModel | None) -> float:
     return 1.0 if latency is None else LATENCY_RESOLUTION * latency.baseline_seconds
 
 
-def _by_time(cands: list[Candidate], resolution: float) -> list[Candidate]:
-    """Copies of the candidates whose 'bytes' is their latency in steps of `resolution`, so that
-    pareto_front finds the (latency, loss) front."""
-    return [Candidate(c.formats, round(c.latency / resolution), c.predicted, c.origin, c.measured, c.latency) for c in cands]
+def _by_time(cands: list[Candidate], resolution: float, loss) -> list[Candidate]:
+    """The (latency, loss) front, by latency, as copies whose 'bytes' is their latency in
+    nanoseconds (so that pareto_front, significant_front and spread walk it by latency). A config
+    is on it unless another has a lower loss and is not slower by `resolution` or more: latencies
+    closer than that are one latency. (Rounding latencies to a grid of `resolution` split two
+    configs 0.3% apart that straddled a step, and kept the worse one as "faster".)"""
+    kept = [c for c in cands if not any(loss(d) < loss(c) and d.latency < c.latency + resolution for d in cands)]
+    return sorted((Candidate(c.formats, round(c.latency * 1e9), c.predicted, c.origin, c.measured, c.latency) for c in kept),
+                  key=lambda c: (c.bytes, loss(c)))
 
 
 def chosen_for_measuring(front: list[Candidate], count: int, resolution: float) -> list[Candidate]:
@@ -52,7 +57,7 @@ def chosen_for_measuring(front: list[Candidate], count: int, resolution: float) 
     by_bytes = pareto_front(front)
     if front and front[0].latency is None:
         return spread(by_bytes, count)
-    by_time = sorted(pareto_front(_by_time(front, resolution)), key=lambda c: c.latency)
+    by_time = _by_time(front, resolution, loss=lambda c: c.predicted)  # by latency
     chosen = spread(by_bytes, count)
     keys = {tuple(sorted(c.formats.items())) for c in chosen}
     for quick in spread(by_time, count):
@@ -84,7 +89,7 @@ def emitted_front(feasible: list[Candidate], resolution: float, windows: dict[tu
     latency and held-out loss (`windows`: each config's per-window held-out losses, by plan_key)."""
     front = significant_front(feasible, windows)
     if feasible and feasible[0].latency is not None:
-        by_time = significant_front(_by_time(feasible, resolution), windows)
+        by_time = significant_front(_by_time(feasible, resolution, loss=lambda c: c.measured["loss"]), windows)
         fast = {plan_key(c) for c in by_time}
         front += [c for c in feasible if plan_key(c) in fast and c not in front]
     return sorted(front, key=lambda c: c.bytes)

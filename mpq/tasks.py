@@ -35,7 +35,7 @@ MIN_SENTENCE_WORDS = 6
 def quality_forward(model, **inputs):
     """The model's output on `inputs` for a quality measurement: on a CPU without a 16-bit GEMM its
     16-bit products are computed in float32 (mpq.cpu_matmul: same arithmetic, about 5x faster)."""
-    with float32_products():
+    with float32_products(model_device(model)):
         return model(**inputs)
 
 

@@ -79,6 +79,7 @@ def test_float32_and_mixed_products_and_other_settings_are_left_alone(routed_cal
         assert torch.equal(a @ b, torch.mm(a, b))
         torch.mm(a.bfloat16(), b.bfloat16())
     assert routed_calls == [(5, 8, 3)]  # only the bf16 product
+    assert not isinstance(cpu_matmul.float32_products("cuda"), cpu_matmul.Float32Products)  # nothing to route there
     monkeypatch.setenv("MPQ_CPU_MATMUL", "native")
     assert not cpu_matmul.routes(torch.bfloat16)
     assert not isinstance(cpu_matmul.float32_products(), cpu_matmul.Float32Products)

@@ -44,3 +44,16 @@ def test_the_latency_front_keeps_a_faster_config_and_tests_slower_ones_for_noise
     slow_twin, w4 = config("slow-twin", 300, base + 0.1 + noise(5, 0.02) - 0.002, latency=4.0)
     windows[plan_key(slow_twin)] = w4
     assert slow_twin not in emitted_front([big_fast, small_slow, mid, slow_twin], 0.5, windows)
+
+
+def test_configs_closer_in_latency_than_the_resolution_are_one_latency_even_across_a_grid_step():
+    """Two configs 0.33 of a resolution apart that a grid of the resolution would put in different
+    steps (98.47 and 98.80): the faster one is worse, so it is not kept as the quick choice; one a
+    full resolution faster is."""
+    base = 2.0 + noise(6, 0.3)
+    better, w1 = config("better", 100, base, latency=98.80)
+    nearly, w2 = config("nearly-as-fast", 200, base + 0.2, latency=98.47)
+    faster, w3 = config("faster", 300, base + 0.2, latency=97.70)
+    windows = {plan_key(c): w for c, w in ((better, w1), (nearly, w2), (faster, w3))}
+    assert emitted_front([better, nearly], 1.0, windows) == [better]
+    assert emitted_front([better, nearly, faster], 1.0, windows) == [better, faster]
