@@ -78,7 +78,8 @@ def test_float32_and_mixed_products_and_other_settings_are_left_alone(routed_cal
     with cpu_matmul.float32_products():
         assert torch.equal(a @ b, torch.mm(a, b))
         torch.mm(a.bfloat16(), b.bfloat16())
-    assert routed_calls == [(5, 8, 3)]  # only the bf16 product
+        assert torch.equal(torch.mm(a[:, :0].bfloat16(), b[:0].bfloat16()), torch.zeros(5, 3, dtype=torch.bfloat16))
+    assert routed_calls == [(5, 8, 3)]  # only the bf16 product with terms to sum
     assert not isinstance(cpu_matmul.float32_products("cuda"), cpu_matmul.Float32Products)  # nothing to route there
     monkeypatch.setenv("MPQ_CPU_MATMUL", "native")
     assert not cpu_matmul.routes(torch.bfloat16)
