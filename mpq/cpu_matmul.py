@@ -69,12 +69,12 @@ def describe() -> str:
     return f"{'/'.join(routed)} products computed in float32, rounded to the 16-bit dtype ({why})"
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, add: torch.Tensor | None = None,
-             beta: float = 1, alpha: float = 1) -> torch.Tensor:
-    """(beta * add +) alpha * a @ b of 16-bit [M, K] and [K, N], in float32 a tile at a time."""
+def _product(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1,
+             alpha: float = 1) -> torch.Tensor:
+    """(beta * add + alpha *) a @ b of 16-bit [M, K] and [K, N], in float32 a tile at a time, in a's dtype."""
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty(m, n, dtype=dtype)
+    out = torch.empty(m, n, dtype=a.dtype)
     if add is not None:
         add = add.expand(m, n)
     # Each float32 tile (of a, of b, of the output) holds at most TILE_ELEMENTS.
@@ -84,44 +84,44 @@ def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, add: torch.Te
         b32 = b[:, j:j + cols].float()
         for i in range(0, m, rows):
             a32 = a[i:i + rows].float()
-            if add is None:
-                tile = torch.mm(a32, b32)
-                if alpha != 1:
-                    tile.mul_(alpha)
-            else:
-                tile = torch.addmm(add[i:i + rows, j:j + cols].float(), a32, b32, beta=beta, alpha=alpha)
-            out[i:i + rows, j:j + cols] = tile
+            out[i:i + rows, j:j + cols] = (torch.mm(a32, b32) if add is None else
+                                           torch.addmm(add[i:i + rows, j:j + cols].float(), a32, b32, beta=beta, alpha=alpha))
     return out
 
 
 class Float32Products(TorchDispatchMode):
-    """Computes CPU aten.mm / aten.addmm of 16-bit tensors in float32 (the linear layers' products;
-    attention goes through SDPA, which has its own CPU kernels)."""
+    """Computes CPU aten.mm / aten.addmm of tensors in `dtypes` in float32 (the linear layers'
+    products; attention goes through SDPA, which has its own CPU kernels). Which dtypes is decided
+    once, when the mode is made, not on every product."""
+
+    def __init__(self, dtypes: frozenset[torch.dtype]) -> None:
+        super().__init__()
+        self.dtypes = dtypes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _aten.mm.default:
             a, b = args
-            if _routed(a, b):
-                return _product(a, b, a.dtype)
+            if self._routed(a, b):
+                return _product(a, b)
         elif func is _aten.addmm.default:
             add, a, b = args
-            if _routed(add, a, b):
-                return _product(a, b, a.dtype, add, kwargs.get("beta", 1), kwargs.get("alpha", 1))
+            if self._routed(add, a, b):
+                return _product(a, b, add, kwargs.get("beta", 1), kwargs.get("alpha", 1))
         return func(*args, **kwargs)
 
-
-def _routed(*tensors: torch.Tensor) -> bool:
-    dtype = tensors[0].dtype
-    a, b = tensors[-2:]
-    return (routes(dtype) and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
-            and a.dim() == 2 and b.dim() == 2 and a.shape[1] > 0)  # an empty sum is torch's to define
+    def _routed(self, *tensors: torch.Tensor) -> bool:
+        dtype = tensors[0].dtype
+        a, b = tensors[-2:]
+        return (dtype in self.dtypes and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+                and a.dim() == 2 and b.dim() == 2 and a.shape[1] > 0)  # an empty sum is torch's to define
 
 
 def float32_products(device: torch.device | str = "cpu"):
     """A context in which CPU products of 16-bit matrices are computed in float32 where `routes`
     says so; for a model on another `device`, or where nothing would be routed, a plain no-op
     context (the dispatch mode's Python call per op would cost a GPU's forward pass for nothing)."""
-    if torch.device(device).type != "cpu" or not any(routes(dtype) for dtype in SIXTEEN_BIT):
+    dtypes = frozenset(dtype for dtype in SIXTEEN_BIT if routes(dtype))
+    if torch.device(device).type != "cpu" or not dtypes:
         return nullcontext()
-    return Float32Products()
+    return Float32Products(dtypes)
