@@ -156,7 +156,8 @@ def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) ->
     folders = [out / "configs" / c["name"] for c in summary["configs"]]
     checks = []
     for folder in folders[:1] if smoke else folders:
-        checks.append(check_on_device(folder, device, backend="triton" if smoke else None))
+        # under the interpreter a 32-token prompt, which still reaches the tiled GEMM
+        checks.append(check_on_device(folder, device, backend="triton" if smoke else None, tokens=32 if smoke else 128))
         print(describe_check(checks[-1]), flush=True)
     if smoke:
         return {"checks": checks}

@@ -1,18 +1,23 @@
-"""torch's weight-only CPU kernels: `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`.
+"""torch's weight-only CPU kernels: `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`, and
+for many tokens a float32 matmul over dequantised tiles of the same tensors.
 
-Both run with bf16 activations, where they beat an fp32 matmul several-fold; inputs of other
-dtypes are cast to bf16 and the output cast back. The int4 kernel needs its own weight layout
-(`_convert_weight_to_int4pack_for_cpu`, same bytes as ours), made once when the layer is built.
+The kernels run with bf16 activations; inputs of other dtypes are cast to bf16 and the output cast
+back. Their cost grows with the token count M as M separate passes over the weight would
+(benchmarks/cpu_kernels.py: flat per token from M = 16 to 2048), so from a few dozen tokens a
+float32 GEMM, which reuses each weight across tokens, wins even after dequantising every weight
+once per call. That path reads the same tensors (no second copy), one tile of rows at a time, and
+keeps the kernels' arithmetic: bf16-rounded inputs, float32 weights and sums, one rounding of the
+output. The int4 kernel needs its own weight layout (`_convert_weight_to_int4pack_for_cpu`, same
+bytes as ours), made once when the layer is built.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 
+from mpq.cpu_matmul import TILE_ELEMENTS
 from mpq.formats import FormatSpec
+from mpq.kernels.cpu_int4_layout import SPAN_ALIGNMENT, int4_row_layout, int4_row_span_float, int4_rows
 
 ACT_DTYPE = torch.bfloat16
 _INT4_N_MULTIPLE = 16  # the CPU int4 layout packs output channels in blocks of 16
@@ -73,61 +78,21 @@ def _int4_scale_and_zeros(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([scales.t(), offset.t()], dim=-1).contiguous()
 
 
-@dataclass(frozen=True)
-class Int4RowLayout:
-    """How `_convert_weight_to_int4pack_for_cpu` lays out a weight's rows. It is torch's private
-    layout and depends on the CPU torch runs on (its int4mm_kernel.cpp): rows go in blocks of
-    `block` (64 under AVX512, 32 under AVX2); in a full block, byte (k, j) holds row j's value at k
-    in its low nibble and row j + block/2's in its high one where `split` (the vector builds), row
-    j + 1's otherwise; a last, shorter block always pairs rows j and j + 1 in byte (k, j / 2)."""
-
-    block: int
-    split: bool
-
-
-_INT4_LAYOUTS = tuple(Int4RowLayout(block, split) for block in (64, 32, 16) for split in (True, False))
-
-
-@functools.cache
-def int4_row_layout() -> Int4RowLayout | None:
-    """The layout this process's torch packs int4 weights in, found once by packing a probe and
-    reading it back under each known layout; None if none reads it right (a torch that changed it)."""
-    rows, cols = 144, 4  # two full blocks of 64 and a shorter last one: every known layout reads it differently
-    values = torch.randint(0, 16, (rows, cols), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    try:
-        packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-    except (AttributeError, RuntimeError):
-        return None
-    if packed.numel() != rows * cols // 2:
-        return None
-    ids = torch.arange(rows)
-    return next((layout for layout in _INT4_LAYOUTS
-                 if torch.equal(_int4_rows_in(layout, packed, ids, rows, cols), values.long())), None)
-
-
-def _int4_rows_in(layout: Int4RowLayout, packed: torch.Tensor, ids: torch.Tensor, out_features: int,
-                  in_features: int) -> torch.Tensor:
-    n, k = out_features, in_features
-    start = ids // layout.block * layout.block
-    block = (n - start).clamp(max=layout.block)
-    j = ids - start
-    split = (block == layout.block) & layout.split
-    half = block // 2
-    within = torch.where(split, j % half, j // 2)
-    shift = torch.where(split, (j >= half).long(), j % 2) * 4
-    cols = torch.arange(k, device=packed.device)
-    offsets = (start * k // 2 + within)[:, None] + cols[None, :] * half[:, None]
-    return (packed.reshape(-1)[offsets].long() >> shift[:, None]) & 0xF
-
-
-def int4_rows(packed: torch.Tensor, ids: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Rows `ids` of a weight relaid out by `_convert_weight_to_int4pack_for_cpu`, as integers
-    0..15 [len(ids), K] (what a tied embedding table looks up in its head). Callers check
-    int4_row_layout() is not None first, and the rows against the canonical weight before trusting them."""
-    layout = int4_row_layout()
-    if layout is None:
-        raise RuntimeError("this torch's CPU int4 layout is none that mpq knows how to read rows from")
-    return _int4_rows_in(layout, packed, ids, out_features, in_features)
+def _int4_dequantised(q: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
+                      rows: slice | torch.Tensor) -> torch.Tensor:
+    """Integer values q [len(rows), K] (float32) of an int4 weight's `rows`, dequantised in place as the
+    kernel does: w = (q - 8) s + zf, per kernel group."""
+    m, k = q.shape
+    if "scale_zeros" in prepared:
+        pairs = prepared["scale_zeros"][:, rows].float()  # [K/G, rows, 2]
+        scales, offsets = pairs[..., 0].t(), pairs[..., 1].t()
+    else:
+        scales, offsets = prepared["scales"][rows].float(), None
+    grouped = q.view(m, scales.shape[1], k // scales.shape[1])
+    grouped.sub_(8).mul_(scales[..., None])
+    if offsets is not None:
+        grouped.add_(offsets[..., None])
+    return q
 
 
 def dequantize_rows_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, ids: torch.Tensor,
@@ -135,21 +100,53 @@ def dequantize_rows_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, ids:
     """Float32 rows `ids` [len(ids), K] of an int4 weight held in the CPU kernel's own tensors
     (prepare_cpu), dequantised as the kernel does: w = (q - 8) s + zf."""
     q = int4_rows(prepared["qweight"], ids, out_features, in_features).float()
-    group = kernel_group(fmt, in_features)
-    m = len(ids)
-    if "scale_zeros" in prepared:
-        pairs = prepared["scale_zeros"].index_select(1, ids).float()  # [K/G, rows, 2]
-        scales, offsets = pairs[..., 0].t(), pairs[..., 1].t()
-    else:
-        scales = prepared["scales"].index_select(0, ids).float()
-        offsets = torch.zeros_like(scales)
-    w = (q.reshape(m, -1, group) - 8) * scales[..., None] + offsets[..., None]
-    return w.reshape(m, in_features)
+    return _int4_dequantised(q, prepared, fmt, ids)
+
+
+def dequantize_span_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, start: int, stop: int,
+                        out_features: int, in_features: int) -> torch.Tensor:
+    """Float32 rows start..stop [stop - start, K] of an int8 or int4 weight held in the CPU kernel's
+    own tensors; `start` a multiple of SPAN_ALIGNMENT."""
+    if fmt.bits == 8:
+        return prepared["qweight"][start:stop].float().mul_(prepared["scales"][start:stop, None].float())
+    q = int4_row_span_float(prepared["qweight"], start, stop, out_features, in_features)
+    return _int4_dequantised(q, prepared, fmt, slice(start, stop))
+
+
+# From how many tokens (rows of x) a layer multiplies in float32 rather than call torch's kernel:
+# where the two cross on a 2-core AVX2 EPYC (benchmarks/cpu_kernels.py) for layers of 256 to
+# 4096 x 4096. INT4 needs more tokens, as unpacking its nibbles costs about twice INT8's cast.
+FLOAT32_FROM_TOKENS = {8: 64, 4: 128}
+
+
+def multiplies_in_float32(fmt: FormatSpec, tokens: int) -> bool:
+    """Whether linear_cpu runs `tokens` rows of x as a float32 matmul over dequantised tiles. Not for
+    INT4 under a torch whose CPU layout mpq cannot read (then the kernel serves every M)."""
+    return tokens >= FLOAT32_FROM_TOKENS[fmt.bits] and (fmt.bits == 8 or int4_row_layout() is not None)
+
+
+def _linear_in_float32_tiles(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
+                             bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    k = x.shape[-1]
+    xf = x.to(ACT_DTYPE).float()  # the kernels' bf16 activations
+    # A float32 tile of at most TILE_ELEMENTS weights (a whole number of int4 blocks), so a big
+    # layer is never dequantised whole.
+    rows = max(SPAN_ALIGNMENT, TILE_ELEMENTS // k // SPAN_ALIGNMENT * SPAN_ALIGNMENT)
+    y = torch.empty(x.shape[0], out_features, dtype=ACT_DTYPE)
+    for start in range(0, out_features, rows):
+        stop = min(out_features, start + rows)
+        weight = dequantize_span_cpu(prepared, fmt, start, stop, out_features, k)
+        y[:, start:stop] = torch.nn.functional.linear(xf, weight, None if bias is None else bias[start:stop].float())
+    return y
 
 
 def linear_cpu(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for a 2-D x, through torch's CPU kernel for the format."""
+    """y = x @ W^T (+ bias) for a 2-D x, through torch's CPU kernel for the format, or for many
+    tokens a float32 matmul over dequantised tiles of the same tensors (faster there)."""
+    out_features = prepared["qweight"].shape[0] if fmt.bits == 8 else prepared["qweight"].numel() * 2 // x.shape[-1]
+    if multiplies_in_float32(fmt, x.shape[0]):
+        return _linear_in_float32_tiles(x, prepared, fmt, bias, out_features).to(x.dtype)
     xb = x.to(ACT_DTYPE).contiguous()
     if fmt.bits == 8:
         y = torch._weight_int8pack_mm(xb, prepared["qweight"], prepared["scales"])

@@ -4,7 +4,8 @@ The answer `mpq inspect CONFIG --check --device cuda` prints and `benchmarks/ker
 which kernel runs each quantised layer, which fell back to the dequantise reference, and the
 relative error of the outputs against the same config run by the reference on the CPU, once for
 a prompt (prefill: M = the prompt's tokens) and once for one token (decode: M = 1), since the
-Triton kernels take a different code path for each.
+kernels take a different code path for each: Triton's GEMV and tiled GEMM, and on the CPU torch's
+kernel and the float32 tiles (mpq.kernels.cpu), which a 128-token prompt reaches.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return tensor.float().cpu()
 
 
-def check_on_device(folder: str | Path, device: str = "cuda", backend: str | None = None, tokens: int = 32,
+def check_on_device(folder: str | Path, device: str = "cuda", backend: str | None = None, tokens: int = 128,
                     seed: int = 0) -> dict:
     """Load `folder` on `device` (its kernels chosen as a user's load would, or `backend`) and
     compare it with the reference on the CPU on random token ids (fixed by `seed`)."""

@@ -139,8 +139,14 @@ def seconds_per_call(fn, device: torch.device | str = "cpu", budget_s: float = 0
 
 
 def device_signature(device: torch.device | str) -> str:
-    """What a measured time depends on besides the shape: the processor (or GPU), threads, torch."""
-    return f"{hardware()} | {torch.device(device).type} | torch {torch.__version__}"
+    """What a measured time depends on besides the shape: the processor (or GPU), threads, torch,
+    and on the CPU from how many tokens a layer leaves torch's kernel for float32 tiles."""
+    signature = f"{hardware()} | {torch.device(device).type} | torch {torch.__version__}"
+    if torch.device(device).type == "cpu":
+        from mpq.kernels.cpu import FLOAT32_FROM_TOKENS
+
+        signature += " | float32 tiles from " + ", ".join(f"int{bits} M={m}" for bits, m in sorted(FLOAT32_FROM_TOKENS.items()))
+    return signature
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.formats import FormatSpec
-from mpq.kernels.cpu import dequantize_rows_cpu, int4_row_layout, int4_rows
+from mpq.kernels.cpu import dequantize_rows_cpu
+from mpq.kernels.cpu_int4_layout import int4_row_layout, int4_rows
 from mpq.packing import unpack_int4_u8
 from mpq.qlinear import QuantizedLinear
 from mpq.quantize import HOT_TENSORS, dequantize_weight, tensor_bytes

@@ -2,7 +2,8 @@
 
 Backends, chosen per instance when the layer is built, from the device it is built on:
 - "triton": mpq's Triton kernels (W4A16, W8A16) on CUDA; also on the CPU under TRITON_INTERPRET=1
-- "cpu": torch's weight-only CPU kernels (mpq.kernels.cpu), bf16 activations
+- "cpu": torch's weight-only CPU kernels (mpq.kernels.cpu), bf16 activations; from a few dozen
+  tokens a float32 matmul over dequantised tiles of the same tensors, which is faster there
 - "reference": dequantise and multiply in float32 (forced with MPQ_KERNELS=reference)
 - "dense": a 16-bit weight through F.linear (the fp16 format)
 All read the same canonical packed tensors; only the CPU int4 kernel relays its weight out, once,
@@ -23,6 +24,7 @@ from torch import nn
 
 from mpq.formats import FormatSpec, get_format
 from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu, triton_supports
+from mpq.kernels.cpu import FLOAT32_FROM_TOKENS, multiplies_in_float32
 from mpq.quantize import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,9 @@ class QuantizedLinear(nn.Module):
         if self.backend == "triton":
             return "triton w8a16" if self.fmt.bits == 8 else "triton w4a16"
         if self.backend == "cpu":
-            return "torch _weight_int8pack_mm" if self.fmt.bits == 8 else "torch _weight_int4pack_mm_for_cpu"
+            name = "torch _weight_int8pack_mm" if self.fmt.bits == 8 else "torch _weight_int4pack_mm_for_cpu"
+            tokens = FLOAT32_FROM_TOKENS[self.fmt.bits]
+            return f"{name}, float32 tiles from {tokens} tokens" if multiplies_in_float32(self.fmt, tokens) else name
         return "reference (dequantise + F.linear)"
 
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mpq.qlinear import QuantizedLinear
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -195,3 +197,23 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     assert [(r["eager_ms"], r["fp16_eager_ms"]) for r in rows] == [(0.25, 0.5), (0.75, 1.0)]
     for row in rows:
         assert row["speedup_vs_fp16"] == 4.0 and row["activations"] == "bfloat16" and row["rel_err"] < 1e-2
+
+
+def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_script):
+    """The crossover is the M from which the float32 tiles win at every larger M, not the first
+    win (timing noise can make one small M look won); the dispatch override is undone."""
+    bench = benchmark_script("cpu_kernels")
+    from mpq.kernels.cpu import FLOAT32_FROM_TOKENS
+
+    speedups = {"int8": {16: 0.5, 32: 1.1, 64: 0.9, 128: 1.3, 512: 2.0}, "int4-g128": {16: 0.2, 64: 0.8}}
+    rows = [{"format": fmt, "shape": "s", "tokens": m, "speedup": x} for fmt, by_m in speedups.items() for m, x in by_m.items()]
+    found = {c["format"]: c["tiles_win_from_tokens"] for c in bench.crossovers(rows)}
+    assert found == {"int8": 128, "int4-g128": None}
+    shipped = dict(FLOAT32_FROM_TOKENS)
+    layer = QuantizedLinear.from_module(torch.nn.Linear(64, 64), "int8")[0]
+    x = torch.randn(4 * shipped[8], 64)
+    with bench.float32_from(bench.KERNELS_ONLY):
+        assert FLOAT32_FROM_TOKENS == {8: bench.KERNELS_ONLY, 4: bench.KERNELS_ONLY}
+        kernel = layer(x)
+    assert FLOAT32_FROM_TOKENS == shipped
+    assert not torch.equal(layer(x), kernel)  # the same layer at the same M, another path

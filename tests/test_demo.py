@@ -64,8 +64,8 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys, benchmark_script):
     assert main(["inspect", str(out / "configs" / all_int4), "--kernels"]) == 0
     shown = capsys.readouterr().out
     assert "fused groups (one matmul each): 12" in shown  # q/k/v and gate/up in each of 6 blocks
-    assert shown.count("torch _weight_int4pack_mm_for_cpu (fused x3)") == 18
-    assert shown.count("torch _weight_int4pack_mm_for_cpu (fused x2)") == 12
+    assert shown.count("torch _weight_int4pack_mm_for_cpu, float32 tiles from 128 tokens (fused x3)") == 18
+    assert shown.count("torch _weight_int4pack_mm_for_cpu, float32 tiles from 128 tokens (fused x2)") == 12
     (out / "heatmap.png").unlink()
     assert main(["heatmap", str(out)]) == 0 and (out / "heatmap.png").stat().st_size > 10_000
     # the GPU benchmark's end-to-end part takes this output as it is (a GPU image need not compile):

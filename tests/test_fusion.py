@@ -58,9 +58,9 @@ def test_fused_model_matches_unfused_and_reloads_bit_identical(tiny_llama_dir, t
     assert torch.equal(reloaded(input_ids=ids, use_cache=False).logits, fused)
     assert json.loads((tmp_path / "cfg" / "mpq.json").read_text())["fused"] == groups
     kernels = kernels_of(reloaded)
-    assert kernels["model.layers.0.self_attn.k_proj"] == "torch _weight_int8pack_mm (fused x3)"
-    assert kernels["model.layers.1.mlp.up_proj"] == "torch _weight_int4pack_mm_for_cpu (fused x2)"
-    assert kernels["model.layers.1.self_attn.q_proj"] == "torch _weight_int8pack_mm"
+    assert kernels["model.layers.0.self_attn.k_proj"] == "torch _weight_int8pack_mm, float32 tiles from 64 tokens (fused x3)"
+    assert kernels["model.layers.1.mlp.up_proj"] == "torch _weight_int4pack_mm_for_cpu, float32 tiles from 128 tokens (fused x2)"
+    assert kernels["model.layers.1.self_attn.q_proj"] == "torch _weight_int8pack_mm, float32 tiles from 64 tokens"
     # generation (several inputs in a row, a KV cache) still works through the fused slices
     out = reloaded.generate(ids[:1, :4], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
@@ -94,7 +94,7 @@ def test_inspect_check_compares_a_config_with_the_reference(tiny_llama_dir, tmp_
     line = next(l for l in text.splitlines() if "relative error to the CPU reference" in l)
     errors = [float(part.split()[-1]) for part in line.split(": ", 1)[1].split(", ")]
     assert len(errors) == 2 and all(0 < e < 2e-2 for e in errors)
-    assert "torch _weight_int4pack_mm_for_cpu (fused x2)" in text and "on the reference path" not in text
+    assert "torch _weight_int4pack_mm_for_cpu, float32 tiles from 128 tokens (fused x2)" in text and "on the reference path" not in text
 
 
 def _saved_config(model_dir, tmp_path):

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from mpq.formats import get_format
+from mpq.kernels import cpu as cpu_kernels
 from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu
+from mpq.kernels.cpu import FLOAT32_FROM_TOKENS
 from mpq.qlinear import QuantizedLinear
 from mpq.quantize import quantize_weight
 
@@ -78,3 +80,69 @@ def test_int8_kernel_on_misaligned_memory():
     x = torch.randn(16, 64, dtype=torch.bfloat16)
     got = linear_cpu(x, prepare_cpu({"qweight": shifted, "scales": tensors["scales"]}, fmt), fmt, None)
     assert rel_err(got, linear_reference(x, tensors, fmt, None)) < 1e-2
+
+
+# (N, K) for the float32 tiles: tiles of 64 rows when forced small, so N = 112 is a full tile and a
+# ragged one whose int4 rows end in a short block (16 rows after blocks of 32 under AVX2)
+TILED_SHAPES = [(112, 384), (48, 96), (208, 64), (16, 32)]
+TILED = [(name, n, k) for name in FORMATS for n, k in TILED_SHAPES if get_format(name).supports(n, k)]
+
+
+def _kernel_calls(monkeypatch) -> list[str]:
+    calls = []
+    for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"):
+        kernel = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *args, _kernel=kernel, _name=name: calls.append(_name) or _kernel(*args))
+    return calls
+
+
+@pytest.mark.parametrize("name,n,k", TILED)
+@pytest.mark.parametrize("tile", ["one row block", "whole layer"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float32_tiles_match_torchs_kernel_and_the_reference(name, n, k, tile, dtype, monkeypatch):
+    """From FLOAT32_FROM_TOKENS tokens linear_cpu dequantises tiles of the kernel's own tensors and
+    multiplies in float32: the kernel's arithmetic (bf16 inputs, float32 sums) in another order, so
+    without a bias it agrees with the kernel to within a few outputs one bf16 step apart. A bias it
+    adds before its one rounding, where the kernel rounds twice: closer to the reference."""
+    fmt = get_format(name)
+    m = FLOAT32_FROM_TOKENS[fmt.bits] + 3
+    torch.manual_seed(n * k)
+    tensors = quantize_weight(torch.randn(n, k), fmt)
+    prepared = prepare_cpu(tensors, fmt)
+    bias = torch.randn(n, dtype=dtype)
+    x = torch.randn(m, k, dtype=dtype)
+    if tile == "one row block":
+        monkeypatch.setattr(cpu_kernels, "TILE_ELEMENTS", 1)  # every tile 64 rows: several, the last ragged
+    calls = _kernel_calls(monkeypatch)
+    tiled = {b is not None: linear_cpu(x, prepared, fmt, b) for b in (None, bias)}
+    assert calls == [] and all(y.dtype == dtype and y.shape == (m, n) for y in tiled.values())
+    monkeypatch.setitem(FLOAT32_FROM_TOKENS, fmt.bits, 10**9)
+    kernel = {b is not None: linear_cpu(x, prepared, fmt, b) for b in (None, bias)}
+    assert len(calls) == 2
+    assert rel_err(tiled[False], kernel[False]) < 2e-4
+    reference = linear_reference(x.to(torch.bfloat16).to(dtype), tensors, fmt, bias)
+    assert rel_err(tiled[True], reference) <= rel_err(kernel[True], reference) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g64"])
+def test_torchs_kernel_serves_fewer_tokens_than_the_crossover(name, monkeypatch):
+    fmt = get_format(name)
+    prepared = prepare_cpu(quantize_weight(torch.randn(64, 128), fmt), fmt)
+    calls = _kernel_calls(monkeypatch)
+    threshold = FLOAT32_FROM_TOKENS[fmt.bits]
+    for m in (1, threshold - 1, threshold, 2 * threshold):
+        linear_cpu(torch.randn(m, 128), prepared, fmt, None)
+    assert len(calls) == 2
+
+
+def test_int4_under_an_unreadable_layout_runs_torchs_kernel_at_every_size(monkeypatch):
+    """A torch whose int4 layout mpq cannot read keeps the kernel, and the layer says so."""
+    monkeypatch.setattr(cpu_kernels, "int4_row_layout", lambda: None)
+    fmt = get_format("int4-g64")
+    layer = QuantizedLinear(fmt, quantize_weight(torch.randn(64, 128), fmt), None, 128, 64)
+    calls = _kernel_calls(monkeypatch)
+    x = torch.randn(4 * FLOAT32_FROM_TOKENS[4], 128)
+    assert rel_err(layer(x), linear_reference(x, quantize_weight(torch.randn(64, 128), fmt), fmt, None)) > 0
+    assert calls == ["_weight_int4pack_mm_for_cpu"] and layer.kernel == "torch _weight_int4pack_mm_for_cpu"
+    int8 = QuantizedLinear.from_module(torch.nn.Linear(128, 64), "int8")[0]
+    assert int8.kernel == f"torch _weight_int8pack_mm, float32 tiles from {FLOAT32_FROM_TOKENS[8]} tokens"

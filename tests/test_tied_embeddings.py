@@ -4,9 +4,6 @@ holds them, so checkpoints store the weight once and load back bit-identical."""
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import mpq
 from mpq.apply import QuantizedWeightCache, applied
 from mpq.checkpoint import MANIFEST, WEIGHTS, kernels_of, save_config
 from mpq.formats import get_format
-from mpq.kernels.cpu import int4_rows
+from mpq.kernels.cpu_int4_layout import int4_rows
 from mpq.memory import memory_model, resident_bytes
 from mpq.models import load_model
 from mpq.plan import Plan
@@ -27,54 +24,6 @@ from mpq.quantize import dequantize_weight, quantize_weight
 from conftest import trace_tiny as _graph
 
 TABLE, HEAD = "model.embed_tokens", "lm_head"
-
-
-# full blocks of 64 and of 32 rows, and shorter last blocks of 16 and 48 (laid out differently)
-_LAYOUT_SHAPES = [(64, 64), (80, 32), (16, 64), (48, 128), (208, 96), (1040, 256)]
-
-
-@pytest.mark.parametrize("rows, cols", _LAYOUT_SHAPES)
-def test_int4_rows_reads_torchs_cpu_layout(rows, cols):
-    """Rows read back from `_convert_weight_to_int4pack_for_cpu` are the integers put in, in full
-    blocks of 64 and in a shorter last block (laid out differently)."""
-    generator = torch.Generator().manual_seed(rows + cols)
-    values = torch.randint(0, 16, (rows, cols), generator=generator, dtype=torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-    ids = torch.randint(0, rows, (37,), generator=generator)
-    ids[:2] = torch.tensor([rows - 1, 0])
-    assert torch.equal(int4_rows(packed, ids, rows, cols), values[ids].long())
-
-
-_READS_EVERY_LAYOUT = """
-import torch
-from mpq.kernels.cpu import int4_row_layout, int4_rows
-
-layout = int4_row_layout()
-for rows, cols in {shapes}:
-    values = torch.randint(0, 16, (rows, cols), generator=torch.Generator().manual_seed(rows), dtype=torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-    assert torch.equal(int4_rows(packed, torch.arange(rows), rows, cols), values.long()), (rows, cols)
-print(torch.backends.cpu.get_cpu_capability(), layout.block, layout.split)
-"""
-
-
-_CAPABILITIES = ("default", "avx2", "avx512")  # torch's x86 builds, narrowest first
-
-
-@pytest.mark.parametrize("capability, block, split", [("avx512", 64, True), ("avx2", 32, True), ("default", 32, False)])
-def test_int4_rows_reads_the_layout_of_each_cpu_capability(capability, block, split):
-    """torch packs int4 weights differently by the vector width it runs with (blocks of 64 rows
-    under AVX512, 32 under AVX2, no lane split without vectors). ATEN_CPU_CAPABILITY makes it run
-    a narrower build than the one it picked, so one machine checks every layout up to its own (a
-    wider one than torch picked may not run on this CPU at all)."""
-    own = torch.backends.cpu.get_cpu_capability().lower()
-    if own not in _CAPABILITIES or _CAPABILITIES.index(capability) > _CAPABILITIES.index(own):
-        pytest.skip(f"torch runs the {own} build on this CPU, not {capability} or wider")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    script = _READS_EVERY_LAYOUT.format(shapes=_LAYOUT_SHAPES)
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == [capability.upper(), str(block), str(split)]
 
 
 def _backends():

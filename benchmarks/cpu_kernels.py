@@ -1,0 +1,179 @@
+"""Where the CPU backend should leave torch's weight-only kernels for float32 tiles (mpq.kernels.cpu).
+
+For INT8 and INT4 layers of the demo's shapes and Llama-7B's, at token counts M from 1 to 2048:
+torch's kernel (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) against a float32 matmul
+over the same tensors dequantised one tile at a time, and the M from which the tiles are faster
+at every larger M measured (the crossover that FLOAT32_FROM_TOKENS should sit at). Then end to
+end: the demo's held-out evaluation (what compile runs for every config it measures) with every
+linear layer of its blocks at INT8, and at INT4, through the kernels alone, through the
+dispatch mpq ships, and (perplexity only) through the float32 dequantise reference. Each timing is the fastest of --repeats after a warm-up. Prints tables and
+writes JSON.
+
+    python benchmarks/cpu_kernels.py                 # benchmarks/results/cpu_kernels.json
+    python benchmarks/cpu_kernels.py --quick --out /tmp/cpu_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from mpq.apply import QuantizedWeightCache, applied
+from mpq.environment import hardware, versions
+from mpq.formats import get_format
+from mpq.kernels import cpu as cpu_kernels
+from mpq.kernels import linear_cpu, prepare_cpu
+from mpq.models import load_model
+from mpq.quantize import quantize_weight
+from mpq.tasks import CausalLMTask
+
+ROOT = Path(__file__).resolve().parent
+FORMATS = ("int8", "int4-g128", "int4-g32-sym")
+SHAPES = {"demo attention 256x256": (256, 256), "demo MLP up 1024x256": (1024, 256),
+          "Llama-7B attention 4096x4096": (4096, 4096), "Llama-7B MLP up 11008x4096": (11008, 4096)}
+TOKENS = (1, 16, 32, 64, 128, 256, 512, 2048)
+MAX_MACS = 4096 * 4096 * 512  # a row's budget: the largest products take seconds on 2 cores
+
+
+def _best_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: the first call faults code pages in and sizes the allocator's pools
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+KERNELS_ONLY = 2**62  # FLOAT32_FROM_TOKENS no layer reaches: the dispatch before float32 tiles
+TILES_ONLY = 1
+
+
+@contextmanager
+def float32_from(tokens: int | None) -> Iterator[None]:
+    """FLOAT32_FROM_TOKENS at `tokens` for every format within the block (None: as shipped)."""
+    saved = dict(cpu_kernels.FLOAT32_FROM_TOKENS)
+    if tokens is not None:
+        cpu_kernels.FLOAT32_FROM_TOKENS.update({bits: tokens for bits in saved})
+    try:
+        yield
+    finally:
+        cpu_kernels.FLOAT32_FROM_TOKENS.update(saved)
+
+
+def layer_rows(formats: tuple[str, ...], shapes: dict[str, tuple[int, int]], tokens: tuple[int, ...],
+               repeats: int) -> list[dict]:
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for fmt_name in formats:
+        fmt = get_format(fmt_name)
+        for shape_name, (n, k) in shapes.items():
+            prepared = prepare_cpu(quantize_weight(torch.randn(n, k, generator=generator), fmt), fmt)
+            for m in tokens:
+                if m * n * k > MAX_MACS:
+                    continue
+                x = torch.randn(m, k, generator=generator).to(torch.bfloat16)
+                with float32_from(KERNELS_ONLY):
+                    kernel_ms = _best_ms(lambda: linear_cpu(x, prepared, fmt, None), repeats)
+                    kernel_out = linear_cpu(x, prepared, fmt, None).float()
+                with float32_from(TILES_ONLY):
+                    tiles_ms = _best_ms(lambda: linear_cpu(x, prepared, fmt, None), repeats)
+                    tiles_out = linear_cpu(x, prepared, fmt, None).float()
+                rel_err = ((tiles_out - kernel_out).norm() / kernel_out.norm()).item()
+                rows.append({"format": fmt_name, "shape": shape_name, "n": n, "k": k, "tokens": m,
+                             "kernel_ms": kernel_ms, "tiles_ms": tiles_ms, "speedup": kernel_ms / tiles_ms,
+                             "rel_err_tiles_vs_kernel": rel_err})
+                print(f"{fmt_name:<13} {shape_name:<30} M={m:<5} kernel {kernel_ms:9.3f} ms  tiles {tiles_ms:9.3f} ms  "
+                      f"x{kernel_ms / tiles_ms:5.2f}  rel_err {rel_err:.1e}", flush=True)
+    return rows
+
+
+def crossovers(rows: list[dict]) -> list[dict]:
+    """Per format and shape: the smallest measured M from which the tiles win at every larger M."""
+    found = []
+    for key in dict.fromkeys((row["format"], row["shape"]) for row in rows):
+        series = sorted((row for row in rows if (row["format"], row["shape"]) == key), key=lambda row: row["tokens"])
+        winning = None
+        for row in reversed(series):
+            if row["speedup"] <= 1:
+                break
+            winning = row["tokens"]
+        found.append({"format": key[0], "shape": key[1], "tiles_win_from_tokens": winning,
+                      "shipped_threshold": cpu_kernels.FLOAT32_FROM_TOKENS[get_format(key[0]).bits]})
+    return found
+
+
+def end_to_end(formats: tuple[str, ...], repeats: int) -> list[dict]:
+    loaded = load_model("demo")
+    model = loaded.model
+    task = CausalLMTask(loaded.tokenizer, None, 0, 0)
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
+    cache = QuantizedWeightCache(model)
+    rows = []
+    for fmt_name in formats:
+        plan = {name: get_format(fmt_name) for name in names}
+        with applied(model, plan, cache):
+            row = {"format": fmt_name, "layers": len(names)}
+            for label, tokens in (("kernels", KERNELS_ONLY), ("shipped", None)):
+                metrics = {}
+                with float32_from(tokens):
+                    row[f"{label}_s"] = _best_ms(lambda: metrics.update(task.evaluate(model)), repeats) / 1e3
+                row[f"{label}_ppl"] = metrics["ppl"]
+            row["speedup"] = row["kernels_s"] / row["shipped_s"]
+        with applied(model, plan, cache, backend="reference"):  # float32 dequantise + multiply: the ground truth
+            row["reference_ppl"] = task.evaluate(model)["ppl"]
+        print(f"demo eval, {len(names)} layers at {fmt_name}: kernels {row['kernels_s']:.2f} s (ppl {row['kernels_ppl']:.4f}), "
+              f"shipped {row['shipped_s']:.2f} s (ppl {row['shipped_ppl']:.4f}), x{row['speedup']:.2f}; reference ppl "
+              f"{row['reference_ppl']:.4f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(result: dict) -> str:
+    lines = [f"hardware: {result['hardware']}", "",
+             "| format | layer | " + " | ".join(f"M={m}" for m in result["tokens"]) + " | tiles win from M | shipped |",
+             "|---|---|" + "---|" * len(result["tokens"]) + "---|---|"]
+    for cross in result["crossovers"]:
+        cells = []
+        for m in result["tokens"]:
+            row = next((r for r in result["layers"] if (r["format"], r["shape"], r["tokens"]) == (cross["format"], cross["shape"], m)), None)
+            cells.append("" if row is None else f"{row['kernel_ms']:.2f} / {row['tiles_ms']:.2f}")
+        lines.append(f"| {cross['format']} | {cross['shape']} | " + " | ".join(cells)
+                     + f" | {cross['tiles_win_from_tokens']} | {cross['shipped_threshold']} |")
+    lines += ["", "cells: torch's kernel ms / float32 tiles ms", "",
+              "| demo held-out eval, blocks' linears at | kernels only (s) | as shipped (s) | speedup | ppl kernels | ppl shipped "
+              "| ppl MPQ_KERNELS=reference |",
+              "|---|---|---|---|---|---|---|"]
+    for row in result["end_to_end"]:
+        lines.append(f"| {row['format']} ({row['layers']} layers) | {row['kernels_s']:.2f} | {row['shipped_s']:.2f} | "
+                     f"{row['speedup']:.2f}x | {row['kernels_ppl']:.4f} | {row['shipped_ppl']:.4f} | {row['reference_ppl']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the fastest is kept")
+    parser.add_argument("--quick", action="store_true", help="the demo's shapes and one end-to-end format only")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "cpu_kernels.json")
+    args = parser.parse_args()
+    shapes = {name: shape for name, shape in SHAPES.items() if not args.quick or name.startswith("demo")}
+    layers = layer_rows(FORMATS, shapes, TOKENS, args.repeats)
+    result = {"hardware": hardware(), "versions": versions(), "repeats": args.repeats, "tokens": list(TOKENS),
+              "tile_elements": cpu_kernels.TILE_ELEMENTS, "layers": layers, "crossovers": crossovers(layers),
+              "end_to_end": end_to_end(FORMATS[:1] if args.quick else FORMATS[:2], args.repeats),
+              "eval": "demo, held-out validation half: 24 x 256 tokens of text and 24 of code, batches of 8 (M = 2048)"}
+    print(table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
