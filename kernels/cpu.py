@@ -14,6 +14,7 @@ bytes as ours), made once when the layer is built.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mpq.cpu_matmul import TILE_ELEMENTS
 from mpq.formats import FormatSpec
@@ -78,8 +79,7 @@ def _int4_scale_and_zeros(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([scales.t(), offset.t()], dim=-1).contiguous()
 
 
-def _int4_dequantised(q: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
-                      rows: slice | torch.Tensor) -> torch.Tensor:
+def _int4_dequantised(q: torch.Tensor, prepared: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> torch.Tensor:
     """Integer values q [len(rows), K] (float32) of an int4 weight's `rows`, dequantised in place as the
     kernel does: w = (q - 8) s + zf, per kernel group."""
     m, k = q.shape
@@ -100,7 +100,7 @@ def dequantize_rows_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, ids:
     """Float32 rows `ids` [len(ids), K] of an int4 weight held in the CPU kernel's own tensors
     (prepare_cpu), dequantised as the kernel does: w = (q - 8) s + zf."""
     q = int4_rows(prepared["qweight"], ids, out_features, in_features).float()
-    return _int4_dequantised(q, prepared, fmt, ids)
+    return _int4_dequantised(q, prepared, ids)
 
 
 def dequantize_span_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, start: int, stop: int,
@@ -110,7 +110,7 @@ def dequantize_span_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, star
     if fmt.bits == 8:
         return prepared["qweight"][start:stop].float().mul_(prepared["scales"][start:stop, None].float())
     q = int4_row_span_float(prepared["qweight"], start, stop, out_features, in_features)
-    return _int4_dequantised(q, prepared, fmt, slice(start, stop))
+    return _int4_dequantised(q, prepared, slice(start, stop))
 
 
 # From how many tokens (rows of x) a layer multiplies in float32 rather than call torch's kernel:
@@ -136,7 +136,7 @@ def _linear_in_float32_tiles(x: torch.Tensor, prepared: dict[str, torch.Tensor],
     for start in range(0, out_features, rows):
         stop = min(out_features, start + rows)
         weight = dequantize_span_cpu(prepared, fmt, start, stop, out_features, k)
-        y[:, start:stop] = torch.nn.functional.linear(xf, weight, None if bias is None else bias[start:stop].float())
+        y[:, start:stop] = F.linear(xf, weight, None if bias is None else bias[start:stop].float())
     return y
 
 
