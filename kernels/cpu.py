@@ -13,6 +13,8 @@ bytes as ours), made once when the layer is built.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -125,19 +127,33 @@ def multiplies_in_float32(fmt: FormatSpec, tokens: int) -> bool:
     return tokens >= FLOAT32_FROM_TOKENS[fmt.bits] and (fmt.bits == 8 or int4_row_layout() is not None)
 
 
-def _linear_in_float32_tiles(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
-                             bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    k = x.shape[-1]
-    xf = x.to(ACT_DTYPE).float()  # the kernels' bf16 activations
-    # A float32 tile of at most TILE_ELEMENTS weights (a whole number of int4 blocks), so a big
-    # layer is never dequantised whole.
+def linear_in_float32_tiles(xf: torch.Tensor, rows_of: Callable[[int, int], torch.Tensor], out_features: int,
+                            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """xf @ W^T (+ bias) for a float32 xf [M, K], with W's rows start..stop given in float32 by
+    `rows_of(start, stop)`, one tile of at most TILE_ELEMENTS weights (a whole number of int4
+    blocks) at a time, so a big layer is never held in float32 whole; the output in `out_dtype`."""
+    k = xf.shape[-1]
     rows = max(SPAN_ALIGNMENT, TILE_ELEMENTS // k // SPAN_ALIGNMENT * SPAN_ALIGNMENT)
-    y = torch.empty(x.shape[0], out_features, dtype=ACT_DTYPE)
+    y = torch.empty(xf.shape[0], out_features, dtype=out_dtype)
     for start in range(0, out_features, rows):
         stop = min(out_features, start + rows)
-        weight = dequantize_span_cpu(prepared, fmt, start, stop, out_features, k)
-        y[:, start:stop] = F.linear(xf, weight, None if bias is None else bias[start:stop].float())
+        y[:, start:stop] = F.linear(xf, rows_of(start, stop), None if bias is None else bias[start:stop].float())
     return y
+
+
+# A 16-bit dense layer on a CPU where torch has no GEMM in its dtype (mpq.cpu_matmul.routes): from
+# this many tokens a float32 matmul over tiles of its weight beats torch's generic 16-bit loop
+# (1.25 to 1.7x at 16 tokens, 5.4 to 6.7x from 512, bf16 on a 2-core AVX2 EPYC:
+# benchmarks/cpu_kernels.py); at one token converting the weight costs more than the loop saves.
+DENSE_FLOAT32_FROM_TOKENS = 16
+
+
+def linear_dense_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear of a 16-bit x and weight on a CPU without a GEMM in their dtype: float32 tiles from
+    DENSE_FLOAT32_FROM_TOKENS tokens (the same arithmetic: products and sums in float32, one rounding)."""
+    if x.shape[0] < DENSE_FLOAT32_FROM_TOKENS:
+        return F.linear(x, weight, bias)
+    return linear_in_float32_tiles(x.float(), lambda start, stop: weight[start:stop].float(), weight.shape[0], bias, x.dtype)
 
 
 def linear_cpu(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
@@ -146,7 +162,11 @@ def linear_cpu(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSp
     tokens a float32 matmul over dequantised tiles of the same tensors (faster there)."""
     out_features = prepared["qweight"].shape[0] if fmt.bits == 8 else prepared["qweight"].numel() * 2 // x.shape[-1]
     if multiplies_in_float32(fmt, x.shape[0]):
-        return _linear_in_float32_tiles(x, prepared, fmt, bias, out_features).to(x.dtype)
+        k = x.shape[-1]
+        y = linear_in_float32_tiles(x.to(ACT_DTYPE).float(),  # the kernels' bf16 activations
+                                    lambda start, stop: dequantize_span_cpu(prepared, fmt, start, stop, out_features, k),
+                                    out_features, bias, ACT_DTYPE)
+        return y.to(x.dtype)
     xb = x.to(ACT_DTYPE).contiguous()
     if fmt.bits == 8:
         y = torch._weight_int8pack_mm(xb, prepared["qweight"], prepared["scales"])

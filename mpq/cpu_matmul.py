@@ -10,8 +10,10 @@ random 512x512 @ 512x1024 bf16, 0.2% in fp16), or where the sum cancels, by floa
 
 mpq's quality passes (mpq.tasks: calibration references, divergences, held-out losses, embeddings)
 run under `float32_products()`. Speed is timed without it: that is what a user's runtime runs.
-`MPQ_CPU_MATMUL=fp32` routes the products through float32 on any CPU, `native` never, `auto`
-(the default) where the CPU has no 16-bit GEMM.
+The emitted model's own 16-bit (fp16-format) layers take float32 tiles on such a CPU themselves,
+from a few tokens (mpq.kernels.cpu.linear_dense_cpu), by the same `routes` decision; what the
+plan leaves unquantised runs as the model has it. `MPQ_CPU_MATMUL=fp32` routes the products
+through float32 on any CPU, `native` never, `auto` (the default) where the CPU has no 16-bit GEMM.
 """
 
 from __future__ import annotations

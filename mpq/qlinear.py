@@ -5,7 +5,8 @@ Backends, chosen per instance when the layer is built, from the device it is bui
 - "cpu": torch's weight-only CPU kernels (mpq.kernels.cpu), bf16 activations; from a few dozen
   tokens a float32 matmul over dequantised tiles of the same tensors, which is faster there
 - "reference": dequantise and multiply in float32 (forced with MPQ_KERNELS=reference)
-- "dense": a 16-bit weight through F.linear (the fp16 format)
+- "dense": a 16-bit weight through F.linear (the fp16 format); on a CPU with no GEMM in its dtype,
+  from a few tokens in float32 tiles (mpq.kernels.cpu.linear_dense_cpu), which is faster there
 All read the same canonical packed tensors; only the CPU int4 kernel relays its weight out, once,
 when the layer is built. A layer stays on the device it was built on (mpq.load(..., device=)).
 """
@@ -22,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpq.cpu_matmul import routes
 from mpq.formats import FormatSpec, get_format
 from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu, triton_supports
-from mpq.kernels.cpu import FLOAT32_FROM_TOKENS, multiplies_in_float32
+from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, FLOAT32_FROM_TOKENS, linear_dense_cpu, multiplies_in_float32
 from mpq.quantize import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ class QuantizedLinear(nn.Module):
         self.backend = choose_backend(fmt, out_features, in_features, backend, device)
         if self.backend == "cpu":
             tensors = prepare_cpu(tensors, fmt)
+        # decided once (MPQ_CPU_MATMUL and the CPU's probe): a forward reads no environment
+        self.dense_in_float32 = self.backend == "dense" and device.type == "cpu" and routes(tensors["weight"].dtype)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
@@ -154,7 +158,7 @@ class QuantizedLinear(nn.Module):
     def kernel(self) -> str:
         """What runs this layer's matmul, in words (for `mpq inspect` and logs)."""
         if self.backend == "dense":
-            return "F.linear"
+            return f"F.linear, float32 tiles from {DENSE_FLOAT32_FROM_TOKENS} tokens" if self.dense_in_float32 else "F.linear"
         if self.backend == "triton":
             return "triton w8a16" if self.fmt.bits == 8 else "triton w4a16"
         if self.backend == "cpu":
@@ -189,7 +193,10 @@ class QuantizedLinear(nn.Module):
         if self.backend == "dense":
             weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = F.linear(x2, weight, bias)
+            if self.dense_in_float32 and x.dtype == self.weight.dtype:
+                y = linear_dense_cpu(x2, weight, bias)
+            else:
+                y = F.linear(x2, weight, bias)
         elif self.backend == "cpu":
             y = linear_cpu(x2, self._tensors(), self.fmt, self.bias)
         elif self.backend == "triton":

@@ -203,17 +203,19 @@ def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_scrip
     """The crossover is the M from which the float32 tiles win at every larger M, not the first
     win (timing noise can make one small M look won); the dispatch override is undone."""
     bench = benchmark_script("cpu_kernels")
+    from mpq.kernels import cpu as cpu_kernels
     from mpq.kernels.cpu import FLOAT32_FROM_TOKENS
 
     speedups = {"int8": {16: 0.5, 32: 1.1, 64: 0.9, 128: 1.3, 512: 2.0}, "int4-g128": {16: 0.2, 64: 0.8}}
     rows = [{"format": fmt, "shape": "s", "tokens": m, "speedup": x} for fmt, by_m in speedups.items() for m, x in by_m.items()]
     found = {c["format"]: c["tiles_win_from_tokens"] for c in bench.crossovers(rows)}
     assert found == {"int8": 128, "int4-g128": None}
-    shipped = dict(FLOAT32_FROM_TOKENS)
+    shipped, dense = dict(FLOAT32_FROM_TOKENS), cpu_kernels.DENSE_FLOAT32_FROM_TOKENS
     layer = QuantizedLinear.from_module(torch.nn.Linear(64, 64), "int8")[0]
     x = torch.randn(4 * shipped[8], 64)
     with bench.float32_from(bench.KERNELS_ONLY):
         assert FLOAT32_FROM_TOKENS == {8: bench.KERNELS_ONLY, 4: bench.KERNELS_ONLY}
+        assert cpu_kernels.DENSE_FLOAT32_FROM_TOKENS == bench.KERNELS_ONLY
         kernel = layer(x)
-    assert FLOAT32_FROM_TOKENS == shipped
+    assert FLOAT32_FROM_TOKENS == shipped and cpu_kernels.DENSE_FLOAT32_FROM_TOKENS == dense
     assert not torch.equal(layer(x), kernel)  # the same layer at the same M, another path

@@ -6,7 +6,7 @@ import torch
 from mpq.formats import get_format
 from mpq.kernels import cpu as cpu_kernels
 from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu
-from mpq.kernels.cpu import FLOAT32_FROM_TOKENS
+from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, FLOAT32_FROM_TOKENS, linear_dense_cpu
 from mpq.qlinear import QuantizedLinear
 from mpq.quantize import quantize_weight
 
@@ -146,3 +146,43 @@ def test_int4_under_an_unreadable_layout_runs_torchs_kernel_at_every_size(monkey
     assert calls == ["_weight_int4pack_mm_for_cpu"] and layer.kernel == "torch _weight_int4pack_mm_for_cpu"
     int8 = QuantizedLinear.from_module(torch.nn.Linear(128, 64), "int8")[0]
     assert int8.kernel == f"torch _weight_int8pack_mm, float32 tiles from {FLOAT32_FROM_TOKENS[8]} tokens"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, DENSE_FLOAT32_FROM_TOKENS - 1, DENSE_FLOAT32_FROM_TOKENS, 131])
+def test_dense_16_bit_layer_in_float32_tiles_is_the_same_arithmetic(dtype, m, monkeypatch):
+    """Where a CPU has no 16-bit GEMM, a dense layer from DENSE_FLOAT32_FROM_TOKENS tokens multiplies
+    tiles of its weight in float32 and rounds once, as torch's 16-bit loop does (sums in another
+    order); below that it is F.linear itself."""
+    monkeypatch.setattr(cpu_kernels, "TILE_ELEMENTS", 1)  # tiles of 64 rows: 112 is a full one and a ragged one
+    generator = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 96, generator=generator).to(dtype)
+    weight = torch.randn(112, 96, generator=generator).to(dtype)
+    bias = torch.randn(112, generator=generator).to(dtype)
+    got = linear_dense_cpu(x, weight, bias)
+    assert got.dtype == dtype and got.shape == (m, 112)
+    if m < DENSE_FLOAT32_FROM_TOKENS:
+        assert torch.equal(got, torch.nn.functional.linear(x, weight, bias))
+    else:
+        once = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).to(dtype)
+        assert rel_err(got, once) < 1e-4 and (got != once).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("setting, dtype, tiles", [("fp32", torch.bfloat16, True), ("native", torch.bfloat16, False),
+                                                   ("fp32", torch.float32, False)])
+def test_a_dense_layer_takes_float32_tiles_where_the_cpu_matmul_setting_routes_its_dtype(setting, dtype, tiles, monkeypatch):
+    """A float32 model's fp16 layer casts its 16-bit weight to float32 and multiplies there (no tiles)."""
+    monkeypatch.setenv("MPQ_CPU_MATMUL", setting)
+    linear = torch.nn.Linear(64, 48).to(dtype)
+    layer, _ = QuantizedLinear.from_module(linear, "fp16")
+    assert layer.dense_in_float32 == (setting == "fp32")
+    assert layer.kernel == ("F.linear, float32 tiles from 16 tokens" if setting == "fp32" else "F.linear")
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "linear_in_float32_tiles",
+                        lambda *args, _real=cpu_kernels.linear_in_float32_tiles: calls.append(1) or _real(*args))
+    x = torch.randn(2, 20, 64).to(dtype)
+    assert layer(x).dtype == dtype and rel_err(layer(x), linear(x)) < 1e-2
+    assert len(calls) == 2 * int(tiles)
+    monkeypatch.setenv("MPQ_CPU_MATMUL", "native" if setting == "fp32" else "fp32")  # read when built, not per call
+    layer(x)
+    assert len(calls) == 3 * int(tiles)
