@@ -143,7 +143,7 @@ def linear_in_float32_tiles(xf: torch.Tensor, rows_of: Callable[[int, int], torc
 
 # A 16-bit dense layer on a CPU where torch has no GEMM in its dtype (mpq.cpu_matmul.routes): from
 # this many tokens a float32 matmul over tiles of its weight beats torch's generic 16-bit loop
-# (1.25 to 1.7x at 16 tokens, 5.4 to 6.7x from 512, bf16 on a 2-core AVX2 EPYC:
+# (1.25 to 1.8x at 16 tokens, 5.4 to 6.7x from 512, bf16 on a 2-core AVX2 EPYC:
 # benchmarks/cpu_kernels.py); at one token converting the weight costs more than the loop saves.
 DENSE_FLOAT32_FROM_TOKENS = 16
 
