@@ -160,9 +160,9 @@ def linear_cpu(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSp
                bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a 2-D x, through torch's CPU kernel for the format, or for many
     tokens a float32 matmul over dequantised tiles of the same tensors (faster there)."""
-    out_features = prepared["qweight"].shape[0] if fmt.bits == 8 else prepared["qweight"].numel() * 2 // x.shape[-1]
     if multiplies_in_float32(fmt, x.shape[0]):
         k = x.shape[-1]
+        out_features = prepared["qweight"].shape[0] if fmt.bits == 8 else prepared["qweight"].numel() * 2 // k
         y = linear_in_float32_tiles(x.to(ACT_DTYPE).float(),  # the kernels' bf16 activations
                                     lambda start, stop: dequantize_span_cpu(prepared, fmt, start, stop, out_features, k),
                                     out_features, bias, ACT_DTYPE)
