@@ -140,12 +140,16 @@ def seconds_per_call(fn, device: torch.device | str = "cpu", budget_s: float = 0
 
 def device_signature(device: torch.device | str) -> str:
     """What a measured time depends on besides the shape: the processor (or GPU), threads, torch,
-    and on the CPU from how many tokens a layer leaves torch's kernel for float32 tiles."""
+    and on the CPU from how many tokens a layer leaves torch's kernel (or, for the 16-bit dtypes
+    that MPQ_CPU_MATMUL routes, its 16-bit GEMM) for float32 tiles."""
     signature = f"{hardware()} | {torch.device(device).type} | torch {torch.__version__}"
     if torch.device(device).type == "cpu":
-        from mpq.kernels.cpu import FLOAT32_FROM_TOKENS
+        from mpq.cpu_matmul import SIXTEEN_BIT, routes
+        from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, FLOAT32_FROM_TOKENS
 
-        signature += " | float32 tiles from " + ", ".join(f"int{bits} M={m}" for bits, m in sorted(FLOAT32_FROM_TOKENS.items()))
+        tiles = [f"int{bits} M={m}" for bits, m in sorted(FLOAT32_FROM_TOKENS.items())]
+        tiles += [f"{dtype} M={DENSE_FLOAT32_FROM_TOKENS}" for dtype in SIXTEEN_BIT if routes(dtype)]
+        signature += " | float32 tiles from " + ", ".join(tiles)
     return signature
 
 

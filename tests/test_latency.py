@@ -10,7 +10,8 @@ import pytest
 from mpq.cli import main
 from mpq.errors import MpqError
 from mpq.formats import parse_formats
-from mpq.latency import LatencyModel, Regime, find_profile, make_regime, measure_plans, parse_seconds, profile
+from mpq.latency import (LatencyModel, Regime, device_signature, find_profile, make_regime, measure_plans, parse_seconds,
+                         profile)
 from mpq.models import CAUSAL_LM, ENCODER, load_model
 from mpq.profile import example_inputs, profile_table
 from mpq.search import search_plans
@@ -177,3 +178,19 @@ def test_profile_command_prints_the_table_and_writes_json(tiny_llama_dir, tmp_pa
     assert saved.regime == {"kind": "prefill", "batch": 1, "length": 16}
     assert main(["profile", str(tiny_llama_dir), "--length", "100000", "--device", "cpu"]) == 2
     assert "exceeds the model's" in capsys.readouterr().err
+
+
+def test_cached_cpu_times_are_keyed_by_which_layers_take_float32_tiles(monkeypatch):
+    """A fp16 layer's CPU time depends on whether MPQ_CPU_MATMUL routes its dtype (float32 tiles
+    from 16 tokens, or torch's 16-bit GEMM), a quantised one's on the kernels' thresholds: times
+    measured under one are not reused under another."""
+    from mpq.kernels import cpu as cpu_kernels
+
+    signatures = set()
+    for setting in ("fp32", "native"):
+        monkeypatch.setenv("MPQ_CPU_MATMUL", setting)
+        signatures.add(device_signature("cpu"))
+    monkeypatch.setitem(cpu_kernels.FLOAT32_FROM_TOKENS, 8, 32)
+    signatures.add(device_signature("cpu"))
+    assert len(signatures) == 3
+    assert "float32 tiles" not in device_signature("cuda")
