@@ -14,7 +14,8 @@ from mpq.fusion import fuse
 from mpq.qembedding import QuantizedEmbedding, TiedEmbedding
 from mpq.qlinear import QuantizedLinear, linear_weight, out_features_of
 from mpq.quantize import quantize_weight
-from mpq.trace import is_embedding, tied_table_of
+from mpq.errors import MpqError
+from mpq.trace import embedding_scale, is_embedding, tied_table_of
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -60,14 +61,18 @@ def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torc
                  fused_groups: list[list[str]] = (), backend: str | None = None,
                  device: torch.device | str | None = None,
                  embeddings: dict[str, torch.dtype] | None = None,
-                 tied: dict[str, tuple[str, torch.dtype]] | None = None) -> dict[str, nn.Module]:
+                 tied: dict[str, tuple[str, torch.dtype]] | None = None,
+                 table_scales: dict[str, float] | None = None) -> dict[str, nn.Module]:
     """The module to install for each planned layer: a QuantizedEmbedding for the tables named in
     `embeddings` (with the dtype they output), a FusedSlice in a fused group, else a
     QuantizedLinear; and for each head in `tied` (head -> its table's path and dtype) a
-    TiedEmbedding at the table's path. Both compile (to measure) and load use this, so the loaded
-    model is the measured one."""
+    TiedEmbedding at the table's path. A table in `table_scales` (path -> factor) multiplies its
+    rows by it, as the table it replaces did. Both compile (to measure) and load use this, so the
+    loaded model is the measured one."""
+    scales = table_scales or {}
     layers: dict[str, nn.Module] = {
-        name: QuantizedEmbedding(specs[name], tensors[name], dtype, device) for name, dtype in (embeddings or {}).items()}
+        name: QuantizedEmbedding(specs[name], tensors[name], dtype, device, scales.get(name, 1.0))
+        for name, dtype in (embeddings or {}).items()}
     for names in fused_groups:
         slices = fuse(names, specs[names[0]], tensors, biases, in_features[names[0]], backend, device)
         if slices:
@@ -77,8 +82,16 @@ def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torc
             out_features = out_features_of(tensors[name])
             layers[name] = QuantizedLinear(fmt, tensors[name], biases[name], in_features[name], out_features, backend, device)
     for head, (table, dtype) in (tied or {}).items():
-        layers[table] = TiedEmbedding(layers[head], head, dtype, tensors[head])
+        layers[table] = TiedEmbedding(layers[head], head, dtype, tensors[head], scales.get(table, 1.0))
     return layers
+
+
+def _scale_of(model: nn.Module, table: str) -> float:
+    scale = embedding_scale(get_module(model, table))
+    if scale is None:  # trace_model leaves such a table out of every plan
+        raise MpqError(f"{table} is not a token table mpq can quantise (its forward does more than a row lookup): "
+                       "leave it out of the plan")
+    return scale
 
 
 @contextmanager
@@ -94,10 +107,11 @@ def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeigh
     tables = {name: module.weight.dtype for name, module in modules.items() if is_embedding(module)}
     tied = {name: (table, module.weight.dtype) for name, module in modules.items()
             if (table := tied_table_of(model, name)) is not None}
+    table_scales = {name: _scale_of(model, name) for name in [*tables, *(table for table, _ in tied.values())]}
     originals: dict[str, nn.Module] = {}
     try:
         for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups, backend,
-                                        embeddings=tables, tied=tied).items():
+                                        embeddings=tables, tied=tied, table_scales=table_scales).items():
             originals[name] = set_module(model, name, layer)
         yield {name: {**tensors[name], **({} if biases[name] is None else {"bias": biases[name]})} for name in plan}
     finally:

@@ -28,7 +28,7 @@ from mpq.awq import Judge
 from mpq.calib_stats import InputStats, StatsRecorder
 from mpq.formats import FormatSpec
 from mpq.quantize import dequantize_weight
-from mpq.tasks import model_device
+from mpq.models import model_device
 from mpq.trace import LayerInfo
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -78,6 +79,34 @@ def _tied_tables(model: nn.Module) -> dict[str, dict[str, str]]:
             for name, module in model.named_modules() if isinstance(module, TiedEmbedding)}
 
 
+def _embedding_scales(model: nn.Module) -> dict[str, float]:
+    """Each quantised table's row factor (embed_scale: Gemma, BART; 1.0 for an nn.Embedding),
+    which a meta skeleton cannot tell."""
+    return {name: module.scale for name, module in model.named_modules()
+            if isinstance(module, (QuantizedEmbedding, TiedEmbedding))}
+
+
+def _scales_from(manifest: dict, folder: Path, model: nn.Module, tables: set[str]) -> dict[str, float]:
+    """The manifest's table factors, checked: finite numbers, for planned tables only, and one for
+    every table that is a subclass of nn.Embedding (a checkpoint from before scaled tables holds
+    plain nn.Embedding tables only, whose factor is 1)."""
+    scales = manifest.get("embedding_scales", {})
+    if not isinstance(scales, dict):
+        raise MpqError(f"{folder}: {MANIFEST} has malformed embedding_scales; re-run mpq compile")
+    for table, scale in scales.items():
+        if table not in tables or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise MpqError(f"{folder}: {MANIFEST} scales table {table!r} by {scale!r}, which the plan does not allow; "
+                           "re-run mpq compile")
+    for table in tables - set(scales):
+        try:
+            module = model.get_submodule(table)
+        except AttributeError as exc:
+            raise MpqError(f"{folder}: {MANIFEST} names table {table}, which the model does not have; re-run mpq compile") from exc
+        if type(module) is not nn.Embedding:
+            raise MpqError(f"{folder}: {MANIFEST} does not say what table {table} multiplies its rows by; re-run mpq compile")
+    return {table: float(scale) for table, scale in scales.items()}
+
+
 def _dtype(text: str, what: str, folder: Path) -> torch.dtype:
     if text not in ("float32", "bfloat16", "float16"):
         raise MpqError(f"{folder}: {what} has dtype {text!r}; re-run mpq compile")
@@ -122,6 +151,7 @@ def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan
             "fused": [list(group) for group in fused],
             "embeddings": _embedding_dtypes(model),
             "tied_tables": _tied_tables(model),
+            "embedding_scales": _embedding_scales(model),
             "non_persistent_buffers": _non_persistent_buffers(model),
             "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
             "card": card,
@@ -220,9 +250,10 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
                            f"in the model, but {MANIFEST} says otherwise; re-run mpq compile")
         layer_tensors[layer] = own
         in_features[layer] = linear_weight(module).shape[1]
+    scales = _scales_from(manifest, folder, model, {*tables, *(table for table, _ in tied.values())})
     fused = manifest.get("fused", [])
     for layer, module in build_layers(specs, layer_tensors, biases, in_features, fused, backend, device,
-                                      embeddings=tables, tied=tied).items():
+                                      embeddings=tables, tied=tied, table_scales=scales).items():
         set_module(model, layer, module)
         log.info("%s: %s", layer, module.kernel)
     for name, tensor in tensors.items():

@@ -27,8 +27,9 @@ from mpq.method_choice import choose_method
 from mpq.methods import AUTO, check_method, describe
 from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measure_plans, models_dir, parse_seconds, profile,
                          profile_key)
-from mpq.memory import float_dtype_of, format_size, memory_model, parse_size, resident_bytes
-from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model
+from mpq.memory import (float_dtype_of, format_size, kept_as_stored, kept_summary, kept_to_json, memory_model, parse_size,
+                        resident_bytes)
+from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model, model_device
 from mpq.plan import Plan
 from mpq.refine import REFINE_TRIALS, refine_at_budget
 from mpq.selection import (chosen_for_measuring, emitted_front, latency_fields, latency_limit, latency_summary,
@@ -109,7 +110,7 @@ def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGr
 
 def _latency(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, formats, regime: Regime,
              groups: list[list[str]]) -> LatencyModel:
-    key = profile_key(model_fingerprint(loaded.model), regime, formats, groups, next(loaded.model.parameters()).device,
+    key = profile_key(model_fingerprint(loaded.model), regime, formats, groups, model_device(loaded.model),
                       [layer.name for layer in graph.layers])
     latency = find_profile(key, Path(opts.out) / "latency.json")
     if latency is None:
@@ -167,9 +168,11 @@ def compile_model(opts: CompileOptions) -> dict:
     # auto chooses between rtn and gptq, which store the same bytes
     memory = memory_model(loaded.model, graph.layers, formats, "rtn" if opts.method == AUTO else opts.method)
     budget = requested_budget if requested_budget is not None else memory.largest()
+    kept = kept_as_stored(loaded.model, graph.layers)
     if budget < memory.smallest():
         raise MpqError(f"--max-mem {format_size(budget)} is below the smallest possible model, {format_size(memory.smallest())} "
-                       f"({memory.smallest()} bytes, every layer in its smallest format): raise --max-mem to at least that")
+                       f"({memory.smallest()} bytes, every layer in its smallest format; {format_size(memory.fixed_bytes)} "
+                       f"of it is kept as stored, largest: {kept_summary(kept, 2)}): raise --max-mem to at least that")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "layers.json", graph.to_json())
     lap("trace")
@@ -286,7 +289,7 @@ def compile_model(opts: CompileOptions) -> dict:
     summary = {
         "model": loaded.source, "task": loaded.task, "formats": [f.name for f in formats], "method": method, "budget": budget,
         "method_choice": choice.to_json(),
-        "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "seed": opts.seed,
+        "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "kept_as_stored": kept_to_json(kept), "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
         "criteria": criteria.to_json(), "eval_data": opts.eval_data, "recommended": None if recommended is None else recommended["name"],
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),

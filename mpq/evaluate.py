@@ -19,8 +19,8 @@ from mpq.cpu_matmul import describe as describe_matmuls
 from mpq.environment import hardware
 from mpq.kv_cache import forward_with_cache
 from mpq.memory import resident_bytes
-from mpq.models import CAUSAL_LM, load_model
-from mpq.tasks import make_task, model_device
+from mpq.models import CAUSAL_LM, load_model, model_device
+from mpq.tasks import make_task
 
 PREFILL_TOKENS = 256
 DECODE_PROMPT, DECODE_TOKENS = 32, 32

@@ -36,7 +36,7 @@ from mpq.formats import FormatSpec, get_format
 from mpq.fusion import fusion_groups
 from mpq.io import cache_root, write_json_atomic
 from mpq.kv_cache import forward_with_cache
-from mpq.models import CAUSAL_LM
+from mpq.models import CAUSAL_LM, model_device
 from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
 
@@ -162,7 +162,7 @@ def _random_inputs(model: nn.Module, regime: Regime, device: torch.device) -> to
 
 def model_step(model: nn.Module, task: str, regime: Regime):
     """A callable that runs one step of `regime` on `model` (the thing whose time is predicted)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = _random_inputs(model, regime, device)
     if task != CAUSAL_LM:
         mask = torch.ones_like(ids)
@@ -183,7 +183,7 @@ def model_step(model: nn.Module, task: str, regime: Regime):
 @torch.no_grad()
 def measure_step(model: nn.Module, task: str, regime: Regime, budget_s: float = 0.6) -> float:
     """Measured seconds of one step of `regime` on `model` as it is (quantised or not)."""
-    return seconds_per_call(model_step(model, task, regime), next(model.parameters()).device, budget_s)
+    return seconds_per_call(model_step(model, task, regime), model_device(model), budget_s)
 
 
 def _entry_key(sizes: tuple[int, ...], in_features: int, fmt: str, tokens: int, bias: bool, dtype: torch.dtype,
@@ -374,7 +374,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     from tqdm import tqdm
 
     start = time.time()
-    device = next(model.parameters()).device
+    device = model_device(model)
     cache = _EntryCache(device, use_cache)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     info = {layer.name: [layer.out_features, layer.in_features, layer.has_bias] for layer in layers}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -99,6 +99,56 @@ def memory_model(model: nn.Module, layers: list[LayerInfo], formats: list[Format
         if not opts:
             raise MpqError(f"layer {name} takes none of the formats asked for: add fp16 or int8 to --formats")
     return MemoryModel(fixed_bytes=resident_bytes(model) - quantizable, layer_bytes=options)
+
+
+_BLOCK_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+@dataclass(frozen=True)
+class KeptTensors:
+    """Tensors of the model that no plan layer holds, alike but for their block: they stay as stored."""
+
+    pattern: str  # their path with block indices as *, e.g. model.layers.*.mlp.experts.gate_up_proj
+    owner: str  # the type of the module that holds them, e.g. MixtralExperts
+    dims: int  # 3 for the stacked weights of a mixture of experts, which no 2-D format takes
+    count: int
+    bytes: int
+
+    def describe(self) -> str:
+        shape = f", {self.dims}-D" if self.dims > 2 else ""
+        return f"{self.pattern} {format_size(self.bytes)} ({self.count} x {self.owner}{shape})"
+
+
+def kept_as_stored(model: nn.Module, layers: list[LayerInfo]) -> list[KeptTensors]:
+    """What stays in the model's own dtype whatever the plan (norms, position tables, biases, a
+    mixture of experts' stacked weights), grouped by path and largest first: where the bytes that
+    no format can shrink are."""
+    held = {_storage_key(linear_weight(model.get_submodule(layer.name))) for layer in layers}
+    owners = dict(model.named_modules())
+    groups: dict[tuple[str, str, int], list[int]] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        key = _storage_key(tensor)
+        if key in held or key in seen or tensor.device.type == "meta":
+            continue
+        seen.add(key)
+        owner = type(owners.get(name.rpartition(".")[0], model)).__name__
+        groups.setdefault((_BLOCK_INDEX.sub("*", name), owner, tensor.dim()), []).append(tensor.numel() * tensor.element_size())
+    kept = [KeptTensors(pattern, owner, dims, len(sizes), sum(sizes)) for (pattern, owner, dims), sizes in groups.items()]
+    return sorted(kept, key=lambda k: -k.bytes)
+
+
+def kept_summary(kept: list[KeptTensors], top: int = 3) -> str:
+    """The largest kept tensor groups in a line, e.g. for an error that a budget cannot be met."""
+    return "; ".join(k.describe() for k in kept[:top])
+
+
+def kept_to_json(kept: list[KeptTensors], top: int = 10) -> list[dict]:
+    return [asdict(k) for k in kept[:top]]
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
 
 
 def float_dtype_of(model: nn.Module) -> torch.dtype:

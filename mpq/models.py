@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,14 @@ def resolve_model_path(name: str) -> Path | str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise MpqError(f"model folder {name!r} does not exist: give a Hugging Face model folder, a model id, or a demo ({', '.join(demo_models())})")
     return name  # a Hugging Face id
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device `model` runs on: its first parameter's, else its first buffer's (a model whose
+    every weight mpq quantised, with parameter-free norms such as OLMo's, holds only buffers)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def task_of(config) -> str:

@@ -42,14 +42,22 @@ def embedding_rows(ids: torch.Tensor, tensors: dict[str, torch.Tensor], fmt: For
     return out.reshape(*ids.shape, -1)
 
 
+def _scaled(rows: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Rows times the table's embed_scale (mpq.trace.embedding_scale), in float32, rounded once to
+    `dtype`: what `rows_in_dtype * scale` in the model's own forward rounds to."""
+    return (rows.float() * scale if scale != 1.0 else rows).to(dtype)
+
+
 class QuantizedEmbedding(nn.Module):
-    """An nn.Embedding whose table is held as canonical tensors; outputs `dtype` (the model's)."""
+    """An nn.Embedding whose table is held as canonical tensors; outputs `dtype` (the model's),
+    its rows multiplied by `scale` where the table it replaces did that (Gemma, BART)."""
 
     def __init__(self, fmt: FormatSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, scale: float = 1.0) -> None:
         super().__init__()
         self.fmt = fmt
         self.out_dtype = dtype
+        self.scale = scale
         device = torch.device(device) if device is not None else next(iter(tensors.values())).device
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.to(device))
@@ -60,14 +68,16 @@ class QuantizedEmbedding(nn.Module):
     @property
     def kernel(self) -> str:
         if not self.fmt.quantized:
-            return "F.embedding"
-        return "gather + dequantise rows (torch)" + (f", {self.fmt.hot_rows} hot rows int8" if self.fmt.hot_rows else "")
+            name = "F.embedding"
+        else:
+            name = "gather + dequantise rows (torch)" + (f", {self.fmt.hot_rows} hot rows int8" if self.fmt.hot_rows else "")
+        return name + (f", times {self.scale:g}" if self.scale != 1.0 else "")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.fmt.quantized:
-            return F.embedding(ids, self.weight).to(self.out_dtype)
+            return _scaled(F.embedding(ids, self.weight), self.scale, self.out_dtype)
         tensors = {name: t for name, t in self.named_buffers(recurse=False)}
-        return embedding_rows(ids, tensors, self.fmt).to(self.out_dtype)
+        return _scaled(embedding_rows(ids, tensors, self.fmt), self.scale, self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}, kernel={self.kernel}"
@@ -81,11 +91,12 @@ class TiedEmbedding(nn.Module):
     not registered, so it is saved, moved and counted once, as the head."""
 
     def __init__(self, head: QuantizedLinear, head_name: str, dtype: torch.dtype,
-                 canonical: dict[str, torch.Tensor] | None = None) -> None:
+                 canonical: dict[str, torch.Tensor] | None = None, scale: float = 1.0) -> None:
         super().__init__()
         object.__setattr__(self, "head", head)  # a plain attribute: nn.Module would register it a second time
         self.head_name = head_name
         self.out_dtype = dtype
+        self.scale = scale  # the table's embed_scale (Gemma): the head reads the weight unscaled
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self._own: dict[str, torch.Tensor] | None = None
         if self._reads_cpu_int4() and canonical is not None and not _rows_layout_matches(head, canonical):
@@ -99,12 +110,13 @@ class TiedEmbedding(nn.Module):
 
     @property
     def kernel(self) -> str:
-        return f"rows of {self.head_name}'s weight ({'F.embedding' if self.head.backend == 'dense' else 'gather + dequantise'})"
+        scaled = f", times {self.scale:g}" if self.scale != 1.0 else ""
+        return f"rows of {self.head_name}'s weight ({'F.embedding' if self.head.backend == 'dense' else 'gather + dequantise'}{scaled})"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         head = self.head
         if head.backend == "dense":
-            return F.embedding(ids, head.weight).to(self.out_dtype)
+            return _scaled(F.embedding(ids, head.weight), self.scale, self.out_dtype)
         flat = ids.reshape(-1)
         if self._own is not None:
             rows = embedding_rows(flat, self._own, head.fmt)
@@ -114,7 +126,7 @@ class TiedEmbedding(nn.Module):
             rows = embedding_rows(flat, head._tensors(), head.fmt)
         if hasattr(head, "input_scale"):  # AWQ: the head's weight is its dequantised tensors times this vector
             rows = rows * head.input_scale[: head.in_features].float()
-        return rows.reshape(*ids.shape, -1).to(self.out_dtype)
+        return _scaled(rows.reshape(*ids.shape, -1), self.scale, self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.head.fmt.name}, kernel={self.kernel}"

@@ -271,6 +271,18 @@ def _noise_line(s: dict) -> str:
                if dropped else "none on the measured front was left out."))
 
 
+def _kept_lines(s: dict) -> list[str]:
+    """Where the bytes that no format shrinks are (a mixture of experts' stacked weights can be most)."""
+    kept = s.get("kept_as_stored")
+    if not kept:
+        return []
+    total = s["baseline"]["bytes"] if isinstance(s.get("baseline"), dict) and s["baseline"].get("bytes") else None
+    share = f" of {format_size(total)} ({s['fixed_bytes'] / total:.0%})" if total else ""
+    groups = "; ".join(f"`{k['pattern']}` {format_size(k['bytes'])} ({k['count']} x {k['owner']}"
+                       + (f", {k['dims']}-D" if k["dims"] > 2 else "") + ")" for k in kept[:3])
+    return [f"- kept as stored in every config (no plan layer holds them): {format_size(s['fixed_bytes'])}{share}; largest: {groups}"]
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -284,6 +296,7 @@ def write_report(path: Path, summary: dict) -> Path:
         f"{s['calibration']['seq_len']} tokens from {s['calibration']['source']}",
         *_method_choice_lines(s.get("method_choice"), s["quality_name"]),
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
+        *_kept_lines(s),
         *([f"- configs are selected and accepted by held-out perplexity on {s.get('eval_data', 'both')} "
            f"(`--eval-data`; both are shown)"] if s["task"] == "causal-lm" else []),
         "- held-out numbers here are on the validation half of the held-out data, which chose the configs; "

@@ -25,7 +25,7 @@ from mpq.corpus import corpus_chunks, mixed_chunks
 from mpq.cpu_matmul import float32_products
 from mpq.errors import MpqError
 from mpq.hot_rows import count_tokens
-from mpq.models import CAUSAL_LM
+from mpq.models import CAUSAL_LM, model_device
 
 BATCH = 8
 DEFAULT_CALIB = "mpq corpus, calib split (Python docs + stdlib)"
@@ -37,12 +37,6 @@ def quality_forward(model, **inputs):
     16-bit products are computed in float32 (mpq.cpu_matmul: same arithmetic, about 5x faster)."""
     with float32_products(model_device(model)):
         return model(**inputs)
-
-
-def model_device(model) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 @dataclass

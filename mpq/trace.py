@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LINEAR_OPS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default}
+# `x @ self.weight.T` (Falcon's FalconLinear): a matmul whose right operand is a linear's own
+# weight, transposed, is that linear.
+_MATMUL_OPS = {torch.ops.aten.matmul.default, torch.ops.aten.mm.default}
+_TRANSPOSE_OPS = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.transpose.int,
+                  torch.ops.aten.permute.default}
 # Ops that only re-view their input: two linears reading views of one tensor read the same input.
 _VIEW_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
              torch.ops.aten.alias.default}
@@ -87,10 +92,68 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+@torch.no_grad()
+def computes_linear(module: nn.Module) -> bool:
+    """Whether the module's forward is x @ weight.T + bias, all a QuantizedLinear in its place
+    computes. torch's nn.Linear and transformers' Conv1D are; a subclass of nn.Linear may do more
+    (scale, clamp, add an adapter), which a quantised layer would silently drop, so its forward
+    is checked on a random probe input against F.linear."""
+    if type(module) is nn.Linear or type(module).__name__ == "Conv1D":
+        return True
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Linear) or weight is None or weight.device.type == "meta" or weight.dim() != 2:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(3, weight.shape[1], generator=generator).to(weight)
+    try:
+        got = module(probe)
+    except Exception:  # a forward that takes more than one input is not a plain linear
+        return False
+    want = torch.nn.functional.linear(probe, weight, module.bias)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2  # matmul against linear: summation order
+    return bool((got.float() - want.float()).abs().max() <= tolerance * (want.float().abs().max() + 1e-6))
+
+
 def is_embedding(module: nn.Module) -> bool:
-    """Exactly torch's nn.Embedding: a subclass may do more in forward (Gemma scales its rows),
-    which a quantised table in its place would silently drop."""
-    return type(module) is nn.Embedding
+    """A token table: torch's nn.Embedding or a subclass (whether mpq can take one is
+    embedding_scale's question)."""
+    return isinstance(module, nn.Embedding)
+
+
+@torch.no_grad()
+def embedding_scale(module: nn.Module) -> float | None:
+    """The factor a token table's forward multiplies its looked-up rows by, where that is all it
+    does: 1.0 for torch's nn.Embedding; for a subclass with an `embed_scale` (Gemma's
+    sqrt(hidden), BART's, M2M100's, XGLM's), that factor as its forward applies it (a tensor is
+    first cast to the table's dtype, as those forwards do), once a probe lookup confirms the
+    forward is rows x factor. None for anything else: a quantised table in its place would
+    silently drop what more it does (and max_norm renormalises rows in place)."""
+    if not is_embedding(module) or module.max_norm is not None:
+        return None
+    if type(module) is nn.Embedding:
+        return 1.0
+    factor = getattr(module, "embed_scale", None)
+    if isinstance(factor, torch.Tensor) and factor.numel() == 1 and factor.device.type != "meta":
+        factor = float(factor.to(module.weight.dtype))
+    elif isinstance(factor, (int, float)) and not isinstance(factor, bool):
+        factor = float(factor)
+    else:
+        return None
+    weight = module.weight
+    if weight.device.type == "meta":
+        return None
+    ids = torch.linspace(0, weight.shape[0] - 1, min(weight.shape[0], 64)).long().to(weight.device)[None]
+    try:
+        got = module(ids)
+    except Exception:  # a forward that wants more than token ids is not a lookup
+        return None
+    want = torch.nn.functional.embedding(ids, weight).float() * factor
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return None
+    tolerance = 2 * torch.finfo(weight.dtype).eps  # one rounding of the product to the table's dtype
+    return factor if bool(((got.float() - want).abs() <= tolerance * want.abs()).all()) else None
 
 
 def _input_table(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -102,10 +165,10 @@ def _input_table(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def tied_table_of(model: nn.Module, name: str) -> str | None:
-    """The path of the plain nn.Embedding whose table is the weight of linear `name` (an output
-    head tied to the input embeddings), else None."""
+    """The path of the token table (one mpq can take: embedding_scale) whose weight is the weight
+    of linear `name` (an output head tied to the input embeddings), else None."""
     found = _input_table(model)
-    if found is None or not is_embedding(found[1]) or type(model.get_submodule(name)) is not nn.Linear:
+    if found is None or embedding_scale(found[1]) is None or type(model.get_submodule(name)) is not nn.Linear:
         return None
     return found[0] if model.get_submodule(name).weight is found[1].weight else None
 
@@ -120,8 +183,9 @@ def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[st
     if not wanted:
         excluded[path] = "embedding tables left as stored (asked for)"
         return None
-    if not is_embedding(table):
-        excluded[path] = f"{type(table).__name__} is not a plain nn.Embedding (its forward may do more than a lookup)"
+    if embedding_scale(table) is None:
+        excluded[path] = (f"{type(table).__name__}'s forward is not a row lookup (times a constant embed_scale); "
+                          "checked on probe rows")
         return None
     if f"{path}.weight" in tied_weights:
         return None
@@ -151,18 +215,34 @@ def _source(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+def _transposed_parameter(node: torch.fx.Node, parameters: dict[str, str]) -> str | None:
+    """The parameter that `node` is the transpose of (a 2-D weight), else None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSE_OPS:
+        return None
+    if node.target == torch.ops.aten.transpose.int and node.args[1] % 2 == node.args[2] % 2:
+        return None
+    if node.target == torch.ops.aten.permute.default and list(node.args[1]) not in ([1, 0], [-1, -2], [1, -2], [-1, 0]):
+        return None
+    source = node.args[0]
+    return parameters.get(source.name) if isinstance(source, torch.fx.Node) and source.op == "placeholder" else None
+
+
 def _exported_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str, torch.fx.Node]]:
-    """(module path, input node) of every linear op in execution order, via torch.export."""
+    """(module path, input node) of every linear op in execution order, via torch.export: the
+    linear and addmm ops, and matmuls by a module's own transposed weight."""
     program = torch.export.export(model, args=(), kwargs=example_inputs, strict=False)
+    parameters = program.graph_signature.inputs_to_parameters  # placeholder name -> parameter path
     found = []
     for node in program.graph.nodes:
-        if node.op != "call_function" or node.target not in _LINEAR_OPS:
+        if node.op != "call_function" or node.target not in _LINEAR_OPS | _MATMUL_OPS:
             continue
         stack = node.meta.get("nn_module_stack") or {}
         if not stack:
             continue
         path = list(stack.values())[-1][0]
-        x = node.args[0] if node.target == torch.ops.aten.linear.default else node.args[1]
+        if node.target in _MATMUL_OPS and _transposed_parameter(node.args[1], parameters) != f"{path}.weight":
+            continue
+        x = node.args[1] if node.target == torch.ops.aten.addmm.default else node.args[0]
         found.append((path, _source(x)))
     return found
 
@@ -198,6 +278,9 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True)
         module = modules.get(path)
         if module is None or not _is_linear(module) or any(layer.name == path for layer in layers):
             continue  # a module called twice is one layer
+        if not computes_linear(module):
+            excluded[path] = f"{type(module).__name__}'s forward is not x @ weight.T + bias (checked on a probe input)"
+            continue
         tied_table = tied_table_of(model, path) if embeddings else None
         if f"{path}.weight" in tied_weights and tied_table is None:
             excluded[path] = "weight tied to another parameter (kept in the model's dtype with it)"

@@ -10,7 +10,7 @@ import torch
 
 import mpq
 from mpq.cli import main
-from mpq.memory import resident_bytes
+from mpq.memory import format_size, resident_bytes
 from mpq.search import open_storage
 
 
@@ -52,6 +52,7 @@ def test_impossible_budget_names_the_smallest_size(tiny_llama_dir, tmp_path, cap
                  "--samples", "4", "--seq-len", "32"])
     err = capsys.readouterr().err
     assert code == 2 and "below the smallest possible model" in err and "bytes" in err
+    assert "of it is kept as stored, largest: model.layers.*." in err  # the norms: what no format shrinks
     assert not (tmp_path / "out" / "configs").exists()
 
 
@@ -106,6 +107,9 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     passing = [row for row in summary["configs"] if row["accepted"]]
     assert summary["recommended"] == min(passing, key=lambda r: (r["bytes"], r["metrics"]["ppl"]))["name"]
     assert f"Recommended: {summary['recommended']}" in (out / "report.md").read_text()
+    kept = summary["kept_as_stored"]
+    assert kept and sum(k["bytes"] for k in kept) == summary["fixed_bytes"]  # a 2-block model has few groups
+    assert f"kept as stored in every config (no plan layer holds them): {format_size(summary['fixed_bytes'])}" in (out / "report.md").read_text()
     ids = torch.randint(0, 4000, (1, 16))
     for folder in configs:
         model = mpq.load(folder)

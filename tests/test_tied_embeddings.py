@@ -140,6 +140,9 @@ def test_a_manifest_that_drops_or_misplaces_the_tie_is_refused(tiny_llama_dir, t
     path = tmp_path / "cfg" / MANIFEST
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "tied_tables": {}}))
+    with pytest.raises(mpq.MpqError, match="scales table 'model.embed_tokens'"):  # a factor for no planned table
+        mpq.load(tmp_path / "cfg")
+    path.write_text(json.dumps({**manifest, "tied_tables": {}, "embedding_scales": {}}))
     with pytest.raises(mpq.MpqError, match="missing"):
         mpq.load(tmp_path / "cfg")
     path.write_text(json.dumps({**manifest, "tied_tables": {HEAD: {"table": "model.norm", "dtype": "bfloat16"}}}))
