@@ -33,6 +33,7 @@ CHECKPOINT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "mpq.json"
 CARD = "card.md"  # the quantisation card, readable (mpq.card)
+ANCHOR = "mpq_device_anchor"  # an empty parameter: see load
 
 
 def file_sha256(path: Path) -> str:
@@ -262,6 +263,11 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
         source = model.get_parameter(group[0])
         for other in group[1:]:
             _assign(model, other, source)
+    if next(model.parameters(), None) is None:
+        # transformers reads a model's device and dtype from its first parameter (generate does);
+        # a model whose every weight mpq holds as buffers (OLMo's norms have none) gets an empty one
+        dtype = next((m.out_dtype for m in model.modules() if isinstance(m, (QuantizedEmbedding, TiedEmbedding))), torch.float32)
+        model.register_parameter(ANCHOR, nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False))
     missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing:
         raise MpqError(f"{folder}: {len(missing)} tensors are missing from {WEIGHTS} (first: {missing[0]}); re-run mpq compile")

@@ -163,20 +163,30 @@ def test_gemma_scaled_tied_table_is_quantised_with_the_head_and_loads_bit_identi
         mpq.load(tmp_path / "cfg")
 
 
-def test_a_model_of_buffers_only_runs_on_its_buffers_device():
+def test_a_model_of_buffers_only_runs_on_its_buffers_device_and_generates_once_loaded(tmp_path, demo_tokenizer):
     """OLMo's LayerNorm has no parameters: with every linear and its tied table quantised, the
-    model holds buffers only, and its device (latency, evaluation) comes from them."""
+    model holds buffers only. Its device (latency, evaluation) comes from them; loaded, it gets an
+    empty parameter, since transformers' generate reads device and dtype from the first one."""
     from transformers import OlmoConfig, OlmoForCausalLM
 
     torch.manual_seed(0)
-    model = OlmoForCausalLM(OlmoConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=2, tie_word_embeddings=True)).eval()
+    model = OlmoForCausalLM(OlmoConfig(vocab_size=len(demo_tokenizer), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=2, tie_word_embeddings=True,
+                                       pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval().to(torch.bfloat16)
     graph = trace_model(model, _ids())
-    plan = {layer.name: mpq.get_format("int8") for layer in graph.layers}
+    plan = Plan(formats={layer.name: "int8" for layer in graph.layers}, model="olmo")
     assert model_device(nn.Module()) == torch.device("cpu")
-    with applied(model, plan, QuantizedWeightCache(model)):
+    ids = torch.randint(0, 4000, (1, 6))
+    with applied(model, plan.specs(), QuantizedWeightCache(model)) as tensors:
         assert not list(model.parameters()) and model_device(model) == torch.device("cpu")
         assert measure_step(model, CAUSAL_LM, Regime("decode", 1, 8), budget_s=0.01) > 0
+        before = model(input_ids=ids).logits
+        save_config(tmp_path / "cfg", model, demo_tokenizer, CAUSAL_LM, plan, tensors, {"note": "test"})
+    loaded = mpq.load(tmp_path / "cfg")
+    assert [(p.numel(), p.dtype) for p in loaded.parameters()] == [(0, torch.bfloat16)]
+    assert (loaded.device, loaded.dtype) == (torch.device("cpu"), torch.bfloat16)
+    assert torch.equal(loaded(input_ids=ids).logits, before)
+    assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
     holder = nn.Module()
     holder.register_buffer("table", torch.empty(2, device="meta"))
     assert model_device(holder) == torch.device("meta")
