@@ -39,7 +39,7 @@ from mpq.search import Candidate, evaluate_plan, exact_front, open_storage, sear
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
 from mpq.sensitivity import MEASURE_BACKEND, MEASURES, SIGNALS, SensitivityTable, cache_dir, find_cached, measurement_model
 from mpq.tasks import calibration_text, make_task
-from mpq.trace import ModelGraph, trace_model
+from mpq.trace import ModelGraph, embedding_scale, trace_model
 
 log = logging.getLogger(__name__)
 # About 4k calibration tokens either way: 32 x 128-token windows, or 256 sentences (~16 tokens each).
@@ -378,6 +378,12 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
     tied = [f"{layer.tied_table} (tied to {layer.name})" for layer in graph.layers if layer.tied_table and layer.name in specs]
     if tied:
         method_text += f"; {', '.join(tied)}: looked up in the head's quantised weight, in its format"
+    looked_up = [layer.name for layer in graph.layers if layer.is_embedding and layer.name in specs]
+    looked_up += [layer.tied_table for layer in graph.layers if layer.tied_table and layer.name in specs]
+    scales = {table: embedding_scale(loaded.model.get_submodule(table)) for table in looked_up}
+    scaled = [f"{table} times {scale:g}" for table, scale in scales.items() if scale not in (None, 1.0)]
+    if scaled:
+        method_text += f"; rows of {', '.join(scaled)} (the table's embed_scale, as the model's own lookup multiplies them)"
     return {
         "model": loaded.source,
         "task": loaded.task,

@@ -190,3 +190,23 @@ def test_a_model_of_buffers_only_runs_on_its_buffers_device_and_generates_once_l
     holder = nn.Module()
     holder.register_buffer("table", torch.empty(2, device="meta"))
     assert model_device(holder) == torch.device("meta")
+
+
+@pytest.mark.slow
+def test_gemma_compiles_end_to_end_with_its_scaled_table_in_every_config(tiny_gemma_dir, tmp_path):
+    from mpq.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_gemma_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
+                 "--trials", "20", "--max-configs", "2", "--no-latency"]) == 0
+    scale = float(torch.tensor(64 ** 0.5).to(torch.bfloat16))
+    ids = torch.randint(0, 4000, (1, 10))
+    original = load_model(str(tiny_gemma_dir)).model(input_ids=ids, use_cache=False).logits
+    configs = sorted((out / "configs").iterdir())
+    assert configs
+    for folder in configs:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert "lm_head" in manifest["plan"]["formats"] and manifest["embedding_scales"] == {"model.embed_tokens": scale}
+        assert f"model.embed_tokens times {scale:g}" in manifest["card"]["method"]
+        logits = mpq.load(folder)(input_ids=ids, use_cache=False).logits
+        assert _cosine(logits, original) > 0.99
