@@ -116,7 +116,8 @@ def _latency(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, forma
     if latency is None:
         latency = profile(loaded.model, loaded.task, graph.layers, formats, regime, groups, progress=opts.progress, key=key)
         try:
-            latency.save(models_dir() / f"{key}.json")
+            if latency.consistent:
+                latency.save(models_dir() / f"{key}.json")
         except OSError as exc:
             log.warning("cannot write the latency cache (%s)", exc)
     latency.save(Path(opts.out) / "latency.json")

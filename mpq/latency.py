@@ -266,6 +266,7 @@ class LatencyModel:
     notes: list[str] = field(default_factory=list)
     version: int = VERSION
     tables: list[str] = field(default_factory=list)  # the layers that are embedding lookups, not matmuls
+    consistent: bool = True  # the layers alone took no longer than the whole step (else not cached: see profile)
 
     def layers_seconds(self, plan: dict[str, str]) -> float:
         """Seconds of the planned layers alone, fused as an emitted model fuses them."""
@@ -306,16 +307,21 @@ def models_dir() -> Path:
 
 def find_profile(key: str, *places: Path) -> LatencyModel | None:
     """A latency model measured before for this key (in OUT or the cache), so that a rerun or another
-    budget predicts with the very same numbers and a resumed study stays the same problem."""
+    budget predicts with the very same numbers and a resumed study stays the same problem; never
+    one whose layers took longer than its whole step (timed on a busy machine: measured again)."""
     for path in (*places, models_dir() / f"{key}.json"):
         try:
             found = LatencyModel.load(path)
         except (OSError, ValueError, TypeError):
             continue
-        if found.key == key and found.version == VERSION:
+        if found.key == key and found.version == VERSION and found.consistent:
             found.reused = True
             return found
     return None
+
+
+# Layers timed alone that sum to more than this many whole-model steps were timed on a busy machine.
+INCONSISTENT = 1.2
 
 
 class _EntryCache:
@@ -334,9 +340,10 @@ class _EntryCache:
             except (OSError, ValueError):
                 pass
         self.hits = self.misses = 0
+        self.refresh = False  # time every entry again, replacing what the cache holds
 
     def get(self, table: str, key: str, measure) -> float:
-        if key in self.data[table]:
+        if key in self.data[table] and not self.refresh:
             self.hits += 1
             return self.data[table][key]
         self.misses += 1
@@ -407,33 +414,48 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
             target = group_seconds.setdefault("|".join(names), {})
             jobs += [(target, fmt.name, sizes, k, fmt, bias, True, False) for fmt in formats
                      if all(fmt.fits(info[n][0], info[n][1], False) for n in names)]
-    for target, slot, sizes, k, fmt, bias, fused, table in tqdm(jobs, desc="profile", disable=not progress, unit="entry"):
-        fmt_name = ORIGINAL if fmt is None else fmt.name
-        if table:
-            entry_key = f"embedding|{fmt_name}|M{regime.tokens}|rows{sizes[0]}|dim{k}|{dtype}"
-            target[slot] = cache.get("entries", entry_key, lambda: time_embedding(
-                sizes[0], k, fmt or get_format("fp16"), regime.tokens, dtype, device, budget_s, original=fmt is None))
-            continue
-        ws = working_set[fmt_name]
-        entry_key = _entry_key(sizes, k, fmt_name, regime.tokens, bias, dtype, fused, ws)
-        target[slot] = cache.get("entries", entry_key, lambda: time_layers(
-            sizes, k, fmt or get_format("fp16"), regime.tokens, bias, dtype, device, fused, budget_s, ws,
-            original=fmt is None))
-    original = sum(original_seconds.values())
-    cache.save()
+
+    def time_jobs() -> None:
+        for target, slot, sizes, k, fmt, bias, fused, table in tqdm(jobs, desc="profile", disable=not progress, unit="entry"):
+            fmt_name = ORIGINAL if fmt is None else fmt.name
+            if table:
+                entry_key = f"embedding|{fmt_name}|M{regime.tokens}|rows{sizes[0]}|dim{k}|{dtype}"
+                target[slot] = cache.get("entries", entry_key, lambda: time_embedding(
+                    sizes[0], k, fmt or get_format("fp16"), regime.tokens, dtype, device, budget_s, original=fmt is None))
+                continue
+            ws = working_set[fmt_name]
+            entry_key = _entry_key(sizes, k, fmt_name, regime.tokens, bias, dtype, fused, ws)
+            target[slot] = cache.get("entries", entry_key, lambda: time_layers(
+                sizes, k, fmt or get_format("fp16"), regime.tokens, bias, dtype, device, fused, budget_s, ws,
+                original=fmt is None))
+
+    time_jobs()
     # Timed afresh on every profile (the caller keeps the whole model by key): on a shared machine
     # the speed of the moment drifts by more than the 15% the predictions aim at.
     baseline = measure_step(model, task, regime, budget_s=1.0)
     notes = []
+    if sum(original_seconds.values()) > INCONSISTENT * baseline:
+        # The model's own layers, timed alone, cannot take longer than the whole step: the times
+        # were taken while something else loaded the machine (now or, for cached entries, when
+        # they were measured). Time every entry again, so that no stale entry stays in the cache.
+        notes.append(f"the layers timed alone ({sum(original_seconds.values()) * 1e3:.3f} ms) took longer than the "
+                     f"whole model's step ({baseline * 1e3:.3f} ms), so every layer was timed again")
+        cache.refresh = True
+        time_jobs()
+        baseline = measure_step(model, task, regime, budget_s=1.0)
+    original = sum(original_seconds.values())
+    cache.save()
     rest = baseline - original
-    if rest < 0:
+    consistent = rest >= 0
+    if not consistent:
         notes.append(f"the layers timed alone ({original * 1e3:.3f} ms) took longer than the whole model's step "
-                     f"({baseline * 1e3:.3f} ms): the rest is taken as 0, so predictions run high")
+                     f"({baseline * 1e3:.3f} ms): the rest is taken as 0, so predictions run high; this profile "
+                     "is not kept (a busy machine?), so the next compile times it again")
         rest = 0.0
     return LatencyModel(regime=asdict(regime), device=cache.signature, layers=info, groups=[list(g) for g in groups],
                         layer_seconds=layer_seconds, group_seconds=group_seconds, baseline_seconds=baseline,
                         rest_seconds=rest, profile_seconds=round(time.time() - start, 2),
-                        reused=cache.misses == 0, notes=notes, key=key, tables=sorted(tables))
+                        reused=cache.misses == 0, notes=notes, key=key, tables=sorted(tables), consistent=consistent)
 
 
 def measure_plans(model: nn.Module, task: str, regime: Regime, runs: list, rounds: int = 3) -> list[float]:

@@ -139,6 +139,43 @@ def test_saved_profile_is_found_by_key_only(tiny_profile, tmp_path):
     assert find_profile("other", tmp_path / "latency.json") is None
 
 
+def test_cached_entries_timed_on_a_busy_machine_are_timed_again(tiny_profile):
+    """Entries 100x too slow (measured while the machine was loaded) sum to more than the whole
+    model's step, which the layers alone cannot take: the profile times every entry again and
+    rewrites the cache, instead of predicting with them."""
+    import torch
+
+    from mpq.latency import _EntryCache
+
+    loaded, graph, formats, groups = tiny_profile
+    regime = Regime("decode", 1, 16)
+    first = profile(loaded.model, loaded.task, graph.layers, formats, regime, groups, budget_s=0.01)
+    path = _EntryCache(torch.device("cpu"), True).path
+    cached = json.loads(path.read_text())
+    cached["entries"] = {key: value * 100 for key, value in cached["entries"].items()}
+    path.write_text(json.dumps(cached))
+    again = profile(loaded.model, loaded.task, graph.layers, formats, regime, groups, budget_s=0.01)
+    assert not again.reused and "so every layer was timed again" in again.notes[0]
+    layer = graph.layers[1].name
+    assert again.layer_seconds[layer]["int8"] < 10 * first.layer_seconds[layer]["int8"]
+    rewritten = json.loads(path.read_text())["entries"]
+    assert all(rewritten[key] < 10 * value / 100 for key, value in cached["entries"].items())
+
+
+def test_a_profile_whose_layers_outlast_the_step_is_never_reused(tiny_profile, tmp_path, monkeypatch):
+    import mpq.latency
+
+    loaded, graph, formats, groups = tiny_profile
+    monkeypatch.setattr(mpq.latency, "measure_step", lambda *args, **kwargs: 1e-9)  # a step no layer fits in
+    latency = profile(loaded.model, loaded.task, graph.layers, formats, Regime("decode", 1, 16), groups,
+                      budget_s=0.01, key="busy")
+    assert not latency.consistent and latency.rest_seconds == 0 and len(latency.notes) == 2
+    assert "is not kept" in latency.notes[1]
+    latency.save(tmp_path / "latency.json")
+    assert find_profile("busy", tmp_path / "latency.json") is None
+    assert LatencyModel.load(tmp_path / "latency.json").notes == latency.notes  # still on record in OUT
+
+
 def test_impossible_latency_cap_is_a_one_line_error(tiny_llama_dir, tmp_path, capsys):
     code = main(["compile", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "-q", "--samples", "4", "--seq-len", "32",
                  "--group-size", "32", "--trials", "20", "--max-latency", "1us"])
