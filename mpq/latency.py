@@ -41,7 +41,8 @@ from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2: the rest is split off with the original layers' times, not 16-bit ones
+VERSION = 3  # 2: the rest is split off with the original layers' times, not 16-bit ones; 3: profiles timed
+# on a busy machine (layers alone outlasting the step) are re-timed, and version-2 caches may hold such
 REGIMES = ("decode", "prefill")
 MAX_WORKING_SET = 256 * 2**20  # beyond any last-level cache (CPU L3, GPU L2)
 MAX_COPIES = 512
