@@ -219,3 +219,20 @@ def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_scrip
         kernel = layer(x)
     assert FLOAT32_FROM_TOKENS == shipped and cpu_kernels.DENSE_FLOAT32_FROM_TOKENS == dense
     assert not torch.equal(layer(x), kernel)  # the same layer at the same M, another path
+
+
+def test_every_architecture_of_the_coverage_benchmark_quantises_saves_loads_and_generates(benchmark_script, tmp_path):
+    """benchmarks/architectures.py on all its 19 architectures (about 25 s): each traces, takes
+    int8 in every layer, loads back equal to the model it was saved from, and generates."""
+    bench = benchmark_script("architectures")
+    rows = {name: bench.check(name, "int8", tmp_path) for name in bench.ARCHITECTURES}
+    for name, row in rows.items():
+        assert row["trace"] == "export" and row["layers"] >= 9, name
+        assert row["loaded_equals_saved"] and row["generates"] and row["cosine_to_unquantised"] > 0.99, name
+        assert row["smallest_bytes"] < 0.75 * row["unquantised_bytes"], name
+    assert "FalconLinear" in rows["falcon"]["layer_types"]
+    assert rows["falcon"]["kept_bytes"] < 0.01 * rows["falcon"]["unquantised_bytes"]  # its linears are layers
+    for name in ("gemma", "gemma2"):  # a scaled table, tied to the head
+        assert rows[name]["table"] == "tied to the head" and rows[name]["table_kernel"].endswith("times 11.3125)")
+    assert "3-D" in rows["mixtral"]["kept_largest"] and rows["mixtral"]["kept_bytes"] > 0.3 * rows["mixtral"]["unquantised_bytes"]
+    assert "Conv1D" in rows["gpt2"]["layer_types"]

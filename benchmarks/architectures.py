@@ -1,0 +1,156 @@
+"""Which Hugging Face architectures mpq takes, and how much of each it can shrink.
+
+For each causal-LM architecture below, a 2-block model with random weights (hidden 128, the
+demo's 4096-token vocabulary): trace it, count the layers found and the bytes no format can shrink
+(mpq.memory.kept_as_stored: norms, biases, a mixture of experts' 3-D weights), quantise every layer
+at int8 (`--format`), save the config, load it back, and check that the loaded model's logits
+equal those of the model it was saved from, that they stay close to the unquantised model's
+(cosine), and that it generates. No timing: this is coverage, not speed. Prints a table, writes JSON.
+
+    python benchmarks/architectures.py                        # benchmarks/results/architectures.json
+    python benchmarks/architectures.py --only falcon,gemma --out /tmp/architectures.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+VOCAB, HIDDEN = 4096, 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=256, max_position_embeddings=512)
+# name -> (transformers config class, what it needs beyond COMMON)
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32)),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=4, pad_token_id=0)),
+    "phi": ("PhiConfig", dict()),
+    "gemma": ("GemmaConfig", dict(num_key_value_heads=2, head_dim=32)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=32)),
+    "granite": ("GraniteConfig", dict()),
+    "olmo": ("OlmoConfig", dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+    "stablelm": ("StableLmConfig", dict(num_key_value_heads=4)),
+    "starcoder2": ("Starcoder2Config", dict(num_key_value_heads=2)),
+    "gpt2": ("GPT2Config", dict(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=512)),
+    "gpt_neox": ("GPTNeoXConfig", dict()),
+    "gptj": ("GPTJConfig", dict(n_embd=HIDDEN, n_layer=2, n_head=4, rotary_dim=16)),
+    "opt": ("OPTConfig", dict(ffn_dim=256, word_embed_proj_dim=HIDDEN)),
+    "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
+}
+
+
+def build(name: str, folder: Path):
+    """The random 2-block model of `name`, saved to `folder` with the demo's tokenizer."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mpq.models import DEMO_DIR
+
+    config_class, extra = ARCHITECTURES[name]
+    config = getattr(transformers, config_class)(**{**COMMON, **extra})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(DEMO_DIR).save_pretrained(folder)
+    return model
+
+
+def check(name: str, fmt: str, work: Path) -> dict:
+    import mpq
+    from mpq.apply import QuantizedWeightCache, applied
+    from mpq.checkpoint import kernels_of, save_config
+    from mpq.formats import get_format
+    from mpq.memory import kept_as_stored, memory_model, resident_bytes
+    from mpq.models import load_model
+    from mpq.plan import Plan
+    from mpq.trace import trace_model
+
+    build(name, work / name)
+    loaded = load_model(str(work / name))
+    model = loaded.model
+    graph = trace_model(model, {"input_ids": torch.randint(0, VOCAB, (1, 8)), "use_cache": False})
+    kept = kept_as_stored(model, graph.layers)
+    memory = memory_model(model, graph.layers, [get_format(fmt)])
+    plan = Plan(formats={layer.name: fmt for layer in graph.layers}, model=str(work / name))
+    ids = torch.randint(0, VOCAB, (1, 16))
+    original = model(input_ids=ids, use_cache=False).logits.float()
+    with applied(model, plan.specs(), QuantizedWeightCache(model)) as tensors:
+        quantised = model(input_ids=ids, use_cache=False).logits.float()
+        save_config(work / f"{name}-cfg", model, loaded.tokenizer, loaded.task, plan, tensors, {"note": "benchmark"})
+    restored = mpq.load(work / f"{name}-cfg")
+    again = restored(input_ids=ids, use_cache=False).logits.float()
+    generated = restored.generate(ids[:, :4], max_new_tokens=4, do_sample=False)
+    tables = [layer for layer in graph.layers if layer.is_embedding or layer.tied_table]
+    kernels = kernels_of(restored)
+    return {
+        "architecture": name, "model_class": type(model).__name__, "trace": graph.method,
+        "layers": len(graph.layers), "layer_types": sorted({layer.module_type for layer in graph.layers}),
+        "table": ("tied to the head" if any(layer.tied_table for layer in tables) else "a layer") if tables else "kept",
+        "table_kernel": next((kernels[t] for t in kernels if t.endswith(("embed_tokens", "wte", "word_embeddings", "embed_in"))), None),
+        "excluded": graph.excluded,
+        "unquantised_bytes": resident_bytes(model), "smallest_bytes": memory.smallest(), "kept_bytes": memory.fixed_bytes,
+        "kept_largest": kept[0].describe() if kept else None,
+        "loaded_equals_saved": bool(torch.equal(again, quantised)),
+        "cosine_to_unquantised": round(F.cosine_similarity(quantised.flatten(), original.flatten(), dim=0).item(), 6),
+        "generates": tuple(generated.shape) == (1, 8),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated architectures (default: all)")
+    parser.add_argument("--format", default="int8", help="the format every layer takes (default int8)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "architectures.json")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(ARCHITECTURES)
+    unknown = [name for name in names if name not in ARCHITECTURES]
+    if unknown:
+        parser.error(f"unknown architectures {unknown}: pick from {', '.join(ARCHITECTURES)}")
+    from mpq.environment import hardware, versions
+    from mpq.memory import format_size
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            start = time.time()
+            try:
+                row = check(name, args.format, Path(tmp))
+            except Exception as exc:  # one architecture's failure is a row of the table, not the end of the run
+                row = {"architecture": name, "error": f"{type(exc).__name__}: {exc}"[:300],
+                       "traceback": traceback.format_exc()[-2000:]}
+            row["seconds"] = round(time.time() - start, 2)
+            rows.append(row)
+    print(f"every layer at {args.format}; loaded = the loaded config's logits equal the saved model's")
+    print("| architecture | layers | layer types | table | unquantised | smallest | kept as stored (largest) | loaded | cos | generates |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['architecture']} | error: {row['error']} |||||||||")
+            continue
+        print(f"| {row['architecture']} | {row['layers']} | {', '.join(row['layer_types'])} | {row['table']} | "
+              f"{format_size(row['unquantised_bytes'])} | {format_size(row['smallest_bytes'])} | "
+              f"{format_size(row['kept_bytes'])} ({row['kept_largest']}) | {'yes' if row['loaded_equals_saved'] else 'NO'} | "
+              f"{row['cosine_to_unquantised']:.4f} | {'yes' if row['generates'] else 'NO'} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"hardware": hardware(), "versions": versions(), "format": args.format,
+                                    "rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    bad = [row["architecture"] for row in rows if "error" in row or not (row["loaded_equals_saved"] and row["generates"])]
+    if bad:
+        raise SystemExit(f"failed: {', '.join(bad)}")
+
+
+if __name__ == "__main__":
+    main()
