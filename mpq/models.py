@@ -85,13 +85,28 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise MpqError(f"cannot load model {name!r} ({type(exc).__name__}): check the id or folder; without network, give a local folder or a demo ({', '.join(demo_models())})") from exc
+    if isinstance(path, Path) and (path / "mpq.json").is_file():  # mpq.checkpoint.MANIFEST
+        raise MpqError(f"{name} is a config that mpq compiled (it has mpq.json): load it with mpq.load, or compile "
+                       "the original model it came from, whose unquantised weights mpq needs")
+    quantized = getattr(config, "quantization_config", None)
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)
+        raise MpqError(f"{name!r} is already quantised ({method or 'quantization_config'}): mpq quantises from the "
+                       "unquantised weights, so give it the original model's id or folder")
     task = task_of(config)
     loader = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
     try:
-        model = loader.from_pretrained(path, dtype=dtype)
+        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise MpqError(f"cannot load the weights or tokenizer of {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    # transformers fills a weight the checkpoint lacks (or holds in another shape) with random
+    # values and only warns: every number mpq measured on such a model would be silently wrong
+    absent = [*info.get("missing_keys", []), *(str(key[0]) if isinstance(key, tuple) else str(key)
+                                               for key in info.get("mismatched_keys", []))]
+    if absent:
+        raise MpqError(f"{name!r}: {len(absent)} weights of its {type(model).__name__} are missing from its checkpoint or "
+                       f"have another shape there (first: {sorted(absent)[0]}): give the complete, unquantised model folder")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

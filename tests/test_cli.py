@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -35,6 +36,48 @@ def test_missing_model_folder(tmp_path):
 def test_folder_without_config(tmp_path):
     line = one_line_error(run_cli("compile", str(tmp_path), "-o", str(tmp_path / "out")))
     assert "no config.json" in line
+
+
+def _copy_of(folder, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def _compile_error(model, tmp_path, capsys) -> str:
+    code = main(["compile", str(model), "-o", str(tmp_path / "out"), "-q", "--samples", "4", "--seq-len", "32"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("mpq: error: "), err
+    assert not (tmp_path / "out" / "configs").exists()
+    return err[0]
+
+
+def test_a_config_mpq_compiled_is_not_taken_as_a_model(tiny_llama_dir, tmp_path, capsys):
+    """Its qweight/scales are no weights transformers knows: loaded as a model, every layer would
+    be random (transformers only warns)."""
+    folder = _copy_of(tiny_llama_dir, tmp_path)
+    (folder / "mpq.json").write_text("{}")
+    assert "is a config that mpq compiled (it has mpq.json): load it with mpq.load" in _compile_error(folder, tmp_path, capsys)
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_not_filled_with_random_values(tiny_llama_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_of(tiny_llama_dir, tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    line = _compile_error(folder, tmp_path, capsys)
+    assert "1 weights of its LlamaForCausalLM are missing from its checkpoint" in line
+    assert "first: model.layers.1.mlp.up_proj.weight" in line
+
+
+def test_an_already_quantised_model_is_refused(tiny_llama_dir, tmp_path, capsys):
+    folder = _copy_of(tiny_llama_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "is already quantised (gptq): mpq quantises from the unquantised weights" in _compile_error(folder, tmp_path, capsys)
 
 
 def test_malformed_budget(tiny_llama_dir, tmp_path):
