@@ -98,7 +98,7 @@ def check(name: str, fmt: str, work: Path) -> dict:
         "architecture": name, "model_class": type(model).__name__, "trace": graph.method,
         "layers": len(graph.layers), "layer_types": sorted({layer.module_type for layer in graph.layers}),
         "table": ("tied to the head" if any(layer.tied_table for layer in tables) else "a layer") if tables else "kept",
-        "table_kernel": next((kernels[t] for t in kernels if t.endswith(("embed_tokens", "wte", "word_embeddings", "embed_in"))), None),
+        "table_kernel": kernels.get(tables[0].tied_table or tables[0].name) if tables else None,
         "excluded": graph.excluded,
         "unquantised_bytes": resident_bytes(model), "smallest_bytes": memory.smallest(), "kept_bytes": memory.fixed_bytes,
         "kept_largest": kept[0].describe() if kept else None,

@@ -434,17 +434,18 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     # Timed afresh on every profile (the caller keeps the whole model by key): on a shared machine
     # the speed of the moment drifts by more than the 15% the predictions aim at.
     baseline = measure_step(model, task, regime, budget_s=1.0)
+    original = sum(original_seconds.values())
     notes = []
-    if sum(original_seconds.values()) > INCONSISTENT * baseline:
+    if original > INCONSISTENT * baseline:
         # The model's own layers, timed alone, cannot take longer than the whole step: the times
         # were taken while something else loaded the machine (now or, for cached entries, when
         # they were measured). Time every entry again, so that no stale entry stays in the cache.
-        notes.append(f"the layers timed alone ({sum(original_seconds.values()) * 1e3:.3f} ms) took longer than the "
+        notes.append(f"the layers timed alone ({original * 1e3:.3f} ms) took longer than the "
                      f"whole model's step ({baseline * 1e3:.3f} ms), so every layer was timed again")
         cache.refresh = True
         time_jobs()
         baseline = measure_step(model, task, regime, budget_s=1.0)
-    original = sum(original_seconds.values())
+        original = sum(original_seconds.values())
     cache.save()
     rest = baseline - original
     consistent = rest >= 0

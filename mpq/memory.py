@@ -59,7 +59,7 @@ def resident_bytes(model: nn.Module) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers(), *_side_state(model)]:
-        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        key = _storage_key(tensor)
         if key in seen or tensor.device.type == "meta":
             continue
         seen.add(key)
@@ -114,9 +114,11 @@ class KeptTensors:
     count: int
     bytes: int
 
-    def describe(self) -> str:
+    def describe(self, code: bool = False) -> str:
+        """One line; `code`: the pattern in backticks (Markdown)."""
         shape = f", {self.dims}-D" if self.dims > 2 else ""
-        return f"{self.pattern} {format_size(self.bytes)} ({self.count} x {self.owner}{shape})"
+        pattern = f"`{self.pattern}`" if code else self.pattern
+        return f"{pattern} {format_size(self.bytes)} ({self.count} x {self.owner}{shape})"
 
 
 def kept_as_stored(model: nn.Module, layers: list[LayerInfo]) -> list[KeptTensors]:
@@ -138,9 +140,9 @@ def kept_as_stored(model: nn.Module, layers: list[LayerInfo]) -> list[KeptTensor
     return sorted(kept, key=lambda k: -k.bytes)
 
 
-def kept_summary(kept: list[KeptTensors], top: int = 3) -> str:
+def kept_summary(kept: list[KeptTensors], top: int = 3, code: bool = False) -> str:
     """The largest kept tensor groups in a line, e.g. for an error that a budget cannot be met."""
-    return "; ".join(k.describe() for k in kept[:top])
+    return "; ".join(k.describe(code) for k in kept[:top])
 
 
 def kept_to_json(kept: list[KeptTensors], top: int = 10) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mpq.memory import format_size
+from mpq.memory import KeptTensors, format_size, kept_summary
 from mpq.noise import NOISE_Z
 from mpq.sensitivity import SensitivityTable
 from mpq.trace import LayerInfo
@@ -278,8 +278,7 @@ def _kept_lines(s: dict) -> list[str]:
         return []
     total = s["baseline"]["bytes"] if isinstance(s.get("baseline"), dict) and s["baseline"].get("bytes") else None
     share = f" of {format_size(total)} ({s['fixed_bytes'] / total:.0%})" if total else ""
-    groups = "; ".join(f"`{k['pattern']}` {format_size(k['bytes'])} ({k['count']} x {k['owner']}"
-                       + (f", {k['dims']}-D" if k["dims"] > 2 else "") + ")" for k in kept[:3])
+    groups = kept_summary([KeptTensors(**k) for k in kept], 3, code=True)
     return [f"- kept as stored in every config (no plan layer holds them): {format_size(s['fixed_bytes'])}{share}; largest: {groups}"]
 
 

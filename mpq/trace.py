@@ -168,9 +168,10 @@ def tied_table_of(model: nn.Module, name: str) -> str | None:
     """The path of the token table (one mpq can take: embedding_scale) whose weight is the weight
     of linear `name` (an output head tied to the input embeddings), else None."""
     found = _input_table(model)
-    if found is None or embedding_scale(found[1]) is None or type(model.get_submodule(name)) is not nn.Linear:
+    head = model.get_submodule(name)
+    if found is None or type(head) is not nn.Linear or head.weight is not found[1].weight:
         return None
-    return found[0] if model.get_submodule(name).weight is found[1].weight else None
+    return found[0] if embedding_scale(found[1]) is not None else None  # the probe, for the tied head only
 
 
 def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[str, str], wanted: bool) -> LayerInfo | None:
