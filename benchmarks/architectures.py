@@ -47,7 +47,18 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "opt": ("OPTConfig", dict(ffn_dim=256, word_embed_proj_dim=HIDDEN)),
     "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
     "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    # mixtures of experts (mpq.experts: each expert's projections become layers)
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
+                                         moe_intermediate_size=64, shared_expert_intermediate_size=128)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=2, head_dim=32,
+                                         moe_intermediate_size=64)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=2, pad_token_id=0,
+                                  bos_token_id=0, eos_token_id=0)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2, head_dim=32,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 
@@ -71,6 +82,7 @@ def check(name: str, fmt: str, work: Path) -> dict:
     import mpq
     from mpq.apply import QuantizedWeightCache, applied
     from mpq.checkpoint import kernels_of, save_config
+    from mpq.experts import RoutedExperts
     from mpq.formats import get_format
     from mpq.memory import kept_as_stored, memory_model, resident_bytes
     from mpq.models import load_model
@@ -99,7 +111,8 @@ def check(name: str, fmt: str, work: Path) -> dict:
         "layers": len(graph.layers), "layer_types": sorted({layer.module_type for layer in graph.layers}),
         "table": ("tied to the head" if any(layer.tied_table for layer in tables) else "a layer") if tables else "kept",
         "table_kernel": kernels.get(tables[0].tied_table or tables[0].name) if tables else None,
-        "excluded": graph.excluded,
+        "excluded": {**graph.excluded, **loaded.unrouted},
+        "routed_experts": sum(isinstance(m, RoutedExperts) for m in restored.modules()),
         "unquantised_bytes": resident_bytes(model), "smallest_bytes": memory.smallest(), "kept_bytes": memory.fixed_bytes,
         "kept_largest": kept[0].describe() if kept else None,
         "loaded_equals_saved": bool(torch.equal(again, quantised)),

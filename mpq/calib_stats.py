@@ -31,6 +31,9 @@ class StatsRecorder:
 
     def __init__(self, modules: dict[str, nn.Module], represent: dict[str, str]) -> None:
         self.owner = {name: represent.get(name, name) for name in modules}
+        # an expert of a mixture (mpq.experts) that no calibration token was routed to
+        self.may_miss = {name: module.in_features for name, module in modules.items()
+                         if getattr(module, "routed_share", 1.0) < 1.0}  # name -> its input features
         self.sums: dict[str, torch.Tensor] = {}
         self.absums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -56,8 +59,14 @@ class StatsRecorder:
         hessian = {o: (self.sums[o] / self.counts[o]).cpu() for o in self.sums}
         absmean = {o: (self.absums[o] / self.counts[o]).cpu() for o in self.sums}
         missing = sorted(name for name, o in self.owner.items() if o not in hessian)
-        if missing:
-            raise RuntimeError(f"calibration never reached {missing[0]}: its inputs could not be recorded")
+        unreached = [name for name in missing if name not in self.may_miss]
+        if unreached:
+            raise RuntimeError(f"calibration never reached {unreached[0]}: its inputs could not be recorded")
+        for name in missing:
+            # An expert the router sent no calibration token to: nothing is known of its inputs, so
+            # they are taken as isotropic (H = I, |x| = 1), under which GPTQ and AWQ round to nearest.
+            k = self.may_miss[name]
+            hessian[self.owner[name]], absmean[self.owner[name]] = torch.eye(k), torch.ones(k)
         return InputStats({name: hessian[o] for name, o in self.owner.items()},
                           {name: absmean[o] for name, o in self.owner.items()},
                           min(self.counts.values()) if self.counts else 0)

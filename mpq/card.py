@@ -36,6 +36,7 @@ def card_markdown(manifest: dict) -> str:
         f"| calibration data | {card['calibration']['source']}: {card['calibration']['samples']} samples x "
         f"{card['calibration']['seq_len']} tokens ({card['calibration']['tokens']} tokens) |",
         f"| evaluation data | {card['evaluation_data']} |",
+        *([f"| mixture of experts | {card['experts']} |"] if card.get("experts") else []),
         f"| activations | {card['activations']} |",
         f"| hardware | {card['hardware']} |",
         *([f"| matmuls in quality passes | {card['quality_matmuls']} |"] if card.get("quality_matmuls") else []),

@@ -19,6 +19,7 @@ from torch import nn
 
 from mpq.card import card_markdown
 from mpq.errors import MpqError
+from mpq.experts import RoutedExperts, route_experts
 from mpq.io import atomic_folder, write_json_atomic
 from mpq.models import CAUSAL_LM
 from mpq.plan import Plan
@@ -154,6 +155,7 @@ def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan
             "tied_tables": _tied_tables(model),
             "embedding_scales": _embedding_scales(model),
             "non_persistent_buffers": _non_persistent_buffers(model),
+            "routed_experts": [name for name, module in model.named_modules() if isinstance(module, RoutedExperts)],
             "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
             "card": card,
         }
@@ -223,6 +225,13 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
     plan = Plan.from_json(manifest["plan"])
     tensors = _read_weights(folder, manifest)
     model = _skeleton(folder, manifest["task"])
+    routed = manifest.get("routed_experts", [])
+    if not isinstance(routed, list) or not all(isinstance(path, str) for path in routed):
+        raise MpqError(f"{folder}: {MANIFEST} has malformed routed_experts; re-run mpq compile")
+    try:
+        route_experts(model, only=routed, check=False)  # as compile routed them (the meta skeleton cannot run the probe)
+    except ValueError as exc:
+        raise MpqError(f"{folder}: {MANIFEST} routes experts the model does not have ({exc}); re-run mpq compile") from exc
     specs = plan.specs()
     tables = _table_dtypes(manifest, folder)
     tied = _tied_from(manifest, folder, model, specs)

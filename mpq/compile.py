@@ -29,6 +29,7 @@ from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measur
                          profile_key)
 from mpq.memory import (float_dtype_of, format_size, kept_as_stored, kept_summary, kept_to_json, memory_model, parse_size,
                         resident_bytes)
+from mpq.experts import describe_routed
 from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model, model_device
 from mpq.plan import Plan
 from mpq.refine import REFINE_TRIALS, refine_at_budget
@@ -164,6 +165,7 @@ def compile_model(opts: CompileOptions) -> dict:
     lap("load")
 
     graph = trace_model(loaded.model, _example_inputs(task, loaded), opts.embeddings)
+    graph.excluded.update(loaded.unrouted)
     if not graph.layers:
         raise MpqError(f"{opts.model} has no linear layers that mpq can quantise")
     # auto chooses between rtn and gptq, which store the same bytes
@@ -210,7 +212,7 @@ def compile_model(opts: CompileOptions) -> dict:
     # included, so a resumed study is always the same problem.
     study_name = "mpq-" + data_fingerprint(table.values, costs, memory.fixed_bytes, budget, opts.tie, groups, opts.seed,
                                            None if latency is None else [latency.layer_seconds, latency.group_seconds,
-                                                                         latency.rest_seconds], latency_cap)[:16]
+                                                                         latency.rest_seconds, latency.calls], latency_cap)[:16]
     try:
         study_storage = open_storage(storage)  # both studies, the search's and the measured one at the budget
         result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names,
@@ -401,5 +403,6 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
         "bytes": {"predicted": cand.bytes, "baseline": baseline["bytes"]},
         "accepted": accepted,
         "excluded_layers": graph.excluded,
+        "experts": describe_routed(loaded.model),
         **env,
     }

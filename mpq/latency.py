@@ -268,6 +268,8 @@ class LatencyModel:
     version: int = VERSION
     tables: list[str] = field(default_factory=list)  # the layers that are embedding lookups, not matmuls
     consistent: bool = True  # the layers alone took no longer than the whole step (else not cached: see profile)
+    calls: dict[str, float] = field(default_factory=dict)  # an expert of a mixture -> its expected calls per step
+    # (see routed_calls); every other layer runs once
 
     def layers_seconds(self, plan: dict[str, str]) -> float:
         """Seconds of the planned layers alone, fused as an emitted model fuses them."""
@@ -277,7 +279,8 @@ class LatencyModel:
         for names in fusion_groups(plan, self.groups, has_bias):
             total += self.group_seconds["|".join(names)][plan[names[0]]]
             done.update(names)
-        return total + sum(self.layer_seconds[name][fmt] for name, fmt in plan.items() if name not in done)
+        return total + sum(self.layer_seconds[name][fmt] * self.calls.get(name, 1.0)
+                           for name, fmt in plan.items() if name not in done)
 
     def predict(self, plan: dict[str, str]) -> float:
         """Predicted seconds of one step of the whole model under `plan`."""
@@ -375,6 +378,14 @@ def _subsets(group: list[str]) -> list[list[str]]:
 
 
 @torch.no_grad()
+def routed_calls(share: float, tokens: int) -> tuple[float, int]:
+    """An expert that gets `share` of a step's `tokens` (top_k / experts), routed independently:
+    its expected calls per step (the chance any token picks it) and the tokens of a call (those
+    it gets, given it is called). Decode at batch 1: `share` calls of 1 token."""
+    calls = 1.0 - (1.0 - share) ** tokens
+    return calls, max(1, round(share * tokens / calls))
+
+
 def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[FormatSpec], regime: Regime,
             groups: list[list[str]], use_cache: bool = True, budget_s: float = 0.12,
             progress: bool = False, key: str = "") -> LatencyModel:
@@ -401,23 +412,27 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     layer_seconds: dict[str, dict[str, float]] = {name: {} for name in info}
     group_seconds: dict[str, dict[str, float]] = {}
     original_seconds: dict[str, float] = {}
-    jobs: list[tuple[dict, str, tuple[int, ...], int, FormatSpec | None, bool, bool, bool]] = []
+    # the experts of a mixture: each runs on its share of the tokens, on some steps only
+    routed = {layer.name: routed_calls(layer.routed_share, regime.tokens) for layer in layers if layer.routed_share < 1.0}
+    jobs: list[tuple[dict, str, tuple[int, ...], int, FormatSpec | None, bool, bool, bool, int]] = []
     for name, (n, k, bias) in info.items():
         table = name in tables
-        jobs += [(layer_seconds[name], fmt.name, (n,), k, fmt, bias, False, table) for fmt in formats
+        tokens = routed[name][1] if name in routed else regime.tokens
+        jobs += [(layer_seconds[name], fmt.name, (n,), k, fmt, bias, False, table, tokens) for fmt in formats
                  if fmt.fits(n, k, table)]
-        jobs.append((original_seconds, name, (n,), k, None, bias, False, table))  # None: the layer as the model holds it
+        jobs.append((original_seconds, name, (n,), k, None, bias, False, table, tokens))  # None: as the model holds it
     for group in groups:
         for names in _subsets(group):
             if len({info[n][2] for n in names}) > 1:
                 continue  # a biased and an unbiased layer never fuse
             sizes, (_, k, bias) = tuple(info[n][0] for n in names), info[names[0]]
             target = group_seconds.setdefault("|".join(names), {})
-            jobs += [(target, fmt.name, sizes, k, fmt, bias, True, False) for fmt in formats
+            jobs += [(target, fmt.name, sizes, k, fmt, bias, True, False, regime.tokens) for fmt in formats
                      if all(fmt.fits(info[n][0], info[n][1], False) for n in names)]
 
     def time_jobs() -> None:
-        for target, slot, sizes, k, fmt, bias, fused, table in tqdm(jobs, desc="profile", disable=not progress, unit="entry"):
+        for target, slot, sizes, k, fmt, bias, fused, table, tokens in tqdm(jobs, desc="profile", disable=not progress,
+                                                                            unit="entry"):
             fmt_name = ORIGINAL if fmt is None else fmt.name
             if table:
                 entry_key = f"embedding|{fmt_name}|M{regime.tokens}|rows{sizes[0]}|dim{k}|{dtype}"
@@ -425,16 +440,17 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
                     sizes[0], k, fmt or get_format("fp16"), regime.tokens, dtype, device, budget_s, original=fmt is None))
                 continue
             ws = working_set[fmt_name]
-            entry_key = _entry_key(sizes, k, fmt_name, regime.tokens, bias, dtype, fused, ws)
+            entry_key = _entry_key(sizes, k, fmt_name, tokens, bias, dtype, fused, ws)
             target[slot] = cache.get("entries", entry_key, lambda: time_layers(
-                sizes, k, fmt or get_format("fp16"), regime.tokens, bias, dtype, device, fused, budget_s, ws,
+                sizes, k, fmt or get_format("fp16"), tokens, bias, dtype, device, fused, budget_s, ws,
                 original=fmt is None))
 
+    calls = {name: calls for name, (calls, _) in routed.items()}
     time_jobs()
     # Timed afresh on every profile (the caller keeps the whole model by key): on a shared machine
     # the speed of the moment drifts by more than the 15% the predictions aim at.
     baseline = measure_step(model, task, regime, budget_s=1.0)
-    original = sum(original_seconds.values())
+    original = sum(t * calls.get(name, 1.0) for name, t in original_seconds.items())
     notes = []
     if original > INCONSISTENT * baseline:
         # The model's own layers, timed alone, cannot take longer than the whole step: the times
@@ -445,7 +461,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
         cache.refresh = True
         time_jobs()
         baseline = measure_step(model, task, regime, budget_s=1.0)
-        original = sum(original_seconds.values())
+        original = sum(t * calls.get(name, 1.0) for name, t in original_seconds.items())
     cache.save()
     rest = baseline - original
     consistent = rest >= 0
@@ -457,7 +473,8 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     return LatencyModel(regime=asdict(regime), device=cache.signature, layers=info, groups=[list(g) for g in groups],
                         layer_seconds=layer_seconds, group_seconds=group_seconds, baseline_seconds=baseline,
                         rest_seconds=rest, profile_seconds=round(time.time() - start, 2),
-                        reused=cache.misses == 0, notes=notes, key=key, tables=sorted(tables), consistent=consistent)
+                        reused=cache.misses == 0, notes=notes, key=key, tables=sorted(tables), consistent=consistent,
+                        calls=calls)
 
 
 def measure_plans(model: nn.Module, task: str, regime: Regime, runs: list, rounds: int = 3) -> list[float]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mpq.errors import MpqError
+from mpq.experts import route_experts
 
 log = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).parent / "demo" / "model"
@@ -25,6 +26,7 @@ class LoadedModel:
     task: str  # CAUSAL_LM or ENCODER
     source: str  # what the user named
     path: str  # the folder or id it was read from
+    unrouted: dict[str, str] = field(default_factory=dict)  # experts modules kept as stored -> why (mpq.experts)
 
 
 def _minilm_dir() -> Path:
@@ -112,4 +114,5 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, task=task, source=name, path=str(path))
+    _, unrouted = route_experts(model)  # a mixture's stacked experts become linears mpq can quantise
+    return LoadedModel(model=model, tokenizer=tokenizer, task=task, source=name, path=str(path), unrouted=unrouted)

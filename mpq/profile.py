@@ -30,7 +30,8 @@ def profile_table(latency: LatencyModel) -> str:
     rows: dict[tuple, dict[str, float]] = {}
     for name, per_format in latency.layer_seconds.items():
         n, k, _ = latency.layers[name]
-        rows.setdefault((f"{n}x{k}", "lookup" if name in latency.tables else "alone"), per_format)
+        how = "lookup" if name in latency.tables else "routed (per call)" if name in latency.calls else "alone"
+        rows.setdefault((f"{n}x{k}", how), per_format)
     for key, per_format in latency.group_seconds.items():
         names = key.split("|")
         shape = "+".join(str(latency.layers[n][0]) for n in names) + f"x{latency.layers[names[0]][1]}"

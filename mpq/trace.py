@@ -49,6 +49,7 @@ class LayerInfo:
     order: int  # position in execution order
     has_bias: bool
     tied_table: str | None = None  # the input embedding table that shares this layer's weight (quantised with it)
+    routed_share: float = 1.0  # the share of tokens it sees: an expert of a mixture (mpq.experts) top_k / experts
 
     @property
     def is_embedding(self) -> bool:
@@ -297,7 +298,7 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True)
             name=path, module_type=type(module).__name__, kind=kind,
             block=int(block.group(1)) if block else None, in_features=in_features, out_features=out_features,
             params=in_features * out_features, order=len(layers), has_bias=module.bias is not None,
-            tied_table=tied_table,
+            tied_table=tied_table, routed_share=getattr(module, "routed_share", 1.0),
         ))
         graph.add_node(path, kind="layer")
         if source is not None:

@@ -46,7 +46,8 @@ def test_memory_model_is_exact(plan_fmt):
 
 def test_kept_as_stored_says_where_the_bytes_no_format_shrinks_are():
     """A mixture of experts holds its experts as stacked 3-D parameters, which no plan layer
-    takes: the kept groups name them (blocks folded into *) and add up to the fixed bytes."""
+    takes until mpq.experts routes them (here they are not): the kept groups name them (blocks
+    folded into *) and add up to the fixed bytes."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)

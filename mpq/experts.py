@@ -1,0 +1,189 @@
+"""A mixture of experts' stacked weights as linears that mpq can quantise.
+
+transformers 5 holds a mixture's experts as stacked 3-D parameters (Mixtral's gate_up_proj
+[E, 2I, H] and down_proj [E, H, I]; GPT-OSS's transposed, with biases), run by one experts
+module (a class decorated with `use_experts_implementation`). No 2-D format takes them, and in
+a real mixture they are most of the model (Mixtral-8x7B: 96% of its bytes). `route_experts`
+replaces each such module by a RoutedExperts: the same routing, over E experts that are each a
+pair of nn.Linear (the gate-and-up or up projection, then the down projection). So each
+expert's matmul is a layer like any other: traced, measured, searched (an expert the router
+rarely picks can take fewer bits), quantised by any method on the tokens routed to it, saved,
+and run by mpq's kernels. A probe first checks that the replacement computes what the module it
+replaces computes; a module that fails it stays as stored, and the report says why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+_FLAGS = ("has_gate", "has_bias", "is_transposed", "num_experts")
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A transformers experts module: stacked 3-D expert weights behind the experts interface."""
+    if not all(hasattr(module, flag) for flag in _FLAGS) or not hasattr(type(module), "_apply_gate"):
+        return False
+    up = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return all(isinstance(w, nn.Parameter) and w.dim() == 3 and w.shape[0] == module.num_experts for w in (up, down))
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of one expert's [out, in] weight and bias (on their device, meta too)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone().contiguous(), requires_grad=False)
+    return linear
+
+
+class Expert(nn.Module):
+    """One expert: `gate_up_proj` (or `up_proj` where it has no gate), then `down_proj`."""
+
+    def __init__(self, up_name: str, up: nn.Linear, down: nn.Linear) -> None:
+        super().__init__()
+        self.up_name = up_name
+        self.add_module(up_name, up)
+        self.down_proj = down
+
+
+class RoutedExperts(nn.Module):
+    """The experts of one mixture, as the experts module it replaces runs them: each token goes
+    through the experts its router picked (top_k_index), their outputs weighted by top_k_weights
+    and summed. Expert e is child "e" (a path such as model.layers.0.mlp.experts.3.down_proj)."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.source_type = type(original).__name__
+        self.num_experts = original.num_experts
+        self.has_gate = original.has_gate
+        self.has_bias = original.has_bias
+        self.has_post_expert_norm = getattr(original, "has_post_expert_norm", False)
+        config = getattr(original, "config", None)
+        top_k = getattr(config, "num_experts_per_tok", None)
+        # the share of tokens an expert gets, on average (mpq.latency weighs its time by it)
+        self.routed_share = min(1.0, top_k / self.num_experts) if isinstance(top_k, int) and top_k > 0 else 1.0
+        # The gate (act(gate) * up, or a model's own such as GPT-OSS's clamped swiglu) is the
+        # original class's method: it reads the module's activation and plain attributes, copied here.
+        self._gate = type(original)._apply_gate
+        for key, value in vars(original).items():
+            if not key.startswith("_") and not isinstance(value, torch.Tensor) and not hasattr(self, key):
+                setattr(self, key, value)
+        for name, child in original.named_children():
+            self.add_module(name, child)  # act_fn, post_expert_norm
+        up_name = "gate_up_proj" if self.has_gate else "up_proj"
+        stacked = {name: getattr(original, name) for name in (up_name, "down_proj")}
+        for e in range(self.num_experts):
+            up, down = (stacked[name][e].t() if original.is_transposed else stacked[name][e] for name in (up_name, "down_proj"))
+            biases = [getattr(original, f"{name}_bias")[e] if self.has_bias else None for name in (up_name, "down_proj")]
+            linears = _linear(up, biases[0]), _linear(down, biases[1])
+            for linear in linears:
+                linear.routed_share = self.routed_share  # read by mpq.trace (LayerInfo) and mpq.calib_stats
+            self.add_module(str(e), Expert(up_name, *linears))
+
+    def expert(self, e: int) -> Expert:
+        return self._modules[str(e)]
+
+    def _run(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        expert = self.expert(e)
+        y = getattr(expert, expert.up_name)(x)
+        y = self._gate(self, y) if self.has_gate else self.act_fn(y)
+        y = expert.down_proj(y)
+        return self.post_expert_norm(y) if self.has_post_expert_norm else y
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return self._every_expert(hidden_states, top_k_index, top_k_weights)
+        top_k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts].tolist()  # ids >= E: no expert (EP)
+        tokens, weights = order // top_k, top_k_weights.reshape(-1)[order]
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = tokens[start:start + count]
+                y = self._run(e, hidden_states[rows]).float() * weights[start:start + count, None].float()
+                out.index_add_(0, rows, y)
+            start += count
+        return out.to(hidden_states.dtype)
+
+    def _every_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The same sum without data-dependent shapes, for torch.export (mpq.trace): every expert
+        runs on every token, the tokens not routed to it zeroed (so no two experts read one input:
+        they never fuse) and weighted by 0."""
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        for e in range(self.num_experts):
+            weight = (top_k_weights * (top_k_index == e)).sum(dim=-1).float()
+            routed = hidden_states * (weight != 0)[:, None].to(hidden_states.dtype)
+            out = out + self._run(e, routed).float() * weight[:, None]
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, from={self.source_type}, routed_share={self.routed_share:g}"
+
+
+def describe_routed(model: nn.Module) -> str | None:
+    """The model's routed experts in a line (the quantisation card's), None where it has none."""
+    routed = [module for module in model.modules() if isinstance(module, RoutedExperts)]
+    if not routed:
+        return None
+    first = routed[0]
+    up = "gate_up_proj" if first.has_gate else "up_proj"
+    return (f"{len(routed)} x {first.source_type} of {first.num_experts} experts, each seeing {first.routed_share:g} of "
+            f"the tokens on average (top-k / experts): each expert's {up} and down_proj are layers of the plan, "
+            "each with its own format")
+
+
+@torch.no_grad()
+def routes_like(original: nn.Module, routed: RoutedExperts, tokens: int = 24) -> bool:
+    """Whether `routed` computes what `original` does, on random tokens and routes (each token
+    to top-k distinct experts, as a router picks them)."""
+    weight = next(original.parameters())
+    generator = torch.Generator().manual_seed(0)
+    hidden = routed.expert(0).down_proj.out_features
+    top_k = max(1, min(routed.num_experts, round(routed.routed_share * routed.num_experts)))
+    x = torch.randn(tokens, hidden, generator=generator).to(weight)
+    index = torch.stack([torch.randperm(routed.num_experts, generator=generator)[:top_k] for _ in range(tokens)])
+    scores = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1).to(weight)
+    try:
+        want = original(x, index.to(weight.device), scores)
+    except Exception:  # a forward that takes other inputs is not the experts interface
+        return False
+    got = routed(x, index.to(weight.device), scores)
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return False
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2  # accumulation order, in the model's dtype
+    return bool((got.float() - want.float()).abs().max() <= tolerance * (want.float().abs().max() + 1e-6))
+
+
+def route_experts(model: nn.Module, only: list[str] | None = None, check: bool = True) -> tuple[list[str], dict[str, str]]:
+    """Replace the model's experts modules (or the ones at `only`'s paths) by RoutedExperts, in
+    place; returns the paths replaced and, for modules kept as they are, why. `check`: run the
+    probe first (a meta skeleton, which mpq.load routes as its manifest says, cannot run one)."""
+    from mpq.apply import set_module
+
+    found = [(name, module) for name, module in model.named_modules() if is_experts(module)]
+    if only is not None:
+        known = {name for name, _ in found}
+        missing = [path for path in only if path not in known]
+        if missing:
+            raise ValueError(f"{missing[0]} is not an experts module of this model")
+        found = [(name, module) for name, module in found if name in set(only)]
+    replaced, kept = [], {}
+    for name, module in found:
+        routed = RoutedExperts(module)
+        if check and not routes_like(module, routed):
+            kept[name] = (f"{type(module).__name__}'s forward is not the routed sum of its experts' "
+                          "linears (checked on probe tokens)")
+            continue
+        set_module(model, name, routed)
+        replaced.append(name)
+    if replaced:
+        log.info("%d experts modules routed through per-expert linears", len(replaced))
+    return replaced, kept

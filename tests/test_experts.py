@@ -1,0 +1,155 @@
+"""A mixture of experts' stacked 3-D weights become per-expert linears (mpq.experts): the routed
+model computes what the original did, its experts are layers of their own (never fused, weighed
+by how often the router picks them), calibration copes with an expert no token reached, and a
+config saved from it loads back routed the same way."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import mpq
+from mpq.apply import QuantizedWeightCache, applied
+from mpq.calib_stats import StatsRecorder
+from mpq.checkpoint import MANIFEST, save_config
+from mpq.errors import MpqError
+from mpq.experts import RoutedExperts, describe_routed, is_experts, route_experts
+from mpq.latency import LatencyModel, routed_calls
+from mpq.models import CAUSAL_LM
+from mpq.plan import Plan
+from mpq.trace import trace_model
+
+EXPORT = {"use_cache": False}
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                            num_experts_per_tok=2)).eval()
+
+
+def _gpt_oss():
+    """Transposed expert weights with biases, gate and up interleaved, a clamped swiglu of its own."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = GptOssForCausalLM(config).eval()
+    for name, param in model.named_parameters():
+        if name.endswith("_bias"):  # initialised to zero: a bias the routing dropped would go unseen
+            param.data.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("build", [_mixtral, _gpt_oss], ids=["mixtral", "gpt_oss"])
+def test_routed_experts_compute_what_the_stacked_experts_did_and_are_layers(build):
+    model = build()
+    ids = torch.randint(0, 128, (2, 12))
+    original = model(input_ids=ids, **EXPORT).logits
+    stacked = [name for name, module in model.named_modules() if is_experts(module)]
+    routed, kept = route_experts(model)
+    assert routed == stacked == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"] and kept == {}
+    assert all(isinstance(model.get_submodule(name), RoutedExperts) for name in routed)
+    assert not any(p.dim() == 3 for p in model.parameters())
+    again = model(input_ids=ids, **EXPORT).logits
+    assert (again - original).abs().max() <= 1e-5 * original.abs().max()
+
+    graph = trace_model(model, {"input_ids": ids[:1], **EXPORT})
+    assert graph.method == "export"
+    experts = [layer for layer in graph.layers if ".experts." in layer.name]
+    assert [layer.kind for layer in experts[:4]] == ["mlp.experts.0.gate_up_proj", "mlp.experts.0.down_proj",
+                                                     "mlp.experts.1.gate_up_proj", "mlp.experts.1.down_proj"]
+    assert len(experts) == 2 * 4 * 2 and all(layer.routed_share == 0.5 for layer in experts)
+    assert (experts[0].out_features, experts[0].in_features) == (128, 32)  # [2I, H], whichever way it was stored
+    grouped = {name for group in graph.shared_input_groups() for name in group}
+    assert not grouped & {layer.name for layer in experts}  # experts read different tokens: they never fuse
+    assert all(layer.routed_share == 1.0 for layer in graph.layers if ".experts." not in layer.name)
+
+
+def test_the_export_path_sums_the_same_experts_as_the_routed_one():
+    model = _mixtral()
+    route_experts(model)
+    experts = model.model.layers[0].mlp.experts
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 32, generator=generator)
+    index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(9)])
+    weights = torch.softmax(torch.randn(9, 2, generator=generator), dim=-1)
+    routed = experts(x, index, weights)
+    dense = experts._every_expert(x, index, weights)
+    assert (routed - dense).abs().max() <= 1e-5 * routed.abs().max()
+    index[:, :] = 3  # every token to one expert: the others get no rows
+    assert torch.allclose(experts(x, index, weights), experts._run(3, x) * weights.sum(-1, keepdim=True), atol=1e-6)
+
+
+def test_an_experts_module_whose_forward_does_more_is_kept_with_its_reason():
+    model = _mixtral()
+    cls = type(model.model.layers[0].mlp.experts)
+
+    class Doubled(cls):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+    doubled = model.model.layers[1].mlp.experts
+    doubled.__class__ = Doubled
+    routed, kept = route_experts(model)
+    assert routed == ["model.layers.0.mlp.experts"]
+    assert "Doubled's forward is not the routed sum" in kept["model.layers.1.mlp.experts"]
+    assert model.model.layers[1].mlp.experts is doubled
+
+
+def test_an_expert_no_calibration_token_reached_gets_isotropic_statistics():
+    routed = nn.Linear(6, 4)
+    routed.routed_share = 0.25
+    plain, fed = nn.Linear(6, 4), nn.Linear(6, 4)
+    recorder = StatsRecorder({"expert": routed, "fed": fed}, {})
+    fed(torch.randn(5, 6))
+    stats = recorder.finish()
+    assert torch.equal(stats.hessian["expert"], torch.eye(6)) and torch.equal(stats.absmean["expert"], torch.ones(6))
+    assert not torch.equal(stats.hessian["fed"], torch.eye(6)) and stats.rows == 5
+    recorder = StatsRecorder({"plain": plain}, {})
+    with pytest.raises(RuntimeError, match="calibration never reached plain"):
+        recorder.finish()  # a layer every token passes through must have been reached
+
+
+def test_an_expert_counts_in_a_step_as_often_as_the_router_picks_it():
+    assert routed_calls(0.25, 1) == (0.25, 1)  # decode at batch 1: a quarter of the steps, one token
+    calls, tokens = routed_calls(0.25, 512)
+    assert calls == pytest.approx(1.0) and tokens == 128  # prefill: every step, its share of the tokens
+    calls, tokens = routed_calls(0.5, 4)
+    assert calls == pytest.approx(1 - 0.5 ** 4) and tokens == round(2 / calls)
+    latency = LatencyModel(regime={}, device="cpu", layers={"dense": [8, 8, False], "expert": [8, 8, False]}, groups=[],
+                           layer_seconds={"dense": {"int8": 2.0}, "expert": {"int8": 4.0}}, group_seconds={},
+                           baseline_seconds=10.0, rest_seconds=1.0, calls={"expert": 0.25})
+    assert latency.predict({"dense": "int8", "expert": "int8"}) == 1.0 + 2.0 + 0.25 * 4.0
+
+
+def test_a_routed_config_loads_back_routed_and_a_tampered_manifest_is_refused(tmp_path, demo_tokenizer):
+    model = _mixtral()
+    route_experts(model)
+    graph = trace_model(model, {"input_ids": torch.randint(0, 128, (1, 8)), **EXPORT})
+    experts = [layer.name for layer in graph.layers if ".experts." in layer.name]
+    formats = {name: ("int4-g32" if i % 2 else "int8") for i, name in enumerate(experts)}  # per expert
+    plan = Plan(formats=formats, model="mixtral")
+    ids = torch.randint(0, 128, (1, 10))
+    with applied(model, plan.specs(), QuantizedWeightCache(model)) as tensors:
+        quantised = model(input_ids=ids, **EXPORT).logits
+        folder = save_config(tmp_path / "cfg", model, demo_tokenizer, CAUSAL_LM, plan, tensors, {"note": "test"})
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["routed_experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    loaded = mpq.load(folder)
+    assert torch.equal(loaded(input_ids=ids, **EXPORT).logits, quantised)
+    assert "2 x MixtralExperts of 4 experts, each seeing 0.5 of the tokens" in describe_routed(loaded)
+    assert loaded.model.layers[0].mlp.experts.expert(1).down_proj.fmt.name == "int4-g32"
+
+    for routed, message in ((["model.layers.0.mlp"], "routes experts the model does not have"),
+                            ("model.layers.0.mlp.experts", "malformed routed_experts"),
+                            ([], "is not in the model")):
+        (folder / MANIFEST).write_text(json.dumps({**manifest, "routed_experts": routed}))
+        with pytest.raises(MpqError, match=message):
+            mpq.load(folder)
