@@ -29,7 +29,7 @@ from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measur
                          profile_key)
 from mpq.memory import (float_dtype_of, format_size, kept_as_stored, kept_summary, kept_to_json, memory_model, parse_size,
                         resident_bytes)
-from mpq.experts import describe_routed
+from mpq.experts import coverage, describe_routed, routed_tokens
 from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model, model_device
 from mpq.plan import Plan
 from mpq.refine import REFINE_TRIALS, refine_at_budget
@@ -172,6 +172,7 @@ def compile_model(opts: CompileOptions) -> dict:
     memory = memory_model(loaded.model, graph.layers, formats, "rtn" if opts.method == AUTO else opts.method)
     budget = requested_budget if requested_budget is not None else memory.largest()
     kept = kept_as_stored(loaded.model, graph.layers)
+    experts = coverage(routed_tokens(loaded.model, task.calibration_inputs()))
     if budget < memory.smallest():
         raise MpqError(f"--max-mem {format_size(budget)} is below the smallest possible model, {format_size(memory.smallest())} "
                        f"({memory.smallest()} bytes, every layer in its smallest format; {format_size(memory.fixed_bytes)} "
@@ -292,7 +293,7 @@ def compile_model(opts: CompileOptions) -> dict:
     summary = {
         "model": loaded.source, "task": loaded.task, "formats": [f.name for f in formats], "method": method, "budget": budget,
         "method_choice": choice.to_json(),
-        "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "kept_as_stored": kept_to_json(kept), "seed": opts.seed,
+        "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "kept_as_stored": kept_to_json(kept), "experts": experts, "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
         "criteria": criteria.to_json(), "eval_data": opts.eval_data, "recommended": None if recommended is None else recommended["name"],
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),

@@ -141,6 +141,43 @@ def describe_routed(model: nn.Module) -> str | None:
 
 
 @torch.no_grad()
+def routed_tokens(model: nn.Module, inputs: list[dict]) -> dict[str, list[int]]:
+    """How many of the tokens of `inputs` (model keyword inputs, e.g. the calibration batches) the
+    routers send to each expert: RoutedExperts path -> one count per expert. An expert that gets
+    few or none is calibrated on little or nothing, and its sensitivity reads near 0."""
+    counts: dict[str, torch.Tensor] = {}
+
+    def counter(name: str):
+        def hook(module: RoutedExperts, args: tuple) -> None:
+            ids = args[1].reshape(-1)
+            found = torch.bincount(ids, minlength=module.num_experts)[: module.num_experts].cpu()
+            counts[name] = counts.get(name, 0) + found
+        return hook
+
+    handles = [module.register_forward_pre_hook(counter(name)) for name, module in model.named_modules()
+               if isinstance(module, RoutedExperts)]
+    if not handles:
+        return {}
+    try:
+        for batch in inputs:
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: found.tolist() for name, found in counts.items()}
+
+
+def coverage(tokens: dict[str, list[int]]) -> dict | None:
+    """The spread of calibration tokens over the experts (for the report), None without experts."""
+    every = sorted(count for counts in tokens.values() for count in counts)
+    if not every:
+        return None
+    unreached = [f"{name}.{e}" for name, counts in tokens.items() for e, count in enumerate(counts) if count == 0]
+    return {"mixtures": len(tokens), "experts": len(every), "min": every[0], "median": every[len(every) // 2], "max": every[-1],
+            "unreached": unreached}
+
+
+@torch.no_grad()
 def routes_like(original: nn.Module, routed: RoutedExperts, tokens: int = 24) -> bool:
     """Whether `routed` computes what `original` does, on random tokens and routes (each token
     to top-k distinct experts, as a router picks them)."""
@@ -168,21 +205,24 @@ def route_experts(model: nn.Module, only: list[str] | None = None, check: bool =
     probe first (a meta skeleton, which mpq.load routes as its manifest says, cannot run one)."""
     from mpq.apply import set_module
 
-    found = [(name, module) for name, module in model.named_modules() if is_experts(module)]
+    found = [name for name, module in model.named_modules() if is_experts(module)]
     if only is not None:
-        known = {name for name, _ in found}
-        missing = [path for path in only if path not in known]
+        missing = [path for path in only if path not in found]
         if missing:
             raise ValueError(f"{missing[0]} is not an experts module of this model")
-        found = [(name, module) for name, module in found if name in set(only)]
+        found = [name for name in found if name in set(only)]
     replaced, kept = [], {}
-    for name, module in found:
+    for name in found:
+        # one module at a time, holding no other reference to it: its stacked weights are freed
+        # once replaced, so the model never holds more than one mixture's experts twice
+        module = model.get_submodule(name)
         routed = RoutedExperts(module)
         if check and not routes_like(module, routed):
             kept[name] = (f"{type(module).__name__}'s forward is not the routed sum of its experts' "
                           "linears (checked on probe tokens)")
             continue
         set_module(model, name, routed)
+        del module, routed
         replaced.append(name)
     if replaced:
         log.info("%d experts modules routed through per-expert linears", len(replaced))

@@ -36,6 +36,7 @@ from mpq.formats import FormatSpec, get_format
 from mpq.fusion import fusion_groups
 from mpq.io import cache_root, write_json_atomic
 from mpq.kv_cache import forward_with_cache
+from mpq.memory import float_dtype_of
 from mpq.models import CAUSAL_LM, model_device
 from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
@@ -395,7 +396,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
     start = time.time()
     device = model_device(model)
     cache = _EntryCache(device, use_cache)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = float_dtype_of(model)
     info = {layer.name: [layer.out_features, layer.in_features, layer.has_bias] for layer in layers}
     tables = {layer.name for layer in layers if layer.is_embedding}
     # the weight bytes one step reads, were every layer in one format (see time_layers): the

@@ -282,6 +282,22 @@ def _kept_lines(s: dict) -> list[str]:
     return [f"- kept as stored in every config (no plan layer holds them): {format_size(s['fixed_bytes'])}{share}; largest: {groups}"]
 
 
+def _experts_line(s: dict) -> list[str]:
+    """How the calibration tokens spread over a mixture's experts: the ones that got none were
+    measured and calibrated on nothing."""
+    experts = s.get("experts")
+    if not experts:
+        return []
+    line = (f"- experts: {experts['experts']} in {experts['mixtures']} mixtures, each expert's projections layers of "
+            f"their own; calibration tokens routed to each expert: min "
+            f"{experts['min']}, median {experts['median']}, max {experts['max']}")
+    unreached = experts["unreached"]
+    if unreached:
+        line += (f"; {len(unreached)} got none (e.g. `{unreached[0]}`): their sensitivity reads 0 and they are "
+                 "rounded to nearest, so more calibration text (`--samples`, `--calib`) measures them")
+    return [line]
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -296,6 +312,7 @@ def write_report(path: Path, summary: dict) -> Path:
         *_method_choice_lines(s.get("method_choice"), s["quality_name"]),
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
         *_kept_lines(s),
+        *_experts_line(s),
         *([f"- configs are selected and accepted by held-out perplexity on {s.get('eval_data', 'both')} "
            f"(`--eval-data`; both are shown)"] if s["task"] == "causal-lm" else []),
         "- held-out numbers here are on the validation half of the held-out data, which chose the configs; "

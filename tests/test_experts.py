@@ -14,10 +14,11 @@ from mpq.apply import QuantizedWeightCache, applied
 from mpq.calib_stats import StatsRecorder
 from mpq.checkpoint import MANIFEST, save_config
 from mpq.errors import MpqError
-from mpq.experts import RoutedExperts, describe_routed, is_experts, route_experts
+from mpq.experts import RoutedExperts, coverage, describe_routed, is_experts, route_experts, routed_tokens
 from mpq.latency import LatencyModel, routed_calls
 from mpq.models import CAUSAL_LM
 from mpq.plan import Plan
+from mpq.report import _experts_line
 from mpq.trace import trace_model
 
 EXPORT = {"use_cache": False}
@@ -153,3 +154,51 @@ def test_a_routed_config_loads_back_routed_and_a_tampered_manifest_is_refused(tm
         (folder / MANIFEST).write_text(json.dumps({**manifest, "routed_experts": routed}))
         with pytest.raises(MpqError, match=message):
             mpq.load(folder)
+
+
+def test_the_report_says_how_the_calibration_tokens_spread_over_the_experts():
+    model = _mixtral()
+    route_experts(model)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 16)), **EXPORT} for _ in range(3)]
+    tokens = routed_tokens(model, batches)
+    assert list(tokens) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(len(counts) == 4 and sum(counts) == 3 * 2 * 16 * 2 for counts in tokens.values())  # top-2 of each token
+    tokens["model.layers.1.mlp.experts"][2] = 0
+    spread = coverage(tokens)
+    assert spread["mixtures"] == 2 and spread["experts"] == 8 and spread["min"] == 0
+    assert spread["unreached"] == ["model.layers.1.mlp.experts.2"]
+    line = _experts_line({"experts": spread})[0]
+    assert "8 in 2 mixtures" in line and "1 got none (e.g. `model.layers.1.mlp.experts.2`)" in line
+    assert coverage(routed_tokens(nn.Sequential(nn.Linear(2, 2)), [])) is None and _experts_line({"experts": None}) == []
+
+
+@pytest.mark.slow
+def test_a_mixture_compiles_end_to_end_with_gptq_and_a_latency_model(tmp_path, demo_tokenizer):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from mpq.cli import main
+    from mpq.models import load_model
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=len(demo_tokenizer), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             num_local_experts=4, num_experts_per_tok=2,
+                                             max_position_embeddings=256)).eval().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "moe")
+    demo_tokenizer.save_pretrained(tmp_path / "moe")
+    out = tmp_path / "out"
+    assert main(["compile", str(tmp_path / "moe"), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
+                 "--trials", "20", "--max-configs", "2", "--method", "gptq", "--refine", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experts"]["experts"] == 8 and summary["experts"]["max"] <= 4 * 32 * 2
+    assert summary["fixed_bytes"] < 0.01 * summary["baseline"]["bytes"]  # only the routers stay as stored
+    latency = json.loads((out / "latency.json").read_text())
+    experts = [name for name in latency["layers"] if ".experts." in name]
+    assert len(experts) == 16 and all(latency["calls"][name] == 0.5 for name in experts)
+    ids = torch.randint(0, 4000, (1, 10))
+    original = load_model(str(tmp_path / "moe")).model(input_ids=ids, use_cache=False).logits
+    for folder in sorted((out / "configs").iterdir()):
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert set(experts) <= set(manifest["plan"]["formats"]) and len(manifest["routed_experts"]) == 2
+        logits = mpq.load(folder)(input_ids=ids, use_cache=False).logits
+        assert torch.nn.functional.cosine_similarity(logits.flatten().float(), original.flatten().float(), dim=0) > 0.99
