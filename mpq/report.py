@@ -11,6 +11,8 @@ from mpq.sensitivity import SensitivityTable
 from mpq.trace import LayerInfo
 
 OTHER_ROW = "other"
+HEATMAP_MAX_INCHES = 40  # a mixture's experts give hundreds of columns; beyond this they narrow
+_LABEL_INCHES = 0.15  # the least room one column's tick label needs
 
 
 def _grid(table: SensitivityTable, layers: list[LayerInfo], fmt: str) -> tuple[list[str], list[str], list[list[float]]]:
@@ -32,6 +34,13 @@ def _grid(table: SensitivityTable, layers: list[LayerInfo], fmt: str) -> tuple[l
     return rows, kinds, grid
 
 
+def _column_label(kind: str) -> str:
+    """A heatmap column's label: the layer's own name, with its expert's number where it has one
+    (mlp.experts.3.down_proj -> 3.down_proj)."""
+    parts = kind.split(".")
+    return ".".join(parts[-2:]) if len(parts) > 1 and parts[-2].isdigit() else parts[-1]
+
+
 def draw_heatmap(table: SensitivityTable, layers: list[LayerInfo], path: Path) -> Path:
     """One panel per quantised format; log colour scale, since sensitivities span decades."""
     import matplotlib
@@ -46,7 +55,9 @@ def draw_heatmap(table: SensitivityTable, layers: list[LayerInfo], path: Path) -
     rows, kinds, _ = _grid(table, layers, formats[0])
     positive = [v for per in table.values.values() for v in per.values() if v > 0]
     norm = LogNorm(vmin=min(positive), vmax=max(positive)) if positive else None
-    fig, axes = plt.subplots(1, len(formats), figsize=(1.2 + 0.9 * len(kinds) * len(formats), 1.5 + 0.4 * len(rows)),
+    column = min(0.9, HEATMAP_MAX_INCHES / (len(kinds) * len(formats)))  # inches
+    step = math.ceil(_LABEL_INCHES / column)  # label every step-th column where they would overlap
+    fig, axes = plt.subplots(1, len(formats), figsize=(1.2 + column * len(kinds) * len(formats), 1.5 + 0.4 * len(rows)),
                              squeeze=False)
     image = None
     for ax, fmt in zip(axes[0], formats):
@@ -55,7 +66,8 @@ def draw_heatmap(table: SensitivityTable, layers: list[LayerInfo], path: Path) -
         data[data <= 0] = np.nan
         image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="magma_r", norm=norm)
         ax.set_title(fmt)
-        ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=60, ha="right", fontsize=8)
+        ticks = range(0, len(kinds), step)
+        ax.set_xticks(ticks, [_column_label(kinds[i]) for i in ticks], rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         ax.set_ylabel("block")
     if image is not None and norm is not None:

@@ -202,3 +202,24 @@ def test_a_mixture_compiles_end_to_end_with_gptq_and_a_latency_model(tmp_path, d
         assert set(experts) <= set(manifest["plan"]["formats"]) and len(manifest["routed_experts"]) == 2
         logits = mpq.load(folder)(input_ids=ids, use_cache=False).logits
         assert torch.nn.functional.cosine_similarity(logits.flatten().float(), original.flatten().float(), dim=0) > 0.99
+
+
+def test_a_heatmap_of_many_experts_stays_a_drawable_size(tmp_path):
+    """Qwen3-MoE's 128 experts give 256 columns per block: the panel narrows its columns and
+    labels every few, each label with its expert's number."""
+    import matplotlib.image
+
+    from mpq.report import HEATMAP_MAX_INCHES, _column_label, draw_heatmap
+    from mpq.sensitivity import SensitivityTable
+    from mpq.trace import LayerInfo
+
+    layers = [LayerInfo(name=f"model.layers.{b}.mlp.experts.{e}.{proj}", module_type="Linear",
+                        kind=f"mlp.experts.{e}.{proj}", block=b, in_features=8, out_features=8, params=64,
+                        order=i, has_bias=False, routed_share=8 / 128)
+              for i, (b, e, proj) in enumerate((b, e, p) for b in range(2) for e in range(128) for p in ("up", "down"))]
+    values = {layer.name: {"int8": 1e-4 * (1 + layer.order % 7), "int4-g128": 1e-2 * (1 + layer.order % 5)} for layer in layers}
+    table = SensitivityTable(key="k", metric="kl", formats=["int8", "int4-g128"], layers=[l.name for l in layers],
+                             values=values, calib={}, seconds=0.0)
+    height, width, _ = matplotlib.image.imread(draw_heatmap(table, layers, tmp_path / "heatmap.png")).shape
+    assert width <= 110 * (HEATMAP_MAX_INCHES + 4) and height < 1000
+    assert _column_label("mlp.experts.17.down_proj") == "17.down_proj" and _column_label("self_attn.q_proj") == "q_proj"
