@@ -95,6 +95,10 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
         method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)
         raise MpqError(f"{name!r} is already quantised ({method or 'quantization_config'}): mpq quantises from the "
                        "unquantised weights, so give it the original model's id or folder")
+    if getattr(config, "is_encoder_decoder", False):  # AutoModel would load it without its head, as an "encoder"
+        architecture = " ".join(getattr(config, "architectures", None) or [type(config).__name__])
+        raise MpqError(f"{name!r} is an encoder-decoder model ({architecture}), which mpq does not compile yet: "
+                       "it compiles causal language models and encoders")
     task = task_of(config)
     loader = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
     try:

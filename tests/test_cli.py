@@ -80,6 +80,21 @@ def test_an_already_quantised_model_is_refused(tiny_llama_dir, tmp_path, capsys)
     assert "is already quantised (gptq): mpq quantises from the unquantised weights" in _compile_error(folder, tmp_path, capsys)
 
 
+def test_an_encoder_decoder_model_is_refused_not_compiled_as_an_encoder(tmp_path, demo_tokenizer, capsys):
+    """AutoModel loads T5 without its head and its decoder without inputs: compiled as an
+    encoder, nothing measured would mean anything."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=len(demo_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                        num_heads=4, decoder_start_token_id=0, pad_token_id=0)).save_pretrained(folder)
+    demo_tokenizer.save_pretrained(folder)
+    capsys.readouterr()  # save_pretrained's progress bar
+    line = _compile_error(folder, tmp_path, capsys)
+    assert "is an encoder-decoder model (T5ForConditionalGeneration), which mpq does not compile yet" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_malformed_budget(tiny_llama_dir, tmp_path):
     line = one_line_error(run_cli("compile", str(tiny_llama_dir), "--max-mem", "lots", "-o", str(tmp_path / "out")))
     assert "cannot read size" in line
