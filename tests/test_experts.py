@@ -223,3 +223,37 @@ def test_a_heatmap_of_many_experts_stays_a_drawable_size(tmp_path):
     height, width, _ = matplotlib.image.imread(draw_heatmap(table, layers, tmp_path / "heatmap.png")).shape
     assert width <= 110 * (HEATMAP_MAX_INCHES + 4) and height < 1000
     assert _column_label("mlp.experts.17.down_proj") == "17.down_proj" and _column_label("self_attn.q_proj") == "q_proj"
+
+
+def test_gptq_rounds_an_expert_no_calibration_token_reached_to_nearest(demo_tokenizer):
+    """Nothing is known of such an expert's inputs: GPTQ on isotropic statistics compensates
+    nothing, so its tensors are exactly round-to-nearest's, while a routed expert's are not."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from mpq.formats import get_format
+    from mpq.methods import calibrated_tensors
+    from mpq.quantize import quantize_weight
+    from mpq.tasks import calibration_text, make_task
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=len(demo_tokenizer), hidden_size=64, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                             num_local_experts=4, num_experts_per_tok=2)).eval()
+    route_experts(model)
+
+    def never_expert_3(module, inputs, output):
+        logits = output[0].clone()
+        logits[:, 3] = -float("inf")
+        top, index = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), index
+
+    model.model.layers[0].mlp.gate.register_forward_hook(never_expert_3)
+    task = make_task(CAUSAL_LM, demo_tokenizer, calibration_text(None), samples=4, seq_len=32)
+    assert routed_tokens(model, task.calibration_inputs())["model.layers.0.mlp.experts"][3] == 0
+    graph = trace_model(model, {"input_ids": task.calib_ids[:1, :8], **EXPORT})
+    fmt = get_format("int4-g32")
+    tensors = calibrated_tensors("gptq", model, graph.layers, graph.shared_input_groups(), [fmt], task)
+    for e, reached in ((3, False), (0, True)):
+        name = f"model.layers.0.mlp.experts.{e}.down_proj"
+        rtn = quantize_weight(model.get_submodule(name).weight, fmt)
+        assert torch.equal(tensors[(name, fmt.name)]["qweight"], rtn["qweight"]) != reached, e
