@@ -19,6 +19,7 @@ from mpq.checkpoint import save_config
 from mpq import cpu_matmul
 from mpq.environment import hardware, versions
 from mpq.errors import MpqError
+from mpq.experts import coverage, describe_routed, routed_tokens
 from mpq.fingerprint import data_fingerprint, model_fingerprint
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
@@ -29,7 +30,6 @@ from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measur
                          profile_key)
 from mpq.memory import (float_dtype_of, format_size, kept_as_stored, kept_summary, kept_to_json, memory_model, parse_size,
                         resident_bytes)
-from mpq.experts import coverage, describe_routed, routed_tokens
 from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model, model_device
 from mpq.plan import Plan
 from mpq.refine import REFINE_TRIALS, refine_at_budget
@@ -172,11 +172,11 @@ def compile_model(opts: CompileOptions) -> dict:
     memory = memory_model(loaded.model, graph.layers, formats, "rtn" if opts.method == AUTO else opts.method)
     budget = requested_budget if requested_budget is not None else memory.largest()
     kept = kept_as_stored(loaded.model, graph.layers)
-    experts = coverage(routed_tokens(loaded.model, task.calibration_inputs()))
     if budget < memory.smallest():
         raise MpqError(f"--max-mem {format_size(budget)} is below the smallest possible model, {format_size(memory.smallest())} "
                        f"({memory.smallest()} bytes, every layer in its smallest format; {format_size(memory.fixed_bytes)} "
                        f"of it is kept as stored, largest: {kept_summary(kept, 2)}): raise --max-mem to at least that")
+    experts = coverage(routed_tokens(loaded.model, task.calibration_inputs()))  # None without a mixture
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "layers.json", graph.to_json())
     lap("trace")

@@ -188,7 +188,8 @@ def test_a_mixture_compiles_end_to_end_with_gptq_and_a_latency_model(tmp_path, d
     demo_tokenizer.save_pretrained(tmp_path / "moe")
     out = tmp_path / "out"
     assert main(["compile", str(tmp_path / "moe"), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
-                 "--trials", "20", "--max-configs", "2", "--method", "gptq", "--refine", "4"]) == 0
+                 "--trials", "12", "--max-configs", "2", "--method", "gptq", "--refine", "2",
+                 "--formats", "int8,int4"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["experts"]["experts"] == 8 and summary["experts"]["max"] <= 4 * 32 * 2
     assert summary["fixed_bytes"] < 0.01 * summary["baseline"]["bytes"]  # only the routers stay as stored
