@@ -446,7 +446,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
                 sizes, k, fmt or get_format("fp16"), tokens, bias, dtype, device, fused, budget_s, ws,
                 original=fmt is None))
 
-    calls = {name: calls for name, (calls, _) in routed.items()}
+    calls = {name: expected for name, (expected, _) in routed.items()}
     time_jobs()
     # Timed afresh on every profile (the caller keeps the whole model by key): on a shared machine
     # the speed of the moment drifts by more than the 15% the predictions aim at.
