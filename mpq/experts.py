@@ -19,15 +19,22 @@ import logging
 import torch
 from torch import nn
 
+from mpq.trace import outputs_match
+
 log = logging.getLogger(__name__)
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "num_experts")
+
+
+def _up_name(module: nn.Module) -> str:
+    """The name of an expert's first projection: gate and up stacked, or up alone where it has no gate."""
+    return "gate_up_proj" if module.has_gate else "up_proj"
 
 
 def is_experts(module: nn.Module) -> bool:
     """A transformers experts module: stacked 3-D expert weights behind the experts interface."""
     if not all(hasattr(module, flag) for flag in _FLAGS) or not hasattr(type(module), "_apply_gate"):
         return False
-    up = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    up = getattr(module, _up_name(module), None)
     down = getattr(module, "down_proj", None)
     return all(isinstance(w, nn.Parameter) and w.dim() == 3 and w.shape[0] == module.num_experts for w in (up, down))
 
@@ -75,7 +82,7 @@ class RoutedExperts(nn.Module):
                 setattr(self, key, value)
         for name, child in original.named_children():
             self.add_module(name, child)  # act_fn, post_expert_norm
-        up_name = "gate_up_proj" if self.has_gate else "up_proj"
+        up_name = _up_name(self)
         stacked = {name: getattr(original, name) for name in (up_name, "down_proj")}
         for e in range(self.num_experts):
             up, down = (stacked[name][e].t() if original.is_transposed else stacked[name][e] for name in (up_name, "down_proj"))
@@ -137,9 +144,8 @@ def describe_routed(model: nn.Module) -> str | None:
     if not routed:
         return None
     first = routed[0]
-    up = "gate_up_proj" if first.has_gate else "up_proj"
     return (f"{len(routed)} x {first.source_type} of {first.num_experts} experts, each seeing {first.routed_share:g} of "
-            f"the tokens on average (top-k / experts): each expert's {up} and down_proj are layers of the plan, "
+            f"the tokens on average (top-k / experts): each expert's {_up_name(first)} and down_proj are layers of the plan, "
             "each with its own format")
 
 
@@ -196,10 +202,7 @@ def routes_like(original: nn.Module, routed: RoutedExperts, tokens: int = 24) ->
     except Exception:  # a forward that takes other inputs is not the experts interface
         return False
     got = routed(x, index.to(weight.device), scores)
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        return False
-    tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2  # accumulation order, in the model's dtype
-    return bool((got.float() - want.float()).abs().max() <= tolerance * (want.float().abs().max() + 1e-6))
+    return outputs_match(got, want, weight.dtype, 3e-2)  # accumulation order, in the model's dtype
 
 
 def route_experts(model: nn.Module, only: list[str] | None = None, check: bool = True) -> tuple[list[str], dict[str, str]]:

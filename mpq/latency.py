@@ -447,11 +447,15 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
                 original=fmt is None))
 
     calls = {name: expected for name, (expected, _) in routed.items()}
+
+    def layers_alone() -> float:  # the model's own layers' seconds in a step, each as often as it runs
+        return sum(t * calls.get(name, 1.0) for name, t in original_seconds.items())
+
     time_jobs()
     # Timed afresh on every profile (the caller keeps the whole model by key): on a shared machine
     # the speed of the moment drifts by more than the 15% the predictions aim at.
     baseline = measure_step(model, task, regime, budget_s=1.0)
-    original = sum(t * calls.get(name, 1.0) for name, t in original_seconds.items())
+    original = layers_alone()
     notes = []
     if original > INCONSISTENT * baseline:
         # The model's own layers, timed alone, cannot take longer than the whole step: the times
@@ -462,7 +466,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
         cache.refresh = True
         time_jobs()
         baseline = measure_step(model, task, regime, budget_s=1.0)
-        original = sum(t * calls.get(name, 1.0) for name, t in original_seconds.items())
+        original = layers_alone()
     cache.save()
     rest = baseline - original
     consistent = rest >= 0

@@ -111,9 +111,16 @@ def computes_linear(module: nn.Module) -> bool:
     except Exception:  # a forward that takes more than one input is not a plain linear
         return False
     want = torch.nn.functional.linear(probe, weight, module.bias)
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+    return outputs_match(got, want, weight.dtype, 2e-2)  # matmul against linear: summation order
+
+
+def outputs_match(got: object, want: object, dtype: torch.dtype, tolerance_16bit: float) -> bool:
+    """Whether a probe's two outputs are one tensor up to summation order: within 1e-4 of the
+    largest value in float32, `tolerance_16bit` in a 16-bit `dtype` (how a probe of a replacement
+    module, computes_linear's or mpq.experts', decides it computes what the original does)."""
+    if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor) or got.shape != want.shape:
         return False
-    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2  # matmul against linear: summation order
+    tolerance = 1e-4 if dtype == torch.float32 else tolerance_16bit
     return bool((got.float() - want.float()).abs().max() <= tolerance * (want.float().abs().max() + 1e-6))
 
 
