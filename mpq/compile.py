@@ -19,7 +19,7 @@ from mpq.checkpoint import save_config
 from mpq import cpu_matmul
 from mpq.environment import hardware, versions
 from mpq.errors import MpqError
-from mpq.experts import coverage, describe_routed, routed_tokens
+from mpq.experts import coverage, describe_routed, expert_projections, routed_tokens
 from mpq.fingerprint import data_fingerprint, model_fingerprint
 from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
@@ -211,20 +211,22 @@ def compile_model(opts: CompileOptions) -> dict:
     storage = opts.storage if opts.storage is not None else str(out / "study.journal")
     # Named by everything the study's answers depend on, the sensitivity and latency values
     # included, so a resumed study is always the same problem.
+    together = expert_projections(loaded.model)  # the sampler's unit for a mixture's experts
     study_name = "mpq-" + data_fingerprint(table.values, costs, memory.fixed_bytes, budget, opts.tie, groups, opts.seed,
                                            None if latency is None else [latency.layer_seconds, latency.group_seconds,
-                                                                         latency.rest_seconds, latency.calls], latency_cap)[:16]
+                                                                         latency.rest_seconds, latency.calls], latency_cap,
+                                           together)[:16]
     try:
         study_storage = open_storage(storage)  # both studies, the search's and the measured one at the budget
         result = search_plans(costs, sens, memory.fixed_bytes, budget, opts.trials, opts.seed, uniform_names,
                               tied=groups if opts.tie else [], storage=study_storage, study_name=study_name,
-                              latency=latency, max_latency=latency_cap)
+                              latency=latency, max_latency=latency_cap, sampled_together=together)
     except ImportError as exc:
         raise MpqError(f"--storage {storage}: {exc}; install the database driver or use a journal file path") from exc
     if not result.front:
         raise MpqError(f"no config found within both --max-mem {format_size(budget)} and the latency cap "
                        f"{latency_cap * 1e3:.3f} ms per step: raise one of them")
-    untied = exact_front(costs, sens, budget - memory.fixed_bytes)
+    untied = exact_front(costs, sens, budget - memory.fixed_bytes, max_points=1)
     lap("search")
 
     reference = task.reference(work)
@@ -299,7 +301,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "trace": {"method": graph.method, "warning": graph.warning, "layers": len(graph.layers),
                   "shared_input_groups": len(groups)},
         "calibration": calib_info, "baseline": baseline,
-        "search": {"trials": result.trials, "storage": storage, "study": study_name, "front": len(result.front), "measured": len(measured), "seconds": result.seconds,
+        "search": {"trials": result.trials, "variables": result.variables, "storage": storage, "study": study_name, "front": len(result.front), "measured": len(measured), "seconds": result.seconds,
                    "tied_groups": len(groups) if opts.tie else 0, "exact_best": result.exact_best,
                    "sampler_best": result.sampler_best, "exact_best_untied": untied[-1].predicted if untied else None},
         "refinement": None if refinement is None else refinement.to_json(),

@@ -149,6 +149,17 @@ def describe_routed(model: nn.Module) -> str | None:
             "each with its own format")
 
 
+def expert_projections(model: nn.Module) -> list[list[str]]:
+    """Each mixture's projection over all its experts (model.layers.0.mlp.experts.{0..E-1}.down_proj):
+    the layers that the search's sampler moves as one (mpq.search.pareto)."""
+    groups = []
+    for path, module in model.named_modules():
+        if isinstance(module, RoutedExperts):
+            for projection in (_up_name(module), "down_proj"):
+                groups.append([f"{path}.{e}.{projection}" for e in range(module.num_experts)])
+    return groups
+
+
 @torch.no_grad()
 def routed_tokens(model: nn.Module, inputs: list[dict]) -> dict[str, list[int]]:
     """How many of the tokens of `inputs` (model keyword inputs, e.g. the calibration batches) the

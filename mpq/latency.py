@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -272,12 +273,15 @@ class LatencyModel:
     calls: dict[str, float] = field(default_factory=dict)  # an expert of a mixture -> its expected calls per step
     # (see routed_calls); every other layer runs once
 
+    @cached_property
+    def _has_bias(self) -> dict[str, bool]:  # once, not per call: the search asks for thousands of plans
+        return {name: bool(info[2]) for name, info in self.layers.items()}
+
     def layers_seconds(self, plan: dict[str, str]) -> float:
         """Seconds of the planned layers alone, fused as an emitted model fuses them."""
-        has_bias = {name: bool(info[2]) for name, info in self.layers.items()}
         total = 0.0
         done: set[str] = set()
-        for names in fusion_groups(plan, self.groups, has_bias):
+        for names in fusion_groups(plan, self.groups, self._has_bias):
             total += self.group_seconds["|".join(names)][plan[names[0]]]
             done.update(names)
         return total + sum(self.layer_seconds[name][fmt] * self.calls.get(name, 1.0)

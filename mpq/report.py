@@ -204,6 +204,15 @@ def _quality_header(task_quality: str) -> str:
     return "mean cosine | NN agreement"
 
 
+def _variables(s: dict) -> str:
+    """How many formats each trial chose, and why fewer than the layers in a mixture."""
+    count = s["search"].get("variables")
+    if not count:
+        return ""
+    return f" of {count} variables each" + (" (a mixture's projection is one variable over all its experts; the exact "
+                                             "DP's plans, on the front too, set each expert)" if s.get("experts") else "")
+
+
 def _search_line(search: dict, metric: str) -> str:
     exact = search.get("exact_best")
     if exact is None:
@@ -329,7 +338,7 @@ def write_report(path: Path, summary: dict) -> Path:
            f"(`--eval-data`; both are shown)"] if s["task"] == "causal-lm" else []),
         "- held-out numbers here are on the validation half of the held-out data, which chose the configs; "
         "`mpq eval configs/NAME` measures the test half, which nothing here has seen",
-        f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}), warm-started from the exact "
+        f"- search: {s['search']['trials']} Optuna trials (NSGA-II, seed {s['seed']}){_variables(s)}, warm-started from the exact "
         f"optimum of the additive model; {s['search']['front']} on the predicted front, {s['search']['measured']} measured",
         _search_line(s["search"], s["metric"]),
         _additivity_line(s["additivity"], s["metric"], s["task_metric"]),

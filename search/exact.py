@@ -34,8 +34,10 @@ def _unit(costs: dict[str, dict[str, int]], capacity: int, max_buckets: int) -> 
 
 
 def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]], capacity: int,
-                max_buckets: int = MAX_BUCKETS) -> list[ExactPoint]:
-    """Every plan on the optimal (bytes, predicted) staircase with bytes <= capacity, cheapest first."""
+                max_buckets: int = MAX_BUCKETS, max_points: int | None = None) -> list[ExactPoint]:
+    """Every plan on the optimal (bytes, predicted) staircase with bytes <= capacity, cheapest first;
+    with `max_points`, at most that many, spread evenly over its bytes (the optimum at the capacity
+    always among them; with 1, it alone)."""
     if capacity < 0:
         return []
     names = list(costs)
@@ -57,22 +59,24 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
             nxt[better] = cand[better]
             choices[i, better] = j
         best = nxt
-    front: list[ExactPoint] = []
-    running = np.inf
-    for b in range(width):
-        if best[b] < running:
-            running = best[b]
-            plan, left = {}, b
-            for i in range(len(names) - 1, -1, -1):
-                fmt = options[names[i]][choices[i, left]]
-                plan[names[i]] = fmt
-                left -= math.ceil(costs[names[i]][fmt] / q)
-            plan = {name: plan[name] for name in names}
-            front.append(ExactPoint(plan, sum(costs[n][f] for n, f in plan.items()), float(best[b])))
+    # The staircase: the budgets at which the least loss drops. All its plans are traced back at
+    # once, one layer at a time over every step (a model with thousands of layers has thousands of steps).
+    before = np.concatenate([[np.inf], np.minimum.accumulate(best)[:-1]])  # least loss at fewer units
+    steps = np.flatnonzero(best < before)
+    picked = np.zeros((len(names), len(steps)), dtype=np.int16)
+    left = steps.astype(np.int64)
+    true_bytes = np.zeros(len(steps), dtype=np.int64)
+    for i in range(len(names) - 1, -1, -1):
+        picked[i] = choices[i, left]
+        left -= np.array([math.ceil(costs[names[i]][fmt] / q) for fmt in options[names[i]]])[picked[i]]
+        true_bytes += np.array([costs[names[i]][fmt] for fmt in options[names[i]]], dtype=np.int64)[picked[i]]
     # With rounded costs a later plan can truly be smaller than an earlier one; drop what it dominates.
-    front.sort(key=lambda p: (p.bytes, p.predicted))
-    kept: list[ExactPoint] = []
-    for point in front:
-        if not kept or point.predicted < kept[-1].predicted:
-            kept.append(point)
-    return kept
+    order = np.lexsort((best[steps], true_bytes))
+    loss = best[steps][order]
+    kept = order[loss < np.concatenate([[np.inf], np.minimum.accumulate(loss)[:-1]])]
+    if max_points is not None and len(kept) > max_points:
+        low, high = true_bytes[kept[0]], true_bytes[kept[-1]]
+        targets = [high] if max_points == 1 else np.linspace(low, high, max_points)
+        kept = kept[np.unique(np.abs(true_bytes[kept][None, :] - np.asarray(targets)[:, None]).argmin(axis=1))]
+    return [ExactPoint({name: options[name][j] for name, j in zip(names, picked[:, s].tolist())}, int(true_bytes[s]),
+                       float(best[steps[s]])) for s in kept]

@@ -7,6 +7,13 @@ budget and a latency cap are hard constraints (NSGA-II's constrained domination 
 `trial.set_constraint`, so infeasible trials never enter the front). Layers may be tied into units that take
 one format together (q/k/v, gate/up: so the kernels can fuse them). The study is seeded with the
 uniform configs and with plans from the exact optimum of the additive model (search/exact.py).
+
+A mixture of experts has thousands of layers (Qwen3-30B-A3B: 48 blocks x 128 experts x 2), and
+Optuna's cost grows with the parameters of a trial (about 0.2 ms each in memory, 1.9 ms in a
+journal file, on a 2-core CPU), while NSGA-II learns nothing in 12 000 dimensions from a few
+hundred trials. So units listed in `sampled_together` (each mixture's projection, over its experts)
+are one variable of the sampler; the exact DP, whose plans enter the front directly, still sets
+each expert on its own.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mpq.search.exact import exact_front
 
 log = logging.getLogger(__name__)
 SEEDS_FROM_EXACT = 24
+EXACT_POINTS = 1000  # of the DP's staircase on the front (a mixture's has thousands: a step is one layer's format)
 
 
 @dataclass
@@ -41,6 +51,7 @@ class SearchResult:
     exact_plan: dict[str, str] | None = None  # the plan of exact_best (layer -> format)
     sampler_plan: dict[str, str] | None = None  # the plan of sampler_best
     feasible: list[Candidate] = field(default_factory=list)  # every distinct feasible plan seen, by predicted loss
+    variables: int = 0  # parameters of each Optuna trial: units, less those grouped (sampled_together)
 
 
 def pareto_front(candidates: list[Candidate], loss=lambda c: c.predicted) -> list[Candidate]:
@@ -57,16 +68,14 @@ def pareto_front(candidates: list[Candidate], loss=lambda c: c.predicted) -> lis
 
 def pareto_front_3d(candidates: list[Candidate]) -> list[Candidate]:
     """Candidates that none other dominates on (bytes, predicted, latency), by bytes."""
-    def dominates(a: Candidate, b: Candidate) -> bool:
-        pa, pb = (a.bytes, a.predicted, a.latency), (b.bytes, b.predicted, b.latency)
-        return all(x <= y for x, y in zip(pa, pb)) and pa != pb
-
     ordered = sorted(candidates, key=lambda c: (c.bytes, c.predicted, c.latency))
-    front: list[Candidate] = []
-    for cand in ordered:  # nothing later in this order can dominate an earlier one
-        if not any(dominates(kept, cand) for kept in front):
-            front.append(cand)
-    return front
+    points = np.array([(c.bytes, c.predicted, c.latency) for c in ordered], dtype=np.float64).reshape(-1, 3)
+    kept: list[int] = []
+    for i, point in enumerate(points):  # nothing later in this order can dominate an earlier one
+        front = points[kept]
+        if not np.any(np.all(front <= point, axis=1) & np.any(front != point, axis=1)):
+            kept.append(i)
+    return [ordered[i] for i in kept]
 
 
 def spread(front: list[Candidate], count: int) -> list[Candidate]:
@@ -136,6 +145,20 @@ def unit_latency(latency, members: dict[str, list[str]], unit_costs: dict[str, d
             for unit in unit_costs}
 
 
+def sampler_groups(members: dict[str, list[str]], together: list[list[str]]) -> list[list[str]]:
+    """`together` (groups of layers) as groups of units: a unit joins the first group holding one of
+    its layers; a group of fewer than two units is no group."""
+    unit_of = {name: unit for unit, names in members.items() for name in names}
+    taken: set[str] = set()
+    groups = []
+    for layers in together:
+        units = [u for u in dict.fromkeys(unit_of[n] for n in layers if n in unit_of) if u not in taken]
+        if len(units) > 1:
+            groups.append(units)
+            taken.update(units)
+    return groups
+
+
 def _latency_weights(unit_sens, unit_lat) -> list[float]:
     """Prices of a second in units of predicted loss, so that DP seeds trade loss for speed at a
     few rates: the ratio of the plan space's loss range to its latency range, times 1/4, 1, 4."""
@@ -149,7 +172,7 @@ def _latency_weights(unit_sens, unit_lat) -> list[float]:
 def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, float]], fixed_bytes: int,
                  budget: int, trials: int, seed: int, uniform: list[str], tied: list[list[str]] = (),
                  storage: object | None = None, study_name: str = "mpq", latency=None,
-                 max_latency: float | None = None) -> SearchResult:
+                 max_latency: float | None = None, sampled_together: list[list[str]] = ()) -> SearchResult:
     """Run the Optuna study (NSGA-II, budget as a hard constraint) over units of tied layers, warm-
     started from the uniform configs and from the exact optimum of the additive model along the
     budget; return the feasible Pareto front over everything seen.
@@ -158,55 +181,84 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
     rest_seconds) predicted step time is a third objective, and `max_latency` (seconds) a second
     hard constraint; DP seeds then also come from loss + price x latency at a few prices.
     With `storage` (see open_storage) the study persists: a run that was stopped resumes, running
-    only the trials still missing, and optuna-dashboard can open it."""
+    only the trials still missing, and optuna-dashboard can open it. Layers in one group of
+    `sampled_together` are one variable of the sampler (see the module's docstring); the DP's plans
+    still choose per unit."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.time()
     unit_costs, unit_sens, members = tie(costs, sens, list(tied))
     units = list(unit_costs)
-    options = {unit: sorted(unit_costs[unit], key=unit_costs[unit].get) for unit in units}
-    for unit, opts in options.items():
-        if not opts:
+    for unit in units:
+        if not unit_costs[unit]:
             raise ValueError(f"the layers tied with {unit} share no format: {members[unit]}")
     unit_lat = unit_latency(latency, members, unit_costs) if latency is not None else None
+    # The sampler's variables: units, or groups of units that move together. A variable's plan
+    # expands to a unit plan through `grouped`.
+    var_costs, var_sens, grouped = tie(unit_costs, unit_sens, sampler_groups(members, list(sampled_together)))
+    variables = list(var_costs)
+    options = {var: sorted(var_costs[var], key=var_costs[var].get) for var in variables}
+    var_lat = None if unit_lat is None else {
+        var: {f: sum(unit_lat[u][f] for u in grouped[var]) for f in var_costs[var]} for var in variables}
+    room = budget - fixed_bytes
 
-    def step_seconds(plan: dict[str, str]) -> float:
-        return latency.rest_seconds + sum(unit_lat[unit][fmt] for unit, fmt in plan.items())
+    def step_seconds(plan: dict[str, str], seconds: dict[str, dict[str, float]]) -> float:
+        return latency.rest_seconds + sum(seconds[name][fmt] for name, fmt in plan.items())
 
     def objective(trial) -> tuple[float, ...]:
-        plan = {unit: trial.suggest_categorical(unit, options[unit]) for unit in units}
-        nbytes, predicted = evaluate_plan(plan, unit_costs, unit_sens, fixed_bytes)
+        plan = {var: trial.suggest_categorical(var, options[var]) for var in variables}
+        nbytes, predicted = evaluate_plan(plan, var_costs, var_sens, fixed_bytes)
         trial.set_user_attr("bytes", nbytes)
         trial.set_constraint("memory", nbytes - budget)  # feasible when every constraint is <= 0
-        if unit_lat is None:
+        if var_lat is None:
             return float(nbytes), predicted
-        seconds = step_seconds(plan)
+        seconds = step_seconds(plan, var_lat)
         trial.set_user_attr("latency", seconds)
         trial.set_constraint("latency", seconds - max_latency if max_latency is not None else -1.0)
         return float(nbytes), predicted, seconds
 
-    exact = exact_front(unit_costs, unit_sens, budget - fixed_bytes)
-    key = lambda plan: tuple(plan[unit] for unit in units)  # noqa: E731
+    def fits(plan: dict[str, str]) -> bool:
+        return max_latency is None or unit_lat is None or step_seconds(plan, unit_lat) <= max_latency
+
+    def exact_plans(c: dict[str, dict[str, int]], s: dict[str, dict[str, float]], count: int) -> list[dict[str, str]]:
+        """`count` plans spread along the exact front of loss `s` (bytes are the spread's axis)."""
+        return [point.plan for point in exact_front(c, s, room, max_points=count)]
+
+    def priced(s: dict[str, dict[str, float]], seconds: dict[str, dict[str, float]], price: float):
+        return {name: {f: s[name][f] + price * seconds[name][f] for f in s[name]} for name in s}
+
+    exact = exact_front(unit_costs, unit_sens, room, max_points=EXACT_POINTS)
+    prices = _latency_weights(unit_sens, unit_lat) if unit_lat is not None else []
+    key = lambda plan: tuple(plan[unit] for unit in units)  # noqa: E731  (a unit plan's key)
+    # Plans of the exact DP over units enter the front as they are; the study gets them as seeds
+    # where its variables are the units, else the DP's plans over its own variables.
+    direct = [Candidate(p.plan, fixed_bytes + p.bytes, p.predicted, "exact") for p in exact]
+    for price in prices:
+        for plan in exact_plans(unit_costs, priced(unit_sens, unit_lat, price), SEEDS_FROM_EXACT // 3):
+            direct.append(Candidate(plan, *evaluate_plan(plan, unit_costs, unit_sens, fixed_bytes), "exact-latency"))
     origin: dict[tuple, str] = {}
     seeds: list[dict[str, str]] = []
-    for fmt in uniform:
-        plan = uniform_plan(unit_costs, fmt)
-        origin.setdefault(key(plan), f"uniform:{fmt}")
+
+    def add_seed(plan: dict[str, str], label: str) -> None:
+        origin.setdefault(key(expand(plan, grouped)), label)
         seeds.append(plan)
-    exact_candidates = [Candidate(p.plan, fixed_bytes + p.bytes, p.predicted, "exact") for p in exact]
-    for cand in spread(exact_candidates, SEEDS_FROM_EXACT):
-        origin.setdefault(key(cand.formats), "exact")
-        seeds.append(cand.formats)
-    if unit_lat is not None:
-        for price in _latency_weights(unit_sens, unit_lat):
-            priced = {u: {f: unit_sens[u][f] + price * unit_lat[u][f] for f in unit_costs[u]} for u in units}
-            points = exact_front(unit_costs, priced, budget - fixed_bytes)
-            for cand in spread([Candidate(p.plan, p.bytes, p.predicted, "exact") for p in points], SEEDS_FROM_EXACT // 3):
-                origin.setdefault(key(cand.formats), "exact-latency")
-                seeds.append(cand.formats)
+
+    for fmt in uniform:
+        add_seed(uniform_plan(var_costs, fmt), f"uniform:{fmt}")
+    if len(variables) == len(units):
+        for cand in spread(direct[:len(exact)], SEEDS_FROM_EXACT):
+            add_seed(cand.formats, "exact")
+        for cand in direct[len(exact):]:
+            add_seed(cand.formats, "exact-latency")
+    else:
+        for plan in exact_plans(var_costs, var_sens, SEEDS_FROM_EXACT):
+            add_seed(plan, "exact-grouped")
+        for price in prices:
+            for plan in exact_plans(var_costs, priced(var_sens, var_lat, price), SEEDS_FROM_EXACT // 3):
+                add_seed(plan, "exact-grouped-latency")
     sampler = optuna.samplers.NSGAIISampler(seed=seed)
-    directions = ["minimize"] * (2 if unit_lat is None else 3)
+    directions = ["minimize"] * (2 if var_lat is None else 3)
     study = optuna.create_study(directions=directions, sampler=sampler, storage=storage,
                                 study_name=study_name, load_if_exists=storage is not None)
     for plan in seeds:
@@ -217,25 +269,26 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, show_progress_bar=False)
 
-    def fits(plan: dict[str, str]) -> bool:
-        return max_latency is None or unit_lat is None or step_seconds(plan) <= max_latency
-
-    unique: dict[tuple, Candidate] = {key(c.formats): c for c in exact_candidates if fits(c.formats)}
+    unique: dict[tuple, Candidate] = {}
+    for cand in direct:
+        if fits(cand.formats):
+            unique.setdefault(key(cand.formats), cand)
     sampler_best, sampler_plan = float("inf"), None
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         nbytes = trial.user_attrs["bytes"]
-        if nbytes > budget or not fits(trial.params):
+        plan = expand(dict(trial.params), grouped)
+        if nbytes > budget or not fits(plan):
             continue
-        k = key(trial.params)
+        k = key(plan)
         if k not in origin and trial.values[1] < sampler_best:  # proposed by the sampler itself, not enqueued
-            sampler_best, sampler_plan = trial.values[1], expand(dict(trial.params), members)
+            sampler_best, sampler_plan = trial.values[1], expand(plan, members)
         if k not in unique or k in origin and origin[k].startswith("uniform"):
-            unique[k] = Candidate(dict(trial.params), nbytes, trial.values[1], origin.get(k, "optuna"))
+            unique[k] = Candidate(plan, nbytes, trial.values[1], origin.get(k, "optuna"))
     if unit_lat is None:
         kept = pareto_front(list(unique.values()))
     else:
         for cand in unique.values():
-            cand.latency = step_seconds(cand.formats)
+            cand.latency = step_seconds(cand.formats, unit_lat)
         kept = pareto_front_3d(list(unique.values()))
     front = [Candidate(expand(c.formats, members), c.bytes, c.predicted, c.origin, latency=c.latency) for c in kept]
     if latency is not None:  # the exact prediction of the expanded plan (fused as emitted)
@@ -246,4 +299,5 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
                         sampler_best=sampler_best if sampler_best < float("inf") else None,
                         exact_plan=expand(exact[-1].plan, members) if exact else None, sampler_plan=sampler_plan,
                         feasible=[Candidate(expand(c.formats, members), c.bytes, c.predicted, c.origin, latency=c.latency)
-                                  for c in sorted(unique.values(), key=lambda c: c.predicted)])
+                                  for c in sorted(unique.values(), key=lambda c: c.predicted)],
+                        variables=len(variables))

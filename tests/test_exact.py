@@ -66,3 +66,17 @@ def test_rounded_costs_still_respect_the_budget():
 def test_infeasible_capacity_gives_nothing():
     costs, sens = problem(3, seed=0)
     assert exact_front(costs, sens, 5) == []
+
+
+def test_a_capped_front_is_spread_over_the_whole_one_and_ends_at_its_optimum():
+    costs, sens = problem(40, seed=2)
+    capacity = sum(max(c.values()) for c in costs.values())
+    whole = exact_front(costs, sens, capacity)
+    assert len(whole) > 50
+    capped = exact_front(costs, sens, capacity, max_points=10)
+    keys = [(p.bytes, p.predicted, p.plan) for p in whole]
+    assert 5 <= len(capped) <= 10 and all((p.bytes, p.predicted, p.plan) in keys for p in capped)
+    assert (capped[0].bytes, capped[-1].bytes) == (whole[0].bytes, whole[-1].bytes)
+    assert max(b.bytes - a.bytes for a, b in zip(capped, capped[1:])) < (whole[-1].bytes - whole[0].bytes) / 4
+    (optimum,) = exact_front(costs, sens, capacity, max_points=1)
+    assert optimum.plan == whole[-1].plan and optimum.predicted == whole[-1].predicted

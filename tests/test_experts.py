@@ -193,6 +193,10 @@ def test_a_mixture_compiles_end_to_end_with_gptq_and_a_latency_model(tmp_path, d
     summary = json.loads((out / "summary.json").read_text())
     assert summary["experts"]["experts"] == 8 and summary["experts"]["max"] <= 4 * 32 * 2
     assert summary["fixed_bytes"] < 0.01 * summary["baseline"]["bytes"]  # only the routers stay as stored
+    # the sampler's variables: q/k/v as one in each block, and each block's 4 experts as one per projection
+    layers = sum(summary["configs"][0]["counts"].values())
+    assert summary["search"]["variables"] == layers - 2 * 2 - 2 * 2 * 3
+    assert "a mixture's projection is one variable over all its experts" in (out / "report.md").read_text()
     latency = json.loads((out / "latency.json").read_text())
     experts = [name for name in latency["layers"] if ".experts." in name]
     assert len(experts) == 16 and all(latency["calls"][name] == 0.5 for name in experts)

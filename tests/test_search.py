@@ -130,3 +130,35 @@ def test_sqlite_storage_works_too(tmp_path):
     first = search_plans(costs, sens, 0, 10**6, 30, 0, list(FORMATS), storage=open_storage(url), study_name="s")
     again = search_plans(costs, sens, 0, 10**6, 30, 0, list(FORMATS), storage=open_storage(url), study_name="s")
     assert first.trials == again.trials == 30 and (tmp_path / "study.db").stat().st_size > 0
+
+
+def test_layers_sampled_together_are_one_variable_while_the_exact_plans_still_split_them():
+    """A mixture's experts: the sampler moves each projection's experts as one, and the front's
+    exact plans still give experts of one projection different formats."""
+    import optuna
+
+    from mpq.search.pareto import sampler_groups
+
+    costs, sens = problem(24, seed=6)
+    layers = list(costs)
+    for name in layers[:16]:  # 16 experts' projections of one shape, each as sensitive as its tokens make it
+        costs[name] = dict(FORMATS)
+    together = [layers[:8], layers[8:16]]
+    tied = [[layers[16], layers[17]]]
+    members = {layers[16]: layers[16:18], **{name: [name] for name in layers if name not in layers[16:18]}}
+    assert sampler_groups(members, [*together, [layers[17], layers[20]], [layers[3]]]) == [
+        layers[:8], layers[8:16], [layers[16], layers[20]]]  # by unit, a unit in one group only, no group of one
+    budget = sum(sum(sorted(c.values())[:2]) for c in costs.values()) // 2  # halfway from all int4 to all int8
+    storage = optuna.storages.InMemoryStorage()
+    result = search_plans(costs, sens, 0, budget, trials=60, seed=0, uniform=list(FORMATS), tied=tied,
+                          sampled_together=together, storage=storage)
+    assert result.variables == 24 - 1 - 14
+    # the exact optimum over every layer is on the front, and it splits a group (the problem's sensitivities differ)
+    best = min(result.front, key=lambda c: c.predicted)
+    assert best.predicted == pytest.approx(result.exact_best) and best.bytes <= budget
+    assert any(len({best.formats[name] for name in group}) > 1 for group in together)
+    # every trial chose 9 formats, and a plan the sampler proposed keeps each group in one format
+    assert all(len(t.params) == 9 for t in optuna.load_study(study_name="mpq", storage=storage).trials)
+    proposed = [c for c in result.feasible if c.origin == "optuna"]
+    assert proposed and all(len({c.formats[name] for name in group}) == 1 for c in proposed for group in together)
+    assert all(c.bytes <= budget for c in result.front)
