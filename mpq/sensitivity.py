@@ -3,7 +3,8 @@
 Signals:
 - "kl": the model's own output divergence (KL of next-token distributions for causal LMs,
   1 - cosine of embeddings for encoders) with only that layer quantised: one calibration pass per
-  (layer, format), linear in layers x formats x calibration tokens.
+  (layer, format), linear in layers x formats x calibration tokens. A pass for a layer of block i
+  replays blocks 0..i-1 from records instead of running them (mpq.replay: bit-identical).
 - "local": the layer's own relative output error ||x (W - Wq)^T||^2 / ||x W^T||^2 on its
   calibration inputs (for an embedding table: over the rows its tokens look up), all layers and
   formats in one pass (hooks), blind to what follows the layer (and, for a head tied to the input
@@ -27,7 +28,7 @@ import copy
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +42,7 @@ from mpq.apply import QuantizedWeightCache, applied, get_module
 from mpq.formats import FormatSpec
 from mpq.qlinear import linear_weight
 from mpq.quantize import sixteen_bit_dtype
+from mpq.replay import BlockReplay, block_of, check
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
@@ -108,11 +110,24 @@ def measurement_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
+def _block_replay(work: nn.Module, layers: list[LayerInfo], task, reference) -> tuple[BlockReplay | None, str]:
+    """A replay of `work`'s blocks for the per-layer passes (mpq.replay), None where it has no
+    blocks or a replayed pass is not exactly a full one."""
+    from mpq.blockwise import find_blocks
+
+    blocks_name = find_blocks(work, [layer.name for layer in layers])
+    if blocks_name is None:
+        return None, ""
+    replay = BlockReplay(work.get_submodule(blocks_name), lambda: task.reference(work))
+    return (replay, blocks_name) if check(replay, reference) else (None, "")
+
+
 def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
                         key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
     """Sensitivity of every (layer, format) of `model`, measured in its float32 twin `work`."""
     start = time.time()
     reference = task.reference(work)
+    replay, blocks_name = _block_replay(work, layers, task, reference)
     values: dict[str, dict[str, float]] = {}
     jobs = [(layer, fmt) for layer in layers for fmt in formats]
     for layer, fmt in tqdm(jobs, desc="sensitivity", disable=not progress, unit="pass"):
@@ -122,7 +137,8 @@ def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInf
         if _lossless(module, fmt):
             score = 0.0
         else:
-            with applied(work, {layer.name: fmt}, cache, backend=MEASURE_BACKEND):
+            skipped = nullcontext() if replay is None else replay.skipping(block_of(layer.name, blocks_name))
+            with skipped, applied(work, {layer.name: fmt}, cache, backend=MEASURE_BACKEND):
                 score = task.divergence(work, reference)
         values.setdefault(layer.name, {})[fmt.name] = score
     return SensitivityTable(key=key, metric=task.metric, formats=[f.name for f in formats],

@@ -1,0 +1,106 @@
+"""Skip the blocks that a measured layer cannot change.
+
+The "kl" signal runs the whole model once per (layer, format). A layer of block i changes nothing
+before block i, so blocks 0..i-1 would compute again exactly what they computed with no layer
+quantised. `BlockReplay` records what block i-1 returned for each calibration batch (one pass,
+itself replayed up to the block recorded before), and while a layer of block i is measured,
+blocks 0..i-1 return those records instead of running. Block i gets the very tensors it would
+have got, so every number is bit-identical to a full pass, at about half the blocks' cost on
+average.
+
+A model whose later blocks read something other than their inputs from earlier ones (a KV cache
+shared across layers, say) would be measured wrongly, so `check` first compares a replayed pass
+with a full one, and replay is off where they differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+log = logging.getLogger(__name__)
+
+
+def _cloned(out):
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+
+class BlockReplay:
+    """Replays the first blocks of `blocks` (an nn.ModuleList of `work`) during passes of
+    `run_pass` (one forward over the calibration batches, always in the same order)."""
+
+    def __init__(self, blocks: nn.ModuleList, run_pass: Callable[[], object]) -> None:
+        self.blocks = blocks
+        self.run_pass = run_pass
+        self.recorded_for = 0  # the replay's depth the records serve (0: none held)
+        self.records: list = []  # what block recorded_for - 1 returned, one per batch
+
+    def _record(self, depth: int) -> None:
+        """Run one pass (replayed as deep as the records held allow) and keep block depth-1's outputs."""
+        records: list = []
+        hook = self.blocks[depth - 1].register_forward_hook(lambda module, args, out: records.append(_cloned(out)))
+        try:
+            with self.skipping(self.recorded_for if self.recorded_for < depth else 0):
+                self.run_pass()
+        finally:
+            hook.remove()
+        self.records, self.recorded_for = records, depth
+
+    @contextmanager
+    def skipping(self, depth: int) -> Iterator[None]:
+        """Within it, blocks 0..depth-1 do not run: each returns what block depth-1 returned for the
+        batch (only that one's output reaches block depth; the others' are ignored by the next)."""
+        if depth <= 0:
+            yield
+            return
+        if self.recorded_for != depth:
+            self._record(depth)
+        calls = [0] * depth
+        records = self.records
+
+        def replayed(j: int):
+            def forward(*args, **kwargs):
+                out = records[calls[j]]
+                calls[j] += 1
+                return _cloned(out) if j == depth - 1 else out  # block `depth` may write into its input
+            return forward
+
+        own = [self.blocks[j].__dict__.get("forward") for j in range(depth)]  # an instance's own (accelerate's hooks)
+        for j in range(depth):
+            self.blocks[j].forward = replayed(j)
+        try:
+            yield
+        finally:
+            for j in range(depth):
+                del self.blocks[j].forward
+                if own[j] is not None:
+                    self.blocks[j].forward = own[j]
+
+
+def block_of(name: str, blocks_name: str) -> int:
+    """The index of the block holding layer `name` (0 for a layer outside the blocks: nothing skipped)."""
+    prefix = blocks_name + "."
+    if not name.startswith(prefix):
+        return 0
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+
+
+def check(replay: BlockReplay, reference) -> bool:
+    """Whether a pass replayed up to the last block gives exactly `reference`, the full pass's output."""
+    with replay.skipping(len(replay.blocks) - 1):
+        same = _same(replay.run_pass(), reference)
+    if not same:
+        log.info("block replay off: a replayed pass differs from a full one")
+    return same

@@ -1,0 +1,107 @@
+"""Block replay: the per-layer passes skip the blocks before the measured layer, bit-identically."""
+
+import torch
+from torch import nn
+
+import mpq.sensitivity as sensitivity
+from mpq.apply import QuantizedWeightCache
+from mpq.formats import get_format
+from mpq.models import load_model
+from mpq.replay import BlockReplay, block_of, check
+from mpq.tasks import calibration_text, make_task
+from mpq.trace import trace_model
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, log: list, channel: list | None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.log, self.channel = log, channel
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        self.log.append(self)
+        scale = 1.0
+        if self.channel is not None:  # what the blocks before left, not in the input
+            scale += len(self.channel)
+            self.channel.append(1)
+        return (x + torch.tanh(self.linear(x)) * scale,)  # a tuple, as some transformers blocks return
+
+
+class Stack(nn.Module):
+    """Blocks in a ModuleList; with `side`, each block also reads what the ones before it left in a
+    side channel that every forward clears (as a KV cache shared across layers would be read)."""
+
+    def __init__(self, depth: int = 5, width: int = 8, side: bool = False) -> None:
+        super().__init__()
+        self.log: list = []
+        self.channel: list = []
+        self.layers = nn.ModuleList(Block(width, self.log, self.channel if side else None) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.channel.clear()
+        for block in self.layers:
+            (x,) = block(x)
+        return x
+
+
+def passes(model: Stack, batches: list[torch.Tensor]):
+    return lambda: [model(x) for x in batches]
+
+
+def test_a_replayed_pass_equals_the_full_one_at_every_depth_and_skips_the_blocks_before():
+    torch.manual_seed(0)
+    model = Stack()
+    batches = [torch.randn(3, 8) for _ in range(4)]
+    run = passes(model, batches)
+    full = run()
+    replay = BlockReplay(model.layers, run)
+    assert check(replay, full)
+    for depth in (3, 1, 4, 0):  # out of order too: records are made again where needed
+        with replay.skipping(depth):
+            model.log.clear()  # after the records for this depth were made
+            got = run()
+        assert all(torch.equal(a, b) for a, b in zip(got, full))
+        assert model.log.count(model.layers[0]) == (4 if depth == 0 else 0)
+        assert len(model.log) == 4 * (5 - depth)  # the blocks from `depth` on ran, once per batch
+    # changing a block at the replay's depth changes the output as a full pass would
+    with torch.no_grad():
+        model.layers[2].linear.weight.mul_(0.5)
+    changed = run()
+    with replay.skipping(2):
+        assert all(torch.equal(a, b) for a, b in zip(run(), changed))
+    assert not all(torch.equal(a, b) for a, b in zip(changed, full))
+    assert "forward" not in vars(model.layers[0])  # the class's forward is back
+
+
+def test_replay_is_off_where_blocks_read_more_than_their_inputs():
+    torch.manual_seed(0)
+    model = Stack(side=True)
+    run = passes(model, [torch.randn(3, 8)])
+    assert not check(BlockReplay(model.layers, run), run())
+
+
+def test_block_of():
+    assert block_of("model.layers.3.mlp.experts.7.down_proj", "model.layers") == 3
+    assert block_of("lm_head", "model.layers") == 0 and block_of("model.layers_extra.1.x", "model.layers") == 0
+
+
+def test_sensitivity_with_replay_is_bit_identical_to_full_passes(tiny_llama_dir, monkeypatch):
+    loaded = load_model(str(tiny_llama_dir))
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
+    formats = [get_format(n) for n in ("int8", "int4-g32")]
+    work = sensitivity.measurement_model(loaded.model)
+    cache = QuantizedWeightCache(loaded.model)
+    blocks = work.get_submodule("model.layers")
+    runs = []  # attention modules that ran: a replayed block runs none of its children
+    for block in blocks:
+        block.self_attn.register_forward_pre_hook(lambda module, args, kwargs: runs.append(module), with_kwargs=True)
+    replayed = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k", {}, cache, False)
+    block_runs = len(runs)
+    monkeypatch.setattr(sensitivity, "_block_replay", lambda *args: (None, ""))
+    runs.clear()
+    full = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k", {}, cache, False)
+    assert replayed.values == full.values
+    assert sum(v > 0 for per in full.values.values() for v in per.values()) >= 25  # of 30 (a tiny KL can round to 0)
+    # block 0 did not run for the 14 passes of block 1's layers; checking and recording took 3 runs
+    assert len(runs) - block_runs == 14 - 3
