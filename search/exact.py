@@ -3,8 +3,11 @@
 Minimise sum_l sens[l][f_l] subject to sum_l bytes[l][f_l] <= capacity. Bytes are counted in
 units of q: the gcd of all costs when that keeps the table small (then the answer is exact), else
 capacity / max_buckets with every cost rounded up (then every plan returned still fits its
-budget, and the optimum is exact for the rounded costs). One pass gives the optimum at every
-budget up to the capacity: the whole (bytes, predicted) Pareto front, in O(layers x formats x buckets).
+budget, and the optimum is exact for the rounded costs). Only the bytes above each layer's
+cheapest format are counted: every plan holds the rest, and with thousands of layers the rounding
+of whole costs added up (a mixture of 12 480 layers in 20 000 buckets: its optimum used 75% of the
+budget, against 93% now). One pass gives the optimum at every budget up to the capacity: the whole
+(bytes, predicted) Pareto front, in O(layers x formats x buckets).
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
         return []
     names = list(costs)
     options = {name: list(costs[name]) for name in names}
+    # The DP counts only the bytes above each layer's cheapest format (exact: 0 units), so its
+    # buckets resolve what the plans differ in, not the bytes every plan has.
+    floor = {name: min(costs[name].values()) for name in names}
+    true_costs, capacity = costs, capacity - sum(floor.values())
+    if capacity < 0:
+        return []
+    costs = {name: {fmt: nbytes - floor[name] for fmt, nbytes in per.items()} for name, per in costs.items()}
     q = _unit(costs, capacity, max_buckets)
     width = capacity // q + 1
     best = np.full(width, np.inf)
@@ -69,7 +79,7 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
     for i in range(len(names) - 1, -1, -1):
         picked[i] = choices[i, left]
         left -= np.array([math.ceil(costs[names[i]][fmt] / q) for fmt in options[names[i]]])[picked[i]]
-        true_bytes += np.array([costs[names[i]][fmt] for fmt in options[names[i]]], dtype=np.int64)[picked[i]]
+        true_bytes += np.array([true_costs[names[i]][fmt] for fmt in options[names[i]]], dtype=np.int64)[picked[i]]
     # With rounded costs a later plan can truly be smaller than an earlier one; drop what it dominates.
     order = np.lexsort((best[steps], true_bytes))
     loss = best[steps][order]

@@ -80,3 +80,15 @@ def test_a_capped_front_is_spread_over_the_whole_one_and_ends_at_its_optimum():
     assert max(b.bytes - a.bytes for a, b in zip(capped, capped[1:])) < (whole[-1].bytes - whole[0].bytes) / 4
     (optimum,) = exact_front(costs, sens, capacity, max_points=1)
     assert optimum.plan == whole[-1].plan and optimum.predicted == whole[-1].predicted
+
+
+def test_thousands_of_rounded_layers_keep_their_budget():
+    """3000 layers in the default 20 000 buckets: the DP counts only the bytes above each layer's
+    cheapest format, so the optimum uses nearly all the room above the all-cheapest plan (counting
+    whole costs in the same buckets it used 81% of it)."""
+    costs, sens = problem(3000, seed=5, scale=1_000_003)
+    low = sum(min(c.values()) for c in costs.values())
+    capacity = (low + sum(sorted(c.values())[1] for c in costs.values())) // 2
+    front = exact_front(costs, sens, capacity, max_points=20)
+    assert front and all(p.bytes <= capacity for p in front) and front[0].bytes == low
+    assert front[-1].bytes - low > 0.95 * (capacity - low)

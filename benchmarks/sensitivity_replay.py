@@ -1,0 +1,69 @@
+"""The "kl" sensitivity table with block replay (mpq.replay) against full passes, on both demos:
+seconds each way, and whether the two tables are identical (they must be, bit for bit).
+
+    python benchmarks/sensitivity_replay.py              # demo and minilm, fp16/int8/int4
+    python benchmarks/sensitivity_replay.py --models demo --samples 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mpq.sensitivity as sensitivity
+from mpq.apply import QuantizedWeightCache
+from mpq.environment import hardware, versions
+from mpq.formats import parse_formats
+from mpq.models import load_model
+from mpq.profile import example_inputs
+from mpq.tasks import calibration_text, make_task
+from mpq.trace import trace_model
+
+SAMPLES = {"demo": 32, "minilm": 64}
+
+
+def bench(name: str, samples: int | None) -> dict:
+    loaded = load_model(name)
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), samples or SAMPLES[name], 128)
+    graph = trace_model(loaded.model, example_inputs(loaded.task, getattr(loaded.model.config, "vocab_size", 1000)))
+    formats = parse_formats("fp16,int8,int4")
+    work = sensitivity.measurement_model(loaded.model)
+    cache = QuantizedWeightCache(loaded.model)
+
+    def table():
+        start = time.time()
+        measured = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k", {}, cache, False)
+        return measured.values, time.time() - start
+
+    replayed, replay_s = table()
+    with_replay = sensitivity._block_replay
+    sensitivity._block_replay = lambda *args: (None, "")  # every pass runs every block
+    try:
+        full, full_s = table()
+    finally:
+        sensitivity._block_replay = with_replay
+    return {"model": name, "layers": len(graph.layers), "samples": samples or SAMPLES[name], "replay_s": round(replay_s, 1),
+            "full_s": round(full_s, 1), "saved": round(1 - replay_s / full_s, 3), "identical": replayed == full}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="demo,minilm")
+    parser.add_argument("--samples", type=int, default=None, help="calibration samples (default: compile's per model)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sensitivity_replay.json")
+    args = parser.parse_args()
+    rows = [bench(name, args.samples) for name in args.models.split(",")]
+    print("| model | layers | samples | with replay (s) | full passes (s) | saved | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['layers']} | {r['samples']} | {r['replay_s']} | {r['full_s']} | {r['saved']:.0%} | "
+              f"{r['identical']} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "hardware": hardware(), "versions": versions()}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
