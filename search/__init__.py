@@ -6,9 +6,9 @@ The only place in mpq that imports optuna; it returns plain data, never a Study.
 """
 
 from mpq.search.exact import ExactPoint, exact_front
-from mpq.search.measured import MeasuredResult, NeighbourSampler, measured_search
+from mpq.search.measured import MeasuredResult, Neighbours, measured_search
 from mpq.search.pareto import (Candidate, SearchResult, evaluate_plan, expand, open_storage, pareto_front, pareto_front_3d,
                                search_plans, spread, tie, uniform_plan)
 
-__all__ = ["Candidate", "ExactPoint", "MeasuredResult", "NeighbourSampler", "measured_search", "SearchResult", "evaluate_plan", "exact_front", "expand", "open_storage", "pareto_front",
+__all__ = ["Candidate", "ExactPoint", "MeasuredResult", "Neighbours", "measured_search", "SearchResult", "evaluate_plan", "exact_front", "expand", "open_storage", "pareto_front",
            "pareto_front_3d", "search_plans", "spread", "tie", "uniform_plan"]

@@ -4,7 +4,7 @@ The first study (search/pareto.py) ranks plans by the additive model: the sum of
 sensitivities. Layers interact, so that ranking is not the real one. This second study measures
 each trial for real (`measure(plan)`: the config's divergence on calibration data) and keeps the
 least. It starts from the plans the additive model likes best (the exact DP optimum, then the
-least-predicted feasible plans), enqueued; its further trials come from `NeighbourSampler`: one
+least-predicted feasible plans); its further trials come from `Neighbours`: one
 or two units of the best measured plans so far change format, and the rest of the plan is
 repaired to the budget along the additive model (bytes taken from, or given to, the units where
 they cost or buy the most predicted loss per byte). So each measurement tests a move the additive
@@ -12,7 +12,10 @@ model thinks nearly neutral, which is where its errors decide.
 
 The study lives in the same storage as the first one, so an interrupted compile resumes here
 too. Proposals depend only on the completed trials (not on trial numbers), so a resumed study
-proposes what an uninterrupted one would have, and ends the same.
+proposes what an uninterrupted one would have, and ends the same. Each measured plan enters the
+study whole, as one finished trial (`study.add_trial`): one storage write per trial, where a trial
+that suggests its parameters one by one writes once per unit (a mixture's 3000 units: 24 trials
+took two minutes in a journal file, most of the measured study).
 """
 
 from __future__ import annotations
@@ -44,51 +47,38 @@ def plan_key(plan: dict[str, str]) -> tuple:
     return tuple(sorted(plan.items()))
 
 
-class NeighbourSampler(optuna.samplers.BaseSampler):
-    """Proposes plans next to the best measured ones, at the budget (relative sampling over every
-    unit at once; a random plan only when no neighbour is left, which the objective then skips)."""
+class Neighbours:
+    """Proposes plans next to the best measured ones, at the budget."""
 
     def __init__(self, options: dict[str, list[str]], unit_costs: dict[str, dict[str, int]],
                  unit_sens: dict[str, dict[str, float]], room: int, fits: Callable[[dict[str, str]], bool], seed: int):
         self._options, self._costs, self._sens, self._room, self._fits = options, unit_costs, unit_sens, room, fits
         self._seed = seed
-        self._fallback = optuna.samplers.RandomSampler(seed=seed)
-        self._space = {u: optuna.distributions.CategoricalDistribution(opts) for u, opts in options.items()}
-        self._complete = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
-    # -- optuna.samplers.BaseSampler
-    def infer_relative_search_space(self, study, trial) -> dict:
-        return dict(self._space)
-
-    def sample_relative(self, study, trial, search_space) -> dict:
-        if not search_space:
-            return {}
-        done = study.get_trials(deepcopy=False, states=self._complete)
-        ranked = sorted((t for t in done if t.state.name == "COMPLETE" and t.user_attrs.get("feasible")),
-                        key=lambda t: (t.value, plan_key(t.params)))
-        if not ranked:
-            return {}
+    def propose(self, done: list) -> tuple[dict[str, str], bool]:
+        """The next plan to measure, given the finished trials, and whether it is a neighbour (else
+        a random plan: no neighbour was left)."""
         # Seeded by how many trials finished, not by the trial's number: a trial killed mid-way
         # leaves a number behind, and the resumed study must still propose the same plans.
         rng = np.random.RandomState([self._seed, len(done)])
+        complete = [t for t in done if t.state.name == "COMPLETE"]
+        # next to the best feasible plans; while none is (each over a cap as timed), the best measured
+        ranked = sorted([t for t in complete if t.user_attrs.get("feasible")] or complete,
+                        key=lambda t: (t.value, plan_key(t.params)))
         seen = {plan_key(t.params) for t in done}
         pool: dict[tuple, dict[str, str]] = {}
-        for _ in range(NEIGHBOUR_TRIES):
+        for _ in range(NEIGHBOUR_TRIES if ranked else 0):
             base = ranked[0] if len(ranked) == 1 or rng.rand() < 0.75 else ranked[rng.randint(1, min(4, len(ranked)))]
             plan = self.neighbour(dict(base.params), rng)
             if plan is not None and plan_key(plan) not in seen:
                 pool[plan_key(plan)] = plan
                 if len(pool) == TOURNAMENT:
                     break
+        if not pool:
+            return {unit: str(rng.choice(opts)) for unit, opts in self._options.items()}, False
         # Of a few random neighbours, the one the additive model likes best: a measurement is worth
         # most where the prediction says "about as good", since there its errors decide.
-        return min(pool.values(), key=lambda plan: (self._predicted(plan), plan_key(plan))) if pool else {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
-
-    def reseed_rng(self) -> None:
-        self._fallback.reseed_rng()
+        return min(pool.values(), key=lambda plan: (self._predicted(plan), plan_key(plan))), True
 
     # -- the move
     def _predicted(self, plan: dict[str, str]) -> float:
@@ -155,40 +145,45 @@ def measured_search(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, 
             return None
         return {u: plan[members[u][0]] for u in units}
 
-    sampler = NeighbourSampler(options, unit_costs, unit_sens, room, lambda p: fits(expand(p, members)), seed)
-    study = optuna.create_study(direction="minimize", sampler=sampler, storage=storage, study_name=study_name,
+    neighbours = Neighbours(options, unit_costs, unit_sens, room, lambda p: fits(expand(p, members)), seed)
+    study = optuna.create_study(direction="minimize", storage=storage, study_name=study_name,
                                 load_if_exists=storage is not None)
-    kept = {plan_key(t.params) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                                              optuna.trial.TrialState.WAITING))}
+    distributions = {u: optuna.distributions.CategoricalDistribution(options[u]) for u in units}
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    queue: dict[tuple, tuple[dict[str, str], str]] = {}  # the seeds, in order
     for cand in seeds[:trials]:
         plan = unit_plan(cand.formats)
-        if plan is not None and plan_key(plan) not in kept:  # a seed left RUNNING by a killed process runs again
-            kept.add(plan_key(plan))
-            study.enqueue_trial(plan, user_attrs={"origin": cand.origin})
+        if plan is not None:
+            queue.setdefault(plan_key(plan), (plan, cand.origin))
 
-    def objective(trial) -> float:
-        plan = {u: trial.suggest_categorical(u, options[u]) for u in units}
+    def record(plan: dict[str, str], origin: str, random: bool = False) -> None:
+        """Measure a unit plan (a random one only when it fits) and add it to the study, finished."""
         layers = expand(plan, members)
         nbytes, predicted = evaluate_plan(layers, costs, sens, fixed_bytes)
         feasible = nbytes <= budget and fits(layers)
-        trial.set_user_attr("fits_predicted", feasible)
-        if "origin" not in trial.user_attrs:
-            if not feasible:  # the sampler's random fallback: not worth a measurement
-                raise optuna.TrialPruned()
-            trial.set_user_attr("origin", "refined")
+        attrs = {"origin": origin, "fits_predicted": feasible, "bytes": nbytes, "predicted": predicted}
+        if random and not feasible:  # not worth a measurement
+            study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params=plan,
+                                                      distributions=distributions, user_attrs=attrs))
+            return
         if time_step is not None and max_latency is not None:
-            seconds = time_step(layers)
-            trial.set_user_attr("latency_s", seconds)
-            feasible = feasible and seconds <= max_latency
-        trial.set_user_attr("bytes", nbytes)
-        trial.set_user_attr("predicted", predicted)
-        trial.set_user_attr("feasible", feasible)
-        return measure(layers)
+            attrs["latency_s"] = time_step(layers)
+            feasible = feasible and attrs["latency_s"] <= max_latency
+        attrs["feasible"] = feasible
+        value = measure(layers)
+        study.add_trial(optuna.trial.create_trial(value=value, params=plan, distributions=distributions, user_attrs=attrs))
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    remaining = trials - len(study.get_trials(deepcopy=False, states=states))
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, show_progress_bar=False)
+    while True:
+        done = study.get_trials(deepcopy=False, states=finished)
+        if len(done) >= trials:
+            break
+        measured = {plan_key(t.params) for t in done}
+        pending = [seed_plan for key, seed_plan in queue.items() if key not in measured]
+        if pending:  # a seed killed mid-measurement is measured again
+            record(*pending[0])
+        else:
+            plan, is_neighbour = neighbours.propose(done)
+            record(plan, "refined", random=not is_neighbour)
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     timing_met = any(t.user_attrs["feasible"] for t in done)

@@ -10,7 +10,7 @@ import pytest
 
 from mpq.refine import refine_at_budget
 from mpq.search import Candidate, evaluate_plan, exact_front, open_storage
-from mpq.search.measured import NeighbourSampler, measured_search
+from mpq.search.measured import Neighbours, measured_search
 
 FORMATS = {"fp16": 4, "int8": 2, "int4": 1}
 
@@ -99,7 +99,7 @@ def test_tied_layers_keep_one_format_in_every_trial():
 def test_neighbours_are_different_plans_within_the_budget():
     costs, sens = problem(6)
     options = {u: sorted(c, key=c.get) for u, c in costs.items()}
-    sampler = NeighbourSampler(options, costs, sens, 300, lambda plan: True, seed=0)
+    sampler = Neighbours(options, costs, sens, 300, lambda plan: True, seed=0)
     rng = np.random.RandomState(0)
     start = {u: "int8" for u in costs}  # 420 bytes: the repair must free 120 first
     plans = [sampler.neighbour(dict(start), rng) for _ in range(50)]
