@@ -138,6 +138,7 @@ def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInf
             score = 0.0
         else:
             skipped = nullcontext() if replay is None else replay.skipping(block_of(layer.name, blocks_name))
+            # entered first: records it makes for a new depth come from the model with no layer quantised
             with skipped, applied(work, {layer.name: fmt}, cache, backend=MEASURE_BACKEND):
                 score = task.divergence(work, reference)
         values.setdefault(layer.name, {})[fmt.name] = score
