@@ -41,8 +41,6 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
     """Every plan on the optimal (bytes, predicted) staircase with bytes <= capacity, cheapest first;
     with `max_points`, at most that many, spread evenly over its bytes (the optimum at the capacity
     always among them; with 1, it alone)."""
-    if capacity < 0:
-        return []
     names = list(costs)
     options = {name: list(costs[name]) for name in names}
     # The DP counts only the bytes above each layer's cheapest format (exact: 0 units), so its
@@ -53,6 +51,7 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
         return []
     costs = {name: {fmt: nbytes - floor[name] for fmt, nbytes in per.items()} for name, per in costs.items()}
     q = _unit(costs, capacity, max_buckets)
+    units_of = [np.array([math.ceil(costs[name][fmt] / q) for fmt in options[name]]) for name in names]
     width = capacity // q + 1
     best = np.full(width, np.inf)
     best[0] = 0.0  # best[b]: least predicted loss of the layers so far, at exactly b units
@@ -60,7 +59,7 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
     for i, name in enumerate(names):
         nxt = np.full(width, np.inf)
         for j, fmt in enumerate(options[name]):
-            units = math.ceil(costs[name][fmt] / q)
+            units = int(units_of[i][j])
             if units >= width:
                 continue
             cand = np.full(width, np.inf)
@@ -78,7 +77,7 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
     true_bytes = np.zeros(len(steps), dtype=np.int64)
     for i in range(len(names) - 1, -1, -1):
         picked[i] = choices[i, left]
-        left -= np.array([math.ceil(costs[names[i]][fmt] / q) for fmt in options[names[i]]])[picked[i]]
+        left -= units_of[i][picked[i]]
         true_bytes += np.array([true_costs[names[i]][fmt] for fmt in options[names[i]]], dtype=np.int64)[picked[i]]
     # With rounded costs a later plan can truly be smaller than an earlier one; drop what it dominates.
     order = np.lexsort((best[steps], true_bytes))
