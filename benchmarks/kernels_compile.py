@@ -46,6 +46,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from mpq.kernels import triton_w4a16, triton_w8a16  # noqa: E402
 from mpq.kernels.triton_tuning import usable_cores  # noqa: E402
 
+GROUPED_ROWS = 8  # the grouped kernels' rows: (token, expert) pairs
 SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}  # bytes of dynamic shared memory per block
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 BRANCH_BACK = re.compile(r"\bBRA\b[^;]*?(\.L_x_\d+)")
@@ -87,7 +88,7 @@ def k_loop_instructions(cubin: bytes) -> Counter:
 
 def weight_bytes_per_thread(name: str, config: dict) -> float:
     """Weight bytes one thread reads per K step (the loop runs one step per pass)."""
-    per_column = config["BLOCK_K"] // 2 if name == "w4a16" else config["BLOCK_K"]
+    per_column = config["BLOCK_K"] // 2 if name.startswith("w4a16") else config["BLOCK_K"]
     return config["BLOCK_N"] * per_column / (32 * config["num_warps"])
 
 
@@ -97,18 +98,23 @@ DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: int, arch: int,
                       activations: str = "bf16", symmetric: bool = False) -> dict:
     """One launch config, specialised as w4a16_linear / w8a16_linear would launch it for these
-    activations (16-bit ones reach W4A16 as int32 pairs) and weights (zero points or symmetric)."""
+    activations (16-bit ones reach W4A16 as int32 pairs) and weights (zero points or symmetric);
+    a name ending in -grouped: as w4a16_grouped / w8a16_grouped would, over stacked experts."""
     tiles = {key: value for key, value in config.items() if key.isupper()}
     atomic = tiles["SPLIT_K"] > 1
-    int4 = name == "w4a16"
+    int4 = name.startswith("w4a16")
+    grouped = name.endswith("-grouped")
     pairs = int4 and activations != "fp32"
+    row_bytes = k // 2 if int4 else k
     runtime = {"x_ptr": ("*i32" if pairs else f"*{activations}", 0), "w_ptr": ("*u8" if int4 else "*i8", 0),
-               "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
+               "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0), "slot_ptr": ("*i32" if grouped else "*bf16", 0),
                "out_ptr": ("*fp32" if atomic else f"*{activations}", 0), "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
-               "stride_xm": ("i32", k // 2 if pairs else k), "stride_wn": ("i32", k // 2 if int4 else k),
-               "stride_sn": ("i32", k // group), "stride_om": ("i32", n)}
+               "stride_xm": ("i32", k // 2 if pairs else k), "stride_wn": ("i32", row_bytes),
+               "stride_sn": ("i32", k // group), "stride_om": ("i32", n),
+               "stride_we": ("i32", n * row_bytes if grouped else 0),
+               "stride_se": ("i32", (n * k // group if int4 else n) if grouped else 0)}
     half = DTYPES["fp16" if activations == "fp16" else "bf16"]  # the tensor cores' dtype (fp32 x goes as bf16)
-    constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": half}
+    constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": half, "GROUPED": grouped}
     if int4:
         constexprs.update(GROUP=group, HAS_ZEROS=not symmetric, X_PAIRS=pairs,
                           X_DTYPE=DTYPES[activations])
@@ -179,6 +185,10 @@ def main() -> None:
     jobs = [(name, m, config, n, k, group, args.arch, args.activations, args.symmetric)
             for name in ("w4a16", "w8a16") for m in map(int, args.batches.split(","))
             for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))]
+    # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
+    jobs += [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
+             for name in ("w4a16", "w8a16")
+             for config in (triton_w4a16._grouped_candidates(group) if name == "w4a16" else triton_w8a16._grouped_candidates())]
     # Each config compiles on its own (Triton's passes, then ptxas and nvdisasm): one process per core.
     workers = max(1, min(args.jobs, len(jobs)))
     with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -60,13 +60,41 @@ def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)
 
 
-def interpreter_config(m: int, k_step: int) -> dict:
+def grouped_candidates(k_steps: list[int], fits=lambda config: True) -> list[dict]:
+    """A grouped launch's space (decode: every program one row of x, on the FMA units): tile width,
+    K step and split. Its rows are a few tokens times top-k, over experts whose layers are small
+    (Qwen3-30B-A3B's: 768 x 2048), so splitting K is what fills the GPU. `fits` drops configs a
+    kernel cannot hold in registers."""
+    space = [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
+             for bn in (64, 128, 256) for bk in k_steps for sk in (1, 2, 4)]
+    return [config for config in space if fits(config)]
+
+
+def check_stacks(x: torch.Tensor, slots: torch.Tensor, stacks: tuple) -> None:
+    """A grouped launch's arguments: one int32 slot per row of x, stacks of one expert count (a
+    leading dimension over a layer's tensors: [E, N, K] weights, [E, N] per-channel scales)."""
+    if slots.dtype != torch.int32 or slots.shape != (x.shape[0],) or not slots.is_contiguous():
+        raise ValueError(f"slots must be a contiguous int32 vector of one slot per row of x ({x.shape[0]}), got "
+                         f"{slots.dtype} {tuple(slots.shape)}")
+    experts = {t.shape[0] for t in stacks if t is not None}
+    if stacks[0].dim() != 3 or any(t is not None and t.dim() < 2 for t in stacks) or len(experts) != 1:
+        raise ValueError(f"expected stacked [experts, ...] weights, got shapes {[tuple(t.shape) for t in stacks if t is not None]}")
+
+
+def check_grouped_config(config: dict | None, slots: torch.Tensor | None) -> None:
+    if config is not None and slots is not None and config["BLOCK_M"] != 1:
+        raise ValueError(f"a grouped launch runs one row of x per program: BLOCK_M must be 1, got {config['BLOCK_M']}")
+
+
+def interpreter_config(m: int, k_step: int, grouped: bool = False) -> dict:
     """One fixed config under the interpreter, where autotuning every config would take minutes.
 
     Wide tiles: the interpreter runs programs one after another at a fixed Python cost each, so a
     model run through it takes time in proportion to the programs (the demo's all-INT4 config,
     prefill and decode checked: 119 s at 32 columns a program, 19 s at 256). The kernels' narrow
     and many-program tilings are the kernel tests' pinned configs."""
+    if grouped:
+        return {"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": k_step, "SPLIT_K": 2}
     if regime(m) == "gemv":
         return {"BLOCK_M": block_m_for(m), "BLOCK_N": 256, "BLOCK_K": k_step, "SPLIT_K": 2}
     return {"BLOCK_M": 32, "BLOCK_N": 256, "BLOCK_K": k_step, "SPLIT_K": 1}
@@ -135,6 +163,17 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     return offs_m, offs_n
+
+
+@triton.jit
+def grouped_row(slot_ptr, N, BLOCK_N: tl.constexpr):
+    """A grouped launch's program: its row of x (one token routed to one expert; BLOCK_M = 1), the
+    stack slot of that row's expert, and whether the slot is in this stack (slot_ptr holds -1 for an
+    expert another stack holds). Masked off, its loads read nothing and its row comes out 0."""
+    pair = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    slot = tl.load(slot_ptr + pair)
+    mine = (slot + tl.zeros((BLOCK_N,), tl.int32)) >= 0  # a column mask (a scalar one trips the interpreter)
+    return pair, tl.maximum(slot, 0).to(tl.int64), mine
 
 
 @triton.jit

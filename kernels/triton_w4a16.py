@@ -28,13 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import (check_activation, decode_candidates, interpreter_config, interpreting, launch,
-                                       regime, store_tile, tile_offsets)
+from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
+                                       grouped_candidates, grouped_row, interpreter_config, interpreting, launch, regime,
+                                       store_tile, tile_offsets)
 
 
 def _candidates(m: int, group: int) -> list[dict]:
     """A small, deliberate space: decode_candidates for M <= 16; tile shape and pipeline depth for prefill."""
-    steps = [bk for bk in (64, 128) if group % bk == 0] or [k_step_for(group)]
+    steps = k_steps(group)
     if regime(m) == "gemv":
         space = decode_candidates(m, steps, steps[-1])
         if m == 1:
@@ -47,20 +48,36 @@ def _candidates(m: int, group: int) -> list[dict]:
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in steps for st in (3, 4)]
 
 
+def _grouped_candidates(group: int) -> list[dict]:
+    return grouped_candidates(k_steps(group))
+
+
+def k_steps(group: int) -> list[int]:
+    """The K steps a launch may take: 64 and 128 where they divide the group, else the largest that does."""
+    return [bk for bk in (64, 128) if group % bk == 0] or [k_step_for(group)]
+
+
 def k_step_for(group: int) -> int:
     """The largest power-of-two K step (at most 64) inside one group: a step reads one scale per column."""
     return next(b for b in (64, 32, 16, 8, 4, 2) if group % b == 0)
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
-                  stride_xm, stride_wn, stride_sn, stride_om,
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
+                  stride_xm, stride_wn, stride_sn, stride_we, stride_se, stride_om,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr,
+                  X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
     mask_n = offs_n < N
+    if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
+        pair, expert, mine = grouped_row(slot_ptr, N, BLOCK_N)
+        w_ptr += expert * stride_we
+        s_ptr += expert * stride_se
+        z_ptr += expert * stride_se
+        x_ptr += pair * stride_xm  # single_row reads the row at x_ptr
+        mask_n = mask_n & mine
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K)
@@ -247,28 +264,49 @@ def x_pairs(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ bias) for a 2-D x. `config` pins the tile sizes (tests, interpreter)."""
-    n, half_k = qweight.shape
+    out = _launch(x, qweight, scales, zeros, group_size, config)
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out
+
+
+def w4a16_grouped(x: torch.Tensor, slots: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor | None, group_size: int, config: dict | None = None) -> torch.Tensor:
+    """y[p] = x[p] @ dequant(W[slots[p]])^T for every row p of x, in one launch: a mixture's experts
+    of one format stacked (qweight [E, N, K/2], scales and zeros [E, N, K/G]), each row of x a token
+    routed to the expert in slot slots[p] (int32 [P]; -1: an expert this stack does not hold, whose
+    row of y is 0). For decode, where a launch per expert costs more than its weights take to read."""
+    check_stacks(x, slots, (qweight, scales, zeros))
+    return _launch(x, qweight, scales, zeros, group_size, config, slots)
+
+
+def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+            group_size: int, config: dict | None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch: of one layer, or (slots given) of stacked experts, whose leading dimension goes."""
+    n, half_k = qweight.shape[-2:]
     k = 2 * half_k
     check_activation(x, k)
-    if k % group_size or scales.shape != (n, k // group_size):
+    if k % group_size or scales.shape[-2:] != (n, k // group_size):
         raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight in groups of {group_size}")
-    if k % 8 or qweight.stride(1) != 1 or qweight.stride(0) % 4 or qweight.data_ptr() % 4:
+    if k % 8 or qweight.stride(-1) != 1 or qweight.stride(-2) % 4 or qweight.data_ptr() % 4:
         # single_row reads each row of qweight as int32 words; mpq sends only groups of 32 or more
         raise ValueError(f"W4A16 reads qweight rows as int32 words: K must be a multiple of 8 and each row start on a "
                          f"4-byte boundary (K={k}, strides {qweight.stride()}, address % 4 = {qweight.data_ptr() % 4})")
     x = x.contiguous()
     if config is None and interpreting():
-        config = interpreter_config(x.shape[0], k_step_for(group_size))
+        config = interpreter_config(x.shape[0], k_step_for(group_size), grouped=slots is not None)
     if config is not None and group_size % config["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={config['BLOCK_K']} must divide the group size {group_size} (one scale per K step)")
     if config is not None and config["BLOCK_M"] == 1 and config["BLOCK_K"] < 8:
         raise ValueError(f"BLOCK_K={config['BLOCK_K']}: the single-row path reads K steps of whole int32 words (8+)")
-    pointers = (qweight, scales, zeros if zeros is not None else scales)  # unused zeros pointer when symmetric
+    check_grouped_config(config, slots)
+    # symmetric: the zeros pointer goes unused; one layer: the slots pointer and expert strides do
+    pointers = (qweight, scales, zeros if zeros is not None else scales, scales if slots is None else slots)
     x_arg, x_meta = x_pairs(x)
-    scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(0), scales.stride(0))
-    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, **x_meta}
-    out = launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=(k, group_size, zeros is not None),
-                 candidates=lambda: _candidates(x.shape[0], group_size), x_arg=x_arg)
-    if bias is not None:
-        out += bias.to(out.dtype)
-    return out
+    expert_strides = (0, 0) if slots is None else (qweight.stride(0), scales.stride(0))
+    scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scales.stride(-2), *expert_strides)
+    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, "GROUPED": slots is not None, **x_meta}
+    shape_key = (k, group_size, zeros is not None) + (() if slots is None else ("grouped", qweight.shape[0]))
+    candidates = (lambda: _candidates(x.shape[0], group_size)) if slots is None else (lambda: _grouped_candidates(group_size))
+    return launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=shape_key, candidates=candidates,
+                  x_arg=x_arg)

@@ -12,30 +12,43 @@ import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import (check_activation, decode_candidates, interpreter_config, interpreting, launch,
-                                       regime, store_tile, tile_offsets)
+from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
+                                       grouped_candidates, grouped_row, interpreter_config, interpreting, launch, regime,
+                                       store_tile, tile_offsets)
 
 
 def _candidates(m: int) -> list[dict]:
     """As W4A16's: decode_candidates for M <= 16; tile shape and pipeline depth for prefill."""
     if regime(m) == "gemv":
-        # The M = 1 path keeps a [BLOCK_K, BLOCK_N] fp32 accumulator: at 128 x 256 that is 256
-        # registers a thread, which spill to local memory inside the K loop (kernels_compile.py).
-        return [c for c in decode_candidates(m, [128, 256], 128)
-                if c["BLOCK_M"] > 1 or c["BLOCK_N"] * c["BLOCK_K"] <= 128 * 32 * c["num_warps"]]
+        return [c for c in decode_candidates(m, [128, 256], 128) if c["BLOCK_M"] > 1 or _fits(c)]
     return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in (64, 128) for st in (3, 4)]
 
 
+def _grouped_candidates() -> list[dict]:
+    return grouped_candidates([64, 128, 256], _fits)
+
+
+def _fits(config: dict) -> bool:
+    """The M = 1 path keeps a [BLOCK_K, BLOCK_N] fp32 accumulator: at 128 x 256 that is 256
+    registers a thread, which spill to local memory inside the K loop (kernels_compile.py)."""
+    return config["BLOCK_N"] * config["BLOCK_K"] <= 128 * 32 * config["num_warps"]
+
+
 @triton.jit
-def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                  ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_we, stride_se, stride_om,
+                  ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if GROUPED:  # experts stacked [E, ...]; row m of x (offs_m, BLOCK_M = 1) runs through expert slot_ptr[m]
+        pair, expert, mine = grouped_row(slot_ptr, N, BLOCK_N)
+        w_ptr += expert * stride_we
+        s_ptr += expert * stride_se
+        mask_n = mask_n & mine
     if BLOCK_M == 1:
         # The scale is per output channel, so the products can pile up per (k, n) over the whole
         # K loop and be summed across threads once at the end, not once per K step.
@@ -65,16 +78,35 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, s
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
     """y = x @ (q * s)^T (+ bias) for a 2-D x. `config` pins the tile sizes (tests, interpreter)."""
-    n, k = qweight.shape
-    check_activation(x, k)
-    if scales.shape != (n,):
-        raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight (one per output channel)")
-    x = x.contiguous()
-    if config is None and interpreting():
-        config = interpreter_config(x.shape[0], 64)
-    scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(0))
-    out = launch(_w8a16_kernel, x, n, (qweight, scales), scalars, {}, config, shape_key=(k,),
-                 candidates=lambda: _candidates(x.shape[0]))
+    out = _launch(x, qweight, scales, config)
     if bias is not None:
         out += bias.to(out.dtype)
     return out
+
+
+def w8a16_grouped(x: torch.Tensor, slots: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  config: dict | None = None) -> torch.Tensor:
+    """y[p] = x[p] @ (q * s)[slots[p]]^T for every row p of x in one launch, as w4a16_grouped:
+    qweight [E, N, K], scales [E, N]; slot -1: another stack's expert, row of y 0."""
+    check_stacks(x, slots, (qweight, scales))
+    return _launch(x, qweight, scales, config, slots)
+
+
+def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, config: dict | None,
+            slots: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch: of one layer, or (slots given) of stacked experts, whose leading dimension goes."""
+    n, k = qweight.shape[-2:]
+    check_activation(x, k)
+    if scales.shape[-1:] != (n,) or scales.dim() != qweight.dim() - 1:
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight (one per output channel)")
+    x = x.contiguous()
+    if config is None and interpreting():
+        config = interpreter_config(x.shape[0], 64, grouped=slots is not None)
+    check_grouped_config(config, slots)
+    expert_strides = (0, 0) if slots is None else (qweight.stride(0), scales.stride(0))
+    scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(-2), *expert_strides)
+    pointers = (qweight, scales, scales if slots is None else slots)  # one layer: the slots pointer goes unused
+    shape_key = (k,) if slots is None else (k, "grouped", qweight.shape[0])
+    candidates = (lambda: _candidates(x.shape[0])) if slots is None else _grouped_candidates
+    return launch(_w8a16_kernel, x, n, pointers, scalars, {"GROUPED": slots is not None}, config, shape_key=shape_key,
+                  candidates=candidates)

@@ -19,6 +19,7 @@ from torch import nn
 
 from mpq.card import card_markdown
 from mpq.errors import MpqError
+from mpq.expert_stacks import describe_grouped
 from mpq.experts import RoutedExperts, route_experts
 from mpq.io import atomic_folder, write_json_atomic
 from mpq.models import CAUSAL_LM
@@ -286,6 +287,13 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
 
 def kernels_of(model: nn.Module) -> dict[str, str]:
     """Which kernel runs each quantised layer of a loaded model."""
-    return {name: module.kernel for name, module in model.named_modules()
-            if type(module).__name__ in ("QuantizedLinear", "FusedSlice", "QuantizedEmbedding", "TiedEmbedding")
-            and not name.endswith(".fused.layer")}
+    kernels = {name: module.kernel for name, module in model.named_modules()
+               if type(module).__name__ in ("QuantizedLinear", "FusedSlice", "QuantizedEmbedding", "TiedEmbedding")
+               and not name.endswith(".fused.layer")}
+    for path, module in model.named_modules():
+        if isinstance(module, RoutedExperts) and module.runs_grouped():
+            for e in range(module.num_experts):
+                for projection in (module.expert(e).up_name, "down_proj"):
+                    name = f"{path}.{e}.{projection}"
+                    kernels[name] = describe_grouped(kernels[name], module.num_experts)
+    return kernels

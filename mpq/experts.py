@@ -51,11 +51,17 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 class Expert(nn.Module):
     """One expert: `gate_up_proj` (or `up_proj` where it has no gate), then `down_proj`."""
 
-    def __init__(self, up_name: str, up: nn.Linear, down: nn.Linear) -> None:
+    def __init__(self, up_name: str, up: nn.Linear, down: nn.Linear, stacks: dict) -> None:
         super().__init__()
         self.up_name = up_name
         self.add_module(up_name, up)
         self.down_proj = down
+        self.__dict__["_mixture_stacks"] = stacks
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, nn.Module):  # a layer swapped (mpq.apply): the mixture's stacks no longer hold it
+            self.__dict__.get("_mixture_stacks", {}).clear()
+        super().__setattr__(name, value)
 
 
 class RoutedExperts(nn.Module):
@@ -82,6 +88,8 @@ class RoutedExperts(nn.Module):
                 setattr(self, key, value)
         for name, child in original.named_children():
             self.add_module(name, child)  # act_fn, post_expert_norm
+        self.group_decode = True  # decode through grouped launches where the experts allow (benchmarks turn it off)
+        self._stacks: dict = {}  # the experts stacked (mpq.expert_stacks), built on first use; cleared by a layer swap
         up_name = _up_name(self)
         stacked = {name: getattr(original, name) for name in (up_name, "down_proj")}
         for e in range(self.num_experts):
@@ -90,7 +98,7 @@ class RoutedExperts(nn.Module):
             linears = _linear(up, biases[0]), _linear(down, biases[1])
             for linear in linears:
                 linear.routed_share = self.routed_share  # read by mpq.trace (LayerInfo) and mpq.calib_stats
-            self.add_module(str(e), Expert(up_name, *linears))
+            self.add_module(str(e), Expert(up_name, *linears, self._stacks))
 
     def expert(self, e: int) -> Expert:
         return self._modules[str(e)]
@@ -105,6 +113,9 @@ class RoutedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting():
             return self._every_expert(hidden_states, top_k_index, top_k_weights)
+        stacks = self._decode_stacks(hidden_states)
+        if stacks is not None:
+            return self._grouped(stacks, hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
@@ -119,6 +130,50 @@ class RoutedExperts(nn.Module):
                 out.index_add_(0, rows, y)
             start += count
         return out.to(hidden_states.dtype)
+
+    def projections(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """Every expert's first projection, and every expert's down projection."""
+        experts = [self.expert(e) for e in range(self.num_experts)]
+        return [getattr(expert, expert.up_name) for expert in experts], [expert.down_proj for expert in experts]
+
+    def runs_grouped(self) -> bool:
+        """Whether decode-sized calls run grouped: every expert layer on Triton (mpq.expert_stacks)."""
+        from mpq.expert_stacks import groups_decode
+
+        return self.group_decode and all(groups_decode(layers) for layers in self.projections())
+
+    def _decode_stacks(self, x: torch.Tensor) -> tuple | None:
+        """The mixture's experts stacked for grouped launches (mpq.expert_stacks), for a decode-sized
+        call that nothing records, where every expert layer runs on Triton; else None (the loop)."""
+        from mpq.expert_stacks import GROUPED_TOKENS, stack_projection
+        from mpq.qlinear import launches_directly
+
+        if not self.group_decode or x.shape[0] > GROUPED_TOKENS or not launches_directly(x):
+            return None
+        stacks = self._stacks.get(x.device)
+        if stacks is None or (stacks and not all(projection.intact() for projection in stacks)):  # .to() copies views apart
+            stacks = tuple(stack_projection(layers) for layers in self.projections())
+            stacks = stacks if all(projection is not None for projection in stacks) else ()
+            self._stacks.clear()
+            self._stacks[x.device] = stacks
+        return stacks or None
+
+    def _grouped(self, stacks: tuple, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The routed sum in two grouped launches per format, none waiting on the host: row t*k + j
+        is token t through its j-th expert."""
+        up, down = stacks
+        tokens, top_k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        routed = flat < self.num_experts  # ids >= E: no expert here (expert parallelism)
+        ids = torch.where(routed, flat, self.num_experts)
+        y = up(hidden_states.repeat_interleave(top_k, dim=0), ids)
+        y = self._gate(self, y) if self.has_gate else self.act_fn(y)
+        y = down(y, ids)
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        weights = top_k_weights.reshape(-1, 1).float() * routed[:, None]
+        return (y.float() * weights).view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
     def _every_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The same sum without data-dependent shapes, for torch.export (mpq.trace): every expert

@@ -23,6 +23,30 @@ def tiny_llama(vocab_size: int = 4096, tie: bool = True):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                            num_experts_per_tok=2)).eval()
+
+
+def tiny_gpt_oss():
+    """Transposed expert weights with biases, gate and up interleaved, a clamped swiglu of its own."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = GptOssForCausalLM(config).eval()
+    for name, param in model.named_parameters():
+        if name.endswith("_bias"):  # initialised to zero: a bias the routing dropped would go unseen
+            param.data.normal_(0, 0.5)
+    return model
+
+
 @pytest.fixture
 def benchmark_script():
     """A script of benchmarks/ imported as a module by name (the scripts are not a package)."""

@@ -41,12 +41,16 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     report = json.loads((tmp_path / "kernels-compile-sm90.json").read_text())
     rows = report["rows"]
     expected = sum(len(triton_w4a16._candidates(m, 128)) + len(triton_w8a16._candidates(m)) for m in (1, 16, 64))
+    expected += len(triton_w4a16._grouped_candidates(128)) + len(triton_w8a16._grouped_candidates())
     assert len(rows) == expected and not any(r["problems"] for r in rows)
+    assert {r["kernel"] for r in rows} == {"w4a16", "w8a16", "w4a16-grouped", "w8a16-grouped"}
     assert all(r["tensor_cores"] == (r["config"]["BLOCK_M"] > 1) for r in rows)
     assert {r["config"]["BLOCK_M"] for r in rows if r["M"] == 1} == {1, 16}  # both decode paths are timed at M = 1
     # (read from the JSON: importing the script here would switch the interpreter off for later tests)
     leanest = {(r["kernel"], r["M"]): r["instructions_per_weight_byte"] for r in report["leanest"]}
     assert leanest[("w4a16", 1)] < 7.5 and leanest[("w4a16", 16)] < 9.6 and leanest[("w8a16", 1)] < 5, leanest
+    # a mixture's experts in one launch keep the single-row loop: the expert's offset is paid once, before it
+    assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
     assert any(op.startswith("wgmma") for r in rows if r["M"] == 64 for op in r["ops"])  # Hopper's warpgroup MMA
 
 
@@ -67,6 +71,7 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
     group = int(variant[1])
     expected = sum(len(triton_w4a16._candidates(m, group)) + len(triton_w8a16._candidates(m))
                    for m in map(int, batches.split(",")))
+    expected += len(triton_w4a16._grouped_candidates(group)) + len(triton_w8a16._grouped_candidates())
     assert report["group"] == group and report["activations"] == variant[3]
     assert len(report["rows"]) == expected and not any(r["problems"] for r in report["rows"])
 

@@ -21,31 +21,10 @@ from mpq.plan import Plan
 from mpq.report import _experts_line
 from mpq.trace import trace_model
 
+from conftest import tiny_gpt_oss as _gpt_oss
+from conftest import tiny_mixtral as _mixtral
+
 EXPORT = {"use_cache": False}
-
-
-def _mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    return MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-                                            num_experts_per_tok=2)).eval()
-
-
-def _gpt_oss():
-    """Transposed expert weights with biases, gate and up interleaved, a clamped swiglu of its own."""
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    torch.manual_seed(0)
-    config = GptOssConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    model = GptOssForCausalLM(config).eval()
-    for name, param in model.named_parameters():
-        if name.endswith("_bias"):  # initialised to zero: a bias the routing dropped would go unseen
-            param.data.normal_(0, 0.5)
-    return model
 
 
 @pytest.mark.parametrize("build", [_mixtral, _gpt_oss], ids=["mixtral", "gpt_oss"])

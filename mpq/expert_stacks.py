@@ -1,0 +1,124 @@
+"""Decode through a mixture's experts in one launch per format: experts stacked, not looped.
+
+RoutedExperts runs a mixture as a loop: it asks the GPU which experts got tokens (a host sync),
+then launches each of those experts' two projections in turn. At decode, a handful of tokens
+routed to top-k experts each, that is 2 x top-k launches of a few microseconds of weights each
+(Qwen3-30B-A3B: 16 a mixture, 768 a token), and the launches, not the weights, set the pace.
+
+Here each projection's experts that share a format are stacked once ([E_f, N, K/2] packed
+weights, [E_f, N, K/G] scales...); each expert's layer then holds a view of its slice, so no byte
+is held twice and the per-expert path (prefill) still reads the same memory. One grouped launch
+per format (mpq.kernels.triton_w4a16.w4a16_grouped, w8a16_grouped) runs every (token, expert)
+pair at once, each pair's row against its own expert's weights, and the slots of the pairs
+(expert id -> place in the stack) are gathered on the GPU, so nothing waits for the host.
+Only Triton layers stack: on the CPU, or where an expert is dense or on the reference path, the
+mixture keeps the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpq.formats import FormatSpec
+from mpq.qlinear import QuantizedLinear
+
+GROUPED_TOKENS = 16  # up to this many tokens (the kernels' decode regime) a mixture runs grouped
+
+
+@dataclass
+class ExpertStack:
+    """The experts of one projection that share a format, stacked along a leading dimension."""
+
+    fmt: FormatSpec
+    tensors: dict[str, torch.Tensor]  # qweight, scales (zeros): [experts in this stack, ...]
+    slots: torch.Tensor  # int32 [E + 1]: expert id -> its place here, -1 where another stack holds it (and for id E)
+    input_scale: torch.Tensor | None  # AWQ's per-expert input divisors [experts here, K], or None
+    first: QuantizedLinear  # the stack's first expert layer: its qweight must still be a view of the stack
+
+    def run(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each row of x through its expert (ids[p]); rows whose expert another stack holds come out 0."""
+        from mpq.kernels import triton_w4a16, triton_w8a16  # imports triton on first use
+
+        slots = self.slots[ids]
+        if self.input_scale is not None:
+            x = x * self.input_scale[slots.clamp(min=0)].to(x.dtype)
+        if self.fmt.bits == 8:
+            return triton_w8a16.w8a16_grouped(x, slots, self.tensors["qweight"], self.tensors["scales"])
+        return triton_w4a16.w4a16_grouped(x, slots, self.tensors["qweight"], self.tensors["scales"],
+                                          self.tensors.get("zeros"), self.fmt.group_along(x.shape[-1]))
+
+    def intact(self) -> bool:
+        """Whether the layers still read the stack (moving the model with .to() copies each view apart)."""
+        return self.first.qweight.data_ptr() == self.tensors["qweight"].data_ptr()
+
+
+@dataclass
+class ProjectionStacks:
+    """One projection (gate_up or down) of every expert of a mixture, as one stack per format."""
+
+    stacks: list[ExpertStack]
+    bias: torch.Tensor | None  # [E, N]: the experts' biases, stacked likewise
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [P, K] -> [P, N], row p through expert ids[p] (ids == E: no expert; its row is the
+        bias of expert E - 1 or 0, and its routing weight zeroes it)."""
+        y = None
+        for stack in self.stacks:
+            part = stack.run(x, ids)
+            y = part if y is None else y + part
+        if self.bias is not None:
+            y = y + self.bias[ids.clamp(max=self.bias.shape[0] - 1)].to(y.dtype)
+        return y
+
+    def intact(self) -> bool:
+        return all(stack.intact() for stack in self.stacks)
+
+
+def groups_decode(layers: list[nn.Module]) -> bool:
+    """Whether these expert layers (one projection of a mixture) can run grouped: all on Triton."""
+    return bool(layers) and all(isinstance(layer, QuantizedLinear) and layer.backend == "triton" for layer in layers)
+
+
+def _stack_into(layers: list[QuantizedLinear], name: str, holder: dict) -> torch.Tensor:
+    """Stack one tensor of these layers and point each layer at its slice (the old tensors go)."""
+    stacked = torch.stack([layer._buffers[name] if name in layer._buffers else layer.bias for layer in layers])
+    for layer, view in zip(layers, stacked):
+        if name in layer._buffers:
+            layer._buffers[name] = view
+        else:  # the bias, a parameter
+            layer.bias = nn.Parameter(view, requires_grad=False)
+    holder[name] = stacked
+    return stacked
+
+
+@torch.no_grad()
+def stack_projection(layers: list[nn.Module]) -> ProjectionStacks | None:
+    """Stack one projection's expert layers by format (None where they cannot run grouped)."""
+    if not groups_decode(layers):
+        return None
+    by_key: dict[tuple[str, bool], list[int]] = {}
+    for e, layer in enumerate(layers):
+        by_key.setdefault((layer.fmt.name, hasattr(layer, "input_scale")), []).append(e)
+    device = layers[0].qweight.device
+    stacks = []
+    for members in by_key.values():
+        group = [layers[e] for e in members]
+        tensors: dict[str, torch.Tensor] = {}
+        for name in ("qweight", "scales", "zeros"):
+            if name in group[0]._buffers:
+                _stack_into(group, name, tensors)
+        scales = {}
+        input_scale = _stack_into(group, "input_scale", scales) if hasattr(group[0], "input_scale") else None
+        slots = torch.full((len(layers) + 1,), -1, dtype=torch.int32)
+        slots[members] = torch.arange(len(members), dtype=torch.int32)
+        stacks.append(ExpertStack(group[0].fmt, tensors, slots.to(device), input_scale, group[0]))
+    bias = _stack_into(layers, "bias", {}) if layers[0].bias is not None else None
+    return ProjectionStacks(stacks, bias)
+
+
+def describe_grouped(kernel: str, experts: int) -> str:
+    """A grouped layer's kernel, in words (mpq inspect --kernels)."""
+    return f"{kernel}; up to {GROUPED_TOKENS} tokens grouped: one launch per format over the mixture's {experts} experts"
