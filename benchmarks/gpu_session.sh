@@ -3,7 +3,8 @@
 # Those machines hold torch, triton and transformers but no optuna and no network, so mpq goes in
 # without its dependencies, and the demo is compiled beforehand on any machine with mpq:
 #     mpq compile demo --max-mem 8MB -o .gpu/demo-out -q       # .gpu/ is git-ignored; carry it
-# then on the GPU, one call for everything (both formats, every shape and M, then the demo's configs;
+# then on the GPU, one call for everything (both formats, every shape and M, then the demo's configs,
+# then benchmarks/experts_decode.py;
 # arguments after the folder go to benchmarks/kernels.py, e.g. --formats int8 for a rerun of one):
 #     bash benchmarks/gpu_session.sh .gpu/demo-out
 # A shape's first call compiles its launch candidates in threads, one per core, before timing them.
@@ -28,3 +29,5 @@ echo "cores: $(nproc)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "(no nvidia-smi)"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 python3 benchmarks/kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@"
+# then a mixture of experts at decode: grouped expert launches against the per-expert loop
+python3 benchmarks/experts_decode.py --out "${OUT:-benchmarks/results}"

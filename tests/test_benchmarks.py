@@ -23,6 +23,17 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert len(report["rows"]) == 2 * 2 * 3 and all(r["rel_err"] < 1e-2 for r in report["rows"])
 
 
+def test_experts_decode_benchmark_smoke(tmp_path):
+    """The mixture benchmark's smoke run: grouped and looped decode both match the reference."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "experts_decode.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "experts-decode-smoke.json").read_text())
+    assert [(r["format"], r["tokens"]) for r in report["rows"]] == [(f, t) for f in ("int4-g128", "int8") for t in (1, 4, 16)]
+    assert all(r["rel_err_grouped"] < 1e-2 and r["rel_err_loop"] < 1e-2 for r in report["rows"])
+
+
 def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     """Each config a GPU would time goes through Triton's compiler to an sm_90 cubin on this CPU
     machine; the script fails on any config that does not compile, needs more shared memory than

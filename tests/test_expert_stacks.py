@@ -176,3 +176,27 @@ def test_experts_off_triton_keep_the_loop():
         assert torch.equal(mixture(x, index, weights), _loop(mixture, x, index, weights))
         assert mixture._stacks == {x.device: ()}
         assert "grouped" not in " ".join(kernels_of(model).values())
+
+
+def test_a_saved_mixture_loaded_on_triton_decodes_grouped_and_matches_the_reference(tmp_path, demo_tokenizer):
+    """What `mpq inspect --check` asks of a config on CUDA, here on the interpreter: every expert
+    layer on Triton, grouped at decode, and the logits of a prompt (20 tokens: the loop) and of one
+    token (grouped) within 2e-2 of the reference."""
+    from mpq.checkpoint import save_config
+    from mpq.device_check import check_on_device
+    from mpq.models import CAUSAL_LM
+    from mpq.plan import Plan
+    from mpq.trace import trace_model
+
+    model = tiny_mixtral()
+    route_experts(model)
+    graph = trace_model(model, {"input_ids": torch.randint(0, 128, (1, 8)), "use_cache": False})
+    formats = {layer.name: ("int4-g32" if ".experts." in layer.name and layer.name.split(".")[-2] in "13" else "int8")
+               for layer in graph.layers if layer.kind != "embed_tokens"}
+    plan = Plan(formats=formats, model="mixtral")
+    with applied(model, plan.specs(), QuantizedWeightCache(model)) as tensors:
+        folder = save_config(tmp_path / "cfg", model, demo_tokenizer, CAUSAL_LM, plan, tensors, {"note": "test"})
+    result = check_on_device(folder, "cpu", backend="triton", tokens=20)
+    assert result["fallback_layers"] == [] and all(err < 2e-2 for err in result["rel_err"].values()), result
+    grouped = [kernel for kernel in result["kernels"] if "grouped" in kernel]
+    assert sum(result["kernels"][kernel] for kernel in grouped) == 2 * 4 * 2  # both mixtures' experts, both projections

@@ -1,0 +1,164 @@
+"""Mixture-of-experts decode (GPU): grouped expert launches against the per-expert loop.
+
+One mixture shaped like Qwen3-30B-A3B's (128 experts, hidden 2048, expert width 768, top-8), its
+experts quantised (INT4 groups of 128, INT8), run for 1, 4 and 16 tokens routed at random to
+top-k distinct experts. The loop (RoutedExperts.group_decode off) asks the GPU which experts got
+tokens, then launches each one's two projections; the grouped path (mpq.expert_stacks) runs one
+launch per projection and format. Per row: eager wall time per call of both (what a Python decode
+loop pays, host included), the grouped path's device time in a CUDA graph (it has no host sync,
+so a decode step can be captured whole; the loop's sync cannot be; the L2 cache flushed before
+each replay, so the weights come from DRAM), the bytes of the experts the
+tokens touched and the GB/s that time makes of them, and both paths' relative error to the
+dequantise reference. Prints a table and writes JSON.
+
+    python benchmarks/experts_decode.py            # on a CUDA machine
+    python benchmarks/experts_decode.py --smoke    # a tiny mixture, correctness only (CPU: the interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+MIXTURE = {"name": "Qwen3-30B-A3B mixture", "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8}
+SMOKE_MIXTURE = {"name": "smoke mixture", "experts": 6, "hidden": 128, "intermediate": 128, "top_k": 2}
+TOKENS = (1, 4, 16)
+
+
+def build_mixture(spec: dict, fmt_name: str, device: str, dtype: torch.dtype):
+    """A RoutedExperts of `spec`'s shape with random weights, every expert layer in `fmt_name` on Triton."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from mpq.experts import RoutedExperts
+    from mpq.qlinear import QuantizedLinear
+
+    config = Qwen3MoeConfig(hidden_size=spec["hidden"], moe_intermediate_size=spec["intermediate"],
+                            num_experts=spec["experts"], num_experts_per_tok=spec["top_k"])
+    torch.manual_seed(0)
+    original = Qwen3MoeExperts(config).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for weight in (original.gate_up_proj, original.down_proj):
+            weight.normal_(0, 0.02)  # the class leaves them uninitialised
+    mixture = RoutedExperts(original).eval()
+    del original
+    for e in range(mixture.num_experts):
+        expert = mixture.expert(e)
+        for name in (expert.up_name, "down_proj"):
+            layer, _ = QuantizedLinear.from_module(getattr(expert, name), fmt_name, backend="triton")
+            setattr(expert, name, layer)
+    return mixture
+
+
+def routes(spec: dict, tokens: int, device: str, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, spec["hidden"], generator=generator).to(device=device, dtype=dtype)
+    index = torch.stack([torch.randperm(spec["experts"], generator=generator)[:spec["top_k"]] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, spec["top_k"], generator=generator), dim=-1)
+    return x, index.to(device), weights.to(device=device, dtype=dtype)
+
+
+def run_loop(mixture, *inputs):
+    mixture.group_decode = False
+    try:
+        return mixture(*inputs)
+    finally:
+        mixture.group_decode = True
+
+
+def run_reference(mixture, *inputs):
+    """The loop, each layer dequantising and multiplying (the ground truth)."""
+    layers = [layer for projection in mixture.projections() for layer in projection]
+    for layer in layers:
+        layer.backend = "reference"
+    try:
+        return mixture(*inputs)
+    finally:
+        for layer in layers:
+            layer.backend = "triton"
+
+
+def eager_ms(fn, calls: int = 100) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench(spec: dict, fmt_name: str, tokens: tuple[int, ...], device: str, smoke: bool, dtype: torch.dtype) -> list[dict]:
+    from mpq.kernels.triton_tuning import gpu_time_ms
+
+    mixture = build_mixture(spec, fmt_name, device, dtype)
+    up, down = mixture.projections()
+    expert_bytes = sum(t.numel() * t.element_size() for layer in (up[0], down[0]) for t in layer._tensors().values())
+    rows = []
+    for count in tokens:
+        inputs = routes(spec, count, device, dtype, seed=count)
+        with torch.no_grad():
+            expected = run_reference(mixture, *inputs)
+            grouped, looped = mixture(*inputs), run_loop(mixture, *inputs)
+            touched = inputs[1].unique().numel()
+            row = {"mixture": spec["name"], "format": fmt_name, "tokens": count, "top_k": spec["top_k"],
+                   "experts_touched": touched, "bytes_touched": touched * expert_bytes,
+                   "rel_err_grouped": rel_err(grouped, expected), "rel_err_loop": rel_err(looped, expected)}
+            if not smoke:
+                row["grouped_eager_ms"] = eager_ms(lambda: mixture(*inputs))
+                row["loop_eager_ms"] = eager_ms(lambda: run_loop(mixture, *inputs))
+                row["grouped_graph_ms"] = gpu_time_ms(lambda: mixture(*inputs))  # L2 flushed before each replay
+                row["eager_speedup"] = row["loop_eager_ms"] / row["grouped_eager_ms"]
+                row["grouped_GBps"] = row["bytes_touched"] / (row["grouped_graph_ms"] * 1e-3) / 1e9
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a tiny mixture, no timing")
+    parser.add_argument("--formats", default="int4-g128,int8")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("benchmarks/experts_decode.py times GPU kernels: run it on a CUDA machine, or use --smoke")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    from mpq.io import write_json_atomic
+
+    spec = SMOKE_MIXTURE if args.smoke else MIXTURE
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+              "torch": torch.__version__, "mixture": spec, "rows": []}
+    path = args.out / ("experts-decode-smoke.json" if args.smoke else f"experts-decode-{report['device'].replace(' ', '_')}.json")
+    for fmt_name in args.formats.split(","):
+        report["rows"] += bench(spec, fmt_name, TOKENS, device, args.smoke, torch.bfloat16)
+        write_json_atomic(path, report)
+    print(f"\n# {report['device']}: {spec['name']} ({spec['experts']} experts {spec['hidden']}x{spec['intermediate']}, "
+          f"top-{spec['top_k']}), bf16 activations")
+    print("| format | tokens | experts touched | loop eager ms | grouped eager ms | eager speedup | grouped graph ms | "
+          "GB/s | rel err grouped | rel err loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        timed = "grouped_graph_ms" in r
+        print(f"| {r['format']} | {r['tokens']} | {r['experts_touched']} | "
+              + (f"{r['loop_eager_ms']:.3f} | {r['grouped_eager_ms']:.3f} | {r['eager_speedup']:.2f}x | "
+                 f"{r['grouped_graph_ms']:.4f} | {r['grouped_GBps']:.0f} | " if timed else "- | - | - | - | - | ")
+              + f"{r['rel_err_grouped']:.1e} | {r['rel_err_loop']:.1e} |")
+    print(f"wrote {path}")
+    bad = [r for r in report["rows"] if not (r["rel_err_grouped"] < 1e-2 and r["rel_err_loop"] < 1e-2)]
+    if bad:
+        raise SystemExit(f"{len(bad)} rows off the reference by 1e-2 or more")
+
+
+if __name__ == "__main__":
+    main()
