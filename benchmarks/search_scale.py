@@ -18,7 +18,6 @@ budget (the exact optimum is on both) and the front's size.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from mpq.environment import hardware, versions
 from mpq.formats import parse_formats
+from mpq.io import write_json_atomic
 from mpq.latency import LatencyModel, routed_calls
 from mpq.search import open_storage, search_plans
 
@@ -113,7 +113,7 @@ def main() -> None:
         print(f"| {r['shape']} | {r['variant']} | {r['layers']} | {r['variables']} | {r['trials']} | {r['storage']} | "
               f"{r['seconds']} | {r['front']} | {r['least_predicted']:.4g} | {r['exact_best']:.4g} | {own} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "hardware": hardware(), "versions": versions()}, indent=1))
+    write_json_atomic(args.out, {"rows": rows, "hardware": hardware(), "versions": versions()})
     print(f"wrote {args.out}")
 
 

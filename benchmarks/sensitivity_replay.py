@@ -8,7 +8,6 @@ seconds each way, and whether the two tables are identical (they must be, bit fo
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import mpq.sensitivity as sensitivity
 from mpq.apply import QuantizedWeightCache
 from mpq.environment import hardware, versions
 from mpq.formats import parse_formats
+from mpq.io import write_json_atomic
 from mpq.models import load_model
 from mpq.profile import example_inputs
 from mpq.tasks import calibration_text, make_task
@@ -32,18 +32,14 @@ def bench(name: str, samples: int | None) -> dict:
     work = sensitivity.measurement_model(loaded.model)
     cache = QuantizedWeightCache(loaded.model)
 
-    def table():
+    def table(replay_blocks: bool):
         start = time.time()
-        measured = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k", {}, cache, False)
+        measured = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k", {}, cache, False,
+                                                   replay_blocks=replay_blocks)
         return measured.values, time.time() - start
 
-    replayed, replay_s = table()
-    with_replay = sensitivity._block_replay
-    sensitivity._block_replay = lambda *args: (None, "")  # every pass runs every block
-    try:
-        full, full_s = table()
-    finally:
-        sensitivity._block_replay = with_replay
+    replayed, replay_s = table(True)
+    full, full_s = table(False)  # every pass runs every block
     return {"model": name, "layers": len(graph.layers), "samples": samples or SAMPLES[name], "replay_s": round(replay_s, 1),
             "full_s": round(full_s, 1), "saved": round(1 - replay_s / full_s, 3), "identical": replayed == full}
 
@@ -61,7 +57,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['layers']} | {r['samples']} | {r['replay_s']} | {r['full_s']} | {r['saved']:.0%} | "
               f"{r['identical']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "hardware": hardware(), "versions": versions()}, indent=1))
+    write_json_atomic(args.out, {"rows": rows, "hardware": hardware(), "versions": versions()})
     print(f"wrote {args.out}")
 
 

@@ -51,8 +51,10 @@ class ExpertStack:
                                           self.tensors.get("zeros"), self.fmt.group_along(x.shape[-1]))
 
     def intact(self) -> bool:
-        """Whether the layers still read the stack (moving the model with .to() copies each view apart)."""
-        return self.first.qweight.data_ptr() == self.tensors["qweight"].data_ptr()
+        """Whether the layers still read the stack: moving or casting the model (.to(), .half())
+        copies each view apart, so the first layer's tensors no longer start the stacks."""
+        return all(self.first._buffers[name].data_ptr() == tensor.data_ptr() for name, tensor in self.tensors.items()) \
+            and (self.input_scale is None or self.first.input_scale.data_ptr() == self.input_scale.data_ptr())
 
 
 @dataclass

@@ -43,6 +43,8 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
     always among them; with 1, it alone)."""
     names = list(costs)
     options = {name: list(costs[name]) for name in names}
+    if max(map(len, options.values()), default=0) > 127:
+        raise ValueError("exact_front indexes a layer's formats in one signed byte: at most 127 formats a layer")
     # The DP counts only the bytes above each layer's cheapest format (exact: 0 units), so its
     # buckets resolve what the plans differ in, not the bytes every plan has.
     floor = {name: min(costs[name].values()) for name in names}
@@ -55,7 +57,9 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
     width = capacity // q + 1
     best = np.full(width, np.inf)
     best[0] = 0.0  # best[b]: least predicted loss of the layers so far, at exactly b units
-    choices = np.full((len(names), width), -1, dtype=np.int16)
+    # a layer's choice at every width, one byte each (a layer has a few formats): 12 480 layers x
+    # 20 000 buckets hold 250 MB of them
+    choices = np.full((len(names), width), -1, dtype=np.int8)
     for i, name in enumerate(names):
         nxt = np.full(width, np.inf)
         for j, fmt in enumerate(options[name]):
@@ -72,7 +76,7 @@ def exact_front(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, floa
     # once, one layer at a time over every step (a model with thousands of layers has thousands of steps).
     before = np.concatenate([[np.inf], np.minimum.accumulate(best)[:-1]])  # least loss at fewer units
     steps = np.flatnonzero(best < before)
-    picked = np.zeros((len(names), len(steps)), dtype=np.int16)
+    picked = np.zeros((len(names), len(steps)), dtype=np.int8)
     left = steps.astype(np.int64)
     true_bytes = np.zeros(len(steps), dtype=np.int64)
     for i in range(len(names) - 1, -1, -1):

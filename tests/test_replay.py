@@ -85,7 +85,7 @@ def test_block_of():
     assert block_of("lm_head", "model.layers") == 0 and block_of("model.layers_extra.1.x", "model.layers") == 0
 
 
-def test_sensitivity_with_replay_is_bit_identical_to_full_passes(tiny_llama_dir, monkeypatch):
+def test_sensitivity_with_replay_is_bit_identical_to_full_passes(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
     graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
@@ -98,9 +98,9 @@ def test_sensitivity_with_replay_is_bit_identical_to_full_passes(tiny_llama_dir,
         block.self_attn.register_forward_pre_hook(lambda module, args, kwargs: runs.append(module), with_kwargs=True)
     replayed = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k", {}, cache, False)
     block_runs = len(runs)
-    monkeypatch.setattr(sensitivity, "_block_replay", lambda *args: (None, ""))
     runs.clear()
-    full = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k", {}, cache, False)
+    full = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k", {}, cache, False,
+                                           replay_blocks=False)
     assert replayed.values == full.values
     assert sum(v > 0 for per in full.values.values() for v in per.values()) >= 25  # of 30 (a tiny KL can round to 0)
     # block 0 did not run for the 14 passes of block 1's layers; checking and recording took 3 runs
