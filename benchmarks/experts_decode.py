@@ -1,8 +1,8 @@
 """Mixture-of-experts decode (GPU): grouped expert launches against the per-expert loop.
 
-One mixture shaped like Qwen3-30B-A3B's (128 experts, hidden 2048, expert width 768, top-8), its
-experts quantised (INT4 groups of 128, INT8), run for 1, 4 and 16 tokens routed at random to
-top-k distinct experts. The loop (RoutedExperts.group_decode off) asks the GPU which experts got
+A mixture shaped like Qwen3-30B-A3B's (128 experts, hidden 2048, expert width 768, top-8) and one
+like Mixtral-8x7B's (8 experts, 4096 x 14336, top-2), their experts quantised (INT4 groups of 128,
+INT8), run for 1, 4 and 16 tokens routed at random to top-k distinct experts. The loop (RoutedExperts.group_decode off) asks the GPU which experts got
 tokens, then launches each one's two projections; the grouped path (mpq.expert_stacks) runs one
 launch per projection and format. Per row: eager wall time per call of both (what a Python decode
 loop pays, host included), the grouped path's device time in a CUDA graph (it has no host sync,
@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-MIXTURE = {"name": "Qwen3-30B-A3B mixture", "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8}
-SMOKE_MIXTURE = {"name": "smoke mixture", "experts": 6, "hidden": 128, "intermediate": 128, "top_k": 2}
+MIXTURES = [  # many small experts, and few large ones (whose pairs share experts at 4+ tokens)
+    {"name": "Qwen3-30B-A3B mixture", "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8},
+    {"name": "Mixtral-8x7B mixture", "experts": 8, "hidden": 4096, "intermediate": 14336, "top_k": 2},
+]
+SMOKE_MIXTURES = [{"name": "smoke mixture", "experts": 6, "hidden": 128, "intermediate": 128, "top_k": 2}]
 TOKENS = (1, 4, 16)
 
 
@@ -40,7 +43,8 @@ def build_mixture(spec: dict, fmt_name: str, device: str, dtype: torch.dtype):
     config = Qwen3MoeConfig(hidden_size=spec["hidden"], moe_intermediate_size=spec["intermediate"],
                             num_experts=spec["experts"], num_experts_per_tok=spec["top_k"])
     torch.manual_seed(0)
-    original = Qwen3MoeExperts(config).to(device=device, dtype=dtype)
+    with torch.device(device):
+        original = Qwen3MoeExperts(config).to(dtype)
     with torch.no_grad():
         for weight in (original.gate_up_proj, original.down_proj):
             weight.normal_(0, 0.02)  # the class leaves them uninitialised
@@ -136,21 +140,24 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     from mpq.io import write_json_atomic
 
-    spec = SMOKE_MIXTURE if args.smoke else MIXTURE
+    mixtures = SMOKE_MIXTURES if args.smoke else MIXTURES
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
-              "torch": torch.__version__, "mixture": spec, "rows": []}
+              "torch": torch.__version__, "mixtures": mixtures, "rows": []}
     path = args.out / ("experts-decode-smoke.json" if args.smoke else f"experts-decode-{report['device'].replace(' ', '_')}.json")
-    for fmt_name in args.formats.split(","):
-        report["rows"] += bench(spec, fmt_name, TOKENS, device, args.smoke, torch.bfloat16)
-        write_json_atomic(path, report)
-    print(f"\n# {report['device']}: {spec['name']} ({spec['experts']} experts {spec['hidden']}x{spec['intermediate']}, "
-          f"top-{spec['top_k']}), bf16 activations")
-    print("| format | tokens | experts touched | loop eager ms | grouped eager ms | eager speedup | grouped graph ms | "
-          "GB/s | rel err grouped | rel err loop |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec in mixtures:
+        for fmt_name in args.formats.split(","):
+            report["rows"] += bench(spec, fmt_name, TOKENS, device, args.smoke, torch.bfloat16)
+            write_json_atomic(path, report)
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the next mixture is built beside nothing of this one
+    print(f"\n# {report['device']}, bf16 activations: "
+          + "; ".join(f"{m['name']}: {m['experts']} experts {m['hidden']}x{m['intermediate']}, top-{m['top_k']}" for m in mixtures))
+    print("| mixture | format | tokens | experts touched | loop eager ms | grouped eager ms | eager speedup | "
+          "grouped graph ms | GB/s | rel err grouped | rel err loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         timed = "grouped_graph_ms" in r
-        print(f"| {r['format']} | {r['tokens']} | {r['experts_touched']} | "
+        print(f"| {r['mixture']} | {r['format']} | {r['tokens']} | {r['experts_touched']} | "
               + (f"{r['loop_eager_ms']:.3f} | {r['grouped_eager_ms']:.3f} | {r['eager_speedup']:.2f}x | "
                  f"{r['grouped_graph_ms']:.4f} | {r['grouped_GBps']:.0f} | " if timed else "- | - | - | - | - | ")
               + f"{r['rel_err_grouped']:.1e} | {r['rel_err_loop']:.1e} |")

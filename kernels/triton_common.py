@@ -166,14 +166,19 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def grouped_row(slot_ptr, N, BLOCK_N: tl.constexpr):
+def grouped_row(slot_ptr, M, N, BLOCK_N: tl.constexpr):
     """A grouped launch's program: its row of x (one token routed to one expert; BLOCK_M = 1), the
-    stack slot of that row's expert, and whether the slot is in this stack (slot_ptr holds -1 for an
-    expert another stack holds). Masked off, its loads read nothing and its row comes out 0."""
-    pair = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    row and columns of the output it owns, their mask, and the stack slot of that row's expert. The
+    mask is off where the slot is -1 (an expert another stack holds): its loads read nothing and
+    its row comes out 0. The rows run fastest through the grid: rows sorted by
+    expert then read each of an expert's column tiles back to back, from L2 after the first."""
+    pid = tl.program_id(0)
+    pair = pid % M
+    offs_m = pair + tl.arange(0, 1)
+    offs_n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slot_ptr + pair)
     mine = (slot + tl.zeros((BLOCK_N,), tl.int32)) >= 0  # a column mask (a scalar one trips the interpreter)
-    return pair, tl.maximum(slot, 0).to(tl.int64), mine
+    return pair, offs_m, offs_n, (offs_n < N) & mine, tl.maximum(slot, 0).to(tl.int64)
 
 
 @triton.jit

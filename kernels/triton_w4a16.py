@@ -69,15 +69,15 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
-    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
-    mask_n = offs_n < N
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
-        pair, expert, mine = grouped_row(slot_ptr, N, BLOCK_N)
+        pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
         w_ptr += expert * stride_we
         s_ptr += expert * stride_se
         z_ptr += expert * stride_se
         x_ptr += pair * stride_xm  # single_row reads the row at x_ptr
-        mask_n = mask_n & mine
+    else:
+        offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
+        mask_n = offs_n < N
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K)

@@ -40,15 +40,15 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, st
                   ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
-    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     if GROUPED:  # experts stacked [E, ...]; row m of x (offs_m, BLOCK_M = 1) runs through expert slot_ptr[m]
-        pair, expert, mine = grouped_row(slot_ptr, N, BLOCK_N)
+        pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
         w_ptr += expert * stride_we
         s_ptr += expert * stride_se
-        mask_n = mask_n & mine
+    else:
+        offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
+        mask_n = offs_n < N
+    mask_m = offs_m < M
     if BLOCK_M == 1:
         # The scale is per output channel, so the products can pile up per (k, n) over the whole
         # K loop and be summed across threads once at the end, not once per K step.

@@ -160,20 +160,25 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, stacks: tuple, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The routed sum in two grouped launches per format, none waiting on the host: row t*k + j
-        is token t through its j-th expert."""
+        """The routed sum in two grouped launches per format, none waiting on the host. Each row is
+        one (token, expert) pair, the pairs sorted by expert: a launch then reads an expert's
+        weights for all its tokens back to back (from L2 after the first; mpq.kernels.triton_common.grouped_row)."""
         up, down = stacks
         tokens, top_k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        routed = flat < self.num_experts  # ids >= E: no expert here (expert parallelism)
-        ids = torch.where(routed, flat, self.num_experts)
-        y = up(hidden_states.repeat_interleave(top_k, dim=0), ids)
+        flat = top_k_index.reshape(-1)  # pair t * top_k + j: token t's j-th expert
+        order = torch.argsort(flat, stable=True)
+        ids = flat[order]
+        routed = ids < self.num_experts  # ids >= E: no expert here (expert parallelism)
+        ids = torch.where(routed, ids, self.num_experts)
+        y = up(hidden_states[order // top_k], ids)
         y = self._gate(self, y) if self.has_gate else self.act_fn(y)
         y = down(y, ids)
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
-        weights = top_k_weights.reshape(-1, 1).float() * routed[:, None]
-        return (y.float() * weights).view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        weighted = y.float() * (top_k_weights.reshape(-1)[order].float() * routed)[:, None]
+        pairs = torch.empty_like(weighted)
+        pairs[order] = weighted  # back in (token, slot) order, so each token's sum is one fixed reduction
+        return pairs.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
     def _every_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The same sum without data-dependent shapes, for torch.export (mpq.trace): every expert
