@@ -80,7 +80,7 @@ def run_reference(mixture, *inputs):
     for layer in layers:
         layer.backend = "reference"
     try:
-        return mixture(*inputs)
+        return run_loop(mixture, *inputs)  # the loop: a grouped call would stack the experts, or note they cannot be
     finally:
         for layer in layers:
             layer.backend = "triton"
@@ -112,6 +112,8 @@ def bench(spec: dict, fmt_name: str, tokens: tuple[int, ...], device: str, smoke
         with torch.no_grad():
             expected = run_reference(mixture, *inputs)
             grouped, looped = mixture(*inputs), run_loop(mixture, *inputs)
+            if not mixture._stacks.get(inputs[0].device):
+                raise SystemExit(f"{spec['name']} {fmt_name}: the grouped path did not run")
             touched = inputs[1].unique().numel()
             row = {"mixture": spec["name"], "format": fmt_name, "tokens": count, "top_k": spec["top_k"],
                    "experts_touched": touched, "bytes_touched": touched * expert_bytes,

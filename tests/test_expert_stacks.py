@@ -141,7 +141,7 @@ def test_a_swapped_expert_layer_unstacks_the_mixture_and_the_next_call_reads_it(
     index[:] = torch.tensor([1, 2])
     with applied(model, plan, QuantizedWeightCache(model)):
         first = mixture(x, index, weights)
-        assert mixture._stacks
+        assert mixture._stacks[x.device]
         name = "model.layers.0.mlp.experts.2.down_proj"
         old = model.get_submodule(name)
         swapped = QuantizedLinear(get_format("int8"), {"qweight": -old.qweight.clone(), "scales": old.scales.clone()},
@@ -149,7 +149,7 @@ def test_a_swapped_expert_layer_unstacks_the_mixture_and_the_next_call_reads_it(
         set_module(model, name, swapped)
         assert not mixture._stacks  # cleared by the swap, so no stale stack runs the old weights
         second = mixture(x, index, weights)
-        assert mixture._stacks and not torch.allclose(first, second, atol=1e-3)
+        assert mixture._stacks[x.device] and not torch.allclose(first, second, atol=1e-3)
         assert rel_err(second, _loop(mixture, x, index, weights)) < 2e-2
         set_module(model, name, old)
         # a cast copies every view apart: the next call stacks the cast tensors, not the stale ones
