@@ -105,11 +105,12 @@ def first_calls(m: int, n: int, k: int, configs: int) -> list[dict]:
 
 
 def run_mode(threads: int, args: argparse.Namespace) -> list[dict]:
-    """first_calls in a fresh process with an empty Triton cache and MPQ_COMPILE_THREADS=threads."""
+    """first_calls in a fresh process with an empty Triton cache and tuning store, MPQ_COMPILE_THREADS=threads."""
     rows = []
     for m in map(int, args.batches.split(",")):
         with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "TRITON_CACHE_DIR": cache, "MPQ_COMPILE_THREADS": str(threads)}
+            # an empty tuning store too: a choice stored by an earlier child would skip the first call's work
+            env = {**os.environ, "TRITON_CACHE_DIR": cache, "MPQ_CACHE_DIR": cache, "MPQ_COMPILE_THREADS": str(threads)}
             child = [sys.executable, __file__, "--child", str(m), "--shape", args.shape, "--configs", str(args.configs)]
             proc = subprocess.run(child, env=env, capture_output=True, text=True)
             if proc.returncode:

@@ -5,7 +5,8 @@ buffer and cast it back, two extra launches that cost as much as the whole GEMV 
 INT4 layer at M = 1. Here every candidate is timed as it will run (its buffer, its cast), so a
 config without split (no atomics, written in the activation dtype) wins where it is faster.
 The choice is cached per (kernel, M bucket, N, K, ...): prefill lengths vary from call to call,
-and timing every new M would stall generation, so M is rounded up to a power of two.
+and timing every new M would stall generation, so M is rounded up to a power of two. It is also
+stored on disk (kernels/tuning_store.py), so a later process on the same GPU skips the timing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
+
+from mpq.kernels import tuning_store
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,10 @@ def choose_config(key: Hashable, candidates: list[Config], run: Callable[[Config
     given, compiles a candidate without running it; all are then compiled in parallel first."""
     if key in _CHOSEN:
         return _CHOSEN[key]
+    stored = tuning_store.recall(key, candidates)
+    if stored is not None:  # chosen by an earlier process on this GPU, Triton and kernels
+        _CHOSEN[key] = stored
+        return stored
     timer = timer or gpu_time_ms
     compile_s = compile_ahead(candidates, compile_one) if compile_one is not None else 0.0
     start = time.perf_counter()
@@ -139,6 +146,7 @@ def choose_config(key: Hashable, candidates: list[Config], run: Callable[[Config
         raise RuntimeError(f"no launch config ran for {key}: {first_error}") from first_error
     ms, best = min(times)
     _CHOSEN[key] = candidates[best]
+    tuning_store.remember(key, candidates[best])
     _TUNING[key] = {"candidates": len(candidates), "ran": len(times), "compile_ahead_s": compile_s,
                     "timing_s": time.perf_counter() - start, "best_ms": ms}
     log.info("%s: %s (%.4f ms, fastest of %d; compiled ahead in %.1f s, timed in %.1f s)", key, candidates[best], ms,

@@ -53,6 +53,42 @@ def test_choose_config_keeps_the_fastest_and_times_each_shape_once():
     assert set(triton_tuning.chosen_configs()) == {"k", "other shape"}
 
 
+def test_a_choice_is_stored_and_a_later_process_recalls_it_without_timing(monkeypatch, tmp_path):
+    """kernels/tuning_store.py: the choice outlives the process; a stored config no longer among the
+    candidates, another kernels' digest or a damaged store file is timed again."""
+    from mpq.kernels import tuning_store
+
+    candidates = [{"SPLIT_K": 1}, {"SPLIT_K": 2}]
+    timed = []
+
+    def timer(call):
+        timed.append(call()["SPLIT_K"])
+        return {1: 2.0, 2: 1.0}[timed[-1]]
+
+    key = ("_w4a16_kernel", "gemv", 1, 4096, 4096, 128, True, torch.bfloat16, torch.device("cpu"))
+    assert triton_tuning.choose_config(key, candidates, lambda c: c, timer) == {"SPLIT_K": 2} and timed == [1, 2]
+    stored = json.loads(tuning_store.store_path().read_text())
+    assert list(stored.values()) == [{"SPLIT_K": 2}] and "_w4a16_kernel gemv 1 4096 4096 128 True torch.bfloat16 cpu" in next(iter(stored))
+
+    def new_process():
+        monkeypatch.setattr(triton_tuning, "_CHOSEN", {})
+        timed.clear()
+
+    new_process()
+    assert triton_tuning.choose_config(key, candidates, lambda c: c, timer) == {"SPLIT_K": 2} and timed == []
+    new_process()
+    assert triton_tuning.choose_config(key, [{"SPLIT_K": 1}, {"SPLIT_K": 4}], lambda c: c,
+                                       lambda call: call()["SPLIT_K"]) == {"SPLIT_K": 1}  # the space changed
+    new_process()
+    monkeypatch.setattr(tuning_store, "kernels_digest", lambda: "edited")
+    assert triton_tuning.choose_config(key, candidates, lambda c: c, timer) == {"SPLIT_K": 2} and timed == [1, 2]
+    assert len(json.loads(tuning_store.store_path().read_text())) == 2  # both kernels' entries kept
+    new_process()
+    tuning_store.store_path().write_text("{not json")
+    assert triton_tuning.choose_config(key, candidates, lambda c: c, timer) == {"SPLIT_K": 2} and timed == [1, 2]
+    assert json.loads(tuning_store.store_path().read_text())  # rewritten whole
+
+
 def test_a_failing_candidate_is_skipped_and_all_failing_is_an_error():
     def run(config):
         if config["BLOCK_N"] == 128:
