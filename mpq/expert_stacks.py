@@ -84,7 +84,7 @@ def groups_decode(layers: list[nn.Module]) -> bool:
     return bool(layers) and all(isinstance(layer, QuantizedLinear) and layer.backend == "triton" for layer in layers)
 
 
-def _stack_into(layers: list[QuantizedLinear], name: str, holder: dict) -> torch.Tensor:
+def _stack_into(layers: list[QuantizedLinear], name: str) -> torch.Tensor:
     """Stack one tensor of these layers and point each layer at its slice (the old tensors go)."""
     stacked = torch.stack([layer._buffers[name] if name in layer._buffers else layer.bias for layer in layers])
     for layer, view in zip(layers, stacked):
@@ -92,7 +92,6 @@ def _stack_into(layers: list[QuantizedLinear], name: str, holder: dict) -> torch
             layer._buffers[name] = view
         else:  # the bias, a parameter
             layer.bias = nn.Parameter(view, requires_grad=False)
-    holder[name] = stacked
     return stacked
 
 
@@ -108,16 +107,12 @@ def stack_projection(layers: list[nn.Module]) -> ProjectionStacks | None:
     stacks = []
     for members in by_key.values():
         group = [layers[e] for e in members]
-        tensors: dict[str, torch.Tensor] = {}
-        for name in ("qweight", "scales", "zeros"):
-            if name in group[0]._buffers:
-                _stack_into(group, name, tensors)
-        scales = {}
-        input_scale = _stack_into(group, "input_scale", scales) if hasattr(group[0], "input_scale") else None
+        tensors = {name: _stack_into(group, name) for name in ("qweight", "scales", "zeros") if name in group[0]._buffers}
+        input_scale = _stack_into(group, "input_scale") if hasattr(group[0], "input_scale") else None
         slots = torch.full((len(layers) + 1,), -1, dtype=torch.int32)
         slots[members] = torch.arange(len(members), dtype=torch.int32)
         stacks.append(ExpertStack(group[0].fmt, tensors, slots.to(device), input_scale, group[0]))
-    bias = _stack_into(layers, "bias", {}) if layers[0].bias is not None else None
+    bias = _stack_into(layers, "bias") if layers[0].bias is not None else None
     return ProjectionStacks(stacks, bias)
 
 
