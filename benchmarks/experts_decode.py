@@ -2,7 +2,7 @@
 
 A mixture shaped like Qwen3-30B-A3B's (128 experts, hidden 2048, expert width 768, top-8) and one
 like Mixtral-8x7B's (8 experts, 4096 x 14336, top-2), their experts quantised (INT4 groups of 128,
-INT8), run for 1, 4 and 16 tokens routed at random to top-k distinct experts. The loop (RoutedExperts.group_decode off) asks the GPU which experts got
+INT8; "int4-g128+fp16": every other expert kept in 16 bits, which runs a grouped launch of its own), run for 1, 4 and 16 tokens routed at random to top-k distinct experts. The loop (RoutedExperts.group_decode off) asks the GPU which experts got
 tokens, then launches each one's two projections; the grouped path (mpq.expert_stacks) runs one
 launch per projection and format. Per row: eager wall time per call of both (what a Python decode
 loop pays, host included), the grouped path's device time in a CUDA graph (it has no host sync,
@@ -33,7 +33,8 @@ TOKENS = (1, 4, 16)
 
 
 def build_mixture(spec: dict, fmt_name: str, device: str, dtype: torch.dtype):
-    """A RoutedExperts of `spec`'s shape with random weights, every expert layer in `fmt_name` on Triton."""
+    """A RoutedExperts of `spec`'s shape with random weights, every expert layer in `fmt_name` on Triton
+    ("a+b": expert e in the e % 2-th of them; fp16 layers stay 16-bit, "dense")."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -50,10 +51,11 @@ def build_mixture(spec: dict, fmt_name: str, device: str, dtype: torch.dtype):
             weight.normal_(0, 0.02)  # the class leaves them uninitialised
     mixture = RoutedExperts(original).eval()
     del original
+    formats = fmt_name.split("+")
     for e in range(mixture.num_experts):
         expert = mixture.expert(e)
         for name in (expert.up_name, "down_proj"):
-            layer, _ = QuantizedLinear.from_module(getattr(expert, name), fmt_name, backend="triton")
+            layer, _ = QuantizedLinear.from_module(getattr(expert, name), formats[e % len(formats)], backend="triton")
             setattr(expert, name, layer)
     return mixture
 
@@ -76,14 +78,14 @@ def run_loop(mixture, *inputs):
 
 def run_reference(mixture, *inputs):
     """The loop, each layer dequantising and multiplying (the ground truth)."""
-    layers = [layer for projection in mixture.projections() for layer in projection]
-    for layer in layers:
+    backends = {layer: layer.backend for projection in mixture.projections() for layer in projection}
+    for layer in backends:
         layer.backend = "reference"
     try:
         return run_loop(mixture, *inputs)  # the loop: a grouped call would stack the experts, or note they cannot be
     finally:
-        for layer in layers:
-            layer.backend = "triton"
+        for layer, backend in backends.items():
+            layer.backend = backend
 
 
 def eager_ms(fn, calls: int = 100) -> float:
@@ -104,8 +106,8 @@ def bench(spec: dict, fmt_name: str, tokens: tuple[int, ...], device: str, smoke
     from mpq.kernels.triton_tuning import gpu_time_ms
 
     mixture = build_mixture(spec, fmt_name, device, dtype)
-    up, down = mixture.projections()
-    expert_bytes = sum(t.numel() * t.element_size() for layer in (up[0], down[0]) for t in layer._tensors().values())
+    expert_bytes = [sum(t.numel() * t.element_size() for layer in layers for t in layer._tensors().values())
+                    for layers in zip(*mixture.projections())]
     rows = []
     for count in tokens:
         inputs = routes(spec, count, device, dtype, seed=count)
@@ -114,9 +116,9 @@ def bench(spec: dict, fmt_name: str, tokens: tuple[int, ...], device: str, smoke
             grouped, looped = mixture(*inputs), run_loop(mixture, *inputs)
             if not mixture._stacks.get(inputs[0].device):
                 raise SystemExit(f"{spec['name']} {fmt_name}: the grouped path did not run")
-            touched = inputs[1].unique().numel()
+            touched = inputs[1].unique().tolist()
             row = {"mixture": spec["name"], "format": fmt_name, "tokens": count, "top_k": spec["top_k"],
-                   "experts_touched": touched, "bytes_touched": touched * expert_bytes,
+                   "experts_touched": len(touched), "bytes_touched": sum(expert_bytes[e] for e in touched),
                    "rel_err_grouped": rel_err(grouped, expected), "rel_err_loop": rel_err(looped, expected)}
             if not smoke:
                 row["grouped_eager_ms"] = eager_ms(lambda: mixture(*inputs))
@@ -132,7 +134,7 @@ def bench(spec: dict, fmt_name: str, tokens: tuple[int, ...], device: str, smoke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny mixture, no timing")
-    parser.add_argument("--formats", default="int4-g128,int8")
+    parser.add_argument("--formats", default="int4-g128,int8,int4-g128+fp16")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -43,7 +43,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mpq.kernels import triton_w4a16, triton_w8a16  # noqa: E402
+from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16  # noqa: E402
 from mpq.kernels.triton_tuning import usable_cores  # noqa: E402
 
 GROUPED_ROWS = 8  # the grouped kernels' rows: (token, expert) pairs
@@ -88,7 +88,8 @@ def k_loop_instructions(cubin: bytes) -> Counter:
 
 def weight_bytes_per_thread(name: str, config: dict) -> float:
     """Weight bytes one thread reads per K step (the loop runs one step per pass)."""
-    per_column = config["BLOCK_K"] // 2 if name.startswith("w4a16") else config["BLOCK_K"]
+    per_column = {"w4a16": config["BLOCK_K"] // 2, "w8a16": config["BLOCK_K"], "dense": 2 * config["BLOCK_K"]}[
+        name.split("-")[0]]
     return config["BLOCK_N"] * per_column / (32 * config["num_warps"])
 
 
@@ -99,14 +100,16 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
                       activations: str = "bf16", symmetric: bool = False) -> dict:
     """One launch config, specialised as w4a16_linear / w8a16_linear would launch it for these
     activations (16-bit ones reach W4A16 as int32 pairs) and weights (zero points or symmetric);
-    a name ending in -grouped: as w4a16_grouped / w8a16_grouped would, over stacked experts."""
+    a name ending in -grouped: as w4a16_grouped / w8a16_grouped would, over stacked experts
+    (dense-grouped: dense_grouped's 16-bit experts, bf16 weights)."""
     tiles = {key: value for key, value in config.items() if key.isupper()}
     atomic = tiles["SPLIT_K"] > 1
-    int4 = name.startswith("w4a16")
+    int4, dense = name.startswith("w4a16"), name.startswith("dense")
     grouped = name.endswith("-grouped")
     pairs = int4 and activations != "fp32"
-    row_bytes = k // 2 if int4 else k
-    runtime = {"x_ptr": ("*i32" if pairs else f"*{activations}", 0), "w_ptr": ("*u8" if int4 else "*i8", 0),
+    row_bytes = k // 2 if int4 else k  # strides count elements: an int8 or a 16-bit weight is one
+    runtime = {"x_ptr": ("*i32" if pairs else f"*{activations}", 0),
+               "w_ptr": ("*bf16" if dense else "*u8" if int4 else "*i8", 0),
                "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0), "slot_ptr": ("*i32" if grouped else "*bf16", 0),
                "out_ptr": ("*fp32" if atomic else f"*{activations}", 0), "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
                "stride_xm": ("i32", k // 2 if pairs else k), "stride_wn": ("i32", row_bytes),
@@ -118,7 +121,8 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     if int4:
         constexprs.update(GROUP=group, HAS_ZEROS=not symmetric, X_PAIRS=pairs,
                           X_DTYPE=DTYPES[activations])
-    kernel = triton_w4a16._w4a16_kernel if int4 else triton_w8a16._w8a16_kernel
+    kernel = (triton_dense_grouped._dense_grouped_kernel if dense else triton_w4a16._w4a16_kernel if int4
+              else triton_w8a16._w8a16_kernel)
     row = {"kernel": name, "M": m, "config": config}
     try:
         compiled = compile_for(kernel, runtime, constexprs, config["num_warps"], config["num_stages"], arch)
@@ -186,9 +190,10 @@ def main() -> None:
             for name in ("w4a16", "w8a16") for m in map(int, args.batches.split(","))
             for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))]
     # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
+    grouped = {"w4a16": triton_w4a16._grouped_candidates(group), "w8a16": triton_w8a16._grouped_candidates(),
+               "dense": triton_dense_grouped._candidates()}
     jobs += [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
-             for name in ("w4a16", "w8a16")
-             for config in (triton_w4a16._grouped_candidates(group) if name == "w4a16" else triton_w8a16._grouped_candidates())]
+             for name, configs in grouped.items() for config in configs]
     # Each config compiles on its own (Triton's passes, then ptxas and nvdisasm): one process per core.
     workers = max(1, min(args.jobs, len(jobs)))
     with ProcessPoolExecutor(max_workers=workers) as pool:

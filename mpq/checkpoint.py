@@ -295,5 +295,5 @@ def kernels_of(model: nn.Module) -> dict[str, str]:
             for e in range(module.num_experts):
                 for projection in (module.expert(e).up_name, "down_proj"):
                     name = f"{path}.{e}.{projection}"
-                    kernels[name] = describe_grouped(kernels[name], module.num_experts)
+                    kernels[name] = describe_grouped(module.get_submodule(f"{e}.{projection}"), module.num_experts)
     return kernels

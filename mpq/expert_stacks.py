@@ -11,8 +11,11 @@ is held twice and the per-expert path (prefill) still reads the same memory. One
 per format (mpq.kernels.triton_w4a16.w4a16_grouped, w8a16_grouped) runs every (token, expert)
 pair at once, each pair's row against its own expert's weights, and the slots of the pairs
 (expert id -> place in the stack) are gathered on the GPU, so nothing waits for the host.
-Only Triton layers stack: on the CPU, or where an expert is dense or on the reference path, the
-mixture keeps the loop.
+Experts the plan keeps in 16 bits (the "dense" backend) stack too, into a launch of their own
+(mpq.kernels.triton_dense_grouped), where the mixture's other experts show that Triton runs here:
+one 16-bit expert no longer sends the whole mixture back to the loop. On the CPU, or where an
+expert is on the reference path, or every expert is 16-bit (nothing says Triton was chosen for
+this device: MPQ_KERNELS=reference leaves 16-bit layers as they are), the mixture keeps the loop.
 """
 
 from __future__ import annotations
@@ -33,18 +36,20 @@ class ExpertStack:
     """The experts of one projection that share a format, stacked along a leading dimension."""
 
     fmt: FormatSpec
-    tensors: dict[str, torch.Tensor]  # qweight, scales (zeros): [experts in this stack, ...]
+    tensors: dict[str, torch.Tensor]  # qweight, scales (zeros), or a 16-bit weight: [experts in this stack, ...]
     slots: torch.Tensor  # int32 [E + 1]: expert id -> its place here, -1 where another stack holds it (and for id E)
     input_scale: torch.Tensor | None  # AWQ's per-expert input divisors [experts here, K], or None
-    first: QuantizedLinear  # the stack's first expert layer: its qweight must still be a view of the stack
+    first: QuantizedLinear  # the stack's first expert layer: its tensors must still be views of the stack
 
     def run(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each row of x through its expert (ids[p]); rows whose expert another stack holds come out 0."""
-        from mpq.kernels import triton_w4a16, triton_w8a16  # imports triton on first use
+        from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16  # imports triton on first use
 
         slots = self.slots[ids]
         if self.input_scale is not None:
             x = x * self.input_scale[slots.clamp(min=0)].to(x.dtype)
+        if not self.fmt.quantized:
+            return triton_dense_grouped.dense_grouped(x, slots, self.tensors["weight"])
         if self.fmt.bits == 8:
             return triton_w8a16.w8a16_grouped(x, slots, self.tensors["qweight"], self.tensors["scales"])
         return triton_w4a16.w4a16_grouped(x, slots, self.tensors["qweight"], self.tensors["scales"],
@@ -79,9 +84,16 @@ class ProjectionStacks:
         return all(stack.intact() for stack in self.stacks)
 
 
-def groups_decode(layers: list[nn.Module]) -> bool:
-    """Whether these expert layers (one projection of a mixture) can run grouped: all on Triton."""
-    return bool(layers) and all(isinstance(layer, QuantizedLinear) and layer.backend == "triton" for layer in layers)
+STACKED_BACKENDS = ("triton", "dense")
+
+
+def groups_decode(projections: list[list[nn.Module]]) -> bool:
+    """Whether a mixture's expert layers (each projection's) can run grouped: every one on Triton
+    or 16-bit, and at least one on Triton (16-bit layers alone do not show that the Triton
+    kernels run here, or were asked for)."""
+    layers = [layer for projection in projections for layer in projection]
+    return (bool(layers) and all(isinstance(layer, QuantizedLinear) and layer.backend in STACKED_BACKENDS for layer in layers)
+            and any(layer.backend == "triton" for layer in layers))
 
 
 def _stack_into(layers: list[QuantizedLinear], name: str) -> torch.Tensor:
@@ -96,18 +108,17 @@ def _stack_into(layers: list[QuantizedLinear], name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stack_projection(layers: list[nn.Module]) -> ProjectionStacks | None:
-    """Stack one projection's expert layers by format (None where they cannot run grouped)."""
-    if not groups_decode(layers):
-        return None
+def stack_projection(layers: list[QuantizedLinear]) -> ProjectionStacks:
+    """Stack one projection's expert layers by format (layers that groups_decode accepts)."""
     by_key: dict[tuple[str, bool], list[int]] = {}
     for e, layer in enumerate(layers):
         by_key.setdefault((layer.fmt.name, hasattr(layer, "input_scale")), []).append(e)
-    device = layers[0].qweight.device
+    device = next(layers[0].buffers()).device
     stacks = []
     for members in by_key.values():
         group = [layers[e] for e in members]
-        tensors = {name: _stack_into(group, name) for name in ("qweight", "scales", "zeros") if name in group[0]._buffers}
+        tensors = {name: _stack_into(group, name) for name in ("qweight", "scales", "zeros", "weight")
+                   if name in group[0]._buffers}
         input_scale = _stack_into(group, "input_scale") if hasattr(group[0], "input_scale") else None
         slots = torch.full((len(layers) + 1,), -1, dtype=torch.int32)
         slots[members] = torch.arange(len(members), dtype=torch.int32)
@@ -116,6 +127,8 @@ def stack_projection(layers: list[nn.Module]) -> ProjectionStacks | None:
     return ProjectionStacks(stacks, bias)
 
 
-def describe_grouped(kernel: str, experts: int) -> str:
-    """A grouped layer's kernel, in words (mpq inspect --kernels)."""
-    return f"{kernel}; up to {GROUPED_TOKENS} tokens grouped: one launch per format over the mixture's {experts} experts"
+def describe_grouped(layer: QuantizedLinear, experts: int) -> str:
+    """A grouped layer's kernels, in words (mpq inspect --kernels): its own above the decode sizes."""
+    decode = "" if layer.fmt.quantized else " (triton dense_grouped)"
+    return (f"{layer.kernel}; up to {GROUPED_TOKENS} tokens grouped{decode}: one launch per format over the "
+            f"mixture's {experts} experts")

@@ -137,23 +137,23 @@ class RoutedExperts(nn.Module):
         return [getattr(expert, expert.up_name) for expert in experts], [expert.down_proj for expert in experts]
 
     def runs_grouped(self) -> bool:
-        """Whether decode-sized calls run grouped: every expert layer on Triton (mpq.expert_stacks)."""
+        """Whether decode-sized calls run grouped: every expert layer on Triton or 16-bit (mpq.expert_stacks)."""
         from mpq.expert_stacks import groups_decode
 
-        return self.group_decode and all(groups_decode(layers) for layers in self.projections())
+        return self.group_decode and groups_decode(list(self.projections()))
 
     def _decode_stacks(self, x: torch.Tensor) -> tuple | None:
         """The mixture's experts stacked for grouped launches (mpq.expert_stacks), for a decode-sized
-        call that nothing records, where every expert layer runs on Triton; else None (the loop)."""
-        from mpq.expert_stacks import GROUPED_TOKENS, stack_projection
+        call that nothing records, where every expert layer runs on Triton or 16-bit; else None (the loop)."""
+        from mpq.expert_stacks import GROUPED_TOKENS, groups_decode, stack_projection
         from mpq.qlinear import launches_directly
 
         if not self.group_decode or x.shape[0] > GROUPED_TOKENS or not launches_directly(x):
             return None
         stacks = self._stacks.get(x.device)
         if stacks is None or (stacks and not all(projection.intact() for projection in stacks)):  # .to() copies views apart
-            stacks = tuple(stack_projection(layers) for layers in self.projections())
-            stacks = stacks if all(projection is not None for projection in stacks) else ()
+            projections = self.projections()
+            stacks = tuple(stack_projection(layers) for layers in projections) if groups_decode(list(projections)) else ()
             self._stacks.clear()
             self._stacks[x.device] = stacks
         return stacks or None

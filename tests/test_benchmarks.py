@@ -30,7 +30,8 @@ def test_experts_decode_benchmark_smoke(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "experts-decode-smoke.json").read_text())
-    assert [(r["format"], r["tokens"]) for r in report["rows"]] == [(f, t) for f in ("int4-g128", "int8") for t in (1, 4, 16)]
+    assert [(r["format"], r["tokens"]) for r in report["rows"]] == [(f, t) for f in ("int4-g128", "int8", "int4-g128+fp16")
+                                                                    for t in (1, 4, 16)]
     assert all(r["rel_err_grouped"] < 1e-2 and r["rel_err_loop"] < 1e-2 for r in report["rows"])
 
 
@@ -44,7 +45,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     per-step cross-warp reduction 11.8 for INT8; at M = 1, INT4 read byte by byte took 9.2 on the
     tensor cores and 11.2 on the FMA units, read as int32 words 6.9)."""
     pytest.importorskip("triton")
-    from mpq.kernels import triton_w4a16, triton_w8a16
+    from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
 
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_compile.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1200)
@@ -53,8 +54,9 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     rows = report["rows"]
     expected = sum(len(triton_w4a16._candidates(m, 128)) + len(triton_w8a16._candidates(m)) for m in (1, 16, 64))
     expected += len(triton_w4a16._grouped_candidates(128)) + len(triton_w8a16._grouped_candidates())
+    expected += len(triton_dense_grouped._candidates())
     assert len(rows) == expected and not any(r["problems"] for r in rows)
-    assert {r["kernel"] for r in rows} == {"w4a16", "w8a16", "w4a16-grouped", "w8a16-grouped"}
+    assert {r["kernel"] for r in rows} == {"w4a16", "w8a16", "w4a16-grouped", "w8a16-grouped", "dense-grouped"}
     assert all(r["tensor_cores"] == (r["config"]["BLOCK_M"] > 1) for r in rows)
     assert {r["config"]["BLOCK_M"] for r in rows if r["M"] == 1} == {1, 16}  # both decode paths are timed at M = 1
     # (read from the JSON: importing the script here would switch the interpreter off for later tests)
@@ -62,6 +64,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert leanest[("w4a16", 1)] < 7.5 and leanest[("w4a16", 16)] < 9.6 and leanest[("w8a16", 1)] < 5, leanest
     # a mixture's experts in one launch keep the single-row loop: the expert's offset is paid once, before it
     assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
+    assert leanest[("dense-grouped", 8)] < 3, leanest  # 16-bit experts: a multiply-add per 2 bytes, no dequantisation
     assert any(op.startswith("wgmma") for r in rows if r["M"] == 64 for op in r["ops"])  # Hopper's warpgroup MMA
 
 
@@ -72,7 +75,7 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
     strided loads instead of int32 pairs) with symmetric groups of 32, and fp16 activations
     (fp16 tensor cores, nibbles built in fp16) with groups of 64."""
     pytest.importorskip("triton")
-    from mpq.kernels import triton_w4a16, triton_w8a16
+    from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
 
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_compile.py"), *variant, "--batches", batches,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
@@ -83,6 +86,7 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
     expected = sum(len(triton_w4a16._candidates(m, group)) + len(triton_w8a16._candidates(m))
                    for m in map(int, batches.split(",")))
     expected += len(triton_w4a16._grouped_candidates(group)) + len(triton_w8a16._grouped_candidates())
+    expected += len(triton_dense_grouped._candidates())
     assert report["group"] == group and report["activations"] == variant[3]
     assert len(report["rows"]) == expected and not any(r["problems"] for r in report["rows"])
 

@@ -62,6 +62,31 @@ def test_a_grouped_launch_runs_each_row_through_its_own_expert(path, fmt_name, n
             assert rel_err(got[p:p + 1], expected) < 1e-2, (p, slot)
 
 
+@pytest.mark.parametrize("path", list(PINNED))
+@pytest.mark.parametrize("n,k", [(33, 250), (17, 96), (64, 31)])
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                (torch.bfloat16, torch.float32)])
+def test_a_grouped_16_bit_launch_runs_each_row_through_its_own_expert(path, n, k, dtype, weight_dtype):
+    """The 16-bit experts' grouped launch: row p is x[p] @ W[slots[p]]^T (K and N odd, K under one
+    step), in x's dtype; a row whose slot is -1 comes out exactly 0."""
+    from mpq.kernels.triton_dense_grouped import dense_grouped
+
+    torch.manual_seed(n * k)
+    weight = torch.randn(5, n, k).to(weight_dtype).to(DEVICE)
+    x = torch.randn(7, k, dtype=dtype, device=DEVICE)
+    slots = torch.tensor([4, 0, -1, 2, 2, 1, 4], dtype=torch.int32, device=DEVICE)
+    got = dense_grouped(x, slots, weight, config=PINNED[path])
+    assert got.shape == (7, n) and got.dtype == dtype
+    for p, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            assert torch.equal(got[p], torch.zeros_like(got[p]))
+        else:
+            expected = x[p:p + 1].float() @ weight[slot].float().T
+            assert rel_err(got[p:p + 1], expected) < 1e-2, (p, slot)
+    with pytest.raises(ValueError, match="stacked"):
+        dense_grouped(x, slots, weight[0])
+
+
 def test_a_grouped_launch_refuses_arguments_that_do_not_fit():
     fmt = get_format("int4-g32")
     stacked = {key: torch.stack([t[key] for t in [quantize_weight(torch.randn(16, 64), fmt)] * 2]) for key in ("qweight", "scales", "zeros")}
@@ -131,6 +156,33 @@ def test_decode_runs_grouped_and_agrees_with_the_per_expert_loop(build, formats,
         x, index, weights = _routes(17, mixture.num_experts, 2, seed=2)
         assert torch.equal(mixture(x, index, weights), _loop(mixture, x, index, weights))
     assert not mixture._stacks and not mixture.runs_grouped()  # the originals are back: the stacks went
+
+
+def test_16_bit_experts_join_the_grouped_launches_but_alone_keep_the_loop(monkeypatch):
+    """An expert the plan keeps in 16 bits runs in a grouped launch of its own beside the quantised
+    ones (so it no longer sends the mixture to the loop); a mixture whose experts are all 16-bit
+    has no Triton layer to show that Triton runs here, and keeps the loop."""
+    monkeypatch.setenv("MPQ_KERNELS", "triton")
+    model, mixture, plan = _mixture(tiny_mixtral, ["fp16", "int4-g32", "fp16", "int8"])
+    with applied(model, plan, QuantizedWeightCache(model)):
+        assert mixture.runs_grouped()
+        x, index, weights = _routes(3, mixture.num_experts, 2, seed=7)
+        grouped = mixture(x, index, weights)
+        stacks = mixture._stacks[x.device]
+        assert [sorted(stack.fmt.name for stack in projection.stacks) for projection in stacks] == \
+            [["fp16", "int4-g32", "int8"]] * 2
+        dense = next(stack for stack in stacks[1].stacks if stack.fmt.name == "fp16")
+        assert dense.tensors["weight"].shape[0] == 2  # experts 0 and 2
+        assert mixture.expert(2).down_proj.weight.data_ptr() == dense.tensors["weight"][1].data_ptr()
+        assert rel_err(grouped, _loop(mixture, x, index, weights)) < 2e-2
+        assert kernels_of(model)["model.layers.0.mlp.experts.0.down_proj"].startswith(
+            "F.linear; up to 16 tokens grouped (triton dense_grouped): one launch per format")
+    model, mixture, plan = _mixture(tiny_mixtral, ["fp16"])
+    with applied(model, plan, QuantizedWeightCache(model)):
+        x, index, weights = _routes(2, mixture.num_experts, 2, seed=8)
+        assert not mixture.runs_grouped()
+        assert torch.equal(mixture(x, index, weights), _loop(mixture, x, index, weights))
+        assert mixture._stacks == {x.device: ()}
 
 
 def test_a_swapped_expert_layer_unstacks_the_mixture_and_the_next_call_reads_it(monkeypatch):
