@@ -214,7 +214,7 @@ def compile_model(opts: CompileOptions) -> dict:
     together = expert_projections(loaded.model)  # the sampler's unit for a mixture's experts
     study_name = "mpq-" + data_fingerprint(table.values, costs, memory.fixed_bytes, budget, opts.tie, groups, opts.seed,
                                            None if latency is None else [latency.layer_seconds, latency.group_seconds,
-                                                                         latency.rest_seconds, latency.calls], latency_cap,
+                                                                         latency.rest_seconds, latency.calls, latency.mixtures], latency_cap,
                                            together)[:16]
     try:
         study_storage = open_storage(storage)  # both studies, the search's and the measured one at the budget

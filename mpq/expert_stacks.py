@@ -12,14 +12,15 @@ per format (mpq.kernels.triton_w4a16.w4a16_grouped, w8a16_grouped) runs every (t
 pair at once, each pair's row against its own expert's weights, and the slots of the pairs
 (expert id -> place in the stack) are gathered on the GPU, so nothing waits for the host.
 Experts the plan keeps in 16 bits (the "dense" backend) stack too, into a launch of their own
-(mpq.kernels.triton_dense_grouped), where the mixture's other experts show that Triton runs here:
-one 16-bit expert no longer sends the whole mixture back to the loop. On the CPU, or where an
-expert is on the reference path, or every expert is 16-bit (nothing says Triton was chosen for
-this device: MPQ_KERNELS=reference leaves 16-bit layers as they are), the mixture keeps the loop.
+(mpq.kernels.triton_dense_grouped), so a 16-bit expert does not send the whole mixture back to the
+loop: where Triton runs, that is on CUDA with Triton usable and not turned off (MPQ_KERNELS=reference),
+or where the mixture's other experts run Triton (the CPU interpreter). On the CPU, or where an
+expert is on the reference path, the mixture keeps the loop.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,8 @@ class ExpertStack:
     tensors: dict[str, torch.Tensor]  # qweight, scales (zeros), or a 16-bit weight: [experts in this stack, ...]
     slots: torch.Tensor  # int32 [E + 1]: expert id -> its place here, -1 where another stack holds it (and for id E)
     input_scale: torch.Tensor | None  # AWQ's per-expert input divisors [experts here, K], or None
-    first: QuantizedLinear  # the stack's first expert layer: its tensors must still be views of the stack
+    first: QuantizedLinear | None  # the stack's first expert layer: its tensors must still be views of the stack
+    # (None: a stack no layer reads, built to time a launch: mpq.grouped_latency)
 
     def run(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each row of x through its expert (ids[p]); rows whose expert another stack holds come out 0."""
@@ -87,13 +89,22 @@ class ProjectionStacks:
 STACKED_BACKENDS = ("triton", "dense")
 
 
+def triton_runs_on_cuda() -> bool:
+    """Whether 16-bit layers on CUDA may run through a Triton launch: Triton usable, not turned off."""
+    from mpq.qlinear import triton_available
+
+    return torch.cuda.is_available() and triton_available() and os.environ.get("MPQ_KERNELS", "auto") in ("auto", "triton")
+
+
 def groups_decode(projections: list[list[nn.Module]]) -> bool:
     """Whether a mixture's expert layers (each projection's) can run grouped: every one on Triton
-    or 16-bit, and at least one on Triton (16-bit layers alone do not show that the Triton
-    kernels run here, or were asked for)."""
+    or 16-bit, and Triton runs here (one of them on Triton, or 16-bit ones all on CUDA where
+    triton_runs_on_cuda)."""
     layers = [layer for projection in projections for layer in projection]
-    return (bool(layers) and all(isinstance(layer, QuantizedLinear) and layer.backend in STACKED_BACKENDS for layer in layers)
-            and any(layer.backend == "triton" for layer in layers))
+    if not layers or not all(isinstance(layer, QuantizedLinear) and layer.backend in STACKED_BACKENDS for layer in layers):
+        return False
+    return any(layer.backend == "triton" for layer in layers) or (
+        all(next(layer.buffers()).is_cuda for layer in layers) and triton_runs_on_cuda())
 
 
 def _stack_into(layers: list[QuantizedLinear], name: str) -> torch.Tensor:

@@ -43,8 +43,9 @@ from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
-VERSION = 3  # 2: the rest is split off with the original layers' times, not 16-bit ones; 3: profiles timed
-# on a busy machine (layers alone outlasting the step) are re-timed, and version-2 caches may hold such
+VERSION = 4  # 2: the rest is split off with the original layers' times, not 16-bit ones; 3: profiles timed
+# on a busy machine (layers alone outlasting the step) are re-timed, and version-2 caches may hold such;
+# 4: mixtures that decode grouped (CUDA) are predicted as grouped launches (mpq.grouped_latency)
 REGIMES = ("decode", "prefill")
 MAX_WORKING_SET = 256 * 2**20  # beyond any last-level cache (CPU L3, GPU L2)
 MAX_COPIES = 512
@@ -251,6 +252,34 @@ def time_embedding(rows: int, dim: int, fmt: FormatSpec, tokens: int, dtype: tor
     return seconds_per_call(lambda: layer(ids), device, budget_s)
 
 
+def mixture_seconds(mixture: dict, planned: dict[str, str], stack_of: dict[str, tuple[int, int]],
+                    calls: dict[str, float]) -> float | None:
+    """Predicted seconds of a mixture's `planned` expert layers (name -> format) where their formats
+    all have a grouped launch (LatencyModel.mixtures); None where one has not (that layer's mixture
+    takes the loop, timed per layer). `stack_of`: layer -> (mixture, projection).
+
+    A plan of the whole mixture pays each format's launch once per projection, whatever share of
+    the experts takes it, and gets the glue back. A plan of a part (one of the search's units)
+    pays its layers' share of their launches and of the glue, so that units that take one format
+    add up to the whole mixture in that format."""
+    stacks, launch = mixture["stacks"], mixture["launch"]
+    if any(fmt not in launch[stack_of[name][1]] for name, fmt in planned.items()):
+        return None
+    size = sum(len(stack) for stack in stacks)
+    whole = len(planned) == size
+    total = -mixture["glue_saved"] * len(planned) / size
+    launched: set[tuple[int, str]] = set()
+    for name, fmt in planned.items():
+        s = stack_of[name][1]
+        fixed, per_expert = launch[s][fmt]
+        total += per_expert * calls.get(name, 1.0)
+        if whole:
+            launched.add((s, fmt))
+        else:
+            total += fixed / len(stacks[s])
+    return total + sum(launch[s][fmt][0] for s, fmt in launched)
+
+
 @dataclass
 class LatencyModel:
     """Plain data (OUT/latency.json): per-layer and per-fused-group seconds and the model's rest."""
@@ -272,15 +301,39 @@ class LatencyModel:
     consistent: bool = True  # the layers alone took no longer than the whole step (else not cached: see profile)
     calls: dict[str, float] = field(default_factory=dict)  # an expert of a mixture -> its expected calls per step
     # (see routed_calls); every other layer runs once
+    # Mixtures that decode grouped on this device (mpq.grouped_latency): each {"path", "stacks": a list of
+    # layer names per projection, "launch": per projection, format -> [fixed, per expert] seconds of its
+    # grouped launch, "glue_saved": seconds a grouped call spends less than the loop outside its launches}
+    mixtures: list[dict] = field(default_factory=list)
 
     @cached_property
     def _has_bias(self) -> dict[str, bool]:  # once, not per call: the search asks for thousands of plans
         return {name: bool(info[2]) for name, info in self.layers.items()}
 
+    @cached_property
+    def _stack_of(self) -> dict[str, tuple[int, int]]:  # an expert layer -> (its mixture, its projection)
+        return {name: (m, s) for m, mixture in enumerate(self.mixtures)
+                for s, stack in enumerate(mixture["stacks"]) for name in stack}
+
+    def _grouped_seconds(self, plan: dict[str, str]) -> tuple[float, set[str]]:
+        """Seconds of the planned expert layers that the plan's formats let decode grouped, and those layers."""
+        by_mixture: dict[int, dict[str, str]] = {}
+        for name, fmt in plan.items():
+            where = self._stack_of.get(name)
+            if where is not None:
+                by_mixture.setdefault(where[0], {})[name] = fmt
+        total, done = 0.0, set()
+        for m, planned in by_mixture.items():
+            seconds = mixture_seconds(self.mixtures[m], planned, self._stack_of, self.calls)
+            if seconds is not None:
+                total += seconds
+                done.update(planned)
+        return total, done
+
     def layers_seconds(self, plan: dict[str, str]) -> float:
-        """Seconds of the planned layers alone, fused as an emitted model fuses them."""
-        total = 0.0
-        done: set[str] = set()
+        """Seconds of the planned layers alone, fused as an emitted model fuses them, a mixture's
+        experts grouped where they decode grouped."""
+        total, done = self._grouped_seconds(plan) if self.mixtures else (0.0, set())
         for names in fusion_groups(plan, self.groups, self._has_bias):
             total += self.group_seconds["|".join(names)][plan[names[0]]]
             done.update(names)
@@ -471,6 +524,19 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
         time_jobs()
         baseline = measure_step(model, task, regime, budget_s=1.0)
         original = layers_alone()
+    mixtures = []
+    from mpq.grouped_latency import groups_here  # imports mpq.latency: not at the top
+
+    if groups_here(device, regime.tokens):
+        from mpq.grouped_latency import profile_mixtures
+
+        mixtures = profile_mixtures(model, info, formats, regime.tokens, calls, original_seconds, dtype, device, cache,
+                                    budget_s, working_set)
+        if mixtures:
+            saved = sum(mixture["glue_saved"] for mixture in mixtures)
+            notes.append(f"{len(mixtures)} mixtures decode grouped here (one launch per projection and format): their "
+                         f"experts are predicted so, and the {saved * 1e3:.3f} ms a step the loop spent outside its "
+                         "launches comes off where a plan groups them")
     cache.save()
     rest = baseline - original
     consistent = rest >= 0
@@ -483,7 +549,7 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
                         layer_seconds=layer_seconds, group_seconds=group_seconds, baseline_seconds=baseline,
                         rest_seconds=rest, profile_seconds=round(time.time() - start, 2),
                         reused=cache.misses == 0, notes=notes, key=key, tables=sorted(tables), consistent=consistent,
-                        calls=calls)
+                        calls=calls, mixtures=mixtures)
 
 
 def measure_plans(model: nn.Module, task: str, regime: Regime, runs: list, rounds: int = 3) -> list[float]:

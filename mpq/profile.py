@@ -36,6 +36,11 @@ def profile_table(latency: LatencyModel) -> str:
         names = key.split("|")
         shape = "+".join(str(latency.layers[n][0]) for n in names) + f"x{latency.layers[names[0]][1]}"
         rows.setdefault((shape, "fused"), per_format)
+    for mixture in latency.mixtures:  # mixtures that decode grouped (mpq.grouped_latency)
+        for stack, launch in zip(mixture["stacks"], mixture["launch"]):
+            n, k, _ = latency.layers[stack[0]]
+            rows.setdefault((f"{n}x{k}", "grouped launch, fixed"), {fmt: fixed for fmt, (fixed, _) in launch.items()})
+            rows.setdefault((f"{n}x{k}", "grouped, per expert read"), {fmt: each for fmt, (_, each) in launch.items()})
     formats = sorted({f for per_format in rows.values() for f in per_format})
     header = "| layer (out x in; table: rows x dim) | how | " + " | ".join(f"{f} us" for f in formats) + " | " + \
              " | ".join(f"{f} vs 16-bit" for f in formats if f != "fp16") + " |"

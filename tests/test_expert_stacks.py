@@ -158,10 +158,10 @@ def test_decode_runs_grouped_and_agrees_with_the_per_expert_loop(build, formats,
     assert not mixture._stacks and not mixture.runs_grouped()  # the originals are back: the stacks went
 
 
-def test_16_bit_experts_join_the_grouped_launches_but_alone_keep_the_loop(monkeypatch):
+def test_16_bit_experts_join_the_grouped_launches_but_alone_on_the_cpu_keep_the_loop(monkeypatch):
     """An expert the plan keeps in 16 bits runs in a grouped launch of its own beside the quantised
     ones (so it no longer sends the mixture to the loop); a mixture whose experts are all 16-bit
-    has no Triton layer to show that Triton runs here, and keeps the loop."""
+    groups only on CUDA: on the CPU no Triton layer shows that Triton runs here, and it keeps the loop."""
     monkeypatch.setenv("MPQ_KERNELS", "triton")
     model, mixture, plan = _mixture(tiny_mixtral, ["fp16", "int4-g32", "fp16", "int8"])
     with applied(model, plan, QuantizedWeightCache(model)):
