@@ -19,7 +19,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 FILENAME = "triton-tuning.json"
-KERNEL_SOURCES = ("triton_common.py", "triton_w4a16.py", "triton_w8a16.py")
 
 
 def store_path() -> Path:
@@ -30,10 +29,11 @@ def store_path() -> Path:
 
 @functools.cache
 def kernels_digest() -> str:
-    """A digest of the kernels' source: what the stored choices were timed on."""
+    """A digest of the kernels' source (every triton_*.py here, so a kernel added later counts too):
+    what the stored choices were timed on."""
     digest = hashlib.sha256()
-    for name in KERNEL_SOURCES:
-        digest.update((Path(__file__).parent / name).read_bytes())
+    for path in sorted(Path(__file__).parent.glob("triton_*.py")):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -7,11 +7,11 @@ sync that finds which experts got tokens) is gone. A sum over experts, each time
 launch, would count launches and glue that no longer happen. So mpq.latency.profile asks this
 module for, per mixture:
 
-- per projection and format, one grouped launch over the step's pairs timed twice: with none of
-  them routed to the stack (its fixed cost: the launch, its programs, x read, zeros written) and
-  with the step's expected distinct experts routed to it (their weights read, from DRAM: the
-  launches rotate over copies that fill the model's working set). A format's launch then costs
-  fixed + per expert x the expected calls of its experts, and a format no expert takes costs nothing;
+- per projection and format, one grouped launch over the step's pairs timed twice: with the
+  step's expected distinct experts routed to the stack (their weights read, from DRAM: the calls
+  rotate over other experts) and with none (its fixed cost: the launch, its programs, x read,
+  zeros written). A format's launch then costs fixed + per expert x the expected calls of its
+  experts, and a format no expert takes costs nothing;
 - the mixture's whole call, as the unquantised model runs it (the loop) and grouped (every expert
   in one format), each less its layers' time: the glue a grouped call saves. The unquantised step,
   and so the latency model's rest, paid the loop's glue; a plan that groups gets it back.
@@ -31,7 +31,7 @@ from mpq.apply import QuantizedWeightCache, applied
 from mpq.expert_stacks import GROUPED_TOKENS, ExpertStack
 from mpq.formats import FormatSpec
 from mpq.kernels import triton_supports
-from mpq.latency import MAX_COPIES, MAX_WORKING_SET, seconds_per_call
+from mpq.latency import MAX_WORKING_SET, seconds_per_call
 from mpq.quantize import quantize_weight
 
 ROUTE_DRAWS = 8  # routes a mixture's timed calls rotate over, so that they read other experts each call
@@ -51,25 +51,32 @@ def stackable(fmt: FormatSpec, in_features: int) -> bool:
 
 
 @torch.no_grad()
-def time_grouped_launch(n: int, k: int, fmt: FormatSpec, pairs: int, active: int, dtype: torch.dtype,
-                        device: torch.device, budget_s: float, working_set: int) -> float:
-    """Seconds of one grouped launch of `pairs` rows through a stack of [n, k] experts in `fmt`,
-    `active` distinct experts of the stack routed to (the pairs spread over them, sorted by expert
-    as RoutedExperts sorts them); the other rows belong to another stack (slot -1)."""
-    generator = torch.Generator().manual_seed(n * 31 + k)
-    experts = max(1, active)
-    stored = [quantize_weight((torch.randn(n, k, generator=generator) * 0.02).to(dtype), fmt) for _ in range(experts)]
-    tensors = {name: torch.stack([t[name] for t in stored]).to(device) for name in stored[0]}
-    slots = torch.full((experts + 1,), -1, dtype=torch.int32)
-    slots[:active] = torch.arange(active, dtype=torch.int32)
-    ids = (torch.arange(pairs) * active // pairs if active else torch.full((pairs,), experts)).to(device)
-    copies = 1 if not active else max(1, min(MAX_COPIES, -(-min(working_set, MAX_WORKING_SET)
-                                                           // (experts * fmt.weight_bytes(n, k)))))
-    rotation = [ExpertStack(fmt, {name: t.clone() for name, t in tensors.items()}, slots.to(device), None, None)
-                for _ in range(copies)]
-    x = torch.randn(pairs, k, generator=generator).to(dtype).to(device)
-    turn = itertools.cycle(rotation)
-    return seconds_per_call(lambda: next(turn).run(x, ids), device, budget_s)
+def time_grouped_launch(n: int, k: int, fmt: FormatSpec, experts: int, pairs: int, active: int, dtype: torch.dtype,
+                        device: torch.device, budget_s: float, working_set: int) -> list[float]:
+    """[fixed, per expert] seconds of a grouped launch of `pairs` rows through a stack of [n, k]
+    experts in `fmt`: timed with `active` distinct experts routed to (the pairs spread over them,
+    sorted by expert as RoutedExperts sorts them), and with none (every row another stack's).
+
+    The stack holds up to `experts` (the mixture's count) as far as `working_set` bytes allow, and
+    the routed calls rotate over disjoint sets of `active` of them, so that a call reads experts
+    the last ones did not leave in the cache. Routed calls come first: the launch's config is tuned
+    on them, and the unrouted ones then run that config (one tuning key), not one tuned to do nothing."""
+    per_expert = fmt.weight_bytes(n, k)
+    held = max(active, min(experts, -(-min(working_set, MAX_WORKING_SET) // per_expert)))
+    generator = torch.Generator(device).manual_seed(n * 31 + k)
+    stored = [quantize_weight((torch.randn(n, k, generator=generator, device=device) * 0.02).to(dtype), fmt)
+              for _ in range(held)]
+    stack = ExpertStack(fmt, {name: torch.stack([t[name] for t in stored]) for name in stored[0]},
+                        torch.cat([torch.arange(held, dtype=torch.int32), torch.tensor([-1], dtype=torch.int32)]).to(device),
+                        None, None)
+    del stored
+    x = torch.randn(pairs, k, generator=generator, device=device).to(dtype)
+    spread = torch.arange(pairs, device=device) * active // pairs  # pair -> one of `active` experts, sorted
+    routed = itertools.cycle([spread + first for first in range(0, held - active + 1, active)])
+    unrouted = torch.full((pairs,), held, device=device)  # id E: slot -1
+    busy = seconds_per_call(lambda: stack.run(x, next(routed)), device, budget_s)
+    idle = seconds_per_call(lambda: stack.run(x, unrouted), device, budget_s)
+    return [idle, max(0.0, (busy - idle) / active)]
 
 
 def decode_routes(mixture: nn.Module, tokens: int, dtype: torch.dtype, device: torch.device,
@@ -142,12 +149,10 @@ def profile_mixtures(model: nn.Module, info: dict[str, list], formats: list[Form
             for fmt in formats:
                 if not (fmt.fits(n, k, False) and stackable(fmt, k)):
                     continue
-                base = f"grouped|{fmt.name}|P{pairs}|K{k}|N{n}|{dtype}"
-                idle = cache.get("entries", f"{base}|active0", lambda: time_grouped_launch(
-                    n, k, fmt, pairs, 0, dtype, device, budget_s, working_set[fmt.name]))
-                busy = cache.get("entries", f"{base}|active{active}|ws{working_set[fmt.name]}", lambda: time_grouped_launch(
-                    n, k, fmt, pairs, active, dtype, device, budget_s, working_set[fmt.name]))
-                seconds[fmt.name] = [idle, max(0.0, (busy - idle) / active)]
+                key = (f"grouped|{fmt.name}|E{experts}|P{pairs}|active{active}|K{k}|N{n}|{dtype}"
+                       f"|ws{working_set[fmt.name]}")
+                seconds[fmt.name] = list(cache.get("entries", key, lambda: time_grouped_launch(
+                    n, k, fmt, experts, pairs, active, dtype, device, budget_s, working_set[fmt.name])))
             launch.append(seconds)
         common = [fmt for fmt in formats if all(fmt.name in seconds for seconds in launch)]
         # the glue is timed in a quantised format where there is one: 16-bit experts alone group only on CUDA

@@ -48,7 +48,7 @@ def profile_table(latency: LatencyModel) -> str:
     for (shape, how), per_format in sorted(rows.items()):
         base = per_format.get("fp16")
         times = " | ".join(f"{per_format[f] * 1e6:.1f}" if f in per_format else "-" for f in formats)
-        ratios = " | ".join(f"{base / per_format[f]:.2f}x" if f in per_format and base else "-" for f in formats if f != "fp16")
+        ratios = " | ".join(f"{base / per_format[f]:.2f}x" if per_format.get(f) and base else "-" for f in formats if f != "fp16")
         lines.append(f"| {shape} | {how} | {times} | {ratios} |")
     regime = latency.regime
     lines += ["", f"regime: {regime['kind']}, batch {regime['batch']}, length {regime['length']}; device: {latency.device}",
