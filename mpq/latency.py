@@ -402,16 +402,24 @@ class _EntryCache:
             except (OSError, ValueError):
                 pass
         self.hits = self.misses = 0
-        self.refresh = False  # time every entry again, replacing what the cache holds
+        self.refresh = False  # time every entry again (once: see time_again), replacing what the cache holds
+        self._timed: set[tuple[str, str]] = set()  # the entries timed since time_again
 
-    def get(self, table: str, key: str, measure) -> float:
-        if key in self.data[table] and not self.refresh:
+    def get(self, table: str, key: str, measure):
+        if key in self.data[table] and (not self.refresh or (table, key) in self._timed):
             self.hits += 1
             return self.data[table][key]
         self.misses += 1
         value = measure()
         self.data[table][key] = value
+        self._timed.add((table, key))
         return value
+
+    def time_again(self) -> None:
+        """From now on, time each entry asked for once more, whatever the cache holds (a layer shape
+        that several layers share: once, not once per layer)."""
+        self.refresh = True
+        self._timed.clear()
 
     def save(self) -> None:
         try:
@@ -520,18 +528,16 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
         # they were measured). Time every entry again, so that no stale entry stays in the cache.
         notes.append(f"the layers timed alone ({original * 1e3:.3f} ms) took longer than the "
                      f"whole model's step ({baseline * 1e3:.3f} ms), so every layer was timed again")
-        cache.refresh = True
+        cache.time_again()
         time_jobs()
         baseline = measure_step(model, task, regime, budget_s=1.0)
         original = layers_alone()
+    from mpq import grouped_latency  # it imports this module: not at the top
+
     mixtures = []
-    from mpq.grouped_latency import groups_here  # imports mpq.latency: not at the top
-
-    if groups_here(device, regime.tokens):
-        from mpq.grouped_latency import profile_mixtures
-
-        mixtures = profile_mixtures(model, info, formats, regime.tokens, calls, original_seconds, dtype, device, cache,
-                                    budget_s, working_set)
+    if grouped_latency.groups_here(device, regime.tokens):
+        mixtures = grouped_latency.profile_mixtures(model, info, formats, regime.tokens, calls, original_seconds, dtype,
+                                                    device, cache, budget_s, working_set)
         if mixtures:
             saved = sum(mixture["glue_saved"] for mixture in mixtures)
             notes.append(f"{len(mixtures)} mixtures decode grouped here (one launch per projection and format): their "

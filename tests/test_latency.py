@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from mpq.cli import main
 from mpq.errors import MpqError
@@ -232,3 +233,19 @@ def test_cached_cpu_times_are_keyed_by_which_layers_take_float32_tiles(monkeypat
     signatures.add(device_signature("cpu"))
     assert len(signatures) == 3
     assert "float32 tiles" not in device_signature("cuda")
+
+
+def test_timing_again_times_each_entry_once_more_not_once_per_layer_that_shares_it(monkeypatch, tmp_path):
+    """After a profile found its times stale, every entry is timed again, but an entry that several
+    layers (or mixtures) share only once: else the layers of one shape got different times in one
+    profile, and the cache kept the last."""
+    from mpq.latency import _EntryCache
+
+    monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path))
+    cache = _EntryCache(torch.device("cpu"), use_cache=True)
+    timed = []
+    measure = lambda: timed.append(1) or float(len(timed))  # noqa: E731
+    assert [cache.get("entries", "shape", measure) for _ in range(2)] == [1.0, 1.0]
+    cache.time_again()
+    assert [cache.get("entries", "shape", measure) for _ in range(3)] == [2.0, 2.0, 2.0]
+    assert len(timed) == 2 and cache.data["entries"]["shape"] == 2.0
