@@ -61,8 +61,10 @@ TILES_ONLY = 1
 
 @contextmanager
 def float32_from(tokens: int | None) -> Iterator[None]:
-    """FLOAT32_FROM_TOKENS and DENSE_FLOAT32_FROM_TOKENS at `tokens` within the block (None: as shipped)."""
-    saved, saved_dense = dict(cpu_kernels.FLOAT32_FROM_TOKENS), cpu_kernels.DENSE_FLOAT32_FROM_TOKENS
+    """FLOAT32_FROM_TOKENS and DENSE_FLOAT32_FROM_TOKENS at `tokens` within the block (None: as shipped,
+    that is as MPQ_CPU_TILES pins them or as this machine measured them: kernels/cpu_thresholds.py)."""
+    saved = {bits: cpu_kernels.float32_from_tokens(bits) for bits in (8, 4)}
+    saved_dense = cpu_kernels.DENSE_FLOAT32_FROM_TOKENS
     if tokens is not None:
         cpu_kernels.FLOAT32_FROM_TOKENS.update({bits: tokens for bits in saved})
         cpu_kernels.DENSE_FLOAT32_FROM_TOKENS = tokens
@@ -84,9 +86,13 @@ def _layer(fmt_name: str, weight: torch.Tensor) -> Callable[[torch.Tensor], torc
     return lambda x: linear_cpu(x, prepared, fmt, None)
 
 
-def shipped_threshold(fmt_name: str) -> int:
+def shipped_threshold(fmt_name: str) -> int | None:
+    """The dispatch's threshold for the format on this machine; None where it never takes the tiles."""
+    from mpq.kernels.cpu_thresholds import NEVER
+
     fmt = get_format(fmt_name)
-    return cpu_kernels.FLOAT32_FROM_TOKENS[fmt.bits] if fmt.quantized else cpu_kernels.DENSE_FLOAT32_FROM_TOKENS
+    tokens = cpu_kernels.float32_from_tokens(fmt.bits) if fmt.quantized else cpu_kernels.DENSE_FLOAT32_FROM_TOKENS
+    return None if tokens >= NEVER else tokens
 
 
 def layer_rows(formats: tuple[str, ...], shapes: dict[str, tuple[int, int]], tokens: tuple[int, ...],

@@ -115,16 +115,29 @@ def dequantize_span_cpu(prepared: dict[str, torch.Tensor], fmt: FormatSpec, star
     return _int4_dequantised(q, prepared, slice(start, stop))
 
 
-# From how many tokens (rows of x) a layer multiplies in float32 rather than call torch's kernel:
-# where the two cross on a 2-core AVX2 EPYC (benchmarks/cpu_kernels.py) for layers of 256 to
-# 4096 x 4096. INT4 needs more tokens, as unpacking its nibbles costs about twice INT8's cast.
-FLOAT32_FROM_TOKENS = {8: 64, 4: 128}
+# From how many tokens (rows of x) a layer multiplies in float32 rather than call torch's kernel,
+# per bit width: where the two cross depends on the CPU. On a 2-core AVX2 EPYC (benchmarks/
+# cpu_kernels.py) from 64 (INT8) and 128 (INT4) tokens, for layers of 256 to 4096 x 4096; on a
+# 2-core AVX-512 one torch's kernels won at every size up to 2048 tokens but one, and the tiles
+# made an INT4 demo's evaluation 0.76x as fast. So it is measured on the machine, once
+# (kernels/cpu_thresholds.py), unless MPQ_CPU_TILES pins it; filled on first use.
+FLOAT32_FROM_TOKENS: dict[int, int] = {}
+
+
+def float32_from_tokens(bits: int) -> int:
+    """The token count from which an INT`bits` layer takes float32 tiles on this CPU (NEVER: none)."""
+    if bits not in FLOAT32_FROM_TOKENS:
+        from mpq.kernels.cpu_thresholds import thresholds
+
+        for width, tokens in thresholds().items():
+            FLOAT32_FROM_TOKENS.setdefault(width, tokens)
+    return FLOAT32_FROM_TOKENS[bits]
 
 
 def multiplies_in_float32(fmt: FormatSpec, tokens: int) -> bool:
     """Whether linear_cpu runs `tokens` rows of x as a float32 matmul over dequantised tiles. Not for
     INT4 under a torch whose CPU layout mpq cannot read (then the kernel serves every M)."""
-    return tokens >= FLOAT32_FROM_TOKENS[fmt.bits] and (fmt.bits == 8 or int4_row_layout() is not None)
+    return tokens >= float32_from_tokens(fmt.bits) and (fmt.bits == 8 or int4_row_layout() is not None)
 
 
 def linear_in_float32_tiles(xf: torch.Tensor, rows_of: Callable[[int, int], torch.Tensor], out_features: int,
@@ -161,12 +174,24 @@ def linear_cpu(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSp
     """y = x @ W^T (+ bias) for a 2-D x, through torch's CPU kernel for the format, or for many
     tokens a float32 matmul over dequantised tiles of the same tensors (faster there)."""
     if multiplies_in_float32(fmt, x.shape[0]):
-        k = x.shape[-1]
-        out_features = prepared["qweight"].shape[0] if fmt.bits == 8 else prepared["qweight"].numel() * 2 // k
-        y = linear_in_float32_tiles(x.to(ACT_DTYPE).float(),  # the kernels' bf16 activations
-                                    lambda start, stop: dequantize_span_cpu(prepared, fmt, start, stop, out_features, k),
-                                    out_features, bias, ACT_DTYPE)
-        return y.to(x.dtype)
+        return linear_cpu_tiles(x, prepared, fmt, bias)
+    return linear_cpu_kernel(x, prepared, fmt, bias)
+
+
+def linear_cpu_tiles(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """linear_cpu's float32 path: tiles of the kernel's tensors dequantised, bf16-rounded x."""
+    k = x.shape[-1]
+    out_features = prepared["qweight"].shape[0] if fmt.bits == 8 else prepared["qweight"].numel() * 2 // k
+    y = linear_in_float32_tiles(x.to(ACT_DTYPE).float(),  # the kernels' bf16 activations
+                                lambda start, stop: dequantize_span_cpu(prepared, fmt, start, stop, out_features, k),
+                                out_features, bias, ACT_DTYPE)
+    return y.to(x.dtype)
+
+
+def linear_cpu_kernel(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: FormatSpec,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """linear_cpu's kernel path: torch's weight-only kernel, bf16 activations."""
     xb = x.to(ACT_DTYPE).contiguous()
     if fmt.bits == 8:
         y = torch._weight_int8pack_mm(xb, prepared["qweight"], prepared["scales"])

@@ -26,7 +26,7 @@ from torch import nn
 from mpq.cpu_matmul import routes
 from mpq.formats import FormatSpec, get_format
 from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu, triton_supports
-from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, FLOAT32_FROM_TOKENS, linear_dense_cpu, multiplies_in_float32
+from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, float32_from_tokens, linear_dense_cpu, multiplies_in_float32
 from mpq.quantize import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class QuantizedLinear(nn.Module):
             return "triton w8a16" if self.fmt.bits == 8 else "triton w4a16"
         if self.backend == "cpu":
             name = "torch _weight_int8pack_mm" if self.fmt.bits == 8 else "torch _weight_int4pack_mm_for_cpu"
-            tokens = FLOAT32_FROM_TOKENS[self.fmt.bits]
+            tokens = float32_from_tokens(self.fmt.bits)
             return f"{name}, float32 tiles from {tokens} tokens" if multiplies_in_float32(self.fmt, tokens) else name
         return "reference (dequantise + F.linear)"
 

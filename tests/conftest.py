@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():  # Triton kernels run through the interpreter on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The CPU's float32-tile thresholds as the dispatch tests expect them, on any CI machine; the probe
+# that measures them (kernels/cpu_thresholds.py) has tests of its own.
+os.environ.setdefault("MPQ_CPU_TILES", "8:64,4:128")
 
 
 def tiny_llama(vocab_size: int = 4096, tie: bool = True):

@@ -230,7 +230,8 @@ def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_scrip
     rows = [{"format": fmt, "shape": "s", "tokens": m, "speedup": x} for fmt, by_m in speedups.items() for m, x in by_m.items()]
     found = {c["format"]: c["tiles_win_from_tokens"] for c in bench.crossovers(rows)}
     assert found == {"int8": 128, "int4-g128": None}
-    shipped, dense = dict(FLOAT32_FROM_TOKENS), cpu_kernels.DENSE_FLOAT32_FROM_TOKENS
+    shipped = {bits: cpu_kernels.float32_from_tokens(bits) for bits in (8, 4)}
+    dense = cpu_kernels.DENSE_FLOAT32_FROM_TOKENS
     layer = QuantizedLinear.from_module(torch.nn.Linear(64, 64), "int8")[0]
     x = torch.randn(4 * shipped[8], 64)
     with bench.float32_from(bench.KERNELS_ONLY):

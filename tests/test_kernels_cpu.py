@@ -6,7 +6,7 @@ import torch
 from mpq.formats import get_format
 from mpq.kernels import cpu as cpu_kernels
 from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu
-from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, FLOAT32_FROM_TOKENS, linear_dense_cpu
+from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, FLOAT32_FROM_TOKENS, float32_from_tokens, linear_dense_cpu
 from mpq.qlinear import QuantizedLinear
 from mpq.quantize import quantize_weight
 
@@ -105,7 +105,7 @@ def test_float32_tiles_match_torchs_kernel_and_the_reference(name, n, k, tile, d
     without a bias it agrees with the kernel to within a few outputs one bf16 step apart. A bias it
     adds before its one rounding, where the kernel rounds twice: closer to the reference."""
     fmt = get_format(name)
-    m = FLOAT32_FROM_TOKENS[fmt.bits] + 3
+    m = float32_from_tokens(fmt.bits) + 3
     torch.manual_seed(n * k)
     tensors = quantize_weight(torch.randn(n, k), fmt)
     prepared = prepare_cpu(tensors, fmt)
@@ -129,7 +129,7 @@ def test_torchs_kernel_serves_fewer_tokens_than_the_crossover(name, monkeypatch)
     fmt = get_format(name)
     prepared = prepare_cpu(quantize_weight(torch.randn(64, 128), fmt), fmt)
     calls = _kernel_calls(monkeypatch)
-    threshold = FLOAT32_FROM_TOKENS[fmt.bits]
+    threshold = float32_from_tokens(fmt.bits)
     for m in (1, threshold - 1, threshold, 2 * threshold):
         linear_cpu(torch.randn(m, 128), prepared, fmt, None)
     assert len(calls) == 2
@@ -141,11 +141,11 @@ def test_int4_under_an_unreadable_layout_runs_torchs_kernel_at_every_size(monkey
     fmt = get_format("int4-g64")
     layer = QuantizedLinear(fmt, quantize_weight(torch.randn(64, 128), fmt), None, 128, 64)
     calls = _kernel_calls(monkeypatch)
-    x = torch.randn(4 * FLOAT32_FROM_TOKENS[4], 128)
+    x = torch.randn(4 * float32_from_tokens(4), 128)
     assert rel_err(layer(x), linear_reference(x, quantize_weight(torch.randn(64, 128), fmt), fmt, None)) > 0
     assert calls == ["_weight_int4pack_mm_for_cpu"] and layer.kernel == "torch _weight_int4pack_mm_for_cpu"
     int8 = QuantizedLinear.from_module(torch.nn.Linear(128, 64), "int8")[0]
-    assert int8.kernel == f"torch _weight_int8pack_mm, float32 tiles from {FLOAT32_FROM_TOKENS[8]} tokens"
+    assert int8.kernel == f"torch _weight_int8pack_mm, float32 tiles from {float32_from_tokens(8)} tokens"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
