@@ -137,6 +137,7 @@ class QuantizedLinear(nn.Module):
         self.backend = choose_backend(fmt, out_features, in_features, backend, device)
         if self.backend == "cpu":
             tensors = prepare_cpu(tensors, fmt)
+            float32_from_tokens(fmt.bits)  # measured (once a machine) now, not inside a forward that torch traces
         # decided once (MPQ_CPU_MATMUL and the CPU's probe): a forward reads no environment
         self.dense_in_float32 = self.backend == "dense" and device.type == "cpu" and routes(tensors["weight"].dtype)
         for name, tensor in tensors.items():
