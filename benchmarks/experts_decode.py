@@ -2,14 +2,17 @@
 
 A mixture shaped like Qwen3-30B-A3B's (128 experts, hidden 2048, expert width 768, top-8) and one
 like Mixtral-8x7B's (8 experts, 4096 x 14336, top-2), their experts quantised (INT4 groups of 128,
-INT8; "int4-g128+fp16": every other expert kept in 16 bits, which runs a grouped launch of its own), run for 1, 4 and 16 tokens routed at random to top-k distinct experts. The loop (RoutedExperts.group_decode off) asks the GPU which experts got
-tokens, then launches each one's two projections; the grouped path (mpq.expert_stacks) runs one
-launch per projection and format. Per row: eager wall time per call of both (what a Python decode
-loop pays, host included), the grouped path's device time in a CUDA graph (it has no host sync,
-so a decode step can be captured whole; the loop's sync cannot be; the L2 cache flushed before
-each replay, so the weights come from DRAM), the bytes of the experts the
-tokens touched and the GB/s that time makes of them, and both paths' relative error to the
-dequantise reference. Prints a table and writes JSON.
+INT8; "int4-g128+fp16": every other expert kept in 16 bits, which runs a grouped launch of its
+own), run for 1, 4 and 16 tokens routed at random to top-k distinct experts. The loop
+(RoutedExperts.group_decode off) asks the GPU which experts got tokens, then launches each one's
+two projections; the grouped path (mpq.expert_stacks) runs one launch per projection and format.
+Per row: eager wall time per call of both (what a Python decode loop pays, host included), the
+grouped path's device time in a CUDA graph (it has no host sync, so a decode step can be captured
+whole; the loop's sync cannot be; the L2 cache flushed before each replay, so the weights come
+from DRAM), the bytes of the experts the tokens touched and the GB/s that time makes of them, the
+call's launches as mpq's latency model predicts them (mpq.grouped_latency's probes) and their
+share of the eager call, and both paths' relative error to the dequantise reference. Prints a
+table and writes JSON.
 
     python benchmarks/experts_decode.py            # on a CUDA machine
     python benchmarks/experts_decode.py --smoke    # a tiny mixture, correctness only (CPU: the interpreter)
@@ -102,6 +105,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def predicted_launches_ms(mixture, touched: list[int], pairs: int, dtype: torch.dtype, budget_s: float) -> float:
+    """This call's launches as mpq's latency model makes them (mpq.grouped_latency): per projection
+    and format a probe stack's [fixed, per expert] seconds, the fixed cost paid by every format the
+    mixture holds and the per-expert one by each touched expert of the format."""
+    from mpq.grouped_latency import time_grouped_launch
+    from mpq.latency import MAX_WORKING_SET
+
+    total = 0.0
+    for layers in mixture.projections():
+        formats = {layer.fmt.name: layer.fmt for layer in layers}
+        for name, fmt in formats.items():
+            read = sum(1 for e in touched if layers[e].fmt.name == name)
+            fixed, per_expert = time_grouped_launch(layers[0].out_features, layers[0].in_features, fmt, len(layers), pairs,
+                                                    max(1, read), dtype, next(layers[0].buffers()).device, budget_s,
+                                                    MAX_WORKING_SET)
+            total += fixed + per_expert * read
+    return total * 1e3
+
+
 def bench(spec: dict, fmt_name: str, tokens: tuple[int, ...], device: str, smoke: bool, dtype: torch.dtype) -> list[dict]:
     from mpq.kernels.triton_tuning import gpu_time_ms
 
@@ -120,12 +142,17 @@ def bench(spec: dict, fmt_name: str, tokens: tuple[int, ...], device: str, smoke
             row = {"mixture": spec["name"], "format": fmt_name, "tokens": count, "top_k": spec["top_k"],
                    "experts_touched": len(touched), "bytes_touched": sum(expert_bytes[e] for e in touched),
                    "rel_err_grouped": rel_err(grouped, expected), "rel_err_loop": rel_err(looped, expected)}
+            if not smoke or ("+" in fmt_name and count == tokens[0]):  # the interpreter: one row's probes, as a check
+                row["predicted_launches_ms"] = predicted_launches_ms(mixture, touched, count * spec["top_k"], dtype,
+                                                                     0.002 if smoke else 0.05)
             if not smoke:
                 row["grouped_eager_ms"] = eager_ms(lambda: mixture(*inputs))
                 row["loop_eager_ms"] = eager_ms(lambda: run_loop(mixture, *inputs))
                 row["grouped_graph_ms"] = gpu_time_ms(lambda: mixture(*inputs))  # L2 flushed before each replay
                 row["eager_speedup"] = row["loop_eager_ms"] / row["grouped_eager_ms"]
                 row["grouped_GBps"] = row["bytes_touched"] / (row["grouped_graph_ms"] * 1e-3) / 1e9
+                # the latency model's launches against the eager call they are part of (the rest: torch's glue ops)
+                row["launches_share"] = row["predicted_launches_ms"] / row["grouped_eager_ms"]
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -157,13 +184,14 @@ def main() -> None:
     print(f"\n# {report['device']}, bf16 activations: "
           + "; ".join(f"{m['name']}: {m['experts']} experts {m['hidden']}x{m['intermediate']}, top-{m['top_k']}" for m in mixtures))
     print("| mixture | format | tokens | experts touched | loop eager ms | grouped eager ms | eager speedup | "
-          "grouped graph ms | GB/s | rel err grouped | rel err loop |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "grouped graph ms | GB/s | predicted launches ms (share of eager) | rel err grouped | rel err loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         timed = "grouped_graph_ms" in r
         print(f"| {r['mixture']} | {r['format']} | {r['tokens']} | {r['experts_touched']} | "
               + (f"{r['loop_eager_ms']:.3f} | {r['grouped_eager_ms']:.3f} | {r['eager_speedup']:.2f}x | "
-                 f"{r['grouped_graph_ms']:.4f} | {r['grouped_GBps']:.0f} | " if timed else "- | - | - | - | - | ")
+                 f"{r['grouped_graph_ms']:.4f} | {r['grouped_GBps']:.0f} | {r['predicted_launches_ms']:.3f} "
+                 f"({r['launches_share']:.2f}) | " if timed else "- | - | - | - | - | - | ")
               + f"{r['rel_err_grouped']:.1e} | {r['rel_err_loop']:.1e} |")
     print(f"wrote {path}")
     bad = [r for r in report["rows"] if not (r["rel_err_grouped"] < 1e-2 and r["rel_err_loop"] < 1e-2)]

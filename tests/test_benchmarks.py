@@ -33,6 +33,8 @@ def test_experts_decode_benchmark_smoke(tmp_path):
     assert [(r["format"], r["tokens"]) for r in report["rows"]] == [(f, t) for f in ("int4-g128", "int8", "int4-g128+fp16")
                                                                     for t in (1, 4, 16)]
     assert all(r["rel_err_grouped"] < 1e-2 and r["rel_err_loop"] < 1e-2 for r in report["rows"])
+    predicted = [r for r in report["rows"] if "predicted_launches_ms" in r]  # the latency model's probes, on one row
+    assert [(r["format"], r["tokens"]) for r in predicted] == [("int4-g128+fp16", 1)] and predicted[0]["predicted_launches_ms"] > 0
 
 
 def test_every_kernel_config_compiles_for_an_h100(tmp_path):
