@@ -101,17 +101,17 @@ def top_k_of(mixture: nn.Module) -> int:
 
 @torch.no_grad()
 def glue_saved(model: nn.Module, path: str, stacks: list[list[str]], fmt: FormatSpec, launch: list[dict],
-               layer_seconds: dict[str, float], tokens: int, dtype: torch.dtype, device: torch.device,
+               original_seconds: dict[str, float], tokens: int, dtype: torch.dtype, device: torch.device,
                budget_s: float) -> float:
     """Seconds a grouped call of the mixture at `path` spends less than the loop outside its layers'
     launches: (loop call - its layers as timed alone) - (grouped call in `fmt` - its launches as
-    `launch` predicts them). `layer_seconds`: the model's own expert layers' times."""
+    `launch` predicts them). `original_seconds`: the model's own layers' times, as it holds them."""
     mixture = model.get_submodule(path)
     routes = decode_routes(mixture, tokens, dtype, device)
     touched = sum(index.unique().numel() for _, index, _ in routes) / len(routes)
     turn = itertools.cycle(routes)
     loop = seconds_per_call(lambda: mixture(*next(turn)), device, budget_s)
-    loop_layers = touched * sum(layer_seconds[stack[0]] for stack in stacks)
+    loop_layers = touched * sum(original_seconds[stack[0]] for stack in stacks)
     with applied(model, {name: fmt for stack in stacks for name in stack}, QuantizedWeightCache(model)):
         if not mixture.runs_grouped():
             raise RuntimeError(f"{path} does not run grouped in {fmt.name}: cannot time its grouped call")
@@ -122,12 +122,12 @@ def glue_saved(model: nn.Module, path: str, stacks: list[list[str]], fmt: Format
 
 
 def profile_mixtures(model: nn.Module, info: dict[str, list], formats: list[FormatSpec], tokens: int,
-                     calls: dict[str, float], layer_seconds: dict[str, float], dtype: torch.dtype, device: torch.device,
+                     calls: dict[str, float], original_seconds: dict[str, float], dtype: torch.dtype, device: torch.device,
                      cache, budget_s: float, working_set: dict[str, int]) -> list[dict]:
     """Each RoutedExperts of `model` whose expert layers are all profiled (in `info`): its stacks
     (each projection's layer names, by expert), per stack the [fixed, per expert] seconds of each
     format's grouped launch, and the glue a grouped call saves (see the module's docstring).
-    `calls`: each expert layer's expected calls a step; `layer_seconds`: the model's own layers'
+    `calls`: each expert layer's expected calls a step; `original_seconds`: the model's own layers'
     times; `cache`: mpq.latency's entry cache; `working_set`: bytes per format (mpq.latency)."""
     from mpq.experts import RoutedExperts
 
@@ -162,6 +162,6 @@ def profile_mixtures(model: nn.Module, info: dict[str, list], formats: list[Form
             shapes = "+".join(f"{info[stack[0]][0]}x{info[stack[0]][1]}" for stack in stacks)
             key = f"mixture|{module.source_type}|E{experts}|top{top_k}|M{tokens}|{shapes}|{dtype}|{glue_format.name}"
             saved = cache.get("entries", key, lambda: glue_saved(
-                model, path, stacks, glue_format, launch, layer_seconds, tokens, dtype, device, budget_s))
+                model, path, stacks, glue_format, launch, original_seconds, tokens, dtype, device, budget_s))
         mixtures.append({"path": path, "stacks": stacks, "launch": launch, "glue_saved": saved})
     return mixtures
