@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from mpq.apply import QuantizedWeightCache, applied
+from mpq.kernels.cpu_thresholds import least_seconds
 from mpq.environment import hardware, versions
 from mpq.formats import get_format
 from mpq.kernels import cpu as cpu_kernels
@@ -46,13 +46,8 @@ MAX_MACS = 4096 * 4096 * 512  # a row's budget: the largest products take second
 
 
 def _best_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: the first call faults code pages in and sizes the allocator's pools
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    """The fastest of `repeats` calls after a warm-up, in ms: timed as the dispatch's own probe times."""
+    return least_seconds(fn, repeats) * 1e3
 
 
 KERNELS_ONLY = 2**62  # FLOAT32_FROM_TOKENS no layer reaches: the dispatch before float32 tiles

@@ -104,8 +104,9 @@ def from_tokens(wins: list[bool]) -> int:
     return threshold
 
 
-def _least_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()  # warm-up: allocations, thread wake-up
+def least_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    """The fastest of `repeats` calls of `fn` after one warm-up call (allocations, thread wake-up)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -134,8 +135,8 @@ def probe() -> dict[int, int]:
         wins = []
         for tokens in PROBE_TOKENS:
             x = torch.randn(tokens, 1024, generator=generator).to(torch.bfloat16)
-            kernel = _least_seconds(lambda: linear_cpu_kernel(x, prepared, fmt, None))
-            tiles = _least_seconds(lambda: linear_cpu_tiles(x, prepared, fmt, None))
+            kernel = least_seconds(lambda: linear_cpu_kernel(x, prepared, fmt, None))
+            tiles = least_seconds(lambda: linear_cpu_tiles(x, prepared, fmt, None))
             wins.append(tiles < MARGIN * kernel)
         found[bits] = from_tokens(wins)
     return found
