@@ -50,6 +50,11 @@ def pinned() -> dict[int, int] | None:
     return found
 
 
+def describe(tokens: int) -> str:
+    """A threshold in words: its token count, or "never"."""
+    return "never" if tokens >= NEVER else str(tokens)
+
+
 def signature() -> str:
     from mpq.environment import hardware
 

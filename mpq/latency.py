@@ -150,9 +150,9 @@ def device_signature(device: torch.device | str) -> str:
     if torch.device(device).type == "cpu":
         from mpq.cpu_matmul import SIXTEEN_BIT, routes
         from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, float32_from_tokens
-        from mpq.kernels.cpu_thresholds import NEVER
+        from mpq.kernels.cpu_thresholds import describe
 
-        tiles = [f"int{bits} M={'never' if m >= NEVER else m}" for bits in (4, 8) if (m := float32_from_tokens(bits))]
+        tiles = [f"int{bits} M={describe(float32_from_tokens(bits))}" for bits in (4, 8)]
         tiles += [f"{dtype} M={DENSE_FLOAT32_FROM_TOKENS}" for dtype in SIXTEEN_BIT if routes(dtype)]
         signature += " | float32 tiles from " + ", ".join(tiles)
     return signature
