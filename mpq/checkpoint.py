@@ -22,7 +22,7 @@ from mpq.errors import MpqError
 from mpq.expert_stacks import describe_grouped
 from mpq.experts import RoutedExperts, route_experts
 from mpq.io import atomic_folder, write_json_atomic
-from mpq.models import CAUSAL_LM
+from mpq.models import auto_class
 from mpq.plan import Plan
 from mpq.apply import build_layers, set_module
 from mpq.qembedding import QuantizedEmbedding, TiedEmbedding
@@ -195,10 +195,10 @@ def _read_weights(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 def _skeleton(folder: Path, task: str) -> nn.Module:
     """The model's modules on the meta device: structure only, no memory, no random init."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
-    loader = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    loader = auto_class(task)
     with torch.device("meta"):
         return loader.from_config(config)
 

@@ -30,7 +30,7 @@ from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measur
                          profile_key)
 from mpq.memory import (float_dtype_of, format_size, kept_as_stored, kept_summary, kept_to_json, memory_model, parse_size,
                         resident_bytes)
-from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model, model_device
+from mpq.models import CAUSAL_LM, DTYPES, GENERATIVE, SEQ2SEQ_LM, LoadedModel, decoder_start_of, load_model, model_device
 from mpq.plan import Plan
 from mpq.refine import REFINE_TRIALS, refine_at_budget
 from mpq.selection import (chosen_for_measuring, emitted_front, latency_fields, latency_limit, latency_summary,
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 # About 4k calibration tokens either way: 32 x 128-token windows, or 256 sentences (~16 tokens each).
 # 128 sentences (2k tokens) left GPTQ's INT4-g128 on all-MiniLM at 1 - cosine 0.0157 on held-out
 # sentences, 256 at 0.0136, 512 at 0.0130 (for 3x the compile time).
-DEFAULT_SAMPLES = {CAUSAL_LM: 32, "encoder": 256}
-DEFAULT_SEQ_LEN = {CAUSAL_LM: 128, "encoder": 128}
+DEFAULT_SAMPLES = {CAUSAL_LM: 32, SEQ2SEQ_LM: 32, "encoder": 256}
+DEFAULT_SEQ_LEN = {CAUSAL_LM: 128, SEQ2SEQ_LM: 128, "encoder": 128}  # a seq2seq window: half source, half target
 
 
 @dataclass
@@ -86,15 +86,15 @@ class CompileOptions:
 
 
 def _example_inputs(task, loaded: LoadedModel) -> dict:
-    if loaded.task == CAUSAL_LM:
-        return {"input_ids": task.calib_ids[:1, :16], "use_cache": False}
+    if loaded.task in GENERATIVE:
+        return task.model_inputs(task.calib_ids[:1, :16])
     batch = task.calib_batches[0]
     return {key: value[:2] for key, value in batch.items()}
 
 
 def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGraph, formats, task, calib_info: dict,
                  cache: QuantizedWeightCache, method: str) -> tuple[SensitivityTable, bool]:
-    calib_data = task.calib_ids if loaded.task == CAUSAL_LM else [b["input_ids"] for b in task.calib_batches]
+    calib_data = task.calib_ids if loaded.task in GENERATIVE else [b["input_ids"] for b in task.calib_batches]
     key = data_fingerprint(model_fingerprint(loaded.model), calib_data, [f.name for f in formats], task.metric,
                            [layer.name for layer in graph.layers], SENSITIVITY_VERSION, opts.sensitivity, method)
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
@@ -160,7 +160,8 @@ def compile_model(opts: CompileOptions) -> dict:
     samples = opts.samples or DEFAULT_SAMPLES[loaded.task]
     seq_len = opts.seq_len or DEFAULT_SEQ_LEN[loaded.task]
     calib = calibration_text(opts.calib, opts.eval_data)
-    task = make_task(loaded.task, loaded.tokenizer, calib, samples, seq_len, target=opts.eval_data)
+    task = make_task(loaded.task, loaded.tokenizer, calib, samples, seq_len, target=opts.eval_data,
+                     decoder_start=decoder_start_of(loaded.model))
     calib_info = {"source": calib.source, "samples": samples, "seq_len": seq_len, "tokens": task.calib_tokens}
     lap("load")
 
@@ -399,7 +400,7 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
         "activations": "bf16 in int8/int4 layers on the CPU (W8A16 / W4A16); the model's dtype elsewhere",
         "model_dtype": str(float_dtype_of(loaded.model)).removeprefix("torch."),
         "calibration": calib_info,
-        "evaluation_data": "mpq corpus, heldout split, validation half" + (" (text and code)" if loaded.task == CAUSAL_LM else " (text sentences)")
+        "evaluation_data": "mpq corpus, heldout split, validation half" + (" (text and code)" if loaded.task in GENERATIVE else " (text sentences)")
                            + "; `mpq eval CONFIG` reports the test half, which compile never saw",
         "quality": {"sensitivity_metric": task.metric, "predicted": cand.predicted, "measured": cand.measured,
                     "baseline": baseline["metrics"]},

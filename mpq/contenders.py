@@ -18,7 +18,7 @@ import torch
 
 from mpq.blockwise import find_blocks
 from mpq.errors import MpqError
-from mpq.models import CAUSAL_LM, DTYPES, LoadedModel, load_model
+from mpq.models import DTYPES, LoadedModel, auto_class, load_model
 from mpq.search import uniform_plan
 
 BNB_MODES = ("int8", "nf4")
@@ -38,14 +38,14 @@ def load_original(name: str, dtype: str | None = None, bnb: str | None = None, d
 def _load_bnb(name: str, mode: str, device: str) -> LoadedModel:
     if mode not in BNB_MODES:
         raise MpqError(f"--bnb {mode!r}: use one of {', '.join(BNB_MODES)}")
-    from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise MpqError("bitsandbytes contenders need it installed: pip install 'mpq-compiler[bnb]'")
     plain = load_model(name)  # resolves demos and folders, and gives the tokenizer and task
     config = (BitsAndBytesConfig(load_in_8bit=True) if mode == "int8" else
               BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
-    loader = AutoModelForCausalLM if plain.task == CAUSAL_LM else AutoModel
+    loader = auto_class(plain.task)
     try:
         model = loader.from_pretrained(plain.path, quantization_config=config, device_map=device)
     except Exception as exc:

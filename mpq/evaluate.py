@@ -17,9 +17,9 @@ from torch import nn
 from mpq.checkpoint import kernels_of, load, read_manifest
 from mpq.cpu_matmul import describe as describe_matmuls
 from mpq.environment import hardware
-from mpq.kv_cache import forward_with_cache
+from mpq.kv_cache import encode, forward_with_cache
 from mpq.memory import resident_bytes
-from mpq.models import CAUSAL_LM, load_model, model_device
+from mpq.models import GENERATIVE, SEQ2SEQ_LM, decoder_start_of, load_model, model_device
 from mpq.tasks import make_task
 
 PREFILL_TOKENS = 256
@@ -45,16 +45,22 @@ def _sync() -> None:
 
 @torch.no_grad()
 def speed(model: nn.Module, task_kind: str, task) -> dict[str, float]:
-    """Causal LM: prefill and greedy-decode tokens/s at batch 1. Encoder: sentences/s."""
-    if task_kind == CAUSAL_LM:
-        ids = task.heldout["text"][:1, :PREFILL_TOKENS].to(model_device(model))
-        prefill = _median_seconds(lambda: model(input_ids=ids, use_cache=False))
-        prompt = ids[:, :DECODE_PROMPT]
+    """Causal and seq2seq LM: prefill and greedy-decode tokens/s at batch 1 (a seq2seq LM's prefill
+    is its task's forward over a window, source and target; its decode encodes the prompt as the
+    source once, then decodes from the start token). Encoder: sentences/s."""
+    if task_kind in GENERATIVE:
+        ids = task.heldout["text"][:1, :PREFILL_TOKENS]
+        inputs = {k: v.to(model_device(model)) if isinstance(v, torch.Tensor) else v for k, v in task.model_inputs(ids).items()}
+        prefill = _median_seconds(lambda: model(**inputs))
+        prompt = ids[:, :DECODE_PROMPT].to(model_device(model))
 
         def decode() -> None:
-            out, past = forward_with_cache(model, prompt)
+            encoded, first = None, prompt
+            if task_kind == SEQ2SEQ_LM:
+                encoded, first = encode(model, prompt), prompt.new_full((1, 1), task.decoder_start)
+            out, past = forward_with_cache(model, first, encoder_outputs=encoded)
             for _ in range(DECODE_TOKENS):
-                out, past = forward_with_cache(model, out.logits[:, -1:].argmax(-1), past)
+                out, past = forward_with_cache(model, out.logits[:, -1:].argmax(-1), past, encoder_outputs=encoded)
 
         total = _median_seconds(decode, repeats=7)
         return {"prefill_tokens_per_s": ids.shape[1] / prefill, "decode_tokens_per_s": DECODE_TOKENS / total}
@@ -124,8 +130,8 @@ def evaluate_config(folder: str | Path, device: str = "cpu", eval_data: str = "b
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    task = make_task(manifest["task"], tokenizer, None, target=eval_data, split=split)
-    if manifest["task"] != CAUSAL_LM:  # fidelity is measured against the original model
+    task = make_task(manifest["task"], tokenizer, None, target=eval_data, split=split, decoder_start=decoder_start_of(model))
+    if manifest["task"] not in GENERATIVE:  # fidelity is measured against the original model
         task.prepare_eval(load_model(manifest["card"]["model"]).model)
     result = {"contender": f"mpq config {Path(folder).name}", **evaluate_model(model, manifest["task"], task, with_speed)}
     result["predicted_bytes"] = manifest["card"]["bytes"]["predicted"]
@@ -141,8 +147,9 @@ def evaluate_original(name: str, dtype: str | None = None, bnb: str | None = Non
     from mpq.contenders import load_original
 
     loaded = load_original(name, dtype, bnb, device)
-    task = make_task(loaded.task, loaded.tokenizer, None, target=eval_data, split=split)
-    if loaded.task != CAUSAL_LM:
+    task = make_task(loaded.task, loaded.tokenizer, None, target=eval_data, split=split,
+                     decoder_start=decoder_start_of(loaded.model))
+    if loaded.task not in GENERATIVE:
         task.prepare_eval(load_model(name).model)
     what = f"bitsandbytes {bnb}" if bnb else (dtype or "as stored")
     result = {"contender": f"{name} ({what})", **evaluate_model(loaded.model, loaded.task, task, with_speed)}

@@ -31,8 +31,21 @@ def returned_cache(output) -> object:
     return output["cache"] if "cache" in output.keys() else output["past_key_values"]
 
 
-def forward_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: object | None = None):
-    """model(input_ids, use_cache=True), continuing `cache` when given; the output and its cache."""
+def forward_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: object | None = None,
+                       encoder_outputs: object | None = None):
+    """model(input_ids, use_cache=True), continuing `cache` when given; the output and its cache.
+    With `encoder_outputs` (an encoder-decoder model's, from encode) the ids are the decoder's, and
+    the encoder does not run again."""
     kwargs = {cache_argument(model): cache} if cache is not None else {}
-    output = model(input_ids=input_ids, use_cache=True, **kwargs)
+    if encoder_outputs is None:
+        kwargs["input_ids"] = input_ids
+    else:
+        kwargs.update(decoder_input_ids=input_ids, encoder_outputs=encoder_outputs)
+    output = model(use_cache=True, **kwargs)
     return output, returned_cache(output)
+
+
+def encode(model: nn.Module, input_ids: torch.Tensor) -> object:
+    """An encoder-decoder model's encoder pass over the source `input_ids` (what forward_with_cache's
+    `encoder_outputs` takes): run once per source, as generation does."""
+    return model.get_encoder()(input_ids=input_ids)

@@ -36,16 +36,17 @@ from mpq.errors import MpqError
 from mpq.formats import FormatSpec, get_format
 from mpq.fusion import fusion_groups
 from mpq.io import cache_root, write_json_atomic
-from mpq.kv_cache import forward_with_cache
+from mpq.kv_cache import encode, forward_with_cache
 from mpq.memory import float_dtype_of
-from mpq.models import CAUSAL_LM, model_device
+from mpq.models import GENERATIVE, SEQ2SEQ_LM, model_device
 from mpq.quantize import quantize_weight
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
-VERSION = 4  # 2: the rest is split off with the original layers' times, not 16-bit ones; 3: profiles timed
+VERSION = 5  # 2: the rest is split off with the original layers' times, not 16-bit ones; 3: profiles timed
 # on a busy machine (layers alone outlasting the step) are re-timed, and version-2 caches may hold such;
-# 4: mixtures that decode grouped (CUDA) are predicted as grouped launches (mpq.grouped_latency)
+# 4: mixtures that decode grouped (CUDA) are predicted as grouped launches (mpq.grouped_latency);
+# 5: each layer counts as often as a real step calls it (a seq2seq decode step: no encoder layer)
 REGIMES = ("decode", "prefill")
 MAX_WORKING_SET = 256 * 2**20  # beyond any last-level cache (CPU L3, GPU L2)
 MAX_COPIES = 512
@@ -74,11 +75,11 @@ class Regime:
 
 def make_regime(kind: str | None, batch: int, length: int, task: str, max_positions: int | None = None) -> Regime:
     """The regime the user asked for, checked; default decode for causal LMs, prefill for encoders."""
-    kind = kind or ("decode" if task == CAUSAL_LM else "prefill")
+    kind = kind or ("decode" if task in GENERATIVE else "prefill")
     if kind not in REGIMES:
         raise MpqError(f"--regime {kind!r} is not one of {', '.join(REGIMES)}")
-    if kind == "decode" and task != CAUSAL_LM:
-        raise MpqError("--regime decode needs a causal LM: an encoder has no decode step; use --regime prefill")
+    if kind == "decode" and task not in GENERATIVE:
+        raise MpqError("--regime decode needs a causal or seq2seq LM: an encoder has no decode step; use --regime prefill")
     if batch < 1 or length < 1:
         raise MpqError(f"--batch and --length must be at least 1 (got {batch}, {length})")
     if max_positions is not None and length + 1 > max_positions:
@@ -166,23 +167,47 @@ def _random_inputs(model: nn.Module, regime: Regime, device: torch.device) -> to
 
 
 def model_step(model: nn.Module, task: str, regime: Regime):
-    """A callable that runs one step of `regime` on `model` (the thing whose time is predicted)."""
+    """A callable that runs one step of `regime` on `model` (the thing whose time is predicted).
+    A seq2seq LM's source and target are both `length` tokens: its prefill runs the encoder on the
+    source and the decoder on the target (every layer at M = batch x length); its decode step is
+    one decoder token, the encoder's outputs and the cross-attention's keys and values cached."""
     device = model_device(model)
     ids = _random_inputs(model, regime, device)
-    if task != CAUSAL_LM:
+    if task not in GENERATIVE:
         mask = torch.ones_like(ids)
         return lambda: model(input_ids=ids, attention_mask=mask)
+    seq2seq = task == SEQ2SEQ_LM
     if regime.kind == "prefill":
+        if seq2seq:
+            return lambda: model(input_ids=ids, decoder_input_ids=ids, use_cache=False)
         return lambda: model(input_ids=ids, use_cache=False)
     with torch.no_grad():
-        _, past = forward_with_cache(model, ids)
+        encoded = encode(model, ids) if seq2seq else None
+        _, past = forward_with_cache(model, ids, encoder_outputs=encoded)
     token = ids[:, -1:]
 
     def step() -> None:
-        forward_with_cache(model, token, past)
+        forward_with_cache(model, token, past, encoder_outputs=encoded)
         past.crop(-1)  # drop the new token: every step sees `length` cached tokens
 
     return step
+
+
+@torch.no_grad()
+def calls_per_step(model: nn.Module, task: str, regime: Regime, names: list[str]) -> dict[str, int]:
+    """How often each of the layers `names` runs in one step, counted on a real step: a seq2seq
+    LM's decode step runs no encoder layer, nor the cross-attention's key and value projections
+    (cached from the first step); a layer a model calls from several places runs more than once."""
+    step = model_step(model, task, regime)
+    counts = dict.fromkeys(names, 0)
+    hooks = [model.get_submodule(name).register_forward_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+             for name in names]
+    try:
+        step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
 
 
 @torch.no_grad()
@@ -300,8 +325,8 @@ class LatencyModel:
     version: int = VERSION
     tables: list[str] = field(default_factory=list)  # the layers that are embedding lookups, not matmuls
     consistent: bool = True  # the layers alone took no longer than the whole step (else not cached: see profile)
-    calls: dict[str, float] = field(default_factory=dict)  # an expert of a mixture -> its expected calls per step
-    # (see routed_calls); every other layer runs once
+    calls: dict[str, float] = field(default_factory=dict)  # a layer -> its calls per step where not 1: an expert of a
+    # mixture its expected calls (see routed_calls); a seq2seq LM's encoder layers 0 in a decode step (calls_per_step)
     # Mixtures that decode grouped on this device (mpq.grouped_latency): each {"path", "stacks": a list of
     # layer names per projection, "launch": per projection, format -> [fixed, per expert] seconds of its
     # grouped launch, "glue_saved": seconds a grouped call spends less than the loop outside its launches}
@@ -335,8 +360,8 @@ class LatencyModel:
         """Seconds of the planned layers alone, fused as an emitted model fuses them, a mixture's
         experts grouped where they decode grouped."""
         total, done = self._grouped_seconds(plan) if self.mixtures else (0.0, set())
-        for names in fusion_groups(plan, self.groups, self._has_bias):
-            total += self.group_seconds["|".join(names)][plan[names[0]]]
+        for names in fusion_groups(plan, self.groups, self._has_bias):  # members run together, as often as the first
+            total += self.group_seconds["|".join(names)][plan[names[0]]] * self.calls.get(names[0], 1.0)
             done.update(names)
         return total + sum(self.layer_seconds[name][fmt] * self.calls.get(name, 1.0)
                            for name, fmt in plan.items() if name not in done)
@@ -513,6 +538,9 @@ def profile(model: nn.Module, task: str, layers: list[LayerInfo], formats: list[
                 original=fmt is None))
 
     calls = {name: expected for name, (expected, _) in routed.items()}
+    # every other layer as often as a real step runs it: once, for most
+    counted = calls_per_step(model, task, regime, [name for name in info if name not in routed])
+    calls.update({name: float(count) for name, count in counted.items() if count != 1})
 
     def layers_alone() -> float:  # the model's own layers' seconds in a step, each as often as it runs
         return sum(t * calls.get(name, 1.0) for name, t in original_seconds.items())

@@ -16,14 +16,15 @@ from mpq.experts import route_experts
 
 log = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).parent / "demo" / "model"
-CAUSAL_LM, ENCODER = "causal-lm", "encoder"
+CAUSAL_LM, ENCODER, SEQ2SEQ_LM = "causal-lm", "encoder", "seq2seq-lm"
+GENERATIVE = (CAUSAL_LM, SEQ2SEQ_LM)  # tasks judged by next-token distributions, decoded token by token
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
     tokenizer: object
-    task: str  # CAUSAL_LM or ENCODER
+    task: str  # CAUSAL_LM, SEQ2SEQ_LM or ENCODER
     source: str  # what the user named
     path: str  # the folder or id it was read from
     unrouted: dict[str, str] = field(default_factory=dict)  # experts modules kept as stored -> why (mpq.experts)
@@ -67,10 +68,33 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def task_of(config) -> str:
+    if getattr(config, "is_encoder_decoder", False):  # T5, BART: AutoModel would load them without their head
+        return SEQ2SEQ_LM
     architectures = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" in architectures or "LMHead" in architectures or getattr(config, "is_decoder", False):
         return CAUSAL_LM
     return ENCODER
+
+
+def decoder_start_of(model: nn.Module) -> int | None:
+    """The token an encoder-decoder model's decoder starts from (T5: pad, BART: eos), from its
+    config or its generation config; None for any other model."""
+    config = model.config
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    for source in (config, getattr(model, "generation_config", None)):
+        start = getattr(source, "decoder_start_token_id", None)
+        if isinstance(start, int):
+            return start
+    raise MpqError(f"{type(model).__name__} has no decoder_start_token_id in its config or generation config: "
+                   "set it in config.json")
+
+
+def auto_class(task: str):
+    """The transformers Auto class that loads a model of `task` with its head."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return {CAUSAL_LM: AutoModelForCausalLM, SEQ2SEQ_LM: AutoModelForSeq2SeqLM}.get(task, AutoModel)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype: cast on load
@@ -78,7 +102,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16} 
 
 def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
     """Load `name` with its tokenizer; raises MpqError with what to do when it cannot."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # mpq draws its own bars; theirs would interleave
@@ -95,12 +119,8 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
         method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)
         raise MpqError(f"{name!r} is already quantised ({method or 'quantization_config'}): mpq quantises from the "
                        "unquantised weights, so give it the original model's id or folder")
-    if getattr(config, "is_encoder_decoder", False):  # AutoModel would load it without its head, as an "encoder"
-        architecture = " ".join(getattr(config, "architectures", None) or [type(config).__name__])
-        raise MpqError(f"{name!r} is an encoder-decoder model ({architecture}), which mpq does not compile yet: "
-                       "it compiles causal language models and encoders")
     task = task_of(config)
-    loader = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    loader = auto_class(task)
     try:
         model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)

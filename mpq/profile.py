@@ -30,7 +30,9 @@ def profile_table(latency: LatencyModel) -> str:
     rows: dict[tuple, dict[str, float]] = {}
     for name, per_format in latency.layer_seconds.items():
         n, k, _ = latency.layers[name]
-        how = "lookup" if name in latency.tables else "routed (per call)" if name in latency.calls else "alone"
+        calls = latency.calls.get(name, 1.0)
+        how = ("lookup" if name in latency.tables else "not in a step" if calls == 0 else
+               "alone" if calls == int(calls) else "routed (per call)")
         rows.setdefault((f"{n}x{k}", how), per_format)
     for key, per_format in latency.group_seconds.items():
         names = key.split("|")

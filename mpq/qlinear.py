@@ -27,6 +27,7 @@ from mpq.cpu_matmul import routes
 from mpq.formats import FormatSpec, get_format
 from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu, triton_supports
 from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, float32_from_tokens, linear_dense_cpu, multiplies_in_float32
+from mpq.kernels.cpu_thresholds import NEVER
 from mpq.quantize import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ class QuantizedLinear(nn.Module):
         self.dense_in_float32 = self.backend == "dense" and device.type == "cpu" and routes(tensors["weight"].dtype)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
+        if "weight" not in tensors:
+            # No dense weight to read. Model code that peeks at one (T5's feed-forward casts its input
+            # to `wo.weight.dtype` when that is a tensor) then leaves the activations as they are.
+            self.weight = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
 
     @classmethod
@@ -165,7 +170,8 @@ class QuantizedLinear(nn.Module):
         if self.backend == "cpu":
             name = "torch _weight_int8pack_mm" if self.fmt.bits == 8 else "torch _weight_int4pack_mm_for_cpu"
             tokens = float32_from_tokens(self.fmt.bits)
-            return f"{name}, float32 tiles from {tokens} tokens" if multiplies_in_float32(self.fmt, tokens) else name
+            tiled = tokens < NEVER and multiplies_in_float32(self.fmt, tokens)  # NEVER: no count reaches them
+            return f"{name}, float32 tiles from {tokens} tokens" if tiled else name
         return "reference (dequantise + F.linear)"
 
     def _tensors(self) -> dict[str, torch.Tensor]:

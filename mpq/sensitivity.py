@@ -213,27 +213,22 @@ def _differentiable(params: dict[str, torch.Tensor]) -> Iterator[None]:
             param.grad = None
 
 
-def _next_token_loss(work: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = work(input_ids=ids, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def _is_causal_lm(task) -> bool:
+def _predicts_tokens(task) -> bool:
     return hasattr(task, "calib_ids")
 
 
 def _calibration_batches(task) -> list:
-    """The batches the second-order signals run: windows of token ids (causal LMs) or an encoder's
-    tokenised sentence batches."""
-    return list(task.calib_ids.split(8)) if _is_causal_lm(task) else task.calib_batches
+    """The batches the second-order signals run: windows of token ids (causal and seq2seq LMs) or
+    an encoder's tokenised sentence batches."""
+    return list(task.calib_ids.split(8)) if _predicts_tokens(task) else task.calib_batches
 
 
 def _fisher_losses(task, work: nn.Module, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """One differentiable loss per calibration batch whose squared gradients sum to the signal's F
     (see the module's notes): the next-token loss, or an encoder's random projection r . u."""
-    if _is_causal_lm(task):
+    if _predicts_tokens(task):
         for ids in _calibration_batches(task):
-            yield _next_token_loss(work, ids)
+            yield task.loss(work, ids)
         return
     sentences = sum(len(batch["input_ids"]) for batch in task.calib_batches)
     for batch in task.calib_batches:
@@ -244,9 +239,9 @@ def _fisher_losses(task, work: nn.Module, generator: torch.Generator) -> Iterato
 
 def _hessian_losses(task, work: nn.Module) -> Iterator[torch.Tensor]:
     """Up to HESSIAN_BATCHES differentiable losses whose curvature the signal estimates."""
-    if _is_causal_lm(task):
+    if _predicts_tokens(task):
         for ids in _calibration_batches(task)[:HESSIAN_BATCHES]:
-            yield _next_token_loss(work, ids)
+            yield task.loss(work, ids)
         return
     batches = task.calib_batches[:HESSIAN_BATCHES]
     reference = task.embeddings(work, batches)  # the original's, for the batches used only

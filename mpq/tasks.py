@@ -2,6 +2,10 @@
 
 - causal LM: sensitivity is the KL divergence of next-token distributions from the original's;
   held-out quality is perplexity on English text and on code (the shipped corpus's heldout split).
+- seq2seq LM (T5, BART): each window's first half is the source the encoder reads, its second
+  half the target the decoder is fed (teacher forcing, after the decoder's start token); sensitivity
+  and held-out quality are the causal LM's, over the target's tokens: KL and perplexity of the
+  continuation given the source. No paired text is needed, so any calibration text serves.
 - encoder: sensitivity is 1 - cosine of mean-pooled, normalised embeddings to the original's;
   held-out quality is that fidelity (mean cosine) and nearest-neighbour agreement.
 The held-out data has two disjoint halves: "validation", on which compile chooses the configs it
@@ -25,7 +29,7 @@ from mpq.corpus import corpus_chunks, mixed_chunks
 from mpq.cpu_matmul import float32_products
 from mpq.errors import MpqError
 from mpq.hot_rows import count_tokens
-from mpq.models import CAUSAL_LM, model_device
+from mpq.models import CAUSAL_LM, SEQ2SEQ_LM, model_device
 
 BATCH = 8
 DEFAULT_CALIB = "mpq corpus, calib split (Python docs + stdlib)"
@@ -128,12 +132,30 @@ class CausalLMTask:
         every quantiser built from it (one per method tried) reads the same counts."""
         return count_tokens(self.tokenizer(text)["input_ids"] for text in self.calib.texts)
 
+    def model_inputs(self, ids: torch.Tensor) -> dict:
+        """The model's keyword arguments for a batch of windows."""
+        return {"input_ids": ids, "use_cache": False}
+
+    def scored(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits that predict a token of the windows `ids`, and those tokens."""
+        return logits[:, :-1], ids[:, 1:]
+
     def calibration_inputs(self) -> list[dict]:
         """The model's keyword arguments for each calibration batch, in the order `reference` runs them."""
-        return [{"input_ids": ids, "use_cache": False} for ids in self.calib_ids.split(BATCH)]
+        return [self.model_inputs(ids) for ids in self.calib_ids.split(BATCH)]
 
     def _logits(self, model, ids: torch.Tensor) -> torch.Tensor:
-        return quality_forward(model, input_ids=ids.to(model_device(model)), use_cache=False).logits.float().cpu()
+        device = model_device(model)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model_inputs(ids).items()}
+        return quality_forward(model, **inputs).logits.float().cpu()
+
+    def loss(self, model, ids: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of a batch of windows, differentiable (the fisher and hessian
+        signals take gradients through it)."""
+        device = model_device(model)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model_inputs(ids).items()}
+        logits, labels = self.scored(model(**inputs).logits, ids.to(device))
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     @torch.no_grad()
     def reference(self, model) -> list[torch.Tensor]:
@@ -146,16 +168,16 @@ class CausalLMTask:
         for ids, ref in zip(self.calib_ids.split(BATCH), reference):
             logp = F.log_softmax(self._logits(model, ids), dim=-1)
             total += (ref.exp() * (ref - logp)).sum(-1).sum().item()
-            count += ids.numel()
+            count += logp.shape[:-1].numel()
         return max(total / count, 0.0)
 
     @torch.no_grad()
     def token_losses(self, model, ids: torch.Tensor) -> torch.Tensor:
-        """Next-token loss (nats) at every position of every window of `ids`: (windows, length - 1)."""
+        """Next-token loss (nats) at every scored position of every window of `ids`: (windows, positions)."""
         losses = []
         for batch in ids.split(BATCH):
-            logits = self._logits(model, batch)[:, :-1]
-            nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            logits, labels = self.scored(self._logits(model, batch), batch)
+            nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
             losses.append(nll.view(batch.shape[0], -1))
         return torch.cat(losses)
 
@@ -190,6 +212,27 @@ class CausalLMTask:
         out["ppl"] = math.exp(total / count)
         out["loss"] = out["ppl"] if self.target == "both" else out[f"ppl_{self.target}"]
         return out, torch.cat(windows)
+
+
+class Seq2SeqLMTask(CausalLMTask):
+    """A causal LM task whose windows are split into source and target (see the module's notes)."""
+
+    def __init__(self, tokenizer, calib: CalibrationText | None, samples: int, seq_len: int, decoder_start: int,
+                 eval_samples: int = 24, eval_seq_len: int = 256, target: str = "both", split: str = "validation") -> None:
+        if calib is not None and seq_len < 4:
+            raise MpqError(f"--seq-len {seq_len}: a seq2seq model needs at least 4 tokens a window (half source, half target)")
+        super().__init__(tokenizer, calib, samples, seq_len, eval_samples, eval_seq_len, target, split)
+        self.decoder_start = decoder_start
+
+    def model_inputs(self, ids: torch.Tensor) -> dict:
+        half = ids.shape[1] // 2
+        target = ids[:, half:]
+        start = torch.full((ids.shape[0], 1), self.decoder_start, dtype=ids.dtype)
+        return {"input_ids": ids[:, :half], "decoder_input_ids": torch.cat([start, target[:, :-1]], dim=1),
+                "use_cache": False}
+
+    def scored(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits, ids[:, ids.shape[1] // 2:].to(logits.device)
 
 
 class EncoderTask:
@@ -286,11 +329,16 @@ class EncoderTask:
 
 
 def make_task(task: str, tokenizer, calib: CalibrationText | None, samples: int = 0, seq_len: int = 128,
-              target: str = "both", split: str = "validation"):
-    """The task of a model kind; `target` (causal LMs): the held-out perplexity configs are judged by;
-    `split`: which half of the held-out data evaluates (validation: compile's choice; test: reports)."""
+              target: str = "both", split: str = "validation", decoder_start: int | None = None):
+    """The task of a model kind; `target` (causal and seq2seq LMs): the held-out perplexity configs
+    are judged by; `split`: which half of the held-out data evaluates (validation: compile's choice;
+    test: reports); `decoder_start` (seq2seq LMs): the token the decoder starts from (decoder_start_of)."""
     if task == CAUSAL_LM:
         return CausalLMTask(tokenizer, calib, samples, seq_len, target=target, split=split)
+    if task == SEQ2SEQ_LM:
+        if decoder_start is None:
+            raise ValueError("a seq2seq task needs the decoder's start token (mpq.models.decoder_start_of)")
+        return Seq2SeqLMTask(tokenizer, calib, samples, seq_len, decoder_start, target=target, split=split)
     if target == "code":
-        raise MpqError("--eval-data code is for causal LMs: encoders are judged on held-out text sentences")
+        raise MpqError("--eval-data code is for causal and seq2seq LMs: encoders are judged on held-out text sentences")
     return EncoderTask(tokenizer, calib, samples, seq_len, split=split)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -256,6 +256,24 @@ def _exported_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str,
     return found
 
 
+def _stack_kinds(layers: list[LayerInfo]) -> list[LayerInfo]:
+    """Where blocks sit in more than one list (a seq2seq model's encoder and decoder), each kind
+    is prefixed by its list's holder (encoder.self_attn.q_proj), so that the heatmap keeps the
+    encoder's and the decoder's layers of one block apart."""
+    stacks = {layer.name: _BLOCK_INDEX.search(f".{layer.name}.") for layer in layers}
+    prefixes = {f".{name}"[:found.start()] for name, found in stacks.items() if found}
+    if len(prefixes) < 2:
+        return layers
+    kinds = []
+    for layer in layers:
+        found = stacks[layer.name]
+        if found:
+            holder = f".{layer.name}"[:found.start()].split(".")[-2] or "model"  # .encoder.block -> encoder
+            layer = replace(layer, kind=f"{holder}.{layer.kind}")
+        kinds.append(layer)
+    return kinds
+
+
 def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True) -> ModelGraph:
     """Layers of `model` that mpq can quantise, and the graph facts about them (`embeddings`: the
     input embedding table is one of them where it can be)."""
@@ -308,8 +326,9 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True)
             tied_table=tied_table, routed_share=getattr(module, "routed_share", 1.0),
         ))
         graph.add_node(path, kind="layer")
-        if source is not None:
-            readers.setdefault(source, []).append(path)
+        if source is not None:  # one block's readers of a tensor: a seq2seq decoder's blocks all read the encoder's
+            readers.setdefault((source, f".{path}."[:block.end()] if block else None), []).append(path)
+    layers = _stack_kinds(layers)
     for names in readers.values():
         for other in names[1:]:
             graph.add_edge(names[0], other, relation="shares_input")
