@@ -15,7 +15,7 @@ from mpq.qembedding import QuantizedEmbedding, TiedEmbedding
 from mpq.qlinear import QuantizedLinear, linear_weight, out_features_of
 from mpq.quantize import quantize_weight
 from mpq.errors import MpqError
-from mpq.trace import embedding_scale, is_embedding, tied_table_of
+from mpq.trace import embedding_scale, is_embedding, table_aliases, tied_table_of
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -108,11 +108,14 @@ def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeigh
     tied = {name: (table, module.weight.dtype) for name, module in modules.items()
             if (table := tied_table_of(model, name)) is not None}
     table_scales = {name: _scale_of(model, name) for name in [*tables, *(table for table, _ in tied.values())]}
+    aliases = {table: table_aliases(model, table) for table in table_scales}  # before any module is swapped
     originals: dict[str, nn.Module] = {}
     try:
         for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups, backend,
                                         embeddings=tables, tied=tied, table_scales=table_scales).items():
             originals[name] = set_module(model, name, layer)
+            for alias in aliases.get(name, ()):
+                originals.setdefault(alias, set_module(model, alias, layer))
         yield {name: {**tensors[name], **({} if biases[name] is None else {"bias": biases[name]})} for name in plan}
     finally:
         for name, module in originals.items():

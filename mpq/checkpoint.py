@@ -82,6 +82,35 @@ def _tied_tables(model: nn.Module) -> dict[str, dict[str, str]]:
             for name, module in model.named_modules() if isinstance(module, TiedEmbedding)}
 
 
+def _table_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Each quantised table installed at more paths than its own (mpq.trace.table_aliases): its
+    first path -> the others."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, (QuantizedEmbedding, TiedEmbedding)):
+            paths.setdefault(id(module), []).append(name)
+    return {names[0]: names[1:] for names in paths.values() if len(names) > 1}
+
+
+def _aliases_from(manifest: dict, folder: Path, model: nn.Module, tables: set[str]) -> dict[str, list[str]]:
+    """The manifest's table aliases, checked: planned tables, aliased at token tables of the skeleton."""
+    aliases = manifest.get("table_aliases", {})
+    if not isinstance(aliases, dict):
+        raise MpqError(f"{folder}: {MANIFEST} has malformed table_aliases; re-run mpq compile")
+    for table, paths in aliases.items():
+        if table not in tables or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise MpqError(f"{folder}: {MANIFEST} aliases table {table!r} at {paths!r}, which the plan does not allow; re-run mpq compile")
+        for path in paths:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                module = None
+            if not is_embedding(module):
+                raise MpqError(f"{folder}: {MANIFEST} aliases table {table} at {path}, which is not a token table of the model; "
+                               "re-run mpq compile")
+    return aliases
+
+
 def _embedding_scales(model: nn.Module) -> dict[str, float]:
     """Each quantised table's row factor (embed_scale: Gemma, BART; 1.0 for an nn.Embedding),
     which a meta skeleton cannot tell."""
@@ -155,6 +184,7 @@ def save_config(folder: Path, model: nn.Module, tokenizer, task: str, plan: Plan
             "embeddings": _embedding_dtypes(model),
             "tied_tables": _tied_tables(model),
             "embedding_scales": _embedding_scales(model),
+            "table_aliases": _table_aliases(model),
             "non_persistent_buffers": _non_persistent_buffers(model),
             "routed_experts": [name for name, module in model.named_modules() if isinstance(module, RoutedExperts)],
             "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
@@ -262,10 +292,12 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
         layer_tensors[layer] = own
         in_features[layer] = linear_weight(module).shape[1]
     scales = _scales_from(manifest, folder, model, {*tables, *(table for table, _ in tied.values())})
+    aliases = _aliases_from(manifest, folder, model, {*tables, *(table for table, _ in tied.values())})
     fused = manifest.get("fused", [])
     for layer, module in build_layers(specs, layer_tensors, biases, in_features, fused, backend, device,
                                       embeddings=tables, tied=tied, table_scales=scales).items():
-        set_module(model, layer, module)
+        for path in [layer, *aliases.get(layer, ())]:
+            set_module(model, path, module)
         log.info("%s: %s", layer, module.kernel)
     for name, tensor in tensors.items():
         _assign(model, name, tensor.to(device))

@@ -172,6 +172,25 @@ def _input_table(model: nn.Module) -> tuple[str, nn.Module] | None:
     return next(name for name, module in model.named_modules() if module is table), table
 
 
+def table_aliases(model: nn.Module, table: str) -> list[str]:
+    """The other paths that look rows up in `table`'s very weight (a seq2seq model's encoder and
+    decoder embed_tokens beside its shared table, as modules of their own or the same module):
+    wherever the table is quantised, they hold its quantised module too."""
+    weight = model.get_submodule(table).weight
+    return [name for name, module in model.named_modules(remove_duplicate=False)
+            if name != table and is_embedding(module) and module.weight is weight]
+
+
+def _aliases_differ(model: nn.Module, table: str) -> str | None:
+    """Why the table's aliases cannot share its quantised module (one scales its rows by another
+    factor), else None."""
+    scale = embedding_scale(model.get_submodule(table))
+    for alias in table_aliases(model, table):
+        if embedding_scale(model.get_submodule(alias)) != scale:
+            return f"{alias} looks its rows up in the same weight but does more than the table's lookup (another embed_scale)"
+    return None
+
+
 def tied_table_of(model: nn.Module, name: str) -> str | None:
     """The path of the token table (one mpq can take: embedding_scale) whose weight is the weight
     of linear `name` (an output head tied to the input embeddings), else None."""
@@ -179,7 +198,8 @@ def tied_table_of(model: nn.Module, name: str) -> str | None:
     head = model.get_submodule(name)
     if found is None or type(head) is not nn.Linear or head.weight is not found[1].weight:
         return None
-    return found[0] if embedding_scale(found[1]) is not None else None  # the probe, for the tied head only
+    # the probes, for the tied head only
+    return found[0] if embedding_scale(found[1]) is not None and _aliases_differ(model, found[0]) is None else None
 
 
 def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[str, str], wanted: bool) -> LayerInfo | None:
@@ -195,6 +215,9 @@ def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[st
     if embedding_scale(table) is None:
         excluded[path] = (f"{type(table).__name__}'s forward is not a row lookup (times a constant embed_scale); "
                           "checked on probe rows")
+        return None
+    if (why := _aliases_differ(model, path)) is not None:
+        excluded[path] = why
         return None
     if f"{path}.weight" in tied_weights:
         return None
