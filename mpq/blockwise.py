@@ -53,6 +53,15 @@ def find_blocks(model: nn.Module, layer_names: list[str]) -> str | None:
     return best
 
 
+def another_stack(model: nn.Module, layer_names: list[str], blocks_name: str) -> bool:
+    """Whether layers outside `blocks_name` sit in blocks of another list (a seq2seq model's encoder
+    beside its decoder)."""
+    lists = [name for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 1 and name != blocks_name]
+    return any(layer.startswith(f"{name}.") for name in lists for layer in layer_names
+               if not layer.startswith(f"{blocks_name}."))
+
+
 class _Caught(Exception):
     """Raised by block 0's stand-in once it holds its inputs: the rest of the forward is not needed."""
 
@@ -147,6 +156,8 @@ def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[
     represent = {name: group[0] for group in groups for name in group}
     batches = [_to_device(batch, device) for batch in task.calibration_inputs()]
     blocks_name = find_blocks(model, names)
+    if blocks_name is not None and another_stack(model, names, blocks_name):
+        blocks_name = None  # an encoder-decoder's decoder blocks are fed by its encoder's: no one list replays alone
     if blocks_name is None:  # no repeated blocks: the whole model is the one "block", judged per layer
         work = copy.deepcopy(model).float().to(device)
         recorder = StatsRecorder({name: work.get_submodule(name) for name in names}, represent)

@@ -22,8 +22,11 @@ FALLBACK = "reference"  # how a layer's kernel name starts when no faster kernel
 
 
 def model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a causal LM, last hidden states of an encoder, as float32 on the CPU."""
+    """Logits of a causal LM, last hidden states of an encoder, as float32 on the CPU (a seq2seq
+    LM's decoder reads the same ids as its encoder)."""
     kwargs = {"use_cache": False} if model.can_generate() else {}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids
     with torch.no_grad():
         out = model(input_ids=ids, **kwargs)
     tensor = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state

@@ -13,7 +13,7 @@ import torch
 from mpq.errors import MpqError
 from mpq.formats import parse_formats
 from mpq.latency import LatencyModel, make_regime, profile
-from mpq.models import CAUSAL_LM, load_model
+from mpq.models import CAUSAL_LM, SEQ2SEQ_LM, load_model
 from mpq.trace import trace_model
 
 
@@ -22,6 +22,8 @@ def example_inputs(task: str, vocab: int) -> dict:
     ids = torch.randint(0, max(vocab, 2), (2, 16), generator=torch.Generator().manual_seed(0))
     if task == CAUSAL_LM:
         return {"input_ids": ids[:1], "use_cache": False}
+    if task == SEQ2SEQ_LM:
+        return {"input_ids": ids[:1], "decoder_input_ids": ids[:1], "use_cache": False}
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 

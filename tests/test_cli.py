@@ -80,18 +80,18 @@ def test_an_already_quantised_model_is_refused(tiny_llama_dir, tmp_path, capsys)
     assert "is already quantised (gptq): mpq quantises from the unquantised weights" in _compile_error(folder, tmp_path, capsys)
 
 
-def test_an_encoder_decoder_model_is_refused_not_compiled_as_an_encoder(tmp_path, demo_tokenizer, capsys):
-    """AutoModel loads T5 without its head and its decoder without inputs: compiled as an
-    encoder, nothing measured would mean anything."""
+def test_an_encoder_decoder_model_without_a_decoder_start_token_is_refused(tmp_path, demo_tokenizer, capsys):
+    """Its task feeds the decoder from that token: guessing one would measure a decoder on inputs
+    it was never trained on."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     folder = tmp_path / "t5"
     T5ForConditionalGeneration(T5Config(vocab_size=len(demo_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                        num_heads=4, decoder_start_token_id=0, pad_token_id=0)).save_pretrained(folder)
+                                        num_heads=4, decoder_start_token_id=None, pad_token_id=0)).save_pretrained(folder)
     demo_tokenizer.save_pretrained(folder)
     capsys.readouterr()  # save_pretrained's progress bar
     line = _compile_error(folder, tmp_path, capsys)
-    assert "is an encoder-decoder model (T5ForConditionalGeneration), which mpq does not compile yet" in line
+    assert "T5ForConditionalGeneration has no decoder_start_token_id in its config or generation config" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -1,0 +1,173 @@
+"""Encoder-decoder LMs (T5, BART): the task's source/target windows, the trace's per-block groups
+and stack-named kinds, tables looked up under several paths, a decode step that runs no encoder
+layer, and a compiled config that loads back at the bytes predicted."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpq
+from mpq.apply import QuantizedWeightCache, applied
+from mpq.blockwise import another_stack, find_blocks
+from mpq.checkpoint import MANIFEST
+from mpq.compile import CompileOptions, compile_model
+from mpq.evaluate import evaluate_config
+from mpq.latency import Regime, calls_per_step, make_regime
+from mpq.memory import resident_bytes
+from mpq.models import SEQ2SEQ_LM, decoder_start_of, load_model
+from mpq.qembedding import TiedEmbedding
+from mpq.tasks import calibration_text, make_task
+from mpq.trace import table_aliases, trace_model
+
+
+def _t5(vocab: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                               decoder_start_token_id=0, pad_token_id=0)).eval()
+
+
+def _bart(vocab: int, tokenizer):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=vocab, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
+        decoder_start_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
+        bos_token_id=0, scale_embedding=True)).eval()
+
+
+@pytest.fixture
+def t5_dir(tmp_path, demo_tokenizer):
+    path = tmp_path / "tiny-t5"
+    _t5(len(demo_tokenizer)).save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def bart_dir(tmp_path, demo_tokenizer):
+    path = tmp_path / "tiny-bart"
+    _bart(len(demo_tokenizer), demo_tokenizer).save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    return path
+
+
+def _task(loaded, samples: int = 4, seq_len: int = 32):
+    return make_task(loaded.task, loaded.tokenizer, calibration_text(None), samples, seq_len,
+                     decoder_start=decoder_start_of(loaded.model))
+
+
+def test_a_window_is_half_source_half_target_and_the_loss_is_over_the_target(t5_dir):
+    loaded = load_model(str(t5_dir))
+    assert loaded.task == SEQ2SEQ_LM and type(loaded.model).__name__ == "T5ForConditionalGeneration"
+    task = _task(loaded)
+    ids = task.calib_ids[:2]
+    inputs = task.model_inputs(ids)
+    assert torch.equal(inputs["input_ids"], ids[:, :16])
+    assert torch.equal(inputs["decoder_input_ids"][:, 0], torch.zeros(2, dtype=torch.long))  # T5 starts from pad
+    assert torch.equal(inputs["decoder_input_ids"][:, 1:], ids[:, 16:-1])
+    losses = task.token_losses(loaded.model, ids)
+    assert losses.shape == (2, 16)  # one per target token
+    logits = loaded.model(**inputs).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), ids[:, 16:].flatten(), reduction="none").view(2, 16)
+    assert torch.allclose(losses, expected, atol=1e-5)
+    assert task.divergence(loaded.model, task.reference(loaded.model)) == 0.0
+    assert torch.isclose(task.loss(loaded.model, ids), expected.mean(), atol=1e-5)
+    with pytest.raises(mpq.MpqError, match="at least 4 tokens"):
+        make_task(SEQ2SEQ_LM, loaded.tokenizer, calibration_text(None), 4, 2, decoder_start=0)
+
+
+def test_the_trace_keeps_groups_within_a_block_and_names_each_stack(t5_dir):
+    loaded = load_model(str(t5_dir))
+    task = _task(loaded)
+    graph = trace_model(loaded.model, task.model_inputs(task.calib_ids[:1, :16]))
+    assert graph.method == "export" and graph.warning is None
+    groups = graph.shared_input_groups()
+    # the decoder's blocks all read the encoder's output, but each block's k and v are a group of their own
+    assert ["decoder.block.0.layer.1.EncDecAttention.k", "decoder.block.0.layer.1.EncDecAttention.v"] in groups
+    assert ["decoder.block.1.layer.1.EncDecAttention.k", "decoder.block.1.layer.1.EncDecAttention.v"] in groups
+    assert all(len({name.split(".layer.")[0] for name in group}) == 1 for group in groups)
+    kinds = {layer.name: layer.kind for layer in graph.layers}
+    assert kinds["encoder.block.0.layer.0.SelfAttention.q"] == "encoder.layer.0.SelfAttention.q"
+    assert kinds["decoder.block.0.layer.0.SelfAttention.q"] == "decoder.layer.0.SelfAttention.q"
+    assert kinds["lm_head"] == "lm_head"
+    head = next(layer for layer in graph.layers if layer.name == "lm_head")
+    assert head.tied_table == "shared"
+    assert table_aliases(loaded.model, "shared") == ["encoder.embed_tokens", "decoder.embed_tokens"]
+    names = [layer.name for layer in graph.layers]
+    assert another_stack(loaded.model, names, find_blocks(loaded.model, names))
+
+
+def test_a_quantised_table_is_looked_up_under_every_path_that_shares_its_weight(bart_dir):
+    loaded = load_model(str(bart_dir))
+    model = loaded.model
+    ids = torch.randint(0, 4000, (2, 12), generator=torch.Generator().manual_seed(1))
+    original = model(input_ids=ids, decoder_input_ids=ids).logits
+    plan = {"lm_head": mpq.get_format("int4-g64")}
+    with applied(model, plan, QuantizedWeightCache(model)):
+        tables = {model.model.shared, model.model.encoder.embed_tokens, model.model.decoder.embed_tokens}
+        assert len(tables) == 1 and isinstance(next(iter(tables)), TiedEmbedding)
+        quantised = model(input_ids=ids, decoder_input_ids=ids).logits
+        # the lookups read the int4 rows: the encoder's first activations differ from the original's
+        rows = model.model.encoder.embed_tokens(ids)
+    assert type(model.model.encoder.embed_tokens).__name__ == "BartScaledWordEmbedding"  # put back
+    plain = model.model.encoder.embed_tokens(ids)
+    assert not torch.equal(rows, plain) and F.cosine_similarity(rows.flatten(), plain.flatten(), dim=0) > 0.98
+    assert not torch.equal(quantised, original)
+
+
+def test_a_decode_step_runs_no_encoder_layer_nor_the_cached_cross_attention(t5_dir):
+    loaded = load_model(str(t5_dir))
+    names = [layer.name for layer in trace_model(loaded.model, {"input_ids": torch.ones(1, 8, dtype=torch.long),
+                                                                "decoder_input_ids": torch.ones(1, 8, dtype=torch.long),
+                                                                "use_cache": False}).layers]
+    decode = calls_per_step(loaded.model, SEQ2SEQ_LM, Regime("decode", 1, 16), names)
+    never = {name for name, count in decode.items() if count == 0}
+    assert never == {n for n in names if n.startswith("encoder.") or "EncDecAttention.k" in n or "EncDecAttention.v" in n}
+    assert all(count == 1 for name, count in decode.items() if name not in never)
+    prefill = calls_per_step(loaded.model, SEQ2SEQ_LM, Regime("prefill", 1, 16), names)
+    assert set(prefill.values()) == {1}
+    assert make_regime(None, 1, 16, SEQ2SEQ_LM).kind == "decode"
+
+
+def test_a_compiled_t5_loads_back_at_the_bytes_predicted_and_decodes(t5_dir, tmp_path):
+    out = tmp_path / "out"
+    result = compile_model(CompileOptions(model=str(t5_dir), max_mem="1MB", out=out, samples=4, seq_len=32,
+                                          trials=20, max_configs=2, length=16, progress=False))
+    latency = json.loads((out / "latency.json").read_text())
+    assert latency["regime"]["kind"] == "decode"
+    assert latency["calls"]["encoder.block.0.layer.0.SelfAttention.q"] == 0.0
+    assert "decoder.block.0.layer.0.SelfAttention.q" not in latency["calls"]  # once a step
+    loaded = load_model(str(t5_dir))
+    ids = torch.randint(0, 4000, (1, 10), generator=torch.Generator().manual_seed(2))
+    original = loaded.model(input_ids=ids, decoder_input_ids=ids).logits
+    for config in result["configs"]:
+        folder = out / "configs" / config["name"]
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert manifest["task"] == SEQ2SEQ_LM
+        assert manifest["table_aliases"] == {"shared": ["encoder.embed_tokens", "decoder.embed_tokens"]}
+        model = mpq.load(folder)
+        assert resident_bytes(model) == manifest["card"]["bytes"]["predicted"]
+        assert model.encoder.embed_tokens is model.shared is model.decoder.embed_tokens
+        logits = model(input_ids=ids, decoder_input_ids=ids).logits
+        assert F.cosine_similarity(logits.flatten(), original.flatten(), dim=0) > 0.99
+        generated = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        assert generated.shape == (1, 5)
+
+
+def test_a_bart_compiles_with_gptq(bart_dir, tmp_path):
+    out = tmp_path / "out"
+    result = compile_model(CompileOptions(model=str(bart_dir), max_mem="1MB", out=out, samples=4, seq_len=32,
+                                          trials=10, max_configs=1, method="gptq", latency=False, progress=False))
+    folder = out / "configs" / result["configs"][0]["name"]
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["table_aliases"] == {"model.shared": ["model.encoder.embed_tokens", "model.decoder.embed_tokens"]}
+    model = mpq.load(folder)
+    assert resident_bytes(model) == manifest["card"]["bytes"]["predicted"]
+    evaluation = evaluate_config(folder, with_speed=True)
+    assert evaluation["quality"]["ppl"] > 1 and evaluation["speed"]["decode_tokens_per_s"] > 0
