@@ -87,7 +87,7 @@ def _heatmap(args: argparse.Namespace) -> None:
 
 def _regime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regime", choices=("decode", "prefill"),
-                        help="what one timed step is (default: decode for causal LMs, prefill for encoders)")
+                        help="what one timed step is (default: decode for causal and encoder-decoder LMs, prefill for encoders)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--length", type=int, default=128,
                         help="prefill: tokens per sequence; decode: tokens already in the KV cache (default 128)")
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--int4-sym", action="store_true", help="symmetric INT4 (no zero point)")
     c.add_argument("--calib", type=Path, help="calibration text file (default: the shipped corpus's calib split)")
     c.add_argument("--samples", type=int, help="calibration samples (default 32 sequences / 256 sentences)")
-    c.add_argument("--seq-len", type=int, help="calibration sequence length in tokens (default 128)")
+    c.add_argument("--seq-len", type=int, help="calibration sequence length in tokens (default 128; an encoder-decoder's: half source, half target)")
     c.add_argument("--trials", type=int, default=300, help="Optuna trials (default 300)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-configs", type=int, default=12, help="mixed configs to measure on held-out data (default 12)")
