@@ -2,7 +2,9 @@
 given a latency model, predicted step time.
 
 Predicted degradation is additive: the sum over layers of the sensitivity of the format each
-layer takes; so is predicted latency over units (mpq.latency). Bytes are exact; the memory
+layer takes. Predicted latency is the latency model's prediction of the whole plan (mpq.latency:
+layers of a group that agree run fused; a mixture's projection pays one launch per format), which
+the units' sum approximates only for the DP's latency-priced seeds. Bytes are exact; the memory
 budget and a latency cap are hard constraints (NSGA-II's constrained domination via
 `trial.set_constraint`, so infeasible trials never enter the front). Layers may be tied into units that take
 one format together (q/k/v, gate/up: so the kernels can fuse them). The study is seeded with the
@@ -203,8 +205,18 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
         var: {f: sum(unit_lat[u][f] for u in grouped[var]) for f in var_costs[var]} for var in variables}
     room = budget - fixed_bytes
 
-    def step_seconds(plan: dict[str, str], seconds: dict[str, dict[str, float]]) -> float:
-        return latency.rest_seconds + sum(seconds[name][fmt] for name, fmt in plan.items())
+    key = lambda plan: tuple(plan[unit] for unit in units)  # noqa: E731  (a unit plan's key)
+    seconds_of: dict[tuple, float] = {}
+
+    def step_seconds(unit_plan: dict[str, str]) -> float:
+        """The latency model's prediction of the plan's layers, not the units' sum: a fused group
+        split across units, or a mixture's projection in two formats (one more launch), is priced
+        as the emitted model runs it. Only the DP's priced seeds see the sum (a DP cannot price a
+        launch that units share)."""
+        k = key(unit_plan)
+        if k not in seconds_of:
+            seconds_of[k] = latency.rest_seconds + latency.layers_seconds(expand(unit_plan, members))
+        return seconds_of[k]
 
     def objective(trial) -> tuple[float, ...]:
         plan = {var: trial.suggest_categorical(var, options[var]) for var in variables}
@@ -213,13 +225,13 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
         trial.set_constraint("memory", nbytes - budget)  # feasible when every constraint is <= 0
         if var_lat is None:
             return float(nbytes), predicted
-        seconds = step_seconds(plan, var_lat)
+        seconds = step_seconds(expand(plan, grouped))
         trial.set_user_attr("latency", seconds)
         trial.set_constraint("latency", seconds - max_latency if max_latency is not None else -1.0)
         return float(nbytes), predicted, seconds
 
     def fits(plan: dict[str, str]) -> bool:
-        return max_latency is None or unit_lat is None or step_seconds(plan, unit_lat) <= max_latency
+        return max_latency is None or unit_lat is None or step_seconds(plan) <= max_latency
 
     def exact_plans(c: dict[str, dict[str, int]], s: dict[str, dict[str, float]], count: int) -> list[dict[str, str]]:
         """`count` plans spread along the exact front of loss `s` (bytes are the spread's axis)."""
@@ -230,7 +242,6 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
 
     exact = exact_front(unit_costs, unit_sens, room, max_points=EXACT_POINTS)
     prices = _latency_weights(unit_sens, unit_lat) if unit_lat is not None else []
-    key = lambda plan: tuple(plan[unit] for unit in units)  # noqa: E731  (a unit plan's key)
     # Plans of the exact DP over units enter the front as they are; the study gets them as seeds
     # where its variables are the units, else the DP's plans over its own variables.
     direct = [Candidate(p.plan, fixed_bytes + p.bytes, p.predicted, "exact") for p in exact]
@@ -288,12 +299,9 @@ def search_plans(costs: dict[str, dict[str, int]], sens: dict[str, dict[str, flo
         kept = pareto_front(list(unique.values()))
     else:
         for cand in unique.values():
-            cand.latency = step_seconds(cand.formats, unit_lat)
+            cand.latency = step_seconds(cand.formats)
         kept = pareto_front_3d(list(unique.values()))
     front = [Candidate(expand(c.formats, members), c.bytes, c.predicted, c.origin, latency=c.latency) for c in kept]
-    if latency is not None:  # the exact prediction of the expanded plan (fused as emitted)
-        for cand in front:
-            cand.latency = latency.rest_seconds + latency.layers_seconds(cand.formats)
     return SearchResult(front=front, trials=len(study.trials), seconds=round(time.time() - start, 2),
                         exact_best=exact[-1].predicted if exact else None,
                         sampler_best=sampler_best if sampler_best < float("inf") else None,

@@ -99,6 +99,25 @@ def test_search_with_a_latency_cap_never_violates_it():
     assert max(c.latency for c in free.front) > cap
 
 
+def test_the_search_judges_latency_by_the_whole_plan_not_the_sum_of_its_units():
+    """q and k fuse when they agree: all-int8 takes 1 + 2.5 s, though its units alone add up to
+    1 + 2 + 2. Under a 4 s cap that plan is the one that fits, and the search must find it."""
+    costs = {n: {"fp16": 2000, "int8": 1000} for n in ("q", "k")}
+    sens = {n: {"fp16": 0.0, "int8": 0.01} for n in ("q", "k")}
+    latency = LatencyModel(regime={"kind": "decode", "batch": 1, "length": 8}, device="test",
+                           layers={n: [8, 8, False] for n in ("q", "k")}, groups=[["q", "k"]],
+                           layer_seconds={n: {"fp16": 3.0, "int8": 2.0} for n in ("q", "k")},
+                           group_seconds={"q|k": {"fp16": 4.0, "int8": 2.5}}, baseline_seconds=5.0, rest_seconds=1.0)
+    result = search_plans(costs, sens, 0, 4000, trials=8, seed=0, uniform=["fp16", "int8"], latency=latency,
+                          max_latency=4.0)
+    assert [c.formats for c in result.front] == [{"q": "int8", "k": "int8"}]
+    assert result.front[0].latency == 3.5
+    loose = search_plans(costs, sens, 0, 4000, trials=8, seed=0, uniform=["fp16", "int8"], latency=latency)
+    # without a cap every plan is on the front (bytes, loss and time trade), each priced as a whole
+    assert len(loose.front) == 4
+    assert all(c.latency == latency.predict(c.formats) for c in [*loose.front, *loose.feasible])
+
+
 @pytest.fixture
 def tiny_profile(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
