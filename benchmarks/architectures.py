@@ -1,11 +1,13 @@
 """Which Hugging Face architectures mpq takes, and how much of each it can shrink.
 
-For each causal-LM architecture below, a 2-block model with random weights (hidden 128, the
-demo's 4096-token vocabulary): trace it, count the layers found and the bytes no format can shrink
-(mpq.memory.kept_as_stored: norms, biases, a mixture of experts' 3-D weights), quantise every layer
-at int8 (`--format`), save the config, load it back, and check that the loaded model's logits
-equal those of the model it was saved from, that they stay close to the unquantised model's
-(cosine), and that it generates. No timing: this is coverage, not speed. Prints a table, writes JSON.
+For each causal-LM and encoder-decoder architecture below, a 2-block model (2 + 2 for an
+encoder-decoder) with random weights (hidden 128, the demo's 4096-token vocabulary): trace it,
+count the layers found and the bytes no format can shrink (mpq.memory.kept_as_stored: norms,
+biases, a mixture of experts' 3-D weights), quantise every layer at int8 (`--format`), save the
+config, load it back, and check that the loaded model's logits equal those of the model it was
+saved from, that it holds the bytes the memory model predicted, that its logits stay close to the
+unquantised model's (cosine), and that it generates. No timing: this is coverage, not speed.
+Prints a table, writes JSON.
 
     python benchmarks/architectures.py                        # benchmarks/results/architectures.json
     python benchmarks/architectures.py --only falcon,gemma --out /tmp/architectures.json
@@ -60,19 +62,44 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2, head_dim=32,
                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
+# encoder-decoder LMs: their configs name the sizes their own way, so each gives them whole
+_BART_LIKE = dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+_T5_LIKE = dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=32, d_ff=256, num_layers=2, num_heads=4, pad_token_id=0,
+                eos_token_id=0, decoder_start_token_id=0)
+SEQ2SEQ: dict[str, tuple[str, dict]] = {
+    "t5": ("T5Config", _T5_LIKE),
+    "t5-v1.1": ("T5Config", {**_T5_LIKE, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
+    "mt5": ("MT5Config", _T5_LIKE),
+    "umt5": ("UMT5Config", _T5_LIKE),
+    "longt5": ("LongT5Config", _T5_LIKE),
+    "switch_transformers": ("SwitchTransformersConfig", {**_T5_LIKE, "num_decoder_layers": 2, "num_sparse_encoder_layers": 1,
+                                                         "num_sparse_decoder_layers": 1, "num_experts": 4}),
+    "bart": ("BartConfig", _BART_LIKE),
+    "mbart": ("MBartConfig", _BART_LIKE),
+    "plbart": ("PLBartConfig", _BART_LIKE),
+    "pegasus": ("PegasusConfig", _BART_LIKE),
+    "marian": ("MarianConfig", {**_BART_LIKE, "decoder_vocab_size": VOCAB}),
+    "m2m_100": ("M2M100Config", _BART_LIKE),
+    "blenderbot": ("BlenderbotConfig", _BART_LIKE),
+    "led": ("LEDConfig", {**_BART_LIKE, "max_encoder_position_embeddings": 512, "max_decoder_position_embeddings": 512,
+                          "attention_window": 8}),
+}
 
 
 def build(name: str, folder: Path):
     """The random 2-block model of `name`, saved to `folder` with the demo's tokenizer."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from mpq.models import DEMO_DIR
 
-    config_class, extra = ARCHITECTURES[name]
-    config = getattr(transformers, config_class)(**{**COMMON, **extra})
+    seq2seq = name in SEQ2SEQ
+    config_class, extra = SEQ2SEQ[name] if seq2seq else ARCHITECTURES[name]
+    config = getattr(transformers, config_class)(**(extra if seq2seq else {**COMMON, **extra}))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config).eval().to(torch.bfloat16)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(DEMO_DIR).save_pretrained(folder)
     return model
@@ -92,18 +119,20 @@ def check(name: str, fmt: str, work: Path) -> dict:
     build(name, work / name)
     loaded = load_model(str(work / name))
     model = loaded.model
-    graph = trace_model(model, {"input_ids": torch.randint(0, VOCAB, (1, 8)), "use_cache": False})
+    ids = torch.randint(0, VOCAB, (1, 16))
+    # an encoder-decoder's decoder reads the same ids (their values do not matter here)
+    inputs = {"input_ids": ids, "use_cache": False, **({"decoder_input_ids": ids} if name in SEQ2SEQ else {})}
+    graph = trace_model(model, {key: value[:, :8] if key != "use_cache" else value for key, value in inputs.items()})
     kept = kept_as_stored(model, graph.layers)
     memory = memory_model(model, graph.layers, [get_format(fmt)])
     plan = Plan(formats={layer.name: fmt for layer in graph.layers}, model=str(work / name))
-    ids = torch.randint(0, VOCAB, (1, 16))
-    original = model(input_ids=ids, use_cache=False).logits.float()
+    original = model(**inputs).logits.float()
     with applied(model, plan.specs(), QuantizedWeightCache(model)) as tensors:
-        quantised = model(input_ids=ids, use_cache=False).logits.float()
+        quantised = model(**inputs).logits.float()
         save_config(work / f"{name}-cfg", model, loaded.tokenizer, loaded.task, plan, tensors, {"note": "benchmark"})
     restored = mpq.load(work / f"{name}-cfg")
-    again = restored(input_ids=ids, use_cache=False).logits.float()
-    generated = restored.generate(ids[:, :4], max_new_tokens=4, do_sample=False)
+    again = restored(**inputs).logits.float()
+    generated = restored.generate(ids[:, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     tables = [layer for layer in graph.layers if layer.is_embedding or layer.tied_table]
     kernels = kernels_of(restored)
     return {
@@ -116,8 +145,11 @@ def check(name: str, fmt: str, work: Path) -> dict:
         "unquantised_bytes": resident_bytes(model), "smallest_bytes": memory.smallest(), "kept_bytes": memory.fixed_bytes,
         "kept_largest": kept[0].describe() if kept else None,
         "loaded_equals_saved": bool(torch.equal(again, quantised)),
+        "bytes_as_predicted": resident_bytes(restored) == memory.total(plan.formats),
+        "predicted_bytes": memory.total(plan.formats), "loaded_bytes": resident_bytes(restored),
         "cosine_to_unquantised": round(F.cosine_similarity(quantised.flatten(), original.flatten(), dim=0).item(), 6),
-        "generates": tuple(generated.shape) == (1, 8),
+        # a causal LM continues its 4-token prompt; an encoder-decoder starts from its own token
+        "generates": tuple(generated.shape) == ((1, 5) if name in SEQ2SEQ else (1, 8)),
     }
 
 
@@ -127,10 +159,11 @@ def main() -> None:
     parser.add_argument("--format", default="int8", help="the format every layer takes (default int8)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "architectures.json")
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(ARCHITECTURES)
-    unknown = [name for name in names if name not in ARCHITECTURES]
+    known = [*ARCHITECTURES, *SEQ2SEQ]
+    names = args.only.split(",") if args.only else known
+    unknown = [name for name in names if name not in known]
     if unknown:
-        parser.error(f"unknown architectures {unknown}: pick from {', '.join(ARCHITECTURES)}")
+        parser.error(f"unknown architectures {unknown}: pick from {', '.join(known)}")
     from mpq.environment import hardware, versions
     from mpq.memory import format_size
 
@@ -146,21 +179,24 @@ def main() -> None:
             row["seconds"] = round(time.time() - start, 2)
             rows.append(row)
     print(f"every layer at {args.format}; loaded = the loaded config's logits equal the saved model's")
-    print("| architecture | layers | layer types | table | unquantised | smallest | kept as stored (largest) | loaded | cos | generates |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| architecture | layers | layer types | table | unquantised | smallest | kept as stored (largest) | loaded | "
+          "bytes as predicted | cos | generates |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['architecture']} | error: {row['error']} |||||||||")
+            print(f"| {row['architecture']} | error: {row['error']} ||||||||||")
             continue
         print(f"| {row['architecture']} | {row['layers']} | {', '.join(row['layer_types'])} | {row['table']} | "
               f"{format_size(row['unquantised_bytes'])} | {format_size(row['smallest_bytes'])} | "
               f"{format_size(row['kept_bytes'])} ({row['kept_largest']}) | {'yes' if row['loaded_equals_saved'] else 'NO'} | "
+              f"{'yes' if row['bytes_as_predicted'] else 'NO'} | "
               f"{row['cosine_to_unquantised']:.4f} | {'yes' if row['generates'] else 'NO'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"hardware": hardware(), "versions": versions(), "format": args.format,
                                     "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
-    bad = [row["architecture"] for row in rows if "error" in row or not (row["loaded_equals_saved"] and row["generates"])]
+    bad = [row["architecture"] for row in rows
+           if "error" in row or not (row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"])]
     if bad:
         raise SystemExit(f"failed: {', '.join(bad)}")
 

@@ -58,8 +58,9 @@ class ExpertStack:
                                           self.tensors.get("zeros"), self.fmt.group_along(x.shape[-1]))
 
     def intact(self) -> bool:
-        """Whether the layers still read the stack: moving or casting the model (.to(), .half())
-        copies each view apart, so the first layer's tensors no longer start the stacks."""
+        """Whether the layers still read the stack: moving the model to another device copies each
+        view apart, so the first layer's tensors no longer start the stacks (a cast keeps them:
+        QuantizedLinear._apply)."""
         return all(self.first._buffers[name].data_ptr() == tensor.data_ptr() for name, tensor in self.tensors.items()) \
             and (self.input_scale is None or self.first.input_scale.data_ptr() == self.input_scale.data_ptr())
 

@@ -149,6 +149,16 @@ class QuantizedLinear(nn.Module):
             self.weight = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move with the model, keep every dtype: a cast of the model (.half(), .to(float32);
+        SwitchTransformers' router casts its classifier on every forward) leaves the stored tensors
+        as the checkpoint holds them, which the kernels read whatever x is, so a layer holds the
+        bytes predicted and its scales are never rounded again."""
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            out = fn(tensor)
+            return out if out.dtype == tensor.dtype else tensor.to(device=out.device)
+        return super()._apply(moved, recurse)
+
     @classmethod
     def from_module(cls, module: nn.Module, fmt: FormatSpec | str, backend: str | None = None
                     ) -> tuple["QuantizedLinear", dict[str, torch.Tensor]]:

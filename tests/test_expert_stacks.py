@@ -204,15 +204,22 @@ def test_a_swapped_expert_layer_unstacks_the_mixture_and_the_next_call_reads_it(
         assert mixture._stacks[x.device] and not torch.allclose(first, second, atol=1e-3)
         assert rel_err(second, _loop(mixture, x, index, weights)) < 2e-2
         set_module(model, name, old)
-        # a cast copies every view apart: the next call stacks the cast tensors, not the stale ones
+        # a cast of the model keeps the layers' stored tensors (QuantizedLinear._apply), so the
+        # stacks still hold them and serve fp16 activations as they are
         mixture(x, index, weights)
-        stale = mixture._stacks[x.device]
+        kept = mixture._stacks[x.device]
         mixture.half()
-        assert not all(projection.intact() for projection in stale)
+        assert all(projection.intact() for projection in kept)
         third = mixture(x.half(), index, weights.half())
-        restacked = mixture._stacks[x.device]
-        assert restacked is not stale and restacked[0].stacks[0].tensors["scales"].dtype == torch.float16
+        assert mixture._stacks[x.device] is kept and kept[0].stacks[0].tensors["scales"].dtype == torch.bfloat16
+        assert third.dtype == torch.float16
         assert rel_err(third, _loop(mixture, x.half(), index, weights.half())) < 2e-2
+        # tensors copied apart from the stack (as a move to another device would) are stacked again
+        first = kept[0].stacks[0].first
+        first.scales = first.scales.clone()
+        assert not all(projection.intact() for projection in kept)
+        mixture(x.half(), index, weights.half())
+        assert mixture._stacks[x.device] is not kept
 
 
 def test_awq_input_scales_stack_with_their_experts(monkeypatch):

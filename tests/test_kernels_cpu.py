@@ -186,3 +186,24 @@ def test_a_dense_layer_takes_float32_tiles_where_the_cpu_matmul_setting_routes_i
     monkeypatch.setenv("MPQ_CPU_MATMUL", "native" if setting == "fp32" else "fp32")  # read when built, not per call
     layer(x)
     assert len(calls) == 3 * int(tiles)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "fp16"])
+def test_a_cast_of_the_model_keeps_a_quantised_layer_as_stored(name):
+    """SwitchTransformers' router casts its classifier to float32 on every forward; a user may call
+    model.half(). The stored tensors stay as they are (so the bytes stay those predicted) and the
+    layer serves the new activation dtype."""
+    fmt = get_format(name)
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 64, generator=generator).to(torch.bfloat16)
+    layer = QuantizedLinear(fmt, quantize_weight(weight, fmt), torch.randn(48, generator=generator).to(torch.bfloat16), 64, 48)
+    stored = {key: tensor.clone() for key, tensor in layer.state_dict().items()}
+    x = torch.randn(5, 64, generator=generator).to(torch.bfloat16)
+    before = layer(x)
+    for dtype in (torch.float32, torch.float16):
+        layer.to(dtype)
+        assert all(torch.equal(tensor, stored[key]) and tensor.dtype == stored[key].dtype
+                   for key, tensor in layer.state_dict().items())
+        after = layer(x.to(dtype))
+        assert after.dtype == dtype
+        assert torch.allclose(after.float(), before.float(), rtol=2e-2, atol=2e-2)
