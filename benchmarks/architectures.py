@@ -70,7 +70,7 @@ _T5_LIKE = dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=32, d_ff=256, num_layers=
                 eos_token_id=0, decoder_start_token_id=0)
 SEQ2SEQ: dict[str, tuple[str, dict]] = {
     "t5": ("T5Config", _T5_LIKE),
-    "t5-v1.1": ("T5Config", {**_T5_LIKE, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
+    "t5-gated": ("T5Config", {**_T5_LIKE, "feed_forward_proj": "gated-gelu"}),  # T5 v1.1's and Flan-T5's feed-forward
     "mt5": ("MT5Config", _T5_LIKE),
     "umt5": ("UMT5Config", _T5_LIKE),
     "longt5": ("LongT5Config", _T5_LIKE),

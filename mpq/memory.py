@@ -11,7 +11,7 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.formats import FormatSpec
 from mpq.qlinear import linear_weight
-from mpq.trace import LayerInfo
+from mpq.trace import LayerInfo, table_aliases
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -98,7 +98,13 @@ def memory_model(model: nn.Module, layers: list[LayerInfo], formats: list[Format
     for name, opts in options.items():
         if not opts:
             raise MpqError(f"layer {name} takes none of the formats asked for: add fp16 or int8 to --formats")
-    return MemoryModel(fixed_bytes=resident_bytes(model) - quantizable, layer_bytes=options)
+    # A token table's module is replaced whatever its format, and its own buffers go with it
+    # (Gemma's embed_scale: mpq.json keeps the factor), at every path it is looked up under.
+    tables = [layer.name for layer in layers if layer.is_embedding] + [layer.tied_table for layer in layers if layer.tied_table]
+    dropped = {_storage_key(buffer): buffer.untyped_storage().nbytes()
+               for table in tables for path in [table, *table_aliases(model, table)]
+               for buffer in model.get_submodule(path).buffers(recurse=False)}
+    return MemoryModel(fixed_bytes=resident_bytes(model) - quantizable - sum(dropped.values()), layer_bytes=options)
 
 
 _BLOCK_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")

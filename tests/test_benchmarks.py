@@ -264,3 +264,18 @@ def test_every_architecture_of_the_coverage_benchmark_quantises_saves_loads_and_
         assert "3-D" not in (rows[name]["kept_largest"] or ""), name
     assert all(rows[name]["routed_experts"] == 0 for name in rows if name not in mixtures)
     assert "Conv1D" in rows["gpt2"]["layer_types"]
+    assert [name for name, row in rows.items() if not row["bytes_as_predicted"]] == []
+
+
+def test_every_encoder_decoder_of_the_coverage_benchmark_holds_the_bytes_predicted_and_generates(benchmark_script, tmp_path):
+    """benchmarks/architectures.py on its 14 encoder-decoder families (about 15 s): each takes int8
+    in every layer, holds the bytes the memory model predicted (its encoder's and decoder's
+    embed_tokens read the quantised shared table), loads back equal, and generates."""
+    bench = benchmark_script("architectures")
+    rows = {name: bench.check(name, "int8", tmp_path) for name in bench.SEQ2SEQ}
+    for name, row in rows.items():
+        assert row["layers"] >= 33 and row["table"] == "tied to the head", name
+        assert row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"], name
+        assert row["cosine_to_unquantised"] > 0.99 and row["smallest_bytes"] < 0.75 * row["unquantised_bytes"], name
+    # LongT5's, SwitchTransformers' and LED's forwards do not export; their layers are found as modules
+    assert {name for name, row in rows.items() if row["trace"] != "export"} <= {"longt5", "switch_transformers", "led"}
