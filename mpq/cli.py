@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="measure, search and emit a Pareto set of mixed-precision configs")
-    c.add_argument("model", nargs="?", default="demo", help="Hugging Face id, local folder, or demo name (demo, minilm)")
+    c.add_argument("model", nargs="?", default="demo", help="Hugging Face id, local folder, or demo name (demo, demo-t5, minilm)")
     c.add_argument("--max-mem", help="hard budget on resident weight bytes: 6GB, 6GiB, 750MB or bytes (default: unquantised size)")
     c.add_argument("--formats", default="fp16,int8,int4", help="candidate formats (default fp16,int8,int4)")
     c.add_argument("--group-size", type=int, default=128, help="INT4 group size: 32, 64, 128 or 256 (default 128)")
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compile)
 
     p = sub.add_parser("profile", help="time every layer shape x format on this machine (the latency model)")
-    p.add_argument("model", nargs="?", default="demo", help="Hugging Face id, local folder, or demo name (demo, minilm)")
+    p.add_argument("model", nargs="?", default="demo", help="Hugging Face id, local folder, or demo name (demo, demo-t5, minilm)")
     p.add_argument("--formats", default="fp16,int8,int4", help="formats to time (default fp16,int8,int4)")
     p.add_argument("--group-size", type=int, default=128, help="INT4 group size (default 128)")
     p.add_argument("--int4-sym", action="store_true", help="symmetric INT4")

