@@ -291,8 +291,9 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
                            f"in the model, but {MANIFEST} says otherwise; re-run mpq compile")
         layer_tensors[layer] = own
         in_features[layer] = linear_weight(module).shape[1]
-    scales = _scales_from(manifest, folder, model, {*tables, *(table for table, _ in tied.values())})
-    aliases = _aliases_from(manifest, folder, model, {*tables, *(table for table, _ in tied.values())})
+    every_table = {*tables, *(table for table, _ in tied.values())}
+    scales = _scales_from(manifest, folder, model, every_table)
+    aliases = _aliases_from(manifest, folder, model, every_table)
     fused = manifest.get("fused", [])
     for layer, module in build_layers(specs, layer_tensors, biases, in_features, fused, backend, device,
                                       embeddings=tables, tied=tied, table_scales=scales).items():

@@ -50,7 +50,7 @@ def speed(model: nn.Module, task_kind: str, task) -> dict[str, float]:
     source once, then decodes from the start token). Encoder: sentences/s."""
     if task_kind in GENERATIVE:
         ids = task.heldout["text"][:1, :PREFILL_TOKENS]
-        inputs = {k: v.to(model_device(model)) if isinstance(v, torch.Tensor) else v for k, v in task.model_inputs(ids).items()}
+        inputs = task.inputs_on(model, ids)
         prefill = _median_seconds(lambda: model(**inputs))
         prompt = ids[:, :DECODE_PROMPT].to(model_device(model))
 

@@ -144,17 +144,18 @@ class CausalLMTask:
         """The model's keyword arguments for each calibration batch, in the order `reference` runs them."""
         return [self.model_inputs(ids) for ids in self.calib_ids.split(BATCH)]
 
-    def _logits(self, model, ids: torch.Tensor) -> torch.Tensor:
+    def inputs_on(self, model, ids: torch.Tensor) -> dict:
+        """model_inputs(ids) on the device `model` runs on."""
         device = model_device(model)
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model_inputs(ids).items()}
-        return quality_forward(model, **inputs).logits.float().cpu()
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model_inputs(ids).items()}
+
+    def _logits(self, model, ids: torch.Tensor) -> torch.Tensor:
+        return quality_forward(model, **self.inputs_on(model, ids)).logits.float().cpu()
 
     def loss(self, model, ids: torch.Tensor) -> torch.Tensor:
         """The mean next-token loss of a batch of windows, differentiable (the fisher and hessian
         signals take gradients through it)."""
-        device = model_device(model)
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model_inputs(ids).items()}
-        logits, labels = self.scored(model(**inputs).logits, ids.to(device))
+        logits, labels = self.scored(model(**self.inputs_on(model, ids)).logits, ids.to(model_device(model)))
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     @torch.no_grad()
@@ -214,6 +215,14 @@ class CausalLMTask:
         return out, torch.cat(windows)
 
 
+def seq2seq_inputs(ids: torch.Tensor, decoder_start: int) -> dict:
+    """An encoder-decoder's keyword arguments for windows `ids`: the first half is the source, the
+    second the target, fed to the decoder after its start token (what the demo-t5 is trained on)."""
+    half = ids.shape[1] // 2
+    start = torch.full((ids.shape[0], 1), decoder_start, dtype=ids.dtype)
+    return {"input_ids": ids[:, :half], "decoder_input_ids": torch.cat([start, ids[:, half:-1]], dim=1), "use_cache": False}
+
+
 class Seq2SeqLMTask(CausalLMTask):
     """A causal LM task whose windows are split into source and target (see the module's notes)."""
 
@@ -225,11 +234,7 @@ class Seq2SeqLMTask(CausalLMTask):
         self.decoder_start = decoder_start
 
     def model_inputs(self, ids: torch.Tensor) -> dict:
-        half = ids.shape[1] // 2
-        target = ids[:, half:]
-        start = torch.full((ids.shape[0], 1), self.decoder_start, dtype=ids.dtype)
-        return {"input_ids": ids[:, :half], "decoder_input_ids": torch.cat([start, target[:, :-1]], dim=1),
-                "use_cache": False}
+        return seq2seq_inputs(ids, self.decoder_start)
 
     def scored(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return logits, ids[:, ids.shape[1] // 2:].to(logits.device)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mpq.corpus import corpus_chunks
+from mpq.tasks import seq2seq_inputs
 
 log = logging.getLogger(__name__)
 MODEL_DIR = Path(__file__).parent / "model"
@@ -75,11 +76,8 @@ def batch_loss(model, windows: torch.Tensor, seq2seq: bool, start_id: int, reduc
         logits = model(input_ids=windows[:, :-1], use_cache=False).logits
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction=reduction)
     windows = windows[:, :-1]
-    half = windows.shape[1] // 2
-    target = windows[:, half:]
-    start = torch.full((windows.shape[0], 1), start_id, dtype=windows.dtype)
-    logits = model(input_ids=windows[:, :half], decoder_input_ids=torch.cat([start, target[:, :-1]], dim=1),
-                   use_cache=False).logits
+    logits = model(**seq2seq_inputs(windows, start_id)).logits
+    target = windows[:, windows.shape[1] // 2:]
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction=reduction)
 
 
