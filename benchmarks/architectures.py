@@ -6,7 +6,9 @@ count the layers found and the bytes no format can shrink (mpq.memory.kept_as_st
 biases, a mixture of experts' 3-D weights), quantise every layer at int8 (`--format`), save the
 config, load it back, and check that the loaded model's logits equal those of the model it was
 saved from, that it holds the bytes the memory model predicted, that its logits stay close to the
-unquantised model's (cosine), and that it generates. No timing: this is coverage, not speed.
+unquantised model's (cosine), that it generates, and that the float32 twin sensitivities are
+measured in (mpq.float_twin, whose blocks upcast the model's own tensors while they run) gives
+exactly a whole float32 copy's logits. No timing: this is coverage, not speed.
 Prints a table, writes JSON.
 
     python benchmarks/architectures.py                        # benchmarks/results/architectures.json
@@ -130,6 +132,7 @@ def check(name: str, fmt: str, work: Path) -> dict:
     with applied(model, plan.specs(), QuantizedWeightCache(model)) as tensors:
         quantised = model(**inputs).logits.float()
         save_config(work / f"{name}-cfg", model, loaded.tokenizer, loaded.task, plan, tensors, {"note": "benchmark"})
+    twin_exact = _lazy_twin_is_exact(model, graph, inputs)
     restored = mpq.load(work / f"{name}-cfg")
     again = restored(**inputs).logits.float()
     generated = restored.generate(ids[:, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -150,7 +153,30 @@ def check(name: str, fmt: str, work: Path) -> dict:
         "cosine_to_unquantised": round(F.cosine_similarity(quantised.flatten(), original.flatten(), dim=0).item(), 6),
         # a causal LM continues its 4-token prompt; an encoder-decoder starts from its own token
         "generates": tuple(generated.shape) == ((1, 5) if name in SEQ2SEQ else (1, 8)),
+        "float32_twin_exact": twin_exact,
     }
+
+
+@torch.no_grad()
+def _lazy_twin_is_exact(model, graph, inputs: dict) -> bool:
+    """Whether the twin that sensitivities are measured in, whose blocks upcast the model's own
+    tensors while they run (mpq.float_twin), gives exactly the logits of a whole float32 copy: as
+    it is, and with an attention projection of the last block at int4 (as a sensitivity pass runs
+    it; an expert might get no token)."""
+    from mpq.apply import QuantizedWeightCache, applied
+    from mpq.formats import get_format
+    from mpq.sensitivity import MEASURE_BACKEND, measurement_model
+
+    layer = [layer for layer in graph.layers if "att" in layer.name.lower()][-1]
+    cache, fmt = QuantizedWeightCache(model), get_format("int4-g32")
+    logits = []
+    for lazy in (False, True):
+        twin = measurement_model(model, lazy)
+        plain = twin(**inputs).logits
+        with applied(twin, {layer.name: fmt}, cache, backend=MEASURE_BACKEND):
+            logits.append((plain, twin(**inputs).logits))
+    (full, full_q), (lazy, lazy_q) = logits
+    return full.dtype == torch.float32 and torch.equal(full, lazy) and torch.equal(full_q, lazy_q) and not torch.equal(full, full_q)
 
 
 def main() -> None:
@@ -179,24 +205,27 @@ def main() -> None:
             row["seconds"] = round(time.time() - start, 2)
             rows.append(row)
     print(f"every layer at {args.format}; loaded = the loaded config's logits equal the saved model's")
+    print("twin = the lazy float32 twin's logits (mpq.float_twin) equal a whole float32 copy's, plain and with a layer at int4")
     print("| architecture | layers | layer types | table | unquantised | smallest | kept as stored (largest) | loaded | "
-          "bytes as predicted | cos | generates |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "bytes as predicted | cos | generates | twin |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['architecture']} | error: {row['error']} ||||||||||")
+            print(f"| {row['architecture']} | error: {row['error']} |||||||||||")
             continue
         print(f"| {row['architecture']} | {row['layers']} | {', '.join(row['layer_types'])} | {row['table']} | "
               f"{format_size(row['unquantised_bytes'])} | {format_size(row['smallest_bytes'])} | "
               f"{format_size(row['kept_bytes'])} ({row['kept_largest']}) | {'yes' if row['loaded_equals_saved'] else 'NO'} | "
               f"{'yes' if row['bytes_as_predicted'] else 'NO'} | "
-              f"{row['cosine_to_unquantised']:.4f} | {'yes' if row['generates'] else 'NO'} |")
+              f"{row['cosine_to_unquantised']:.4f} | {'yes' if row['generates'] else 'NO'} | "
+              f"{'yes' if row['float32_twin_exact'] else 'NO'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"hardware": hardware(), "versions": versions(), "format": args.format,
                                     "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
     bad = [row["architecture"] for row in rows
-           if "error" in row or not (row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"])]
+           if "error" in row or not (row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"]
+                                     and row["float32_twin_exact"])]
     if bad:
         raise SystemExit(f"failed: {', '.join(bad)}")
 

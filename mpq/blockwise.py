@@ -26,6 +26,7 @@ from torch import nn
 
 from mpq.awq import Judge
 from mpq.calib_stats import InputStats, StatsRecorder
+from mpq.float_twin import float32_twin
 from mpq.formats import FormatSpec
 from mpq.quantize import dequantize_weight
 from mpq.models import model_device
@@ -159,7 +160,8 @@ def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[
     if blocks_name is not None and another_stack(model, names, blocks_name):
         blocks_name = None  # an encoder-decoder's decoder blocks are fed by its encoder's: no one list replays alone
     if blocks_name is None:  # no repeated blocks: the whole model is the one "block", judged per layer
-        work = copy.deepcopy(model).float().to(device)
+        # on the model's device, a twin whose blocks upcast while they run (no second copy of them)
+        work = float32_twin(model) if device == model_device(model) else copy.deepcopy(model).float().to(device)
         recorder = StatsRecorder({name: work.get_submodule(name) for name in names}, represent)
         for batch in batches:
             work(**batch)

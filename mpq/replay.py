@@ -68,6 +68,7 @@ class BlockReplay:
                 out = records[calls[j]]
                 calls[j] += 1
                 return _cloned(out) if j == depth - 1 else out  # block `depth` may write into its input
+            forward.runs_nothing = True  # so mpq.float_twin does not upcast a block that only replays
             return forward
 
         own = [self.blocks[j].__dict__.get("forward") for j in range(depth)]  # an instance's own (accelerate's hooks)

@@ -24,7 +24,6 @@ signal, and reused whenever that key comes again.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from mpq.apply import QuantizedWeightCache, applied, get_module
+from mpq.float_twin import float32_twin, upcasts_while_running
 from mpq.formats import FormatSpec
 from mpq.qlinear import linear_weight
 from mpq.quantize import sixteen_bit_dtype
@@ -97,17 +97,17 @@ def _lossless(module: nn.Module, fmt: FormatSpec) -> bool:
 MEASURE_BACKEND = "reference"  # float32 dequantise-and-multiply: no bf16 rounding in the measurement
 
 
-def measurement_model(model: nn.Module) -> nn.Module:
+def measurement_model(model: nn.Module, lazy: bool = True) -> nn.Module:
     """A float32 twin of the model to measure divergences in.
 
     In a bf16 model any change to any weight reshuffles bf16 roundings downstream, which alone
     costs about 1e-4 of KL on the demo, per layer and whatever the change: summed over 42 layers
     that floor outweighed the real INT8 error 15 to 1. In float32 the floor vanishes, so each
     layer's number is its quantisation error. Quantised tensors still come from the original
-    weights (QuantizedWeightCache over `model`)."""
-    if all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point()):
-        return model
-    return copy.deepcopy(model).float()
+    weights (QuantizedWeightCache over `model`). `lazy`: the twin's blocks upcast the model's own
+    tensors while they run (mpq.float_twin), so it holds no second copy of them; the gradient
+    signals differentiate the twin's weights, and take a whole float32 copy (`lazy=False`) instead."""
+    return float32_twin(model, lazy)
 
 
 def _block_replay(work: nn.Module, layers: list[LayerInfo], task, reference) -> tuple[BlockReplay | None, str]:
@@ -252,9 +252,16 @@ def _hessian_losses(task, work: nn.Module) -> Iterator[torch.Tensor]:
         start += len(units)
 
 
+def _differentiable_twin(model: nn.Module, work: nn.Module) -> nn.Module:
+    """`work`, or a whole float32 copy where `work`'s blocks upcast while running: gradients of
+    those upcasts would not reach the weights the signals read them from."""
+    return measurement_model(model, lazy=False) if upcasts_while_running(work) else work
+
+
 def measure_fisher(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
                    key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True) -> SensitivityTable:
     """The "fisher" signal: second-order estimate of the loss increase from each layer's rounding."""
+    work = _differentiable_twin(model, work)
     start = time.time()
     params = {layer.name: get_module(work, layer.name).weight for layer in layers}
     fisher = {name: torch.zeros_like(param, dtype=torch.float32) for name, param in params.items()}
@@ -307,6 +314,7 @@ def measure_hessian(model: nn.Module, work: nn.Module, layers: list[LayerInfo], 
     """The "hessian" signal (HAWQ-v2): 1/2 x mean Hessian diagonal of the loss in each layer's weight
     x the squared rounding error, the trace estimated by Hutchinson's method (E[v^T H v] over
     Rademacher v; one Hessian-vector product, a second backward pass, per probe)."""
+    work = _differentiable_twin(model, work)
     start = time.time()
     params = {layer.name: get_module(work, layer.name).weight for layer in layers}
     traces = {name: 0.0 for name in params}

@@ -252,6 +252,7 @@ def test_every_architecture_of_the_coverage_benchmark_quantises_saves_loads_and_
     for name, row in rows.items():
         assert row["trace"] == "export" and row["layers"] >= 9, name
         assert row["loaded_equals_saved"] and row["generates"] and row["cosine_to_unquantised"] > 0.99, name
+        assert row["float32_twin_exact"], name  # sensitivities measured in the lazy twin are a float32 copy's
         assert row["smallest_bytes"] < 0.75 * row["unquantised_bytes"], name
     assert "FalconLinear" in rows["falcon"]["layer_types"]
     assert rows["falcon"]["kept_bytes"] < 0.01 * rows["falcon"]["unquantised_bytes"]  # its linears are layers
@@ -276,6 +277,22 @@ def test_every_encoder_decoder_of_the_coverage_benchmark_holds_the_bytes_predict
     for name, row in rows.items():
         assert row["layers"] >= 33 and row["table"] == "tied to the head", name
         assert row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"], name
+        assert row["float32_twin_exact"], name
         assert row["cosine_to_unquantised"] > 0.99 and row["smallest_bytes"] < 0.75 * row["unquantised_bytes"], name
     # LongT5's, SwitchTransformers' and LED's forwards do not export; their layers are found as modules
     assert {name for name, row in rows.items() if row["trace"] != "export"} <= {"longt5", "switch_transformers", "led"}
+
+
+def test_compile_memory_benchmark_smoke(tmp_path):
+    """benchmarks/compile_memory.py on a 2-block model: both twins compile in processes of their own,
+    every stage has a peak, and the configs and their held-out quality are the same."""
+    out = tmp_path / "compile_memory.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_memory.py"), "--blocks", "2", "--hidden", "128",
+                           "--samples", "4", "--trials", "20", "--refine", "0", "--max-configs", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["same_configs"] and set(result["rows"]) == {"whole float32 copy", "lazy float32 twin"}
+    for row in result["rows"].values():
+        assert row["configs"] and "ppl" in row["configs"][0][2]
+        assert all(stage["peak_rss_bytes"] > 0 for stage in row["stages"].values()) and "sensitivity" in row["stages"]

@@ -1,0 +1,133 @@
+"""The lazy float32 twin (mpq.float_twin): the model's own block tensors, upcast only while a block runs,
+and measurements bit-identical to a whole float32 copy's. (Every architecture of the coverage
+sweep checks the logits too: tests/test_benchmarks.py.)"""
+
+import pytest
+import torch
+
+from mpq import sensitivity
+from mpq.apply import QuantizedWeightCache
+from mpq.float_twin import block_lists, float32_twin, upcasts_while_running
+from mpq.formats import get_format
+from mpq.models import load_model
+from mpq.replay import BlockReplay
+from mpq.tasks import calibration_text, make_task
+from mpq.trace import trace_model
+
+FORMATS = [get_format(n) for n in ("fp16", "int8", "int4-g32")]
+
+
+@pytest.fixture
+def setup(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
+    return loaded, task, graph
+
+
+def _storage(module: torch.nn.Module) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*module.parameters(), *module.buffers()]}
+
+
+def test_the_twin_holds_the_blocks_once_and_only_the_rest_in_float32(setup):
+    loaded, _, _ = setup
+    model = loaded.model
+    twin = float32_twin(model)
+    assert upcasts_while_running(twin) and not upcasts_while_running(float32_twin(model, lazy=False))
+    for original, copied in zip(model.model.layers, twin.model.layers):
+        assert all(a is b for a, b in zip(original.parameters(), copied.parameters()))  # the same tensors
+        assert all(p.dtype == torch.bfloat16 for p in copied.parameters())
+    outside = [p for name, p in twin.named_parameters() if not name.startswith("model.layers.")]
+    assert outside and all(p.dtype == torch.float32 for p in outside) and twin.dtype == torch.float32
+    assert twin.lm_head.weight is twin.model.embed_tokens.weight  # the tied table stays one tensor
+    own = {ptr: size for ptr, size in _storage(twin).items() if ptr not in _storage(model)}
+    whole = sum(p.numel() * 4 for p in model.parameters())
+    blocks = sum(p.numel() * 4 for p in model.model.layers.parameters())
+    buffers = sum(b.untyped_storage().nbytes() for name, b in twin.named_buffers() if not name.startswith("model.layers."))
+    assert sum(own.values()) == whole - blocks + buffers  # of a whole copy, all but the blocks' float32 bytes
+    # a float32 model is its own twin
+    fp32 = float32_twin(float32_twin(model, lazy=False))
+    assert not upcasts_while_running(fp32)
+
+
+def test_a_block_runs_in_float32_and_gives_its_tensors_back(setup):
+    loaded, task, _ = setup
+    twin = float32_twin(loaded.model)
+    block = twin.model.layers[1]
+    seen = []
+    block.mlp.register_forward_pre_hook(lambda module, args: seen.append(module.down_proj.weight.dtype))
+    with torch.no_grad():
+        twin(task.calib_ids[:1, :8])
+    assert seen == [torch.float32]
+    assert all(a is b for a, b in zip(loaded.model.model.layers[1].parameters(), block.parameters()))
+
+    def fail(module, args):
+        raise RuntimeError("stop")
+    handle = block.mlp.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="stop"), torch.no_grad():
+        twin(task.calib_ids[:1, :8])
+    handle.remove()
+    assert all(p.dtype == torch.bfloat16 for p in block.parameters())  # put back although the forward raised
+
+
+def test_measurements_in_the_lazy_twin_equal_the_whole_copy(setup):
+    loaded, task, graph = setup
+    cache = QuantizedWeightCache(loaded.model)
+    tables = {}
+    for lazy in (True, False):
+        work = sensitivity.measurement_model(loaded.model, lazy)
+        tables[lazy] = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, FORMATS, task, "k", {}, cache,
+                                                       False).values
+    assert tables[True] == tables[False]
+    assert sum(v > 0 for per in tables[True].values() for v in per.values()) >= 25
+
+
+def test_replayed_blocks_are_not_upcast(setup):
+    loaded, task, _ = setup
+    twin = float32_twin(loaded.model)
+    seen: dict[int, list] = {0: [], 1: []}  # the weight dtype each block's forward would see
+    for index, block in enumerate(twin.model.layers):
+        block.register_forward_pre_hook(lambda module, args, kwargs, i=index: seen[i].append(module.mlp.up_proj.weight.dtype),
+                                        with_kwargs=True)
+    with BlockReplay(twin.model.layers, lambda: task.reference(twin)).skipping(1):
+        seen[0].clear(), seen[1].clear()  # recording ran block 0 for real
+        task.reference(twin)
+    assert seen[0] and set(seen[0]) == {torch.bfloat16}  # replayed: returned its records, upcast nothing
+    assert seen[1] and set(seen[1]) == {torch.float32}
+    assert block_lists(twin) == [twin.model.layers]
+
+
+@pytest.mark.parametrize("measure", [sensitivity.measure_fisher, sensitivity.measure_hessian])
+def test_gradient_signals_take_a_whole_copy_and_agree_with_one(setup, measure):
+    loaded, task, graph = setup
+    cache = QuantizedWeightCache(loaded.model)
+    lazy = measure(loaded.model, float32_twin(loaded.model), graph.layers, FORMATS, task, "k", {}, cache, False).values
+    whole = measure(loaded.model, float32_twin(loaded.model, lazy=False), graph.layers, FORMATS, task, "k", {}, cache,
+                    False).values
+    assert lazy == whole and sum(per["int4-g32"] > 0 for per in lazy.values()) >= len(lazy) // 2
+
+
+def test_an_encoder_decoder_is_calibrated_in_the_lazy_twin_as_in_a_whole_copy():
+    """GPTQ/AWQ take an encoder-decoder as one block (mpq.blockwise): its statistics are gathered in
+    the lazy twin now, and equal a whole float32 copy's."""
+    from mpq.blockwise import calibrate_blockwise
+    from mpq.calib_stats import StatsRecorder
+    from mpq.models import decoder_start_of
+
+    loaded = load_model("demo-t5")
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32,
+                     decoder_start=decoder_start_of(loaded.model))
+    graph = trace_model(loaded.model, task.model_inputs(task.calib_ids[:1]))
+    groups = graph.shared_input_groups()
+    (calibration,) = list(calibrate_blockwise(loaded.model, graph.layers, groups, task))
+    whole = float32_twin(loaded.model, lazy=False)
+    names = [layer.name for layer in graph.layers if not layer.is_embedding]
+    recorder = StatsRecorder({name: whole.get_submodule(name) for name in names},
+                             {name: group[0] for group in groups for name in group})
+    with torch.no_grad():
+        for batch in task.calibration_inputs():
+            whole(**batch)
+    expected = recorder.finish()
+    assert calibration.name == "model" and set(calibration.stats.hessian) == set(names)
+    assert all(torch.equal(calibration.stats.hessian[name], expected.hessian[name]) for name in names)
+    assert calibration.stats.rows == expected.rows > 0
