@@ -19,6 +19,7 @@ from mpq.checkpoint import save_config
 from mpq import cpu_matmul
 from mpq.environment import hardware, versions
 from mpq.errors import MpqError
+from mpq.evaluate import PeakMemory
 from mpq.experts import coverage, describe_routed, expert_projections, routed_tokens
 from mpq.fingerprint import data_fingerprint, model_fingerprint
 from mpq.formats import get_format, parse_formats
@@ -126,13 +127,21 @@ def _latency(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, forma
 
 
 def compile_model(opts: CompileOptions) -> dict:
-    """Run the whole pipeline; returns the summary (also written as OUT/summary.json)."""
+    """Run the whole pipeline; returns the summary (also written as OUT/summary.json), with each
+    stage's time and peak resident memory (sampled every 20 ms)."""
+    with PeakMemory(interval_s=0.02) as resident:
+        return _compile_model(opts, resident)
+
+
+def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     seconds: dict[str, float] = {}
+    peaks: dict[str, int | None] = {}
     clock = time.time()
 
     def lap(stage: str) -> None:
         nonlocal clock
         seconds[stage] = round(time.time() - clock, 2)
+        peaks[stage] = resident.take()
         clock = time.time()
 
     out = Path(opts.out)
@@ -316,6 +325,8 @@ def compile_model(opts: CompileOptions) -> dict:
     }
     lap("report")
     summary["seconds"] = seconds
+    known = [peak for peak in peaks.values() if peak is not None]
+    summary["memory"] = {"peak_rss_bytes": max(known) if known else None, "stages": peaks}
     write_report(out / "report.md", summary)
     write_json_atomic(out / "summary.json", summary)
     return summary

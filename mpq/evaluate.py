@@ -110,6 +110,13 @@ class PeakMemory:
         if now is not None and self.peak is not None:
             self.peak = max(self.peak, now)
 
+    def take(self) -> int | None:
+        """The peak since the block began or the last take; the next take counts from now."""
+        now = self.rss()
+        peak = None if now is None or self.peak is None else max(self.peak, now)
+        self.peak = now
+        return peak
+
 
 def evaluate_model(model: nn.Module, task_kind: str, task, with_speed: bool = True) -> dict:
     """Every contender's numbers, by the same code: resident weight bytes, held-out quality, peak

@@ -319,6 +319,17 @@ def _experts_line(s: dict) -> list[str]:
     return [line]
 
 
+def _stage_lines(s: dict) -> list[str]:
+    """Each stage's time and, where the platform reports it, the process's peak resident memory."""
+    lines = ["## Time and memory per stage", "", "| | " + " | ".join(s["seconds"]) + " |", "|---" * (len(s["seconds"]) + 1) + "|",
+             "| seconds | " + " | ".join(f"{v:.1f}" for v in s["seconds"].values()) + " |"]
+    peaks = (s.get("memory") or {}).get("stages") or {}
+    if any(peaks.get(stage) is not None for stage in s["seconds"]):
+        lines.append("| peak RSS | " + " | ".join("" if peaks.get(stage) is None else format_size(peaks[stage])
+                                                 for stage in s["seconds"]) + " |")
+    return [*lines, ""]
+
+
 def write_report(path: Path, summary: dict) -> Path:
     """report.md from the compile summary (plain data, also saved as summary.json)."""
     s = summary
@@ -373,7 +384,6 @@ def write_report(path: Path, summary: dict) -> Path:
         lines.append(f"| {u['name']} | {format_size(u['bytes'])} | {_quality_cell(u['metrics'])} | {'yes' if u['bytes'] <= s['budget'] else 'no'} |")
     lines += ["", "## Pareto plot", "", "![pareto](pareto.png)", "", *_latency_lines(s), "## Sensitivity", "",
               "![heatmap](heatmap.png)", "", "Table: [sensitivity.md](sensitivity.md); raw: sensitivity.json.", "",
-              "## Time per stage (s)", "", "| " + " | ".join(s["seconds"]) + " |", "|---" * len(s["seconds"]) + "|",
-              "| " + " | ".join(f"{v:.1f}" for v in s["seconds"].values()) + " |", ""]
+              *_stage_lines(s)]
     Path(path).write_text("\n".join(lines))
     return Path(path)

@@ -102,6 +102,19 @@ def untied_llama_dir(tmp_path, demo_tokenizer):
     return path
 
 
+@pytest.fixture
+def tiny_llama_calibrated(tiny_llama_dir):
+    """The tiny Llama loaded, a task of 4 calibration windows of 32 tokens, and its traced graph."""
+    from mpq.models import load_model
+    from mpq.tasks import calibration_text, make_task
+    from mpq.trace import trace_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
+    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
+    return loaded, task, graph
+
+
 def trace_tiny(loaded, embeddings: bool = True):
     """The graph of a tiny test model, traced on 8 random token ids."""
     from mpq.trace import trace_model

@@ -165,6 +165,11 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     passing = [row for row in summary["configs"] if row["accepted"]]
     assert summary["recommended"] == min(passing, key=lambda r: (r["bytes"], r["metrics"]["ppl"]))["name"]
     assert f"Recommended: {summary['recommended']}" in (out / "report.md").read_text()
+    # each stage's peak memory, the whole compile's the largest; the report shows them
+    peaks = summary["memory"]["stages"]
+    assert list(peaks) == list(summary["seconds"]) and all(peak > 100e6 for peak in peaks.values())  # torch alone
+    assert summary["memory"]["peak_rss_bytes"] == max(peaks.values())
+    assert f"| peak RSS | {format_size(peaks['load'])} |" in (out / "report.md").read_text()
     kept = summary["kept_as_stored"]
     assert kept and sum(k["bytes"] for k in kept) == summary["fixed_bytes"]  # a 2-block model has few groups
     assert f"kept as stored in every config (no plan layer holds them): {format_size(summary['fixed_bytes'])}" in (out / "report.md").read_text()

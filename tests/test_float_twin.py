@@ -17,20 +17,12 @@ from mpq.trace import trace_model
 FORMATS = [get_format(n) for n in ("fp16", "int8", "int4-g32")]
 
 
-@pytest.fixture
-def setup(tiny_llama_dir):
-    loaded = load_model(str(tiny_llama_dir))
-    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
-    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
-    return loaded, task, graph
-
-
 def _storage(module: torch.nn.Module) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*module.parameters(), *module.buffers()]}
 
 
-def test_the_twin_holds_the_blocks_once_and_only_the_rest_in_float32(setup):
-    loaded, _, _ = setup
+def test_the_twin_holds_the_blocks_once_and_only_the_rest_in_float32(tiny_llama_calibrated):
+    loaded, _, _ = tiny_llama_calibrated
     model = loaded.model
     twin = float32_twin(model)
     assert upcasts_while_running(twin) and not upcasts_while_running(float32_twin(model, lazy=False))
@@ -50,8 +42,8 @@ def test_the_twin_holds_the_blocks_once_and_only_the_rest_in_float32(setup):
     assert not upcasts_while_running(fp32)
 
 
-def test_a_block_runs_in_float32_and_gives_its_tensors_back(setup):
-    loaded, task, _ = setup
+def test_a_block_runs_in_float32_and_gives_its_tensors_back(tiny_llama_calibrated):
+    loaded, task, _ = tiny_llama_calibrated
     twin = float32_twin(loaded.model)
     block = twin.model.layers[1]
     seen = []
@@ -70,8 +62,8 @@ def test_a_block_runs_in_float32_and_gives_its_tensors_back(setup):
     assert all(p.dtype == torch.bfloat16 for p in block.parameters())  # put back although the forward raised
 
 
-def test_measurements_in_the_lazy_twin_equal_the_whole_copy(setup):
-    loaded, task, graph = setup
+def test_measurements_in_the_lazy_twin_equal_the_whole_copy(tiny_llama_calibrated):
+    loaded, task, graph = tiny_llama_calibrated
     cache = QuantizedWeightCache(loaded.model)
     tables = {}
     for lazy in (True, False):
@@ -82,8 +74,8 @@ def test_measurements_in_the_lazy_twin_equal_the_whole_copy(setup):
     assert sum(v > 0 for per in tables[True].values() for v in per.values()) >= 25
 
 
-def test_replayed_blocks_are_not_upcast(setup):
-    loaded, task, _ = setup
+def test_replayed_blocks_are_not_upcast(tiny_llama_calibrated):
+    loaded, task, _ = tiny_llama_calibrated
     twin = float32_twin(loaded.model)
     seen: dict[int, list] = {0: [], 1: []}  # the weight dtype each block's forward would see
     for index, block in enumerate(twin.model.layers):
@@ -98,8 +90,8 @@ def test_replayed_blocks_are_not_upcast(setup):
 
 
 @pytest.mark.parametrize("measure", [sensitivity.measure_fisher, sensitivity.measure_hessian])
-def test_gradient_signals_take_a_whole_copy_and_agree_with_one(setup, measure):
-    loaded, task, graph = setup
+def test_gradient_signals_take_a_whole_copy_and_agree_with_one(tiny_llama_calibrated, measure):
+    loaded, task, graph = tiny_llama_calibrated
     cache = QuantizedWeightCache(loaded.model)
     lazy = measure(loaded.model, float32_twin(loaded.model), graph.layers, FORMATS, task, "k", {}, cache, False).values
     whole = measure(loaded.model, float32_twin(loaded.model, lazy=False), graph.layers, FORMATS, task, "k", {}, cache,

@@ -5,26 +5,16 @@ import torch
 
 from mpq.apply import QuantizedWeightCache
 from mpq.formats import get_format
-from mpq.models import load_model
 from mpq.sensitivity import (hutchinson_traces, measure_fisher, measure_hessian, measure_local, measure_sensitivity,
                              measurement_model)
-from mpq.tasks import EncoderTask, calibration_text, make_task
-from mpq.trace import trace_model
+from mpq.tasks import EncoderTask
 
 FORMATS = [get_format(n) for n in ("fp16", "int8", "int4-g32")]
 
 
-@pytest.fixture
-def setup(tiny_llama_dir):
-    loaded = load_model(str(tiny_llama_dir))
-    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32)
-    graph = trace_model(loaded.model, {"input_ids": task.calib_ids[:1, :8], "use_cache": False})
-    return loaded, task, graph
-
-
 @pytest.mark.parametrize("measure", [measure_sensitivity, measure_local, measure_fisher, measure_hessian])
-def test_signal_properties(setup, measure):
-    loaded, task, graph = setup
+def test_signal_properties(tiny_llama_calibrated, measure):
+    loaded, task, graph = tiny_llama_calibrated
     work = measurement_model(loaded.model)
     assert next(work.parameters()).dtype == torch.float32 and next(loaded.model.parameters()).dtype == torch.bfloat16
     table = measure(loaded.model, work, graph.layers, FORMATS, task, "k", {}, QuantizedWeightCache(loaded.model), False)
@@ -38,11 +28,11 @@ def test_signal_properties(setup, measure):
     assert table.seconds >= 0
 
 
-def test_local_signal_is_the_relative_output_error(setup):
+def test_local_signal_is_the_relative_output_error(tiny_llama_calibrated):
     """Checked by hand for one layer: ||x dW^T||^2 / ||x W^T||^2 over the layer's calibration inputs."""
     from mpq.quantize import dequantize_weight, quantize_weight
 
-    loaded, task, graph = setup
+    loaded, task, graph = tiny_llama_calibrated
     work = measurement_model(loaded.model)
     name = graph.layers[3].name
     captured = []
@@ -58,8 +48,8 @@ def test_local_signal_is_the_relative_output_error(setup):
     assert table.values[name]["int4-g32"] == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_fisher_leaves_no_gradients_behind(setup):
-    loaded, task, graph = setup
+def test_fisher_leaves_no_gradients_behind(tiny_llama_calibrated):
+    loaded, task, graph = tiny_llama_calibrated
     work = measurement_model(loaded.model)
     measure_fisher(loaded.model, work, graph.layers, FORMATS, task, "k", {}, QuantizedWeightCache(loaded.model), False)
     assert all(not p.requires_grad and p.grad is None for p in work.parameters())
@@ -165,8 +155,8 @@ def test_hutchinson_estimates_the_trace_of_a_known_hessian():
     assert estimated[1] == pytest.approx(torch.trace(b).item(), abs=0.05 * torch.trace(a).item())
 
 
-def test_hessian_leaves_no_gradients_behind(setup):
-    loaded, task, graph = setup
+def test_hessian_leaves_no_gradients_behind(tiny_llama_calibrated):
+    loaded, task, graph = tiny_llama_calibrated
     work = measurement_model(loaded.model)
     table = measure_hessian(loaded.model, work, graph.layers, FORMATS, task, "k", {}, QuantizedWeightCache(loaded.model), False)
     assert all(not p.requires_grad and p.grad is None for p in work.parameters())
