@@ -33,6 +33,12 @@ def _narrow_float(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32
 
 
+def _float32_copy(tensor: torch.Tensor, as_parameter: bool, requires_grad: bool = False) -> torch.Tensor:
+    """`tensor` upcast to float32, as a Parameter where it stands in for one."""
+    wide = tensor.detach().float()
+    return nn.Parameter(wide, requires_grad=requires_grad) if as_parameter else wide
+
+
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
     """The top-level nn.ModuleLists of more than one entry (lists nested in one, such as a block's
     experts, belong to its blocks)."""
@@ -53,7 +59,6 @@ class _UpcastWhileRunning:
     from the module it replaced) are upcast, as that module's were."""
 
     def __init__(self, block: nn.Module) -> None:
-        self.block = block
         self.buffers = {(id(module), name) for module in block.modules()
                         for name, buffer in module._buffers.items() if _narrow_float(buffer)}
         self.saved: list[tuple[dict, str, torch.Tensor]] = []
@@ -68,8 +73,7 @@ class _UpcastWhileRunning:
                     if not _narrow_float(tensor) or (not upcast_as_parameter and (id(module), name) not in self.buffers):
                         continue
                     if id(tensor) not in upcast:
-                        wide = tensor.detach().float()
-                        upcast[id(tensor)] = nn.Parameter(wide, requires_grad=False) if upcast_as_parameter else wide
+                        upcast[id(tensor)] = _float32_copy(tensor, upcast_as_parameter)
                     self.saved.append((store, name, tensor))
                     store[name] = upcast[id(tensor)]
 
@@ -96,8 +100,7 @@ def float32_twin(model: nn.Module, lazy: bool = True) -> nn.Module:
                 if id(tensor) in shared or not _narrow_float(tensor):
                     continue
                 if id(tensor) not in widened:  # a table tied to a head stays tied
-                    wide = tensor.detach().float()
-                    widened[id(tensor)] = nn.Parameter(wide, requires_grad=tensor.requires_grad) if as_parameter else wide
+                    widened[id(tensor)] = _float32_copy(tensor, as_parameter, tensor.requires_grad)
                 store[name] = widened[id(tensor)]
     for blocks in block_lists(twin):
         for block in blocks:
