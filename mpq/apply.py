@@ -14,6 +14,7 @@ from mpq.fusion import fuse
 from mpq.qembedding import QuantizedEmbedding, TiedEmbedding
 from mpq.qlinear import QuantizedLinear, linear_weight, out_features_of
 from mpq.quantize import quantize_weight
+from mpq.spill import kept
 from mpq.errors import MpqError
 from mpq.trace import embedding_scale, is_embedding, table_aliases, tied_table_of
 
@@ -32,7 +33,8 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 
 class QuantizedWeightCache:
-    """Canonical tensors per (layer, format), so each weight is quantised once per compile.
+    """Canonical tensors per (layer, format), so each weight is quantised once per compile (held
+    in files, mapped back, while mpq.spill's `spilling` is active).
 
     `quantizer` (name, format) -> tensors is the method (mpq.methods.make_quantizer); by default
     round to nearest."""
@@ -46,9 +48,10 @@ class QuantizedWeightCache:
         key = (name, fmt.name)
         if key not in self._tensors:
             if self.quantizer is None:
-                self._tensors[key] = quantize_weight(linear_weight(get_module(self.model, name)), fmt)
+                tensors = quantize_weight(linear_weight(get_module(self.model, name)), fmt)
             else:
-                self._tensors[key] = self.quantizer(name, fmt)
+                tensors = self.quantizer(name, fmt)
+            self._tensors[key] = kept(tensors)  # mapped from a file during a compile (mpq.spill)
         return self._tensors[key]
 
     def forget(self, fmt_name: str) -> None:

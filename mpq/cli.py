@@ -24,6 +24,7 @@ def _compile(args: argparse.Namespace) -> None:
         int4_symmetric=args.int4_sym, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
         trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
         tie=not args.no_tie, embeddings=not args.no_embeddings, storage=args.storage, sensitivity=args.sensitivity, method=args.method, refine=args.refine, latency=not args.no_latency,
+        spill=not args.no_spill,
         regime=args.regime, batch=args.batch, length=args.length, max_latency=args.max_latency,
         min_speedup=args.min_speedup, prefer=args.prefer, dtype=args.dtype, eval_data=args.eval_data,
         progress=not args.quiet))
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-speedup", type=float, help="hard floor on the predicted speedup over the unquantised model (1.5) in the search; "
                         "acceptance checks the measured speedup")
     c.add_argument("--no-latency", action="store_true", help="skip the latency profile: search on bytes and quality only")
+    c.add_argument("--no-spill", action="store_true",
+                   help="hold the compile's quantised tensors, reference outputs and float32 copies in memory, not in "
+                        "files under OUT mapped back (faster only where RAM is plentiful)")
     _regime_arguments(c)
     c.add_argument("-o", "--out", type=Path, default=Path("mpq-out"))
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -37,6 +37,7 @@ from mpq.refine import REFINE_TRIALS, refine_at_budget
 from mpq.selection import (chosen_for_measuring, emitted_front, latency_fields, latency_limit, latency_summary,
                            plan_key, time_step, within_noise)
 from mpq.report import draw_heatmap, draw_pareto, draw_speedup, heatmap_markdown, write_report
+from mpq.spill import spilled_bytes, spilling
 from mpq.search import Candidate, evaluate_plan, exact_front, open_storage, search_plans, uniform_plan
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
 from mpq.sensitivity import MEASURE_BACKEND, MEASURES, SIGNALS, SensitivityTable, cache_dir, find_cached, measurement_model
@@ -83,6 +84,8 @@ class CompileOptions:
     # what is not quantised stays in it); None: as stored
     eval_data: str = "both"  # causal LMs: the held-out perplexity targeted ("text", "code" or "both"), and the
     # default calibration text's kind
+    spill: bool = True  # hold the quantised tensors, reference outputs and float32 copies in files under OUT,
+    # mapped back (mpq.spill): the compile's RAM is then mostly the model's; False: all in memory
     progress: bool = True
 
 
@@ -128,14 +131,15 @@ def _latency(opts: CompileOptions, loaded: LoadedModel, graph: ModelGraph, forma
 
 def compile_model(opts: CompileOptions) -> dict:
     """Run the whole pipeline; returns the summary (also written as OUT/summary.json), with each
-    stage's time and peak resident memory (sampled every 20 ms)."""
-    with PeakMemory(interval_s=0.02) as resident:
+    stage's time and peak resident memory (sampled every 20 ms). Unless `opts.spill` is off, the
+    tensors the compile makes and keeps are held in files under OUT and mapped back (mpq.spill)."""
+    with PeakMemory(interval_s=0.02) as resident, spilling(opts.out) if opts.spill else nullcontext():
         return _compile_model(opts, resident)
 
 
 def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     seconds: dict[str, float] = {}
-    peaks: dict[str, int | None] = {}
+    peaks: dict[str, tuple[int | None, int | None]] = {}  # stage -> (peak RSS, peak anonymous)
     clock = time.time()
 
     def lap(stage: str) -> None:
@@ -325,11 +329,19 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     }
     lap("report")
     summary["seconds"] = seconds
-    known = [peak for peak in peaks.values() if peak is not None]
-    summary["memory"] = {"peak_rss_bytes": max(known) if known else None, "stages": peaks}
+    summary["memory"] = {"peak_rss_bytes": _largest(rss for rss, _ in peaks.values()),
+                         "peak_anonymous_bytes": _largest(anonymous for _, anonymous in peaks.values()),
+                         "stages": {stage: rss for stage, (rss, _) in peaks.items()},
+                         "anonymous_stages": {stage: anonymous for stage, (_, anonymous) in peaks.items()},
+                         "spilled_bytes": spilled_bytes()}
     write_report(out / "report.md", summary)
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _largest(values) -> int | None:
+    known = [value for value in values if value is not None]
+    return max(known) if known else None
 
 
 def as_emitted(loaded: LoadedModel, plan: dict[str, str], cache: QuantizedWeightCache, groups: list[list[str]],

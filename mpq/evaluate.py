@@ -76,29 +76,52 @@ class PeakMemory:
     """The process's peak resident set size (RSS) while the block runs, sampled every few ms by a
     thread (/proc/self/statm): with `mpq eval` in its own process, what loading and running the
     model takes, activations and kernels' scratch included, beyond the weights' own bytes. Within
-    a longer process it includes whatever else the process holds. Linux only; else None."""
+    a longer process it includes whatever else the process holds. Linux only; else None.
+
+    `peak_anonymous` is the peak of the part no file backs (RSS less file-mapped and shared pages):
+    what must fit in RAM, as the kernel can drop a mapped file's clean pages and read them again
+    (a safetensors checkpoint that torch maps, mpq.spill's tensors)."""
 
     def __init__(self, interval_s: float = 0.002) -> None:
         self.interval_s = interval_s
         self.peak: int | None = None
+        self.peak_anonymous: int | None = None
         self._stop = threading.Event()
 
     @staticmethod
-    def rss() -> int | None:
+    def _pages() -> tuple[int, int] | None:
+        """(resident, of it file-backed or shared) bytes, from /proc/self/statm."""
         try:
             with open("/proc/self/statm") as handle:
-                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
+                fields = handle.read().split()
+            page = os.sysconf("SC_PAGE_SIZE")
+            return int(fields[1]) * page, int(fields[2]) * page
+        except (OSError, ValueError, IndexError):
             return None
+
+    @staticmethod
+    def rss() -> int | None:
+        pages = PeakMemory._pages()
+        return None if pages is None else pages[0]
+
+    @staticmethod
+    def anonymous() -> int | None:
+        pages = PeakMemory._pages()
+        return None if pages is None else pages[0] - pages[1]
+
+    def _update(self) -> tuple[int, int] | None:
+        pages = self._pages()
+        if pages is not None:
+            self.peak = max(self.peak or 0, pages[0])
+            self.peak_anonymous = max(self.peak_anonymous or 0, pages[0] - pages[1])
+        return pages
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            now = self.rss()
-            if now is not None:
-                self.peak = max(self.peak or 0, now)
+            self._update()
 
     def __enter__(self) -> "PeakMemory":
-        self.peak = self.rss()
+        self._update()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -106,16 +129,14 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        now = self.rss()
-        if now is not None and self.peak is not None:
-            self.peak = max(self.peak, now)
+        self._update()
 
-    def take(self) -> int | None:
-        """The peak since the block began or the last take; the next take counts from now."""
-        now = self.rss()
-        peak = None if now is None or self.peak is None else max(self.peak, now)
-        self.peak = now
-        return peak
+    def take(self) -> tuple[int | None, int | None]:
+        """(peak RSS, peak anonymous) since the block began or the last take; the next take counts from now."""
+        pages = self._update()
+        peaks = (self.peak, self.peak_anonymous)
+        self.peak, self.peak_anonymous = (None, None) if pages is None else (pages[0], pages[0] - pages[1])
+        return peaks
 
 
 def evaluate_model(model: nn.Module, task_kind: str, task, with_speed: bool = True) -> dict:

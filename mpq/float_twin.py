@@ -23,9 +23,12 @@ which a lazy twin's blocks do not hold: they make themselves a whole float32 cop
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
+
+from mpq.spill import kept
 
 
 def _narrow_float(tensor: torch.Tensor | None) -> bool:
@@ -33,9 +36,10 @@ def _narrow_float(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32
 
 
-def _float32_copy(tensor: torch.Tensor, as_parameter: bool, requires_grad: bool = False) -> torch.Tensor:
-    """`tensor` upcast to float32, as a Parameter where it stands in for one."""
-    wide = tensor.detach().float()
+def _float32_copy(tensor: torch.Tensor, as_parameter: bool, requires_grad: bool = False,
+                  keep: Callable[[torch.Tensor], torch.Tensor] = lambda wide: wide) -> torch.Tensor:
+    """`tensor` upcast to float32 (and passed through `keep`), as a Parameter where it stands in for one."""
+    wide = keep(tensor.detach().float())
     return nn.Parameter(wide, requires_grad=requires_grad) if as_parameter else wide
 
 
@@ -100,7 +104,8 @@ def float32_twin(model: nn.Module, lazy: bool = True) -> nn.Module:
                 if id(tensor) in shared or not _narrow_float(tensor):
                     continue
                 if id(tensor) not in widened:  # a table tied to a head stays tied
-                    widened[id(tensor)] = _float32_copy(tensor, as_parameter, tensor.requires_grad)
+                    # held for the twin's life: mapped from a file during a compile (mpq.spill)
+                    widened[id(tensor)] = _float32_copy(tensor, as_parameter, tensor.requires_grad, keep=kept)
                 store[name] = widened[id(tensor)]
     for blocks in block_lists(twin):
         for block in blocks:

@@ -36,6 +36,7 @@ from mpq.gptq import gptq_quantize
 from mpq.hot_rows import hot_row_ids, token_counts_for
 from mpq.qlinear import linear_weight
 from mpq.quantize import quantize_weight
+from mpq.spill import kept
 from mpq.trace import LayerInfo, is_embedding
 
 METHODS = ("rtn", "gptq", "awq")
@@ -164,7 +165,7 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
                 else:
                     tensors, _ = awq_quantize_group(weights, fmt, block.stats.absmean[name], block.stats.hessian[name],
                                                     block.judge)
-                out.update({(m, fmt.name): t for m, t in tensors.items()})
+                out.update({(m, fmt.name): kept(t) for m, t in tensors.items()})  # mpq.spill
     return out
 
 

@@ -320,13 +320,20 @@ def _experts_line(s: dict) -> list[str]:
 
 
 def _stage_lines(s: dict) -> list[str]:
-    """Each stage's time and, where the platform reports it, the process's peak resident memory."""
+    """Each stage's time and, where the platform reports it, the process's peak resident memory, all
+    of it and the part no file backs (what must fit in RAM; see mpq.evaluate.PeakMemory)."""
     lines = ["## Time and memory per stage", "", "| | " + " | ".join(s["seconds"]) + " |", "|---" * (len(s["seconds"]) + 1) + "|",
              "| seconds | " + " | ".join(f"{v:.1f}" for v in s["seconds"].values()) + " |"]
-    peaks = (s.get("memory") or {}).get("stages") or {}
-    if any(peaks.get(stage) is not None for stage in s["seconds"]):
-        lines.append("| peak RSS | " + " | ".join("" if peaks.get(stage) is None else format_size(peaks[stage])
-                                                 for stage in s["seconds"]) + " |")
+    memory = s.get("memory") or {}
+    for label, key in (("peak RSS", "stages"), ("peak anonymous", "anonymous_stages")):
+        peaks = memory.get(key) or {}
+        if any(peaks.get(stage) is not None for stage in s["seconds"]):
+            lines.append(f"| {label} | " + " | ".join("" if peaks.get(stage) is None else format_size(peaks[stage])
+                                                     for stage in s["seconds"]) + " |")
+    if memory.get("spilled_bytes"):
+        lines += ["", f"{format_size(memory['spilled_bytes'])} of quantised tensors, reference outputs and float32 "
+                      "copies were held in files under the output folder and mapped back, not held in memory "
+                      "(`--no-spill` keeps them in memory)."]
     return [*lines, ""]
 
 

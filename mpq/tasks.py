@@ -30,6 +30,7 @@ from mpq.cpu_matmul import float32_products
 from mpq.errors import MpqError
 from mpq.hot_rows import count_tokens
 from mpq.models import CAUSAL_LM, SEQ2SEQ_LM, model_device
+from mpq.spill import kept
 
 BATCH = 8
 DEFAULT_CALIB = "mpq corpus, calib split (Python docs + stdlib)"
@@ -160,7 +161,9 @@ class CausalLMTask:
 
     @torch.no_grad()
     def reference(self, model) -> list[torch.Tensor]:
-        return [F.log_softmax(self._logits(model, ids), dim=-1) for ids in self.calib_ids.split(BATCH)]
+        """Log-probabilities of every calibration window, one tensor per batch (each mapped from a
+        file as it is made, while mpq.spill's `spilling` is active: tokens x vocabulary x 4 bytes)."""
+        return [kept(F.log_softmax(self._logits(model, ids), dim=-1)) for ids in self.calib_ids.split(BATCH)]
 
     @torch.no_grad()
     def divergence(self, model, reference: list[torch.Tensor]) -> float:

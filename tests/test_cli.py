@@ -143,8 +143,10 @@ def test_a_device_this_machine_lacks(tmp_path, device, says):
 @pytest.mark.slow
 def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "out"
+    # No latency profile: on a shared machine its timings move the searched and emitted sets from run
+    # to run (test_latency.py and test_demo.py compile with it), and this test compares runs.
     args = ["compile", str(tiny_llama_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
-            "--trials", "80", "--max-configs", "6", "--group-size", "32"]
+            "--trials", "80", "--max-configs", "6", "--group-size", "32", "--no-latency"]
     first = tmp_path / "probe"
     assert main([*args[:1], args[1], "-o", str(first), *args[4:]]) == 0
     smallest = json.loads((first / "summary.json").read_text())["smallest"]
@@ -155,7 +157,9 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     configs = sorted((out / "configs").iterdir())
-    assert len(configs) == len(summary["configs"]) >= 2
+    # a front of several configs was measured; on a random tiny model their held-out losses differ
+    # by less than the noise, and those a smaller config matches within noise are not emitted
+    assert len(configs) == len(summary["configs"]) >= 1 and len(configs) + summary["within_noise"] >= 2
     for row in summary["configs"]:
         assert row["bytes"] <= budget
     # acceptance (--max-quality-drop 0.5): the smallest config that passes is the one recommended
@@ -170,6 +174,12 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     assert list(peaks) == list(summary["seconds"]) and all(peak > 100e6 for peak in peaks.values())  # torch alone
     assert summary["memory"]["peak_rss_bytes"] == max(peaks.values())
     assert f"| peak RSS | {format_size(peaks['load'])} |" in (out / "report.md").read_text()
+    anonymous = summary["memory"]["anonymous_stages"]
+    assert all(0 < anonymous[stage] <= peaks[stage] for stage in peaks)
+    assert summary["memory"]["peak_anonymous_bytes"] == max(anonymous.values())
+    # the tensors the compile kept went to files under OUT, and their folder is gone
+    assert summary["memory"]["spilled_bytes"] > 0 and not list(out.glob(".mpq-spill-*"))
+    assert f"| peak anonymous | {format_size(anonymous['load'])} |" in (out / "report.md").read_text()
     kept = summary["kept_as_stored"]
     assert kept and sum(k["bytes"] for k in kept) == summary["fixed_bytes"]  # a 2-block model has few groups
     assert f"kept as stored in every config (no plan layer holds them): {format_size(summary['fixed_bytes'])}" in (out / "report.md").read_text()
