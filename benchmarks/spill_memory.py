@@ -7,8 +7,11 @@ log-probabilities and float32 head are large beside its blocks, as a real LM's a
 the compile's summary.json: the peak resident memory (RSS) and the peak of its part no file backs
 (anonymous: what must fit in RAM, as the kernel can drop a mapped file's clean pages), the bytes
 spilled, and the seconds. The variants alternate, `--repeats` times each, since the allocator's
-peak moves from run to run. Both must give the same sensitivities and the same configs, to the
-last bit. Prints a table, writes JSON.
+peak moves from run to run. Each run measures its sensitivities afresh (a cache folder of its own),
+but all share the first run's choice of CPU path for quantised layers (mpq.kernels.cpu_thresholds
+times it once per machine; a near tie could go either way from one probe to the next). Both
+variants must give the same sensitivities and the same configs (formats, bytes, calibration
+divergence, held-out perplexities), to the last bit. Prints a table, writes JSON.
 
     python benchmarks/spill_memory.py                                      # 4 blocks, hidden 1024, vocab 32000
     python benchmarks/spill_memory.py --blocks 2 --hidden 128 --vocab 4096 --samples 4 --repeats 1   # a smoke run
@@ -19,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mpq.kernels.cpu_thresholds import FILENAME
 
 ROOT = Path(__file__).resolve().parent
 VARIANTS = {"in memory (--no-spill)": ["--no-spill"], "spilled to files (default)": []}
@@ -49,9 +55,12 @@ def make_model(folder: Path, args: argparse.Namespace) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def compile_once(model: Path, out: Path, flags: list[str], args: argparse.Namespace) -> dict:
-    """One compile in a process of its own, with a cache folder of its own: it measures every
-    sensitivity, none is reused from an earlier run."""
+def compile_once(model: Path, out: Path, flags: list[str], args: argparse.Namespace, tiles: Path | None) -> dict:
+    """One compile in a process of its own, with a cache folder of its own (it measures every
+    sensitivity, none is reused from an earlier run) holding the CPU path choice `tiles`, if given."""
+    if tiles is not None:
+        (out / "cache").mkdir(parents=True)
+        shutil.copy(tiles, out / "cache" / tiles.name)
     command = [sys.executable, "-m", "mpq.cli", "compile", str(model), "-o", str(out), "-q", "--no-latency",
                "--samples", str(args.samples), "--trials", "100", "--refine", "0", "--max-configs", "2", *flags]
     start = time.time()
@@ -64,7 +73,7 @@ def compile_once(model: Path, out: Path, flags: list[str], args: argparse.Namesp
             "spilled_bytes": memory["spilled_bytes"], "seconds": round(time.time() - start, 1),
             "stage_seconds": summary["seconds"], "anonymous_stages": memory["anonymous_stages"],
             "sensitivity": json.loads((out / "sensitivity.json").read_text())["values"],
-            "configs": [[row["bytes"], row["metrics"]] for row in summary["configs"]]}
+            "configs": [[row["counts"], row["bytes"], row["metrics"]] for row in summary["configs"]]}
 
 
 def main() -> None:
@@ -82,7 +91,8 @@ def main() -> None:
         weights = make_model(model, args)
         for repeat in range(args.repeats):
             for i, (label, flags) in enumerate(VARIANTS.items()):
-                runs[label].append(compile_once(model, Path(tmp) / f"out-{repeat}-{i}", flags, args))
+                tiles = None if repeat == i == 0 else Path(tmp) / "out-0-0" / "cache" / FILENAME
+                runs[label].append(compile_once(model, Path(tmp) / f"out-{repeat}-{i}", flags, args, tiles))
     first = runs["in memory (--no-spill)"][0]
     same = all(run["sensitivity"] == first["sensitivity"] and run["configs"] == first["configs"]
                for variant in runs.values() for run in variant)
@@ -101,7 +111,7 @@ def main() -> None:
         print(f"| {label} | {variant[0]['spilled_bytes'] / 1e6:.0f} | {statistics.median(rss):.0f} | "
               f"{statistics.median(anonymous):.0f} ({min(anonymous):.0f}-{max(anonymous):.0f}) | "
               f"{statistics.median(rows[label]['seconds']):.1f} |")
-    print(f"\nsame sensitivities and configs, bit for bit: {'yes' if same else 'NO'}")
+    print(f"\nsame sensitivities and configs (held-out perplexities included), bit for bit: {'yes' if same else 'NO'}")
     from mpq.environment import hardware
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"hardware": hardware(), "blocks": args.blocks, "hidden": args.hidden,

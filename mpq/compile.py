@@ -243,7 +243,7 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     untied = exact_front(costs, sens, budget - memory.fixed_bytes, max_points=1)
     lap("search")
 
-    reference = task.reference(work)
+    reference = task.reference(work, held=True)
 
     def calib_divergence(plan: dict[str, str]) -> float:
         """The whole config's divergence on calibration data, measured as the sensitivities were."""

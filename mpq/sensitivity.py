@@ -128,7 +128,7 @@ def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInf
     """Sensitivity of every (layer, format) of `model`, measured in its float32 twin `work`.
     `replay_blocks=False`: every pass runs every block (what block replay is checked and timed against)."""
     start = time.time()
-    reference = task.reference(work)
+    reference = task.reference(work, held=True)
     replay, blocks_name = _block_replay(work, layers, task, reference) if replay_blocks else (None, "")
     values: dict[str, dict[str, float]] = {}
     jobs = [(layer, fmt) for layer in layers for fmt in formats]

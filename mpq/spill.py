@@ -66,7 +66,10 @@ class TensorSpill:
             return tensor
         finally:
             if path is not None:
-                path.unlink(missing_ok=True)  # the mapping keeps the pages
+                try:
+                    path.unlink(missing_ok=True)  # the mapping keeps the pages
+                except OSError:  # a system that will not unlink a mapped file: the folder goes at the end
+                    pass
         mapped = raw.view(tensor.dtype).view(tensor.shape)
         mapped._mpq_spilled = True  # kept again (a calibrated tensor handed to the weight cache): not rewritten
         self.bytes_kept += tensor.nbytes

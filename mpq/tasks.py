@@ -160,10 +160,13 @@ class CausalLMTask:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     @torch.no_grad()
-    def reference(self, model) -> list[torch.Tensor]:
-        """Log-probabilities of every calibration window, one tensor per batch (each mapped from a
-        file as it is made, while mpq.spill's `spilling` is active: tokens x vocabulary x 4 bytes)."""
-        return [kept(F.log_softmax(self._logits(model, ids), dim=-1)) for ids in self.calib_ids.split(BATCH)]
+    def reference(self, model, held: bool = False) -> list[torch.Tensor]:
+        """Log-probabilities of every calibration window, one tensor per batch. `held`: the caller
+        keeps them for long (the divergences' reference), so each is mapped from a file as it is made
+        while mpq.spill's `spilling` is active (tokens x vocabulary x 4 bytes); a pass whose outputs
+        are compared once or dropped (block replay's) writes nothing."""
+        logprobs = (F.log_softmax(self._logits(model, ids), dim=-1) for ids in self.calib_ids.split(BATCH))
+        return [kept(batch) if held else batch for batch in logprobs]
 
     @torch.no_grad()
     def divergence(self, model, reference: list[torch.Tensor]) -> float:
@@ -298,8 +301,10 @@ class EncoderTask:
     def embeddings(self, model, batches: list[dict]) -> torch.Tensor:
         return torch.cat([self.pooled(model, batch).cpu() for batch in batches])
 
-    def reference(self, model) -> torch.Tensor:
-        return self.embeddings(model, self.calib_batches)
+    def reference(self, model, held: bool = False) -> torch.Tensor:
+        """The calibration sentences' embeddings (`held`: as for the LM tasks; these are small)."""
+        embeddings = self.embeddings(model, self.calib_batches)
+        return kept(embeddings) if held else embeddings
 
     def divergence(self, model, reference: torch.Tensor) -> float:
         """1 - mean cosine between this model's embeddings and the original's, on calibration data."""

@@ -296,3 +296,21 @@ def test_twin_memory_benchmark_smoke(tmp_path):
     # a whole copy holds every weight again in float32; the lazy twin all but its blocks'
     assert rows["whole float32 copy"]["twin_own_bytes"] >= 2 * result["weights_bytes"]
     assert rows["lazy float32 twin"]["twin_own_bytes"] < rows["whole float32 copy"]["twin_own_bytes"]
+
+
+def test_spill_memory_benchmark_smoke(tmp_path):
+    """benchmarks/spill_memory.py on a 2-block model: a compile with its kept tensors in files and one
+    with them in memory, each in a process of its own, measure the same sensitivities and configs;
+    only the first spilled anything."""
+    out = tmp_path / "spill_memory.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spill_memory.py"), "--blocks", "2", "--hidden", "128",
+                           "--vocab", "4096", "--samples", "4", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["same_results"] and set(rows) == {"in memory (--no-spill)", "spilled to files (default)"}
+    # the reference log-probabilities alone: 4 windows x 128 tokens x 4096 x 4 bytes
+    assert rows["spilled to files (default)"]["spilled_bytes"] >= 4 * 128 * 4096 * 4
+    assert rows["in memory (--no-spill)"]["spilled_bytes"] == 0
+    assert all(0 < a <= r for row in rows.values() for a, r in zip(row["peak_anonymous_mb"], row["peak_rss_mb"]))

@@ -94,7 +94,17 @@ def test_sensitivities_measured_with_the_spill_are_the_same_bit_for_bit(tiny_lla
             tables[spilled] = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, FORMATS, task, "k", {},
                                                               cache, False).values
             if spilled:
-                reference = task.reference(work)
+                # written once each: the weight cache, the float32 copies of what lies outside the
+                # blocks (bf16 in the model), and one reference (block replay's passes write nothing)
+                written = active.bytes_kept
+                outside = [t for name, t in [*loaded.model.named_parameters(), *loaded.model.named_buffers()]
+                           if not name.startswith("model.layers.") and t.dtype == torch.bfloat16]
+                reference_bytes = sum(ref.nbytes for ref in task.reference(work))
+                assert written == (sum(t.nbytes for tensors in cache._tensors.values() for t in tensors.values())
+                                   + sum(2 * t.nbytes for t in outside) + reference_bytes)
+                assert not any(_maps_from(ref, active.folder) for ref in task.reference(work))  # a pass's, not held
+                assert active.bytes_kept == written
+                reference = task.reference(work, held=True)
                 assert all(_maps_from(ref, active.folder) for ref in reference)
                 assert _maps_from(work.lm_head.weight, active.folder)  # the twin's float32 head (tied to the table)
                 assert all(_maps_from(t, active.folder) for tensors in cache._tensors.values() for t in tensors.values())
