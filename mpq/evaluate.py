@@ -104,11 +104,6 @@ class PeakMemory:
         pages = PeakMemory._pages()
         return None if pages is None else pages[0]
 
-    @staticmethod
-    def anonymous() -> int | None:
-        pages = PeakMemory._pages()
-        return None if pages is None else pages[0] - pages[1]
-
     def _update(self) -> tuple[int, int] | None:
         pages = self._pages()
         if pages is not None:
