@@ -5,14 +5,15 @@ Beside the model, a compile holds tensors it made itself and reads again and aga
 with INT8 and INT4), the reference log-probabilities of the calibration tokens (tokens x vocabulary
 x 4 bytes: 2 GB at 4,096 tokens of a 128k vocabulary), and the float32 twin's copies of what lies
 outside its blocks (an 8B model's embeddings and head: 4 GB). Held in anonymous memory, they need
-as much RAM again as a 16-bit model.
+about as much RAM again as a 16-bit model.
 
-Inside `spilling(folder)`, `kept(value)` writes each large CPU tensor of `value` to a file there
-and returns the same numbers as a private, copy-on-write mapping of it (torch.from_file). The
-file is unlinked at once: the mapping keeps its pages, and nothing is left behind if the process
-dies. Mapped pages are the page cache's, which the kernel may drop under pressure and read again
-from disk, so the compile needs the model's memory, not the model's and its tensors'. Numbers are
-unchanged, bit for bit. Outside `spilling`, `kept` returns its argument.
+Inside `spilling(parent)`, `kept(value)` writes each large CPU tensor of `value` to a file in a
+folder under `parent` and returns the same numbers as a private, copy-on-write mapping of it
+(torch.from_file). The file is unlinked at once: the mapping keeps its pages, and nothing is left
+behind if the process dies. Mapped pages are the page cache's, which the kernel may drop under
+pressure and read again from disk, so they need not fit in RAM beside the model and the passes'
+working memory (benchmarks/spill_memory.py). Numbers are unchanged, bit for bit. Outside
+`spilling`, `kept` returns its argument.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def kept(value: T) -> T:
 
 
 def spilled_bytes() -> int:
-    """Bytes mapped from files by the active spill (0 outside `spilling`)."""
+    """Bytes the active spill has written to files and mapped back so far, freed ones included (0
+    outside `spilling`)."""
     return 0 if _active is None else _active.bytes_kept
 
