@@ -9,7 +9,8 @@ to gather its layers' statistics, handed to the caller (which quantises its laye
 candidates on the block's output), and its outputs become the next block's inputs. Memory is one
 float32 block plus one block's activations over the calibration rows, whatever the depth: the path
 to models that do not fit in memory twice. Layers outside the blocks (lm_head, a pooler) come last,
-from the skeleton fed the last block's outputs.
+from the skeleton fed the last block's outputs. A model whose layers sit in more than one list (an
+encoder-decoder) is fed whole instead, in as many passes as keep its statistics under a bound.
 
 Every block sees the unquantised model's activations ("true sequential" off): the formats are
 chosen later, by the search, so every format of every layer is computed from the same inputs.
@@ -31,6 +32,13 @@ from mpq.formats import FormatSpec
 from mpq.quantize import dequantize_weight
 from mpq.models import model_device
 from mpq.trace import LayerInfo
+
+
+# The statistics of a model fed whole are gathered in passes of at most this many bytes: an
+# encoder-decoder as big as T5-large holds about 4 GB of them (a [K, K] float32 matrix per input;
+# K = 4096 for each block's feed-forward output), more than its bf16 weights. A pass costs one
+# forward over the calibration data.
+STATS_PASS_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -146,12 +154,35 @@ def _block_judge(block: nn.Module, prefix: str, calls: list[tuple[tuple, dict]],
     return judge
 
 
+def stats_passes(names: list[str], represent: dict[str, str], in_features: dict[str, int],
+                 stats_bytes: int) -> list[list[str]]:
+    """`names` split, in order, into passes whose statistics (one [K, K] and one [K] float32 tensor
+    per distinct input) take at most `stats_bytes` each; a group stays in one pass, and a statistic
+    bigger than the bound has a pass of its own."""
+    units: dict[str, list[str]] = {}  # the first layer of each distinct input -> the layers reading it
+    for name in names:
+        units.setdefault(represent.get(name, name), []).append(name)
+    passes: list[list[str]] = []
+    used = 0
+    for owner, members in units.items():
+        size = (in_features[owner] ** 2 + in_features[owner]) * 4
+        if not passes or used + size > stats_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].extend(members)
+        used += size
+    return passes
+
+
 @torch.no_grad()
 def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[list[str]], task,
-                        device: torch.device | str | None = None) -> Iterator[BlockCalibration]:
+                        device: torch.device | str | None = None,
+                        stats_bytes: int | None = None) -> Iterator[BlockCalibration]:
     """Yield each block's calibration in order, then that of the layers outside the blocks. A block's
     float32 copy lives only until the caller asks for the next one. Embedding tables are left out:
-    their input is token ids, not activations to gather statistics of."""
+    their input is token ids, not activations to gather statistics of. A model with no one list of
+    blocks (an encoder-decoder) is fed whole, once per `stats_passes` of its layers: its statistics
+    are held a pass at a time, at most `stats_bytes` (STATS_PASS_BYTES), for one more forward pass each."""
     device = torch.device(device) if device is not None else model_device(model)
     names = [layer.name for layer in layers if not layer.is_embedding]
     represent = {name: group[0] for group in groups for name in group}
@@ -159,13 +190,17 @@ def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[
     blocks_name = find_blocks(model, names)
     if blocks_name is not None and another_stack(model, names, blocks_name):
         blocks_name = None  # an encoder-decoder's decoder blocks are fed by its encoder's: no one list replays alone
-    if blocks_name is None:  # no repeated blocks: the whole model is the one "block", judged per layer
+    if blocks_name is None:  # no one list of blocks: the whole model is fed, its layers judged one by one
         # on the model's device, a twin whose blocks upcast while they run (no second copy of them)
         work = float32_twin(model) if device == model_device(model) else copy.deepcopy(model).float().to(device)
-        recorder = StatsRecorder({name: work.get_submodule(name) for name in names}, represent)
-        for batch in batches:
-            work(**batch)
-        yield BlockCalibration("model", names, recorder.finish(), None)
+        inputs = {layer.name: layer.in_features for layer in layers}
+        passes = stats_passes(names, represent, inputs, STATS_PASS_BYTES if stats_bytes is None else stats_bytes)
+        for index, members in enumerate(passes):
+            recorder = StatsRecorder({name: work.get_submodule(name) for name in members}, represent)
+            for batch in batches:
+                work(**batch)
+            name = "model" if len(passes) == 1 else f"model, pass {index + 1} of {len(passes)}"
+            yield BlockCalibration(name, members, recorder.finish(), None)
         return
 
     skeleton, stand_ins = _skeleton(model, blocks_name)

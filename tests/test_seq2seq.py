@@ -171,3 +171,35 @@ def test_a_bart_compiles_with_gptq(bart_dir, tmp_path):
     assert resident_bytes(model) == manifest["card"]["bytes"]["predicted"]
     evaluation = evaluate_config(folder, with_speed=True)
     assert evaluation["quality"]["ppl"] > 1 and evaluation["speed"]["decode_tokens_per_s"] > 0
+
+
+def test_an_encoder_decoders_statistics_are_gathered_in_passes_under_a_bound(monkeypatch):
+    """Fed whole (no one list of blocks), demo-t5's layers are split into passes whose statistics
+    stay under the bound, with each shared-input group in one pass; every statistic, and so every
+    GPTQ tensor, is what one pass over all the layers gives."""
+    from mpq import blockwise
+    from mpq.methods import calibrated_tensors
+
+    loaded = load_model("demo-t5")
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32,
+                     decoder_start=decoder_start_of(loaded.model))
+    graph = trace_model(loaded.model, task.model_inputs(task.calib_ids[:1]))
+    groups = graph.shared_input_groups()
+    inputs = {layer.name: layer.in_features for layer in graph.layers}
+    (whole,) = list(blockwise.calibrate_blockwise(loaded.model, graph.layers, groups, task))
+    bound = 3 * max((k * k + k) * 4 for k in inputs.values())
+    passes = list(blockwise.calibrate_blockwise(loaded.model, graph.layers, groups, task, stats_bytes=bound))
+    assert len(passes) >= 4 and passes[1].name == f"model, pass 2 of {len(passes)}"
+    assert sorted(n for p in passes for n in p.layers) == sorted(whole.layers)
+    for calibration in passes:
+        distinct = {id(h): calibration.stats.hessian[n].shape[0] for n, h in calibration.stats.hessian.items()}
+        assert sum((k * k + k) * 4 for k in distinct.values()) <= bound
+        assert all(set(g) <= set(calibration.layers) for g in groups if g[0] in calibration.layers)
+        assert all(torch.equal(calibration.stats.hessian[n], whole.stats.hessian[n]) for n in calibration.layers)
+        assert all(torch.equal(calibration.stats.absmean[n], whole.stats.absmean[n]) for n in calibration.layers)
+    fmt = mpq.get_format("int4-g32")
+    one = calibrated_tensors("gptq", loaded.model, graph.layers, groups, [fmt], task)
+    monkeypatch.setattr(blockwise, "STATS_PASS_BYTES", bound)
+    split = calibrated_tensors("gptq", loaded.model, graph.layers, groups, [fmt], task)
+    assert one.keys() == split.keys() and len(one) == len(whole.layers)
+    assert all(torch.equal(one[key][t], split[key][t]) for key in one for t in one[key])
