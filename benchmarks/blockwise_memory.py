@@ -44,22 +44,23 @@ def run_variant(variant: str, blocks: int, hidden: int, samples: int) -> dict:
     graph = trace_model(model, {"input_ids": task.calib_ids[:1, :16], "use_cache": False})
     groups = graph.shared_input_groups()
     formats = parse_formats("fp16,int8,int4")
+    linears = [layer for layer in graph.layers if not layer.is_embedding]  # GPTQ has no statistics of a lookup
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     start_rss = PeakMemory.rss()
     start = time.time()
     with torch.no_grad(), PeakMemory() as memory:
         if variant == "blockwise":
-            calibrated_tensors("gptq", model, graph.layers, groups, formats, task)
+            tensors = calibrated_tensors("gptq", model, graph.layers, groups, formats, task)
         else:  # the whole model in float32, every layer hooked, one pass; then the same GPTQ per layer
-            twin = measurement_model(model)
+            twin = measurement_model(model, lazy=False)
             represent = {name: group[0] for group in groups for name in group}
-            recorder = StatsRecorder({layer.name: twin.get_submodule(layer.name) for layer in graph.layers}, represent)
+            recorder = StatsRecorder({layer.name: twin.get_submodule(layer.name) for layer in linears}, represent)
             for batch in task.calibration_inputs():
                 twin(**batch)
             stats = recorder.finish()
             tensors = {(layer.name, fmt.name): gptq_quantize(model.get_submodule(layer.name).weight, fmt, stats.hessian[layer.name])
-                       for layer in graph.layers for fmt in formats if fmt.quantized}
-            assert len(tensors) == 2 * len(graph.layers)
+                       for layer in linears for fmt in formats if fmt.quantized}
+        assert len(tensors) == 2 * len(linears), "every linear layer's int8 and int4 tensors"
     return {"variant": variant, "blocks": blocks, "hidden": hidden, "weights_bytes": weights,
             "peak_above_loaded_bytes": memory.peak - start_rss, "seconds": round(time.time() - start, 1)}
 

@@ -1,5 +1,5 @@
 """Memory of GPTQ's calibration of an encoder-decoder: its statistics gathered in one pass over the
-whole model (what mpq did before) against passes that each hold at most mpq.blockwise's bound
+whole model (what mpq did before) against passes over shares of its layers that each hold at most mpq.blockwise's bound
 (STATS_PASS_BYTES), both ending with every layer's INT8 and INT4 tensors. Each variant runs in a
 process of its own on a randomly initialised T5 in bf16 (no download; the demo-t5 tokenizer), and
 the table gives the peak RSS above the RSS with the model loaded. Prints a table and writes JSON.

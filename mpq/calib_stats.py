@@ -56,8 +56,9 @@ class StatsRecorder:
         """Removes the hooks; the statistics of every layer (a group's members share one tensor)."""
         for handle in self.handles:
             handle.remove()
-        hessian = {o: (self.sums[o] / self.counts[o]).cpu() for o in self.sums}
-        absmean = {o: (self.absums[o] / self.counts[o]).cpu() for o in self.sums}
+        # divided in place: a copy would hold every [K, K] sum twice at the peak
+        hessian = {o: self.sums[o].div_(self.counts[o]).cpu() for o in self.sums}
+        absmean = {o: self.absums[o].div_(self.counts[o]).cpu() for o in self.sums}
         missing = sorted(name for name, o in self.owner.items() if o not in hessian)
         unreached = [name for name in missing if name not in self.may_miss]
         if unreached:

@@ -314,3 +314,28 @@ def test_spill_memory_benchmark_smoke(tmp_path):
     assert rows["spilled to files (default)"]["spilled_bytes"] >= 4 * 128 * 4096 * 4
     assert rows["in memory (--no-spill)"]["spilled_bytes"] == 0
     assert all(0 < a <= r for row in rows.values() for a, r in zip(row["peak_anonymous_mb"], row["peak_rss_mb"]))
+
+
+def test_seq2seq_calibration_memory_benchmark_smoke(tmp_path):
+    """benchmarks/seq2seq_calibration_memory.py on a tiny T5: one pass and passes under a 1 MiB bound
+    both end with every layer's tensors (the child asserts it); the bound splits the statistics."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seq2seq_calibration_memory.py"), "--layers", "2",
+                           "--d-model", "128", "--samples", "4", "--bound-mb", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    one, bounded = json.loads((tmp_path / "seq2seq_calibration_memory.json").read_text())
+    assert one["passes"] == 1 and bounded["passes"] > 1
+    assert one["statistics_bytes"] == bounded["statistics_bytes"] > bounded["bound_bytes"] == 2**20
+    assert all(row["peak_above_loaded_bytes"] > 0 for row in (one, bounded))
+
+
+def test_blockwise_memory_benchmark_smoke(tmp_path):
+    """benchmarks/blockwise_memory.py on a 2-block model whose hidden size (256) is not the window
+    length (128): the whole-model variant hooks only the linear layers (a lookup's input is token
+    ids), and both end with every linear layer's tensors (the child asserts it)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "blockwise_memory.py"), "--blocks", "2", "--hidden", "256",
+                           "--samples", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "blockwise_memory.json").read_text())
+    assert [row["variant"] for row in rows] == ["whole-model float32 twin", "blockwise"]
+    assert all(row["peak_above_loaded_bytes"] > 0 for row in rows)

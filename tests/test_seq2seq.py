@@ -176,7 +176,7 @@ def test_a_bart_compiles_with_gptq(bart_dir, tmp_path):
 def test_an_encoder_decoders_statistics_are_gathered_in_passes_under_a_bound(monkeypatch):
     """Fed whole (no one list of blocks), demo-t5's layers are split into passes whose statistics
     stay under the bound, with each shared-input group in one pass; every statistic, and so every
-    GPTQ tensor, is what one pass over all the layers gives."""
+    GPTQ and AWQ tensor, is what one pass over all the layers gives."""
     from mpq import blockwise
     from mpq.methods import calibrated_tensors
 
@@ -198,8 +198,10 @@ def test_an_encoder_decoders_statistics_are_gathered_in_passes_under_a_bound(mon
         assert all(torch.equal(calibration.stats.hessian[n], whole.stats.hessian[n]) for n in calibration.layers)
         assert all(torch.equal(calibration.stats.absmean[n], whole.stats.absmean[n]) for n in calibration.layers)
     fmt = mpq.get_format("int4-g32")
-    one = calibrated_tensors("gptq", loaded.model, graph.layers, groups, [fmt], task)
-    monkeypatch.setattr(blockwise, "STATS_PASS_BYTES", bound)
-    split = calibrated_tensors("gptq", loaded.model, graph.layers, groups, [fmt], task)
-    assert one.keys() == split.keys() and len(one) == len(whole.layers)
-    assert all(torch.equal(one[key][t], split[key][t]) for key in one for t in one[key])
+    for method in ("gptq", "awq"):
+        monkeypatch.setattr(blockwise, "STATS_PASS_BYTES", 2**40)
+        one = calibrated_tensors(method, loaded.model, graph.layers, groups, [fmt], task)
+        monkeypatch.setattr(blockwise, "STATS_PASS_BYTES", bound)
+        split = calibrated_tensors(method, loaded.model, graph.layers, groups, [fmt], task)
+        assert one.keys() == split.keys() and len(one) == len(whole.layers)
+        assert all(torch.equal(one[key][t], split[key][t]) for key in one for t in one[key])
