@@ -339,3 +339,27 @@ def test_blockwise_memory_benchmark_smoke(tmp_path):
     rows = json.loads((tmp_path / "blockwise_memory.json").read_text())
     assert [row["variant"] for row in rows] == ["whole-model float32 twin", "blockwise"]
     assert all(row["peak_above_loaded_bytes"] > 0 for row in rows)
+
+
+def test_sensitivity_replay_benchmark_smoke(tmp_path):
+    """benchmarks/sensitivity_replay.py on the demo with 4 samples: the tables with and without
+    block replay are identical (what the benchmark checks; timings are not asserted)."""
+    out = tmp_path / "sensitivity_replay.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sensitivity_replay.py"), "--models", "demo",
+                           "--samples", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "demo" and row["identical"] and row["layers"] > 40
+
+
+def test_search_scale_benchmark_smoke(tmp_path):
+    """benchmarks/search_scale.py on the Qwen1.5-MoE shape, 10 trials, grouped variables: thousands
+    of layers, one variable per mixture projection, and the exact optimum on the front."""
+    out = tmp_path / "search_scale.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_scale.py"), "--shapes", "qwen1.5-moe",
+                           "--trials", "10", "--variants", "grouped", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["layers"] > 1000 and row["variables"] < row["layers"] / 10
+    assert row["least_predicted"] == row["exact_best"] and row["front"] > 1
