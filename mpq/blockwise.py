@@ -30,7 +30,7 @@ from mpq.calib_stats import InputStats, StatsRecorder
 from mpq.float_twin import float32_twin
 from mpq.formats import FormatSpec
 from mpq.quantize import dequantize_weight
-from mpq.models import model_device
+from mpq.models import model_device, to_device
 from mpq.trace import LayerInfo
 
 
@@ -124,10 +124,6 @@ def _skeleton(model: nn.Module, blocks_name: str) -> tuple[nn.Module, list[_Stan
     return skeleton, [copied[i] for i in range(len(copied))]
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Put an [out, in] float weight into an nn.Linear (or a transformers Conv1D, stored [in, out])."""
     module.weight.data = weight.t().contiguous() if type(module).__name__ == "Conv1D" else weight
@@ -186,7 +182,7 @@ def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[
     device = torch.device(device) if device is not None else model_device(model)
     names = [layer.name for layer in layers if not layer.is_embedding]
     represent = {name: group[0] for group in groups for name in group}
-    batches = [_to_device(batch, device) for batch in task.calibration_inputs()]
+    batches = [to_device(batch, device) for batch in task.calibration_inputs()]
     blocks_name = find_blocks(model, names)
     if blocks_name is not None and another_stack(model, names, blocks_name):
         blocks_name = None  # an encoder-decoder's decoder blocks are fed by its encoder's: no one list replays alone

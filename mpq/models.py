@@ -74,6 +74,11 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch of model keyword arguments with its tensors on `device`."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def task_of(config) -> str:
     if getattr(config, "is_encoder_decoder", False):  # T5, BART: AutoModel would load them without their head
         return SEQ2SEQ_LM

@@ -11,13 +11,17 @@ average.
 A model whose later blocks read something other than their inputs from earlier ones (a KV cache
 shared across layers, say) would be measured wrongly, so `check` first compares a replayed pass
 with a full one, and replay is off where they differ.
+
+A record pass needs nothing after the block it records: given a `record` pass (`record_pass`),
+each batch stops there (the record hook raises `StopPass`), so the later blocks, the head and
+the log-probabilities of every calibration token are not computed for nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,23 +34,48 @@ def _cloned(out):
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
 
 
+class StopPass(Exception):
+    """Raised by a record hook once its block has returned: the rest of the forward is not needed."""
+
+
+def record_pass(run_batch: Callable[[Any], object], batches: list) -> Callable[[], None]:
+    """A pass for BlockReplay's `record`: `run_batch` on each of `batches` (in `run_pass`'s order,
+    computing what it computes up to the blocks), each stopped once the recorded block returned."""
+    def run() -> None:
+        for batch in batches:
+            try:
+                run_batch(batch)
+            except StopPass:
+                pass
+    return run
+
+
 class BlockReplay:
     """Replays the first blocks of `blocks` (an nn.ModuleList of `work`) during passes of
-    `run_pass` (one forward over the calibration batches, always in the same order)."""
+    `run_pass` (one forward over the calibration batches, always in the same order). `record`: a
+    `record_pass` over the same batches, which records stop early in; else records run `run_pass`."""
 
-    def __init__(self, blocks: nn.ModuleList, run_pass: Callable[[], object]) -> None:
+    def __init__(self, blocks: nn.ModuleList, run_pass: Callable[[], object],
+                 record: Callable[[], None] | None = None) -> None:
         self.blocks = blocks
         self.run_pass = run_pass
+        self.record = record
         self.recorded_for = 0  # the replay's depth the records serve (0: none held)
         self.records: list = []  # what block recorded_for - 1 returned, one per batch
 
     def _record(self, depth: int) -> None:
         """Run one pass (replayed as deep as the records held allow) and keep block depth-1's outputs."""
         records: list = []
-        hook = self.blocks[depth - 1].register_forward_hook(lambda module, args, out: records.append(_cloned(out)))
+
+        def keep(module, args, out) -> None:
+            records.append(_cloned(out))
+            if self.record is not None:
+                raise StopPass
+
+        hook = self.blocks[depth - 1].register_forward_hook(keep)
         try:
-            with self.skipping(self.recorded_for if self.recorded_for < depth else 0):
-                self.run_pass()
+            with torch.no_grad(), self.skipping(self.recorded_for if self.recorded_for < depth else 0):
+                (self.run_pass if self.record is None else self.record)()
         finally:
             hook.remove()
         self.records, self.recorded_for = records, depth

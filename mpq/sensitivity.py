@@ -40,9 +40,11 @@ from tqdm import tqdm
 from mpq.apply import QuantizedWeightCache, applied, get_module
 from mpq.float_twin import float32_twin, upcasts_while_running
 from mpq.formats import FormatSpec
+from mpq.models import model_device, to_device
 from mpq.qlinear import linear_weight
 from mpq.quantize import sixteen_bit_dtype
-from mpq.replay import BlockReplay, block_of, check
+from mpq.replay import BlockReplay, block_of, check, record_pass
+from mpq.tasks import quality_forward
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,9 @@ def _block_replay(work: nn.Module, layers: list[LayerInfo], task, reference) -> 
     blocks_name = find_blocks(work, [layer.name for layer in layers])
     if blocks_name is None:
         return None, ""
-    replay = BlockReplay(work.get_submodule(blocks_name), lambda: task.reference(work))
+    device = model_device(work)
+    record = record_pass(lambda batch: quality_forward(work, **to_device(batch, device)), task.calibration_inputs())
+    replay = BlockReplay(work.get_submodule(blocks_name), lambda: task.reference(work), record)
     return (replay, blocks_name) if check(replay, reference) else (None, "")
 
 

@@ -7,7 +7,7 @@ import mpq.sensitivity as sensitivity
 from mpq.apply import QuantizedWeightCache
 from mpq.formats import get_format
 from mpq.models import load_model
-from mpq.replay import BlockReplay, block_of, check
+from mpq.replay import BlockReplay, block_of, check, record_pass
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import trace_model
 
@@ -73,6 +73,30 @@ def test_a_replayed_pass_equals_the_full_one_at_every_depth_and_skips_the_blocks
     assert "forward" not in vars(model.layers[0])  # the class's forward is back
 
 
+def test_a_record_pass_stops_each_batch_at_the_block_it_records():
+    """With a `record` pass, recording block d-1 runs no block after it (nor anything after the
+    blocks); the replayed passes still equal full ones, and a side channel is still caught."""
+    torch.manual_seed(0)
+    model = Stack()
+    batches = [torch.randn(3, 8) for _ in range(4)]
+    run = passes(model, batches)
+    full = run()
+    replay = BlockReplay(model.layers, run, record_pass(model, batches))
+    assert check(replay, full)
+    for depth in (2, 4, 1):
+        model.log.clear()
+        with replay.skipping(depth):
+            recorded = list(model.log)
+            got = run()
+        assert all(torch.equal(a, b) for a, b in zip(got, full))
+        # made from the records of the depth before where those lie below (4 after 2), else from a full start
+        first = 2 if depth == 4 else 0
+        assert recorded == [block for _ in batches for block in model.layers[first:depth]]
+    side = Stack(side=True)
+    run = passes(side, batches[:1])
+    assert not check(BlockReplay(side.layers, run, record_pass(side, batches[:1])), run())
+
+
 def test_replay_is_off_where_blocks_read_more_than_their_inputs():
     torch.manual_seed(0)
     model = Stack(side=True)
@@ -103,5 +127,6 @@ def test_sensitivity_with_replay_is_bit_identical_to_full_passes(tiny_llama_dir)
                                            replay_blocks=False)
     assert replayed.values == full.values
     assert sum(v > 0 for per in full.values.values() for v in per.values()) >= 25  # of 30 (a tiny KL can round to 0)
-    # block 0 did not run for the 14 passes of block 1's layers; checking and recording took 3 runs
-    assert len(runs) - block_runs == 14 - 3
+    # block 0 did not run for the 14 passes of block 1's layers; recording ran it once, stopping
+    # after it (block 1 ran too before record passes stopped), and the check's replayed pass block 1 once
+    assert len(runs) - block_runs == 14 - 2
