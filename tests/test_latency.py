@@ -188,10 +188,16 @@ def test_cached_entries_timed_on_a_busy_machine_are_timed_again(tiny_profile):
     path.write_text(json.dumps(cached))
     again = profile(loaded.model, loaded.task, graph.layers, formats, regime, groups, budget_s=0.01)
     assert not again.reused and "so every layer was timed again" in again.notes[0]
-    layer = graph.layers[1].name
-    assert again.layer_seconds[layer]["int8"] < 10 * first.layer_seconds[layer]["int8"]
+    # Fresh timings, not the 100x ones: medians, since on CI's 2 loaded cores one microsecond-scale
+    # entry timed again can come out more than 10x its first timing.
+    layers = [name for name in first.layer_seconds if first.layer_seconds[name].get("int8")]
+    by_layer = sorted(again.layer_seconds[n]["int8"] / first.layer_seconds[n]["int8"] for n in layers)
+    assert by_layer[len(by_layer) // 2] < 10
     rewritten = json.loads(path.read_text())["entries"]
-    assert all(rewritten[key] < 10 * value / 100 for key, value in cached["entries"].items())
+    assert rewritten.keys() == cached["entries"].keys()
+    assert all(rewritten[key] != value for key, value in cached["entries"].items())  # every entry timed again
+    by_entry = sorted(rewritten[key] / (value / 100) for key, value in cached["entries"].items())
+    assert by_entry[len(by_entry) // 2] < 10
 
 
 def test_a_profile_whose_layers_outlast_the_step_is_never_reused(tiny_profile, tmp_path, monkeypatch):
