@@ -58,7 +58,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         tensors = calibrated_tensors("gptq", model, graph.layers, groups, formats, task)
     assert len(tensors) == 2 * len(names), "every layer's int8 and int4 tensors"
     return {"variant": variant, "layers": args.layers, "d_model": args.d_model, "weights_bytes": weights,
-            "statistics_bytes": sum((in_features[o] ** 2 + in_features[o]) * 4 for o in owners), "bound_bytes": bound,
+            "statistics_bytes": sum(blockwise.statistic_bytes(in_features[o]) for o in owners), "bound_bytes": bound,
             "passes": len(passes), "peak_above_loaded_bytes": memory.peak - start_rss,
             "seconds": round(time.time() - start, 1)}
 

@@ -150,6 +150,11 @@ def _block_judge(block: nn.Module, prefix: str, calls: list[tuple[tuple, dict]],
     return judge
 
 
+def statistic_bytes(in_features: int) -> int:
+    """Bytes of one distinct input's statistics: its [K, K] second moment and [K] mean magnitude, float32."""
+    return (in_features ** 2 + in_features) * 4
+
+
 def stats_passes(names: list[str], represent: dict[str, str], in_features: dict[str, int],
                  stats_bytes: int) -> list[list[str]]:
     """`names` split, in order, into passes whose statistics (one [K, K] and one [K] float32 tensor
@@ -161,7 +166,7 @@ def stats_passes(names: list[str], represent: dict[str, str], in_features: dict[
     passes: list[list[str]] = []
     used = 0
     for owner, members in units.items():
-        size = (in_features[owner] ** 2 + in_features[owner]) * 4
+        size = statistic_bytes(in_features[owner])
         if not passes or used + size > stats_bytes:
             passes.append([])
             used = 0
