@@ -1,16 +1,24 @@
 """Calibration block by block: each transformer block is upcast, fed and measured alone.
 
-GPTQ and AWQ need each layer's calibration inputs. Rather than a float32 twin of the whole model,
-the model's repeated blocks (the nn.ModuleList holding most of the quantisable layers: Llama's
-decoder layers, BERT's encoder layers) are taken one at a time. The inputs of block 0 are caught
-once in a float32 "skeleton": a copy of the model with its blocks replaced by stand-ins
-(embeddings, final norm and head only). Then each block is copied to float32, run on those inputs
-to gather its layers' statistics, handed to the caller (which quantises its layers, and may judge
-candidates on the block's output), and its outputs become the next block's inputs. Memory is one
-float32 block plus one block's activations over the calibration rows, whatever the depth: the path
-to models that do not fit in memory twice. Layers outside the blocks (lm_head, a pooler) come last,
-from the skeleton fed the last block's outputs. A model whose layers sit in more than one list (an
-encoder-decoder) is fed whole instead, in as many passes as keep its statistics under a bound.
+GPTQ and AWQ need each layer's calibration inputs. Rather than a float32 twin of the whole model
+holding every layer's statistics at once, the model's blocks (the entries of its top-level
+nn.ModuleLists: Llama's decoder layers, BERT's encoder layers, a T5's encoder blocks and then its
+decoder blocks) are walked one at a time, in the order the model runs them. For block i, the
+model's lazy float32 twin (mpq.float_twin) runs each calibration batch with the blocks before it
+replayed (each returns what the block before i returned: mpq.replay.returning), a float32 copy of
+block i in its place, and stops once block i returned. So block i is called exactly as the model's
+own loop calls it (its own attention mask where layers alternate sliding and global attention, a
+T5's position bias from block 0, a decoder's encoder output), and each block runs once per batch.
+The caller gets its layers' statistics and a judge of candidate weights on the block's output
+(which it may use to quantise), and its outputs become what the next block is fed. Memory is one
+float32 block, its statistics and two blocks' activations over the calibration rows, whatever the
+depth. Layers outside the blocks (lm_head, a pooler) come last, with every block replayed.
+
+A model whose later blocks read something other than what the earlier ones return (a KV cache
+shared across layers, say) would be walked wrongly: the first output row of every block, taken in
+one whole pass of the first batch, must come out of the walk too. From the first block where it
+does not, the layers are fed the whole model instead, in passes that keep their statistics under a
+bound, and judged one by one.
 
 Every block sees the unquantised model's activations ("true sequential" off): the formats are
 chosen later, by the search, so every format of every layer is computed from the same inputs.
@@ -19,6 +27,8 @@ chosen later, by the search, so every format of every layer is computed from the
 from __future__ import annotations
 
 import copy
+import logging
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,18 +37,23 @@ from torch import nn
 
 from mpq.awq import Judge
 from mpq.calib_stats import InputStats, StatsRecorder
-from mpq.float_twin import float32_twin
+from mpq.float_twin import float32_twin, named_block_lists
 from mpq.formats import FormatSpec
 from mpq.quantize import dequantize_weight
 from mpq.models import model_device, to_device
+from mpq.replay import StopPass, returning
 from mpq.trace import LayerInfo
 
+log = logging.getLogger(__name__)
 
-# The statistics of a model fed whole are gathered in passes of at most this many bytes: an
-# encoder-decoder as big as T5-large holds about 4 GB of them (a [K, K] float32 matrix per input;
-# K = 4096 for each block's feed-forward output), more than its bf16 weights. A pass costs one
-# forward over the calibration data.
+# Layers fed the whole model (no walk reaches them) have their statistics gathered in passes of at
+# most this many bytes: all of a T5-large's would take about 4 GB (a [K, K] float32 matrix per
+# input; K = 4096 for each block's feed-forward output), more than its bf16 weights. A pass costs
+# one forward over the calibration data.
 STATS_PASS_BYTES = 512 * 2**20
+# How far (relative) a walked block's first output row may lie from the whole pass's: rounding
+# where kernels are not deterministic; a block fed wrong inputs is off by far more.
+WALK_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -62,66 +77,8 @@ def find_blocks(model: nn.Module, layer_names: list[str]) -> str | None:
     return best
 
 
-def another_stack(model: nn.Module, layer_names: list[str], blocks_name: str) -> bool:
-    """Whether layers outside `blocks_name` sit in blocks of another list (a seq2seq model's encoder
-    beside its decoder)."""
-    lists = [name for name, module in model.named_modules()
-             if isinstance(module, nn.ModuleList) and len(module) > 1 and name != blocks_name]
-    return any(layer.startswith(f"{name}.") for name in lists for layer in layer_names
-               if not layer.startswith(f"{blocks_name}."))
-
-
-class _Caught(Exception):
-    """Raised by block 0's stand-in once it holds its inputs: the rest of the forward is not needed."""
-
-
-class _StandIn(nn.Module):
-    """A block's place in the skeleton: block 0's catches its inputs (then raises) or returns the
-    last block's outputs; the others pass the hidden states on."""
-
-    def __init__(self, first: bool) -> None:
-        super().__init__()
-        self.first = first
-        self.caught: list[tuple[tuple, dict]] = []
-        self.replay: list[torch.Tensor] | None = None
-        self.as_tuple = False  # whether the real blocks return (hidden, ...) rather than hidden
-
-    def forward(self, *args, **kwargs):
-        if self.first and self.replay is None:
-            self.caught.append((args, kwargs))
-            raise _Caught
-        hidden = self.replay.pop(0) if self.first else _hidden_of(args, kwargs)
-        return (hidden,) if self.as_tuple else hidden
-
-
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
 def _output_of(out) -> tuple[torch.Tensor, bool]:
     return (out[0], True) if isinstance(out, (tuple, list)) else (out, False)
-
-
-def _skeleton(model: nn.Module, blocks_name: str) -> tuple[nn.Module, list[_StandIn]]:
-    """A float32 copy of `model` with stand-ins for its blocks (the original is left as it was)."""
-    blocks = model.get_submodule(blocks_name)
-    originals = list(blocks)
-    stand_ins = [_StandIn(i == 0) for i in range(len(originals))]
-    try:
-        for i, stand_in in enumerate(stand_ins):
-            blocks[i] = stand_in
-        skeleton = copy.deepcopy(model).float()
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-    copied = skeleton.get_submodule(blocks_name)
-    return skeleton, [copied[i] for i in range(len(copied))]
 
 
 def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -175,67 +132,157 @@ def stats_passes(names: list[str], represent: dict[str, str], in_features: dict[
     return passes
 
 
+def _first_row(out) -> torch.Tensor:
+    """The first row of a block's output hidden states, kept to check a walked block against."""
+    return _output_of(out)[0][:1].detach().clone()
+
+
+def _probe(work: nn.Module, lists: list[tuple[str, nn.ModuleList]], batch: dict) -> tuple[list[int], dict]:
+    """One whole pass of `batch`: the order in which `lists` first run, and the first output row
+    of each of their blocks ((list, block) -> tensor)."""
+    order: list[int] = []
+    rows: dict[tuple[int, int], torch.Tensor] = {}
+    hooks = []
+    for which, (_, blocks) in enumerate(lists):
+        for index, block in enumerate(blocks):
+            def keep(module, args, out, key=(which, index)) -> None:
+                if key[0] not in order:
+                    order.append(key[0])
+                rows.setdefault(key, _first_row(out))
+            hooks.append(block.register_forward_hook(keep))
+    try:
+        work(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order, rows
+
+
+def _same_row(walked: torch.Tensor, whole: torch.Tensor) -> bool:
+    """Whether a walked block's first output row is the whole pass's (up to rounding: bit for bit
+    on the CPU, where the same float32 arithmetic runs)."""
+    if walked.shape != whole.shape:
+        return False
+    return float((walked.float() - whole.float()).norm()) <= WALK_TOLERANCE * float(whole.float().norm())
+
+
+def _whole_passes(work: nn.Module, names: list[str], represent: dict[str, str], in_features: dict[str, int],
+                  batches: list[dict], stats_bytes: int) -> Iterator[BlockCalibration]:
+    """`names` fed the whole model, once per `stats_passes` of them; judged one by one (no judge)."""
+    passes = stats_passes(names, represent, in_features, stats_bytes)
+    for index, members in enumerate(passes):
+        recorder = StatsRecorder({name: work.get_submodule(name) for name in members}, represent)
+        for batch in batches:
+            work(**batch)
+        name = "model" if len(passes) == 1 else f"model, pass {index + 1} of {len(passes)}"
+        yield BlockCalibration(name, members, recorder.finish(), None)
+
+
+@contextmanager
+def _in_place_of(blocks: nn.ModuleList, index: int, stand_in: nn.Module) -> Iterator[None]:
+    """`stand_in` runs as blocks[index] within it."""
+    original = blocks[index]
+    blocks[index] = stand_in
+    try:
+        yield
+    finally:
+        blocks[index] = original
+
+
+def _run_to(work: nn.Module, block: nn.Module, batches: list[dict]) -> tuple[list[tuple[tuple, dict]], list]:
+    """Each batch through `work` up to `block` (in place in it): what the block was called with
+    and what it returned, each batch stopped once it returned."""
+    calls: list[tuple[tuple, dict]] = []
+    outputs: list = []
+
+    def catch(module, args, kwargs) -> None:
+        calls.append((args, kwargs))
+
+    def stop(module, args, out) -> None:
+        outputs.append(out)
+        raise StopPass
+
+    hooks = [block.register_forward_pre_hook(catch, with_kwargs=True), block.register_forward_hook(stop)]
+    try:
+        for batch in batches:
+            try:
+                work(**batch)
+            except StopPass:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, outputs
+
+
 @torch.no_grad()
 def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[list[str]], task,
                         device: torch.device | str | None = None,
                         stats_bytes: int | None = None) -> Iterator[BlockCalibration]:
-    """Yield each block's calibration in order, then that of the layers outside the blocks. A block's
-    float32 copy lives only until the caller asks for the next one. Embedding tables are left out:
-    their input is token ids, not activations to gather statistics of. A model with no one list of
-    blocks (an encoder-decoder) is fed whole, once per `stats_passes` of its layers: its statistics
-    are held a pass at a time, at most `stats_bytes` (STATS_PASS_BYTES), for one more forward pass each."""
+    """Yield each block's calibration in the order the model runs its blocks, then that of the
+    layers outside them. A block's float32 copy lives only until the caller asks for the next one.
+    Embedding tables are left out: their input is token ids, not activations to gather statistics
+    of. Layers no walk reaches (a model without block lists; the blocks from one whose walked
+    output is not the model's own) are fed the whole model, once per `stats_passes` of them: their
+    statistics are held a pass at a time, at most `stats_bytes` (STATS_PASS_BYTES)."""
     device = torch.device(device) if device is not None else model_device(model)
     names = [layer.name for layer in layers if not layer.is_embedding]
+    in_features = {layer.name: layer.in_features for layer in layers}
     represent = {name: group[0] for group in groups for name in group}
+    stats_bytes = STATS_PASS_BYTES if stats_bytes is None else stats_bytes
     batches = [to_device(batch, device) for batch in task.calibration_inputs()]
-    blocks_name = find_blocks(model, names)
-    if blocks_name is not None and another_stack(model, names, blocks_name):
-        blocks_name = None  # an encoder-decoder's decoder blocks are fed by its encoder's: no one list replays alone
-    if blocks_name is None:  # no one list of blocks: the whole model is fed, its layers judged one by one
-        # on the model's device, a twin whose blocks upcast while they run (no second copy of them)
-        work = float32_twin(model) if device == model_device(model) else copy.deepcopy(model).float().to(device)
-        inputs = {layer.name: layer.in_features for layer in layers}
-        passes = stats_passes(names, represent, inputs, STATS_PASS_BYTES if stats_bytes is None else stats_bytes)
-        for index, members in enumerate(passes):
-            recorder = StatsRecorder({name: work.get_submodule(name) for name in members}, represent)
-            for batch in batches:
-                work(**batch)
-            name = "model" if len(passes) == 1 else f"model, pass {index + 1} of {len(passes)}"
-            yield BlockCalibration(name, members, recorder.finish(), None)
+    # on the model's device, a twin whose blocks upcast while they run (no second copy of them)
+    work = float32_twin(model) if device == model_device(model) else copy.deepcopy(model).float().to(device)
+    lists = [(name, blocks) for name, blocks in named_block_lists(work)
+             if any(layer.startswith(name + ".") for layer in names)]
+    if not lists:
+        yield from _whole_passes(work, names, represent, in_features, batches, stats_bytes)
         return
 
-    skeleton, stand_ins = _skeleton(model, blocks_name)
-    skeleton.to(device)
-    for batch in batches:
-        try:
-            skeleton(**batch)
-        except _Caught:
-            pass
-    calls = stand_ins[0].caught
-    if len(calls) != len(batches):
-        raise RuntimeError(f"the model never reached {blocks_name}.0 on some calibration batches")
-    blocks = model.get_submodule(blocks_name)
-    as_tuple = False
-    for index in range(len(blocks)):
-        prefix = f"{blocks_name}.{index}."
-        inside = [name for name in names if name.startswith(prefix)]
-        block = copy.deepcopy(blocks[index]).float().to(device)
-        recorder = StatsRecorder({name: block.get_submodule(name[len(prefix):]) for name in inside}, represent)
-        outputs = []
-        for args, kwargs in calls:
-            out, as_tuple = _output_of(block(*args, **kwargs))
-            outputs.append(out)
-        stats = recorder.finish()
-        yield BlockCalibration(prefix[:-1], inside, stats, _block_judge(block, prefix, calls, outputs))
-        calls = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(calls, outputs)]
-        del block
+    order, rows = _probe(work, lists, batches[0])
+    if len(order) != len(lists):
+        never = next(name for which, (name, _) in enumerate(lists) if which not in order)
+        raise RuntimeError(f"the model never ran {never}.0 on the calibration data: its layers cannot be calibrated")
+    done: list[tuple[list[nn.Module], list]] = []  # lists walked: their blocks, what the last returned
+    calibrated: set[str] = set()
+    for which in order:
+        list_name, blocks = lists[which]
+        originals = model.get_submodule(list_name)
+        previous: list = []  # what the block before returned, one per batch
+        for index in range(len(blocks)):
+            prefix = f"{list_name}.{index}."
+            inside = [name for name in names if name.startswith(prefix)]
+            block = copy.deepcopy(originals[index]).float().to(device)
+            recorder = StatsRecorder({name: block.get_submodule(name[len(prefix):]) for name in inside}, represent)
+            with ExitStack() as replayed:
+                for skipped, records in done:
+                    replayed.enter_context(returning(skipped, records))
+                if index:  # each record is read once: no clone
+                    replayed.enter_context(returning(list(blocks)[:index], previous, clone=False))
+                replayed.enter_context(_in_place_of(blocks, index, block))
+                calls, outputs = _run_to(work, block, batches)
+            stats = recorder.finish()
+            if len(outputs) != len(batches):
+                raise RuntimeError(f"the model never reached {prefix[:-1]} on some calibration batches")
+            if not _same_row(_first_row(outputs[0]), rows[(which, index)]):
+                log.info("%s walked alone computes what the whole model does not (a channel between blocks): "
+                         "it and the layers after it are fed the whole model", prefix[:-1])
+                rest = [name for name in names if name not in calibrated]
+                yield from _whole_passes(work, rest, represent, in_features, batches, stats_bytes)
+                return
+            hidden = [_output_of(out)[0] for out in outputs]
+            yield BlockCalibration(prefix[:-1], inside, stats, _block_judge(block, prefix, calls, hidden))
+            calibrated.update(inside)
+            del block, calls, hidden
+            previous = outputs
+        done.append((list(blocks), previous))
 
-    outside = [name for name in names if not name.startswith(blocks_name + ".")]
+    outside = [name for name in names if not any(name.startswith(list_name + ".") for list_name, _ in lists)]
     if outside:
-        for stand_in in stand_ins:
-            stand_in.as_tuple = as_tuple
-        stand_ins[0].replay = [_hidden_of(args, kwargs) for args, kwargs in calls]
-        recorder = StatsRecorder({name: skeleton.get_submodule(name) for name in outside}, represent)
-        for batch in batches:
-            skeleton(**batch)
+        recorder = StatsRecorder({name: work.get_submodule(name) for name in outside}, represent)
+        with ExitStack() as replayed:
+            for skipped, records in done:
+                replayed.enter_context(returning(skipped, records))
+            for batch in batches:
+                work(**batch)
         yield BlockCalibration("outside blocks", outside, recorder.finish(), None)

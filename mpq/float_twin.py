@@ -43,15 +43,20 @@ def _float32_copy(tensor: torch.Tensor, as_parameter: bool, requires_grad: bool 
     return nn.Parameter(wide, requires_grad=requires_grad) if as_parameter else wide
 
 
-def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The top-level nn.ModuleLists of more than one entry (lists nested in one, such as a block's
-    experts, belong to its blocks)."""
+def named_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The top-level nn.ModuleLists of more than one entry, with their names (lists nested in one,
+    such as a block's experts, belong to its blocks)."""
     found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 1:
             if not any(name.startswith(outer + ".") for outer, _ in found):
                 found.append((name, module))
-    return [module for _, module in found]
+    return found
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The top-level nn.ModuleLists of more than one entry (see named_block_lists)."""
+    return [module for _, module in named_block_lists(model)]
 
 
 class _UpcastWhileRunning:

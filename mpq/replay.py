@@ -89,27 +89,37 @@ class BlockReplay:
             return
         if self.recorded_for != depth:
             self._record(depth)
-        calls = [0] * depth
-        records = self.records
-
-        def replayed(j: int):
-            def forward(*args, **kwargs):
-                out = records[calls[j]]
-                calls[j] += 1
-                return _cloned(out) if j == depth - 1 else out  # block `depth` may write into its input
-            forward.runs_nothing = True  # so mpq.float_twin does not upcast a block that only replays
-            return forward
-
-        own = [self.blocks[j].__dict__.get("forward") for j in range(depth)]  # an instance's own (accelerate's hooks)
-        for j in range(depth):
-            self.blocks[j].forward = replayed(j)
-        try:
+        with returning([self.blocks[j] for j in range(depth)], self.records):
             yield
-        finally:
-            for j in range(depth):
-                del self.blocks[j].forward
-                if own[j] is not None:
-                    self.blocks[j].forward = own[j]
+
+
+@contextmanager
+def returning(skipped: list[nn.Module], records: list, clone: bool = True) -> Iterator[None]:
+    """Within it, the consecutive blocks `skipped` run nothing: on its i-th call each returns
+    records[i], what the last of them returned for the i-th batch (only the last one's output
+    reaches the block after it; the others' are ignored by the next skipped one). The last one
+    returns a clone where `clone`: records used again must survive a block that writes into its input."""
+    calls = [0] * len(skipped)
+    last = len(skipped) - 1
+
+    def replayed(j: int):
+        def forward(*args, **kwargs):
+            out = records[calls[j]]
+            calls[j] += 1
+            return _cloned(out) if clone and j == last else out
+        forward.runs_nothing = True  # so mpq.float_twin does not upcast a block that only replays
+        return forward
+
+    own = [block.__dict__.get("forward") for block in skipped]  # an instance's own (accelerate's hooks)
+    for j, block in enumerate(skipped):
+        block.forward = replayed(j)
+    try:
+        yield
+    finally:
+        for block, forward in zip(skipped, own):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
 
 
 def block_of(name: str, blocks_name: str) -> int:

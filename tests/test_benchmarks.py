@@ -317,16 +317,17 @@ def test_spill_memory_benchmark_smoke(tmp_path):
 
 
 def test_seq2seq_calibration_memory_benchmark_smoke(tmp_path):
-    """benchmarks/seq2seq_calibration_memory.py on a tiny T5: one pass and passes under a 1 MiB bound
-    both end with every layer's tensors (the child asserts it); the bound splits the statistics."""
+    """benchmarks/seq2seq_calibration_memory.py on a tiny T5: one pass, passes under a 1 MiB bound
+    and the walk over its 2+2 blocks all end with every layer's tensors (the child asserts it); the
+    bound splits the statistics."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seq2seq_calibration_memory.py"), "--layers", "2",
                            "--d-model", "128", "--samples", "4", "--bound-mb", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    one, bounded = json.loads((tmp_path / "seq2seq_calibration_memory.json").read_text())
-    assert one["passes"] == 1 and bounded["passes"] > 1
+    one, bounded, walked = json.loads((tmp_path / "seq2seq_calibration_memory.json").read_text())
+    assert one["passes"] == 1 and bounded["passes"] > 1 and walked["variant"] == "block by block" and walked["passes"] == 5
     assert one["statistics_bytes"] == bounded["statistics_bytes"] > bounded["bound_bytes"] == 2**20
-    assert all(row["peak_above_loaded_bytes"] > 0 for row in (one, bounded))
+    assert all(row["peak_above_loaded_bytes"] > 0 for row in (one, bounded, walked))
 
 
 def test_blockwise_memory_benchmark_smoke(tmp_path):

@@ -99,9 +99,10 @@ def test_gradient_signals_take_a_whole_copy_and_agree_with_one(tiny_llama_calibr
     assert lazy == whole and sum(per["int4-g32"] > 0 for per in lazy.values()) >= len(lazy) // 2
 
 
-def test_an_encoder_decoder_is_calibrated_in_the_lazy_twin_as_in_a_whole_copy():
-    """GPTQ/AWQ take an encoder-decoder as one block (mpq.blockwise): its statistics are gathered in
-    the lazy twin now, and equal a whole float32 copy's."""
+def test_an_encoder_decoder_is_calibrated_stack_by_stack_as_in_a_whole_copy():
+    """GPTQ/AWQ walk an encoder-decoder's encoder blocks, then its decoder blocks (fed the encoder's
+    output and block 0's position bias as the model feeds them), then the head (mpq.blockwise): each
+    statistic equals the one a whole float32 copy's single pass gives."""
     from mpq.blockwise import calibrate_blockwise
     from mpq.calib_stats import StatsRecorder
     from mpq.models import decoder_start_of
@@ -111,15 +112,21 @@ def test_an_encoder_decoder_is_calibrated_in_the_lazy_twin_as_in_a_whole_copy():
                      decoder_start=decoder_start_of(loaded.model))
     graph = trace_model(loaded.model, task.model_inputs(task.calib_ids[:1]))
     groups = graph.shared_input_groups()
-    (calibration,) = list(calibrate_blockwise(loaded.model, graph.layers, groups, task))
+    calibrations = list(calibrate_blockwise(loaded.model, graph.layers, groups, task))
+    encoder, decoder = len(loaded.model.encoder.block), len(loaded.model.decoder.block)
+    assert [c.name for c in calibrations] == ([f"encoder.block.{i}" for i in range(encoder)]
+                                              + [f"decoder.block.{i}" for i in range(decoder)] + ["outside blocks"])
+    assert all(c.judge is not None for c in calibrations[:-1])
     whole = float32_twin(loaded.model, lazy=False)
     names = [layer.name for layer in graph.layers if not layer.is_embedding]
+    assert sorted(n for c in calibrations for n in c.layers) == sorted(names)
     recorder = StatsRecorder({name: whole.get_submodule(name) for name in names},
                              {name: group[0] for group in groups for name in group})
     with torch.no_grad():
         for batch in task.calibration_inputs():
             whole(**batch)
     expected = recorder.finish()
-    assert calibration.name == "model" and set(calibration.stats.hessian) == set(names)
-    assert all(torch.equal(calibration.stats.hessian[name], expected.hessian[name]) for name in names)
-    assert calibration.stats.rows == expected.rows > 0
+    for calibration in calibrations:
+        assert all(torch.equal(calibration.stats.hessian[n], expected.hessian[n]) for n in calibration.layers)
+        assert all(torch.equal(calibration.stats.absmean[n], expected.absmean[n]) for n in calibration.layers)
+        assert calibration.stats.rows == expected.rows > 0

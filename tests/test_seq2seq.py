@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import mpq
 from mpq.apply import QuantizedWeightCache, applied
-from mpq.blockwise import another_stack, find_blocks
 from mpq.checkpoint import MANIFEST
 from mpq.compile import CompileOptions, compile_model
 from mpq.evaluate import evaluate_config
+from mpq.float_twin import named_block_lists
 from mpq.latency import Regime, calls_per_step, make_regime
 from mpq.memory import resident_bytes
 from mpq.models import SEQ2SEQ_LM, decoder_start_of, load_model
@@ -99,8 +99,8 @@ def test_the_trace_keeps_groups_within_a_block_and_names_each_stack(t5_dir):
     head = next(layer for layer in graph.layers if layer.name == "lm_head")
     assert head.tied_table == "shared"
     assert table_aliases(loaded.model, "shared") == ["encoder.embed_tokens", "decoder.embed_tokens"]
-    names = [layer.name for layer in graph.layers]
-    assert another_stack(loaded.model, names, find_blocks(loaded.model, names))
+    # two stacks of blocks, walked one after the other by mpq.blockwise
+    assert [name for name, _ in named_block_lists(loaded.model)] == ["encoder.block", "decoder.block"]
 
 
 def test_a_quantised_table_is_looked_up_under_every_path_that_shares_its_weight(bart_dir):
@@ -173,12 +173,15 @@ def test_a_bart_compiles_with_gptq(bart_dir, tmp_path):
     assert evaluation["quality"]["ppl"] > 1 and evaluation["speed"]["decode_tokens_per_s"] > 0
 
 
-def test_an_encoder_decoders_statistics_are_gathered_in_passes_under_a_bound(monkeypatch):
-    """Fed whole (no one list of blocks), demo-t5's layers are split into passes whose statistics
-    stay under the bound, with each shared-input group in one pass; every statistic, and so every
-    GPTQ and AWQ tensor, is what one pass over all the layers gives."""
+def test_layers_fed_the_whole_model_have_their_statistics_gathered_in_passes_under_a_bound(monkeypatch):
+    """Fed whole (as a model without block lists is, or the blocks after a walk found a channel
+    between them), demo-t5's layers are split into passes whose statistics stay under the bound,
+    with each shared-input group in one pass; every statistic, and so every GPTQ and AWQ tensor, is
+    what one pass over all the layers gives."""
     from mpq import blockwise
     from mpq.methods import calibrated_tensors
+
+    monkeypatch.setattr(blockwise, "named_block_lists", lambda model: [])  # no blocks to walk
 
     loaded = load_model("demo-t5")
     task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 4, 32,
