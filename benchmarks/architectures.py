@@ -8,7 +8,9 @@ config, load it back, and check that the loaded model's logits equal those of th
 saved from, that it holds the bytes the memory model predicted, that its logits stay close to the
 unquantised model's (cosine), that it generates, and that the float32 twin sensitivities are
 measured in (mpq.float_twin, whose blocks upcast the model's own tensors while they run) gives
-exactly a whole float32 copy's logits. No timing: this is coverage, not speed.
+exactly a whole float32 copy's logits, and that GPTQ/AWQ's calibration (mpq.blockwise, which walks
+the blocks one at a time) gathers exactly the input statistics of a whole float32 copy's single
+pass. No timing: this is coverage, not speed.
 Prints a table, writes JSON.
 
     python benchmarks/architectures.py                        # benchmarks/results/architectures.json
@@ -40,7 +42,10 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "phi3": ("Phi3Config", dict(num_key_value_heads=4, pad_token_id=0)),
     "phi": ("PhiConfig", dict()),
     "gemma": ("GemmaConfig", dict(num_key_value_heads=2, head_dim=32)),
-    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=32)),
+    # sliding-window and global attention alternate, each block given its own mask (window 16 < the 64-token windows)
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=32, sliding_window=16)),
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=32, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"])),
     "granite": ("GraniteConfig", dict()),
     "olmo": ("OlmoConfig", dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)),
     "stablelm": ("StableLmConfig", dict(num_key_value_heads=4)),
@@ -62,6 +67,7 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2, head_dim=32,
+                                     sliding_window=16,
                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 # encoder-decoder LMs: their configs name the sizes their own way, so each gives them whole
@@ -154,7 +160,41 @@ def check(name: str, fmt: str, work: Path) -> dict:
         # a causal LM continues its 4-token prompt; an encoder-decoder starts from its own token
         "generates": tuple(generated.shape) == ((1, 5) if name in SEQ2SEQ else (1, 8)),
         "float32_twin_exact": twin_exact,
+        **_walk(loaded),
     }
+
+
+@torch.no_grad()
+def _walk(loaded) -> dict:
+    """How GPTQ/AWQ's calibration reaches the layers (mpq.blockwise: block by block, or the whole
+    model fed), and whether every statistic equals the one a whole float32 copy's single pass gives.
+    64-token windows: past the 16-token sliding window of the architectures that alternate it."""
+    from mpq.blockwise import calibrate_blockwise
+    from mpq.calib_stats import StatsRecorder
+    from mpq.float_twin import float32_twin
+    from mpq.models import decoder_start_of
+    from mpq.tasks import calibration_text, make_task
+    from mpq.trace import trace_model
+
+    model = loaded.model
+    extra = {"decoder_start": decoder_start_of(model)} if getattr(model.config, "is_encoder_decoder", False) else {}
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), 2, 64, **extra)
+    graph = trace_model(model, task.model_inputs(task.calib_ids[:1, :16]))
+    groups = graph.shared_input_groups()
+    calibrations = list(calibrate_blockwise(model, graph.layers, groups, task))
+    whole = float32_twin(model, lazy=False)
+    names = [name for c in calibrations for name in c.layers]
+    recorder = StatsRecorder({name: whole.get_submodule(name) for name in names},
+                             {name: group[0] for group in groups for name in group})
+    for batch in task.calibration_inputs():
+        whole(**batch)
+    expected = recorder.finish()
+    walked = sum(c.judge is not None for c in calibrations)
+    fed_whole = any(c.name == "model" or c.name.startswith("model, pass ") for c in calibrations)  # mpq.blockwise's fallback
+    exact = all(torch.equal(c.stats.hessian[n], expected.hessian[n]) and torch.equal(c.stats.absmean[n], expected.absmean[n])
+                for c in calibrations for n in c.layers)
+    return {"calibration": f"{walked} blocks walked" + (" + whole-model passes" if fed_whole else ""),
+            "calibration_exact": exact and sorted(names) == sorted(l.name for l in graph.layers if not l.is_embedding)}
 
 
 @torch.no_grad()
@@ -206,26 +246,28 @@ def main() -> None:
             rows.append(row)
     print(f"every layer at {args.format}; loaded = the loaded config's logits equal the saved model's")
     print("twin = the lazy float32 twin's logits (mpq.float_twin) equal a whole float32 copy's, plain and with a layer at int4")
+    print("GPTQ/AWQ statistics = how mpq.blockwise reaches the layers, and whether every statistic equals a whole copy's")
     print("| architecture | layers | layer types | table | unquantised | smallest | kept as stored (largest) | loaded | "
-          "bytes as predicted | cos | generates | twin |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "bytes as predicted | cos | generates | twin | GPTQ/AWQ statistics |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['architecture']} | error: {row['error']} |||||||||||")
+            print(f"| {row['architecture']} | error: {row['error']} ||||||||||||")
             continue
         print(f"| {row['architecture']} | {row['layers']} | {', '.join(row['layer_types'])} | {row['table']} | "
               f"{format_size(row['unquantised_bytes'])} | {format_size(row['smallest_bytes'])} | "
               f"{format_size(row['kept_bytes'])} ({row['kept_largest']}) | {'yes' if row['loaded_equals_saved'] else 'NO'} | "
               f"{'yes' if row['bytes_as_predicted'] else 'NO'} | "
               f"{row['cosine_to_unquantised']:.4f} | {'yes' if row['generates'] else 'NO'} | "
-              f"{'yes' if row['float32_twin_exact'] else 'NO'} |")
+              f"{'yes' if row['float32_twin_exact'] else 'NO'} | "
+              f"{row['calibration']}, {'exact' if row['calibration_exact'] else 'NOT EXACT'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"hardware": hardware(), "versions": versions(), "format": args.format,
                                     "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
     bad = [row["architecture"] for row in rows
            if "error" in row or not (row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"]
-                                     and row["float32_twin_exact"])]
+                                     and row["float32_twin_exact"] and row["calibration_exact"])]
     if bad:
         raise SystemExit(f"failed: {', '.join(bad)}")
 

@@ -1,7 +1,7 @@
-"""The "kl" sensitivity table with block replay (mpq.replay) against full passes, on both demos:
+"""The "kl" sensitivity table with block replay (mpq.replay) against full passes, on the demos:
 seconds each way, and whether the two tables are identical (they must be, bit for bit).
 
-    python benchmarks/sensitivity_replay.py              # demo and minilm, fp16/int8/int4
+    python benchmarks/sensitivity_replay.py              # demo, demo-t5 and minilm, fp16/int8/int4
     python benchmarks/sensitivity_replay.py --models demo --samples 16
 """
 
@@ -16,17 +16,18 @@ from mpq.apply import QuantizedWeightCache
 from mpq.environment import hardware, versions
 from mpq.formats import parse_formats
 from mpq.io import write_json_atomic
-from mpq.models import load_model
+from mpq.models import SEQ2SEQ_LM, decoder_start_of, load_model
 from mpq.profile import example_inputs
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import trace_model
 
-SAMPLES = {"demo": 32, "minilm": 64}
+SAMPLES = {"demo": 32, "demo-t5": 32, "minilm": 64}
 
 
 def bench(name: str, samples: int | None) -> dict:
     loaded = load_model(name)
-    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), samples or SAMPLES[name], 128)
+    extra = {"decoder_start": decoder_start_of(loaded.model)} if loaded.task == SEQ2SEQ_LM else {}
+    task = make_task(loaded.task, loaded.tokenizer, calibration_text(None), samples or SAMPLES[name], 128, **extra)
     graph = trace_model(loaded.model, example_inputs(loaded.task, getattr(loaded.model.config, "vocab_size", 1000)))
     formats = parse_formats("fp16,int8,int4")
     work = sensitivity.measurement_model(loaded.model)
@@ -46,7 +47,7 @@ def bench(name: str, samples: int | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="demo,minilm")
+    parser.add_argument("--models", default="demo,demo-t5,minilm")
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (default: compile's per model)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sensitivity_replay.json")
     args = parser.parse_args()

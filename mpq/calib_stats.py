@@ -15,12 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mpq.qlinear import linear_weight
+
 
 @dataclass
 class InputStats:
     hessian: dict[str, torch.Tensor]  # layer -> X^T X / n, float32 [K, K] (shared within a group)
     absmean: dict[str, torch.Tensor]  # layer -> mean |x| per input channel, float32 [K]
     rows: int  # calibration rows (tokens) seen by the least-fed layer
+    unreached: list[str]  # layers (not experts) the calibration data never ran: isotropic statistics
 
 
 class StatsRecorder:
@@ -31,9 +34,9 @@ class StatsRecorder:
 
     def __init__(self, modules: dict[str, nn.Module], represent: dict[str, str]) -> None:
         self.owner = {name: represent.get(name, name) for name in modules}
-        # an expert of a mixture (mpq.experts) that no calibration token was routed to
-        self.may_miss = {name: module.in_features for name, module in modules.items()
-                         if getattr(module, "routed_share", 1.0) < 1.0}  # name -> its input features
+        self.modules = modules
+        # the experts of a mixture (mpq.experts): the router may send them no calibration token
+        self.routed = {name for name, module in modules.items() if getattr(module, "routed_share", 1.0) < 1.0}
         self.sums: dict[str, torch.Tensor] = {}
         self.absums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -60,14 +63,14 @@ class StatsRecorder:
         hessian = {o: self.sums[o].div_(self.counts[o]).cpu() for o in self.sums}
         absmean = {o: self.absums[o].div_(self.counts[o]).cpu() for o in self.sums}
         missing = sorted(name for name, o in self.owner.items() if o not in hessian)
-        unreached = [name for name in missing if name not in self.may_miss]
-        if unreached:
-            raise RuntimeError(f"calibration never reached {unreached[0]}: its inputs could not be recorded")
         for name in missing:
-            # An expert the router sent no calibration token to: nothing is known of its inputs, so
-            # they are taken as isotropic (H = I, |x| = 1), under which GPTQ and AWQ round to nearest.
-            k = self.may_miss[name]
+            # An expert the router sent no calibration token to, or a layer the model runs only when
+            # asked (LED's global-attention projections, without a global attention mask): nothing
+            # is known of its inputs, so they are taken as isotropic (H = I, |x| = 1), under which
+            # GPTQ and AWQ round to nearest.
+            k = linear_weight(self.modules[name]).shape[1]
             hessian[self.owner[name]], absmean[self.owner[name]] = torch.eye(k), torch.ones(k)
         return InputStats({name: hessian[o] for name, o in self.owner.items()},
                           {name: absmean[o] for name, o in self.owner.items()},
-                          min(self.counts.values()) if self.counts else 0)
+                          min(self.counts.values()) if self.counts else 0,
+                          [name for name in missing if name not in self.routed])

@@ -10,7 +10,7 @@ top-level nn.ModuleList: a decoder's layers, or an encoder-decoder's two stacks)
 model's own 16-bit parameters and buffers, and holds float32 copies of them only while its forward
 runs: a pre-hook swaps upcast tensors in, a post-hook (called even when the forward raises) swaps
 the shared ones back. An upcast is exact, so every block computes what the float32 copy computed,
-bit for bit (tests/test_float_twin.py; benchmarks/architectures.py checks the logits of all 39
+bit for bit (tests/test_float_twin.py; benchmarks/architectures.py checks the logits of all 40
 architectures it builds). What lies outside the blocks (embeddings, the final norm, the head,
 rotary tables) is copied to float32 once, so model-level code that asks the twin for its dtype
 sees float32, as it would.

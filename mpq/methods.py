@@ -21,6 +21,7 @@ while that block alone is in memory in float32.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Mapping
 
 import torch
@@ -38,6 +39,8 @@ from mpq.qlinear import linear_weight
 from mpq.quantize import quantize_weight
 from mpq.spill import kept
 from mpq.trace import LayerInfo, is_embedding
+
+log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "awq")
 AUTO = "auto"  # per format, the method measured best (mpq.method_choice)
@@ -149,7 +152,9 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
     group_of = {name: list(group) for group in groups for name in group}
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     blocks = calibrate_blockwise(model, layers, groups, task)
+    unreached: list[str] = []
     for block in tqdm(blocks, desc=f"{method} block by block", disable=not progress, unit="block"):
+        unreached += block.stats.unreached
         done: set[str] = set()
         for name in block.layers:
             if name in done:
@@ -166,6 +171,9 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
                     tensors, _ = awq_quantize_group(weights, fmt, block.stats.absmean[name], block.stats.hessian[name],
                                                     block.judge)
                 out.update({(m, fmt.name): kept(t) for m, t in tensors.items()})  # mpq.spill
+    if unreached:
+        log.warning("%s: the calibration data never ran %s%s, so nothing is known of their inputs: rounded to nearest",
+                    method, unreached[0], f" and {len(unreached) - 1} more layers" if len(unreached) > 1 else "")
     return out
 
 

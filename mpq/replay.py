@@ -6,7 +6,9 @@ quantised. `BlockReplay` records what block i-1 returned for each calibration ba
 itself replayed up to the block recorded before), and while a layer of block i is measured,
 blocks 0..i-1 return those records instead of running. Block i gets the very tensors it would
 have got, so every number is bit-identical to a full pass, at about half the blocks' cost on
-average.
+average. The blocks are those of every list the model runs, end to end: an encoder-decoder's
+decoder layers skip the whole encoder (which returns its last block's records) and the decoder
+blocks before theirs, and a head after every block skips them all.
 
 A model whose later blocks read something other than their inputs from earlier ones (a KV cache
 shared across layers, say) would be measured wrongly, so `check` first compares a replayed pass
@@ -20,12 +22,16 @@ the log-probabilities of every calibration token are not computed for nothing.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from itertools import accumulate
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
+
+from mpq.float_twin import named_block_lists
+from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
 
@@ -51,46 +57,94 @@ def record_pass(run_batch: Callable[[Any], object], batches: list) -> Callable[[
 
 
 class BlockReplay:
-    """Replays the first blocks of `blocks` (an nn.ModuleList of `work`) during passes of
-    `run_pass` (one forward over the calibration batches, always in the same order). `record`: a
-    `record_pass` over the same batches, which records stop early in; else records run `run_pass`."""
+    """Replays the first blocks of `lists` (the nn.ModuleLists of `work` in the order it runs them:
+    a decoder's layers; an encoder's blocks, then a decoder's) during passes of `run_pass` (one
+    forward over the calibration batches, always in the same order). Depth d skips the first d
+    blocks of the lists taken end to end: a list skipped whole returns what its last block
+    returned (an encoder's output), the list d ends inside what its block before d returned.
+    `record`: a `record_pass` over the same batches, which records stop early in; else records run
+    `run_pass`."""
 
-    def __init__(self, blocks: nn.ModuleList, run_pass: Callable[[], object],
+    def __init__(self, lists: list[nn.ModuleList], run_pass: Callable[[], object],
                  record: Callable[[], None] | None = None) -> None:
-        self.blocks = blocks
+        self.blocks = [block for blocks in lists for block in blocks]
+        self.ends = list(accumulate(len(blocks) for blocks in lists))  # depth at each list's end
         self.run_pass = run_pass
         self.record = record
         self.recorded_for = 0  # the replay's depth the records serve (0: none held)
         self.records: list = []  # what block recorded_for - 1 returned, one per batch
+        self.finished: dict[int, list] = {}  # a list's end -> what its last block returned, one per batch
 
     def _record(self, depth: int) -> None:
-        """Run one pass (replayed as deep as the records held allow) and keep block depth-1's outputs."""
-        records: list = []
+        """Run one pass (replayed as deep as the records held allow) and keep block depth-1's
+        outputs, and those of the last block of each list that ends before it, where not kept yet."""
+        start = self.recorded_for if self.recorded_for < depth else 0
+        kept: dict[int, list] = {end: [] for end in self.ends if start < end < depth and end not in self.finished}
+        kept[depth] = []
 
-        def keep(module, args, out) -> None:
-            records.append(_cloned(out))
-            if self.record is not None:
-                raise StopPass
+        def keep(end: int):
+            def hook(module, args, out) -> None:
+                kept[end].append(_cloned(out))
+                if end == depth and self.record is not None:
+                    raise StopPass
+            return hook
 
-        hook = self.blocks[depth - 1].register_forward_hook(keep)
+        hooks = [self.blocks[end - 1].register_forward_hook(keep(end)) for end in kept]
         try:
-            with torch.no_grad(), self.skipping(self.recorded_for if self.recorded_for < depth else 0):
+            with torch.no_grad(), self.skipping(start):
                 (self.run_pass if self.record is None else self.record)()
         finally:
-            hook.remove()
-        self.records, self.recorded_for = records, depth
+            for hook in hooks:
+                hook.remove()
+        self.finished.update({end: records for end, records in kept.items() if end in self.ends})
+        self.records, self.recorded_for = kept[depth], depth
 
     @contextmanager
     def skipping(self, depth: int) -> Iterator[None]:
-        """Within it, blocks 0..depth-1 do not run: each returns what block depth-1 returned for the
-        batch (only that one's output reaches block depth; the others' are ignored by the next)."""
+        """Within it, the first `depth` blocks do not run: each returns what the last skipped block
+        of its list returned for the batch (only that one's output reaches the block after it)."""
         if depth <= 0:
             yield
             return
         if self.recorded_for != depth:
             self._record(depth)
-        with returning([self.blocks[j] for j in range(depth)], self.records):
+        with ExitStack() as skipped:
+            start = 0
+            for end in self.ends:
+                if start >= depth:
+                    break
+                stop = min(end, depth)
+                records = self.records if stop == depth else self.finished[end]
+                skipped.enter_context(returning(self.blocks[start:stop], records))
+                start = end
             yield
+
+
+def block_chain(model: nn.Module, layers: list[LayerInfo]) -> list[tuple[str, nn.ModuleList]]:
+    """The top-level block lists of `model` (mpq.float_twin) holding some of `layers`, in the order
+    the model runs them (its layers' order)."""
+    first: dict[str, tuple[int, nn.ModuleList]] = {}
+    lists = named_block_lists(model)
+    for layer in sorted(layers, key=lambda layer: layer.order):
+        for name, blocks in lists:
+            if layer.name.startswith(name + "."):
+                first.setdefault(name, (layer.order, blocks))
+    return [(name, blocks) for name, (_, blocks) in sorted(first.items(), key=lambda item: item[1][0])]
+
+
+def replay_depths(chain: list[tuple[str, nn.ModuleList]], layers: list[LayerInfo]) -> dict[str, int]:
+    """Each layer's depth for BlockReplay over `chain`: the blocks that run before it. A layer after
+    every block (a head) skips them all, unless it is tied to the input table (quantised, it
+    changes what block 0 reads); one before or between the lists, none."""
+    offsets: dict[str, int] = {}
+    total = 0
+    for name, blocks in chain:
+        offsets[name] = total
+        total += len(blocks)
+    inside = {layer.name: name for layer in layers for name in offsets if layer.name.startswith(name + ".")}
+    last = max((layer.order for layer in layers if layer.name in inside), default=None)
+    return {layer.name: offsets[inside[layer.name]] + block_of(layer.name, inside[layer.name]) if layer.name in inside
+            else (total if last is not None and layer.order > last and not layer.tied_table else 0) for layer in layers}
 
 
 @contextmanager

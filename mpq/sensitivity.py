@@ -43,7 +43,7 @@ from mpq.formats import FormatSpec
 from mpq.models import model_device, to_device
 from mpq.qlinear import linear_weight
 from mpq.quantize import sixteen_bit_dtype
-from mpq.replay import BlockReplay, block_of, check, record_pass
+from mpq.replay import BlockReplay, block_chain, check, record_pass, replay_depths
 from mpq.tasks import quality_forward
 from mpq.trace import LayerInfo
 
@@ -112,18 +112,16 @@ def measurement_model(model: nn.Module, lazy: bool = True) -> nn.Module:
     return float32_twin(model, lazy)
 
 
-def _block_replay(work: nn.Module, layers: list[LayerInfo], task, reference) -> tuple[BlockReplay | None, str]:
-    """A replay of `work`'s blocks for the per-layer passes (mpq.replay), None where it has no
-    blocks or a replayed pass is not exactly a full one."""
-    from mpq.blockwise import find_blocks
-
-    blocks_name = find_blocks(work, [layer.name for layer in layers])
-    if blocks_name is None:
-        return None, ""
+def _block_replay(work: nn.Module, layers: list[LayerInfo], task, reference) -> tuple[BlockReplay | None, dict[str, int]]:
+    """A replay of `work`'s blocks for the per-layer passes (mpq.replay) and each layer's depth in
+    it; None where it has no blocks or a replayed pass is not exactly a full one."""
+    chain = block_chain(work, layers)
+    if not chain:
+        return None, {}
     device = model_device(work)
     record = record_pass(lambda batch: quality_forward(work, **to_device(batch, device)), task.calibration_inputs())
-    replay = BlockReplay(work.get_submodule(blocks_name), lambda: task.reference(work), record)
-    return (replay, blocks_name) if check(replay, reference) else (None, "")
+    replay = BlockReplay([blocks for _, blocks in chain], lambda: task.reference(work), record)
+    return (replay, replay_depths(chain, layers)) if check(replay, reference) else (None, {})
 
 
 def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
@@ -133,7 +131,7 @@ def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInf
     `replay_blocks=False`: every pass runs every block (what block replay is checked and timed against)."""
     start = time.time()
     reference = task.reference(work, held=True)
-    replay, blocks_name = _block_replay(work, layers, task, reference) if replay_blocks else (None, "")
+    replay, depths = _block_replay(work, layers, task, reference) if replay_blocks else (None, {})
     values: dict[str, dict[str, float]] = {}
     jobs = [(layer, fmt) for layer in layers for fmt in formats]
     for layer, fmt in tqdm(jobs, desc="sensitivity", disable=not progress, unit="pass"):
@@ -143,7 +141,7 @@ def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInf
         if _lossless(module, fmt):
             score = 0.0
         else:
-            skipped = nullcontext() if replay is None else replay.skipping(block_of(layer.name, blocks_name))
+            skipped = nullcontext() if replay is None else replay.skipping(depths[layer.name])
             # entered first: records it makes for a new depth come from the model with no layer quantised
             with skipped, applied(work, {layer.name: fmt}, cache, backend=MEASURE_BACKEND):
                 score = task.divergence(work, reference)

@@ -245,18 +245,21 @@ def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_scrip
 
 
 def test_every_architecture_of_the_coverage_benchmark_quantises_saves_loads_and_generates(benchmark_script, tmp_path):
-    """benchmarks/architectures.py on all its 25 architectures (about 35 s): each traces, takes
-    int8 in every layer, loads back equal to the model it was saved from, and generates."""
+    """benchmarks/architectures.py on all its 26 architectures (about 40 s): each traces, takes
+    int8 in every layer, loads back equal to the model it was saved from, and generates; GPTQ/AWQ's
+    calibration walks both blocks and gathers a whole float32 copy's statistics exactly (Gemma 2/3
+    and GPT-OSS alternate a 16-token sliding window with global attention over 64-token windows)."""
     bench = benchmark_script("architectures")
     rows = {name: bench.check(name, "int8", tmp_path) for name in bench.ARCHITECTURES}
     for name, row in rows.items():
         assert row["trace"] == "export" and row["layers"] >= 9, name
         assert row["loaded_equals_saved"] and row["generates"] and row["cosine_to_unquantised"] > 0.99, name
         assert row["float32_twin_exact"], name  # sensitivities measured in the lazy twin are a float32 copy's
+        assert row["calibration"] == "2 blocks walked" and row["calibration_exact"], name
         assert row["smallest_bytes"] < 0.75 * row["unquantised_bytes"], name
     assert "FalconLinear" in rows["falcon"]["layer_types"]
     assert rows["falcon"]["kept_bytes"] < 0.01 * rows["falcon"]["unquantised_bytes"]  # its linears are layers
-    for name in ("gemma", "gemma2"):  # a scaled table, tied to the head
+    for name in ("gemma", "gemma2", "gemma3"):  # a scaled table, tied to the head
         assert rows[name]["table"] == "tied to the head" and rows[name]["table_kernel"].endswith("times 11.3125)")
     mixtures = [name for name in rows if name.endswith(("moe", "mixtral", "gpt_oss"))]
     assert len(mixtures) == 7
@@ -269,15 +272,18 @@ def test_every_architecture_of_the_coverage_benchmark_quantises_saves_loads_and_
 
 
 def test_every_encoder_decoder_of_the_coverage_benchmark_holds_the_bytes_predicted_and_generates(benchmark_script, tmp_path):
-    """benchmarks/architectures.py on its 14 encoder-decoder families (about 15 s): each takes int8
+    """benchmarks/architectures.py on its 14 encoder-decoder families (about 25 s): each takes int8
     in every layer, holds the bytes the memory model predicted (its encoder's and decoder's
-    embed_tokens read the quantised shared table), loads back equal, and generates."""
+    embed_tokens read the quantised shared table), loads back equal, and generates; GPTQ/AWQ's
+    calibration walks its encoder's blocks, then its decoder's, and gathers a whole float32 copy's
+    statistics exactly."""
     bench = benchmark_script("architectures")
     rows = {name: bench.check(name, "int8", tmp_path) for name in bench.SEQ2SEQ}
     for name, row in rows.items():
         assert row["layers"] >= 33 and row["table"] == "tied to the head", name
         assert row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"], name
         assert row["float32_twin_exact"], name
+        assert row["calibration"] == "4 blocks walked" and row["calibration_exact"], name
         assert row["cosine_to_unquantised"] > 0.99 and row["smallest_bytes"] < 0.75 * row["unquantised_bytes"], name
     # LongT5's, SwitchTransformers' and LED's forwards do not export; their layers are found as modules
     assert {name for name, row in rows.items() if row["trace"] != "export"} <= {"longt5", "switch_transformers", "led"}

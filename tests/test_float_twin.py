@@ -81,7 +81,7 @@ def test_replayed_blocks_are_not_upcast(tiny_llama_calibrated):
     for index, block in enumerate(twin.model.layers):
         block.register_forward_pre_hook(lambda module, args, kwargs, i=index: seen[i].append(module.mlp.up_proj.weight.dtype),
                                         with_kwargs=True)
-    with BlockReplay(twin.model.layers, lambda: task.reference(twin)).skipping(1):
+    with BlockReplay([twin.model.layers], lambda: task.reference(twin)).skipping(1):
         seen[0].clear(), seen[1].clear()  # recording ran block 0 for real
         task.reference(twin)
     assert seen[0] and set(seen[0]) == {torch.bfloat16}  # replayed: returned its records, upcast nothing

@@ -1,5 +1,7 @@
 """Block replay: the per-layer passes skip the blocks before the measured layer, bit-identically."""
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -54,7 +56,7 @@ def test_a_replayed_pass_equals_the_full_one_at_every_depth_and_skips_the_blocks
     batches = [torch.randn(3, 8) for _ in range(4)]
     run = passes(model, batches)
     full = run()
-    replay = BlockReplay(model.layers, run)
+    replay = BlockReplay([model.layers], run)
     assert check(replay, full)
     for depth in (3, 1, 4, 0):  # out of order too: records are made again where needed
         with replay.skipping(depth):
@@ -81,7 +83,7 @@ def test_a_record_pass_stops_each_batch_at_the_block_it_records():
     batches = [torch.randn(3, 8) for _ in range(4)]
     run = passes(model, batches)
     full = run()
-    replay = BlockReplay(model.layers, run, record_pass(model, batches))
+    replay = BlockReplay([model.layers], run, record_pass(model, batches))
     assert check(replay, full)
     for depth in (2, 4, 1):
         model.log.clear()
@@ -94,14 +96,80 @@ def test_a_record_pass_stops_each_batch_at_the_block_it_records():
         assert recorded == [block for _ in batches for block in model.layers[first:depth]]
     side = Stack(side=True)
     run = passes(side, batches[:1])
-    assert not check(BlockReplay(side.layers, run, record_pass(side, batches[:1])), run())
+    assert not check(BlockReplay([side.layers], run, record_pass(side, batches[:1])), run())
+
+
+class CrossBlock(Block):
+    """A decoder block: also reads the encoder's output (its memory), as cross-attention does."""
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor]:
+        self.log.append(self)
+        return (x + torch.tanh(self.linear(x + memory.mean(0))),)
+
+
+class EncoderDecoder(nn.Module):
+    """Two lists of blocks run one after the other, a norm between them and a head after."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.log: list = []
+        self.encoder = nn.ModuleList(Block(width, self.log, None) for _ in range(3))
+        self.norm = nn.LayerNorm(width)
+        self.decoder = nn.ModuleList(CrossBlock(width, self.log, None) for _ in range(2))
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = x
+        for block in self.encoder:
+            (memory,) = block(memory)
+        memory = self.norm(memory)
+        for block in self.decoder:
+            (x,) = block(x, memory)
+        return self.head(x)
+
+
+def test_an_encoder_and_a_decoder_replay_end_to_end():
+    """Depth d skips the first d blocks of both lists taken end to end: a skipped encoder still hands
+    the decoder its output, and every replayed pass is the full one, with no skipped block run."""
+    torch.manual_seed(0)
+    model = EncoderDecoder()
+    batches = [torch.randn(3, 8) for _ in range(4)]
+    run = passes(model, batches)
+    full = run()
+    replay = BlockReplay([model.encoder, model.decoder], run, record_pass(model, batches))
+    assert check(replay, full)
+    blocks = [*model.encoder, *model.decoder]
+    for depth in (0, 1, 2, 3, 4, 5, 2, 5):
+        with replay.skipping(depth):
+            model.log.clear()
+            got = run()
+        assert all(torch.equal(a, b) for a, b in zip(got, full)), depth
+        assert model.log == [block for _ in batches for block in blocks[depth:]], depth
+    assert set(replay.finished) == {3, 5}  # what each list's last block returned, kept
+    assert all("forward" not in vars(block) for block in blocks)
+
+
+def test_each_layer_skips_the_blocks_that_run_before_it():
+    from mpq.replay import block_chain, replay_depths
+    from mpq.trace import LayerInfo
+
+    model = EncoderDecoder()
+    names = ["encoder.0.linear", "encoder.2.linear", "decoder.0.linear", "decoder.1.linear", "head"]
+    layers = [LayerInfo(name, "Linear", name, None, 8, 8, 64, order, True) for order, name in enumerate(names)]
+    chain = block_chain(model, layers[::-1])  # by the layers' order, not the list's
+    assert [name for name, _ in chain] == ["encoder", "decoder"]
+    assert replay_depths(chain, layers) == {"encoder.0.linear": 0, "encoder.2.linear": 2, "decoder.0.linear": 3,
+                                            "decoder.1.linear": 4, "head": 5}
+    layers[-1] = dataclasses.replace(layers[-1], tied_table="embed")  # quantised with the input table, the head
+    # changes what the first block reads
+    assert replay_depths(chain, layers)["head"] == 0
 
 
 def test_replay_is_off_where_blocks_read_more_than_their_inputs():
     torch.manual_seed(0)
     model = Stack(side=True)
     run = passes(model, [torch.randn(3, 8)])
-    assert not check(BlockReplay(model.layers, run), run())
+    assert not check(BlockReplay([model.layers], run), run())
 
 
 def test_block_of():

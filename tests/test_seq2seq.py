@@ -208,3 +208,63 @@ def test_layers_fed_the_whole_model_have_their_statistics_gathered_in_passes_und
         split = calibrated_tensors(method, loaded.model, graph.layers, groups, [fmt], task)
         assert one.keys() == split.keys() and len(one) == len(whole.layers)
         assert all(torch.equal(one[key][t], split[key][t]) for key in one for t in one[key])
+
+
+def test_layers_the_calibration_never_runs_are_rounded_to_nearest_with_a_warning(tmp_path, demo_tokenizer, caplog):
+    """LED's encoder runs its global-attention projections only for tokens given global attention,
+    which calibration text has none of: GPTQ knows nothing of their inputs and rounds them to
+    nearest (it raised before), saying so; every other layer is GPTQ's own."""
+    from transformers import LEDConfig, LEDForConditionalGeneration
+
+    from mpq.methods import calibrated_tensors
+    from mpq.quantize import quantize_weight
+
+    torch.manual_seed(0)
+    config = LEDConfig(vocab_size=len(demo_tokenizer), d_model=64, encoder_layers=2, decoder_layers=2,
+                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                       max_encoder_position_embeddings=256, max_decoder_position_embeddings=256, attention_window=8,
+                       pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+    LEDForConditionalGeneration(config).eval().save_pretrained(tmp_path / "led")
+    demo_tokenizer.save_pretrained(tmp_path / "led")
+    loaded = load_model(str(tmp_path / "led"))
+    task = _task(loaded)
+    graph = trace_model(loaded.model, task.model_inputs(task.calib_ids[:1]))
+    never = [layer.name for layer in graph.layers if layer.name.endswith("_global")]
+    assert len(never) == 6  # query/key/value_global in each of 2 encoder blocks
+    fmt = mpq.get_format("int4-g32")
+    with caplog.at_level("WARNING", logger="mpq.methods"):
+        tensors = calibrated_tensors("gptq", loaded.model, graph.layers, graph.shared_input_groups(), [fmt], task)
+    assert any(f"never ran {name} and 5 more layers" in caplog.text for name in never)
+    for name in never:
+        rtn = quantize_weight(loaded.model.get_submodule(name).weight, fmt)
+        assert all(torch.equal(tensors[(name, fmt.name)][key], rtn[key]) for key in rtn)
+    ran = "led.encoder.layers.0.self_attn.longformer_self_attn.query"
+    rtn = quantize_weight(loaded.model.get_submodule(ran).weight, fmt)
+    assert not torch.equal(tensors[(ran, fmt.name)]["qweight"], rtn["qweight"])
+
+
+def test_sensitivity_replays_the_encoder_for_decoder_layers_bit_identically(t5_dir):
+    """Block replay runs over both stacks end to end: a decoder layer's passes run no encoder block
+    (the encoder hands over its recorded output) and no decoder block before its own, and the
+    table is a full pass's, bit for bit."""
+    import mpq.sensitivity as sensitivity
+
+    loaded = load_model(str(t5_dir))
+    task = _task(loaded)
+    graph = trace_model(loaded.model, task.model_inputs(task.calib_ids[:1]))
+    formats = [mpq.get_format(name) for name in ("int8", "int4-g32")]
+    work = sensitivity.measurement_model(loaded.model)
+    cache = QuantizedWeightCache(loaded.model)
+    ran: list[str] = []  # the blocks that ran, as they ran
+    for stack in ("encoder", "decoder"):
+        for index, block in enumerate(work.get_submodule(stack).block):
+            block.layer[0].register_forward_pre_hook(lambda module, args, name=f"{stack}.{index}": ran.append(name))
+    measured = {}
+    for replay_blocks in (True, False):
+        ran.clear()
+        measured[replay_blocks] = sensitivity.measure_sensitivity(loaded.model, work, graph.layers, formats, task, "k",
+                                                                  {}, cache, False, replay_blocks=replay_blocks)
+        measured[replay_blocks] = (measured[replay_blocks].values, len(ran))
+    (replayed, replayed_runs), (full, full_runs) = measured[True], measured[False]
+    assert replayed == full and sum(v > 0 for per in full.values() for v in per.values()) > len(full)
+    assert replayed_runs < 0.65 * full_runs  # 163 of 268 here; with only the decoder's blocks replayed, 254
