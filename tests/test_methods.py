@@ -122,7 +122,7 @@ def test_compile_with_a_method_emits_configs_that_load_back(tiny_llama_dir, tmp_
 
 def test_block_by_block_statistics_are_the_calibration_second_moments(untied_llama_dir):
     """Checked by hand: H = X^T X / n of the inputs each layer sees in the float32 twin of the whole
-    model, shared by q/k/v, though the blocks were run one at a time (and lm_head from the skeleton)."""
+    model, shared by q/k/v, though the blocks were run one at a time (and lm_head with every block replayed)."""
     from mpq.blockwise import calibrate_blockwise
     from mpq.models import load_model
     from mpq.sensitivity import measurement_model
