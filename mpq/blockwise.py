@@ -138,10 +138,11 @@ def _first_row(out) -> torch.Tensor:
 
 
 def _probe(work: nn.Module, lists: list[tuple[str, nn.ModuleList]], batch: dict) -> tuple[list[int], dict]:
-    """One whole pass of `batch`: the order in which `lists` first run, and the first output row
-    of each of their blocks ((list, block) -> tensor)."""
+    """One whole pass of `batch`, up to the last block: the order in which `lists` first run, and
+    the first output row of each of their blocks ((list, block) -> tensor)."""
     order: list[int] = []
     rows: dict[tuple[int, int], torch.Tensor] = {}
+    blocks_in_all = sum(len(blocks) for _, blocks in lists)
     hooks = []
     for which, (_, blocks) in enumerate(lists):
         for index, block in enumerate(blocks):
@@ -149,9 +150,13 @@ def _probe(work: nn.Module, lists: list[tuple[str, nn.ModuleList]], batch: dict)
                 if key[0] not in order:
                     order.append(key[0])
                 rows.setdefault(key, _first_row(out))
+                if len(rows) == blocks_in_all:
+                    raise StopPass  # the head (a vocabulary's logits for every token) is not needed
             hooks.append(block.register_forward_hook(keep))
     try:
         work(**batch)
+    except StopPass:
+        pass
     finally:
         for hook in hooks:
             hook.remove()
