@@ -66,17 +66,6 @@ class BlockCalibration:
     judge: Judge | None
 
 
-def find_blocks(model: nn.Module, layer_names: list[str]) -> str | None:
-    """Name of the nn.ModuleList whose entries hold the most quantisable layers (None if none do)."""
-    best, best_count = None, 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            count = sum(1 for layer in layer_names if layer.startswith(name + "."))
-            if count > best_count:
-                best, best_count = name, count
-    return best
-
-
 def _output_of(out) -> tuple[torch.Tensor, bool]:
     return (out[0], True) if isinstance(out, (tuple, list)) else (out, False)
 

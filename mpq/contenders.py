@@ -16,7 +16,7 @@ import random
 
 import torch
 
-from mpq.blockwise import find_blocks
+from mpq.float_twin import named_block_lists
 from mpq.errors import MpqError
 from mpq.models import DTYPES, LoadedModel, auto_class, load_model
 from mpq.search import uniform_plan
@@ -54,24 +54,28 @@ def _load_bnb(name: str, mode: str, device: str) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=plain.tokenizer, task=plain.task, source=name, path=plain.path)
 
 
-def first_last_plan(costs: dict[str, dict[str, int]], high: str, low: str, blocks_name: str | None) -> dict[str, str]:
-    """The folk rule: layers of the first and last blocks, and every layer outside the blocks
-    (lm_head, a pooler), in `high`; the rest in `low` (a layer that cannot take a format keeps its
-    largest, as in uniform_plan)."""
-    def block_of(layer: str) -> int | None:
-        if blocks_name is None or not layer.startswith(blocks_name + "."):
-            return None
-        return int(layer[len(blocks_name) + 1:].split(".")[0])
+def first_last_plan(costs: dict[str, dict[str, int]], high: str, low: str, lists: list[str]) -> dict[str, str]:
+    """The folk rule: layers of the first and last blocks of each list of blocks (a decoder's; an
+    encoder's and a decoder's), and every layer outside the blocks (lm_head, a pooler), in `high`;
+    the rest in `low` (a layer that cannot take a format keeps its largest, as in uniform_plan)."""
+    def place(layer: str) -> tuple[str, int] | None:
+        for name in lists:
+            if layer.startswith(name + "."):
+                return name, int(layer[len(name) + 1:].split(".")[0])
+        return None
 
-    index = {layer: block_of(layer) for layer in costs}
-    inside = [i for i in index.values() if i is not None]
-    edges = {min(inside), max(inside)} if inside else set()
+    where = {layer: place(layer) for layer in costs}
+    edges: set[tuple[str, int]] = set()
+    for name in lists:
+        indices = [p[1] for p in where.values() if p is not None and p[0] == name]
+        if indices:
+            edges |= {(name, min(indices)), (name, max(indices))}
     highs, lows = uniform_plan(costs, high), uniform_plan(costs, low)
-    return {layer: highs[layer] if i is None or i in edges else lows[layer] for layer, i in index.items()}
+    return {layer: highs[layer] if p is None or p in edges else lows[layer] for layer, p in where.items()}
 
 
 def rule_plan(model, costs: dict[str, dict[str, int]], high: str = "fp16", low: str = "int4-g128") -> dict[str, str]:
-    return first_last_plan(costs, high, low, find_blocks(model, list(costs)))
+    return first_last_plan(costs, high, low, [name for name, _ in named_block_lists(model)])
 
 
 def random_plans(costs: dict[str, dict[str, int]], target: int, count: int, seed: int = 0,

@@ -24,16 +24,25 @@ def costs(blocks: int = 4) -> dict[str, dict[str, int]]:
 
 
 def test_first_last_rule_keeps_the_edge_blocks_and_the_head_high():
-    plan = first_last_plan(costs(4), "fp16", "int4-g128", "model.layers")
+    plan = first_last_plan(costs(4), "fp16", "int4-g128", ["model.layers"])
     assert plan["lm_head"] == "fp16"
     for i, expected in enumerate(["fp16", "int4-g128", "int4-g128", "fp16"]):
         assert {plan[f"model.layers.{i}.{p}"] for p in ("q", "k", "o", "mlp")} == {expected}
 
 
+def test_first_last_rule_keeps_the_edge_blocks_of_each_stack_high():
+    """An encoder-decoder: the first and last blocks of the encoder and of the decoder."""
+    names = [f"{stack}.block.{i}.{part}" for stack in ("encoder", "decoder") for i in range(3) for part in ("q", "wo")]
+    plan = first_last_plan({name: dict(FORMAT_BYTES) for name in names}, "fp16", "int4-g128",
+                           ["encoder.block", "decoder.block"])
+    for stack in ("encoder", "decoder"):
+        assert [plan[f"{stack}.block.{i}.q"] for i in range(3)] == ["fp16", "int4-g128", "fp16"]
+
+
 def test_first_last_rule_gives_a_layer_that_cannot_take_a_format_its_largest():
     c = costs(3)
     c["model.layers.1.mlp"] = {"fp16": 200, "int8": 100}  # no int4 for this shape
-    assert first_last_plan(c, "fp16", "int4-g128", "model.layers")["model.layers.1.mlp"] == "fp16"
+    assert first_last_plan(c, "fp16", "int4-g128", ["model.layers"])["model.layers.1.mlp"] == "fp16"
 
 
 def test_random_plans_have_the_bytes_asked_and_keep_tied_layers_together():
