@@ -218,7 +218,8 @@ def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[
     Embedding tables are left out: their input is token ids, not activations to gather statistics
     of. Layers no walk reaches (a model without block lists; the blocks from one whose walked
     output is not the model's own) are fed the whole model, once per `stats_passes` of them: their
-    statistics are held a pass at a time, at most `stats_bytes` (STATS_PASS_BYTES)."""
+    statistics are held a pass at a time, at most `stats_bytes` (STATS_PASS_BYTES). A list the
+    calibration data never runs gives its layers isotropic statistics (InputStats.unreached)."""
     device = torch.device(device) if device is not None else model_device(model)
     names = [layer.name for layer in layers if not layer.is_embedding]
     in_features = {layer.name: layer.in_features for layer in layers}
@@ -234,11 +235,14 @@ def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[
         return
 
     order, rows = _probe(work, lists, batches[0])
-    if len(order) != len(lists):
-        never = next(name for which, (name, _) in enumerate(lists) if which not in order)
-        raise RuntimeError(f"the model never ran {never}.0 on the calibration data: its layers cannot be calibrated")
-    done: list[tuple[list[nn.Module], list]] = []  # lists walked: their blocks, what the last returned
     calibrated: set[str] = set()
+    for which, (list_name, _) in enumerate(lists):
+        if which not in order:  # a list the model runs only when asked (a vision tower, for text): nothing to walk
+            never = [name for name in names if name.startswith(list_name + ".")]
+            recorder = StatsRecorder({name: work.get_submodule(name) for name in never}, represent)
+            yield BlockCalibration(f"{list_name} (never run)", never, recorder.finish(), None)  # isotropic, unreached
+            calibrated.update(never)
+    done: list[tuple[list[nn.Module], list]] = []  # lists walked: their blocks, what the last returned
     for which in order:
         list_name, blocks = lists[which]
         originals = model.get_submodule(list_name)

@@ -118,3 +118,29 @@ def test_a_channel_between_blocks_past_their_outputs_has_the_rest_fed_the_whole_
     assert calibrations[0].judge is not None and calibrations[1].judge is None
     _assert_equal_stats(calibrations, _one_pass_stats(model, names, [], task.calibration_inputs()))
     assert list(model.layers) == blocks and torch.equal(model(**task.batches[0]), before)
+
+
+class _WithIdleTower(_SharedSlotModel):
+    """Plain blocks, and a second list the forward never runs (as a vision tower is, on text)."""
+
+    def __init__(self) -> None:
+        super().__init__(depth=2)
+        for layer in self.layers:
+            layer.first = False  # no shared slot: the walk goes through
+        self.tower = nn.ModuleList(_BlockReadingBlockZero(16, False) for _ in range(2))
+
+
+def test_a_list_of_blocks_the_calibration_never_runs_gets_isotropic_statistics():
+    torch.manual_seed(0)
+    model = _WithIdleTower().eval()
+    generator = torch.Generator().manual_seed(1)
+    task = _Batches([{"input_ids": torch.randint(0, 50, (2, 12), generator=generator)} for _ in range(2)])
+    names = ["layers.0.linear", "layers.1.linear", "tower.0.linear", "tower.1.linear", "head"]
+    layers = [_linear_info(name, model.get_submodule(name), order) for order, name in enumerate(names)]
+    calibrations = list(calibrate_blockwise(model, layers, [], task))
+    assert [c.name for c in calibrations] == ["tower (never run)", "layers.0", "layers.1", "outside blocks"]
+    tower = calibrations[0]
+    assert tower.stats.unreached == ["tower.0.linear", "tower.1.linear"] and tower.judge is None
+    assert all(torch.equal(tower.stats.hessian[name], torch.eye(16)) for name in tower.layers)
+    ran = [name for name in names if not name.startswith("tower.")]
+    _assert_equal_stats(calibrations[1:], _one_pass_stats(model, ran, [], task.calibration_inputs()))
