@@ -41,7 +41,7 @@ from mpq.float_twin import float32_twin, named_block_lists
 from mpq.formats import FormatSpec
 from mpq.quantize import dequantize_weight
 from mpq.models import model_device, to_device
-from mpq.replay import StopPass, returning
+from mpq.replay import StopPass, record_pass, returning
 from mpq.trace import LayerInfo
 
 log = logging.getLogger(__name__)
@@ -142,14 +142,17 @@ def _probe(work: nn.Module, lists: list[tuple[str, nn.ModuleList]], batch: dict)
                 if len(rows) == blocks_in_all:
                     raise StopPass  # the head (a vocabulary's logits for every token) is not needed
             hooks.append(block.register_forward_hook(keep))
+    _hooked_pass(work, [batch], hooks)
+    return order, rows
+
+
+def _hooked_pass(work: nn.Module, batches: list[dict], hooks: list) -> None:
+    """Each batch through `work`, stopped where a hook raises StopPass; then `hooks` are removed."""
     try:
-        work(**batch)
-    except StopPass:
-        pass
+        record_pass(lambda batch: work(**batch), batches)()
     finally:
         for hook in hooks:
             hook.remove()
-    return order, rows
 
 
 def _same_row(walked: torch.Tensor, whole: torch.Tensor) -> bool:
@@ -196,16 +199,8 @@ def _run_to(work: nn.Module, block: nn.Module, batches: list[dict]) -> tuple[lis
         outputs.append(out)
         raise StopPass
 
-    hooks = [block.register_forward_pre_hook(catch, with_kwargs=True), block.register_forward_hook(stop)]
-    try:
-        for batch in batches:
-            try:
-                work(**batch)
-            except StopPass:
-                pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _hooked_pass(work, batches, [block.register_forward_pre_hook(catch, with_kwargs=True),
+                                 block.register_forward_hook(stop)])
     return calls, outputs
 
 

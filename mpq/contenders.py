@@ -19,6 +19,7 @@ import torch
 from mpq.float_twin import named_block_lists
 from mpq.errors import MpqError
 from mpq.models import DTYPES, LoadedModel, auto_class, load_model
+from mpq.replay import block_of
 from mpq.search import uniform_plan
 
 BNB_MODES = ("int8", "nf4")
@@ -61,7 +62,7 @@ def first_last_plan(costs: dict[str, dict[str, int]], high: str, low: str, lists
     def place(layer: str) -> tuple[str, int] | None:
         for name in lists:
             if layer.startswith(name + "."):
-                return name, int(layer[len(name) + 1:].split(".")[0])
+                return name, block_of(layer, name)
         return None
 
     where = {layer: place(layer) for layer in costs}
