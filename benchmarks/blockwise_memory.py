@@ -50,7 +50,7 @@ def run_variant(variant: str, blocks: int, hidden: int, samples: int) -> dict:
     start = time.time()
     with torch.no_grad(), PeakMemory() as memory:
         if variant == "blockwise":
-            tensors = calibrated_tensors("gptq", model, graph.layers, groups, formats, task)
+            tensors = calibrated_tensors("gptq", model, graph.layers, groups, formats, task).tensors
         else:  # the whole model in float32, every layer hooked, one pass; then the same GPTQ per layer
             twin = measurement_model(model, lazy=False)
             represent = {name: group[0] for group in groups for name in group}

@@ -62,7 +62,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     start_rss = PeakMemory.rss()
     start = time.time()
     with torch.no_grad(), PeakMemory() as memory:
-        tensors = calibrated_tensors("gptq", model, graph.layers, groups, formats, task)
+        tensors = calibrated_tensors("gptq", model, graph.layers, groups, formats, task).tensors
     assert len(tensors) == 2 * len(names), "every layer's int8 and int4 tensors"
     return {"variant": variant, "layers": args.layers, "d_model": args.d_model, "weights_bytes": weights,
             "statistics_bytes": sum(blockwise.statistic_bytes(in_features[o]) for o in owners), "bound_bytes": bound,

@@ -22,6 +22,7 @@ while that block alone is in memory in float32.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -121,6 +122,15 @@ def extra_bytes(method: str, fmt: FormatSpec, layer: LayerInfo) -> int:
     return 2 * layer.in_features if method_of(method, fmt) == "awq" and not layer.is_embedding else 0
 
 
+@dataclass
+class Calibrated:
+    """What GPTQ/AWQ computed from the calibration data."""
+    tensors: dict[tuple[str, str], dict[str, torch.Tensor]] = field(default_factory=dict)  # (layer, format) -> tensors
+    # Layers the calibration data never ran (LED's global-attention projections on plain text):
+    # nothing is known of their inputs, so every calibrated format rounds them to nearest.
+    never_ran: list[str] = field(default_factory=list)
+
+
 def rtn_quantizer(model: nn.Module, token_counts: Mapping[int, int] | None = None) -> Quantizer:
     def quantize(name: str, fmt: FormatSpec) -> dict[str, torch.Tensor]:
         weight = linear_weight(get_module(model, name))
@@ -141,8 +151,7 @@ def _hot_ids(name: str, fmt: FormatSpec, weight: torch.Tensor, token_counts: Map
 
 @torch.no_grad()
 def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
-                       formats: list[FormatSpec], task, progress: bool = False
-                       ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+                       formats: list[FormatSpec], task, progress: bool = False) -> Calibrated:
     """Canonical tensors of every (layer, quantised format) whose method (method_of) is GPTQ or
     AWQ, computed block by block from the original weights of `model` and the calibration data of
     `task`: one pass over the blocks serves every format."""
@@ -152,9 +161,9 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
     group_of = {name: list(group) for group in groups for name in group}
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     blocks = calibrate_blockwise(model, layers, groups, task)
-    unreached: list[str] = []
+    never_ran: list[str] = []
     for block in tqdm(blocks, desc=f"{method} block by block", disable=not progress, unit="block"):
-        unreached += block.stats.unreached
+        never_ran += block.stats.unreached
         done: set[str] = set()
         for name in block.layers:
             if name in done:
@@ -171,10 +180,10 @@ def calibrated_tensors(method: str, model: nn.Module, layers: list[LayerInfo], g
                     tensors, _ = awq_quantize_group(weights, fmt, block.stats.absmean[name], block.stats.hessian[name],
                                                     block.judge)
                 out.update({(m, fmt.name): kept(t) for m, t in tensors.items()})  # mpq.spill
-    if unreached:
+    if never_ran:
         log.warning("%s: the calibration data never ran %s%s, so nothing is known of their inputs: rounded to nearest",
-                    method, unreached[0], f" and {len(unreached) - 1} more layers" if len(unreached) > 1 else "")
-    return out
+                    method, never_ran[0], f" and {len(never_ran) - 1} more layers" if len(never_ran) > 1 else "")
+    return Calibrated(out, never_ran)
 
 
 def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str], dict[str, torch.Tensor]] | None = None,
@@ -204,16 +213,26 @@ def _calibrated(method: str) -> bool:
     return any(value in ("gptq", "awq") for value in _entries(method).values())
 
 
-def method_quantizer(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
-                     formats: list[FormatSpec], task, progress: bool = False) -> Quantizer:
-    """The quantizer of `method` for this model and calibration data (GPTQ/AWQ computed now)."""
+def calibrate(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
+              formats: list[FormatSpec], task, progress: bool = False) -> Calibrated:
+    """What `method` computes from this model and calibration data: GPTQ/AWQ tensors, or nothing
+    where no format needs them."""
     if method == AUTO:
         raise ValueError("--method auto is resolved by mpq.method_choice.choose_method, on held-out data")
     check_method(method, formats)
-    counts = token_counts_for(task, formats)
-    if all(method_of(method, f) == "rtn" for f in formats):
-        return make_quantizer("rtn", model, token_counts=counts)
     if all(method_of(method, f) == "rtn" or f.embedding_only for f in formats):
-        return make_quantizer(method, model, {}, counts)  # a table's rounding needs no calibrated tensors
-    return make_quantizer(method, model, calibrated_tensors(method, model, layers, groups, formats, task, progress),
-                          counts)
+        return Calibrated()  # round to nearest, and a table's rounding, need no calibrated tensors
+    return calibrated_tensors(method, model, layers, groups, formats, task, progress)
+
+
+def method_quantizer(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
+                     formats: list[FormatSpec], task, progress: bool = False) -> Quantizer:
+    """The quantizer of `method` for this model and calibration data (GPTQ/AWQ computed now)."""
+    calibrated = calibrate(method, model, layers, groups, formats, task, progress)
+    return make_quantizer(method, model, calibrated.tensors, token_counts_for(task, formats))
+
+
+def rounded_to_nearest(never_ran: list[str], specs: Mapping[str, FormatSpec], method: str) -> list[str]:
+    """The layers of a plan (`specs`: layer -> format) whose format's method is GPTQ or AWQ but
+    which were rounded to nearest because the calibration data never ran them."""
+    return [name for name in never_ran if name in specs and method_of(method, specs[name]) in ("gptq", "awq")]

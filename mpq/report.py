@@ -284,6 +284,14 @@ def _method_choice_lines(choice: dict | None, quality_name: str) -> list[str]:
             f"(|z| > {NOISE_Z:g}; {unit}): " + "; ".join(parts)]
 
 
+def _never_ran_line(never_ran: list[str] | None) -> list[str]:
+    if not never_ran:
+        return []
+    return [f"- the calibration data never ran {len(never_ran)} layer(s) (`{never_ran[0]}`"
+            + (f" and {len(never_ran) - 1} more" if len(never_ran) > 1 else "")
+            + "): nothing is known of their inputs, so gptq/awq rounded them to nearest; each config's card names them"]
+
+
 def _noise_line(s: dict) -> str:
     dropped = s.get("within_noise", 0)
     return (f"A config is emitted only when it beats every smaller (or faster) emitted one by more than the noise of the "
@@ -349,6 +357,7 @@ def write_report(path: Path, summary: dict) -> Path:
         f"- formats: {', '.join(s['formats'])}; method: {s.get('method', 'rtn')}; calibration: {s['calibration']['samples']} samples x "
         f"{s['calibration']['seq_len']} tokens from {s['calibration']['source']}",
         *_method_choice_lines(s.get("method_choice"), s["quality_name"]),
+        *_never_ran_line(s.get("calibration_never_ran")),
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
         *_kept_lines(s),
         *_experts_line(s),

@@ -237,7 +237,7 @@ def test_gptq_rounds_an_expert_no_calibration_token_reached_to_nearest(demo_toke
     assert routed_tokens(model, task.calibration_inputs())["model.layers.0.mlp.experts"][3] == 0
     graph = trace_model(model, {"input_ids": task.calib_ids[:1, :8], **EXPORT})
     fmt = get_format("int4-g32")
-    tensors = calibrated_tensors("gptq", model, graph.layers, graph.shared_input_groups(), [fmt], task)
+    tensors = calibrated_tensors("gptq", model, graph.layers, graph.shared_input_groups(), [fmt], task).tensors
     for e, reached in ((3, False), (0, True)):
         name = f"model.layers.0.mlp.experts.{e}.down_proj"
         rtn = quantize_weight(model.get_submodule(name).weight, fmt)

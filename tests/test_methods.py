@@ -313,3 +313,14 @@ def test_compact_method_is_the_shortest_text_that_gives_each_format_its_method()
         text = compact_method(chosen, formats)
         assert text == expected
         assert all(method_of(text, fmt) == chosen[fmt.name] for fmt in formats)
+
+
+def test_only_layers_a_calibrated_format_holds_count_as_rounded_to_nearest():
+    """A layer the calibration never ran is rounded to nearest instead of by GPTQ only where its
+    format's method is GPTQ or AWQ: in fp16, or in a format the method leaves to rtn, nothing changed."""
+    from mpq.methods import rounded_to_nearest
+
+    specs = {"a": get_format("int4-g32"), "b": get_format("int8"), "c": get_format("fp16"), "d": get_format("int4-g32")}
+    assert rounded_to_nearest(["a", "b", "c", "x"], specs, "int8=rtn,int4=gptq") == ["a"]
+    assert rounded_to_nearest(["a", "b", "c"], specs, "awq") == ["a", "b"]
+    assert rounded_to_nearest(["a", "b"], specs, "rtn") == []

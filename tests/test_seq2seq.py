@@ -203,44 +203,71 @@ def test_layers_fed_the_whole_model_have_their_statistics_gathered_in_passes_und
     fmt = mpq.get_format("int4-g32")
     for method in ("gptq", "awq"):
         monkeypatch.setattr(blockwise, "STATS_PASS_BYTES", 2**40)
-        one = calibrated_tensors(method, loaded.model, graph.layers, groups, [fmt], task)
+        one = calibrated_tensors(method, loaded.model, graph.layers, groups, [fmt], task).tensors
         monkeypatch.setattr(blockwise, "STATS_PASS_BYTES", bound)
-        split = calibrated_tensors(method, loaded.model, graph.layers, groups, [fmt], task)
+        split = calibrated_tensors(method, loaded.model, graph.layers, groups, [fmt], task).tensors
         assert one.keys() == split.keys() and len(one) == len(whole.layers)
         assert all(torch.equal(one[key][t], split[key][t]) for key in one for t in one[key])
 
 
-def test_layers_the_calibration_never_runs_are_rounded_to_nearest_with_a_warning(tmp_path, demo_tokenizer, caplog):
-    """LED's encoder runs its global-attention projections only for tokens given global attention,
-    which calibration text has none of: GPTQ knows nothing of their inputs and rounds them to
-    nearest (it raised before), saying so; every other layer is GPTQ's own."""
+@pytest.fixture
+def led_dir(tmp_path, demo_tokenizer):
     from transformers import LEDConfig, LEDForConditionalGeneration
-
-    from mpq.methods import calibrated_tensors
-    from mpq.quantize import quantize_weight
 
     torch.manual_seed(0)
     config = LEDConfig(vocab_size=len(demo_tokenizer), d_model=64, encoder_layers=2, decoder_layers=2,
                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
                        max_encoder_position_embeddings=256, max_decoder_position_embeddings=256, attention_window=8,
                        pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
-    LEDForConditionalGeneration(config).eval().save_pretrained(tmp_path / "led")
-    demo_tokenizer.save_pretrained(tmp_path / "led")
-    loaded = load_model(str(tmp_path / "led"))
+    path = tmp_path / "led"
+    LEDForConditionalGeneration(config).eval().save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_layers_the_calibration_never_runs_are_rounded_to_nearest_with_a_warning(led_dir, caplog):
+    """LED's encoder runs its global-attention projections only for tokens given global attention,
+    which calibration text has none of: GPTQ knows nothing of their inputs and rounds them to
+    nearest (it raised before), saying so; every other layer is GPTQ's own."""
+    from mpq.methods import calibrated_tensors
+    from mpq.quantize import quantize_weight
+
+    loaded = load_model(str(led_dir))
     task = _task(loaded)
     graph = trace_model(loaded.model, task.model_inputs(task.calib_ids[:1]))
     never = [layer.name for layer in graph.layers if layer.name.endswith("_global")]
     assert len(never) == 6  # query/key/value_global in each of 2 encoder blocks
     fmt = mpq.get_format("int4-g32")
     with caplog.at_level("WARNING", logger="mpq.methods"):
-        tensors = calibrated_tensors("gptq", loaded.model, graph.layers, graph.shared_input_groups(), [fmt], task)
+        calibrated = calibrated_tensors("gptq", loaded.model, graph.layers, graph.shared_input_groups(), [fmt], task)
     assert any(f"never ran {name} and 5 more layers" in caplog.text for name in never)
+    assert sorted(calibrated.never_ran) == sorted(never)
+    tensors = calibrated.tensors
     for name in never:
         rtn = quantize_weight(loaded.model.get_submodule(name).weight, fmt)
         assert all(torch.equal(tensors[(name, fmt.name)][key], rtn[key]) for key in rtn)
     ran = "led.encoder.layers.0.self_attn.longformer_self_attn.query"
     rtn = quantize_weight(loaded.model.get_submodule(ran).weight, fmt)
     assert not torch.equal(tensors[(ran, fmt.name)]["qweight"], rtn["qweight"])
+
+
+def test_the_card_names_the_layers_rounded_to_nearest_because_the_calibration_never_ran_them(led_dir, tmp_path):
+    """The compile's warning is not the only record: the summary, the report and each card say
+    which layers GPTQ rounded to nearest, and a card lists only those its own plan calibrates."""
+    out = tmp_path / "out"
+    result = compile_model(CompileOptions(model=str(led_dir), max_mem="1MB", out=out, samples=4, seq_len=32,
+                                          trials=10, max_configs=1, method="gptq", latency=False, progress=False))
+    never = sorted(result["calibration_never_ran"])
+    assert len(never) == 6 and all(name.endswith("_global") for name in never)
+    assert f"never ran 6 layer(s) (`{result['calibration_never_ran'][0]}` and 5 more)" in (out / "report.md").read_text()
+    for config in result["configs"]:
+        manifest = json.loads((out / "configs" / config["name"] / MANIFEST).read_text())
+        quantised = [name for name in never if manifest["plan"]["formats"][name] != "fp16"]
+        assert quantised, "the 1MB budget quantises them"
+        why = ": rtn, as the calibration data never ran them (nothing is known of their inputs)"
+        named = [part for part in manifest["card"]["method"].split("; ") if part.endswith(why)]
+        assert len(named) == 1 and sorted(named[0].removesuffix(why).split(", ")) == quantised
+        assert "rtn, as the calibration data never ran them" in (out / "configs" / config["name"] / "card.md").read_text()
 
 
 def test_sensitivity_replays_the_encoder_for_decoder_layers_bit_identically(t5_dir):
