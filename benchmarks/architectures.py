@@ -10,7 +10,8 @@ unquantised model's (cosine), that it generates, and that the float32 twin sensi
 measured in (mpq.float_twin, whose blocks upcast the model's own tensors while they run) gives
 exactly a whole float32 copy's logits, and that GPTQ/AWQ's calibration (mpq.blockwise, which walks
 the blocks one at a time) gathers exactly the input statistics of a whole float32 copy's single
-pass. No timing: this is coverage, not speed.
+pass. Where export works, the trace's fallback (hooks on an eager forward, for the models export
+fails on) must find the same layers and shared-input groups. No timing: this is coverage, not speed.
 Prints a table, writes JSON.
 
     python benchmarks/architectures.py                        # benchmarks/results/architectures.json
@@ -130,7 +131,9 @@ def check(name: str, fmt: str, work: Path) -> dict:
     ids = torch.randint(0, VOCAB, (1, 16))
     # an encoder-decoder's decoder reads the same ids (their values do not matter here)
     inputs = {"input_ids": ids, "use_cache": False, **({"decoder_input_ids": ids} if name in SEQ2SEQ else {})}
-    graph = trace_model(model, {key: value[:, :8] if key != "use_cache" else value for key, value in inputs.items()})
+    short = {key: value[:, :8] if key != "use_cache" else value for key, value in inputs.items()}
+    graph = trace_model(model, short)
+    hooks = trace_model(model, short, capture="hooks")  # the fallback where export fails, checked against it
     kept = kept_as_stored(model, graph.layers)
     memory = memory_model(model, graph.layers, [get_format(fmt)])
     plan = Plan(formats={layer.name: fmt for layer in graph.layers}, model=str(work / name))
@@ -146,7 +149,14 @@ def check(name: str, fmt: str, work: Path) -> dict:
     kernels = kernels_of(restored)
     return {
         "architecture": name, "model_class": type(model).__name__, "trace": graph.method,
-        "layers": len(graph.layers), "layer_types": sorted({layer.module_type for layer in graph.layers}),
+        "layers": len(graph.layers), "shared_input_groups": len(graph.shared_input_groups()),
+        # the same layers and shared inputs; the order may differ (Qwen2-MoE runs its routed experts
+        # before its shared expert eagerly, after it in the exported graph)
+        "hooks_agree": None if graph.method != "export" else (
+            sorted(layer.name for layer in hooks.layers) == sorted(layer.name for layer in graph.layers)
+            and sorted(hooks.shared_input_groups()) == sorted(graph.shared_input_groups())),
+        "hooks_same_order": None if graph.method != "export" else (
+            [layer.name for layer in hooks.layers] == [layer.name for layer in graph.layers]), "layer_types": sorted({layer.module_type for layer in graph.layers}),
         "table": ("tied to the head" if any(layer.tied_table for layer in tables) else "a layer") if tables else "kept",
         "table_kernel": kernels.get(tables[0].tied_table or tables[0].name) if tables else None,
         "excluded": {**graph.excluded, **loaded.unrouted},
@@ -247,14 +257,18 @@ def main() -> None:
     print(f"every layer at {args.format}; loaded = the loaded config's logits equal the saved model's")
     print("twin = the lazy float32 twin's logits (mpq.float_twin) equal a whole float32 copy's, plain and with a layer at int4")
     print("GPTQ/AWQ statistics = how mpq.blockwise reaches the layers, and whether every statistic equals a whole copy's")
-    print("| architecture | layers | layer types | table | unquantised | smallest | kept as stored (largest) | loaded | "
+    print("trace = torch.export, or hooks on an eager forward where export fails; groups = shared-input groups "
+          "(hooks: whether the fallback, run anyway, finds the same layers and groups)")
+    print("| architecture | trace | layers | groups | layer types | table | unquantised | smallest | kept as stored (largest) | loaded | "
           "bytes as predicted | cos | generates | twin | GPTQ/AWQ statistics |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['architecture']} | error: {row['error']} ||||||||||||")
+            print(f"| {row['architecture']} | error: {row['error']} ||||||||||||||")
             continue
-        print(f"| {row['architecture']} | {row['layers']} | {', '.join(row['layer_types'])} | {row['table']} | "
+        agree = {None: "", True: " (hooks agree)", False: " (HOOKS DIFFER)"}[row["hooks_agree"]]
+        print(f"| {row['architecture']} | {row['trace']} | {row['layers']} | {row['shared_input_groups']}{agree} | "
+              f"{', '.join(row['layer_types'])} | {row['table']} | "
               f"{format_size(row['unquantised_bytes'])} | {format_size(row['smallest_bytes'])} | "
               f"{format_size(row['kept_bytes'])} ({row['kept_largest']}) | {'yes' if row['loaded_equals_saved'] else 'NO'} | "
               f"{'yes' if row['bytes_as_predicted'] else 'NO'} | "
@@ -267,7 +281,8 @@ def main() -> None:
     print(f"wrote {args.out}")
     bad = [row["architecture"] for row in rows
            if "error" in row or not (row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"]
-                                     and row["float32_twin_exact"] and row["calibration_exact"])]
+                                     and row["float32_twin_exact"] and row["calibration_exact"]
+                                     and row["hooks_agree"] is not False)]
     if bad:
         raise SystemExit(f"failed: {', '.join(bad)}")
 

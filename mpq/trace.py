@@ -3,7 +3,10 @@
 The graph gives each linear's module path (from `nn_module_stack`), its order of execution and
 its input node; networkx then answers graph questions: which layers read the same input
 (q/k/v, gate/up: candidates for fused kernels) and which weights are tied (embedding, lm_head).
-If export fails, module discovery takes over with a warning that names the reason.
+If export fails (LongT5, Switch Transformers and LED do: data-dependent shapes), one eager forward
+with hooks on the linear modules takes over, with a warning that names the reason: it gives the
+order they run in and which read the same input (handed the same memory: one tensor or a view of
+it). If the model cannot even run eagerly, module discovery (no shared inputs) is the last resort.
 The input embedding table (a vocabulary's rows: half of a small encoder's weights) is a layer
 too, first in order. A table tied to the output head (most small LMs) is one tensor with it: the
 head is the layer, and the table looks its rows up in the head's quantised weight (`tied_table`).
@@ -68,7 +71,7 @@ EMBEDDING = "Embedding"
 class ModelGraph:
     layers: list[LayerInfo]
     graph: nx.Graph  # layer nodes; edges "shares_input" and "tied"
-    method: str  # "export" or "modules"
+    method: str  # "export", "hooks" (an eager forward's, where export failed) or "modules" (neither ran)
     warning: str | None = None
     excluded: dict[str, str] = field(default_factory=dict)  # layer name -> why it is not quantisable
 
@@ -259,6 +262,54 @@ def _transposed_parameter(node: torch.fx.Node, parameters: dict[str, str]) -> st
     return parameters.get(source.name) if isinstance(source, torch.fx.Node) and source.op == "placeholder" else None
 
 
+def _memory_key(x: torch.Tensor) -> tuple:
+    """What identifies the values a linear reads from `x`, while `x` is alive: where they start,
+    how many, how they are laid out, and not changed in place since. Two contiguous tensors from the same address with the same
+    size and last dimension present the same rows (a tensor and its reshape); any other view
+    matches only the same view."""
+    start = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.dtype, x.numel(),
+             x._version)  # changed in place between two calls: not the same input
+    return (*start, x.shape[-1] if x.dim() else 0) if x.is_contiguous() else (*start, tuple(x.shape), x.stride())
+
+
+def _called_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str, tuple | None]]:
+    """(module path, input key) of every linear module, in the order one eager forward on
+    `example_inputs` calls them (a module called twice counts at its first call); linears the
+    forward never calls (LED's global-attention projections, an expert the router skipped) follow
+    the called one registered before them, with no input key."""
+    paths = {module: name for name, module in model.named_modules() if _is_linear(module)}
+    held: list[torch.Tensor] = []  # alive until the pass ends, so no two inputs can share an address
+    called: dict[str, tuple | None] = {}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is not None:
+            held.append(x)
+        called.setdefault(paths[module], None if x is None else _memory_key(x))
+
+    handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in paths]
+    try:
+        with torch.no_grad():
+            model(**example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        held.clear()
+    if not called:
+        raise RuntimeError("the eager forward called no linear module")
+    after: dict[str | None, list[str]] = {}  # a called path (None: the start) -> the uncalled registered after it
+    previous = None
+    for path in paths.values():
+        if path in called:
+            previous = path
+        else:
+            after.setdefault(previous, []).append(path)
+    ordered = [(path, None) for path in after.get(None, [])]
+    for path, key in called.items():
+        ordered += [(path, key), *((later, None) for later in after.get(path, []))]
+    return ordered
+
+
 def _exported_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str, torch.fx.Node]]:
     """(module path, input node) of every linear op in execution order, via torch.export: the
     linear and addmm ops, and matmuls by a module's own transposed weight."""
@@ -297,22 +348,30 @@ def _stack_kinds(layers: list[LayerInfo]) -> list[LayerInfo]:
     return kinds
 
 
-def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True) -> ModelGraph:
+def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True, capture: str = "export") -> ModelGraph:
     """Layers of `model` that mpq can quantise, and the graph facts about them (`embeddings`: the
-    input embedding table is one of them where it can be)."""
+    input embedding table is one of them where it can be). `capture="hooks"` skips torch.export
+    (what the fallback is checked against it with)."""
     modules = dict(model.named_modules())
     method, warning = "export", None
     try:
+        if capture != "export":
+            raise RuntimeError(f"capture={capture!r} asked")
         with torch.no_grad():
             linears = _exported_linears(model, example_inputs)
         if not linears:
             raise RuntimeError("the exported graph holds no linear ops")
     except Exception as exc:  # any capture failure falls back; the reason is kept for the report
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        warning = f"torch.export failed ({reason}); found layers by module discovery instead, so shared inputs are unknown"
+        try:
+            linears, method = _called_linears(model, example_inputs), "hooks"
+            warning = (f"torch.export failed ({reason}); found layers by hooks on an eager forward instead "
+                       "(shared inputs: layers handed the same memory)")
+        except Exception as eager:  # a model that cannot run on the example inputs: its modules are all there is
+            linears, method = [(name, None) for name, module in modules.items() if _is_linear(module)], "modules"
+            warning = (f"torch.export failed ({reason}) and so did an eager forward ({type(eager).__name__}); found "
+                       "layers by module discovery instead, so shared inputs are unknown")
         log.warning(warning)
-        method = "modules"
-        linears = [(name, None) for name, module in modules.items() if _is_linear(module)]
 
     tied = tied_parameter_groups(model)
     tied_weights = {name for group in tied for name in group}

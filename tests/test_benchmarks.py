@@ -246,13 +246,15 @@ def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_scrip
 
 def test_every_architecture_of_the_coverage_benchmark_quantises_saves_loads_and_generates(benchmark_script, tmp_path):
     """benchmarks/architectures.py on all its 26 architectures (about 40 s): each traces, takes
-    int8 in every layer, loads back equal to the model it was saved from, and generates; GPTQ/AWQ's
+    int8 in every layer, loads back equal to the model it was saved from, and generates; the trace's
+fallback (hooks on an eager forward) finds the same layers and shared inputs as export; GPTQ/AWQ's
     calibration walks both blocks and gathers a whole float32 copy's statistics exactly (Gemma 2/3
     and GPT-OSS alternate a 16-token sliding window with global attention over 64-token windows)."""
     bench = benchmark_script("architectures")
     rows = {name: bench.check(name, "int8", tmp_path) for name in bench.ARCHITECTURES}
     for name, row in rows.items():
         assert row["trace"] == "export" and row["layers"] >= 9, name
+        assert row["hooks_agree"], name  # the trace's fallback finds the same layers and shared inputs
         assert row["loaded_equals_saved"] and row["generates"] and row["cosine_to_unquantised"] > 0.99, name
         assert row["float32_twin_exact"], name  # sensitivities measured in the lazy twin are a float32 copy's
         assert row["calibration"] == "2 blocks walked" and row["calibration_exact"], name
@@ -285,8 +287,12 @@ def test_every_encoder_decoder_of_the_coverage_benchmark_holds_the_bytes_predict
         assert row["float32_twin_exact"], name
         assert row["calibration"] == "4 blocks walked" and row["calibration_exact"], name
         assert row["cosine_to_unquantised"] > 0.99 and row["smallest_bytes"] < 0.75 * row["unquantised_bytes"], name
-    # LongT5's, SwitchTransformers' and LED's forwards do not export; their layers are found as modules
+    # LongT5's, SwitchTransformers' and LED's forwards do not export: hooks on an eager forward find
+    # their layers and shared inputs (6: each self-attention's q/k/v, each cross-attention's k/v)
     assert {name for name, row in rows.items() if row["trace"] != "export"} <= {"longt5", "switch_transformers", "led"}
+    for name, row in rows.items():
+        assert row["trace"] in ("export", "hooks") and row["shared_input_groups"] >= 6, name
+        assert row["hooks_agree"] is not False, name
 
 
 def test_twin_memory_benchmark_smoke(tmp_path):

@@ -87,16 +87,53 @@ def test_bert_kinds_keep_the_several_dense_layers_apart():
             "encoder.layer.0.attention.self.value"] in graph.shared_input_groups()
 
 
-def test_export_failure_falls_back_with_a_warning(monkeypatch, caplog):
+def test_export_failure_falls_back_to_hooks_on_an_eager_forward_with_a_warning(monkeypatch, caplog):
+    """Where export fails, an eager forward's hooks give the same layers, in the same order, and
+    the same shared inputs; where the model cannot run either, module discovery is all there is."""
+    model, inputs = _llama(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL}
+    exported = trace_model(model, inputs)
+
     def broken(*args, **kwargs):
         raise RuntimeError("data-dependent control flow")
 
     monkeypatch.setattr(torch.export, "export", broken)
-    graph = trace_model(_llama(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL})
-    assert graph.method == "modules"
-    assert "data-dependent control flow" in graph.warning
-    assert len(graph.layers) == 16 and graph.shared_input_groups() == []
+    graph = trace_model(model, inputs)
+    assert graph.method == "hooks" and "data-dependent control flow" in graph.warning
+    assert [layer.name for layer in graph.layers] == [layer.name for layer in exported.layers]
+    assert graph.shared_input_groups() == exported.shared_input_groups() and len(graph.shared_input_groups()) == 4
     assert any("torch.export failed" in r.message for r in caplog.records)
+    assert not any(module._forward_pre_hooks for module in model.modules())  # the hooks are gone
+    graph = trace_model(model, {"input_ids": torch.full((1, 8), 10_000), **CAUSAL})  # beyond the vocabulary
+    assert graph.method == "modules" and "so did an eager forward" in graph.warning
+    assert len(graph.layers) == 16 and graph.shared_input_groups() == []
+
+
+class _Readers(torch.nn.Module):
+    """Linears handed the same memory in several ways, and one never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(8, 8) for _ in range(4))
+        self.unused = torch.nn.Linear(8, 8)
+        self.e, self.f = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, 8)  # a view of x: the same rows
+        y = self.a(x) + self.b(flat).view_as(x) + self.c(x.clone())  # a copy is another input
+        x = x.transpose(0, 1)
+        z = self.d(x).transpose(0, 1)  # the same memory read as other rows
+        h = torch.relu(y + z)
+        out = self.e(h)
+        h.mul_(2)  # changed in place: f reads other values from the same memory
+        return out + self.f(h)
+
+
+def test_the_hooks_share_an_input_only_where_the_same_values_are_read(monkeypatch):
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+    graph = trace_model(_Readers(), {"x": torch.randn(3, 5, 8)})
+    assert graph.method == "hooks"
+    assert [layer.name for layer in graph.layers] == ["a", "b", "c", "d", "unused", "e", "f"]
+    assert graph.shared_input_groups() == [["a", "b"]]
 
 
 def test_embedding_tables_can_be_left_out_and_subclasses_are_not_taken():
