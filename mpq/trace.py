@@ -264,9 +264,9 @@ def _transposed_parameter(node: torch.fx.Node, parameters: dict[str, str]) -> st
 
 def _memory_key(x: torch.Tensor) -> tuple:
     """What identifies the values a linear reads from `x`, while `x` is alive: where they start,
-    how many, how they are laid out, and not changed in place since. Two contiguous tensors from the same address with the same
-    size and last dimension present the same rows (a tensor and its reshape); any other view
-    matches only the same view."""
+    how many, how they are laid out, and not changed in place since. Two contiguous tensors from
+    the same address with the same size and last dimension present the same rows (a tensor and
+    its reshape); any other view matches only the same view."""
     start = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.dtype, x.numel(),
              x._version)  # changed in place between two calls: not the same input
     return (*start, x.shape[-1] if x.dim() else 0) if x.is_contiguous() else (*start, tuple(x.shape), x.stride())
@@ -348,29 +348,35 @@ def _stack_kinds(layers: list[LayerInfo]) -> list[LayerInfo]:
     return kinds
 
 
+def _capture(model: nn.Module, example_inputs: dict, capture: str) -> tuple[list[tuple[str, object]], str, str | None]:
+    """(module path, input key) of the linears, how they were found, and why not by export."""
+    if capture == "hooks":
+        return _called_linears(model, example_inputs), "hooks", None
+    try:
+        with torch.no_grad():
+            linears = _exported_linears(model, example_inputs)
+        if linears:
+            return linears, "export", None
+        raise RuntimeError("the exported graph holds no linear ops")
+    except Exception as exc:  # any capture failure falls back; the reason is kept for the report
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    try:
+        return _called_linears(model, example_inputs), "hooks", (
+            f"torch.export failed ({reason}); found layers by hooks on an eager forward instead "
+            "(shared inputs: layers handed the same memory)")
+    except Exception as eager:  # a model that cannot run on the example inputs: its modules are all there is
+        return [(name, None) for name, module in model.named_modules() if _is_linear(module)], "modules", (
+            f"torch.export failed ({reason}) and so did an eager forward ({type(eager).__name__}); found layers "
+            "by module discovery instead, so shared inputs are unknown")
+
+
 def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True, capture: str = "export") -> ModelGraph:
     """Layers of `model` that mpq can quantise, and the graph facts about them (`embeddings`: the
     input embedding table is one of them where it can be). `capture="hooks"` skips torch.export
-    (what the fallback is checked against it with)."""
+    for the fallback export's failure takes (to check the two against each other)."""
     modules = dict(model.named_modules())
-    method, warning = "export", None
-    try:
-        if capture != "export":
-            raise RuntimeError(f"capture={capture!r} asked")
-        with torch.no_grad():
-            linears = _exported_linears(model, example_inputs)
-        if not linears:
-            raise RuntimeError("the exported graph holds no linear ops")
-    except Exception as exc:  # any capture failure falls back; the reason is kept for the report
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        try:
-            linears, method = _called_linears(model, example_inputs), "hooks"
-            warning = (f"torch.export failed ({reason}); found layers by hooks on an eager forward instead "
-                       "(shared inputs: layers handed the same memory)")
-        except Exception as eager:  # a model that cannot run on the example inputs: its modules are all there is
-            linears, method = [(name, None) for name, module in modules.items() if _is_linear(module)], "modules"
-            warning = (f"torch.export failed ({reason}) and so did an eager forward ({type(eager).__name__}); found "
-                       "layers by module discovery instead, so shared inputs are unknown")
+    linears, method, warning = _capture(model, example_inputs, capture)
+    if warning:
         log.warning(warning)
 
     tied = tied_parameter_groups(model)
