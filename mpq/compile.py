@@ -97,14 +97,16 @@ def _example_inputs(task, loaded: LoadedModel) -> dict:
 
 
 def _sensitivity(opts: CompileOptions, loaded: LoadedModel, work, graph: ModelGraph, formats, task, calib_info: dict,
-                 cache: QuantizedWeightCache, method: str) -> tuple[SensitivityTable, bool]:
+                 cache: QuantizedWeightCache, method: str, reference) -> tuple[SensitivityTable, bool]:
     calib_data = task.calib_ids if loaded.task in GENERATIVE else [b["input_ids"] for b in task.calib_batches]
     key = data_fingerprint(model_fingerprint(loaded.model), calib_data, [f.name for f in formats], task.metric,
                            [layer.name for layer in graph.layers], SENSITIVITY_VERSION, opts.sensitivity, method)
     table = find_cached(key, Path(opts.out) / "sensitivity.json")
     reused = table is not None
     if table is None:
-        table = MEASURES[opts.sensitivity](loaded.model, work, graph.layers, formats, task, key, calib_info, cache, opts.progress)
+        given = {"reference": reference} if opts.sensitivity == "kl" else {}  # the divergences' reference, taken once
+        table = MEASURES[opts.sensitivity](loaded.model, work, graph.layers, formats, task, key, calib_info, cache,
+                                           opts.progress, **given)
         try:
             table.save(cache_dir() / f"{key}.json")
         except OSError as exc:  # a read-only home still compiles; only reuse is lost
@@ -208,7 +210,10 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
                            heldout_loss, opts.progress)
     method = choice.method
     cache = QuantizedWeightCache(loaded.model, choice.quantizer)
-    table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache, method)
+    # The unquantised twin's outputs on the calibration data: kl sensitivities, the measured
+    # refinement and every config's calibration divergence are taken against them.
+    reference = task.reference(work, held=True)
+    table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache, method, reference)
     draw_heatmap(table, graph.layers, out / "heatmap.png")
     (out / "sensitivity.md").write_text(heatmap_markdown(table, graph.layers))
     lap("sensitivity")
@@ -242,8 +247,6 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
                        f"{latency_cap * 1e3:.3f} ms per step: raise one of them")
     untied = exact_front(costs, sens, budget - memory.fixed_bytes, max_points=1)
     lap("search")
-
-    reference = task.reference(work, held=True)
 
     def calib_divergence(plan: dict[str, str]) -> float:
         """The whole config's divergence on calibration data, measured as the sensitivities were."""

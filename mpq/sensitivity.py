@@ -126,11 +126,12 @@ def _block_replay(work: nn.Module, layers: list[LayerInfo], task, reference) -> 
 
 def measure_sensitivity(model: nn.Module, work: nn.Module, layers: list[LayerInfo], formats: list[FormatSpec], task,
                         key: str, calib: dict, cache: QuantizedWeightCache, progress: bool = True, *,
-                        replay_blocks: bool = True) -> SensitivityTable:
+                        replay_blocks: bool = True, reference: object = None) -> SensitivityTable:
     """Sensitivity of every (layer, format) of `model`, measured in its float32 twin `work`.
-    `replay_blocks=False`: every pass runs every block (what block replay is checked and timed against)."""
+    `replay_blocks=False`: every pass runs every block (what block replay is checked and timed against).
+    `reference`: `task.reference(work, held=True)` where the caller holds it already (compile does)."""
     start = time.time()
-    reference = task.reference(work, held=True)
+    reference = task.reference(work, held=True) if reference is None else reference
     replay, depths = _block_replay(work, layers, task, reference) if replay_blocks else (None, {})
     values: dict[str, dict[str, float]] = {}
     jobs = [(layer, fmt) for layer in layers for fmt in formats]
