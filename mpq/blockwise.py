@@ -12,7 +12,9 @@ T5's position bias from block 0, a decoder's encoder output), and each block run
 The caller gets its layers' statistics and a judge of candidate weights on the block's output
 (which it may use to quantise), and its outputs become what the next block is fed. Memory is one
 float32 block, its statistics and two blocks' activations over the calibration rows, whatever the
-depth. Layers outside the blocks (lm_head, a pooler) come last, with every block replayed.
+depth. Layers outside the blocks (lm_head, a pooler) come last, with every block replayed; their
+first input rows in the whole pass below must come out of that too, or they are fed the whole model
+(a head that reads an earlier block's output, which replay does not give it).
 
 A model whose later blocks read something other than what the earlier ones return (a KV cache
 shared across layers, say) would be walked wrongly: the first output row of every block, taken in
@@ -30,6 +32,7 @@ import copy
 import logging
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -126,12 +129,21 @@ def _first_row(out) -> torch.Tensor:
     return _output_of(out)[0][:1].detach().clone()
 
 
-def _probe(work: nn.Module, lists: list[tuple[str, nn.ModuleList]], batch: dict) -> tuple[list[int], dict]:
-    """One whole pass of `batch`, up to the last block: the order in which `lists` first run, and
-    the first output row of each of their blocks ((list, block) -> tensor)."""
+def _probe(work: nn.Module, lists: list[tuple[str, nn.ModuleList]], outside: list[str], batch: dict
+           ) -> tuple[list[int], dict, dict[str, torch.Tensor]]:
+    """One whole pass of `batch`: the order in which `lists` first run, the first output row of
+    each of their blocks ((list, block) -> tensor) and the first input row of each layer in
+    `outside` (name -> tensor). It stops once it has them all, before the last layer's matmul (a
+    vocabulary's logits for every token are not needed)."""
     order: list[int] = []
     rows: dict[tuple[int, int], torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
     blocks_in_all = sum(len(blocks) for _, blocks in lists)
+
+    def stop_if_done() -> None:
+        if len(rows) == blocks_in_all and len(inputs) == len(outside):
+            raise StopPass
+
     hooks = []
     for which, (_, blocks) in enumerate(lists):
         for index, block in enumerate(blocks):
@@ -139,11 +151,15 @@ def _probe(work: nn.Module, lists: list[tuple[str, nn.ModuleList]], batch: dict)
                 if key[0] not in order:
                     order.append(key[0])
                 rows.setdefault(key, _first_row(out))
-                if len(rows) == blocks_in_all:
-                    raise StopPass  # the head (a vocabulary's logits for every token) is not needed
+                stop_if_done()
             hooks.append(block.register_forward_hook(keep))
+    for name in outside:
+        def keep_input(module, args, name=name) -> None:
+            inputs.setdefault(name, _first_row(args))
+            stop_if_done()
+        hooks.append(work.get_submodule(name).register_forward_pre_hook(keep_input))
     _hooked_pass(work, [batch], hooks)
-    return order, rows
+    return order, rows, inputs
 
 
 def _hooked_pass(work: nn.Module, batches: list[dict], hooks: list) -> None:
@@ -229,7 +245,8 @@ def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[
         yield from _whole_passes(work, names, represent, in_features, batches, stats_bytes)
         return
 
-    order, rows = _probe(work, lists, batches[0])
+    outside = [name for name in names if not any(name.startswith(list_name + ".") for list_name, _ in lists)]
+    order, rows, outside_rows = _probe(work, lists, outside, batches[0])
     calibrated: set[str] = set()
     for which, (list_name, _) in enumerate(lists):
         if which not in order:  # a list the model runs only when asked (a vision tower, for text): nothing to walk
@@ -270,12 +287,27 @@ def calibrate_blockwise(model: nn.Module, layers: list[LayerInfo], groups: list[
             previous = outputs
         done.append((list(blocks), previous))
 
-    outside = [name for name in names if not any(name.startswith(list_name + ".") for list_name, _ in lists)]
     if outside:
         recorder = StatsRecorder({name: work.get_submodule(name) for name in outside}, represent)
-        with ExitStack() as replayed:
-            for skipped, records in done:
-                replayed.enter_context(returning(skipped, records))
-            for batch in batches:
-                work(**batch)
-        yield BlockCalibration("outside blocks", outside, recorder.finish(), None)
+        seen: dict[str, torch.Tensor] = {}  # each outside layer's first input row, as the replayed pass feeds it
+
+        def keep_input(module, args, name: str) -> None:  # returns None: a pre-hook's value would replace the input
+            seen.setdefault(name, _first_row(args))
+
+        hooks = [work.get_submodule(name).register_forward_pre_hook(partial(keep_input, name=name)) for name in outside]
+        try:
+            with ExitStack() as replayed:
+                for skipped, records in done:
+                    replayed.enter_context(returning(skipped, records))
+                for batch in batches:
+                    work(**batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        stats = recorder.finish()
+        if all(name in seen and _same_row(seen[name], row) for name, row in outside_rows.items()):
+            yield BlockCalibration("outside blocks", outside, stats, None)
+        else:  # every replayed block returned the last one's output: a layer reading an earlier block's sees that
+            log.info("a layer outside the blocks reads what the replayed blocks do not give it (an earlier block's "
+                     "output, say): the layers outside the blocks are fed the whole model")
+            yield from _whole_passes(work, outside, represent, in_features, batches, stats_bytes)

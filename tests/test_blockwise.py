@@ -144,3 +144,36 @@ def test_a_list_of_blocks_the_calibration_never_runs_gets_isotropic_statistics()
     assert all(torch.equal(tower.stats.hessian[name], torch.eye(16)) for name in tower.layers)
     ran = [name for name in names if not name.startswith("tower.")]
     _assert_equal_stats(calibrations[1:], _one_pass_stats(model, ran, [], task.calibration_inputs()))
+
+
+class _HeadReadingBlockZero(_SharedSlotModel):
+    """Plain blocks, and a head that reads block 0's output beside the last one's (as models that
+    pool several layers' states do): replayed, block 0 returns the last block's output."""
+
+    def __init__(self) -> None:
+        super().__init__(depth=3)
+        for layer in self.layers:
+            layer.first = False
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden, states = self.embed(input_ids), []
+        for layer in self.layers:
+            hidden = layer(hidden, {})
+            states.append(hidden)
+        return self.head(states[0] + states[-1])
+
+
+def test_a_head_reading_an_earlier_blocks_output_is_fed_the_whole_model():
+    """The blocks walk as usual; the head's first input row under replay is not the whole pass's,
+    so the head is fed the whole model instead, and its statistics are a whole pass's."""
+    torch.manual_seed(0)
+    model = _HeadReadingBlockZero().eval()
+    generator = torch.Generator().manual_seed(1)
+    task = _Batches([{"input_ids": torch.randint(0, 50, (2, 12), generator=generator)} for _ in range(3)])
+    names = [f"layers.{i}.linear" for i in range(3)] + ["head"]
+    layers = [_linear_info(name, model.get_submodule(name), order) for order, name in enumerate(names)]
+    before = model(**task.batches[0])
+    calibrations = list(calibrate_blockwise(model, layers, [], task))
+    assert [c.name for c in calibrations] == ["layers.0", "layers.1", "layers.2", "model"]
+    _assert_equal_stats(calibrations, _one_pass_stats(model, names, [], task.calibration_inputs()))
+    assert torch.equal(model(**task.batches[0]), before)
