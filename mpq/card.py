@@ -37,6 +37,8 @@ def card_markdown(manifest: dict) -> str:
         f"{card['calibration']['seq_len']} tokens ({card['calibration']['tokens']} tokens) |",
         f"| evaluation data | {card['evaluation_data']} |",
         *([f"| mixture of experts | {card['experts']} |"] if card.get("experts") else []),
+        *([f"| never ran on the calibration data | {', '.join(f'{k} ({v})' for k, v in card['never_ran'].items())}: "
+           "sensitivity unmeasured (it reads 0 in every format) |"] if card.get("never_ran") else []),
         f"| activations | {card['activations']} |",
         f"| hardware | {card['hardware']} |",
         *([f"| matmuls in quality passes | {card['quality_matmuls']} |"] if card.get("quality_matmuls") else []),

@@ -40,7 +40,8 @@ from mpq.report import draw_heatmap, draw_pareto, draw_speedup, heatmap_markdown
 from mpq.spill import spilled_bytes, spilling
 from mpq.search import Candidate, evaluate_plan, exact_front, open_storage, search_plans, uniform_plan
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
-from mpq.sensitivity import MEASURE_BACKEND, MEASURES, SIGNALS, SensitivityTable, cache_dir, find_cached, measurement_model
+from mpq.sensitivity import (MEASURE_BACKEND, MEASURES, SIGNALS, SensitivityTable, cache_dir, find_cached, layers_run,
+                             measurement_model, never_measured)
 from mpq.tasks import calibration_text, make_task
 from mpq.trace import ModelGraph, embedding_scale, trace_model
 
@@ -212,7 +213,13 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     cache = QuantizedWeightCache(loaded.model, choice.quantizer)
     # The unquantised twin's outputs on the calibration data: kl sensitivities, the measured
     # refinement and every config's calibration divergence are taken against them.
-    reference = task.reference(work, held=True)
+    with layers_run(work, graph.layers) as ran:
+        reference = task.reference(work, held=True)
+    never_ran = never_measured(graph.layers, ran)
+    if never_ran:
+        log.warning("the calibration data never ran %s%s: their sensitivity reads 0 in every format, so the search "
+                    "places them unmeasured", never_ran[0],
+                    f" and {len(never_ran) - 1} more layers" if len(never_ran) > 1 else "")
     table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache, method, reference)
     draw_heatmap(table, graph.layers, out / "heatmap.png")
     (out / "sensitivity.md").write_text(heatmap_markdown(table, graph.layers))
@@ -296,7 +303,8 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     if (out / "configs").exists():
         shutil.rmtree(out / "configs")  # configs of an earlier run would mislead next to this one
     config_rows = [_emit_config(out / "configs", index, cand, opts, loaded, task, graph, cache, baseline, calib_info, env,
-                                latency, fusion_groups(cand.formats, groups, has_bias), criteria, method, choice.never_ran)
+                                latency, fusion_groups(cand.formats, groups, has_bias), criteria, method, choice.never_ran,
+                                never_ran)
                    for index, cand in enumerate(front)]
     recommended = recommend(config_rows, criteria)
     lap("emit")
@@ -311,7 +319,7 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
                      latency.regime, None if latency_cap is None else latency.baseline_seconds / latency_cap)
     summary = {
         "model": loaded.source, "task": loaded.task, "formats": [f.name for f in formats], "method": method, "budget": budget,
-        "method_choice": choice.to_json(), "calibration_never_ran": choice.never_ran,
+        "method_choice": choice.to_json(), "never_ran": never_ran, "calibration_never_ran": choice.never_ran,
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "kept_as_stored": kept_to_json(kept), "experts": experts, "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
         "criteria": criteria.to_json(), "eval_data": opts.eval_data, "recommended": None if recommended is None else recommended["name"],
@@ -381,14 +389,15 @@ def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate]
 def _emit_config(configs_dir: Path, index: int, cand: Candidate, opts: CompileOptions, loaded: LoadedModel, task,
                  graph: ModelGraph, cache: QuantizedWeightCache, baseline: dict, calib_info: dict, env: dict,
                  latency: LatencyModel | None, fused: list[list[str]], criteria: Criteria, method: str,
-                 never_ran: list[str]) -> dict:
+                 rounded_blind: list[str], never_ran: list[str]) -> dict:
     """Write one config folder (atomically), its layers fused as `fused`, and return its row of the summary."""
     uniform = cand.origin.startswith("uniform")
     name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if uniform else "")
     plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
     reasons = failures(cand.bytes, cand.measured, baseline["metrics"], criteria)
     accepted, because = not reasons, "; ".join(reasons)
-    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, method, never_ran)
+    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, method, rounded_blind)
+    card["never_ran"] = {layer: cand.formats[layer] for layer in never_ran if layer in cand.formats}
     card["criteria"] = criteria.to_json()
     with applied(loaded.model, plan.specs(), cache, fused) as tensors:
         save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
@@ -402,14 +411,14 @@ def _display_quality(metrics: dict) -> float:
 
 
 def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, calib_info: dict, task, accepted: bool,
-          env: dict, graph: ModelGraph, method: str, never_ran: list[str]) -> dict:
+          env: dict, graph: ModelGraph, method: str, calibration_never_ran: list[str]) -> dict:
     shapes = {layer.name: (layer.out_features, layer.in_features) for layer in graph.layers}
     specs = plan.specs()
     tables = [layer.name for layer in graph.layers if layer.is_embedding and specs[layer.name].quantized]
     method_text = describe(method, list(specs.values()))
     if tables and not method_text.startswith("rtn"):
         method_text += f"; {', '.join(tables)}: rtn with a searched clipping range (a table's input is a token id: nothing else of gptq or awq applies)"
-    nearest = rounded_to_nearest(never_ran, specs, method)
+    nearest = rounded_to_nearest(calibration_never_ran, specs, method)
     if nearest:
         method_text += (f"; {', '.join(nearest)}: rtn, as the calibration data never ran them (nothing is known of "
                         "their inputs)")

@@ -284,12 +284,18 @@ def _method_choice_lines(choice: dict | None, quality_name: str) -> list[str]:
             f"(|z| > {NOISE_Z:g}; {unit}): " + "; ".join(parts)]
 
 
-def _never_ran_line(never_ran: list[str] | None) -> list[str]:
+def _never_ran_line(s: dict) -> list[str]:
+    """Layers (not experts) the calibration data never ran: measured as 0, and under gptq/awq
+    rounded to nearest."""
+    never_ran = s.get("never_ran") or s.get("calibration_never_ran")
     if not never_ran:
         return []
-    return [f"- the calibration data never ran {len(never_ran)} layer(s) (`{never_ran[0]}`"
+    line = (f"- the calibration data never ran {len(never_ran)} layer(s) (`{never_ran[0]}`"
             + (f" and {len(never_ran) - 1} more" if len(never_ran) > 1 else "")
-            + "): nothing is known of their inputs, so gptq/awq rounded them to nearest; each config's card names them"]
+            + "): their sensitivity reads 0 in every format, so the search placed them unmeasured")
+    if s.get("calibration_never_ran"):
+        line += "; nothing is known of their inputs, so gptq/awq rounded them to nearest"
+    return [line + "; each config's card names them"]
 
 
 def _noise_line(s: dict) -> str:
@@ -357,7 +363,7 @@ def write_report(path: Path, summary: dict) -> Path:
         f"- formats: {', '.join(s['formats'])}; method: {s.get('method', 'rtn')}; calibration: {s['calibration']['samples']} samples x "
         f"{s['calibration']['seq_len']} tokens from {s['calibration']['source']}",
         *_method_choice_lines(s.get("method_choice"), s["quality_name"]),
-        *_never_ran_line(s.get("calibration_never_ran")),
+        *_never_ran_line(s),
         f"- budget (--max-mem): {format_size(s['budget'])}; smallest possible: {format_size(s['smallest'])}",
         *_kept_lines(s),
         *_experts_line(s),

@@ -96,6 +96,26 @@ def _lossless(module: nn.Module, fmt: FormatSpec) -> bool:
     return not fmt.quantized and sixteen_bit_dtype(dtype) == dtype
 
 
+@contextmanager
+def layers_run(model: nn.Module, layers: list[LayerInfo]) -> Iterator[set[str]]:
+    """The names of `layers` whose modules in `model` run within it (one pass over the
+    calibration data tells which layers its sensitivities can measure at all)."""
+    ran: set[str] = set()
+    hooks = [get_module(model, layer.name).register_forward_pre_hook(lambda module, args, name=layer.name: ran.add(name))
+             for layer in layers]
+    try:
+        yield ran
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def never_measured(layers: list[LayerInfo], ran: set[str]) -> list[str]:
+    """Layers (not experts: the report counts those by expert) that the calibration data never
+    ran: every format changes nothing there, so their sensitivity reads 0 whatever it would be."""
+    return [layer.name for layer in layers if layer.name not in ran and layer.routed_share == 1.0]
+
+
 MEASURE_BACKEND = "reference"  # float32 dequantise-and-multiply: no bf16 rounding in the measurement
 
 

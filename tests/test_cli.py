@@ -164,6 +164,7 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys, mo
     for name in ["report.md", "heatmap.png", "pareto.png", "sensitivity.json", "sensitivity.md", "summary.json", "layers.json"]:
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["never_ran"] == []  # the reference pass ran every layer (hooked in the lazy float32 twin)
     configs = sorted((out / "configs").iterdir())
     # a front of several configs was measured; on a random tiny model their held-out losses differ
     # by less than the noise, and those a smaller config matches within noise are not emitted

@@ -253,13 +253,19 @@ def test_layers_the_calibration_never_runs_are_rounded_to_nearest_with_a_warning
 
 def test_the_card_names_the_layers_rounded_to_nearest_because_the_calibration_never_ran_them(led_dir, tmp_path):
     """The compile's warning is not the only record: the summary, the report and each card say
-    which layers GPTQ rounded to nearest, and a card lists only those its own plan calibrates."""
+    which layers the calibration never ran (their sensitivity, 0, measured nothing) and which of
+    them GPTQ rounded to nearest; a card lists only those its own plan calibrates."""
     out = tmp_path / "out"
     result = compile_model(CompileOptions(model=str(led_dir), max_mem="1MB", out=out, samples=4, seq_len=32,
                                           trials=10, max_configs=1, method="gptq", latency=False, progress=False))
     never = sorted(result["calibration_never_ran"])
     assert len(never) == 6 and all(name.endswith("_global") for name in never)
-    assert f"never ran 6 layer(s) (`{result['calibration_never_ran'][0]}` and 5 more)" in (out / "report.md").read_text()
+    assert sorted(result["never_ran"]) == never  # seen in the reference pass as in the calibration
+    report = (out / "report.md").read_text()
+    assert f"never ran 6 layer(s) (`{result['never_ran'][0]}` and 5 more): their sensitivity reads 0" in report
+    assert "gptq/awq rounded them to nearest" in report
+    sensitivities = json.loads((out / "sensitivity.json").read_text())["values"]
+    assert all(value == 0 for name in never for value in sensitivities[name].values())
     for config in result["configs"]:
         manifest = json.loads((out / "configs" / config["name"] / MANIFEST).read_text())
         quantised = [name for name in never if manifest["plan"]["formats"][name] != "fp16"]
@@ -267,7 +273,10 @@ def test_the_card_names_the_layers_rounded_to_nearest_because_the_calibration_ne
         why = ": rtn, as the calibration data never ran them (nothing is known of their inputs)"
         named = [part for part in manifest["card"]["method"].split("; ") if part.endswith(why)]
         assert len(named) == 1 and sorted(named[0].removesuffix(why).split(", ")) == quantised
-        assert "rtn, as the calibration data never ran them" in (out / "configs" / config["name"] / "card.md").read_text()
+        card = (out / "configs" / config["name"] / "card.md").read_text()
+        assert "rtn, as the calibration data never ran them" in card
+        assert manifest["card"]["never_ran"] == {name: manifest["plan"]["formats"][name] for name in never}
+        assert "| never ran on the calibration data | " in card
 
 
 def test_sensitivity_replays_the_encoder_for_decoder_layers_bit_identically(t5_dir):
