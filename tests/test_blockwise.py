@@ -98,16 +98,21 @@ def _linear_info(name: str, module: nn.Linear, order: int) -> LayerInfo:
                      True)
 
 
+def _three_blocks(cls: type) -> tuple[nn.Module, _Batches, list[str], list[LayerInfo]]:
+    """A 3-block toy model of `cls`, 3 calibration batches, and its linears as layers."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    generator = torch.Generator().manual_seed(1)
+    task = _Batches([{"input_ids": torch.randint(0, 50, (2, 12), generator=generator)} for _ in range(3)])
+    names = [f"layers.{i}.linear" for i in range(3)] + ["head"]
+    return model, task, names, [_linear_info(name, model.get_submodule(name), order) for order, name in enumerate(names)]
+
+
 def test_a_channel_between_blocks_past_their_outputs_has_the_rest_fed_the_whole_model():
     """Blocks 1 and 2 read what block 0 wrote beside its output: walked with block 0 replayed, block
     1's output is not the model's, so from block 1 on the layers are fed the whole model (one pass,
     no judge). Every statistic is still a whole pass's, and the model is left as it was."""
-    torch.manual_seed(0)
-    model = _SharedSlotModel().eval()
-    generator = torch.Generator().manual_seed(1)
-    task = _Batches([{"input_ids": torch.randint(0, 50, (2, 12), generator=generator)} for _ in range(3)])
-    names = [f"layers.{i}.linear" for i in range(3)] + ["head"]
-    layers = [_linear_info(name, model.get_submodule(name), order) for order, name in enumerate(names)]
+    model, task, names, layers = _three_blocks(_SharedSlotModel)
     blocks = list(model.layers)
     before = model(**task.batches[0])
 
@@ -166,12 +171,7 @@ class _HeadReadingBlockZero(_SharedSlotModel):
 def test_a_head_reading_an_earlier_blocks_output_is_fed_the_whole_model():
     """The blocks walk as usual; the head's first input row under replay is not the whole pass's,
     so the head is fed the whole model instead, and its statistics are a whole pass's."""
-    torch.manual_seed(0)
-    model = _HeadReadingBlockZero().eval()
-    generator = torch.Generator().manual_seed(1)
-    task = _Batches([{"input_ids": torch.randint(0, 50, (2, 12), generator=generator)} for _ in range(3)])
-    names = [f"layers.{i}.linear" for i in range(3)] + ["head"]
-    layers = [_linear_info(name, model.get_submodule(name), order) for order, name in enumerate(names)]
+    model, task, names, layers = _three_blocks(_HeadReadingBlockZero)
     before = model(**task.batches[0])
     calibrations = list(calibrate_blockwise(model, layers, [], task))
     assert [c.name for c in calibrations] == ["layers.0", "layers.1", "layers.2", "model"]
