@@ -14,6 +14,8 @@ head is the layer, and the table looks its rows up in the head's quantised weigh
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -313,7 +315,13 @@ def _called_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str, t
 def _exported_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str, torch.fx.Node]]:
     """(module path, input node) of every linear op in execution order, via torch.export: the
     linear and addmm ops, and matmuls by a module's own transposed weight."""
-    program = torch.export.export(model, args=(), kwargs=example_inputs, strict=False)
+    printed = io.StringIO()
+    try:  # a failed export prints its partial graph to stderr (hundreds of lines): logged for `-v` only
+        with contextlib.redirect_stderr(printed):
+            program = torch.export.export(model, args=(), kwargs=example_inputs, strict=False)
+    finally:
+        if printed.getvalue():
+            log.info("torch.export printed:\n%s", printed.getvalue())
     parameters = program.graph_signature.inputs_to_parameters  # placeholder name -> parameter path
     found = []
     for node in program.graph.nodes:

@@ -1,5 +1,7 @@
 """FX capture through torch.export on GPT-2, Llama, Qwen2 and BERT configs (small random weights)."""
 
+import sys
+
 import torch
 
 from mpq.trace import trace_model
@@ -87,17 +89,20 @@ def test_bert_kinds_keep_the_several_dense_layers_apart():
             "encoder.layer.0.attention.self.value"] in graph.shared_input_groups()
 
 
-def test_export_failure_falls_back_to_hooks_on_an_eager_forward_with_a_warning(monkeypatch, caplog):
+def test_export_failure_falls_back_to_hooks_on_an_eager_forward_with_a_warning(monkeypatch, caplog, capsys):
     """Where export fails, an eager forward's hooks give the same layers, in the same order, and
     the same shared inputs; where the model cannot run either, module discovery is all there is."""
     model, inputs = _llama(), {"input_ids": torch.randint(0, 128, (1, 8)), **CAUSAL}
     exported = trace_model(model, inputs)
 
     def broken(*args, **kwargs):
+        print("def forward(self, arg0_1): ... (a partial graph)", file=sys.stderr)  # as torch.export does
         raise RuntimeError("data-dependent control flow")
 
     monkeypatch.setattr(torch.export, "export", broken)
-    graph = trace_model(model, inputs)
+    with caplog.at_level("INFO", logger="mpq.trace"):
+        graph = trace_model(model, inputs)
+    assert "partial graph" not in capsys.readouterr().err and "partial graph" in caplog.text  # `-v` shows it
     assert graph.method == "hooks" and "data-dependent control flow" in graph.warning
     assert [layer.name for layer in graph.layers] == [layer.name for layer in exported.layers]
     assert graph.shared_input_groups() == exported.shared_input_groups() and len(graph.shared_input_groups()) == 4
