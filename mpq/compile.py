@@ -389,15 +389,15 @@ def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate]
 def _emit_config(configs_dir: Path, index: int, cand: Candidate, opts: CompileOptions, loaded: LoadedModel, task,
                  graph: ModelGraph, cache: QuantizedWeightCache, baseline: dict, calib_info: dict, env: dict,
                  latency: LatencyModel | None, fused: list[list[str]], criteria: Criteria, method: str,
-                 rounded_blind: list[str], never_ran: list[str]) -> dict:
+                 calibration_never_ran: list[str], never_ran: list[str]) -> dict:
     """Write one config folder (atomically), its layers fused as `fused`, and return its row of the summary."""
     uniform = cand.origin.startswith("uniform")
     name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if uniform else "")
     plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
     reasons = failures(cand.bytes, cand.measured, baseline["metrics"], criteria)
     accepted, because = not reasons, "; ".join(reasons)
-    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, method, rounded_blind)
-    card["never_ran"] = {layer: cand.formats[layer] for layer in never_ran if layer in cand.formats}
+    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, method, calibration_never_ran,
+                 never_ran)
     card["criteria"] = criteria.to_json()
     with applied(loaded.model, plan.specs(), cache, fused) as tensors:
         save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
@@ -411,7 +411,9 @@ def _display_quality(metrics: dict) -> float:
 
 
 def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, calib_info: dict, task, accepted: bool,
-          env: dict, graph: ModelGraph, method: str, calibration_never_ran: list[str]) -> dict:
+          env: dict, graph: ModelGraph, method: str, calibration_never_ran: list[str], never_ran: list[str]) -> dict:
+    """The quantisation card (mpq.card); `never_ran`: layers the calibration data never ran, of
+    which GPTQ/AWQ rounded `calibration_never_ran` to nearest."""
     shapes = {layer.name: (layer.out_features, layer.in_features) for layer in graph.layers}
     specs = plan.specs()
     tables = [layer.name for layer in graph.layers if layer.is_embedding and specs[layer.name].quantized]
@@ -448,5 +450,6 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
         "accepted": accepted,
         "excluded_layers": graph.excluded,
         "experts": describe_routed(loaded.model),
+        "never_ran": {layer: plan.formats[layer] for layer in never_ran if layer in plan.formats},  # sensitivity unmeasured
         **env,
     }

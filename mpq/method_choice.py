@@ -82,8 +82,9 @@ def choose_method(method: str, model: nn.Module, layers: list[LayerInfo], groups
         for name, cache in caches.items():
             if name != method_of(chosen, fmt):
                 cache.forget(fmt.name)
+    gptq_used = any(method_of(chosen, fmt) == "gptq" for fmt in quantised)
     return MethodChoice(chosen, lambda layer, fmt: caches[method_of(chosen, fmt)].get(layer, fmt), measured,
-                        calibrated.never_ran)
+                        calibrated.never_ran if gptq_used else [])
 
 
 def pick(default: str, measured: dict[str, float]) -> str:
