@@ -23,7 +23,7 @@ def _compile(args: argparse.Namespace) -> None:
         model=args.model, out=args.out, max_mem=args.max_mem, formats=args.formats, group_size=args.group_size,
         int4_symmetric=args.int4_sym, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
         trials=args.trials, seed=args.seed, max_configs=args.max_configs, max_quality_drop=args.max_quality_drop,
-        tie=not args.no_tie, embeddings=not args.no_embeddings, storage=args.storage, sensitivity=args.sensitivity, method=args.method, refine=args.refine, latency=not args.no_latency,
+        tie=not args.no_tie, embeddings=not args.no_embeddings, keep=args.keep, storage=args.storage, sensitivity=args.sensitivity, method=args.method, refine=args.refine, latency=not args.no_latency,
         spill=not args.no_spill,
         regime=args.regime, batch=args.batch, length=args.length, max_latency=args.max_latency,
         min_speedup=args.min_speedup, prefer=args.prefer, dtype=args.dtype, eval_data=args.eval_data,
@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-embeddings", action="store_true",
                    help="leave the input embedding table (and a head tied to it) as stored (default: a layer like "
                         "the others, looked up row by row in its format; a tied table shares its head's format)")
+    c.add_argument("--keep", metavar="REGEX",
+                   help="leave the layers whose names match this regular expression as stored, e.g. 'lm_head' or "
+                        "'layers\\.0\\.|vision_tower' (a head tied to the input table keeps the table too); "
+                        "the card lists them")
     c.add_argument("--no-tie", action="store_true",
                    help="let layers that read one input (q/k/v, gate/up) take different formats (default: tied, so they fuse)")
     c.add_argument("--storage", help="Optuna storage: a journal file path (default OUT/study.journal), 'memory', "

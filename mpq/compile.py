@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -70,6 +71,7 @@ class CompileOptions:
     max_quality_drop: float | None = None  # causal LM: perplexity ratio - 1 (0.01 = 1%); encoder: cosine drop
     tie: bool = True  # layers reading one input (q/k/v, gate/up) take one format, so kernels fuse them
     embeddings: bool = True  # the input embedding table is a layer of the plan (unless tied to the head)
+    keep: str | None = None  # a regular expression: the layers whose names it matches stay as stored
     storage: str | None = None  # Optuna storage: None -> OUT/study.journal; "memory"; or a database URL
     sensitivity: str = "kl"  # the signal: "kl" (output divergence), "local" (layer output error) or "fisher"
     method: str = "rtn"  # how weights are rounded: "rtn", "gptq" or "awq", or per format "int8=rtn,int4=gptq" (mpq.methods)
@@ -168,6 +170,11 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
         raise MpqError(f"--prefer {opts.prefer!r}: use one of {', '.join(PREFERENCES)}")
     if not opts.latency and (max_latency is not None or opts.min_speedup is not None):
         raise MpqError("--max-latency and --min-speedup need the latency profile: drop --no-latency")
+    if opts.keep is not None:
+        try:
+            re.compile(opts.keep)
+        except re.error as exc:
+            raise MpqError(f"--keep {opts.keep!r} is not a regular expression ({exc}): e.g. 'lm_head|layers\\.0\\.'") from exc
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise MpqError(f"--dtype {opts.dtype!r}: use one of {', '.join(DTYPES)}")
     loaded = load_model(opts.model, DTYPES[opts.dtype] if opts.dtype else "auto")
@@ -181,7 +188,11 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     calib_info = {"source": calib.source, "samples": samples, "seq_len": seq_len, "tokens": task.calib_tokens}
     lap("load")
 
-    graph = trace_model(loaded.model, _example_inputs(task, loaded), opts.embeddings)
+    graph = trace_model(loaded.model, _example_inputs(task, loaded), opts.embeddings, keep=opts.keep)
+    if opts.keep is not None and not any(why.endswith(f"(--keep {opts.keep})") for why in graph.excluded.values()):
+        names = [layer.name for layer in graph.layers]
+        raise MpqError(f"--keep {opts.keep!r} matches no quantisable layer; they are named like "
+                       f"{', '.join(dict.fromkeys(names[:2] + names[-1:]))} ({len(names)} in all)")
     graph.excluded.update(loaded.unrouted)
     if not graph.layers:
         raise MpqError(f"{opts.model} has no linear layers that mpq can quantise")

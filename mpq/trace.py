@@ -207,7 +207,8 @@ def tied_table_of(model: nn.Module, name: str) -> str | None:
     return found[0] if embedding_scale(found[1]) is not None and _aliases_differ(model, found[0]) is None else None
 
 
-def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[str, str], wanted: bool) -> LayerInfo | None:
+def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[str, str], wanted: bool,
+                     keep: str | None = None) -> LayerInfo | None:
     """The model's input embedding table as a layer, or None (with the reason in `excluded`; a
     table tied to the head is that layer's, see trace_model)."""
     found = _input_table(model)
@@ -216,6 +217,9 @@ def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[st
     path, table = found
     if not wanted:
         excluded[path] = "embedding tables left as stored (asked for)"
+        return None
+    if keep is not None and re.search(keep, path) and f"{path}.weight" not in tied_weights:
+        excluded[path] = f"kept as stored (--keep {keep})"
         return None
     if embedding_scale(table) is None:
         excluded[path] = (f"{type(table).__name__}'s forward is not a row lookup (times a constant embed_scale); "
@@ -378,10 +382,13 @@ def _capture(model: nn.Module, example_inputs: dict, capture: str) -> tuple[list
             "by module discovery instead, so shared inputs are unknown")
 
 
-def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True, capture: str = "export") -> ModelGraph:
+def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True, capture: str = "export",
+                keep: str | None = None) -> ModelGraph:
     """Layers of `model` that mpq can quantise, and the graph facts about them (`embeddings`: the
-    input embedding table is one of them where it can be). `capture="hooks"` skips torch.export
-    for the fallback export's failure takes (to check the two against each other)."""
+    input embedding table is one of them where it can be). `keep`: a regular expression; the
+    layers whose names it matches (re.search) stay as stored, and a head tied to a table it matches
+    too. `capture="hooks"` skips torch.export for the fallback export's failure takes (to check the
+    two against each other)."""
     modules = dict(model.named_modules())
     linears, method, warning = _capture(model, example_inputs, capture)
     if warning:
@@ -392,7 +399,7 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True,
     graph = nx.Graph()
     layers: list[LayerInfo] = []
     excluded: dict[str, str] = {}
-    table = _embedding_layer(model, tied_weights, excluded, embeddings)
+    table = _embedding_layer(model, tied_weights, excluded, embeddings, keep)
     if table is not None:
         layers.append(table)
         graph.add_node(table.name, kind="embedding")
@@ -405,6 +412,11 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True,
             excluded[path] = f"{type(module).__name__}'s forward is not x @ weight.T + bias (checked on a probe input)"
             continue
         tied_table = tied_table_of(model, path) if embeddings else None
+        if keep is not None and any(re.search(keep, name) for name in (path, tied_table) if name):
+            excluded[path] = f"kept as stored (--keep {keep})"
+            if tied_table is not None:
+                excluded[tied_table] = f"shares its weight with {path}: kept as stored with it (--keep {keep})"
+            continue
         if f"{path}.weight" in tied_weights and tied_table is None:
             excluded[path] = "weight tied to another parameter (kept in the model's dtype with it)"
             continue

@@ -12,6 +12,7 @@ import torch
 import mpq
 from mpq.cli import main
 from mpq.memory import format_size, resident_bytes
+from mpq.models import load_model
 from mpq.search import open_storage
 
 
@@ -119,6 +120,41 @@ def test_too_little_calibration_text(tiny_llama_dir, tmp_path, capsys):
     calib.write_text("def f(x):\n    return x\n")
     code = main(["compile", str(tiny_llama_dir), "--calib", str(calib), "-o", str(tmp_path / "out"), "-q"])
     assert code == 2 and "give more text or lower --samples" in capsys.readouterr().err
+
+
+def test_keep_that_is_no_regular_expression_or_matches_no_layer(tiny_llama_dir, tmp_path, capsys):
+    line = one_line_error(run_cli("compile", str(tiny_llama_dir), "--keep", "layers.(0", "-o", str(tmp_path / "out")))
+    assert "--keep 'layers.(0' is not a regular expression" in line
+    code = main(["compile", str(tiny_llama_dir), "--keep", "vision_tower", "-o", str(tmp_path / "out"), "-q",
+                 "--samples", "4", "--seq-len", "32"])
+    assert code == 2 and "matches no quantisable layer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_keep_leaves_the_matching_layers_as_stored(tiny_llama_dir, tmp_path):
+    """--keep: the layers it matches are in no plan, and stay as the model has them in every config
+    (the head with its tied table); the card says why, and the bytes are as predicted."""
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_llama_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",
+                 "--trials", "20", "--max-configs", "2", "--refine", "0", "--no-latency",
+                 "--keep", r"lm_head|layers\.0\.self_attn\.[qk]_proj"]) == 0
+    kept = ["lm_head", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+    layers = [layer["name"] for layer in json.loads((out / "layers.json").read_text())["layers"]]
+    assert not set(kept) & set(layers) and "model.layers.0.self_attn.v_proj" in layers
+    model = load_model(str(tiny_llama_dir)).model  # a config's kept layers hold the model's own weights
+    for row in json.loads((out / "summary.json").read_text())["configs"]:
+        folder = out / "configs" / row["name"]
+        manifest = json.loads((folder / "mpq.json").read_text())
+        assert not set(kept) & set(manifest["plan"]["formats"])
+        excluded = manifest["card"]["excluded_layers"]
+        assert all(excluded[name] == r"kept as stored (--keep lm_head|layers\.0\.self_attn\.[qk]_proj)" for name in kept)
+        assert "kept as stored with it" in excluded["model.embed_tokens"]
+        loaded = mpq.load(folder)
+        assert resident_bytes(loaded) == manifest["card"]["bytes"]["predicted"]
+        for name in kept:
+            assert type(loaded.get_submodule(name)) is torch.nn.Linear
+            assert torch.equal(loaded.get_submodule(name).weight, model.get_submodule(name).weight)
+        assert "| lm_head | kept | - | kept as stored" in (folder / "card.md").read_text()
 
 
 def test_unknown_sensitivity_signal(tiny_llama_dir, tmp_path):
