@@ -229,7 +229,7 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     never_ran = never_measured(graph.layers, ran)
     if never_ran:
         log.warning("the calibration data never ran %s%s: their sensitivity reads 0 in every format, so the search "
-                    "places them unmeasured", never_ran[0],
+                    "places them unmeasured (--keep leaves layers as stored)", never_ran[0],
                     f" and {len(never_ran) - 1} more layers" if len(never_ran) > 1 else "")
     table, reused = _sensitivity(opts, loaded, work, graph, formats, task, calib_info, cache, method, reference)
     draw_heatmap(table, graph.layers, out / "heatmap.png")

@@ -295,7 +295,7 @@ def _never_ran_line(s: dict) -> list[str]:
             + "): their sensitivity reads 0 in every format, so the search placed them unmeasured")
     if s.get("calibration_never_ran"):
         line += "; nothing is known of their inputs, so gptq/awq rounded them to nearest"
-    return [line + "; each config's card names them"]
+    return [line + "; each config's card names them (`--keep REGEX` leaves layers as stored)"]
 
 
 def _noise_line(s: dict) -> str:
