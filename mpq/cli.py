@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--formats", default="fp16,int8,int4", help="candidate formats (default fp16,int8,int4)")
     c.add_argument("--group-size", type=int, default=128, help="INT4 group size: 32, 64, 128 or 256 (default 128)")
     c.add_argument("--int4-sym", action="store_true", help="symmetric INT4 (no zero point)")
-    c.add_argument("--calib", type=Path, help="calibration text file (default: the shipped corpus's calib split)")
+    c.add_argument("--calib", type=Path, help="calibration text: a plain text file, or .jsonl/.json records with a "
+                                              "\"text\" field (default: the shipped corpus's calib split)")
     c.add_argument("--samples", type=int, help="calibration samples (default 32 sequences / 256 sentences)")
     c.add_argument("--seq-len", type=int, help="calibration sequence length in tokens (default 128; an encoder-decoder's: half source, half target)")
     c.add_argument("--trials", type=int, default=300, help="Optuna trials (default 300)")

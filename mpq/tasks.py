@@ -16,6 +16,7 @@ Every evaluation goes through the same functions, for every config and baseline.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -74,8 +75,40 @@ def calibration_text(calib_file: Path | None, target: str = "both") -> Calibrati
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise MpqError(f"calibration file {path} is not UTF-8 text: give a plain text file with --calib") from exc
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return CalibrationText(str(path), _json_texts(path, text))
     texts = [part for part in text.split("\n\n") if part.strip()]
     return CalibrationText(str(path), texts)
+
+
+def _json_texts(path: Path, text: str) -> list[str]:
+    """The texts of a .jsonl file (one JSON object with a "text" field, or one JSON string, per
+    line: what `datasets`' to_json writes) or a .json file (a list of those). Read as plain text,
+    such a file would calibrate on its quotes, keys and escapes."""
+    jsonl = path.suffix.lower() == ".jsonl"
+    pieces = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()] if jsonl else [(0, text)]
+    parsed = []
+    for number, piece in pieces:
+        try:
+            parsed.append(json.loads(piece))
+        except json.JSONDecodeError as exc:
+            raise MpqError(f"calibration file {path} is not valid {path.suffix[1:].upper()} "
+                           f"(line {number or exc.lineno}: {exc.msg}): give one JSON object with a \"text\" field "
+                           "per line, or a plain text file") from exc
+    records = parsed if jsonl else parsed[0]
+    if not isinstance(records, list):
+        raise MpqError(f"calibration file {path} holds one JSON {type(records).__name__}: give a list of texts, "
+                       "or of objects with a \"text\" field")
+    texts = []
+    for number, record in enumerate(records, 1):
+        value = record.get("text") if isinstance(record, dict) else record
+        if not isinstance(value, str):
+            raise MpqError(f"calibration file {path}, record {number}: no \"text\" string field "
+                           f"({'keys: ' + ', '.join(record) if isinstance(record, dict) else type(record).__name__}): "
+                           "give each record its text as \"text\"")
+        if value.strip():
+            texts.append(value)
+    return texts
 
 
 def _windows(tokenizer, texts: list[str], count: int, seq_len: int, what: str) -> torch.Tensor:

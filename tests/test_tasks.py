@@ -1,6 +1,7 @@
 """Quality measures: perplexity by hand, KL and fidelity of identical models, calibration errors."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -43,6 +44,32 @@ def test_too_little_calibration_text_is_a_clear_error(demo_tokenizer, tmp_path):
 def test_missing_calibration_file(tmp_path):
     with pytest.raises(MpqError, match="does not exist"):
         calibration_text(tmp_path / "nope.txt")
+
+
+def test_calibration_from_jsonl_and_json_takes_each_records_text(demo_tokenizer, tmp_path):
+    """A .jsonl (one object with "text" per line, as datasets' to_json writes) or a .json list gives
+    the texts themselves, the same windows as those texts in a plain file; read as plain text it
+    would have calibrated on quotes and keys."""
+    import json
+
+    texts = [f"def f{i}(x):\n    return x * {i}  # \"quoted\"" for i in range(40)]
+    plain = tmp_path / "calib.txt"
+    plain.write_text("\n\n".join(texts))
+    lines = tmp_path / "calib.jsonl"
+    lines.write_text("\n".join(json.dumps({"text": t, "source": "x"}) for t in texts) + "\n\n")
+    listed = tmp_path / "calib.json"
+    listed.write_text(json.dumps(texts))
+    assert calibration_text(lines).texts == calibration_text(listed).texts == texts
+    want = CausalLMTask(demo_tokenizer, calibration_text(plain), 4, 16).calib_ids
+    assert torch.equal(CausalLMTask(demo_tokenizer, calibration_text(lines), 4, 16).calib_ids, want)
+    for content, says in [('{"text": "a"}\n{"text": ', "is not valid JSONL (line 2"),
+                          ('{"content": "a"}', 'record 1: no "text" string field (keys: content)')]:
+        lines.write_text(content)
+        with pytest.raises(MpqError, match=re.escape(says)):
+            calibration_text(lines)
+    listed.write_text('{"text": "a"}')
+    with pytest.raises(MpqError, match="holds one JSON dict"):
+        calibration_text(listed)
 
 
 def test_encoder_fidelity_is_one_for_the_original():
