@@ -273,8 +273,11 @@ def _memory_key(x: torch.Tensor) -> tuple:
     how many, how they are laid out, and not changed in place since. Two contiguous tensors from
     the same address with the same size and last dimension present the same rows (a tensor and
     its reshape); any other view matches only the same view."""
-    start = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.dtype, x.numel(),
-             x._version)  # changed in place between two calls: not the same input
+    try:
+        version = x._version  # changed in place between two calls: not the same input
+    except RuntimeError:  # an inference-mode tensor keeps none (the trace's own forward runs under no_grad only)
+        version = None
+    start = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.dtype, x.numel(), version)
     return (*start, x.shape[-1] if x.dim() else 0) if x.is_contiguous() else (*start, tuple(x.shape), x.stride())
 
 
