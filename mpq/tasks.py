@@ -70,7 +70,8 @@ def calibration_text(calib_file: Path | None, target: str = "both") -> Calibrati
         return CalibrationText(f"mpq corpus, calib split ({target} only)", list(corpus_chunks(target, "calib")))
     path = Path(calib_file)
     if not path.is_file():
-        raise MpqError(f"calibration file {path} does not exist: give a UTF-8 text file with --calib")
+        raise MpqError(f"calibration file {path} {'is a folder' if path.is_dir() else 'does not exist'}: give a UTF-8 "
+                       "text file (or .jsonl / .json records with a \"text\" field) with --calib")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
