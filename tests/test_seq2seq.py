@@ -14,6 +14,7 @@ from mpq.checkpoint import MANIFEST
 from mpq.compile import CompileOptions, compile_model
 from mpq.evaluate import evaluate_config
 from mpq.float_twin import named_block_lists
+from mpq.inspect import describe
 from mpq.latency import Regime, calls_per_step, make_regime
 from mpq.memory import resident_bytes
 from mpq.models import SEQ2SEQ_LM, decoder_start_of, load_model
@@ -277,6 +278,7 @@ def test_the_card_names_the_layers_rounded_to_nearest_because_the_calibration_ne
         assert "rtn, as the calibration data never ran them" in card
         assert manifest["card"]["never_ran"] == {name: manifest["plan"]["formats"][name] for name in never}
         assert "| never ran on the calibration data | " in card
+        assert "never ran on the calibration data (sensitivity unmeasured): " in describe(out / "configs" / config["name"])
 
 
 def test_sensitivity_replays_the_encoder_for_decoder_layers_bit_identically(t5_dir):
