@@ -27,7 +27,7 @@ def describe(folder: str | Path, kernels: dict[str, str] | None = None) -> str:
         f"evaluation data: {card['evaluation_data']}",
         f"activations: {card['activations']}",
         f"hardware: {card['hardware']}; versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()),
-        *([f"never ran on the calibration data (sensitivity unmeasured): "
+        *(["never ran on the calibration data (sensitivity unmeasured): "
            + ", ".join(f"{k} ({v})" for k, v in card["never_ran"].items())] if card.get("never_ran") else []),
         "",
         "formats:",
