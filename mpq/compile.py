@@ -27,7 +27,7 @@ from mpq.formats import get_format, parse_formats
 from mpq.fusion import fusion_groups
 from mpq.io import write_json_atomic
 from mpq.method_choice import choose_method
-from mpq.methods import AUTO, check_method, describe, rounded_to_nearest
+from mpq.methods import AUTO, calibrates, check_method, describe, rounded_to_nearest
 from mpq.latency import (LatencyModel, Regime, find_profile, make_regime, measure_plans, models_dir, parse_seconds, profile,
                          profile_key)
 from mpq.memory import (float_dtype_of, format_size, kept_as_stored, kept_summary, kept_to_json, memory_model, parse_size,
@@ -314,8 +314,7 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     if (out / "configs").exists():
         shutil.rmtree(out / "configs")  # configs of an earlier run would mislead next to this one
     config_rows = [_emit_config(out / "configs", index, cand, opts, loaded, task, graph, cache, baseline, calib_info, env,
-                                latency, fusion_groups(cand.formats, groups, has_bias), criteria, method, choice.never_ran,
-                                never_ran)
+                                latency, fusion_groups(cand.formats, groups, has_bias), criteria, method, never_ran)
                    for index, cand in enumerate(front)]
     recommended = recommend(config_rows, criteria)
     lap("emit")
@@ -330,7 +329,8 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
                      latency.regime, None if latency_cap is None else latency.baseline_seconds / latency_cap)
     summary = {
         "model": loaded.source, "task": loaded.task, "formats": [f.name for f in formats], "method": method, "budget": budget,
-        "method_choice": choice.to_json(), "never_ran": never_ran, "calibration_never_ran": choice.never_ran,
+        "method_choice": choice.to_json(), "never_ran": never_ran,
+        "calibration_never_ran": never_ran if calibrates(method) else [],  # gptq/awq knew nothing of their inputs
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "kept_as_stored": kept_to_json(kept), "experts": experts, "seed": opts.seed,
         "metric": table.metric, "task_metric": task.metric, "quality_name": task.quality_name, "max_quality_drop": opts.max_quality_drop,
         "criteria": criteria.to_json(), "eval_data": opts.eval_data, "recommended": None if recommended is None else recommended["name"],
@@ -400,15 +400,14 @@ def _time_configs(loaded: LoadedModel, regime: Regime, measured: list[Candidate]
 def _emit_config(configs_dir: Path, index: int, cand: Candidate, opts: CompileOptions, loaded: LoadedModel, task,
                  graph: ModelGraph, cache: QuantizedWeightCache, baseline: dict, calib_info: dict, env: dict,
                  latency: LatencyModel | None, fused: list[list[str]], criteria: Criteria, method: str,
-                 calibration_never_ran: list[str], never_ran: list[str]) -> dict:
+                 never_ran: list[str]) -> dict:
     """Write one config folder (atomically), its layers fused as `fused`, and return its row of the summary."""
     uniform = cand.origin.startswith("uniform")
     name = f"c{index}-{cand.bytes / 1e6:.2f}MB" + (f"-all-{cand.origin.split(':')[1]}" if uniform else "")
     plan = Plan(formats=cand.formats, model=loaded.source, meta={"origin": cand.origin})
     reasons = failures(cand.bytes, cand.measured, baseline["metrics"], criteria)
     accepted, because = not reasons, "; ".join(reasons)
-    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, method, calibration_never_ran,
-                 never_ran)
+    card = _card(loaded, plan, cand, baseline, calib_info, task, accepted, env, graph, method, never_ran)
     card["criteria"] = criteria.to_json()
     with applied(loaded.model, plan.specs(), cache, fused) as tensors:
         save_config(configs_dir / name, loaded.model, loaded.tokenizer, loaded.task, plan, tensors, card, fused)
@@ -422,16 +421,16 @@ def _display_quality(metrics: dict) -> float:
 
 
 def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, calib_info: dict, task, accepted: bool,
-          env: dict, graph: ModelGraph, method: str, calibration_never_ran: list[str], never_ran: list[str]) -> dict:
-    """The quantisation card (mpq.card); `never_ran`: layers the calibration data never ran, of
-    which GPTQ/AWQ rounded `calibration_never_ran` to nearest."""
+          env: dict, graph: ModelGraph, method: str, never_ran: list[str]) -> dict:
+    """The quantisation card (mpq.card); `never_ran`: layers the calibration data never ran (under
+    GPTQ/AWQ rounded to nearest: nothing is known of their inputs)."""
     shapes = {layer.name: (layer.out_features, layer.in_features) for layer in graph.layers}
     specs = plan.specs()
     tables = [layer.name for layer in graph.layers if layer.is_embedding and specs[layer.name].quantized]
     method_text = describe(method, list(specs.values()))
     if tables and not method_text.startswith("rtn"):
         method_text += f"; {', '.join(tables)}: rtn with a searched clipping range (a table's input is a token id: nothing else of gptq or awq applies)"
-    nearest = rounded_to_nearest(calibration_never_ran, specs, method)
+    nearest = rounded_to_nearest(never_ran, specs, method)
     if nearest:
         method_text += (f"; {', '.join(nearest)}: rtn, as the calibration data never ran them (nothing is known of "
                         "their inputs)")

@@ -22,7 +22,7 @@ downstream (cache, card, checkpoints) is as if the user had written it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,7 +31,8 @@ from torch import nn
 from mpq.apply import QuantizedWeightCache
 from mpq.formats import FormatSpec
 from mpq.hot_rows import token_counts_for
-from mpq.methods import AUTO, Calibrated, Quantizer, calibrate, calibrated_tensors, compact_method, make_quantizer, method_of
+from mpq.methods import (AUTO, Calibrated, Quantizer, calibrated_tensors, compact_method, make_quantizer, method_of,
+                         method_quantizer)
 from mpq.noise import NOISE_Z, paired_z
 from mpq.search import uniform_plan
 from mpq.trace import LayerInfo
@@ -44,7 +45,6 @@ class MethodChoice:
     method: str  # what every later stage uses, e.g. "int8=rtn,int4=gptq" (mpq.methods.compact_method)
     quantizer: Quantizer
     heldout_loss: dict[str, dict[str, float]] | None = None  # auto only: format -> {rtn, gptq: mean loss, z}
-    never_ran: list[str] = field(default_factory=list)  # layers GPTQ/AWQ rounded to nearest (mpq.methods.Calibrated)
 
     def to_json(self) -> dict | None:
         return None if self.heldout_loss is None else {"chosen": self.method, "heldout_loss": self.heldout_loss}
@@ -58,12 +58,10 @@ def choose_method(method: str, model: nn.Module, layers: list[LayerInfo], groups
     cache)` gives the loss (lower is better) on each held-out window of a plan whose tensors come
     from `cache`; `costs` are the layers' bytes per format (uniform_plan keeps a layer that cannot
     take a format in its largest)."""
-    counts = token_counts_for(task, formats)
     if method != AUTO:
-        calibrated = calibrate(method, model, layers, groups, formats, task, progress)
-        return MethodChoice(method, make_quantizer(method, model, calibrated.tensors, counts),
-                            never_ran=calibrated.never_ran)
+        return MethodChoice(method, method_quantizer(method, model, layers, groups, formats, task, progress))
     quantised = [fmt for fmt in formats if fmt.quantized]
+    counts = token_counts_for(task, formats)
     if not quantised:
         return MethodChoice("rtn", make_quantizer("rtn", model))
     calibrated = calibrated_tensors("gptq", model, layers, groups, quantised, task, progress) \
@@ -82,9 +80,7 @@ def choose_method(method: str, model: nn.Module, layers: list[LayerInfo], groups
         for name, cache in caches.items():
             if name != method_of(chosen, fmt):
                 cache.forget(fmt.name)
-    gptq_used = any(method_of(chosen, fmt) == "gptq" for fmt in quantised)
-    return MethodChoice(chosen, lambda layer, fmt: caches[method_of(chosen, fmt)].get(layer, fmt), measured,
-                        calibrated.never_ran if gptq_used else [])
+    return MethodChoice(chosen, lambda layer, fmt: caches[method_of(chosen, fmt)].get(layer, fmt), measured)
 
 
 def pick(default: str, measured: dict[str, float]) -> str:

@@ -192,7 +192,7 @@ def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str],
     round to nearest, or the tensors GPTQ/AWQ computed (`calibrated_tensors`) for the formats
     whose method is one of them."""
     rtn = rtn_quantizer(model, token_counts)
-    if not _calibrated(method):
+    if not calibrates(method):
         return rtn
     if tensors is None:
         raise ValueError(f"method {method} needs its calibrated tensors (calibrated_tensors)")
@@ -209,27 +209,22 @@ def make_quantizer(method: str, model: nn.Module, tensors: dict[tuple[str, str],
     return quantize
 
 
-def _calibrated(method: str) -> bool:
+def calibrates(method: str) -> bool:
+    """Whether `method` rounds some format by GPTQ or AWQ."""
     return any(value in ("gptq", "awq") for value in _entries(method).values())
-
-
-def calibrate(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
-              formats: list[FormatSpec], task, progress: bool = False) -> Calibrated:
-    """What `method` computes from this model and calibration data: GPTQ/AWQ tensors, or nothing
-    where no format needs them."""
-    if method == AUTO:
-        raise ValueError("--method auto is resolved by mpq.method_choice.choose_method, on held-out data")
-    check_method(method, formats)
-    if all(method_of(method, f) == "rtn" or f.embedding_only for f in formats):
-        return Calibrated()  # round to nearest, and a table's rounding, need no calibrated tensors
-    return calibrated_tensors(method, model, layers, groups, formats, task, progress)
 
 
 def method_quantizer(method: str, model: nn.Module, layers: list[LayerInfo], groups: list[list[str]],
                      formats: list[FormatSpec], task, progress: bool = False) -> Quantizer:
     """The quantizer of `method` for this model and calibration data (GPTQ/AWQ computed now)."""
-    calibrated = calibrate(method, model, layers, groups, formats, task, progress)
-    return make_quantizer(method, model, calibrated.tensors, token_counts_for(task, formats))
+    if method == AUTO:
+        raise ValueError("--method auto is resolved by mpq.method_choice.choose_method, on held-out data")
+    check_method(method, formats)
+    counts = token_counts_for(task, formats)
+    if all(method_of(method, f) == "rtn" or f.embedding_only for f in formats):
+        return make_quantizer(method, model, {}, counts)  # rtn, and a table's rounding, need no calibrated tensors
+    return make_quantizer(method, model, calibrated_tensors(method, model, layers, groups, formats, task, progress).tensors,
+                          counts)
 
 
 def rounded_to_nearest(never_ran: list[str], specs: Mapping[str, FormatSpec], method: str) -> list[str]:
