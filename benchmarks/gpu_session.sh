@@ -5,14 +5,14 @@
 #     mpq compile demo --max-mem 8MB -o .gpu/demo-out -q       # .gpu/ is git-ignored; carry it
 # then on the GPU, one call for everything (both formats, every shape and M, then the demo's configs,
 # then benchmarks/experts_decode.py;
-# arguments after the folder go to benchmarks/kernels.py, e.g. --formats int8 for a rerun of one):
+# arguments after the folder go to benchmarks/gpu_kernels.py, e.g. --formats int8 for a rerun of one):
 #     bash benchmarks/gpu_session.sh .gpu/demo-out
 # A shape's first call compiles its launch candidates in threads, one per core, before timing them.
 # The JSON is rewritten after every row, so a run stopped at its time limit still brings its rows back.
 # Results go to $OUT (which the device tool brings back), else benchmarks/results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-configs=${1:?usage: bash benchmarks/gpu_session.sh DEMO_COMPILE_OUT [benchmarks/kernels.py options]}
+configs=${1:?usage: bash benchmarks/gpu_session.sh DEMO_COMPILE_OUT [benchmarks/gpu_kernels.py options]}
 shift
 if ! python3 -m pip install --no-deps --no-build-isolation --quiet -e .; then
   # No build tools that fit: import mpq from a folder that lays the package out as pyproject maps it.
@@ -28,6 +28,6 @@ python3 -P -c "import mpq.kernels; print('mpq from', mpq.__file__)"  # -P: not t
 echo "cores: $(nproc)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "(no nvidia-smi)"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
-python3 benchmarks/kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@"
+python3 benchmarks/gpu_kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@"
 # then a mixture of experts at decode: grouped expert launches against the per-expert loop
 python3 benchmarks/experts_decode.py --out "${OUT:-benchmarks/results}"

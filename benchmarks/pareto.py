@@ -31,9 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow Hugging Face's
-# `kernels` package, which bitsandbytes imports for its CPU kernels.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns of a bf16 -> fp16 cast on every int8 matmul
 
 import torch

@@ -5,16 +5,27 @@
 Triton kernels for CUDA are imported lazily, so a CPU-only install imports mpq without triton.
 """
 
-from mpq.formats import FormatSpec
-from mpq.kernels.cpu import cpu_supports, linear_cpu, prepare_cpu
-from mpq.kernels.reference import linear_reference
+if __name__ == "kernels":
+    # This folder ships as mpq.kernels, but Python started in the repository root (python -m pytest,
+    # python -m mpq.cli) finds it as a top-level `kernels` too, ahead of Hugging Face's `kernels`
+    # package, which transformers (>= 5.25) and bitsandbytes import. Hand that import over to the
+    # installed package: a module may put another in its place in sys.modules while it is imported.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = ["cpu_supports", "linear_cpu", "linear_reference", "prepare_cpu", "triton_supports"]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _installed = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _installed
+    _spec.loader.exec_module(_installed)
+else:
+    from mpq.kernels.cpu import cpu_supports, linear_cpu, prepare_cpu
+    from mpq.kernels.reference import linear_reference
+    from mpq.kernels.triton_shapes import triton_supports
 
-
-def triton_supports(fmt: FormatSpec, in_features: int) -> bool:
-    """Whether the Triton kernels take a layer: INT8 at any shape; INT4 when its groups are whole
-    32-column K steps (a step reads one scale per column, and a GPU's tl.dot needs 16+ packed bytes)."""
-    if fmt.bits == 8:
-        return True
-    return fmt.bits == 4 and fmt.group_along(in_features) % 32 == 0
+    __all__ = ["cpu_supports", "linear_cpu", "linear_reference", "prepare_cpu", "triton_supports"]

@@ -1,6 +1,6 @@
 """Does a config loaded on a device run mpq's kernels there, and agree with the reference?
 
-The answer `mpq inspect CONFIG --check --device cuda` prints and `benchmarks/kernels.py` records:
+The answer `mpq inspect CONFIG --check --device cuda` prints and `benchmarks/gpu_kernels.py` records:
 which kernel runs each quantised layer, which fell back to the dequantise reference, and the
 relative error of the outputs against the same config run by the reference on the CPU, once for
 a prompt (prefill: M = the prompt's tokens) and once for one token (decode: M = 1), since the

@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 
 def test_kernel_benchmark_smoke(tmp_path):
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "kernels-smoke.json").read_text())
@@ -95,7 +95,7 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
 
 def test_kernel_benchmark_failures_on_crafted_results(benchmark_script):
     """A GPU run fails on a kernel off the reference, a loaded config off it, or a layer on the fallback."""
-    kernels = benchmark_script("kernels")
+    kernels = benchmark_script("gpu_kernels")
     good_row = {"format": "int4-g128", "shape": "attn", "M": 1, "rel_err": 3e-3}
     good_check = {"config": "c1", "device": "cuda", "fallback_layers": [], "rel_err": {"prefill": 5e-3, "decode": 4e-3}}
     assert kernels.failures({"rows": [good_row], "end_to_end": {"checks": [good_check]}}) == []
@@ -177,7 +177,7 @@ def test_pareto_targets_take_each_uniform_row_rounded_as_mpq_rounds_that_format(
 
 
 def test_kernel_benchmark_refuses_a_configs_folder_that_is_not_the_demos_output(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--configs", str(tmp_path),
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke", "--configs", str(tmp_path),
                "--out", str(tmp_path / "results")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "no summary.json there" in proc.stderr
@@ -192,7 +192,7 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     CPU, with the GPU timers replaced by fakes that call each timed function for real."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = benchmark_script("kernels")
+    kernels = benchmark_script("gpu_kernels")
     monkeypatch.setattr(kernels, "ROTATE_BYTES", 40_000)
     timed, eager = [], []
 

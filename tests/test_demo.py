@@ -74,7 +74,7 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys, benchmark_script):
     # the GPU benchmark's end-to-end part takes this output as it is (a GPU image need not compile):
     # its first config, every layer on the Triton kernels (here the interpreter), against the reference
     if importlib.util.find_spec("triton") is not None:
-        script = Path(__file__).parent.parent / "benchmarks" / "kernels.py"
+        script = Path(__file__).parent.parent / "benchmarks" / "gpu_kernels.py"
         proc = subprocess.run([sys.executable, str(script), "--smoke", "--configs", str(out), "--formats", "int8",
                                "--batches", "1", "--out", str(tmp_path / "bench")], capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys, benchmark_script):
                                     "rows of lm_head's weight (gather + dequantise)": 1}
         assert all(e < 2e-2 for e in check["rel_err"].values()), check
     # and its GPU-only part (every config checked, decode timed) runs through on the CPU's kernels
-    bench = benchmark_script("kernels")
+    bench = benchmark_script("gpu_kernels")
     result = bench.end_to_end("cpu", out, tokens=4)
     assert [c["config"] for c in result["checks"]] == [c["name"] for c in configs]
     assert bench.failures({"rows": [], "end_to_end": result}) == []

@@ -11,11 +11,11 @@ without CUDA graphs pays. Then greedy-decode tokens/s of a demo
 config against the unquantised demo, after every emitted demo config is loaded on the GPU and
 checked against the CPU reference (kernel per layer, logits). Prints a table and writes JSON.
 
-    python benchmarks/kernels.py                 # on a CUDA machine
-    python benchmarks/kernels.py --smoke         # tiny shapes, correctness only (CPU: TRITON_INTERPRET=1)
-    python benchmarks/kernels.py --smoke --configs demo-out   # and the first demo config on the Triton kernels
+    python benchmarks/gpu_kernels.py                 # on a CUDA machine
+    python benchmarks/gpu_kernels.py --smoke         # tiny shapes, correctness only (CPU: TRITON_INTERPRET=1)
+    python benchmarks/gpu_kernels.py --smoke --configs demo-out   # and the first demo config on the Triton kernels
     mpq compile demo --max-mem 8MB -o demo-out   # anywhere (optuna), then on the GPU machine, which needs none:
-    python benchmarks/kernels.py --configs demo-out --out $OUT
+    python benchmarks/gpu_kernels.py --configs demo-out --out $OUT
 
 The JSON is rewritten after every row, so a run cut off by a time limit keeps what it measured.
 """
@@ -206,7 +206,7 @@ def main() -> None:
         demo_summary(args.configs)  # refused now, not after the kernel rows
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
-        raise SystemExit("benchmarks/kernels.py times GPU kernels: run it on a CUDA machine, or use --smoke")
+        raise SystemExit("benchmarks/gpu_kernels.py times GPU kernels: run it on a CUDA machine, or use --smoke")
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
