@@ -16,6 +16,7 @@ from mpq.qlinear import QuantizedLinear, linear_weight, out_features_of
 from mpq.quantize import quantize_weight
 from mpq.spill import kept
 from mpq.errors import MpqError
+from mpq.float_twin import upcasts_while_running
 from mpq.trace import embedding_scale, is_embedding, table_aliases, tied_table_of
 
 
@@ -65,25 +66,29 @@ def build_layers(specs: dict[str, FormatSpec], tensors: dict[str, dict[str, torc
                  device: torch.device | str | None = None,
                  embeddings: dict[str, torch.dtype] | None = None,
                  tied: dict[str, tuple[str, torch.dtype]] | None = None,
-                 table_scales: dict[str, float] | None = None) -> dict[str, nn.Module]:
+                 table_scales: dict[str, float] | None = None,
+                 dtypes: dict[str, torch.dtype] | None = None) -> dict[str, nn.Module]:
     """The module to install for each planned layer: a QuantizedEmbedding for the tables named in
     `embeddings` (with the dtype they output), a FusedSlice in a fused group, else a
     QuantizedLinear; and for each head in `tied` (head -> its table's path and dtype) a
     TiedEmbedding at the table's path. A table in `table_scales` (path -> factor) multiplies its
-    rows by it, as the table it replaces did. Both compile (to measure) and load use this, so the
-    loaded model is the measured one."""
+    rows by it, as the table it replaces did. `dtypes`: the dtype of each layer's weight (what
+    model code that peeks at it reads: mpq.packed_weight). Both compile (to measure) and load use
+    this, so the loaded model is the measured one."""
     scales = table_scales or {}
+    dtypes = dtypes or {}
     layers: dict[str, nn.Module] = {
         name: QuantizedEmbedding(specs[name], tensors[name], dtype, device, scales.get(name, 1.0))
         for name, dtype in (embeddings or {}).items()}
     for names in fused_groups:
-        slices = fuse(names, specs[names[0]], tensors, biases, in_features[names[0]], backend, device)
+        slices = fuse(names, specs[names[0]], tensors, biases, in_features[names[0]], backend, device, dtypes.get(names[0]))
         if slices:
             layers.update(slices)
     for name, fmt in specs.items():
         if name not in layers:
             out_features = out_features_of(tensors[name])
-            layers[name] = QuantizedLinear(fmt, tensors[name], biases[name], in_features[name], out_features, backend, device)
+            layers[name] = QuantizedLinear(fmt, tensors[name], biases[name], in_features[name], out_features, backend, device,
+                                           dtypes.get(name))
     for head, (table, dtype) in (tied or {}).items():
         layers[table] = TiedEmbedding(layers[head], head, dtype, tensors[head], scales.get(table, 1.0))
     return layers
@@ -107,6 +112,9 @@ def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeigh
     tensors = {name: cache.get(name, fmt) for name, fmt in plan.items()}
     biases = {name: getattr(module, "bias", None) for name, module in modules.items()}
     in_features = {name: linear_weight(module).shape[1] for name, module in modules.items()}
+    # a lazy float32 twin's blocks hold 16-bit weights that run upcast: its layers are float32 ones
+    dtypes = {name: torch.float32 if upcasts_while_running(model) else linear_weight(module).dtype
+              for name, module in modules.items()}
     tables = {name: module.weight.dtype for name, module in modules.items() if is_embedding(module)}
     tied = {name: (table, module.weight.dtype) for name, module in modules.items()
             if (table := tied_table_of(model, name)) is not None}
@@ -114,8 +122,8 @@ def applied(model: nn.Module, plan: dict[str, FormatSpec], cache: QuantizedWeigh
     aliases = {table: table_aliases(model, table) for table in table_scales}  # before any module is swapped
     originals: dict[str, nn.Module] = {}
     try:
-        for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups, backend,
-                                        embeddings=tables, tied=tied, table_scales=table_scales).items():
+        for name, layer in build_layers(plan, tensors, biases, in_features, fused_groups, backend, embeddings=tables,
+                                        tied=tied, table_scales=table_scales, dtypes=dtypes).items():
             originals[name] = set_module(model, name, layer)
             for alias in aliases.get(name, ()):
                 originals.setdefault(alias, set_module(model, alias, layer))

@@ -269,6 +269,7 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
     layer_tensors: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor | None] = {}
     in_features: dict[str, int] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for layer, fmt in specs.items():
         prefix = f"{layer}."
         own = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
@@ -291,12 +292,13 @@ def load(folder: str | Path, backend: str | None = None, device: str | torch.dev
                            f"in the model, but {MANIFEST} says otherwise; re-run mpq compile")
         layer_tensors[layer] = own
         in_features[layer] = linear_weight(module).shape[1]
+        dtypes[layer] = linear_weight(module).dtype
     every_table = {*tables, *(table for table, _ in tied.values())}
     scales = _scales_from(manifest, folder, model, every_table)
     aliases = _aliases_from(manifest, folder, model, every_table)
     fused = manifest.get("fused", [])
     for layer, module in build_layers(specs, layer_tensors, biases, in_features, fused, backend, device,
-                                      embeddings=tables, tied=tied, table_scales=scales).items():
+                                      embeddings=tables, tied=tied, table_scales=scales, dtypes=dtypes).items():
         for path in [layer, *aliases.get(layer, ())]:
             set_module(model, path, module)
         log.info("%s: %s", layer, module.kernel)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mpq.formats import FormatSpec
+from mpq.packed_weight import PackedWeight
 from mpq.qlinear import QuantizedLinear, choose_backend, out_features_of
 
 
@@ -67,6 +68,15 @@ class FusedSlice(nn.Module):
     def kernel(self) -> str:
         return f"{self.fused.layer.kernel} (fused x{len(self.fused.sizes)})"
 
+    @property
+    def weight(self) -> torch.Tensor | PackedWeight:
+        """This member's rows of the fused weight: a view of a dense one, else what may be read of a packed one."""
+        whole = self.fused.layer.weight
+        if isinstance(whole, torch.Tensor):
+            start = sum(self.fused.sizes[:self.index])
+            return whole[start:start + self.out_features]
+        return PackedWeight(whole.dtype, whole.device, torch.Size((self.out_features, self.in_features)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.part(x, self.index)
 
@@ -83,8 +93,9 @@ def fusable(fmt: FormatSpec, sizes: list[int], in_features: int, backend: str | 
 
 def fuse(names: list[str], fmt: FormatSpec, tensors: dict[str, dict[str, torch.Tensor]],
          biases: dict[str, torch.Tensor | None], in_features: int, backend: str | None = None,
-         device: torch.device | str | None = None) -> dict[str, FusedSlice] | None:
-    """FusedSlices for one group, or None where the fused shape would take a different kernel."""
+         device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict[str, FusedSlice] | None:
+    """FusedSlices for one group, or None where the fused shape would take a different kernel.
+    `dtype`: that of the members' weights (QuantizedLinear's)."""
     sizes = [out_features_of(tensors[n]) for n in names]
     total = sum(sizes)
     device = device if device is not None else next(iter(tensors[names[0]].values())).device
@@ -92,5 +103,5 @@ def fuse(names: list[str], fmt: FormatSpec, tensors: dict[str, dict[str, torch.T
         return None
     cat = {key: torch.cat([tensors[n][key] for n in names]) for key in tensors[names[0]]}
     bias = None if biases[names[0]] is None else torch.cat([biases[n] for n in names])
-    fused = FusedLinear(QuantizedLinear(fmt, cat, bias, in_features, total, backend, device), sizes)
+    fused = FusedLinear(QuantizedLinear(fmt, cat, bias, in_features, total, backend, device, dtype), sizes)
     return {name: FusedSlice(fused, i, owner=(i == 0)) for i, name in enumerate(names)}

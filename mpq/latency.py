@@ -460,7 +460,7 @@ def _head_bytes(model: nn.Module, layers: dict) -> int:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter is not None else None
     weight = getattr(head, "weight", None)
-    if weight is None or any(model.get_submodule(name) is head for name in layers):
+    if not isinstance(weight, torch.Tensor) or any(model.get_submodule(name) is head for name in layers):
         return 0
     return weight.numel() * weight.element_size()
 

@@ -21,6 +21,7 @@ from torch import nn
 from mpq.formats import FormatSpec
 from mpq.kernels.cpu import dequantize_rows_cpu
 from mpq.kernels.cpu_int4_layout import int4_row_layout, int4_rows
+from mpq.packed_weight import PackedWeight, cast_target, keeping_dtypes
 from mpq.packing import unpack_int4_u8
 from mpq.qlinear import QuantizedLinear
 from mpq.quantize import HOT_TENSORS, dequantize_weight, tensor_bytes
@@ -64,6 +65,16 @@ class QuantizedEmbedding(nn.Module):
         table = tensors["qweight" if fmt.quantized else "weight"]
         self.num_embeddings = table.shape[0]
         self.embedding_dim = table.shape[1] * (2 if fmt.bits == 4 else 1)
+        if fmt.quantized:  # what model code may read of the table (Llama 4 moves its ids to weight.device)
+            self.weight = PackedWeight(dtype, device, torch.Size((self.num_embeddings, self.embedding_dim)))
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move with the model, keep the stored dtypes; the rows come out in the dtype the model is cast to."""
+        self.out_dtype = cast_target(fn) or self.out_dtype
+        result = super()._apply(keeping_dtypes(fn), recurse)
+        if isinstance(self.weight, PackedWeight):
+            self.weight = PackedWeight(self.out_dtype, self.qweight.device, self.weight.shape)
+        return result
 
     @property
     def kernel(self) -> str:
@@ -107,6 +118,16 @@ class TiedEmbedding(nn.Module):
 
     def _reads_cpu_int4(self) -> bool:
         return self.head.backend == "cpu" and self.head.fmt.bits == 4
+
+    @property
+    def weight(self) -> torch.Tensor | PackedWeight:
+        """The head's weight, which the table is: its dense tensor, or what may be read of its packed one."""
+        head = self.head.weight
+        return head if isinstance(head, torch.Tensor) else PackedWeight(self.out_dtype, head.device, head.shape)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.out_dtype = cast_target(fn) or self.out_dtype  # holds no tensors: the head moves them
+        return super()._apply(fn, recurse)
 
     @property
     def kernel(self) -> str:

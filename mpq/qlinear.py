@@ -28,6 +28,7 @@ from mpq.formats import FormatSpec, get_format
 from mpq.kernels import cpu_supports, linear_cpu, linear_reference, prepare_cpu, triton_supports
 from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS, float32_from_tokens, linear_dense_cpu, multiplies_in_float32
 from mpq.kernels.cpu_thresholds import NEVER
+from mpq.packed_weight import PackedWeight, cast_target, keeping_dtypes
 from mpq.quantize import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, fmt: FormatSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
                  in_features: int, out_features: int, backend: str | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: that of the weight the layer stands in for (default: its bias's, else torch's default)."""
         super().__init__()
         self.fmt = fmt
         self.in_features = in_features
@@ -144,20 +146,19 @@ class QuantizedLinear(nn.Module):
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
         if "weight" not in tensors:
-            # No dense weight to read. Model code that peeks at one (T5's feed-forward casts its input
-            # to `wo.weight.dtype` when that is a tensor) then leaves the activations as they are.
-            self.weight = None
+            # No dense weight: model code that peeks at one reads its dtype, device and shape (mpq.packed_weight)
+            dtype = dtype or (bias.dtype if bias is not None else torch.get_default_dtype())
+            self.weight = PackedWeight(dtype, device, torch.Size((out_features, in_features)))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
 
     def _apply(self, fn, recurse: bool = True):
-        """Move with the model, keep every dtype: a cast of the model (.half(), .to(float32);
-        SwitchTransformers' router casts its classifier on every forward) leaves the stored tensors
-        as the checkpoint holds them, which the kernels read whatever x is, so a layer holds the
-        bytes predicted and its scales are never rounded again."""
-        def moved(tensor: torch.Tensor) -> torch.Tensor:
-            out = fn(tensor)
-            return out if out.dtype == tensor.dtype else tensor.to(device=out.device)
-        return super()._apply(moved, recurse)
+        """Move with the model, keep every stored dtype (SwitchTransformers' router casts its
+        classifier on every forward); a packed weight's dtype follows the cast, as the weight's would."""
+        target = cast_target(fn)
+        result = super()._apply(keeping_dtypes(fn), recurse)
+        if isinstance(self.weight, PackedWeight):
+            self.weight = PackedWeight(target or self.weight.dtype, self.qweight.device, self.weight.shape)
+        return result
 
     @classmethod
     def from_module(cls, module: nn.Module, fmt: FormatSpec | str, backend: str | None = None
@@ -167,7 +168,7 @@ class QuantizedLinear(nn.Module):
         weight = linear_weight(module)
         tensors = quantize_weight(weight, fmt)
         out_features, in_features = weight.shape
-        layer = cls(fmt, tensors, module.bias, in_features, out_features, backend)
+        layer = cls(fmt, tensors, module.bias, in_features, out_features, backend, dtype=weight.dtype)
         return layer, tensors
 
     @property
