@@ -71,6 +71,51 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                      sliding_window=16,
                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
+# architectures of 2025-2026 (transformers >= 5.25): hybrid linear attention (Qwen3.5, Qwen3-Next, Kimi
+# Linear, LFM2), multi-head latent attention (DeepSeek-V3, Kimi Linear, HY-V4), new mixtures, and model code
+# that peeks at its layers' weights (Llama 4, HunYuan, HY-V4: mpq.packed_weight)
+_IDS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+_MLA = dict(kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
+_LINEAR_ATTENTION = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+                         layer_types=["linear_attention", "full_attention"])
+_ROUTED = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_group=1, topk_group=1)
+RECENT: dict[str, tuple[str, dict]] = {
+    "llama4": ("Llama4TextConfig", dict(num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=1,
+                                        intermediate_size_mlp=256, layer_types=["chunked_attention", "full_attention"], **_IDS)),
+    "gemma4": ("Gemma4TextConfig", dict(num_key_value_heads=2, head_dim=32, sliding_window=16, vocab_size_per_layer_input=VOCAB,
+                                        hidden_size_per_layer_input=16, layer_types=["sliding_attention", "full_attention"])),
+    "gemma4_moe": ("Gemma4TextConfig", dict(num_key_value_heads=2, head_dim=32, sliding_window=16, vocab_size_per_layer_input=VOCAB,
+                                            hidden_size_per_layer_input=16, layer_types=["sliding_attention", "full_attention"],
+                                            enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64)),
+    "qwen3_5": ("Qwen3_5TextConfig", dict(num_key_value_heads=2, head_dim=32, **_LINEAR_ATTENTION, **_IDS)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=64, shared_expert_intermediate_size=64, **_LINEAR_ATTENTION, **_IDS)),
+    "qwen3_next": ("Qwen3NextConfig", dict(num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=64, shared_expert_intermediate_size=64, **_LINEAR_ATTENTION, **_IDS)),
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=1, **_ROUTED, **_MLA, **_IDS)),
+    "glm4": ("Glm4Config", dict(num_key_value_heads=2, head_dim=32, **_IDS)),
+    "glm4_moe": ("Glm4MoeConfig", dict(num_key_value_heads=2, n_shared_experts=1, first_k_dense_replace=1, **_ROUTED, **_IDS)),
+    "minimax_m2": ("MiniMaxM2Config", dict(num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2, **_IDS)),
+    "kimi_linear": ("KimiLinearConfig", dict(num_key_value_heads=4, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=64, n_shared_experts=1, layer_types=["linear_attention", "full_attention"],
+                                             mlp_layer_types=["dense", "sparse"], **_MLA, **_IDS)),
+    "ministral3": ("Ministral3Config", dict(num_key_value_heads=2, head_dim=32, sliding_window=16, **_IDS)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(num_key_value_heads=2, head_dim=32, num_experts=4, moe_topk=2, **_IDS)),
+    "hy_v4": ("HYV4Config", dict(num_key_value_heads=2, head_dim=32, n_shared_experts=1, index_head_dim=32, index_n_heads=2,
+                                 index_topk=8, layer_types=["indexed_attention", "indexed_attention"], mlp_layer_types=["dense", "sparse"],
+                                 **_ROUTED, **_MLA, **_IDS)),
+    "cohere2": ("Cohere2Config", dict(num_key_value_heads=2, head_dim=32, sliding_window=16,
+                                      layer_types=["sliding_attention", "full_attention"], **_IDS)),
+    "olmo3": ("Olmo3Config", dict(num_key_value_heads=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"], **_IDS)),
+    "smollm3": ("SmolLM3Config", dict(num_key_value_heads=2, **_IDS)),
+    "exaone4": ("Exaone4Config", dict(num_key_value_heads=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"], **_IDS)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(num_key_value_heads=2, moe_num_experts=4, moe_k=2, moe_intermediate_size=64, **_IDS)),
+    "seed_oss": ("SeedOssConfig", dict(num_key_value_heads=2, head_dim=32, **_IDS)),
+    "lfm2": ("Lfm2Config", dict(num_key_value_heads=2, layer_types=["conv", "full_attention"], **_IDS)),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", dict(num_key_value_heads=2, head_dim=32, v_head_dim=32, sliding_window=16,
+                                                layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"],
+                                                **{**_ROUTED, "n_group": 1}, **_IDS)),
+}
 # encoder-decoder LMs: their configs name the sizes their own way, so each gives them whole
 _BART_LIKE = dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=512,
@@ -105,7 +150,7 @@ def build(name: str, folder: Path):
     from mpq.models import DEMO_DIR
 
     seq2seq = name in SEQ2SEQ
-    config_class, extra = SEQ2SEQ[name] if seq2seq else ARCHITECTURES[name]
+    config_class, extra = SEQ2SEQ[name] if seq2seq else {**ARCHITECTURES, **RECENT}[name]
     config = getattr(transformers, config_class)(**(extra if seq2seq else {**COMMON, **extra}))
     torch.manual_seed(0)
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config).eval().to(torch.bfloat16)
@@ -235,7 +280,7 @@ def main() -> None:
     parser.add_argument("--format", default="int8", help="the format every layer takes (default int8)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "architectures.json")
     args = parser.parse_args()
-    known = [*ARCHITECTURES, *SEQ2SEQ]
+    known = [*ARCHITECTURES, *RECENT, *SEQ2SEQ]
     names = args.only.split(",") if args.only else known
     unknown = [name for name in names if name not in known]
     if unknown:
