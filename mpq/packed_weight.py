@@ -1,12 +1,11 @@
 """What model code may read of a weight that mpq holds packed: its dtype, device and shape.
 
 Model code peeks at its layers' weights: Llama 4 moves the token ids to
-`embed_tokens.weight.device`, HunYuan's and HY-V4's routers cast their input to
+`embed_tokens.weight.device`, HunYuan's router and HY-V4's indexer cast their input to
 `weight.dtype`, Ergo takes its residual branch's dtype from `o_proj.weight.dtype`. A quantised
 layer holds no dense weight, so it answers with a `PackedWeight`: the dtype of the weight it
-stands in for (the dtype it computes and returns in; it follows the model's casts, `.half()` or
-`.to(torch.float32)`, as that weight would have), the device its tensors are on, and the
-[out, in] shape. It is not a tensor: code that reads the weight's values fails loudly rather than
+stands in for (which follows the model's casts, `.half()` or `.to(torch.float32)`, as that
+weight's would have), the device its tensors are on, and the [out, in] shape. It is not a tensor: code that reads the weight's values fails loudly rather than
 multiplying by something else, and code that asks `isinstance(weight, torch.Tensor)` (T5's
 feed-forward) takes its branch for no dense weight.
 """
