@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import torch
+
+from gpu_kernels import eager_ms  # a sibling script: run as one, this folder is first on sys.path
 
 MIXTURES = [  # many small experts, and few large ones (whose pairs share experts at 4+ tokens)
     {"name": "Qwen3-30B-A3B mixture", "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8},
@@ -91,16 +92,6 @@ def run_reference(mixture, *inputs):
             layer.backend = backend
 
 
-def eager_ms(fn, calls: int = 100) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e3
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -146,8 +137,8 @@ def bench(spec: dict, fmt_name: str, tokens: tuple[int, ...], device: str, smoke
                 row["predicted_launches_ms"] = predicted_launches_ms(mixture, touched, count * spec["top_k"], dtype,
                                                                      0.002 if smoke else 0.05)
             if not smoke:
-                row["grouped_eager_ms"] = eager_ms(lambda: mixture(*inputs))
-                row["loop_eager_ms"] = eager_ms(lambda: run_loop(mixture, *inputs))
+                row["grouped_eager_ms"] = eager_ms(lambda: mixture(*inputs), calls=100)
+                row["loop_eager_ms"] = eager_ms(lambda: run_loop(mixture, *inputs), calls=100)
                 row["grouped_graph_ms"] = gpu_time_ms(lambda: mixture(*inputs))  # L2 flushed before each replay
                 row["eager_speedup"] = row["loop_eager_ms"] / row["grouped_eager_ms"]
                 row["grouped_GBps"] = row["bytes_touched"] / (row["grouped_graph_ms"] * 1e-3) / 1e9
