@@ -21,12 +21,11 @@ table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
-from gpu_kernels import eager_ms  # a sibling script: run as one, this folder is first on sys.path
+from gpu_kernels import benchmark_device, eager_ms  # a sibling script: run as one, this folder is first on sys.path
 
 MIXTURES = [  # many small experts, and few large ones (whose pairs share experts at 4+ tokens)
     {"name": "Qwen3-30B-A3B mixture", "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8},
@@ -155,11 +154,7 @@ def main() -> None:
     parser.add_argument("--formats", default="int4-g128,int8,int4-g128+fp16")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        raise SystemExit("benchmarks/experts_decode.py times GPU kernels: run it on a CUDA machine, or use --smoke")
-    if device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
+    device = benchmark_device("benchmarks/experts_decode.py", args.smoke)
     from mpq.io import write_json_atomic
 
     mixtures = SMOKE_MIXTURES if args.smoke else MIXTURES

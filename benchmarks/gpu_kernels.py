@@ -44,6 +44,17 @@ BATCHES = (1, 4, 16, 64, 512)
 ROTATE_BYTES = 512 * 2**20  # weight copies per timed graph: several times the L2 of any current GPU
 
 
+def benchmark_device(script: str, smoke: bool) -> str:
+    """cuda where there is one; else a smoke run's kernels run in Triton's interpreter on the CPU
+    (set before they are imported), and a full run is refused."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not smoke:
+        raise SystemExit(f"{script} times GPU kernels: run it on a CUDA machine, or use --smoke")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    return device
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second by a large device-to-device copy."""
     from triton.testing import do_bench
@@ -204,11 +215,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.configs is not None:
         demo_summary(args.configs)  # refused now, not after the kernel rows
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        raise SystemExit("benchmarks/gpu_kernels.py times GPU kernels: run it on a CUDA machine, or use --smoke")
-    if device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
+    device = benchmark_device("benchmarks/gpu_kernels.py", args.smoke)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     batches = tuple(int(m) for m in args.batches.split(",")) if args.batches else (1, 3, 17) if args.smoke else BATCHES
     from mpq.models import DTYPES
