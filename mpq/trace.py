@@ -207,14 +207,44 @@ def tied_table_of(model: nn.Module, name: str) -> str | None:
     return found[0] if embedding_scale(found[1]) is not None and _aliases_differ(model, found[0]) is None else None
 
 
-def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[str, str], wanted: bool,
-                     keep: str | None = None) -> LayerInfo | None:
-    """The model's input embedding table as a layer, or None (with the reason in `excluded`; a
-    table tied to the head is that layer's, see trace_model)."""
-    found = _input_table(model)
-    if found is None:
-        return None
-    path, table = found
+def _other_token_tables(model: nn.Module, example_inputs: dict, input_table: str | None) -> list[str]:
+    """Paths of the token tables besides the input one that the forward looks the input ids up in
+    (Gemma 3n's and Gemma 4's per-layer tables: vocabulary x blocks x a small width, often larger
+    than the input table), found by one eager forward on `example_inputs` that records each
+    table's indices; position and token-type tables read other indices and are left alone. No
+    forward runs where the model has no other table."""
+    weight = model.get_submodule(input_table).weight if input_table is not None else None
+    candidates = {module: name for name, module in model.named_modules()
+                  if is_embedding(module) and module.weight is not weight and name != input_table}
+    ids = [value for key, value in example_inputs.items()
+           if key in ("input_ids", "decoder_input_ids") and isinstance(value, torch.Tensor)]
+    if not candidates or not ids:
+        return []
+    found: list[str] = []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        indices = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if indices is not None and any(indices.shape == i.shape and torch.equal(indices.cpu(), i.cpu()) for i in ids):
+            if candidates[module] not in found:
+                found.append(candidates[module])
+
+    handles = [module.register_forward_pre_hook(record) for module in candidates]
+    try:
+        with torch.no_grad():
+            model(**example_inputs)
+    except Exception:  # a model that cannot run eagerly here keeps its other tables as stored
+        return []
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _table_layer(model: nn.Module, path: str, is_input: bool, tied_weights: set[str], excluded: dict[str, str],
+                 wanted: bool, keep: str | None, order: int) -> LayerInfo | None:
+    """Token table `path` as a layer, or None (with the reason in `excluded`; a table tied to the
+    head is that layer's, see trace_model)."""
+    table = model.get_submodule(path)
     if not wanted:
         excluded[path] = "embedding tables left as stored (asked for)"
         return None
@@ -229,10 +259,12 @@ def _embedding_layer(model: nn.Module, tied_weights: set[str], excluded: dict[st
         excluded[path] = why
         return None
     if f"{path}.weight" in tied_weights:
+        if not is_input:  # the input table's tie is to the head, which quantises it (tied_table_of)
+            excluded[path] = "weight tied to another parameter (kept in the model's dtype with it)"
         return None
     rows, dim = table.weight.shape
     return LayerInfo(name=path, module_type=EMBEDDING, kind=path.rpartition(".")[2], block=None, in_features=dim,
-                     out_features=rows, params=rows * dim, order=0, has_bias=False)
+                     out_features=rows, params=rows * dim, order=order, has_bias=False)
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -388,7 +420,8 @@ def _capture(model: nn.Module, example_inputs: dict, capture: str) -> tuple[list
 def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True, capture: str = "export",
                 keep: str | None = None) -> ModelGraph:
     """Layers of `model` that mpq can quantise, and the graph facts about them (`embeddings`: the
-    input embedding table is one of them where it can be). `keep`: a regular expression; the
+    token tables, the input one and any other the input ids are looked up in, are among them
+    where they can be). `keep`: a regular expression; the
     layers whose names it matches (re.search) stay as stored, and a head tied to a table it matches
     too. `capture="hooks"` skips torch.export for the fallback export's failure takes (to check the
     two against each other)."""
@@ -402,10 +435,13 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True,
     graph = nx.Graph()
     layers: list[LayerInfo] = []
     excluded: dict[str, str] = {}
-    table = _embedding_layer(model, tied_weights, excluded, embeddings, keep)
-    if table is not None:
-        layers.append(table)
-        graph.add_node(table.name, kind="embedding")
+    found = _input_table(model)
+    input_table = found[0] if found is not None else None
+    for path in ([input_table] if input_table else []) + _other_token_tables(model, example_inputs, input_table):
+        table = _table_layer(model, path, path == input_table, tied_weights, excluded, embeddings, keep, order=len(layers))
+        if table is not None:
+            layers.append(table)
+            graph.add_node(table.name, kind="embedding")
     readers: dict[torch.fx.Node, list[str]] = {}
     for path, source in linears:
         module = modules.get(path)

@@ -157,3 +157,75 @@ def test_compile_puts_the_table_in_the_plan_unless_asked_not_to(untied_llama_dir
     summary = json.loads((tmp_path / "without" / "summary.json").read_text())
     manifest = json.loads((tmp_path / "without" / "configs" / summary["configs"][0]["name"] / MANIFEST).read_text())
     assert TABLE not in manifest["plan"]["formats"] and TABLE in manifest["card"]["excluded_layers"]
+
+
+def _tiny_gemma4(path, tokenizer):
+    """A 2-block Gemma 4 with per-layer inputs: beside its input table, a table of vocabulary x
+    (2 blocks x 16) that the input ids are looked up in, scaled by sqrt(16)."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma4TextConfig(vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer), hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=32, sliding_window=16, hidden_size_per_layer_input=16,
+                              layer_types=["sliding_attention", "full_attention"])
+    Gemma4ForCausalLM(config).eval().to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+PER_LAYER = "model.embed_tokens_per_layer"
+
+
+def test_a_table_the_input_ids_are_looked_up_in_is_a_layer_and_loads_back(tmp_path, demo_tokenizer):
+    """Gemma 4's per-layer table (vocabulary x blocks x 256 at real sizes: as large as the model's
+    blocks) is traced as a table layer beside the input one, quantised with its embed_scale, and
+    loads back bit-identical with the bytes predicted."""
+    loaded = load_model(str(_tiny_gemma4(tmp_path / "gemma4", demo_tokenizer)))
+    graph = _graph(loaded)
+    tables = {layer.name: layer for layer in graph.layers if layer.is_embedding}
+    assert list(tables) == [PER_LAYER]  # the input table is the tied head's
+    assert (tables[PER_LAYER].out_features, tables[PER_LAYER].in_features) == (len(demo_tokenizer), 32)
+    plan = Plan(formats={layer.name: "int4-g32" if layer.is_embedding else "int8" for layer in graph.layers},
+                model=str(tmp_path / "gemma4"))
+    memory = memory_model(loaded.model, graph.layers, [get_format("int8"), get_format("int4-g32")])
+    ids = torch.randint(0, len(demo_tokenizer), (2, 12))
+    per_layer = loaded.model.get_submodule(PER_LAYER)
+    rows = per_layer(ids)
+    with applied(loaded.model, plan.specs(), QuantizedWeightCache(loaded.model)) as tensors:
+        quantised_rows = loaded.model.get_submodule(PER_LAYER)(ids)
+        before = loaded.model(input_ids=ids, use_cache=False).logits
+        save_config(tmp_path / "cfg", loaded.model, loaded.tokenizer, loaded.task, plan, tensors, {"note": "test"})
+    # the rows are the dequantised table's times sqrt(16), as the model's own lookup scales them
+    dequantised = dequantize_weight(tensors[PER_LAYER], get_format("int4-g32"))
+    assert torch.equal(quantised_rows, (F.embedding(ids, dequantised) * 4.0).to(torch.bfloat16))
+    assert not torch.equal(quantised_rows, rows)
+    model = mpq.load(tmp_path / "cfg")
+    assert isinstance(model.get_submodule(PER_LAYER), QuantizedEmbedding)
+    assert torch.equal(model(input_ids=ids, use_cache=False).logits, before)
+    assert resident_bytes(model) == memory.total(plan.formats)
+    assert resident_bytes(model.get_submodule(PER_LAYER)) < resident_bytes(per_layer) / 3  # 4 bits and scales, of 16
+    without = _graph(loaded, embeddings=False)
+    assert not any(layer.is_embedding for layer in without.layers)
+    assert without.excluded[PER_LAYER] == "embedding tables left as stored (asked for)"
+
+
+def test_position_and_token_type_tables_are_not_token_tables():
+    """The tables looked up by positions or token types read other indices than the input ids:
+    they stay as stored (a few hundred rows: little to gain), and are not called excluded."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from mpq.trace import trace_model
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=2, n_positions=64)).eval()
+    bert = BertModel(BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=128, max_position_embeddings=64)).eval()
+    ids = torch.randint(1, 512, (1, 8))
+    for model, table, others in [(gpt2, "transformer.wte", ["transformer.wpe"]),
+                                 (bert, "embeddings.word_embeddings",
+                                  ["embeddings.position_embeddings", "embeddings.token_type_embeddings"])]:
+        graph = trace_model(model, {"input_ids": ids})
+        names = {layer.name for layer in graph.layers} | set(graph.excluded)
+        assert table in names
+        assert not set(others) & names
