@@ -10,6 +10,12 @@ expert's matmul is a layer like any other: traced, measured, searched (an expert
 rarely picks can take fewer bits), quantised by any method on the tokens routed to it, saved,
 and run by mpq's kernels. A probe first checks that the replacement computes what the module it
 replaces computes; a module that fails it stays as stored, and the report says why.
+
+Llama 4's experts (Llama4TextExperts) are stacked too ([E, in, out], transposed), but its mixture
+hands them every token once per expert, each copy already scaled by the router's score for that
+expert (0 where the router did not pick it), and sums their outputs itself. ScoredExperts takes
+that form: it runs each expert on its nonzero rows only (a zero row comes out 0: the experts have
+no bias, and act(0) * 0 is 0), so the replacement also does top-k's work instead of every expert's.
 """
 
 from __future__ import annotations
@@ -30,13 +36,34 @@ def _up_name(module: nn.Module) -> str:
     return "gate_up_proj" if module.has_gate else "up_proj"
 
 
+def _stacked(module: nn.Module, names: tuple[str, str]) -> bool:
+    experts = getattr(module, "num_experts", None)
+    weights = [getattr(module, name, None) for name in names]
+    return isinstance(experts, int) and all(isinstance(w, nn.Parameter) and w.dim() == 3 and w.shape[0] == experts
+                                            for w in weights)
+
+
 def is_experts(module: nn.Module) -> bool:
     """A transformers experts module: stacked 3-D expert weights behind the experts interface."""
     if not all(hasattr(module, flag) for flag in _FLAGS) or not hasattr(type(module), "_apply_gate"):
         return False
-    up = getattr(module, _up_name(module), None)
-    down = getattr(module, "down_proj", None)
-    return all(isinstance(w, nn.Parameter) and w.dim() == 3 and w.shape[0] == module.num_experts for w in (up, down))
+    return _stacked(module, (_up_name(module), "down_proj"))
+
+
+def is_scored_experts(module: nn.Module) -> bool:
+    """Llama 4's form of a mixture's experts (Llama4TextExperts): stacked [E, H, 2I] gate_up_proj
+    and [E, I, H] down_proj, run as forward(hidden_states) on E blocks of rows, expert e's block
+    being every token scaled by its router score for e (ScoredExperts)."""
+    if is_experts(module) or not hasattr(module, "act_fn") or not _stacked(module, ("gate_up_proj", "down_proj")):
+        return False
+    up, down = module.gate_up_proj, module.down_proj
+    return up.shape[1] == down.shape[2] and up.shape[2] == 2 * down.shape[1]
+
+
+def _chunked_gate(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up, the gate the first half of the gate-and-up projection (Llama 4's)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return self.act_fn(gate) * up
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -69,20 +96,20 @@ class RoutedExperts(nn.Module):
     through the experts its router picked (top_k_index), their outputs weighted by top_k_weights
     and summed. Expert e is child "e" (a path such as model.layers.0.mlp.experts.3.down_proj)."""
 
-    def __init__(self, original: nn.Module) -> None:
+    def __init__(self, original: nn.Module, top_k: int | None = None) -> None:
         super().__init__()
         self.source_type = type(original).__name__
         self.num_experts = original.num_experts
-        self.has_gate = original.has_gate
-        self.has_bias = original.has_bias
+        self.has_gate = getattr(original, "has_gate", True)
+        self.has_bias = getattr(original, "has_bias", False)
         self.has_post_expert_norm = getattr(original, "has_post_expert_norm", False)
-        config = getattr(original, "config", None)
-        top_k = getattr(config, "num_experts_per_tok", None)
+        if top_k is None:
+            top_k = getattr(getattr(original, "config", None), "num_experts_per_tok", None)
         # the share of tokens an expert gets, on average (mpq.latency weighs its time by it)
         self.routed_share = min(1.0, top_k / self.num_experts) if isinstance(top_k, int) and top_k > 0 else 1.0
         # The gate (act(gate) * up, or a model's own such as GPT-OSS's clamped swiglu) is the
         # original class's method: it reads the module's activation and plain attributes, copied here.
-        self._gate = type(original)._apply_gate
+        self._gate = getattr(type(original), "_apply_gate", _chunked_gate)
         for key, value in vars(original).items():
             if not key.startswith("_") and not isinstance(value, torch.Tensor) and not hasattr(self, key):
                 setattr(self, key, value)
@@ -93,15 +120,29 @@ class RoutedExperts(nn.Module):
         up_name = _up_name(self)
         stacked = {name: getattr(original, name) for name in (up_name, "down_proj")}
         for e in range(self.num_experts):
-            up, down = (stacked[name][e].t() if original.is_transposed else stacked[name][e] for name in (up_name, "down_proj"))
+            up, down = (stacked[name][e].t() if self._transposed(original) else stacked[name][e] for name in (up_name, "down_proj"))
             biases = [getattr(original, f"{name}_bias")[e] if self.has_bias else None for name in (up_name, "down_proj")]
             linears = _linear(up, biases[0]), _linear(down, biases[1])
             for linear in linears:
                 linear.routed_share = self.routed_share  # read by mpq.trace (LayerInfo) and mpq.calib_stats
             self.add_module(str(e), Expert(up_name, *linears, self._stacks))
 
+    @staticmethod
+    def _transposed(original: nn.Module) -> bool:
+        """Whether the stacked weights are [E, in, out] (GPT-OSS's, Llama 4's), not [E, out, in]."""
+        return original.is_transposed
+
     def expert(self, e: int) -> Expert:
         return self._modules[str(e)]
+
+    def routed_call(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> tuple:
+        """The arguments the mixture's own code hands this module for tokens `x` routed to experts
+        `index` [tokens, top_k] with `weights` (probes and timings build calls with it)."""
+        return x, index, weights
+
+    def routed_counts(self, args: tuple) -> torch.Tensor:
+        """How many tokens of a call (its arguments) each expert gets."""
+        return torch.bincount(args[1].reshape(-1), minlength=self.num_experts)[: self.num_experts]
 
     def _run(self, e: int, x: torch.Tensor) -> torch.Tensor:
         expert = self.expert(e)
@@ -198,6 +239,67 @@ class RoutedExperts(nn.Module):
         return f"experts={self.num_experts}, from={self.source_type}, routed_share={self.routed_share:g}"
 
 
+class ScoredExperts(RoutedExperts):
+    """Llama 4's experts as per-expert linears. Its mixture (Llama4TextMoe) hands them
+    [E x tokens, H]: block e holds every token times the router's score for expert e, 0 for the
+    experts the router did not pick; each row's output is its expert's, and the mixture sums
+    them. A zero row's output is 0 (no bias; act(0) * 0 = 0), so only the nonzero rows run: each
+    expert sees the tokens routed to it, as in any other mixture, and the call does top-k's work."""
+
+    def __init__(self, original: nn.Module, top_k: int | None = None) -> None:
+        super().__init__(original, top_k)
+        # every token's rows in the decode launches: the router picks exactly top_k experts a token
+        self.top_k = max(1, round(self.routed_share * self.num_experts))
+
+    @staticmethod
+    def _transposed(original: nn.Module) -> bool:
+        return True  # torch.bmm(rows, gate_up_proj[e]): [E, in, out]
+
+    def routed_call(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> tuple:
+        scores = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device).scatter(1, index, weights)
+        return ((x[None] * scores.t()[:, :, None]).reshape(-1, x.shape[-1]),)
+
+    def routed_counts(self, args: tuple) -> torch.Tensor:
+        hidden = args[0]
+        return hidden.view(self.num_experts, -1, hidden.shape[-1]).ne(0).any(-1).sum(-1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        blocks = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])  # [E, tokens, H]
+        if torch.compiler.is_exporting():  # no data-dependent shapes: each expert on its whole block
+            return torch.stack([self._run(e, blocks[e]) for e in range(self.num_experts)]).reshape(hidden_states.shape)
+        stacks = self._decode_stacks(blocks[0])
+        if stacks is not None:
+            return self._grouped_blocks(stacks, blocks).reshape(hidden_states.shape)
+        picked = blocks.ne(0).any(-1)  # [E, tokens]: the rows the router sent
+        counts = picked.sum(-1).tolist()
+        out = torch.zeros_like(blocks)
+        for e, count in enumerate(counts):
+            if count:
+                rows = picked[e].nonzero().squeeze(1)
+                out[e, rows] = self._run(e, blocks[e, rows]).to(out.dtype)
+        return out.reshape(hidden_states.shape)
+
+    def _grouped_blocks(self, stacks: tuple, blocks: torch.Tensor) -> torch.Tensor:
+        """The picked rows in two grouped launches per format, nothing waiting on the host: each
+        token's top_k nonzero rows (its experts), sorted by expert, through their experts' stacks."""
+        up, down = stacks
+        experts, tokens, hidden = blocks.shape
+        picked = blocks.ne(0).any(-1)  # [E, tokens]
+        # each token's top_k experts, the picked ones first (the router picks exactly top_k; were a
+        # picked row all zeros, an unpicked expert's zero row would stand in for it: both give 0)
+        ids = picked.t().float().topk(self.top_k, dim=1).indices
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        ids = flat[order]
+        token = order // self.top_k
+        y = up(blocks[ids, token], ids)
+        y = self._gate(self, y)
+        y = down(y, ids)
+        out = torch.zeros_like(blocks)
+        out[ids, token] = y.to(out.dtype)
+        return out
+
+
 def describe_routed(model: nn.Module) -> str | None:
     """The model's routed experts in a line (the quantisation card's), None where it has none."""
     routed = [module for module in model.modules() if isinstance(module, RoutedExperts)]
@@ -229,9 +331,7 @@ def routed_tokens(model: nn.Module, inputs: list[dict]) -> dict[str, list[int]]:
 
     def counter(name: str):
         def hook(module: RoutedExperts, args: tuple) -> None:
-            ids = args[1].reshape(-1)
-            found = torch.bincount(ids, minlength=module.num_experts)[: module.num_experts].cpu()
-            counts[name] = counts.get(name, 0) + found
+            counts[name] = counts.get(name, 0) + module.routed_counts(args).cpu()
         return hook
 
     handles = [module.register_forward_pre_hook(counter(name)) for name, module in model.named_modules()
@@ -268,12 +368,24 @@ def routes_like(original: nn.Module, routed: RoutedExperts, tokens: int = 24) ->
     x = torch.randn(tokens, hidden, generator=generator).to(weight)
     index = torch.stack([torch.randperm(routed.num_experts, generator=generator)[:top_k] for _ in range(tokens)])
     scores = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1).to(weight)
+    call = routed.routed_call(x.to(weight.device), index.to(weight.device), scores.to(weight.device))
     try:
-        want = original(x, index.to(weight.device), scores)
+        want = original(*call)
     except Exception:  # a forward that takes other inputs is not the experts interface
         return False
-    got = routed(x, index.to(weight.device), scores)
+    got = routed(*call)
     return outputs_match(got, want, weight.dtype, 3e-2)  # accumulation order, in the model's dtype
+
+
+def _top_k(model: nn.Module, path: str) -> int | None:
+    """How many experts the router of the experts at `path` picks a token: its mixture's top_k
+    (Llama4TextMoe's, which its router's config gave), else the model's num_experts_per_tok."""
+    top_k = getattr(model.get_submodule(path.rpartition(".")[0]), "top_k", None)
+    if isinstance(top_k, int):
+        return top_k
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "num_experts_per_tok", None)
 
 
 def route_experts(model: nn.Module, only: list[str] | None = None, check: bool = True) -> tuple[list[str], dict[str, str]]:
@@ -282,7 +394,7 @@ def route_experts(model: nn.Module, only: list[str] | None = None, check: bool =
     probe first (a meta skeleton, which mpq.load routes as its manifest says, cannot run one)."""
     from mpq.apply import set_module
 
-    found = [name for name, module in model.named_modules() if is_experts(module)]
+    found = [name for name, module in model.named_modules() if is_experts(module) or is_scored_experts(module)]
     if only is not None:
         missing = [path for path in only if path not in found]
         if missing:
@@ -293,7 +405,7 @@ def route_experts(model: nn.Module, only: list[str] | None = None, check: bool =
         # one module at a time, holding no other reference to it: its stacked weights are freed
         # once replaced, so the model never holds more than one mixture's experts twice
         module = model.get_submodule(name)
-        routed = RoutedExperts(module)
+        routed = ScoredExperts(module, _top_k(model, name)) if is_scored_experts(module) else RoutedExperts(module)
         if check and not routes_like(module, routed):
             kept[name] = (f"{type(module).__name__}'s forward is not the routed sum of its experts' "
                           "linears (checked on probe tokens)")

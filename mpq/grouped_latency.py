@@ -80,9 +80,9 @@ def time_grouped_launch(n: int, k: int, fmt: FormatSpec, experts: int, pairs: in
 
 
 def decode_routes(mixture: nn.Module, tokens: int, dtype: torch.dtype, device: torch.device,
-                  draws: int = ROUTE_DRAWS) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`draws` random decode calls of a RoutedExperts: (hidden states, top-k distinct experts a
-    token, their weights), as its router hands them over."""
+                  draws: int = ROUTE_DRAWS) -> list[tuple[tuple, torch.Tensor]]:
+    """`draws` random decode calls of a RoutedExperts: (the call's arguments as its mixture hands
+    them over, mpq.experts.RoutedExperts.routed_call; the top-k distinct experts of each token)."""
     generator = torch.Generator().manual_seed(tokens)
     hidden = mixture.expert(0).down_proj.out_features
     top_k = top_k_of(mixture)
@@ -91,7 +91,7 @@ def decode_routes(mixture: nn.Module, tokens: int, dtype: torch.dtype, device: t
         x = torch.randn(tokens, hidden, generator=generator).to(dtype)
         index = torch.stack([torch.randperm(mixture.num_experts, generator=generator)[:top_k] for _ in range(tokens)])
         weights = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1).to(dtype)
-        routes.append((x.to(device), index.to(device), weights.to(device)))
+        routes.append((mixture.routed_call(x.to(device), index.to(device), weights.to(device)), index))
     return routes
 
 
@@ -108,8 +108,8 @@ def glue_saved(model: nn.Module, path: str, stacks: list[list[str]], fmt: Format
     `launch` predicts them). `original_seconds`: the model's own layers' times, as it holds them."""
     mixture = model.get_submodule(path)
     routes = decode_routes(mixture, tokens, dtype, device)
-    touched = sum(index.unique().numel() for _, index, _ in routes) / len(routes)
-    turn = itertools.cycle(routes)
+    touched = sum(index.unique().numel() for _, index in routes) / len(routes)
+    turn = itertools.cycle([call for call, _ in routes])
     loop = seconds_per_call(lambda: mixture(*next(turn)), device, budget_s)
     loop_layers = touched * sum(original_seconds[stack[0]] for stack in stacks)
     with applied(model, {name: fmt for stack in stacks for name in stack}, QuantizedWeightCache(model)):

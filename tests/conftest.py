@@ -50,6 +50,19 @@ def tiny_gpt_oss():
     return model
 
 
+def tiny_llama4(top_k: int = 2):
+    """Llama 4's mixture: its experts get every token once per expert, scaled by the router's
+    sigmoid score (0 where not picked), as one [E x tokens, H] input (mpq.experts.ScoredExperts)."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              num_local_experts=4, num_experts_per_tok=top_k, pad_token_id=0, bos_token_id=0,
+                              eos_token_id=0, layer_types=["chunked_attention", "full_attention"])
+    return Llama4ForCausalLM(config).eval()
+
+
 @pytest.fixture
 def benchmark_script():
     """A script of benchmarks/ imported as a module by name (the scripts are not a package)."""

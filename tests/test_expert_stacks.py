@@ -12,7 +12,7 @@ from mpq.kernels.reference import linear_reference
 from mpq.memory import resident_bytes
 from mpq.quantize import quantize_weight
 
-from conftest import tiny_gpt_oss, tiny_mixtral
+from conftest import tiny_gpt_oss, tiny_llama4, tiny_mixtral
 
 pytest.importorskip("triton")
 
@@ -101,13 +101,13 @@ def test_a_grouped_launch_refuses_arguments_that_do_not_fit():
         _grouped(fmt, x, torch.zeros(3, dtype=torch.int32), stacked, {**PINNED["split"], "BLOCK_M": 16})
 
 
-def _mixture(build, formats):
-    """A tiny mixture with its experts routed, the mixture of block 0, and a plan of its experts'
+def _mixture(build, formats, path: str = "model.layers.0.mlp.experts"):
+    """A tiny mixture with its experts routed, the mixture at `path`, and a plan of its experts'
     layers (expert e in formats[e % len(formats)])."""
     model = build()
     route_experts(model)
-    mixture = model.model.layers[0].mlp.experts
-    plan = {f"model.layers.0.mlp.experts.{e}.{projection}": get_format(formats[e % len(formats)])
+    mixture = model.get_submodule(path)
+    plan = {f"{path}.{e}.{projection}": get_format(formats[e % len(formats)])
             for e in range(mixture.num_experts) for projection in (mixture.expert(e).up_name, "down_proj")}
     return model.to(torch.bfloat16), mixture, plan
 
@@ -156,6 +156,31 @@ def test_decode_runs_grouped_and_agrees_with_the_per_expert_loop(build, formats,
         x, index, weights = _routes(17, mixture.num_experts, 2, seed=2)
         assert torch.equal(mixture(x, index, weights), _loop(mixture, x, index, weights))
     assert not mixture._stacks and not mixture.runs_grouped()  # the originals are back: the stacks went
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4s_scored_experts_decode_grouped_and_agree_with_the_loop(top_k, monkeypatch):
+    """Llama 4's experts (mpq.experts.ScoredExperts) at decode: each token's top_k nonzero rows go
+    through two grouped launches per format, and the rows the router did not pick come out 0, as
+    the loop over the picked rows gives them."""
+    monkeypatch.setenv("MPQ_KERNELS", "triton")
+    model, mixture, plan = _mixture(lambda: tiny_llama4(top_k), ["int8", "int4-g32"], "model.layers.0.feed_forward.experts")
+    with applied(model, plan, QuantizedWeightCache(model)):
+        assert mixture.runs_grouped()
+        x, index, weights = _routes(3, mixture.num_experts, top_k, seed=5)
+        (hidden,) = mixture.routed_call(x, index, weights.abs())
+        grouped = mixture(hidden)
+        assert [len(projection.stacks) for projection in mixture._stacks[x.device]] == [2, 2]
+        mixture.group_decode = False
+        looped = mixture(hidden)
+        mixture.group_decode = True
+        assert grouped.shape == looped.shape == hidden.shape and rel_err(grouped, looped) < 2e-2
+        unpicked = torch.ones(mixture.num_experts, 3, dtype=torch.bool)
+        unpicked[index.t(), torch.arange(3)] = False
+        assert torch.equal(grouped.view(mixture.num_experts, 3, -1)[unpicked], torch.zeros_like(grouped.view(4, 3, -1)[unpicked]))
+        step = model(input_ids=torch.tensor([[5]]), use_cache=False).logits  # a whole decode step, grouped
+        mixture.group_decode = False
+        assert rel_err(step, model(input_ids=torch.tensor([[5]]), use_cache=False).logits) < 2e-2
 
 
 def test_16_bit_experts_join_the_grouped_launches_but_alone_on_the_cpu_keep_the_loop(monkeypatch):

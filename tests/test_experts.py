@@ -14,7 +14,8 @@ from mpq.apply import QuantizedWeightCache, applied
 from mpq.calib_stats import StatsRecorder
 from mpq.checkpoint import MANIFEST, save_config
 from mpq.errors import MpqError
-from mpq.experts import RoutedExperts, coverage, describe_routed, is_experts, route_experts, routed_tokens
+from mpq.experts import (RoutedExperts, ScoredExperts, coverage, describe_routed, is_experts, is_scored_experts,
+                         route_experts, routed_tokens)
 from mpq.latency import LatencyModel, routed_calls
 from mpq.models import CAUSAL_LM
 from mpq.plan import Plan
@@ -22,6 +23,7 @@ from mpq.report import _experts_line
 from mpq.trace import trace_model
 
 from conftest import tiny_gpt_oss as _gpt_oss
+from conftest import tiny_llama4 as _llama4
 from conftest import tiny_mixtral as _mixtral
 
 EXPORT = {"use_cache": False}
@@ -65,6 +67,49 @@ def test_the_export_path_sums_the_same_experts_as_the_routed_one():
     assert (routed - dense).abs().max() <= 1e-5 * routed.abs().max()
     index[:, :] = 3  # every token to one expert: the others get no rows
     assert torch.allclose(experts(x, index, weights), experts._run(3, x) * weights.sum(-1, keepdim=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4s_scored_experts_become_per_expert_linears_that_run_only_the_picked_rows(top_k):
+    """Llama 4 hands its experts every token once per expert, scaled by the router's score (0 where
+    not picked): ScoredExperts runs each expert on its nonzero rows only, and the model computes
+    what it did; each expert's projections are layers that see top_k / E of the tokens."""
+    model = _llama4(top_k)
+    ids = torch.randint(0, 128, (2, 12))
+    original = model(input_ids=ids, **EXPORT).logits
+    stacked = [name for name, module in model.named_modules() if is_scored_experts(module)]
+    assert not any(is_experts(module) for module in model.modules())
+    routed, kept = route_experts(model)
+    assert routed == stacked == ["model.layers.0.feed_forward.experts", "model.layers.1.feed_forward.experts"]
+    assert kept == {} and all(type(model.get_submodule(name)) is ScoredExperts for name in routed)
+    assert not any(p.dim() == 3 for p in model.parameters())
+    again = model(input_ids=ids, **EXPORT).logits
+    assert (again - original).abs().max() <= 1e-5 * original.abs().max()
+
+    experts = model.model.layers[0].feed_forward.experts
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 32, generator=generator)
+    index = torch.stack([torch.randperm(4, generator=generator)[:top_k] for _ in range(9)])
+    (hidden,) = experts.routed_call(x, index, torch.rand(9, top_k, generator=generator) + 0.1)
+    out = experts(hidden).view(4, 9, 32)
+    for e in range(4):
+        picked = (index == e).any(-1)
+        assert torch.equal(out[e, ~picked], torch.zeros_like(out[e, ~picked]))  # rows not routed: never run, 0
+        assert torch.allclose(out[e, picked], experts._run(e, hidden.view(4, 9, 32)[e, picked]), atol=1e-6)
+    assert experts.routed_counts((hidden,)).tolist() == [int((index == e).sum()) for e in range(4)]
+
+    graph = trace_model(model, {"input_ids": ids[:1], **EXPORT})
+    assert graph.method == "export"
+    layers = [layer for layer in graph.layers if ".experts." in layer.name]
+    assert [layer.kind for layer in layers[:2]] == ["feed_forward.experts.0.gate_up_proj", "feed_forward.experts.0.down_proj"]
+    assert len(layers) == 2 * 4 * 2 and all(layer.routed_share == top_k / 4 for layer in layers)
+    assert (layers[0].out_features, layers[0].in_features) == (128, 32)  # [2I, H]: stored [H, 2I]
+    grouped = {name for group in graph.shared_input_groups() for name in group}
+    assert not grouped & {layer.name for layer in layers}
+    hooks = trace_model(model, {"input_ids": ids[:1], **EXPORT}, capture="hooks")
+    assert sorted(layer.name for layer in hooks.layers) == sorted(layer.name for layer in graph.layers)
+    counts = routed_tokens(model, [{"input_ids": ids, **EXPORT}])
+    assert [sum(found) for found in counts.values()] == [24 * top_k] * 2
 
 
 def test_an_experts_module_whose_forward_does_more_is_kept_with_its_reason():

@@ -6,7 +6,7 @@ import torch
 
 from mpq.latency import LatencyModel, Regime
 
-from conftest import tiny_mixtral
+from conftest import tiny_llama4, tiny_mixtral
 
 EXPERTS = 4
 STACKS = [[f"m.{e}.gate_up_proj" for e in range(EXPERTS)], [f"m.{e}.down_proj" for e in range(EXPERTS)]]
@@ -78,10 +78,12 @@ def test_groups_here_needs_cuda_and_a_decode_sized_step(tokens, grouped, monkeyp
     assert not grouped_latency.groups_here(torch.device("cuda"), tokens)
 
 
-def test_a_profile_where_mixtures_decode_grouped_measures_their_launches_and_glue(monkeypatch):
+@pytest.mark.parametrize("build", ["mixtral", "llama4"])
+def test_a_profile_where_mixtures_decode_grouped_measures_their_launches_and_glue(build, monkeypatch):
     """On the CPU interpreter, standing in for CUDA (groups_here patched, every quantised layer on
     Triton): each mixture gets its two stacks, a [fixed, per expert] launch per format, the glue it
-    saves, and the plans' predictions use them; a second profile times none of it again."""
+    saves, and the plans' predictions use them; a second profile times none of it again. Llama 4's
+    experts (mpq.experts.ScoredExperts) are timed through the calls its mixture makes."""
     from mpq import grouped_latency
     from mpq import latency as latency_module
     from mpq.experts import expert_projections, route_experts
@@ -96,7 +98,7 @@ def test_a_profile_where_mixtures_decode_grouped_measures_their_launches_and_glu
     monkeypatch.setattr(grouped_latency, "groups_here", lambda device, tokens: tokens <= 16)
     # a loaded machine would have the second profile time every entry again (see test_latency)
     monkeypatch.setattr(latency_module, "INCONSISTENT", float("inf"))
-    model = tiny_mixtral()
+    model = tiny_mixtral() if build == "mixtral" else tiny_llama4()
     route_experts(model)
     model = model.to(torch.bfloat16)
     graph = trace_model(model, {"input_ids": torch.randint(0, 128, (1, 8)), "use_cache": False})
