@@ -228,7 +228,7 @@ def _skeleton(folder: Path, task: str) -> nn.Module:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
-    loader = auto_class(task)
+    loader = auto_class(task, config)
     with torch.device("meta"):
         return loader.from_config(config)
 

@@ -46,7 +46,7 @@ def _load_bnb(name: str, mode: str, device: str) -> LoadedModel:
     plain = load_model(name)  # resolves demos and folders, and gives the tokenizer and task
     config = (BitsAndBytesConfig(load_in_8bit=True) if mode == "int8" else
               BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
-    loader = auto_class(plain.task)
+    loader = auto_class(plain.task, plain.model.config)
     try:
         model = loader.from_pretrained(plain.path, quantization_config=config, device_map=device)
     except Exception as exc:

@@ -184,6 +184,10 @@ def model_step(model: nn.Module, task: str, regime: Regime):
     with torch.no_grad():
         encoded = encode(model, ids) if seq2seq else None
         _, past = forward_with_cache(model, ids, encoder_outputs=encoded)
+    if hasattr(past, "activate_past_recording"):
+        # a sliding-window layer past its window (Gemma 2-4, Mistral) keeps the states it drops
+        # until the crop, so that the crop can take the new token back out
+        past.activate_past_recording()
     token = ids[:, -1:]
 
     def step() -> None:

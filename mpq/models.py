@@ -79,11 +79,26 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _generates_text(config) -> bool:
+    """An image-and-text model whose language model generates text (Llama 4, Gemma 3 and 4,
+    Mistral 3, Qwen-VL, LLaVA: saved as ...ForConditionalGeneration without being an
+    encoder-decoder): mpq compiles its language model, on text."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", None)
+    return "ForConditionalGeneration" in architectures and (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
 def task_of(config) -> str:
     if getattr(config, "is_encoder_decoder", False):  # T5, BART: AutoModel would load them without their head
         return SEQ2SEQ_LM
     architectures = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" in architectures or "LMHead" in architectures or getattr(config, "is_decoder", False):
+        return CAUSAL_LM
+    if _generates_text(config):  # AutoModel would load it without its head, as an encoder
         return CAUSAL_LM
     return ENCODER
 
@@ -102,10 +117,17 @@ def decoder_start_of(model: nn.Module) -> int | None:
                    "set it in config.json")
 
 
-def auto_class(task: str):
-    """The transformers Auto class that loads a model of `task` with its head."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+def auto_class(task: str, config=None):
+    """The transformers Auto class that loads a model of `task` (with `config`) with its head: a
+    causal LM that transformers maps to no causal-LM class (Mistral 3, Qwen2.5-VL, LLaVA: image and
+    text in, text out) loads as an image-text-to-text model, whose forward takes text alone too.
+    Where it has one (Llama 4), the causal-LM class loads its language model alone."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if task == CAUSAL_LM and config is not None and _generates_text(config) \
+            and getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForImageTextToText
     return {CAUSAL_LM: AutoModelForCausalLM, SEQ2SEQ_LM: AutoModelForSeq2SeqLM}.get(task, AutoModel)
 
 
@@ -132,7 +154,7 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
         raise MpqError(f"{name!r} is already quantised ({method or 'quantization_config'}): mpq quantises from the "
                        "unquantised weights, so give it the original model's id or folder")
     task = task_of(config)
-    loader = auto_class(task)
+    loader = auto_class(task, config)
     try:
         model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -8,11 +8,15 @@ stands in for (which follows the model's casts, `.half()` or `.to(torch.float32)
 weight's would have), the device its tensors are on, and the [out, in] shape. It is not a tensor: code that reads the weight's values fails loudly rather than
 multiplying by something else, and code that asks `isinstance(weight, torch.Tensor)` (T5's
 feed-forward) takes its branch for no dense weight.
+
+A token table's rows are the one value model code reads: Gemma 4's image-and-text forward takes
+`embed_tokens.weight[pad_token_id, :]`. A quantised table's weight gives rows by index, as the
+table's own lookup dequantises them (before its embed_scale, as a weight's rows are), in its dtype.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,6 +27,17 @@ class PackedWeight:
     dtype: torch.dtype
     device: torch.device
     shape: torch.Size
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)  # tables only
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """Rows of a table, by token id (an int or an integer tensor, with or without a trailing `:`)."""
+        ids = index[0] if isinstance(index, tuple) and len(index) == 2 and index[1] == slice(None) else index
+        if self.rows is None or not (isinstance(ids, int) or (isinstance(ids, torch.Tensor) and not ids.is_floating_point()
+                                                             and ids.dtype != torch.bool)):
+            raise TypeError(f"mpq holds this {'table' if self.rows else 'weight'} packed: only rows by token id can be "
+                            f"read from it, not [{index!r}]")
+        ids = torch.as_tensor(ids, device=self.device)
+        return self.rows(ids.reshape(-1)).reshape(*ids.shape, self.shape[1]).to(self.dtype)
 
     @property
     def ndim(self) -> int:

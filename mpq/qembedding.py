@@ -66,15 +66,19 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings = table.shape[0]
         self.embedding_dim = table.shape[1] * (2 if fmt.bits == 4 else 1)
         if fmt.quantized:  # what model code may read of the table (Llama 4 moves its ids to weight.device)
-            self.weight = PackedWeight(dtype, device, torch.Size((self.num_embeddings, self.embedding_dim)))
+            self.weight = PackedWeight(dtype, device, torch.Size((self.num_embeddings, self.embedding_dim)), self._rows)
 
     def _apply(self, fn, recurse: bool = True):
         """Move with the model, keep the stored dtypes; the rows come out in the dtype the model is cast to."""
         self.out_dtype = cast_target(fn) or self.out_dtype
         result = super()._apply(keeping_dtypes(fn), recurse)
         if isinstance(self.weight, PackedWeight):
-            self.weight = PackedWeight(self.out_dtype, self.qweight.device, self.weight.shape)
+            self.weight = PackedWeight(self.out_dtype, self.qweight.device, self.weight.shape, self._rows)
         return result
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the quantised table, dequantised to float32, not yet scaled."""
+        return embedding_rows(ids, {name: t for name, t in self.named_buffers(recurse=False)}, self.fmt)
 
     @property
     def kernel(self) -> str:
@@ -87,8 +91,7 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.fmt.quantized:
             return _scaled(F.embedding(ids, self.weight), self.scale, self.out_dtype)
-        tensors = {name: t for name, t in self.named_buffers(recurse=False)}
-        return _scaled(embedding_rows(ids, tensors, self.fmt), self.scale, self.out_dtype)
+        return _scaled(self._rows(ids), self.scale, self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}, kernel={self.kernel}"
@@ -123,7 +126,7 @@ class TiedEmbedding(nn.Module):
     def weight(self) -> torch.Tensor | PackedWeight:
         """The head's weight, which the table is: its dense tensor, or what may be read of its packed one."""
         head = self.head.weight
-        return head if isinstance(head, torch.Tensor) else PackedWeight(self.out_dtype, head.device, head.shape)
+        return head if isinstance(head, torch.Tensor) else PackedWeight(self.out_dtype, head.device, head.shape, self._rows)
 
     def _apply(self, fn, recurse: bool = True):
         self.out_dtype = cast_target(fn) or self.out_dtype  # holds no tensors: the head moves them
@@ -134,10 +137,9 @@ class TiedEmbedding(nn.Module):
         scaled = f", times {self.scale:g}" if self.scale != 1.0 else ""
         return f"rows of {self.head_name}'s weight ({'F.embedding' if self.head.backend == 'dense' else 'gather + dequantise'}{scaled})"
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of the head's quantised weight, dequantised to float32, not yet scaled."""
         head = self.head
-        if head.backend == "dense":
-            return _scaled(F.embedding(ids, head.weight), self.scale, self.out_dtype)
         flat = ids.reshape(-1)
         if self._own is not None:
             rows = embedding_rows(flat, self._own, head.fmt)
@@ -147,7 +149,12 @@ class TiedEmbedding(nn.Module):
             rows = embedding_rows(flat, head._tensors(), head.fmt)
         if hasattr(head, "input_scale"):  # AWQ: the head's weight is its dequantised tensors times this vector
             rows = rows * head.input_scale[: head.in_features].float()
-        return _scaled(rows.reshape(*ids.shape, -1), self.scale, self.out_dtype)
+        return rows.reshape(*ids.shape, -1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.head.backend == "dense":
+            return _scaled(F.embedding(ids, self.head.weight), self.scale, self.out_dtype)
+        return _scaled(self._rows(ids), self.scale, self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.head.fmt.name}, kernel={self.kernel}"

@@ -122,3 +122,28 @@ def test_model_code_that_peeks_runs_quantised_in_the_model_and_in_its_lazy_float
         assert twin.get_submodule(name).weight.dtype == torch.float32
     with applied(llama, {name: get_format("int8")}, QuantizedWeightCache(llama)):
         assert llama.get_submodule(name).weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
+def test_a_quantised_tables_weight_gives_its_rows_by_token_id(fmt):
+    """Gemma 4's image-and-text forward reads `embed_tokens.weight[pad_token_id, :]`: a quantised
+    table answers with the row its own lookup dequantises (before its embed_scale), in its dtype;
+    a linear's packed weight still refuses to be read."""
+    spec = get_format(fmt)
+    table = torch.randn(40, 64).to(torch.bfloat16)
+    layer = QuantizedEmbedding(spec, quantize_weight(table, spec), torch.bfloat16, scale=8.0)
+    ids = torch.tensor([[3, 39], [0, 3]])
+    rows = layer.weight[ids]
+    assert rows.shape == (2, 2, 64) and rows.dtype == torch.bfloat16
+    assert torch.equal((rows.float() * 8.0).bfloat16(), layer(ids))  # times a power of two: exact either way round
+    assert torch.equal(layer.weight[3, :], rows[0, 0]) and torch.equal(layer.weight[3], rows[0, 0])
+    assert not torch.equal(rows[0, 0], table[3])  # the quantised row, not the original (the test could fail)
+    layer.float()
+    assert layer.weight[3].dtype == torch.float32
+    with pytest.raises(TypeError, match="only rows by token id"):
+        layer.weight[:4]
+    head, _ = QuantizedLinear.from_module(nn.Linear(64, 40, bias=False).to(torch.bfloat16), fmt, backend="reference")
+    tied = TiedEmbedding(head, "lm_head", torch.bfloat16, scale=2.0)
+    assert torch.equal((tied.weight[ids].float() * 2.0).bfloat16(), tied(ids))
+    with pytest.raises(TypeError, match="holds this weight packed"):
+        head.weight[0]
