@@ -116,6 +116,37 @@ RECENT: dict[str, tuple[str, dict]] = {
                                                 layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"],
                                                 **{**_ROUTED, "n_group": 1}, **_IDS)),
 }
+# image-and-text models (...ForConditionalGeneration), compiled as causal LMs on text (mpq.models):
+# name -> (model class, config class, config). Text never runs the vision tower: it is kept as stored.
+_TEXT = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+IMAGE_TEXT: dict[str, tuple[str, str, dict]] = {
+    "llama4-image-text": ("Llama4ForConditionalGeneration", "Llama4Config", dict(
+        text_config=dict(_TEXT, head_dim=32, intermediate_size_mlp=256, num_local_experts=4, num_experts_per_tok=1,
+                         layer_types=["chunked_attention", "full_attention"], **_IDS),
+        vision_config=dict(_VISION, image_size=32, patch_size=16, vision_output_dim=64, projector_input_dim=64,
+                           projector_output_dim=64))),
+    "gemma3-image-text": ("Gemma3ForConditionalGeneration", "Gemma3Config", dict(
+        text_config=dict(_TEXT, head_dim=32, sliding_window=16), vision_config=dict(_VISION, image_size=32, patch_size=16),
+        mm_tokens_per_image=4)),
+    "gemma4-image-text": ("Gemma4ForConditionalGeneration", "Gemma4Config", dict(
+        text_config=dict(_TEXT, head_dim=32, sliding_window=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(_VISION, num_key_value_heads=2, head_dim=16), audio_config=None)),
+    "mistral3": ("Mistral3ForConditionalGeneration", "Mistral3Config", dict(
+        text_config=dict(_TEXT, head_dim=32), vision_config=dict(_VISION, head_dim=16, image_size=32, patch_size=16))),
+    "llava": ("LlavaForConditionalGeneration", "LlavaConfig", dict(
+        text_config=dict(_TEXT, model_type="llama"),
+        vision_config=dict(_VISION, model_type="clip_vision_model", image_size=32, patch_size=16))),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", dict(
+        text_config=dict(_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN))),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", dict(
+        text_config=dict(_TEXT, head_dim=32),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN,
+                           deepstack_visual_indexes=[0]))),
+}
 # encoder-decoder LMs: their configs name the sizes their own way, so each gives them whole
 _BART_LIKE = dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=512,
@@ -150,10 +181,15 @@ def build(name: str, folder: Path):
     from mpq.models import DEMO_DIR
 
     seq2seq = name in SEQ2SEQ
-    config_class, extra = SEQ2SEQ[name] if seq2seq else {**ARCHITECTURES, **RECENT}[name]
-    config = getattr(transformers, config_class)(**(extra if seq2seq else {**COMMON, **extra}))
     torch.manual_seed(0)
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config).eval().to(torch.bfloat16)
+    if name in IMAGE_TEXT:
+        model_class, config_class, extra = IMAGE_TEXT[name]
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(**extra))
+    else:
+        config_class, extra = SEQ2SEQ[name] if seq2seq else {**ARCHITECTURES, **RECENT}[name]
+        config = getattr(transformers, config_class)(**(extra if seq2seq else {**COMMON, **extra}))
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config)
+    model = model.eval().to(torch.bfloat16)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(DEMO_DIR).save_pretrained(folder)
     return model
@@ -280,7 +316,7 @@ def main() -> None:
     parser.add_argument("--format", default="int8", help="the format every layer takes (default int8)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "architectures.json")
     args = parser.parse_args()
-    known = [*ARCHITECTURES, *RECENT, *SEQ2SEQ]
+    known = [*ARCHITECTURES, *RECENT, *IMAGE_TEXT, *SEQ2SEQ]
     names = args.only.split(",") if args.only else known
     unknown = [name for name in names if name not in known]
     if unknown:

@@ -313,11 +313,20 @@ def _memory_key(x: torch.Tensor) -> tuple:
     return (*start, x.shape[-1] if x.dim() else 0) if x.is_contiguous() else (*start, tuple(x.shape), x.stride())
 
 
+def _reach(path: str) -> str:
+    """The part of the model a linear belongs to, for whether a forward reached it: its block
+    (model.layers.3.), else its parent module."""
+    block = _BLOCK_INDEX.search(f".{path}.")
+    return f".{path}."[:block.end()] if block else path.rpartition(".")[0]
+
+
 def _called_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str, tuple | None]]:
     """(module path, input key) of every linear module, in the order one eager forward on
     `example_inputs` calls them (a module called twice counts at its first call); linears the
-    forward never calls (LED's global-attention projections, an expert the router skipped) follow
-    the called one registered before them, with no input key."""
+    forward never calls in a block it ran (LED's global-attention projections, an expert the router
+    skipped) follow the called one registered before them, with no input key. Linears of a part the
+    inputs never reach (an image-text model's vision tower, on text) are left out, as export leaves
+    them out: nothing would measure them."""
     paths = {module: name for name, module in model.named_modules() if _is_linear(module)}
     held: list[torch.Tensor] = []  # alive until the pass ends, so no two inputs can share an address
     called: dict[str, tuple | None] = {}
@@ -338,12 +347,13 @@ def _called_linears(model: nn.Module, example_inputs: dict) -> list[tuple[str, t
         held.clear()
     if not called:
         raise RuntimeError("the eager forward called no linear module")
+    reached = {_reach(path) for path in called}
     after: dict[str | None, list[str]] = {}  # a called path (None: the start) -> the uncalled registered after it
     previous = None
     for path in paths.values():
         if path in called:
             previous = path
-        else:
+        elif _reach(path) in reached:  # a branch of a block that ran; a part the inputs never reach stays out
             after.setdefault(previous, []).append(path)
     ordered = [(path, None) for path in after.get(None, [])]
     for path, key in called.items():

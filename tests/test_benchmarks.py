@@ -300,6 +300,24 @@ def test_the_architectures_of_2025_and_2026_quantise_save_load_and_generate(benc
     assert all(rows[name]["routed_experts"] >= 1 for name in mixtures)
 
 
+def test_image_text_models_compile_their_language_model_and_keep_the_vision_tower(benchmark_script, tmp_path):
+    """benchmarks/architectures.py on its image-and-text models (Llama 4, Gemma 3 and 4, Mistral 3,
+    LLaVA, Qwen2.5-VL, Qwen3-VL): loaded as causal LMs (mpq.models), traced on text, where both
+    export and the hooks fallback leave the vision tower out (text never runs it: kept as stored);
+    saved, loaded back equal, with the bytes predicted, generating, calibrated exactly."""
+    bench = benchmark_script("architectures")
+    rows = {name: bench.check(name, "int8", tmp_path) for name in bench.IMAGE_TEXT}
+    for name, row in rows.items():
+        assert row["trace"] == "export" and row["hooks_agree"], name
+        assert row["loaded_equals_saved"] and row["bytes_as_predicted"] and row["generates"], name
+        assert row["cosine_to_unquantised"] > 0.99 and row["float32_twin_exact"], name
+        assert row["calibration"] == "2 blocks walked" and row["calibration_exact"], name
+        if name != "llama4-image-text":  # Llama 4 has a causal-LM class, which loads its language model alone
+            assert row["model_class"].endswith("ForConditionalGeneration"), name
+            assert "vision" in row["kept_largest"] or "visual" in row["kept_largest"], name
+    assert rows["llama4-image-text"]["model_class"] == "Llama4ForCausalLM"
+
+
 def test_every_encoder_decoder_of_the_coverage_benchmark_holds_the_bytes_predicted_and_generates(benchmark_script, tmp_path):
     """benchmarks/architectures.py on its 14 encoder-decoder families (about 25 s): each takes int8
     in every layer, holds the bytes the memory model predicted (its encoder's and decoder's
