@@ -189,7 +189,9 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     lap("load")
 
     graph = trace_model(loaded.model, _example_inputs(task, loaded), opts.embeddings, keep=opts.keep)
-    if opts.keep is not None and not any(why.endswith(f"(--keep {opts.keep})") for why in graph.excluded.values()):
+    # a pattern that matches only parts kept anyway (a vision tower text never runs) asks for what holds
+    if opts.keep is not None and not any(why.endswith(f"(--keep {opts.keep})") or re.search(opts.keep, name)
+                                         for name, why in graph.excluded.items()):
         names = [layer.name for layer in graph.layers]
         raise MpqError(f"--keep {opts.keep!r} matches no quantisable layer; they are named like "
                        f"{', '.join(dict.fromkeys(names[:2] + names[-1:]))} ({len(names)} in all)")

@@ -283,7 +283,6 @@ class ScoredExperts(RoutedExperts):
         """The picked rows in two grouped launches per format, nothing waiting on the host: each
         token's top_k nonzero rows (its experts), sorted by expert, through their experts' stacks."""
         up, down = stacks
-        experts, tokens, hidden = blocks.shape
         picked = blocks.ne(0).any(-1)  # [E, tokens]
         # each token's top_k experts, the picked ones first (the router picks exactly top_k; were a
         # picked row all zeros, an unpicked expert's zero row would stand in for it: both give 0)

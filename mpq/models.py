@@ -98,9 +98,8 @@ def task_of(config) -> str:
     architectures = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" in architectures or "LMHead" in architectures or getattr(config, "is_decoder", False):
         return CAUSAL_LM
-    if _generates_text(config):  # AutoModel would load it without its head, as an encoder
-        return CAUSAL_LM
-    return ENCODER
+    # an image-text model: AutoModel would load it without its head, as an encoder
+    return CAUSAL_LM if _generates_text(config) else ENCODER
 
 
 def decoder_start_of(model: nn.Module) -> int | None:

@@ -492,4 +492,21 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True,
     for group in tied:
         for other in group[1:]:
             graph.add_edge(group[0], other, relation="tied")
+    excluded.update(_never_run(modules, {layer.name for layer in layers} | set(excluded)))
     return ModelGraph(layers=layers, graph=graph, method=method, warning=warning, excluded=excluded)
+
+
+def _never_run(modules: dict[str, nn.Module], placed: set[str]) -> dict[str, str]:
+    """The parts of the model whose linears the example inputs never ran (an image-text model's
+    vision tower, on text), each named once at its outermost module that holds no layer: why
+    they are kept as stored."""
+    parts: dict[str, int] = {}
+    for path, module in modules.items():
+        if not path or path in placed or not _is_linear(module):
+            continue
+        names = path.split(".")
+        part = next(prefix for prefix in (".".join(names[:i]) for i in range(1, len(names) + 1))
+                    if not any(name == prefix or name.startswith(f"{prefix}.") for name in placed))
+        parts[part] = parts.get(part, 0) + 1
+    return {part: f"never run on the example inputs (text): its {count} linear layer{'s' * (count > 1)} kept as stored"
+            for part, count in parts.items()}

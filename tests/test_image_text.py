@@ -65,13 +65,17 @@ def test_an_image_text_model_compiles_its_language_model_on_text(tmp_path, demo_
     compile runs with the latency model, and the config loads back and generates."""
     path = _save(_gemma4(len(demo_tokenizer)), tmp_path / "gemma4", demo_tokenizer)
     out = tmp_path / "out"
+    # --keep vision_tower asks for what holds anyway: not an error
     assert main(["compile", str(path), "-q", "--samples", "4", "--seq-len", "32", "--trials", "10", "--refine", "0",
-                 "--max-configs", "1", "-o", str(out)]) == 0
+                 "--max-configs", "1", "--keep", "vision_tower", "-o", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     config = out / "configs" / summary["configs"][0]["name"]
-    formats = json.loads((config / "mpq.json").read_text())["plan"]["formats"]
+    manifest = json.loads((config / "mpq.json").read_text())
+    formats = manifest["plan"]["formats"]
     assert "model.language_model.embed_tokens_per_layer" in formats and "lm_head" in formats
     assert not [name for name in formats if "vision" in name]  # text never runs the vision tower
+    assert manifest["card"]["excluded_layers"]["model.vision_tower"] == (
+        "never run on the example inputs (text): its 8 linear layers kept as stored")
     assert "model.vision_tower" in (out / "report.md").read_text()  # named among the bytes kept as stored
     model = mpq.load(config)
     assert type(model).__name__ == "Gemma4ForConditionalGeneration"
