@@ -142,6 +142,13 @@ IMAGE_TEXT: dict[str, tuple[str, str, dict]] = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", dict(
         text_config=dict(_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN))),
+    "qwen3_5-image-text": ("Qwen3_5ForConditionalGeneration", "Qwen3_5Config", dict(
+        text_config=dict(_TEXT, head_dim=32, **_LINEAR_ATTENTION, **_IDS),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN))),
+    "qwen3_5_moe-image-text": ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig", dict(
+        text_config=dict(_TEXT, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                         shared_expert_intermediate_size=64, **_LINEAR_ATTENTION, **_IDS),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN))),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", dict(
         text_config=dict(_TEXT, head_dim=32),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN,
