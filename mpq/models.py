@@ -133,6 +133,10 @@ def auto_class(task: str, config=None):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype: cast on load
 
 
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
 def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
     """Load `name` with its tokenizer; raises MpqError with what to do when it cannot."""
     from transformers import AutoConfig, AutoTokenizer
@@ -154,11 +158,21 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
                        "unquantised weights, so give it the original model's id or folder")
     task = task_of(config)
     loader = auto_class(task, config)
+    # transformers logs a table of every checkpoint key it did not load: an image-text checkpoint's
+    # whole vision model, where its language model loads alone (Llama 4). mpq checks the keys itself.
+    # (A filter, not a level: transformers runs more checks, which warn, when that logger's level is set.)
+    report = logging.getLogger("transformers.modeling_utils")
     try:
+        report.addFilter(_no_load_report)
         model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise MpqError(f"cannot load the weights or tokenizer of {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    finally:
+        report.removeFilter(_no_load_report)
+    unused = sorted(info.get("unexpected_keys", []))
+    if unused:
+        log.info("%d weights of %s are not part of its loaded %s (first: %s)", len(unused), name, type(model).__name__, unused[0])
     # transformers fills a weight the checkpoint lacks (or holds in another shape) with random
     # values and only warns: every number mpq measured on such a model would be silently wrong
     absent = [*info.get("missing_keys", []), *(str(key[0]) if isinstance(key, tuple) else str(key)

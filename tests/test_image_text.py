@@ -3,6 +3,7 @@ not encoder-decoders) are causal LMs to mpq: it compiles their language model on
 vision tower, which text never runs, stays as stored."""
 
 import json
+import logging
 
 import torch
 import transformers
@@ -30,10 +31,11 @@ def _gemma4(vocab: int):
                                                                                  audio_config=None))
 
 
-def test_an_image_text_checkpoint_loads_as_a_causal_lm(tmp_path, demo_tokenizer):
-    """Llama 4 has a causal-LM class, which loads its language model alone; Mistral 3 has none, so it
-    loads whole, as an image-text-to-text model whose forward takes text alone. Either way the logits
-    are the whole model's on text. An encoder (BERT) stays an encoder."""
+def test_an_image_text_checkpoint_loads_as_a_causal_lm(tmp_path, demo_tokenizer, capfd, caplog):
+    """Llama 4 has a causal-LM class, which loads its language model alone (the vision weights it
+    leaves are one log line, not transformers' table of every key); Mistral 3 has none, so it loads
+    whole, as an image-text-to-text model whose forward takes text alone. Either way the logits are
+    the whole model's on text. An encoder (BERT) stays an encoder."""
     vocab = len(demo_tokenizer)
     llama4 = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(
         text_config=dict(SMALL_TEXT, vocab_size=vocab, intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1,
@@ -48,13 +50,18 @@ def test_an_image_text_checkpoint_loads_as_a_causal_lm(tmp_path, demo_tokenizer)
     for model, loaded_as in [(llama4, "Llama4ForCausalLM"), (mistral3, "Mistral3ForConditionalGeneration")]:
         path = _save(model, tmp_path / type(model).__name__, demo_tokenizer)
         assert task_of(transformers.AutoConfig.from_pretrained(path)) == CAUSAL_LM
-        loaded = load_model(str(path), torch.float32)
+        capfd.readouterr()
+        with caplog.at_level(logging.INFO, logger="mpq.models"):
+            loaded = load_model(str(path), torch.float32)
+        assert "LOAD REPORT" not in capfd.readouterr().err
         assert loaded.task == CAUSAL_LM and type(loaded.model).__name__ == loaded_as
         # the whole image-text model as transformers loads it (Llama 4's experts, routed on load, sum in another order)
         whole = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
         assert type(whole) is type(model)
         want = whole(input_ids=ids).logits
         assert (loaded.model(input_ids=ids).logits - want).abs().max() <= 1e-5 * want.abs().max()
+    assert any("not part of its loaded Llama4ForCausalLM (first: multi_modal_projector" in record.message
+               for record in caplog.records)
     bert = transformers.BertConfig(architectures=["BertModel"])
     assert task_of(bert) == ENCODER
 
