@@ -447,6 +447,7 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
         method_text += f"; rows of {', '.join(scaled)} (the table's embed_scale, as the model's own lookup multiplies them)"
     return {
         "model": loaded.source,
+        **({"source_weights": loaded.stored_as} if loaded.stored_as else {}),
         "task": loaded.task,
         "method": method_text,
         "formats": {fmt.name: fmt.card() for fmt in {s.name: s for s in specs.values()}.values()},

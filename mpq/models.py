@@ -29,6 +29,7 @@ class LoadedModel:
     source: str  # what the user named
     path: str  # the folder or id it was read from
     unrouted: dict[str, str] = field(default_factory=dict)  # experts modules kept as stored -> why (mpq.experts)
+    stored_as: str | None = None  # how the checkpoint stores weights that mpq dequantised on load (FP8), else None
 
 
 def _minilm_dir() -> Path:
@@ -152,10 +153,9 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
         raise MpqError(f"{name} is a config that mpq compiled (it has mpq.json): load it with mpq.load, or compile "
                        "the original model it came from, whose unquantised weights mpq needs")
     quantized = getattr(config, "quantization_config", None)
+    dequantise, stored_as = {}, None
     if quantized is not None:
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)
-        raise MpqError(f"{name!r} is already quantised ({method or 'quantization_config'}): mpq quantises from the "
-                       "unquantised weights, so give it the original model's id or folder")
+        dequantise, stored_as = _fp8_dequantised(name, quantized)
     task = task_of(config)
     loader = auto_class(task, config)
     # transformers logs a table of every checkpoint key it did not load: an image-text checkpoint's
@@ -164,7 +164,7 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
     report = logging.getLogger("transformers.modeling_utils")
     try:
         report.addFilter(_no_load_report)
-        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, **dequantise)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise MpqError(f"cannot load the weights or tokenizer of {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
@@ -180,10 +180,37 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
     if absent:
         raise MpqError(f"{name!r}: {len(absent)} weights of its {type(model).__name__} are missing from its checkpoint or "
                        f"have another shape there (first: {sorted(absent)[0]}): give the complete, unquantised model folder")
+    if getattr(model.config, "quantization_config", None) is not None:  # not dequantised after all: never measure it
+        raise MpqError(f"{name!r} loaded still quantised: mpq quantises from 16-bit weights; give the original model")
+    if stored_as is not None:
+        log.info("%s: %s", name, stored_as)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     _, unrouted = route_experts(model)  # a mixture's stacked experts become linears mpq can quantise
-    return LoadedModel(model=model, tokenizer=tokenizer, task=task, source=name, path=str(path), unrouted=unrouted)
+    return LoadedModel(model=model, tokenizer=tokenizer, task=task, source=name, path=str(path), unrouted=unrouted,
+                       stored_as=stored_as)
+
+
+def _fp8_dequantised(name: str, quantized) -> tuple[dict, str]:
+    """The from_pretrained arguments that load an FP8 checkpoint (DeepSeek-V3 and later, Kimi K2,
+    MiniMax-M2, Qwen3's -FP8: weights in float8 e4m3 times a scale per block) dequantised, and how it
+    stores its weights (for the card). Those FP8 values are the model as released: dequantising them
+    is exact, so mpq quantises from them as from 16-bit weights. Any other quantised checkpoint
+    (GPTQ, AWQ, bitsandbytes...) has lost its original weights: refused."""
+    settings = quantized if isinstance(quantized, dict) else quantized.to_dict()
+    method = settings.get("quant_method")
+    if method != "fp8":
+        raise MpqError(f"{name!r} is already quantised ({method or 'quantization_config'}): mpq quantises from the "
+                       "unquantised weights, so give it the original model's id or folder")
+    if importlib.util.find_spec("accelerate") is None:
+        raise MpqError(f"{name!r} stores its weights in FP8, which mpq dequantises on load through transformers; "
+                       "that needs accelerate: pip install 'mpq-compiler[fp8]'")
+    from transformers import FineGrainedFP8Config
+
+    block = settings.get("weight_block_size")
+    blocks = f"a scale per {block[0]}x{block[1]} block" if block else "a scale per tensor"
+    return ({"quantization_config": FineGrainedFP8Config(dequantize=True, weight_block_size=block)},
+            f"FP8 ({settings.get('fmt', 'e4m3')}, {blocks}) in the checkpoint, dequantised on load (exact)")
