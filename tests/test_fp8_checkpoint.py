@@ -66,3 +66,28 @@ def test_an_fp8_checkpoint_without_accelerate_says_what_to_install(tiny_llama_di
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
     with pytest.raises(MpqError, match=r"stores its weights in FP8.*pip install 'mpq-compiler\[fp8\]'"):
         load_model(str(folder))
+
+
+def test_an_fp8_mixture_loads_each_expert_dequantised_then_routed(tmp_path, demo_tokenizer):
+    """DeepSeek-V3 as released: every projection in FP8, each expert's its own; transformers
+    dequantises them before stacking the experts, and mpq.experts then splits them into layers:
+    each expert's gate rows are its dequantised gate_proj, exactly."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(vocab_size=len(demo_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=1,
+                              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_group=1, topk_group=1,
+                              kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32,
+                              pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "deepseek")
+    demo_tokenizer.save_pretrained(tmp_path / "deepseek")
+    folder, tensors = _fp8_copy(tmp_path / "deepseek", tmp_path)
+    assert "model.layers.1.mlp.experts.2.gate_proj.weight_scale_inv" in tensors  # stored per expert
+    loaded = load_model(str(folder))
+    mixture = loaded.model.get_submodule("model.layers.1.mlp.experts")
+    assert type(mixture).__name__ == "RoutedExperts" and not loaded.unrouted
+    gate = "model.layers.1.mlp.experts.2.gate_proj"
+    scale = tensors[f"{gate}.weight_scale_inv"].repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    assert torch.equal(mixture.expert(2).gate_up_proj.weight[:64], (tensors[f"{gate}.weight"].float() * scale).to(torch.bfloat16))
