@@ -497,16 +497,16 @@ def trace_model(model: nn.Module, example_inputs: dict, embeddings: bool = True,
 
 
 def _never_run(modules: dict[str, nn.Module], placed: set[str]) -> dict[str, str]:
-    """The parts of the model whose linears the example inputs never ran (an image-text model's
-    vision tower, on text), each named once at its outermost module that holds no layer: why
-    they are kept as stored."""
+    """The parts of the model with linears but no op in the traced forward on the example inputs
+    (an image-text model's vision tower, on text), each named once at its outermost module that
+    holds no layer: why they are kept as stored."""
+    holding = {".".join(name.split(".")[:i]) for name in placed for i in range(1, name.count(".") + 2)}
     parts: dict[str, int] = {}
     for path, module in modules.items():
         if not path or path in placed or not _is_linear(module):
             continue
         names = path.split(".")
-        part = next(prefix for prefix in (".".join(names[:i]) for i in range(1, len(names) + 1))
-                    if not any(name == prefix or name.startswith(f"{prefix}.") for name in placed))
+        part = next(prefix for prefix in (".".join(names[:i]) for i in range(1, len(names) + 1)) if prefix not in holding)
         parts[part] = parts.get(part, 0) + 1
-    return {part: f"never run on the example inputs (text): its {count} linear layer{'s' * (count > 1)} kept as stored"
-            for part, count in parts.items()}
+    return {part: f"not in the traced forward on the example inputs (text): its {count} linear layer{'s' * (count > 1)} "
+                  "kept as stored" for part, count in parts.items()}

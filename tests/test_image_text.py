@@ -82,7 +82,7 @@ def test_an_image_text_model_compiles_its_language_model_on_text(tmp_path, demo_
     assert "model.language_model.embed_tokens_per_layer" in formats and "lm_head" in formats
     assert not [name for name in formats if "vision" in name]  # text never runs the vision tower
     assert manifest["card"]["excluded_layers"]["model.vision_tower"] == (
-        "never run on the example inputs (text): its 8 linear layers kept as stored")
+        "not in the traced forward on the example inputs (text): its 8 linear layers kept as stored")
     assert "model.vision_tower" in (out / "report.md").read_text()  # named among the bytes kept as stored
     model = mpq.load(config)
     assert type(model).__name__ == "Gemma4ForConditionalGeneration"
