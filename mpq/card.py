@@ -26,6 +26,7 @@ def card_markdown(manifest: dict) -> str:
         "| | |",
         "|---|---|",
         *([f"| weights as released | {card['source_weights']} |"] if card.get("source_weights") else []),
+        *([f"| compiled | {card['compiled_part']} |"] if card.get("compiled_part") else []),
         f"| task | {card['task']} |",
         f"| method | {card['method']} |",
         f"| weight bytes | {format_size(card['bytes']['predicted'])} ({card['bytes']['predicted']} B; "

@@ -330,7 +330,8 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
         draw_speedup(points, out / "speedup.png", task.quality_name, _display_quality(baseline["metrics"]),
                      latency.regime, None if latency_cap is None else latency.baseline_seconds / latency_cap)
     summary = {
-        "model": loaded.source, "task": loaded.task, "formats": [f.name for f in formats], "method": method, "budget": budget,
+        "model": loaded.source, "loaded": {"part": loaded.part, "weights": loaded.stored_as},
+        "task": loaded.task, "formats": [f.name for f in formats], "method": method, "budget": budget,
         "method_choice": choice.to_json(), "never_ran": never_ran,
         "calibration_never_ran": never_ran if calibrates(method) else [],  # gptq/awq knew nothing of their inputs
         "smallest": memory.smallest(), "fixed_bytes": memory.fixed_bytes, "kept_as_stored": kept_to_json(kept), "experts": experts, "seed": opts.seed,
@@ -448,6 +449,7 @@ def _card(loaded: LoadedModel, plan: Plan, cand: Candidate, baseline: dict, cali
     return {
         "model": loaded.source,
         **({"source_weights": loaded.stored_as} if loaded.stored_as else {}),
+        **({"compiled_part": loaded.part} if loaded.part else {}),
         "task": loaded.task,
         "method": method_text,
         "formats": {fmt.name: fmt.card() for fmt in {s.name: s for s in specs.values()}.values()},

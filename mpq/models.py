@@ -30,6 +30,7 @@ class LoadedModel:
     path: str  # the folder or id it was read from
     unrouted: dict[str, str] = field(default_factory=dict)  # experts modules kept as stored -> why (mpq.experts)
     stored_as: str | None = None  # how the checkpoint stores weights that mpq dequantised on load (FP8), else None
+    part: str | None = None  # where only the language model of an image-text checkpoint loaded (Llama 4): which
 
 
 def _minilm_dir() -> Path:
@@ -184,6 +185,11 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
         raise MpqError(f"{name!r} loaded still quantised: mpq quantises from 16-bit weights; give the original model")
     if stored_as is not None:
         log.info("%s: %s", name, stored_as)
+    released = (getattr(config, "architectures", None) or [None])[0]
+    part = None
+    if _generates_text(config) and released and type(model).__name__ != released:
+        part = f"{type(model).__name__}, the language model of {released}: its vision model is not in the configs"
+        log.info("%s: %s", name, part)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -191,7 +197,7 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
         param.requires_grad_(False)
     _, unrouted = route_experts(model)  # a mixture's stacked experts become linears mpq can quantise
     return LoadedModel(model=model, tokenizer=tokenizer, task=task, source=name, path=str(path), unrouted=unrouted,
-                       stored_as=stored_as)
+                       stored_as=stored_as, part=part)
 
 
 def _fp8_dequantised(name: str, quantized) -> tuple[dict, str]:

@@ -358,6 +358,8 @@ def write_report(path: Path, summary: dict) -> Path:
     lines = [
         f"# mpq report: {s['model']}",
         "",
+        *[f"- {what}: {line}" for what, line in (("compiled", (s.get("loaded") or {}).get("part")),
+                                                 ("weights as released", (s.get("loaded") or {}).get("weights"))) if line],
         f"- task: {s['task']}; trace: {s['trace']['method']} ({s['trace']['layers']} quantisable layers)"
         + (f"; warning: {s['trace']['warning']}" if s["trace"].get("warning") else ""),
         f"- formats: {', '.join(s['formats'])}; method: {s.get('method', 'rtn')}; calibration: {s['calibration']['samples']} samples x "

@@ -55,6 +55,7 @@ def test_an_fp8_checkpoint_loads_dequantised_exactly_and_compiles(tiny_llama_dir
     config = out / "configs" / json.loads((out / "summary.json").read_text())["configs"][0]["name"]
     assert "quantization_config" not in json.loads((config / "config.json").read_text())
     assert "| weights as released | FP8 (e4m3, a scale per 32x32 block)" in (config / "card.md").read_text()
+    assert "- weights as released: FP8 (e4m3, a scale per 32x32 block)" in (out / "report.md").read_text()
     assert mpq.load(config).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
 
 

@@ -55,6 +55,10 @@ def test_an_image_text_checkpoint_loads_as_a_causal_lm(tmp_path, demo_tokenizer,
             loaded = load_model(str(path), torch.float32)
         assert "LOAD REPORT" not in capfd.readouterr().err
         assert loaded.task == CAUSAL_LM and type(loaded.model).__name__ == loaded_as
+        # what the card and the report say was compiled, where it is not the whole checkpoint
+        assert loaded.part == (None if loaded_as == type(model).__name__ else
+                               "Llama4ForCausalLM, the language model of Llama4ForConditionalGeneration: "
+                               "its vision model is not in the configs")
         # the whole image-text model as transformers loads it (Llama 4's experts, routed on load, sum in another order)
         whole = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
         assert type(whole) is type(model)
