@@ -30,7 +30,7 @@ class LoadedModel:
     path: str  # the folder or id it was read from
     unrouted: dict[str, str] = field(default_factory=dict)  # experts modules kept as stored -> why (mpq.experts)
     stored_as: str | None = None  # how the checkpoint stores weights that mpq dequantised on load (FP8), else None
-    part: str | None = None  # where only the language model of an image-text checkpoint loaded (Llama 4): which
+    part: str | None = None  # what loaded, where it is an image-text checkpoint's language model alone (Llama 4)
 
 
 def _minilm_dir() -> Path:
