@@ -177,7 +177,8 @@ def test_llama4s_scored_experts_decode_grouped_and_agree_with_the_loop(top_k, mo
         assert grouped.shape == looped.shape == hidden.shape and rel_err(grouped, looped) < 2e-2
         unpicked = torch.ones(mixture.num_experts, 3, dtype=torch.bool)
         unpicked[index.t(), torch.arange(3)] = False
-        assert torch.equal(grouped.view(mixture.num_experts, 3, -1)[unpicked], torch.zeros_like(grouped.view(4, 3, -1)[unpicked]))
+        blocks = grouped.view(mixture.num_experts, 3, -1)
+        assert torch.equal(blocks[unpicked], torch.zeros_like(blocks[unpicked]))
         step = model(input_ids=torch.tensor([[5]]), use_cache=False).logits  # a whole decode step, grouped
         mixture.group_decode = False
         assert rel_err(step, model(input_ids=torch.tensor([[5]]), use_cache=False).logits) < 2e-2
