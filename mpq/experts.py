@@ -135,6 +135,10 @@ class RoutedExperts(nn.Module):
     def expert(self, e: int) -> Expert:
         return self._modules[str(e)]
 
+    def picks(self) -> int:
+        """How many experts the router picks a token (top-k), from the share each expert gets."""
+        return max(1, round(self.routed_share * self.num_experts))
+
     def routed_call(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> tuple:
         """The arguments the mixture's own code hands this module for tokens `x` routed to experts
         `index` [tokens, top_k] with `weights` (probes and timings build calls with it)."""
@@ -199,23 +203,26 @@ class RoutedExperts(nn.Module):
             self._stacks[x.device] = stacks
         return stacks or None
 
+    def _run_stacked(self, stacks: tuple, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each row through expert ids[p], as _run does one expert, in the grouped launches."""
+        up, down = stacks
+        y = up(rows, ids)
+        y = self._gate(self, y) if self.has_gate else self.act_fn(y)
+        y = down(y, ids)
+        return self.post_expert_norm(y) if self.has_post_expert_norm else y
+
     def _grouped(self, stacks: tuple, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
         """The routed sum in two grouped launches per format, none waiting on the host. Each row is
         one (token, expert) pair, the pairs sorted by expert: a launch then reads an expert's
         weights for all its tokens back to back (from L2 after the first; mpq.kernels.triton_common.grouped_row)."""
-        up, down = stacks
         tokens, top_k = top_k_index.shape
         flat = top_k_index.reshape(-1)  # pair t * top_k + j: token t's j-th expert
         order = torch.argsort(flat, stable=True)
         ids = flat[order]
         routed = ids < self.num_experts  # ids >= E: no expert here (expert parallelism)
         ids = torch.where(routed, ids, self.num_experts)
-        y = up(hidden_states[order // top_k], ids)
-        y = self._gate(self, y) if self.has_gate else self.act_fn(y)
-        y = down(y, ids)
-        if self.has_post_expert_norm:
-            y = self.post_expert_norm(y)
+        y = self._run_stacked(stacks, hidden_states[order // top_k], ids)
         weighted = y.float() * (top_k_weights.reshape(-1)[order].float() * routed)[:, None]
         pairs = torch.empty_like(weighted)
         pairs[order] = weighted  # back in (token, slot) order, so each token's sum is one fixed reduction
@@ -245,11 +252,6 @@ class ScoredExperts(RoutedExperts):
     experts the router did not pick; each row's output is its expert's, and the mixture sums
     them. A zero row's output is 0 (no bias; act(0) * 0 = 0), so only the nonzero rows run: each
     expert sees the tokens routed to it, as in any other mixture, and the call does top-k's work."""
-
-    def __init__(self, original: nn.Module, top_k: int | None = None) -> None:
-        super().__init__(original, top_k)
-        # every token's rows in the decode launches: the router picks exactly top_k experts a token
-        self.top_k = max(1, round(self.routed_share * self.num_experts))
 
     @staticmethod
     def _transposed(original: nn.Module) -> bool:
@@ -282,18 +284,16 @@ class ScoredExperts(RoutedExperts):
     def _grouped_blocks(self, stacks: tuple, blocks: torch.Tensor) -> torch.Tensor:
         """The picked rows in two grouped launches per format, nothing waiting on the host: each
         token's top_k nonzero rows (its experts), sorted by expert, through their experts' stacks."""
-        up, down = stacks
         picked = blocks.ne(0).any(-1)  # [E, tokens]
         # each token's top_k experts, the picked ones first (the router picks exactly top_k; were a
         # picked row all zeros, an unpicked expert's zero row would stand in for it: both give 0)
-        ids = picked.t().float().topk(self.top_k, dim=1).indices
+        top_k = self.picks()  # the router picks exactly top_k experts a token
+        ids = picked.t().float().topk(top_k, dim=1).indices
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         ids = flat[order]
-        token = order // self.top_k
-        y = up(blocks[ids, token], ids)
-        y = self._gate(self, y)
-        y = down(y, ids)
+        token = order // top_k
+        y = self._run_stacked(stacks, blocks[ids, token], ids)
         out = torch.zeros_like(blocks)
         out[ids, token] = y.to(out.dtype)
         return out
@@ -363,7 +363,7 @@ def routes_like(original: nn.Module, routed: RoutedExperts, tokens: int = 24) ->
     weight = next(original.parameters())
     generator = torch.Generator().manual_seed(0)
     hidden = routed.expert(0).down_proj.out_features
-    top_k = max(1, min(routed.num_experts, round(routed.routed_share * routed.num_experts)))
+    top_k = routed.picks()
     x = torch.randn(tokens, hidden, generator=generator).to(weight)
     index = torch.stack([torch.randperm(routed.num_experts, generator=generator)[:top_k] for _ in range(tokens)])
     scores = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1).to(weight)

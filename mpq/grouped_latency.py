@@ -85,7 +85,7 @@ def decode_routes(mixture: nn.Module, tokens: int, dtype: torch.dtype, device: t
     them over, mpq.experts.RoutedExperts.routed_call; the top-k distinct experts of each token)."""
     generator = torch.Generator().manual_seed(tokens)
     hidden = mixture.expert(0).down_proj.out_features
-    top_k = top_k_of(mixture)
+    top_k = mixture.picks()
     routes = []
     for _ in range(draws):
         x = torch.randn(tokens, hidden, generator=generator).to(dtype)
@@ -93,10 +93,6 @@ def decode_routes(mixture: nn.Module, tokens: int, dtype: torch.dtype, device: t
         weights = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1).to(dtype)
         routes.append((mixture.routed_call(x.to(device), index.to(device), weights.to(device)), index))
     return routes
-
-
-def top_k_of(mixture: nn.Module) -> int:
-    return max(1, round(mixture.routed_share * mixture.num_experts))
 
 
 @torch.no_grad()
@@ -139,7 +135,7 @@ def profile_mixtures(model: nn.Module, info: dict[str, list], formats: list[Form
         stacks = [[f"{path}.{e}.{projection}" for e in range(experts)] for projection in (module.expert(0).up_name, "down_proj")]
         if not all(name in info for stack in stacks for name in stack):
             continue  # experts the plan cannot hold (kept as stored): the loop, timed per layer
-        top_k = top_k_of(module)
+        top_k = module.picks()
         pairs = tokens * top_k
         active = min(pairs, experts, max(1, round(experts * calls.get(stacks[0][0], 1.0))))  # distinct experts a step
         launch = []
