@@ -28,6 +28,12 @@ python3 -P -c "import mpq.kernels; print('mpq from', mpq.__file__)"  # -P: not t
 echo "cores: $(nproc)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "(no nvidia-smi)"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
-python3 benchmarks/gpu_kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@"
+# Each stage may be given seconds of its own (a lease is short; the JSON of a stage cut off keeps its
+# rows), and the second runs even if the first failed: MPQ_GPU_KERNELS_S, MPQ_GPU_EXPERTS_S (0: no limit).
+status=0
+timeout "${MPQ_GPU_KERNELS_S:-0}" python3 benchmarks/gpu_kernels.py --configs "$configs" --out "${OUT:-benchmarks/results}" "$@" \
+  || { status=$?; echo "gpu_session.sh: gpu_kernels.py exited $status"; }
 # then a mixture of experts at decode: grouped expert launches against the per-expert loop
-python3 benchmarks/experts_decode.py --out "${OUT:-benchmarks/results}"
+timeout "${MPQ_GPU_EXPERTS_S:-0}" python3 benchmarks/experts_decode.py --out "${OUT:-benchmarks/results}" \
+  || { status=$?; echo "gpu_session.sh: experts_decode.py exited $status"; }
+exit $status
