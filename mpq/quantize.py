@@ -44,7 +44,8 @@ class Grid:
 
     def columns(self, cols: torch.Tensor | slice | int) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero of each row for the given input columns: [N, c] float32 each."""
-        index = torch.arange(self.group * self.scales.reshape(self.scales.shape[0], -1).shape[1])[cols] // self.group
+        index = torch.arange(self.group * self.scales.reshape(self.scales.shape[0], -1).shape[1],
+                             device=self.scales.device)[cols] // self.group
         scales = self.scales.float().reshape(self.scales.shape[0], -1)[:, index]
         zeros = self.zeros.reshape(self.zeros.shape[0], -1)[:, index]
         return scales, zeros
@@ -69,12 +70,12 @@ def grid_for(weight: torch.Tensor, fmt: FormatSpec, clip: torch.Tensor | float =
     w = weight.detach().float()
     if fmt.bits == 8:
         scales = _rounded_scale(w.abs().amax(dim=1) * clip / 127.0)
-        return Grid(scales, torch.zeros(n), -128, 127, k)
+        return Grid(scales, torch.zeros(n, device=w.device), -128, 127, k)
     g = fmt.group_along(k)
     wg = w.reshape(n, k // g, g)
     if fmt.symmetric:
         scales = _rounded_scale(wg.abs().amax(dim=2) * clip / 7.5)
-        return Grid(scales, torch.full(scales.shape, 8.0), 0, 15, g)
+        return Grid(scales, torch.full(scales.shape, 8.0, device=w.device), 0, 15, g)
     low = wg.amin(dim=2).clamp(max=0.0) * clip
     high = wg.amax(dim=2).clamp(min=0.0) * clip
     scales = _rounded_scale((high - low) / 15.0)

@@ -1,0 +1,175 @@
+"""Decode launch space (GPU): every config of a wider space than the tuner's, timed, per layer shape.
+
+The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step and split,
+with 4 warps and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps and
+3 or 4 stages, for W4A16 (INT4 groups of 128) and W8A16 at decode sizes (M = 1 and 16) on
+Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 flushed before each
+replay). Per shape and M it reports the tuner's best, the wider space's best, the best per warp
+count, and the time of the split-K wrapper alone (zero an fp32 buffer, cast it back: the two
+launches a config with SPLIT_K > 1 adds). The three fastest of each are timed again as
+gpu_kernels.py times a layer (weights rotated through DRAM), so the rows compare with its table.
+Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
+
+    python benchmarks/gpu_decode_space.py --out $OUT      # on a CUDA machine (about 3 minutes on an H200)
+    python benchmarks/gpu_decode_space.py --smoke         # tiny shape, two configs, correctness only (CPU: interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from gpu_kernels import ROTATE_BYTES, benchmark_device  # a sibling script: run as one, this folder is first on sys.path
+
+SHAPES = {"attn 4096x4096": (4096, 4096), "up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336)}
+SMOKE_SHAPES = {"smoke 96x256": (96, 256)}
+WARPS = (2, 4, 8)
+STAGES = (3, 4)
+TUNER = {"num_warps": 4, "num_stages": 3}  # what the tuner's space holds today
+
+
+def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
+    """The tuner's candidates for (format, M) crossed with WARPS x STAGES (W8A16's single-row
+    configs kept only where their accumulator fits the warps' registers, as the tuner keeps them)."""
+    from mpq.kernels import triton_w4a16, triton_w8a16
+
+    if fmt_name == "int8":
+        base = triton_w8a16.decode_candidates(m, [128, 256], 128)
+    else:
+        base = triton_w4a16._candidates(m, 128)
+    configs = []
+    for config in base:
+        for warps in WARPS:
+            for stages in STAGES:
+                varied = {**config, "num_warps": warps, "num_stages": stages}
+                if fmt_name == "int8" and varied["BLOCK_M"] == 1 and not triton_w8a16._fits(varied):
+                    continue
+                if varied not in configs:
+                    configs.append(varied)
+    if smoke:  # one tuner config and one of another warp count
+        return [c for c in configs if c["num_warps"] == 4 and c["num_stages"] == 3][:1] + \
+               [c for c in configs if c["num_warps"] == 8][:1]
+    return configs
+
+
+def layer(n: int, k: int, fmt_name: str, device: str, copies: int) -> tuple[list[dict], torch.Tensor]:
+    """`copies` device copies of one random [n, k] weight quantised in `fmt_name`, and its reference (float32)."""
+    from mpq.formats import get_format
+    from mpq.quantize import dequantize_weight, quantize_weight
+
+    fmt = get_format(fmt_name)
+    torch.manual_seed(0)
+    base = quantize_weight(torch.randn(n, k) * 0.02, fmt)
+    sets = [{key: value.to(device) for key, value in base.items()} for _ in range(copies)]
+    return sets, dequantize_weight(sets[0], fmt)
+
+
+def call(fmt_name: str, x: torch.Tensor, tensors: dict, config: dict) -> torch.Tensor:
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w8a16 import w8a16_linear
+
+    if fmt_name == "int8":
+        return w8a16_linear(x, tensors["qweight"], tensors["scales"], config=config)
+    return w4a16_linear(x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), 128, config=config)
+
+
+def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: bool) -> dict:
+    """Every config of the space for one shape, format and M: checked against the reference, timed."""
+    from mpq.kernels.triton_tuning import compile_ahead, gpu_time_ms, rotating_time_ms
+
+    weight_bytes_guess = n * k // (1 if fmt_name == "int8" else 2)
+    sets, reference = layer(n, k, fmt_name, device, 1 if smoke else max(2, ROTATE_BYTES // weight_bytes_guess + 1))
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float(), reference)
+    configs = space(fmt_name, m, smoke)
+
+    def on_device(config: dict) -> None:
+        with torch.cuda.device(x.device):  # the device is per thread in CUDA
+            call(fmt_name, x, sets[0], config)
+
+    compile_s = 0.0 if smoke else compile_ahead(configs, on_device)
+    timed, failed, worst_err = [], 0, 0.0
+    for config in configs:
+        try:
+            got = call(fmt_name, x, sets[0], config)
+            worst_err = max(worst_err, ((got.float() - expected).norm() / expected.norm()).item())
+            ms = None if smoke else gpu_time_ms(lambda config=config: call(fmt_name, x, sets[0], config))
+        except Exception:  # noqa: BLE001 - a config the device cannot run (registers, shared memory) is not a result
+            failed += 1
+            continue
+        timed.append({**config, "ms": ms})
+    row = {"shape": name, "N": n, "K": k, "format": fmt_name, "M": m, "configs": len(configs), "failed": failed,
+           "worst_rel_err": worst_err, "compile_ahead_s": compile_s}
+    if smoke:
+        return row
+    timed.sort(key=lambda c: c["ms"])
+    tuner = [c for c in timed if all(c[key] == value for key, value in TUNER.items())] or timed
+    row.update({"tuner_best": tuner[0], "wide_best": timed[0],
+                "best_per_warps": {w: next((c for c in timed if c["num_warps"] == w), None) for w in WARPS},
+                "all": timed})
+    # the split-K wrapper alone: zero the fp32 buffer, cast it back (what SPLIT_K > 1 adds to a call)
+    row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))
+    # the three fastest, and the tuner's best, as gpu_kernels.py times a layer: weights rotated through DRAM
+    rotated = {}
+    for label, config in [("tuner_best", tuner[0])] + [(f"wide_{i}", c) for i, c in enumerate(timed[:3])]:
+        launch_config = {key: config[key] for key in config if key != "ms"}
+        rotated[label] = {**launch_config, "rotating_ms": rotating_time_ms(
+            [lambda t=t, c=launch_config: call(fmt_name, x, t, c) for t in sets])}
+    row["rotating"] = rotated
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, two configs, no timing")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--formats", default="int4-g128,int8")
+    parser.add_argument("--batches", default="1,16")
+    args = parser.parse_args()
+    device = benchmark_device("benchmarks/gpu_decode_space.py", args.smoke)
+    from mpq.io import write_json_atomic
+    from mpq.qlinear import triton_version
+
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+              "torch": torch.__version__, "triton": triton_version(), "activations": "bfloat16", "rows": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("decode-space-smoke.json" if args.smoke else f"decode-space-{report['device'].replace(' ', '_')}.json")
+    start = time.perf_counter()
+    for fmt_name in args.formats.split(","):
+        for m in (int(b) for b in args.batches.split(",")):  # INT4 at M = 1 first: the row issue 3 aims at
+            for name, (n, k) in (SMOKE_SHAPES if args.smoke else SHAPES).items():
+                report["rows"].append(sweep(name, n, k, fmt_name, m, device, args.smoke))
+                report["elapsed_s"] = time.perf_counter() - start
+                write_json_atomic(path, report)
+                print_row(report["rows"][-1])
+    print(f"wrote {path}")
+    bad = [r for r in report["rows"] if not r["worst_rel_err"] < 1e-2]
+    if bad:
+        raise SystemExit(f"{len(bad)} rows with a config off the reference by 1e-2 or more")
+
+
+def print_row(r: dict) -> None:
+    def brief(c: dict | None) -> str:
+        if c is None:
+            return "-"
+        return (f"{c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}"
+                + (f" {c['ms'] * 1e3:.1f}us" if c.get("ms") is not None else "")
+                + (f" (rotated {c['rotating_ms'] * 1e3:.1f}us)" if "rotating_ms" in c else ""))
+
+    head = f"{r['format']} {r['shape']} M={r['M']}: {r['configs']} configs, {r['failed']} failed, worst rel err {r['worst_rel_err']:.1e}"
+    if "tuner_best" not in r:
+        print(head, flush=True)
+        return
+    print(head + f", compiled ahead in {r['compile_ahead_s']:.0f} s; split-K wrapper alone {r['split_wrapper_ms'] * 1e3:.1f}us", flush=True)
+    print(f"  tuner's space best: {brief(r['rotating']['tuner_best'] | {'ms': r['tuner_best']['ms']})}", flush=True)
+    for i in range(3):
+        if f"wide_{i}" in r["rotating"]:
+            print(f"  wide #{i + 1}: {brief(r['rotating'][f'wide_{i}'] | {'ms': r['all'][i]['ms']})}", flush=True)
+    print("  best per warps: " + "; ".join(f"{w}: {brief(c)}" for w, c in r["best_per_warps"].items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
