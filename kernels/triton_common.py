@@ -49,6 +49,20 @@ def decode_candidates(m: int, k_steps: list[int], dot_k_step: int) -> list[dict]
     return space
 
 
+def prefill_candidates(m: int, k_steps: list[int]) -> list[dict]:
+    """The tiled GEMM's launch space (M > 16): tile shape, K step and pipeline depth. Up to 128
+    rows, 64-row tiles may also split K over 2 or 4 programs: there a layer has few tiles (M = 64
+    of a 4096-wide layer: 64 of them for the H200's 132 SMs), and without a split M = 64 ran at
+    0.25-0.38x of FP16 cuBLAS on 4096 and 14336->4096 layers on that GPU (benchmarks/results/
+    kernels-NVIDIA_H200-*.json)."""
+    space = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
+             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in k_steps for st in (3, 4)]
+    if m <= 128:
+        space += [{"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": k_steps[-1], "SPLIT_K": sk, "num_warps": 4, "num_stages": st}
+                  for bn in (64, 128) for sk in (2, 4) for st in (3, 4)]
+    return space
+
+
 def check_activation(x: torch.Tensor, in_features: int) -> None:
     if x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
@@ -183,10 +197,12 @@ def grouped_row(slot_ptr, M, N, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr):
-    """Write the fp32 tile: add it into a zeroed fp32 buffer under split-K, else store it cast."""
+    """Write the fp32 tile: add it into a zeroed fp32 buffer under split-K, else store it cast.
+    The adds are relaxed: partial sums need no order among themselves, and the launch's end orders
+    them before any reader (Triton's default, acq_rel, asks the GPU for more)."""
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask)
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

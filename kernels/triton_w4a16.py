@@ -29,12 +29,12 @@ import triton
 import triton.language as tl
 
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
-                                       grouped_candidates, grouped_row, interpreter_config, interpreting, launch, regime,
-                                       store_tile, tile_offsets)
+                                       grouped_candidates, grouped_row, interpreter_config, interpreting, launch,
+                                       prefill_candidates, regime, store_tile, tile_offsets)
 
 
 def _candidates(m: int, group: int) -> list[dict]:
-    """A small, deliberate space: decode_candidates for M <= 16; tile shape and pipeline depth for prefill."""
+    """A small, deliberate space: decode_candidates for M <= 16, prefill_candidates above."""
     steps = k_steps(group)
     if regime(m) == "gemv":
         space = decode_candidates(m, steps, steps[-1])
@@ -44,8 +44,7 @@ def _candidates(m: int, group: int) -> list[dict]:
             space += [{"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
                       for bk in steps for sk in (1, 2, 4, 8)]
         return space
-    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
-            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in steps for st in (3, 4)]
+    return prefill_candidates(m, steps)
 
 
 def _grouped_candidates(group: int) -> list[dict]:

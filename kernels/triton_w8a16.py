@@ -13,16 +13,15 @@ import triton
 import triton.language as tl
 
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
-                                       grouped_candidates, grouped_row, interpreter_config, interpreting, launch, regime,
-                                       store_tile, tile_offsets)
+                                       grouped_candidates, grouped_row, interpreter_config, interpreting, launch,
+                                       prefill_candidates, regime, store_tile, tile_offsets)
 
 
 def _candidates(m: int) -> list[dict]:
-    """As W4A16's: decode_candidates for M <= 16; tile shape and pipeline depth for prefill."""
+    """As W4A16's: decode_candidates for M <= 16, prefill_candidates above."""
     if regime(m) == "gemv":
         return [c for c in decode_candidates(m, [128, 256], 128) if c["BLOCK_M"] > 1 or _fits(c)]
-    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
-            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for bk in (64, 128) for st in (3, 4)]
+    return prefill_candidates(m, [64, 128])
 
 
 def _grouped_candidates() -> list[dict]:

@@ -194,7 +194,8 @@ def test_the_candidate_spaces_fit_a_gpu():
         for c in w8_candidates(m):
             assert c["BLOCK_K"] >= 16 and (c["BLOCK_M"] in (1, 16) if m <= 16 else c["BLOCK_M"] >= 16)
         splits = {c["SPLIT_K"] for c in w4_candidates(m, 128)}
-        assert splits == ({1, 2, 4, 8} if m <= 16 else {1})  # decode may go without atomics
+        # decode may go without atomics; a prefill of up to 128 rows may split (its layers have few tiles)
+        assert splits == ({1, 2, 4, 8} if m <= 16 else {1, 2, 4} if m <= 128 else {1})
 
 
 def test_int4_layers_whose_groups_a_gpu_kernel_cannot_step_run_the_reference_on_cuda():

@@ -12,12 +12,13 @@ pytest.importorskip("triton")
 
 # Pinned configs cover each code path of each kernel: M = 1 multiply-and-sum with and without
 # split-K (atomics into fp32, or one store in the activation dtype), split-K with tl.dot
-# (M <= 16), and the tiled GEMM without split.
+# (M <= 16), and the tiled GEMM without and with split-K.
 PATHS = {
     "gemv-m1": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
     "gemv-m1-nosplit": {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1},
     "gemv-splitk": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4},
     "gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1},
+    "gemm-splitk": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
