@@ -58,6 +58,8 @@ def compile_for(kernel, runtime: dict[str, tuple[str, int]], constexprs: dict, n
     """triton.compile for cuda sm_`arch` without a GPU. `runtime`: argument -> (Triton type, value)."""
     signature, constants, attrs = {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
+        if name not in constexprs and name not in runtime:  # a constexpr the launch leaves at its default
+            constexprs = {**constexprs, name: kernel.params[index].default}
         if name in constexprs or (runtime[name][0].startswith("i") and runtime[name][1] == 1):
             signature[name] = "constexpr"
             constants[(index,)] = constexprs.get(name, 1)

@@ -43,6 +43,9 @@ def _candidates(m: int, group: int) -> list[dict]:
             # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
             space += [{"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
                       for bk in steps for sk in (1, 2, 4, 8)]
+            # and the tile widths the H200 chose at M = 1 (32, 64) and the next, loading a step ahead
+            space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
+                       "PREFETCH": True} for bn in (32, 64, 128) for bk in steps for sk in (1, 2, 4, 8)]
         return space
     return prefill_candidates(m, steps)
 
@@ -66,7 +69,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   stride_xm, stride_wn, stride_sn, stride_we, stride_se, stride_om,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                  PREFETCH: tl.constexpr = False):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -79,7 +83,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
         mask_n = offs_n < N
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
-                         GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K)
+                         GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
     else:
         offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
         mask_m = offs_m < M
@@ -123,7 +127,7 @@ def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, group, HAS_ZEROS: 
 @triton.jit
 def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
                GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     """x @ dequant(W)^T for a single row of x, [1, BLOCK_N] in fp32, on the FMA units.
 
     The weights are read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j, nibble i
@@ -136,6 +140,13 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     scale multiplies each word's sum; the sum across threads runs once, after the K loop.
     (benchmarks/kernels_compile.py counts the loop: about 7 instructions per weight byte at
     BLOCK_N = 256, where the byte-wise multiply-and-sum took 11.)
+
+    Triton does not pipeline this loop (no dot: its SASS is the same at 1 and 3 stages), so a
+    thread's weight loads for one step wait out the memory's latency before its arithmetic, and
+    the next step's loads are issued only after it. PREFETCH loads the next step's words at the top
+    of each pass, so one step's loads are in flight while the last one is multiplied: on the H200,
+    INT8, whose tl.dot path Triton does pipeline and which reads twice the bytes per step, reached
+    about twice INT4's bandwidth (66% of copy bandwidth against 35%, 14336 x 4096 at M = 1).
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * (stride_wn // 4) + offs_w[:, None]
@@ -146,8 +157,19 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     unknown_zero = N >> 31
     exp256 = unknown_zero + 0x43800000
     exp16 = unknown_zero + 0x41800000
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
+    k_first = pid_k * BLOCK_K
+    if PREFETCH:
+        # Past the last step the address stays on a step of this layer (this program's first, its
+        # current one) instead of a mask: a scalar mask breaks the interpreter, one per word would
+        # break the 16-byte loads; the words read there go unused.
+        upcoming = tl.load(words_ptr + tl.where(k_first < K, k_first, 0) // 8, mask=mask_n[None, :], other=0)
+    for k0 in range(k_first, K, BLOCK_K * SPLIT_K):
+        if PREFETCH:  # this step's words arrived during the last pass; ask for the next step's now
+            words = upcoming
+            k_next = k0 + BLOCK_K * SPLIT_K
+            upcoming = tl.load(words_ptr + tl.where(k_next < K, k_next, k0) // 8, mask=mask_n[None, :], other=0)
+        else:
+            words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
         word_index = k0 // 8 + offs_w
         x0, x1 = load_x_pair(x_ptr, word_index, 0, X_PAIRS, X_DTYPE)

@@ -53,6 +53,20 @@ def test_w4a16_matches_reference(path, fmt_name, n, k, m, dtype):
     assert rel_err(got, expected) < 1e-2
 
 
+@pytest.mark.parametrize("fmt_name", ["int4-g32", "int4-g64-sym", "int4-pc"])
+@pytest.mark.parametrize("n,k,split", [(33, 256, 2), (48, 384, 1), (40, 64, 4)])
+def test_w4a16_single_row_loading_a_step_ahead_matches_reference(fmt_name, n, k, split):
+    """PREFETCH: each pass multiplies the words the pass before loaded. Programs with no step at all
+    (K = 64 split 4 ways in steps of 32: two of them), with a few, and one with all twelve (K = 384)."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+
+    fmt, tensors, x, bias = _inputs(fmt_name, n, k, 1, torch.bfloat16, seed=n + k + split)
+    config = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split, "PREFETCH": True}
+    y = w4a16_linear(x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt.group_along(k), bias, config=config)
+    expected = linear_reference(x, tensors, fmt, bias)
+    assert rel_err(y, expected) < 1e-2
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("n,k,m", [(33, 250, 1), (48, 96, 3), (17, 130, 17), (64, 512, 1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
