@@ -10,7 +10,7 @@ launches a config with SPLIT_K > 1 adds). The three fastest of each are timed ag
 gpu_kernels.py times a layer (weights rotated through DRAM), so the rows compare with its table.
 Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
 
-    python benchmarks/gpu_decode_space.py --out $OUT      # on a CUDA machine (about 3 minutes on an H200)
+    python benchmarks/gpu_decode_space.py --out $OUT      # on a CUDA machine (not yet run on one)
     python benchmarks/gpu_decode_space.py --smoke         # tiny shape, two configs, correctness only (CPU: interpreter)
 """
 

@@ -19,10 +19,16 @@ if __name__ == "kernels":
     _path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
     if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    _installed = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _installed
-    _spec.loader.exec_module(_installed)
+        # Not installed: leave no module in the place (None in sys.modules: later imports raise
+        # ModuleNotFoundError, find_spec answers None). The import that found this folder gets
+        # None rather than an error, since transformers before 5.25 probes for the package by
+        # find_spec, then, finding no metadata, import_module, and took an error there for a
+        # failed model import (seen on the H200 machine, transformers 5.17: LlamaConfig).
+        sys.modules[__name__] = None
+    else:
+        _installed = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _installed
+        _spec.loader.exec_module(_installed)
 else:
     from mpq.kernels.cpu import cpu_supports, linear_cpu, prepare_cpu
     from mpq.kernels.reference import linear_reference

@@ -40,10 +40,16 @@ def test_kernels_imported_from_the_repository_root_is_hugging_faces():
 
 
 def test_kernels_without_hugging_faces_package_is_not_found_from_the_root(tmp_path):
-    """Where no `kernels` package is installed, the folder does not pose as one."""
-    code = ("import sys, importlib.machinery as m; real = m.PathFinder.find_spec; "
+    """Where no `kernels` package is installed, the folder does not pose as one: transformers'
+    probe before 5.25 (find_spec finds the folder, no metadata, so import_module and a look for
+    __version__ / __file__) reads it as absent, and so does every look after it."""
+    code = ("import sys, importlib, importlib.util, importlib.machinery as m; real = m.PathFinder.find_spec; "
             "m.PathFinder.find_spec = classmethod(lambda cls, name, path=None, target=None: None if name == 'kernels' "
             "and path is not None else real(name, path, target)); "
+            "assert importlib.util.find_spec('kernels') is not None; "  # the folder, from the root
+            "probed = importlib.import_module('kernels'); "
+            "assert getattr(probed, '__version__', 'N/A') == 'N/A' and getattr(probed, '__file__', None) is None; "
+            "assert importlib.util.find_spec('kernels') is None; "
             "import kernels")
     proc = _in_root(code)
-    assert proc.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "ModuleNotFoundError: import of kernels halted" in proc.stderr, proc.stderr[-2000:]
