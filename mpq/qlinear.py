@@ -114,8 +114,10 @@ def launches_directly(x: torch.Tensor) -> bool:
     """Whether a Triton layer may call its launcher itself rather than through torch.ops.mpq.*.
 
     The custom op is what torch.compile, torch.export and make_fx record, and it refuses a backward
-    pass; but on an eager call it adds ~40 us of host time to a launch that takes ~80 (measured on
-    an H200 host), and eager decoding is bound by that time. So the op is skipped only when nothing
+    pass; but on an eager call its dispatch adds host time to a launch that is already host-bound:
+    on the H200 machine an eager INT4 call at M <= 16 took 84-154 us against 10-35 us of kernel
+    (benchmarks/results/kernels-NVIDIA_H200-*.json; the op's own share was not measured there), and
+    eager decoding is bound by that time. So the op is skipped only when nothing
     records the call: a plain tensor (not fake, functional or batched), no dispatch mode, no
     compiler, no functorch transform, no gradient wanted.
     """
