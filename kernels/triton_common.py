@@ -13,9 +13,14 @@ import triton.language as tl
 from mpq.kernels.triton_tuning import choose_config, chosen_config, m_bucket
 
 
+# Read once: @triton.jit reads it when it decorates the kernels (as this module is imported with
+# them), so a later change would not switch them anyway; os.environ took ~2 us a look, twice a launch.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1, where kernels run on CPU tensors through numpy."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def dot_dtype(x_dtype: torch.dtype):
@@ -71,7 +76,9 @@ def check_activation(x: torch.Tensor, in_features: int) -> None:
 
 
 def cdiv(a: int, b: int) -> int:
-    return triton.cdiv(a, b)
+    # not triton.cdiv: a constexpr function in Triton 3.6 and 3.9 (plain in 3.4), whose call from Python unwraps
+    # its arguments (about 5 us of host time per launch here, a quarter of the launcher's own)
+    return -(-a // b)
 
 
 def grouped_candidates(k_steps: list[int], fits=lambda config: True) -> list[dict]:
