@@ -37,6 +37,27 @@ def test_experts_decode_benchmark_smoke(tmp_path):
     assert [(r["format"], r["tokens"]) for r in predicted] == [("int4-g128+fp16", 1)] and predicted[0]["predicted_launches_ms"] > 0
 
 
+def test_decode_space_benchmark_smoke(tmp_path):
+    """The decode-space sweep's smoke run: two configs of each format and M, each matching the reference."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_decode_space.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "decode-space-smoke.json").read_text())
+    assert [(r["format"], r["M"]) for r in report["rows"]] == [(f, m) for f in ("int4-g128", "int8") for m in (1, 16)]
+    assert all(r["configs"] == 2 and r["failed"] == 0 and r["worst_rel_err"] < 1e-2 for r in report["rows"])
+
+
+def test_launch_overhead_benchmark_runs(tmp_path):
+    """The launchers' host time with Triton's launch stubbed: every launcher and yardstick timed."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "launch_overhead.py"), "--calls", "20", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "launch_overhead.json").read_text())["rows"]
+    assert len(rows) == 6 and all(row["host_us"] > 0 for row in rows)
+
+
 def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     """Each config a GPU would time goes through Triton's compiler to an sm_90 cubin on this CPU
     machine; the script fails on any config that does not compile, needs more shared memory than
