@@ -147,6 +147,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     of each pass, so one step's loads are in flight while the last one is multiplied: on the H200,
     INT8, whose tl.dot path Triton does pipeline and which reads twice the bytes per step, reached
     about twice INT4's bandwidth (66% of copy bandwidth against 35%, 14336 x 4096 at M = 1).
+    Not yet timed on a GPU: the tuner takes a PREFETCH config only where it is the fastest.
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * (stride_wn // 4) + offs_w[:, None]
@@ -159,8 +160,8 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     exp16 = unknown_zero + 0x41800000
     k_first = pid_k * BLOCK_K
     if PREFETCH:
-        # Past the last step the address stays on a step of this layer (this program's first, its
-        # current one) instead of a mask: a scalar mask breaks the interpreter, one per word would
+        # Past the last step the address falls back on a step of the layer (its first, or the one
+        # just loaded) instead of a mask: a scalar mask breaks the interpreter, one per word would
         # break the 16-byte loads; the words read there go unused.
         upcoming = tl.load(words_ptr + tl.where(k_first < K, k_first, 0) // 8, mask=mask_n[None, :], other=0)
     for k0 in range(k_first, K, BLOCK_K * SPLIT_K):
