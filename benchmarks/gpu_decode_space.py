@@ -1,11 +1,12 @@
 """Decode launch space (GPU): every config of a wider space than the tuner's, timed, per layer shape.
 
-The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step and split,
+The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step, split and (INT4 at M = 1) loading ahead,
 with 4 warps and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps and
 3 or 4 stages, for W4A16 (INT4 groups of 128) and W8A16 at decode sizes (M = 1 and 16) on
 Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 flushed before each
 replay). Per shape and M it reports the tuner's best, the wider space's best, the best per warp
-count, and the time of the split-K wrapper alone (zero an fp32 buffer, cast it back: the two
+count, the best single-row INT4 config at M = 1 with and without PREFETCH, and the time of the
+split-K wrapper alone (zero an fp32 buffer, cast it back: the two
 launches a config with SPLIT_K > 1 adds). The three fastest of each are timed again as
 gpu_kernels.py times a layer (weights rotated through DRAM), so the rows compare with its table.
 Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
@@ -103,12 +104,15 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
         timed.append({**config, "ms": ms})
     row = {"shape": name, "N": n, "K": k, "format": fmt_name, "M": m, "configs": len(configs), "failed": failed,
            "worst_rel_err": worst_err, "compile_ahead_s": compile_s}
-    if smoke:
+    if smoke or not timed:  # no timing, or no config the device could run (the row says how many failed)
         return row
     timed.sort(key=lambda c: c["ms"])
     tuner = [c for c in timed if all(c[key] == value for key, value in TUNER.items())] or timed
     row.update({"tuner_best": tuner[0], "wide_best": timed[0],
                 "best_per_warps": {w: next((c for c in timed if c["num_warps"] == w), None) for w in WARPS},
+                # INT4 at M = 1: the single-row loop loading a step ahead against the one that does not
+                "best_prefetch": next((c for c in timed if c.get("PREFETCH")), None),
+                "best_single_row_without_prefetch": next((c for c in timed if c["BLOCK_M"] == 1 and not c.get("PREFETCH")), None),
                 "all": timed})
     # the split-K wrapper alone: zero the fp32 buffer, cast it back (what SPLIT_K > 1 adds to a call)
     row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))
@@ -156,6 +160,7 @@ def print_row(r: dict) -> None:
         if c is None:
             return "-"
         return (f"{c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}"
+                + (" prefetch" if c.get("PREFETCH") else "")
                 + (f" {c['ms'] * 1e3:.1f}us" if c.get("ms") is not None else "")
                 + (f" (rotated {c['rotating_ms'] * 1e3:.1f}us)" if "rotating_ms" in c else ""))
 
@@ -169,6 +174,9 @@ def print_row(r: dict) -> None:
         if f"wide_{i}" in r["rotating"]:
             print(f"  wide #{i + 1}: {brief(r['rotating'][f'wide_{i}'] | {'ms': r['all'][i]['ms']})}", flush=True)
     print("  best per warps: " + "; ".join(f"{w}: {brief(c)}" for w, c in r["best_per_warps"].items()), flush=True)
+    if r["best_prefetch"] is not None:
+        print(f"  single row, loading a step ahead: {brief(r['best_prefetch'])}; "
+              f"without: {brief(r['best_single_row_without_prefetch'])}", flush=True)
 
 
 if __name__ == "__main__":
