@@ -13,11 +13,17 @@ from mpq.qlinear import QuantizedLinear
 ROOT = Path(__file__).parent.parent
 
 
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/`script`.py with `args`, in its own process (its folder first on sys.path, as a user runs it)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
 def test_kernel_benchmark_smoke(tmp_path):
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_benchmark("gpu_kernels", "--smoke", "--out", str(tmp_path))
     report = json.loads((tmp_path / "kernels-smoke.json").read_text())
     assert {r["format"] for r in report["rows"]} == {"int4-g128", "int8"}
     assert len(report["rows"]) == 2 * 2 * 3 and all(r["rel_err"] < 1e-2 for r in report["rows"])
@@ -26,9 +32,7 @@ def test_kernel_benchmark_smoke(tmp_path):
 def test_experts_decode_benchmark_smoke(tmp_path):
     """The mixture benchmark's smoke run: grouped and looped decode both match the reference."""
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "experts_decode.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_benchmark("experts_decode", "--smoke", "--out", str(tmp_path))
     report = json.loads((tmp_path / "experts-decode-smoke.json").read_text())
     assert [(r["format"], r["tokens"]) for r in report["rows"]] == [(f, t) for f in ("int4-g128", "int8", "int4-g128+fp16")
                                                                     for t in (1, 4, 16)]
@@ -40,9 +44,7 @@ def test_experts_decode_benchmark_smoke(tmp_path):
 def test_decode_space_benchmark_smoke(tmp_path):
     """The decode-space sweep's smoke run: two configs of each format and M, each matching the reference."""
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_decode_space.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_benchmark("gpu_decode_space", "--smoke", "--out", str(tmp_path))
     report = json.loads((tmp_path / "decode-space-smoke.json").read_text())
     assert [(r["format"], r["M"]) for r in report["rows"]] == [(f, m) for f in ("int4-g128", "int8") for m in (1, 16)]
     assert all(r["configs"] == 2 and r["failed"] == 0 and r["worst_rel_err"] < 1e-2 for r in report["rows"])
@@ -51,9 +53,7 @@ def test_decode_space_benchmark_smoke(tmp_path):
 def test_launch_overhead_benchmark_runs(tmp_path):
     """The launchers' host time with Triton's launch stubbed: every launcher and yardstick timed."""
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "launch_overhead.py"), "--calls", "20", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_benchmark("launch_overhead", "--calls", "20", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "launch_overhead.json").read_text())["rows"]
     assert len(rows) == 6 and all(row["host_us"] > 0 for row in rows)
 
