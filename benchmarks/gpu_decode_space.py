@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_kernels import ROTATE_BYTES, benchmark_device  # a sibling script: run as one, this folder is first on sys.path
+from gpu_kernels import benchmark_device, quantised_layer, quantised_linear  # a sibling script: run as one, this folder is first on sys.path
 
 SHAPES = {"attn 4096x4096": (4096, 4096), "up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336)}
 SMOKE_SHAPES = {"smoke 96x256": (96, 256)}
@@ -38,7 +38,7 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     from mpq.kernels import triton_w4a16, triton_w8a16
 
     if fmt_name == "int8":
-        base = triton_w8a16.decode_candidates(m, [128, 256], 128)
+        base = triton_w8a16.decode_space(m)  # filtered below, per warp count
     else:
         base = triton_w4a16._candidates(m, 128)
     configs = []
@@ -56,48 +56,28 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     return configs
 
 
-def layer(n: int, k: int, fmt_name: str, device: str, copies: int) -> tuple[list[dict], torch.Tensor]:
-    """`copies` device copies of one random [n, k] weight quantised in `fmt_name`, and its reference (float32)."""
-    from mpq.formats import get_format
-    from mpq.quantize import dequantize_weight, quantize_weight
-
-    fmt = get_format(fmt_name)
-    torch.manual_seed(0)
-    base = quantize_weight(torch.randn(n, k) * 0.02, fmt)
-    sets = [{key: value.to(device) for key, value in base.items()} for _ in range(copies)]
-    return sets, dequantize_weight(sets[0], fmt)
-
-
-def call(fmt_name: str, x: torch.Tensor, tensors: dict, config: dict) -> torch.Tensor:
-    from mpq.kernels.triton_w4a16 import w4a16_linear
-    from mpq.kernels.triton_w8a16 import w8a16_linear
-
-    if fmt_name == "int8":
-        return w8a16_linear(x, tensors["qweight"], tensors["scales"], config=config)
-    return w4a16_linear(x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), 128, config=config)
-
-
 def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: bool) -> dict:
     """Every config of the space for one shape, format and M: checked against the reference, timed."""
+    from mpq.formats import get_format
     from mpq.kernels.triton_tuning import compile_ahead, gpu_time_ms, rotating_time_ms
 
-    weight_bytes_guess = n * k // (1 if fmt_name == "int8" else 2)
-    sets, reference = layer(n, k, fmt_name, device, 1 if smoke else max(2, ROTATE_BYTES // weight_bytes_guess + 1))
+    fmt = get_format(fmt_name)
+    sets, reference, _ = quantised_layer(n, k, fmt, device, smoke)
     x = torch.randn(m, k, device=device).to(torch.bfloat16)
     expected = torch.nn.functional.linear(x.float(), reference)
     configs = space(fmt_name, m, smoke)
 
     def on_device(config: dict) -> None:
         with torch.cuda.device(x.device):  # the device is per thread in CUDA
-            call(fmt_name, x, sets[0], config)
+            quantised_linear(fmt, x, sets[0], config)
 
     compile_s = 0.0 if smoke else compile_ahead(configs, on_device)
     timed, failed, worst_err = [], 0, 0.0
     for config in configs:
         try:
-            got = call(fmt_name, x, sets[0], config)
+            got = quantised_linear(fmt, x, sets[0], config)
             worst_err = max(worst_err, ((got.float() - expected).norm() / expected.norm()).item())
-            ms = None if smoke else gpu_time_ms(lambda config=config: call(fmt_name, x, sets[0], config))
+            ms = None if smoke else gpu_time_ms(lambda config=config: quantised_linear(fmt, x, sets[0], config))
         except Exception:  # noqa: BLE001 - a config the device cannot run (registers, shared memory) is not a result
             failed += 1
             continue
@@ -121,7 +101,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     for label, config in [("tuner_best", tuner[0])] + [(f"wide_{i}", c) for i, c in enumerate(timed[:3])]:
         launch_config = {key: config[key] for key in config if key != "ms"}
         rotated[label] = {**launch_config, "rotating_ms": rotating_time_ms(
-            [lambda t=t, c=launch_config: call(fmt_name, x, t, c) for t in sets])}
+            [lambda t=t, c=launch_config: quantised_linear(fmt, x, t, c) for t in sets])}
     row["rotating"] = rotated
     return row
 

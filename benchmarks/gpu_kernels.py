@@ -87,23 +87,40 @@ def eager_ms(fn, calls: int = 200) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
+def quantised_layer(n: int, k: int, fmt, device: str, smoke: bool) -> tuple[list[dict], torch.Tensor, int]:
+    """A random [n, k] weight (seed 0) quantised in `fmt` (a FormatSpec) once: its tensors on `device` in as
+    many copies as overflow the L2 cache (one in a smoke run), the float32 weight they stand for
+    (on the device: the reference is plain torch), and the bytes of one copy."""
+    from mpq.quantize import dequantize_weight, quantize_weight
+
+    torch.manual_seed(0)
+    base = quantize_weight(torch.randn(n, k) * 0.02, fmt)
+    weight_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    copies = 1 if smoke else max(2, ROTATE_BYTES // weight_bytes + 1)
+    sets = [{key: value.to(device) for key, value in base.items()} for _ in range(copies)]
+    return sets, dequantize_weight(sets[0], fmt), weight_bytes
+
+
+def quantised_linear(fmt, x: torch.Tensor, tensors: dict, config: dict | None = None) -> torch.Tensor:
+    """x through the layer `tensors` on mpq's Triton kernel for `fmt` (a FormatSpec; `config`: a pinned launch config)."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w8a16 import w8a16_linear
+
+    if fmt.bits == 8:
+        return w8a16_linear(x, tensors["qweight"], tensors["scales"], config=config)
+    return w4a16_linear(x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt.group_along(x.shape[1]),
+                        config=config)
+
+
 def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ...], device: str, smoke: bool,
                 dtype: torch.dtype = torch.bfloat16) -> Iterator[dict]:
     """One row per M for an [n, k] layer in `fmt_name`: the weight is quantised and dequantised
     for the reference once, then each M is checked and timed. The kernel's activations are
     `dtype`; the baseline is torch's F.linear on fp16 weights."""
     from mpq.formats import get_format
-    from mpq.kernels.triton_w4a16 import w4a16_linear
-    from mpq.kernels.triton_w8a16 import w8a16_linear
-    from mpq.quantize import dequantize_weight, quantize_weight
 
     fmt = get_format(fmt_name)
-    torch.manual_seed(0)
-    base = quantize_weight(torch.randn(n, k) * 0.02, fmt)
-    weight_bytes = sum(t.numel() * t.element_size() for t in base.values())
-    copies = 1 if smoke else max(2, ROTATE_BYTES // weight_bytes + 1)
-    sets = [{key: value.to(device) for key, value in base.items()} for _ in range(copies)]
-    reference_weight = dequantize_weight(sets[0], fmt)  # float32, on the device: the reference is plain torch
+    sets, reference_weight, weight_bytes = quantised_layer(n, k, fmt, device, smoke)
     dense = [torch.randn(n, k, dtype=torch.float16, device=device) * 0.02
              for _ in range(1 if smoke else max(2, ROTATE_BYTES // (2 * n * k) + 1))]
     for m in batches:
@@ -111,9 +128,7 @@ def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ..
         x16 = x.to(torch.float16)
 
         def quantized(t: dict = sets[0]) -> torch.Tensor:
-            if fmt.bits == 8:
-                return w8a16_linear(x, t["qweight"], t["scales"])
-            return w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k))
+            return quantised_linear(fmt, x, t)
 
         def fp16(weight: torch.Tensor = dense[0]) -> torch.Tensor:
             return torch.nn.functional.linear(x16, weight)
