@@ -20,8 +20,13 @@ from mpq.kernels.triton_common import (check_activation, check_grouped_config, c
 def _candidates(m: int) -> list[dict]:
     """As W4A16's: decode_candidates for M <= 16, prefill_candidates above."""
     if regime(m) == "gemv":
-        return [c for c in decode_candidates(m, [128, 256], 128) if c["BLOCK_M"] > 1 or _fits(c)]
+        return [c for c in decode_space(m) if c["BLOCK_M"] > 1 or _fits(c)]
     return prefill_candidates(m, [64, 128])
+
+
+def decode_space(m: int) -> list[dict]:
+    """Decode's configs before those whose single-row accumulator would spill are dropped (_fits)."""
+    return decode_candidates(m, [128, 256], 128)
 
 
 def _grouped_candidates() -> list[dict]:
