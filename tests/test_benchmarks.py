@@ -13,11 +13,11 @@ from mpq.qlinear import QuantizedLinear
 ROOT = Path(__file__).parent.parent
 
 
-def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """benchmarks/`script`.py with `args`, in its own process (its folder first on sys.path, as a user runs it)."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -70,9 +70,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     pytest.importorskip("triton")
     from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_compile.py"), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    run_benchmark("kernels_compile", "--out", str(tmp_path), timeout=1200)
     report = json.loads((tmp_path / "kernels-compile-sm90.json").read_text())
     rows = report["rows"]
     expected = sum(len(triton_w4a16._candidates(m, 128)) + len(triton_w8a16._candidates(m)) for m in (1, 16, 64))
@@ -100,9 +98,7 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
     pytest.importorskip("triton")
     from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_compile.py"), *variant, "--batches", batches,
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    run_benchmark("kernels_compile", *variant, "--batches", batches, "--out", str(tmp_path), timeout=1200)
     (path,) = tmp_path.glob("kernels-compile-sm90-g*.json")
     report = json.loads(path.read_text())
     group = int(variant[1])
@@ -367,9 +363,8 @@ def test_twin_memory_benchmark_smoke(tmp_path):
     """benchmarks/twin_memory.py on a 2-block model: both twins measure in processes of their own and
     give the same divergences; the lazy one holds fewer bytes of its own."""
     out = tmp_path / "twin_memory.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "twin_memory.py"), "--blocks", "2", "--hidden", "128",
-                           "--samples", "4", "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_benchmark("twin_memory", "--blocks", "2", "--hidden", "128", "--samples", "4", "--repeats", "1", "--out", str(out),
+                  timeout=900)
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["same_divergences"] and set(rows) == {"whole float32 copy", "lazy float32 twin"}
@@ -383,10 +378,8 @@ def test_spill_memory_benchmark_smoke(tmp_path):
     with them in memory, each in a process of its own, measure the same sensitivities and configs;
     only the first spilled anything."""
     out = tmp_path / "spill_memory.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spill_memory.py"), "--blocks", "2", "--hidden", "128",
-                           "--vocab", "4096", "--samples", "4", "--repeats", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_benchmark("spill_memory", "--blocks", "2", "--hidden", "128", "--vocab", "4096", "--samples", "4", "--repeats", "1",
+                  "--out", str(out), timeout=900)
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["same_results"] and set(rows) == {"in memory (--no-spill)", "spilled to files (default)"}
@@ -400,10 +393,8 @@ def test_seq2seq_calibration_memory_benchmark_smoke(tmp_path):
     """benchmarks/seq2seq_calibration_memory.py on a tiny T5: one pass, passes under a 1 MiB bound
     and the walk over its 2+2 blocks all end with every layer's tensors (the child asserts it); the
     bound splits the statistics."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seq2seq_calibration_memory.py"), "--layers", "2",
-                           "--d-model", "128", "--samples", "4", "--bound-mb", "1", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_benchmark("seq2seq_calibration_memory", "--layers", "2", "--d-model", "128", "--samples", "4", "--bound-mb", "1",
+                  "--out", str(tmp_path))
     one, bounded, walked = json.loads((tmp_path / "seq2seq_calibration_memory.json").read_text())
     assert one["passes"] == 1 and bounded["passes"] > 1 and walked["variant"] == "block by block" and walked["passes"] == 5
     assert one["statistics_bytes"] == bounded["statistics_bytes"] > bounded["bound_bytes"] == 2**20
@@ -414,9 +405,7 @@ def test_blockwise_memory_benchmark_smoke(tmp_path):
     """benchmarks/blockwise_memory.py on a 2-block model whose hidden size (256) is not the window
     length (128): the whole-model variant hooks only the linear layers (a lookup's input is token
     ids), and both end with every linear layer's tensors (the child asserts it)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "blockwise_memory.py"), "--blocks", "2", "--hidden", "256",
-                           "--samples", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_benchmark("blockwise_memory", "--blocks", "2", "--hidden", "256", "--samples", "2", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "blockwise_memory.json").read_text())
     assert [row["variant"] for row in rows] == ["whole-model float32 twin", "blockwise"]
     assert all(row["peak_above_loaded_bytes"] > 0 for row in rows)
@@ -426,9 +415,7 @@ def test_sensitivity_replay_benchmark_smoke(tmp_path):
     """benchmarks/sensitivity_replay.py on the demo with 4 samples: the tables with and without
     block replay are identical (what the benchmark checks; timings are not asserted)."""
     out = tmp_path / "sensitivity_replay.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sensitivity_replay.py"), "--models", "demo",
-                           "--samples", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_benchmark("sensitivity_replay", "--models", "demo", "--samples", "4", "--out", str(out))
     (row,) = json.loads(out.read_text())["rows"]
     assert row["model"] == "demo" and row["identical"] and row["layers"] > 40
 
@@ -437,10 +424,8 @@ def test_search_scale_benchmark_smoke(tmp_path):
     """benchmarks/search_scale.py on the Qwen1.5-MoE shape, 10 trials, grouped variables: thousands
     of layers, one variable per mixture projection, and the exact optimum on the front."""
     out = tmp_path / "search_scale.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_scale.py"), "--shapes", "qwen1.5-moe",
-                           "--trials", "10", "--variants", "grouped", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_benchmark("search_scale", "--shapes", "qwen1.5-moe", "--trials", "10", "--variants", "grouped",
+                  "--out", str(out))
     (row,) = json.loads(out.read_text())["rows"]
     assert row["layers"] > 1000 and row["variables"] < row["layers"] / 10
     assert row["least_predicted"] == row["exact_best"] and row["front"] > 1
