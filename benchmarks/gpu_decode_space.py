@@ -1,12 +1,13 @@
 """Decode launch space (GPU): every config of a wider space than the tuner's, timed, per layer shape.
 
 The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step, split and (INT4 at M = 1) loading ahead,
-with 4 warps and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps and
+with 4 warps (8 for INT4's 256 x 128 tensor-core tiles) and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps and
 3 or 4 stages, for W4A16 (INT4 groups of 128) and W8A16 at decode sizes (M = 1 and 16) on
 Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 flushed before each
 replay). Per shape and M it reports the tuner's best, the wider space's best, the best per warp
-count, the best single-row INT4 config at M = 1 with and without PREFETCH, and the time of the
-split-K wrapper alone (zero an fp32 buffer, cast it back: the two
+count, the best single-row INT4 config at M = 1 with and without PREFETCH, the best INT4
+tensor-core config reading int32 words (word_dots) against the same configs on the byte path
+(WORD_DOTS=False, timed at the tuner's warps and stages only), and the time of the split-K wrapper alone (zero an fp32 buffer, cast it back: the two
 launches a config with SPLIT_K > 1 adds). The three fastest of each are timed again as
 gpu_kernels.py times a layer (weights rotated through DRAM), so the rows compare with its table.
 Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
@@ -29,18 +30,29 @@ SHAPES = {"attn 4096x4096": (4096, 4096), "up 4096->14336": (14336, 4096), "down
 SMOKE_SHAPES = {"smoke 96x256": (96, 256)}
 WARPS = (2, 4, 8)
 STAGES = (3, 4)
-TUNER = {"num_warps": 4, "num_stages": 3}  # what the tuner's space holds today
+
+
+def tuner_space(fmt_name: str, m: int) -> list[dict]:
+    """The tuner's candidates for (format, M) (W8A16's before its single-row filter)."""
+    from mpq.kernels import triton_w4a16, triton_w8a16
+
+    if fmt_name == "int8":
+        return triton_w8a16.decode_space(m)  # filtered in space(), per warp count
+    return triton_w4a16._candidates(m, 128)
+
+
+def on_word_dots(config: dict) -> bool:
+    """Whether an INT4 config runs word_dots: tensor cores, K steps of 64 or more, not switched off."""
+    return config["BLOCK_M"] == 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
 
 
 def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     """The tuner's candidates for (format, M) crossed with WARPS x STAGES (W8A16's single-row
-    configs kept only where their accumulator fits the warps' registers, as the tuner keeps them)."""
-    from mpq.kernels import triton_w4a16, triton_w8a16
+    configs kept only where their accumulator fits the warps' registers, as the tuner keeps them),
+    and for INT4 the tuner's word_dots configs again on the byte path (WORD_DOTS=False)."""
+    from mpq.kernels import triton_w8a16
 
-    if fmt_name == "int8":
-        base = triton_w8a16.decode_space(m)  # filtered below, per warp count
-    else:
-        base = triton_w4a16._candidates(m, 128)
+    base = tuner_space(fmt_name, m)
     configs = []
     for config in base:
         for warps in WARPS:
@@ -53,7 +65,13 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     if smoke:  # one tuner config and one of another warp count
         return [c for c in configs if c["num_warps"] == 4 and c["num_stages"] == 3][:1] + \
                [c for c in configs if c["num_warps"] == 8][:1]
+    if fmt_name != "int8":
+        configs += [{**config, "WORD_DOTS": False} for config in base if on_word_dots(config)]
     return configs
+
+
+def without_ms(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "ms"}
 
 
 def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: bool) -> dict:
@@ -87,18 +105,22 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     if smoke or not timed:  # no timing, or no config the device could run (the row says how many failed)
         return row
     timed.sort(key=lambda c: c["ms"])
-    tuner = [c for c in timed if all(c[key] == value for key, value in TUNER.items())] or timed
-    row.update({"tuner_best": tuner[0], "wide_best": timed[0],
+    tuner = tuner_space(fmt_name, m)
+    in_tuner = [c for c in timed if without_ms(c) in tuner] or timed
+    row.update({"tuner_best": in_tuner[0], "wide_best": timed[0],
                 "best_per_warps": {w: next((c for c in timed if c["num_warps"] == w), None) for w in WARPS},
                 # INT4 at M = 1: the single-row loop loading a step ahead against the one that does not
                 "best_prefetch": next((c for c in timed if c.get("PREFETCH")), None),
                 "best_single_row_without_prefetch": next((c for c in timed if c["BLOCK_M"] == 1 and not c.get("PREFETCH")), None),
+                # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
+                "best_word_dots": next((c for c in timed if on_word_dots(c) and without_ms(c) in tuner), None),
+                "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
                 "all": timed})
     # the split-K wrapper alone: zero the fp32 buffer, cast it back (what SPLIT_K > 1 adds to a call)
     row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))
     # the three fastest, and the tuner's best, as gpu_kernels.py times a layer: weights rotated through DRAM
     rotated = {}
-    for label, config in [("tuner_best", tuner[0])] + [(f"wide_{i}", c) for i, c in enumerate(timed[:3])]:
+    for label, config in [("tuner_best", in_tuner[0])] + [(f"wide_{i}", c) for i, c in enumerate(timed[:3])]:
         launch_config = {key: config[key] for key in config if key != "ms"}
         rotated[label] = {**launch_config, "rotating_ms": rotating_time_ms(
             [lambda t=t, c=launch_config: quantised_linear(fmt, x, t, c) for t in sets])}
@@ -141,6 +163,7 @@ def print_row(r: dict) -> None:
             return "-"
         return (f"{c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}"
                 + (" prefetch" if c.get("PREFETCH") else "")
+                + (" bytes" if c.get("WORD_DOTS") is False else "")
                 + (f" {c['ms'] * 1e3:.1f}us" if c.get("ms") is not None else "")
                 + (f" (rotated {c['rotating_ms'] * 1e3:.1f}us)" if "rotating_ms" in c else ""))
 
@@ -157,6 +180,8 @@ def print_row(r: dict) -> None:
     if r["best_prefetch"] is not None:
         print(f"  single row, loading a step ahead: {brief(r['best_prefetch'])}; "
               f"without: {brief(r['best_single_row_without_prefetch'])}", flush=True)
+    if r["best_byte_path"] is not None:
+        print(f"  tensor cores, int32 words: {brief(r['best_word_dots'])}; bytes: {brief(r['best_byte_path'])}", flush=True)
 
 
 if __name__ == "__main__":

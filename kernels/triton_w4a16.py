@@ -7,19 +7,20 @@ nibble; scales [N, K/G] bf16; zeros [N, K/G] (integer zero points, asymmetric) o
 One kernel, two regimes picked by M (kernels/triton_common.regime):
 - gemv (M <= 16, memory-bound decode): BLOCK_M = 1 (single_row) reads the weights as int32
   words and multiplies and sums on the FMA units, or BLOCK_M = 16 runs tl.dot (M in 2..16, and
-  timed against the former at M = 1); split-K spreads the K loop over more programs so the whole
+  timed against the former at M = 1; word_dots, which reads int32 words too, for K steps of 64 and
+  128, the byte path for groups of 32); split-K spreads the K loop over more programs so the whole
   GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
   sum of products, not to each weight.
-- gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), no split.
+- gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows.
 BLOCK_K always divides the group size, so each K step reads one scale (and zero) per column and
 K needs no mask (K is a multiple of G).
 
 Decode reads little and must not spend more issue slots per weight byte than the memory system
 takes to deliver it (benchmarks/kernels_compile.py counts them): nibbles become floats by bit
-tricks instead of conversion instructions (byte_floats on the single-row path, nibble_floats on
-the tensor-core decode path; in both the zero point comes off a sum instead of each weight;
-nibbles_minus_zero for prefill), and 16-bit activations are read as int32 pairs that line up
-with the packed bytes.
+tricks instead of conversion instructions (byte_floats on the single-row path, pair_floats and
+nibble_floats on the tensor-core decode paths; in all of them the zero point comes off a sum
+instead of each weight; nibbles_minus_zero for prefill), and 16-bit activations are read as int32
+pairs that line up with the packed bytes (single_row, and the byte paths).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def _candidates(m: int, group: int) -> list[dict]:
     steps = k_steps(group)
     if regime(m) == "gemv":
         space = decode_candidates(m, steps, steps[-1])
+        # 256-wide tensor-core tiles: word_dots' work on the step's activations (splitting and
+        # summing them) is shared by twice the columns: 6.3 instructions per weight byte at 256 x 64
+        # against 8.1 at 128 x 64 (kernels_compile.py); at 256 x 128, 4 warps spill and 8 do not (5.9).
+        space += [{"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 8 if bk > 64 else 4,
+                   "num_stages": 3} for bk in steps if bk >= 64 for sk in (1, 2, 4, 8)]
         if m == 1:
             # single_row repeats each K step's activation work in every thread of a row of
             # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
@@ -70,7 +76,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  PREFETCH: tl.constexpr = False):
+                  PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -84,6 +90,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
+    elif BLOCK_M <= 16 and BLOCK_K >= 64 and WORD_DOTS:  # decode (M <= 16) on the tensor cores
+        acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
+                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     else:
         offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
         mask_m = offs_m < M
@@ -94,7 +103,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
             scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
             x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
             if BLOCK_M <= 16:
-                # Decode on tensor cores multiplies exact integers: nibble_floats makes each nibble q
+                # The byte path of decode on tensor cores (K steps under 64, where word_dots' four
+                # dots would be under 16 deep; and for comparison, WORD_DOTS=False: gpu_decode_space.py).
+                # It multiplies exact integers: nibble_floats makes each nibble q
                 # the 16-bit float B + q, the products are exact and summed in fp32, and (B + z) times
                 # the step's activation sum comes off the result, which the group's scale then scales.
                 # The sum is of the activations as the tensor cores see them (rounded to 16 bits).
@@ -195,6 +206,83 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
         part += x7[:, None] * f7
         acc_k += part * scale[None, :]
     return tl.sum(acc_k, axis=0)[None, :]
+
+
+@triton.jit
+def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
+              GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
+              X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              SPLIT_K: tl.constexpr):
+    """x @ dequant(W)^T for up to 16 rows of x on the tensor cores, [BLOCK_M, BLOCK_N] in fp32,
+    the weights read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j).
+
+    A tensor-core operand register holds two 16-bit weights of one column at neighbouring K
+    positions. One AND-OR per word makes such a register out of nibbles i and i + 4 of that word:
+    (word >> 4i) & 0x000F000F | the exponent bits of B in both halves is the pair of 16-bit floats
+    B + q (B = 128 in bf16, 1024 in fp16, where those floats' spacing is 1). So a K step runs four
+    dots, dot i over the weight pairs (8j + i, 8j + i + 4), with the activations taken in that
+    order too (split out of the step's row of x), and no weight is ever moved on its own: the
+    byte path (nibble_floats) widened each byte with a PRMT, 144 of the 391 SASS instructions of
+    its step at 64 x 128 (benchmarks/kernels_compile.py: 12.2 instructions per weight byte there,
+    9.2 here; at 128 x 128, 9.1 and 6.4). As on that path the products of B + q are exact, and
+    (B + z) times the step's activation sum comes off the sum before the group's scale.
+
+    Each dot is K = BLOCK_K / 4 deep, so BLOCK_K >= 64 (a GPU's tl.dot takes K >= 16).
+    """
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * (stride_wn // 4) + offs_w[:, None]
+    if X_PAIRS:  # the step's activations are read as a row of 16-bit values here, not as pairs
+        x_rows = x_ptr.to(tl.pointer_type(X_DTYPE)) + offs_m[:, None] * (2 * stride_xm)
+    else:
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+    # Registers the compiler cannot see are constant (N >> 31 is 0), as in single_row: as
+    # immediates, ptxas materialised the mask again before each use (IMAD.MOV).
+    unknown_zero = N >> 31
+    nibble_mask = unknown_zero + 0x000F000F
+    if X_DTYPE == tl.float16:
+        exponents = unknown_zero + 0x64006400
+        base = 1024.0
+    else:
+        exponents = unknown_zero + 0x43004300
+        base = 128.0
+    mask_m = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
+        x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
+        x_sum = tl.sum(x.to(tl.float32), axis=1)  # as the tensor cores see x
+        # x[:, 8j + 4h + 2a + b] -> x_ab[:, j, h]: the activations of nibbles i = 2a + b and i + 4
+        x_b0, x_b1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 8, 2, 2, 2)))
+        x_0, x_2 = tl.split(x_b0)
+        x_1, x_3 = tl.split(x_b1)
+        part = tl.dot(pair_order(x_0, BLOCK_M, BLOCK_K), pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
+                      out_dtype=tl.float32)
+        part = tl.dot(pair_order(x_1, BLOCK_M, BLOCK_K), pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
+                      acc=part, out_dtype=tl.float32)
+        part = tl.dot(pair_order(x_2, BLOCK_M, BLOCK_K), pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
+                      acc=part, out_dtype=tl.float32)
+        part = tl.dot(pair_order(x_3, BLOCK_M, BLOCK_K), pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
+                      acc=part, out_dtype=tl.float32)
+        acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
+    return acc
+
+
+@triton.jit
+def pair_order(x_pairs, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_K / 8, 2] -> [BLOCK_M, BLOCK_K / 4]: K position 2j + h, as pair_floats' rows."""
+    return tl.reshape(x_pairs, (BLOCK_M, BLOCK_K // 4))
+
+
+@triton.jit
+def pair_floats(words, i: tl.constexpr, nibble_mask, exponents, X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Nibbles i and i + 4 of each word [J, N] as 16-bit floats B + q, [2J, N] with row 2j + h
+    holding nibble i + 4h of word j: one AND-OR per word makes both; the rest only relabels."""
+    floats = ((words >> (4 * i)) & nibble_mask) | exponents  # >> is arithmetic: the mask drops the sign bits
+    half = tl.float16 if X_DTYPE == tl.float16 else tl.bfloat16
+    pairs = tl.join(floats.to(tl.int16), (floats >> 16).to(tl.int16)).to(half, bitcast=True)  # [J, N, 2]
+    return tl.reshape(tl.permute(pairs, (0, 2, 1)), (2 * words.shape[0], words.shape[1])).to(DOT_DTYPE)
 
 
 @triton.jit

@@ -66,7 +66,8 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     stops being memory-bound (the byte-wise unpack with int-to-float conversions took 16.8 for
     INT4, two constants per nibble mask 10.5, q - z in fp32 before the tensor cores 10.0, and a
     per-step cross-warp reduction 11.8 for INT8; at M = 1, INT4 read byte by byte took 9.2 on the
-    tensor cores and 11.2 on the FMA units, read as int32 words 6.9)."""
+    tensor cores and 11.2 on the FMA units, read as int32 words 6.9; at M = 16, the tensor cores'
+    byte path 9.1, their int32 words (word_dots) 5.9)."""
     pytest.importorskip("triton")
     from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
 
@@ -82,7 +83,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert {r["config"]["BLOCK_M"] for r in rows if r["M"] == 1} == {1, 16}  # both decode paths are timed at M = 1
     # (read from the JSON: importing the script here would switch the interpreter off for later tests)
     leanest = {(r["kernel"], r["M"]): r["instructions_per_weight_byte"] for r in report["leanest"]}
-    assert leanest[("w4a16", 1)] < 7.5 and leanest[("w4a16", 16)] < 9.6 and leanest[("w8a16", 1)] < 5, leanest
+    assert leanest[("w4a16", 1)] < 6.5 and leanest[("w4a16", 16)] < 6.5 and leanest[("w8a16", 1)] < 5, leanest
     # a mixture's experts in one launch keep the single-row loop: the expert's offset is paid once, before it
     assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
     assert leanest[("dense-grouped", 8)] < 3, leanest  # 16-bit experts: a multiply-add per 2 bytes, no dequantisation

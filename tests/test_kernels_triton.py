@@ -67,6 +67,35 @@ def test_w4a16_single_row_loading_a_step_ahead_matches_reference(fmt_name, n, k,
     assert rel_err(y, expected) < 1e-2
 
 
+@pytest.mark.parametrize("fmt_name,block_k", [("int4-g64-sym", 64), ("int4-g128", 128), ("int4-g128", 64), ("int4-pc", 128)])
+@pytest.mark.parametrize("n,k,m,split", [(33, 256, 1, 1), (48, 384, 3, 2), (17, 128, 16, 3), (40, 512, 5, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_w4a16_tensor_core_decode_reads_words(fmt_name, block_k, n, k, m, split, dtype):
+    """word_dots (K steps of 64 and more at M <= 16): four dots per step over nibble pairs (i, i + 4)
+    of each int32 word, the activations split into that order. Odd N, M = 1, 3, 5 and 16, splits
+    that leave some programs without a step (K = 128 over 3), all three activation dtypes."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+
+    fmt, t, x, bias = _inputs(fmt_name, n, k, m, dtype, seed=n + k + m + block_k)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split}
+    got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
+    expected = linear_reference(x, t, fmt, bias)
+    assert got.shape == (m, n) and got.dtype == dtype and torch.isfinite(got).all()
+    assert rel_err(got, expected) < 1e-2
+
+
+@pytest.mark.parametrize("fmt_name", ["int4-g64", "int4-g128-sym"])
+def test_w4a16_tensor_core_decode_byte_path_at_wide_k_steps(fmt_name):
+    """WORD_DOTS=False keeps the byte path (nibble_floats) at K steps of 64 and 128, which
+    gpu_decode_space.py times against word_dots; groups of 32 always take it."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+
+    fmt, t, x, bias = _inputs(fmt_name, 40, 256, 3, torch.bfloat16, seed=5)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "WORD_DOTS": False}
+    got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(256), bias, config=config)
+    assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("n,k,m", [(33, 250, 1), (48, 96, 3), (17, 130, 17), (64, 512, 1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
