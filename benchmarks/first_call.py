@@ -6,8 +6,9 @@ launchers and Triton's real compiler, for sm_90, on a machine with no GPU: a sta
 the target and cannot launch, and the timer only records whether the kernel it was handed had to
 be compiled then. Each thread count (MPQ_COMPILE_THREADS) runs in a fresh process with an empty
 Triton cache: 0 compiles each candidate when it is first timed, as the tuner did before it
-compiled ahead; 1 compiles them ahead one after another; more, side by side. Prints a table,
-writes JSON.
+compiled ahead; 1 compiles them ahead one after another; more, side by side. Prefill (M > 16)
+also times the dense route (kernels/triton_dequant.py), whose one small kernel compiles when it is
+first timed (and then serves every layer of that format). Prints a table, writes JSON.
 
     python benchmarks/first_call.py                              # 4096x4096, M = 1 and 16, full candidate spaces
     python benchmarks/first_call.py --configs 3 --threads 0,2    # three candidates per space (the test)

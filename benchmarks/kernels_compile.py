@@ -141,6 +141,43 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
             "byte_loads": any(op.startswith(("ld.global.b8", "ld.global.u8", "ld.global.s8")) for op in ops)}
 
 
+def compile_dequant(name: str, n: int, k: int, group: int, arch: int, activations: str = "bf16",
+                    symmetric: bool = False) -> dict:
+    """Prefill's dense route (kernels/triton_dequant.py): its dequantisation kernel for one format,
+    specialised as dequantize_int4 / dequantize_int8 launch it, writing 16-bit weights (bf16 for
+    fp32 activations, which never take the route). Counts the SASS per weight written: the kernel
+    has no loop, so every instruction of the program."""
+    from mpq.kernels import triton_dequant
+
+    int4 = name.startswith("w4a16")
+    half = "fp16" if activations == "fp16" else "bf16"
+    runtime = {"w_ptr": ("*u8" if int4 else "*i8", 0), "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
+               "out_ptr": (f"*{half}", 0), "N": ("i32", n), "K": ("i32", k),
+               "stride_wn": ("i32", k // 2 if int4 else k), "stride_sn": ("i32", k // group if int4 else 0)}
+    block_k = min(group & -group, 128) if int4 else 128
+    constexprs = {"INT4": int4, "GROUP": group if int4 else 1, "HAS_ZEROS": int4 and not symmetric,
+                  "BLOCK_N": triton_dequant.BLOCK_ROWS, "BLOCK_K": block_k}
+    row = {"kernel": name, "config": {"BLOCK_N": triton_dequant.BLOCK_ROWS, "BLOCK_K": block_k}}
+    try:
+        compiled = compile_for(triton_dequant._dequant_kernel, runtime, constexprs, 4, 1, arch)
+    except Exception as error:  # noqa: BLE001 - reported as the row's problem
+        return {**row, "problems": [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]}
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(compiled.asm["cubin"])
+        file.flush()
+        sass = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
+                              check=True).stdout
+    instructions = sum(1 for line in sass.splitlines() if INSTRUCTION.search(line))
+    found = []
+    if not re.search(r"\bst\.global\.v4", ptx):
+        found.append("16-bit weights not stored 16 bytes at a time")
+    if re.search(r"\bld\.global\.[us]8", ptx):
+        found.append("weights loaded one byte at a time")
+    return {**row, "instructions_per_weight": instructions / (triton_dequant.BLOCK_ROWS * block_k / 128),
+            "problems": found}
+
+
 def problems(row: dict, arch: int) -> list[str]:
     """What would break or undo the design on that GPU."""
     if "error" in row:
@@ -202,6 +239,8 @@ def main() -> None:
         rows = list(pool.map(compile_candidate, *zip(*jobs)))
     for row in rows:
         row["problems"] = problems(row, args.arch)
+    dequant = [compile_dequant(name, n, k, group, args.arch, args.activations, args.symmetric)
+               for name in ("w4a16-dequant", "w8a16-dequant")]
     print(f"# sm_{args.arch}, {n}x{k}, INT4 group {group}{' symmetric' if args.symmetric else ''}, {args.activations} "
           f"activations: {len(rows)} configs compiled in {time.perf_counter() - start:.0f} s ({workers} processes)")
     print("| kernel | M | BLOCK M/N/K | split | warps/stages | shared B | tensor cores | atomics | loop instr / weight B | problems |")
@@ -212,6 +251,10 @@ def main() -> None:
         print(f"| {r['kernel']} | {r['M']} | {c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} | {c['SPLIT_K']} | "
               f"{c['num_warps']}/{c['num_stages']} | {r.get('shared', '-')} | {r.get('tensor_cores', '-')} | "
               f"{r.get('atomics', '-')} | {'-' if per_byte is None else f'{per_byte:.2f}'} | {'; '.join(r['problems']) or '-'} |")
+    for r in dequant:
+        print(f"\n{r['kernel']} (prefill's dense route): "
+              + (f"{r['instructions_per_weight']:.1f} instructions per 16-bit weight written; " if "instructions_per_weight" in r else "")
+              + ("; ".join(r["problems"]) or "no problems"))
     print("\nLeanest K loop per kernel and M (instructions per weight byte, per thread):")
     for (kernel, m), r in leanest_loops(rows).items():
         c = r["config"]
@@ -225,10 +268,10 @@ def main() -> None:
                 "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
     path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "group": group,
                                 "activations": args.activations, "symmetric": args.symmetric,
-                                "leanest": leanest, "rows": rows},
+                                "leanest": leanest, "dequant": dequant, "rows": rows},
                                indent=2) + "\n")
     print(f"wrote {path}")
-    bad = [r for r in rows if r["problems"]]
+    bad = [r for r in rows + dequant if r["problems"]]
     if bad:
         raise SystemExit(f"{len(bad)} of {len(rows)} configs have problems")
 

@@ -68,6 +68,17 @@ def prefill_candidates(m: int, k_steps: list[int]) -> list[dict]:
     return space
 
 
+DENSE = {"DENSE": 1}  # the launch config of prefill's dense route (kernels/triton_dequant.py)
+# Its 16-bit weight lives for one call; up to an 8192 x 16384 layer. Larger ones keep the fused kernel.
+DENSE_MAX_BYTES = 256 << 20
+
+
+def dense_route_fits(x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether a call may take the dense route: prefill (M > 16), 16-bit activations (cuBLAS
+    multiplies in their dtype) and a layer whose 16-bit copy stays under DENSE_MAX_BYTES."""
+    return regime(x.shape[0]) == "gemm" and x.element_size() == 2 and 2 * n * k <= DENSE_MAX_BYTES
+
+
 def check_activation(x: torch.Tensor, in_features: int) -> None:
     if x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
@@ -103,8 +114,8 @@ def check_stacks(x: torch.Tensor, slots: torch.Tensor, stacks: tuple) -> None:
 
 
 def check_grouped_config(config: dict | None, slots: torch.Tensor | None) -> None:
-    if config is not None and slots is not None and config["BLOCK_M"] != 1:
-        raise ValueError(f"a grouped launch runs one row of x per program: BLOCK_M must be 1, got {config['BLOCK_M']}")
+    if config is not None and slots is not None and config.get("BLOCK_M") != 1:
+        raise ValueError(f"a grouped launch runs one row of x per program: BLOCK_M must be 1, got {config}")
 
 
 def interpreter_config(m: int, k_step: int, grouped: bool = False) -> dict:
@@ -162,17 +173,31 @@ def compile_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tu
 
 
 def launch(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict | None,
-           shape_key: tuple, candidates: Callable[[], list[dict]], x_arg: torch.Tensor | None = None) -> torch.Tensor:
+           shape_key: tuple, candidates: Callable[[], list[dict]], x_arg: torch.Tensor | None = None,
+           dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Run `config` when pinned, else the fastest of `candidates()` for this shape (compiled in
     parallel, then timed, on first use). The list is built only then: building it on every call
-    cost ~10 us of host time per layer."""
+    cost ~10 us of host time per layer. `dense`, where given (prefill), is one more candidate, the
+    config {"DENSE": 1}: the layer dequantised to 16 bits, then cuBLAS (kernels/triton_dequant.py)."""
     if config is None:
         m = x.shape[0]
         key = (kernel.__name__, regime(m), m_bucket(m), n, *shape_key, x.dtype, x.device)
+
+        def run(c: dict) -> torch.Tensor:
+            return dense() if c.get("DENSE") else run_config(kernel, x, n, pointers, scalars, meta, c, x_arg)
+
+        def compile_one(c: dict) -> None:
+            if not c.get("DENSE"):  # the dense route's kernel compiles when it is first timed
+                compile_config(kernel, x, n, pointers, scalars, meta, c, x_arg)
+
         config = chosen_config(key) or choose_config(
-            key, candidates(), lambda c: run_config(kernel, x, n, pointers, scalars, meta, c, x_arg),
-            compile_one=None if interpreting() else (
-                lambda c: compile_config(kernel, x, n, pointers, scalars, meta, c, x_arg)))
+            key, candidates() + ([DENSE] if dense is not None else []), run,
+            compile_one=None if interpreting() else compile_one)
+    if config.get("DENSE"):
+        if dense is None:
+            raise ValueError("the dense route (DENSE) was asked for a call that cannot take it: 16-bit activations, "
+                             f"more than 16 rows, one layer of at most {DENSE_MAX_BYTES >> 20} MiB in 16 bits")
+        return dense()
     return run_config(kernel, x, n, pointers, scalars, meta, config, x_arg)
 
 

@@ -26,12 +26,14 @@ pairs that line up with the packed bytes (single_row, and the byte paths).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
-                                       grouped_candidates, grouped_row, interpreter_config, interpreting, launch,
-                                       prefill_candidates, regime, store_tile, tile_offsets)
+                                       dense_route_fits, grouped_candidates, grouped_row, interpreter_config,
+                                       interpreting, launch, prefill_candidates, regime, store_tile, tile_offsets)
+from mpq.kernels.triton_dequant import dequantize_int4
 
 
 def _candidates(m: int, group: int) -> list[dict]:
@@ -405,9 +407,9 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     x = x.contiguous()
     if config is None and interpreting():
         config = interpreter_config(x.shape[0], k_step_for(group_size), grouped=slots is not None)
-    if config is not None and group_size % config["BLOCK_K"]:
+    if config is not None and not config.get("DENSE") and group_size % config["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={config['BLOCK_K']} must divide the group size {group_size} (one scale per K step)")
-    if config is not None and config["BLOCK_M"] == 1 and config["BLOCK_K"] < 8:
+    if config is not None and config.get("BLOCK_M") == 1 and config["BLOCK_K"] < 8:
         raise ValueError(f"BLOCK_K={config['BLOCK_K']}: the single-row path reads K steps of whole int32 words (8+)")
     check_grouped_config(config, slots)
     # symmetric: the zeros pointer goes unused; one layer: the slots pointer and expert strides do
@@ -418,5 +420,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, "GROUPED": slots is not None, **x_meta}
     shape_key = (k, group_size, zeros is not None) + (() if slots is None else ("grouped", qweight.shape[0]))
     candidates = (lambda: _candidates(x.shape[0], group_size)) if slots is None else (lambda: _grouped_candidates(group_size))
+    # prefill's dense route, timed beside the fused configs (kernels/triton_dequant.py)
+    dense = (lambda: F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype))) if slots is None and dense_route_fits(x, n, k) else None
     return launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=shape_key, candidates=candidates,
-                  x_arg=x_arg)
+                  x_arg=x_arg, dense=dense)

@@ -9,12 +9,14 @@ INT8 layer may have any K.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
-                                       grouped_candidates, grouped_row, interpreter_config, interpreting, launch,
-                                       prefill_candidates, regime, store_tile, tile_offsets)
+                                       dense_route_fits, grouped_candidates, grouped_row, interpreter_config,
+                                       interpreting, launch, prefill_candidates, regime, store_tile, tile_offsets)
+from mpq.kernels.triton_dequant import dequantize_int8
 
 
 def _candidates(m: int) -> list[dict]:
@@ -112,5 +114,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, config
     pointers = (qweight, scales, scales if slots is None else slots)  # one layer: the slots pointer goes unused
     shape_key = (k,) if slots is None else (k, "grouped", qweight.shape[0])
     candidates = (lambda: _candidates(x.shape[0])) if slots is None else _grouped_candidates
+    # prefill's dense route, timed beside the fused configs (kernels/triton_dequant.py)
+    dense = (lambda: F.linear(x, dequantize_int8(qweight, scales, x.dtype))) if slots is None and dense_route_fits(x, n, k) else None
     return launch(_w8a16_kernel, x, n, pointers, scalars, {"GROUPED": slots is not None}, config, shape_key=shape_key,
-                  candidates=candidates)
+                  candidates=candidates, dense=dense)

@@ -88,6 +88,11 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
     assert leanest[("dense-grouped", 8)] < 3, leanest  # 16-bit experts: a multiply-add per 2 bytes, no dequantisation
     assert any(op.startswith("wgmma") for r in rows if r["M"] == 64 for op in r["ops"])  # Hopper's warpgroup MMA
+    # prefill's dense route: its dequantisation kernel writes 16 bytes at a time and stays well under
+    # the ~20 instructions per 16-bit weight written (2.5 bytes moved) at which an H100 stops being memory-bound
+    dequant = {r["kernel"]: r for r in report["dequant"]}
+    assert set(dequant) == {"w4a16-dequant", "w8a16-dequant"} and not any(r["problems"] for r in dequant.values())
+    assert all(r["instructions_per_weight"] < 14 for r in dequant.values()), dequant
 
 
 @pytest.mark.parametrize("variant,batches", [(["--group", "32", "--activations", "fp32", "--symmetric"], "1"),
@@ -108,7 +113,7 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
     expected += len(triton_w4a16._grouped_candidates(group)) + len(triton_w8a16._grouped_candidates())
     expected += len(triton_dense_grouped._candidates())
     assert report["group"] == group and report["activations"] == variant[3]
-    assert len(report["rows"]) == expected and not any(r["problems"] for r in report["rows"])
+    assert len(report["rows"]) == expected and not any(r["problems"] for r in report["rows"] + report["dequant"])
 
 
 def test_kernel_benchmark_failures_on_crafted_results(benchmark_script):

@@ -144,11 +144,14 @@ def test_a_shapes_first_call_compiles_its_candidates_ahead_in_threads_and_times_
     assert {(r["format"], r["M"], r["threads"]) for r in rows} == {(f, m, t) for f in ("int4-g128", "int8")
                                                                      for m in (1, 20) for t in (0, 2)}
     for r in rows:
-        assert r["configs"] == r["compiles"] == r["cubins_in_cache"] == 3, r  # real sm_90 binaries, one per config
+        assert r["cubins_in_cache"] == 3, r  # real sm_90 binaries of the fused kernel, one per config
+        # prefill also times the dense route, whose dequantisation kernel compiles when it is first timed
+        dense = int(r["M"] > 16)
+        assert r["configs"] == r["compiles"] == 3 + dense, r
         if r["threads"] == 0:
-            assert (r["compiled_on_workers"], r["compiled_while_timing"]) == (0, 3), r
+            assert (r["compiled_on_workers"], r["compiled_while_timing"]) == (0, 3 + dense), r
         else:
-            assert (r["compiled_on_workers"], r["compiled_while_timing"]) == (2, 0), r
+            assert (r["compiled_on_workers"], r["compiled_while_timing"]) == (2, dense), r
 
 
 @pytest.mark.parametrize("m", [1, 5, 20])
@@ -175,9 +178,57 @@ def test_an_untuned_launch_times_every_candidate_and_runs_the_fastest(m, monkeyp
     x = torch.randn(m, 128, dtype=torch.bfloat16)
     expected = linear_reference(x, t, fmt, None)
     got = w4.w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64)
-    assert len(outputs) == 2 and list(triton_tuning.chosen_configs().values()) == [candidates[1]]
+    # prefill times the dense route too (last): dequantise to 16 bits, then F.linear
+    assert len(outputs) == 2 + (m > 16) and list(triton_tuning.chosen_configs().values()) == [candidates[1]]
     for y in (*outputs, got):
         assert y.dtype == torch.bfloat16 and ((y.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("fmt_name", ["int4-g64", "int8"])
+def test_prefill_takes_the_dense_route_where_it_times_fastest(fmt_name, monkeypatch):
+    """The dense route is one more prefill candidate: chosen when the clock says it is fastest,
+    and then each call dequantises and multiplies (the result still the reference's). Decode,
+    fp32 activations and grouped launches are never offered it."""
+    import mpq.kernels.triton_w4a16 as w4
+    import mpq.kernels.triton_w8a16 as w8
+    from mpq.kernels.triton_common import DENSE
+
+    module = w8 if fmt_name == "int8" else w4
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    fused = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
+    monkeypatch.setattr(module, "_candidates", lambda m, group=None: [fused])
+    timed = []
+
+    def fake_clock(call):
+        timed.append(call())
+        return 1.0 if len(timed) == 2 else 2.0  # the dense route, timed after the fused config, wins
+
+    monkeypatch.setattr(triton_tuning, "gpu_time_ms", fake_clock)
+    dequantised = []
+    for name in ("dequantize_int4", "dequantize_int8"):
+        real = getattr(module, name, None)
+        if real is not None:
+            monkeypatch.setattr(module, name, lambda *args, real=real: dequantised.append(args) or real(*args))
+    torch.manual_seed(3)
+    fmt = get_format(fmt_name)
+    t = quantize_weight(torch.randn(40, 128), fmt)
+
+    def call(x):
+        if fmt_name == "int8":
+            return w8.w8a16_linear(x, t["qweight"], t["scales"])
+        return w4.w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64)
+
+    x = torch.randn(20, 128, dtype=torch.float16)
+    first, again = call(x), call(x)
+    assert len(timed) == 2 and list(triton_tuning.chosen_configs().values()) == [DENSE]
+    assert len(dequantised) == 3  # timed, then run for each call: the 16-bit weight is never kept
+    expected = linear_reference(x, t, fmt, None)
+    for y in (first, again):
+        assert y.dtype == torch.float16 and ((y.float() - expected).norm() / expected.norm()).item() < 1e-2
+    for x in (torch.randn(5, 128, dtype=torch.float16), torch.randn(20, 128)):  # decode; fp32 activations
+        timed.clear()
+        call(x)
+        assert len(timed) == 1  # the fused config alone
 
 
 def test_the_candidate_spaces_fit_a_gpu():

@@ -96,6 +96,51 @@ def test_w4a16_tensor_core_decode_byte_path_at_wide_k_steps(fmt_name):
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt_name,n,k", [("int4-g32", 33, 384), ("int4-g64-sym", 17, 256), ("int4-g128", 40, 384),
+                                           ("int4-pc", 9, 96), ("int8", 33, 250), ("int8", 5, 130)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantisation_kernel_is_the_reference_weight_rounded_once(fmt_name, n, k, dtype):
+    """Prefill's dense route writes (q - z) * s computed in fp32 and rounded once: the reference's
+    float32 weight in the activation dtype, bit for bit (odd N, K not a multiple of the INT8 step)."""
+    from mpq.kernels.triton_dequant import dequantize_int4, dequantize_int8
+    from mpq.quantize import dequantize_weight
+
+    fmt, t, _, _ = _inputs(fmt_name, n, k, 1, dtype, seed=n * k)
+    if fmt.bits == 8:
+        got = dequantize_int8(t["qweight"], t["scales"], dtype)
+    else:
+        got = dequantize_int4(t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), dtype)
+    assert got.shape == (n, k) and got.dtype == dtype
+    weight = dequantize_weight(t, fmt)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        # Triton's interpreter casts fp32 to bf16 by dropping the low half (a GPU rounds to nearest even)
+        weight = (weight.view(torch.int32) & -65536).view(torch.float32)
+    assert torch.equal(got, weight.to(dtype))
+
+
+@pytest.mark.parametrize("fmt_name", ["int4-g128", "int4-g64-sym", "int8"])
+@pytest.mark.parametrize("m", [17, 40])
+def test_dense_route_matches_reference_and_refuses_calls_it_cannot_take(fmt_name, m):
+    """The config {"DENSE": 1} (dequantise, then F.linear) pinned for a prefill call; decode-sized
+    and fp32 calls cannot take it and say so."""
+    from mpq.kernels.triton_common import DENSE
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w8a16 import w8a16_linear
+
+    fmt, t, x, bias = _inputs(fmt_name, 33, 256, m, torch.bfloat16, seed=m)
+
+    def call(x, bias):
+        if fmt.bits == 8:
+            return w8a16_linear(x, t["qweight"], t["scales"], bias, config=DENSE)
+        return w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(256), bias, config=DENSE)
+
+    got = call(x, bias)
+    assert got.dtype == torch.bfloat16 and rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+    for refused in (x[:16], x.float()):
+        with pytest.raises(ValueError, match="dense route"):
+            call(refused, None)
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("n,k,m", [(33, 250, 1), (48, 96, 3), (17, 130, 17), (64, 512, 1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
