@@ -9,7 +9,9 @@ rotating_time_ms), so weights come from DRAM and the host's launch cost stays ou
 wall time per call of eager calls in a row, which adds the host's Python launch cost that a caller
 without CUDA graphs pays. Then greedy-decode tokens/s of a demo
 config against the unquantised demo, after every emitted demo config is loaded on the GPU and
-checked against the CPU reference (kernel per layer, logits). Prints a table and writes JSON.
+checked against the CPU reference (kernel per layer, logits): with generate() as a caller runs it,
+and through a static KV cache eagerly and with each step replayed from a CUDA graph
+(benchmarks/graph_decode.py), which takes the host's launch cost out. Prints a table and writes JSON.
 
     python benchmarks/gpu_kernels.py                 # on a CUDA machine
     python benchmarks/gpu_kernels.py --smoke         # tiny shapes, correctness only (CPU: TRITON_INTERPRET=1)
@@ -202,7 +204,11 @@ def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) ->
             sync()
             runs.append(tokens / (time.perf_counter() - start))
         speed[name] = statistics.median(runs)
-    return {"checks": checks, "decode_tokens_per_s": speed}
+    # the same decoding through a static cache, eager and with each step replayed from a CUDA graph
+    from graph_decode import decode_report  # a sibling script's module: this folder is first on sys.path
+
+    static = {name: decode_report(model, prompt, tokens) for name, model in contenders.items()}
+    return {"checks": checks, "decode_tokens_per_s": speed, "static_decode": static}
 
 
 def failures(report: dict) -> list[str]:
@@ -260,6 +266,11 @@ def main() -> None:
         report["end_to_end"] = end_to_end(device, args.configs or compiled_demo())
         print("\ndecode tokens/s (demo, batch 1): "
               + ", ".join(f"{k} {v:.0f}" for k, v in report["end_to_end"]["decode_tokens_per_s"].items()))
+        for name, static in report["end_to_end"]["static_decode"].items():
+            print(f"  {name}, static cache: eager {static['static_eager_tokens_per_s']:.0f} tokens/s, "
+                  + (f"CUDA graph {static['graph_tokens_per_s']:.0f}" if "graph_tokens_per_s" in static
+                     else f"no CUDA graph ({static['graph_error']})")
+                  + f"; tokens as generate's: {static['static_eager_matches_generate']}, {static.get('graph_matches_generate')}")
         write_report(path, report)
     print(f"wrote {path}")
     bad = failures(report)

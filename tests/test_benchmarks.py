@@ -435,3 +435,28 @@ def test_search_scale_benchmark_smoke(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["layers"] > 1000 and row["variables"] < row["layers"] / 10
     assert row["least_predicted"] == row["exact_best"] and row["front"] > 1
+
+
+@pytest.mark.parametrize("fmt_name", [None, "int4-g32", "int8"])
+def test_static_cache_decoding_gives_generates_tokens(fmt_name, benchmark_script):
+    """graph_decode.py's loop (a StaticCache, each step's token, slot and position worked out on the
+    device) on the CPU, eager: the demo's greedy tokens are generate()'s, unquantised and with its
+    linear layers quantised; the CUDA-graph capture is refused here and reported, not raised."""
+    from mpq.apply import set_module
+    from mpq.models import load_model
+    from mpq.qlinear import QuantizedLinear
+
+    graph_decode = benchmark_script("graph_decode")
+    model = load_model("demo").model.eval()
+    if fmt_name is not None:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                set_module(model, name, QuantizedLinear.from_module(module, fmt_name)[0])
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    ids, seconds = graph_decode.static_greedy(model, prompt, 10)
+    assert len(ids) == 10 and seconds > 0 and ids == graph_decode.greedy_generate(model, prompt, 10)
+    report = graph_decode.decode_report(model, prompt, 6)
+    assert report["static_eager_matches_generate"] and report["static_eager_tokens_per_s"] > 0
+    assert "graph_tokens_per_s" not in report and report["graph_error"]  # no CUDA here
+    with pytest.raises(ValueError, match="at least"):
+        graph_decode.static_greedy(model, prompt, 2)
