@@ -114,12 +114,30 @@ def quantised_linear(fmt, x: torch.Tensor, tensors: dict, config: dict | None = 
                         config=config)
 
 
+def route(config: dict, fmt_name: str) -> str:
+    """A launch config in words: which code path of the kernel it runs, its tile and split."""
+    if config.get("DENSE"):
+        return "dequantise + cuBLAS"
+    if config["BLOCK_M"] == 1:
+        path = "single row" + (", loading ahead" if config.get("PREFETCH") else "")
+    elif config["BLOCK_M"] > 16:
+        path = "tiled GEMM"
+    elif fmt_name.startswith("int4") and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True):
+        path = "tensor cores, int32 words"
+    else:
+        path = "tensor cores"
+    return (f"{path} {config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
+            + (f" split {config['SPLIT_K']}" if config["SPLIT_K"] > 1 else ""))
+
+
 def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ...], device: str, smoke: bool,
                 dtype: torch.dtype = torch.bfloat16) -> Iterator[dict]:
     """One row per M for an [n, k] layer in `fmt_name`: the weight is quantised and dequantised
     for the reference once, then each M is checked and timed. The kernel's activations are
     `dtype`; the baseline is torch's F.linear on fp16 weights."""
     from mpq.formats import get_format
+
+    from mpq.kernels.triton_tuning import chosen_configs
 
     fmt = get_format(fmt_name)
     sets, reference_weight, weight_bytes = quantised_layer(n, k, fmt, device, smoke)
@@ -136,12 +154,16 @@ def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ..
             return torch.nn.functional.linear(x16, weight)
 
         expected = torch.nn.functional.linear(x.float(), reference_weight)
+        chosen_before = set(chosen_configs())
         rel_err = ((quantized().float() - expected).norm() / expected.norm()).item()
+        # the launch config the tuner chose on that first call (none when pinned: the interpreter)
+        chosen = [config for key, config in chosen_configs().items() if key not in chosen_before]
         ms = device_ms([lambda t=t: quantized(t) for t in sets], smoke)
         ms_fp16 = device_ms([lambda w=w: fp16(w) for w in dense], smoke)
         moved = weight_bytes + x.numel() * x.element_size() + m * n * x.element_size()
         row = {"shape": name, "N": n, "K": k, "M": m, "format": fmt_name, "activations": str(dtype).removeprefix("torch."),
-               "rel_err": rel_err, "bytes_moved": moved}
+               "rel_err": rel_err, "bytes_moved": moved, "config": chosen[0] if chosen else None,
+               "route": route(chosen[0], fmt_name) if chosen else None}
         if ms is not None:
             row.update({"ms": ms, "fp16_ms": ms_fp16, "GBps": moved / (ms * 1e-3) / 1e9,
                         "TFLOPs": 2 * m * n * k / (ms * 1e-3) / 1e12, "speedup_vs_fp16": ms_fp16 / ms,
@@ -293,15 +315,16 @@ def print_table(report: dict) -> None:
     print(f"Triton {report['triton']}, torch {report['torch']}; activations {report['activations']}, "
           "the cuBLAS baseline (F.linear) fp16")
     print("ms: device time per call (CUDA graph over weight copies that overflow L2); eager ms: wall time per call of eager calls in a row")
-    print("| format | shape | M | ms | fp16 ms | speedup | GB/s | % copy BW | TFLOP/s | rel err | eager ms | fp16 eager ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| format | shape | M | ms | fp16 ms | speedup | GB/s | % copy BW | TFLOP/s | rel err | eager ms | fp16 eager ms | route |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         if "ms" in r:
             print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['fp16_ms']:.4f} | {r['speedup_vs_fp16']:.2f}x | "
                   f"{r['GBps']:.0f} | {r['pct_of_copy_bw']:.0f}% | {r['TFLOPs']:.1f} | {r['rel_err']:.1e} | "
-                  f"{r['eager_ms']:.4f} | {r['fp16_eager_ms']:.4f} |")
+                  f"{r['eager_ms']:.4f} | {r['fp16_eager_ms']:.4f} | {r.get('route') or '-'} |")
         else:
-            print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} | - | - |")
+            print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} | - | - | "
+                  f"{r.get('route') or '-'} |")
 
 
 if __name__ == "__main__":

@@ -460,3 +460,17 @@ def test_static_cache_decoding_gives_generates_tokens(fmt_name, benchmark_script
     assert "graph_tokens_per_s" not in report and report["graph_error"]  # no CUDA here
     with pytest.raises(ValueError, match="at least"):
         graph_decode.static_greedy(model, prompt, 2)
+
+
+def test_kernel_benchmark_names_the_route_each_chosen_config_runs(benchmark_script):
+    """The table's route column: which code path a chosen config runs, its tile and split."""
+    kernels = benchmark_script("gpu_kernels")
+    assert kernels.route({"DENSE": 1}, "int8") == "dequantise + cuBLAS"
+    words = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4}
+    assert kernels.route(words, "int4-g128") == "tensor cores, int32 words 16x128x128 split 4"
+    assert kernels.route({**words, "WORD_DOTS": False}, "int4-g128") == "tensor cores 16x128x128 split 4"
+    assert kernels.route({**words, "BLOCK_K": 32}, "int4-g32") == "tensor cores 16x128x32 split 4"  # groups of 32: bytes
+    assert kernels.route(words, "int8") == "tensor cores 16x128x128 split 4"
+    assert kernels.route({**words, "BLOCK_M": 1, "SPLIT_K": 1, "PREFETCH": True}, "int4-g128") == \
+        "single row, loading ahead 1x128x128"
+    assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1}, "int8") == "tiled GEMM 64x128x128"
