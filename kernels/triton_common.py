@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 
@@ -11,6 +12,8 @@ import triton
 import triton.language as tl
 
 from mpq.kernels.triton_tuning import choose_config, chosen_config, m_bucket
+
+log = logging.getLogger(__name__)
 
 
 # Read once: @triton.jit reads it when it decorates the kernels (as this module is imported with
@@ -84,6 +87,12 @@ def check_activation(x: torch.Tensor, in_features: int) -> None:
         raise ValueError(f"expected x of shape [M, {in_features}], got {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether x's device is capturing a CUDA graph on the current stream (asked only before a
+    shape's first choice of launch config, never on the hot path)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -190,7 +199,14 @@ def launch(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, met
             if not c.get("DENSE"):  # the dense route's kernel compiles when it is first timed
                 compile_config(kernel, x, n, pointers, scalars, meta, c, x_arg)
 
-        config = chosen_config(key) or choose_config(
+        config = chosen_config(key)
+        if config is None and capturing(x):
+            # Timing launches syncs the device, which a CUDA graph capture refuses: run the first
+            # candidate untimed, keep nothing, and tune on the first call outside a capture.
+            config = candidates()[0]
+            log.warning("%s: no launch config chosen yet for this shape while a CUDA graph is captured; running %s "
+                        "untuned (run one call before capturing to time the candidates)", kernel.__name__, config)
+        config = config or choose_config(
             key, candidates() + ([DENSE] if dense is not None else []), run,
             compile_one=None if interpreting() else compile_one)
     if config.get("DENSE"):

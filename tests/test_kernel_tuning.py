@@ -282,3 +282,29 @@ def test_without_triton_cuda_layers_run_the_reference_and_asking_for_it_says_how
     assert "triton is not installed" in caplog.text
     with pytest.raises(ValueError, match=r"triton is not installed: pip install 'mpq-compiler\[triton\]'"):
         choose_backend(int8, 64, 256, "triton", "cuda")
+
+
+def test_a_shape_first_met_while_a_cuda_graph_is_captured_runs_untimed_and_is_tuned_later(monkeypatch, caplog):
+    """Timing syncs the device, which a capture refuses: during one the launcher runs the first
+    candidate untimed and keeps no choice; the first call outside a capture times the candidates."""
+    import mpq.kernels.triton_common as common
+    import mpq.kernels.triton_w4a16 as w4
+
+    candidates = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": s} for s in (2, 1)]
+    monkeypatch.setattr(w4, "interpreting", lambda: False)
+    monkeypatch.setattr(w4, "_candidates", lambda m, group: candidates)
+    timed = []
+    monkeypatch.setattr(triton_tuning, "gpu_time_ms", lambda call: timed.append(call()) or 1.0)
+    monkeypatch.setattr(common, "capturing", lambda x: True)
+    torch.manual_seed(0)
+    fmt = get_format("int4-g64")
+    t = quantize_weight(torch.randn(40, 128), fmt)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    expected = linear_reference(x, t, fmt, None)
+    with caplog.at_level("WARNING", logger="mpq.kernels.triton_common"):
+        got = w4.w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64)
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+    assert timed == [] and triton_tuning.chosen_configs() == {} and "untuned" in caplog.text
+    monkeypatch.setattr(common, "capturing", lambda x: False)
+    w4.w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 64)
+    assert len(timed) == 2 and len(triton_tuning.chosen_configs()) == 1
