@@ -225,14 +225,15 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     dots, dot i over the weight pairs (8j + i, 8j + i + 4), with the activations taken in that
     order too (split out of the step's row of x), and no weight is ever moved on its own: the
     byte path (nibble_floats) widened each byte with a PRMT, 144 of the 391 SASS instructions of
-    its step at 64 x 128 (benchmarks/kernels_compile.py: 12.2 instructions per weight byte there,
-    9.2 here; at 128 x 128, 9.1 and 6.4). As on that path the products of B + q are exact, and
-    (B + z) times the step's activation sum comes off the sum before the group's scale.
+    its step at 64 x 128 (benchmarks/kernels_compile.py, Triton 3.9: 12.2 instructions per weight
+    byte there, 9.2 here; at 128 x 128, 9.1 and 6.4; Triton 3.6: 12.5 and 10.8, 9.9 and 7.7). As
+    on that path the products of B + q are exact, and (B + z) times the step's activation sum
+    comes off the sum before the group's scale.
 
     Each dot is K = BLOCK_K / 4 deep, so BLOCK_K >= 64 (a GPU's tl.dot takes K >= 16).
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
-    words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * (stride_wn // 4) + offs_w[:, None]
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
     if X_PAIRS:  # the step's activations are read as a row of 16-bit values here, not as pairs
         x_rows = x_ptr.to(tl.pointer_type(X_DTYPE)) + offs_m[:, None] * (2 * stride_xm)
     else:
@@ -251,7 +252,7 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
+        words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
         x_sum = tl.sum(x.to(tl.float32), axis=1)  # as the tensor cores see x
@@ -279,12 +280,16 @@ def pair_order(x_pairs, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def pair_floats(words, i: tl.constexpr, nibble_mask, exponents, X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Nibbles i and i + 4 of each word [J, N] as 16-bit floats B + q, [2J, N] with row 2j + h
-    holding nibble i + 4h of word j: one AND-OR per word makes both; the rest only relabels."""
+    """Nibbles i and i + 4 of each word [N, J] (a row of words per output column, as they lie in
+    memory) as 16-bit floats B + q, [2J, N] with row 2j + h holding nibble i + 4h of word j: one
+    AND-OR per word makes both, and the rest only relabels. Joining the halves along a last axis,
+    then transposing, keeps each register's pair together in Triton 3.6 too; from a [J, N] tile,
+    joined and permuted, 3.6 moved the halves between threads (about 200 SHFL and SEL a step at
+    128 wide: 9.1 instructions per weight byte against 7.7; the same 6.4 in 3.9)."""
     floats = ((words >> (4 * i)) & nibble_mask) | exponents  # >> is arithmetic: the mask drops the sign bits
     half = tl.float16 if X_DTYPE == tl.float16 else tl.bfloat16
-    pairs = tl.join(floats.to(tl.int16), (floats >> 16).to(tl.int16)).to(half, bitcast=True)  # [J, N, 2]
-    return tl.reshape(tl.permute(pairs, (0, 2, 1)), (2 * words.shape[0], words.shape[1])).to(DOT_DTYPE)
+    pairs = tl.join(floats.to(tl.int16), (floats >> 16).to(tl.int16)).to(half, bitcast=True)  # [N, J, 2]
+    return tl.trans(tl.reshape(pairs, (words.shape[0], 2 * words.shape[1]))).to(DOT_DTYPE)
 
 
 @triton.jit
