@@ -16,6 +16,7 @@ No GPU is needed. Prints a table, writes JSON.
     python benchmarks/kernels_compile.py                  # sm_90, Llama 4096x4096 INT4-g128 / INT8
     python benchmarks/kernels_compile.py --arch 80        # an A100
     python benchmarks/kernels_compile.py --group 32 --activations fp32 --symmetric --batches 1
+    python benchmarks/kernels_compile.py --batches 1,16 --byte-path   # INT4 tensor-core decode widening bytes
 
 mpq runs its kernels with Triton 3.4 or newer (mpq.qlinear.TRITON_MIN); to check another version,
 run this script in a venv that has it (older Triton's interpreter needs numpy < 2.4 for the tests):
@@ -220,12 +221,15 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128, help="INT4 group size (32, 64, 128)")
     parser.add_argument("--activations", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--symmetric", action="store_true", help="INT4 without zero points")
+    parser.add_argument("--byte-path", action="store_true",
+                        help="INT4's tensor-core decode configs on the byte path (WORD_DOTS=False), to compare with word_dots")
     parser.add_argument("--jobs", type=int, default=usable_cores(), help="configs compiled at once (default: one per core this process may use)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     n, k, group = 4096, 4096, args.group
     start = time.perf_counter()
-    jobs = [(name, m, config, n, k, group, args.arch, args.activations, args.symmetric)
+    jobs = [(name, m, {**config, "WORD_DOTS": False} if args.byte_path and name == "w4a16" and m <= 16 else config,
+             n, k, group, args.arch, args.activations, args.symmetric)
             for name in ("w4a16", "w8a16") for m in map(int, args.batches.split(","))
             for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))]
     # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
@@ -263,6 +267,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     variant = "" if (group, args.activations, args.symmetric) == (128, "bf16", False) else \
         f"-g{group}-{args.activations}" + ("-sym" if args.symmetric else "")
+    variant += "-bytes" if args.byte_path else ""
     path = args.out / f"kernels-compile-sm{args.arch}{variant}.json"
     leanest = [{"kernel": kernel, "M": m, "instructions_per_weight_byte": r["instructions_per_weight_byte"],
                 "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
