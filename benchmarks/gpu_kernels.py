@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,7 +228,9 @@ def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) ->
             runs.append(tokens / (time.perf_counter() - start))
         speed[name] = statistics.median(runs)
     # the same decoding through a static cache, eager and with each step replayed from a CUDA graph
-    from graph_decode import decode_report  # a sibling script's module: this folder is first on sys.path
+    if str(Path(__file__).parent) not in sys.path:  # imported by path (the tests), not run as a script
+        sys.path.insert(0, str(Path(__file__).parent))
+    from graph_decode import decode_report
 
     static = {name: decode_report(model, prompt, tokens) for name, model in contenders.items()}
     return {"checks": checks, "decode_tokens_per_s": speed, "static_decode": static}

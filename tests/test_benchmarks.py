@@ -93,6 +93,15 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     dequant = {r["kernel"]: r for r in report["dequant"]}
     assert set(dequant) == {"w4a16-dequant", "w8a16-dequant"} and not any(r["problems"] for r in dequant.values())
     assert all(r["instructions_per_weight"] < 14 for r in dequant.values()), dequant
+    # the same M = 16 configs on the byte path: word_dots spends fewer instructions on every one of them
+    run_benchmark("kernels_compile", "--batches", "16", "--byte-path", "--out", str(tmp_path), timeout=1200)
+    bytes_rows = json.loads((tmp_path / "kernels-compile-sm90-bytes.json").read_text())["rows"]
+    on_bytes = {json.dumps({**r["config"], "WORD_DOTS": True}, sort_keys=True): r["instructions_per_weight_byte"]
+                for r in bytes_rows if r["kernel"] == "w4a16" and r["config"].get("WORD_DOTS") is False}
+    on_words = {json.dumps({**r["config"], "WORD_DOTS": True}, sort_keys=True): r["instructions_per_weight_byte"]
+                for r in rows if r["kernel"] == "w4a16" and r["M"] == 16 and r["config"]["BLOCK_K"] >= 64}
+    assert len(on_words) >= 32 and on_words.keys() <= on_bytes.keys()
+    assert all(on_words[c] < on_bytes[c] for c in on_words), [(c, on_words[c], on_bytes[c]) for c in on_words]
 
 
 @pytest.mark.parametrize("variant,batches", [(["--group", "32", "--activations", "fp32", "--symmetric"], "1"),

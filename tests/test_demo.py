@@ -90,6 +90,9 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys, benchmark_script):
     assert bench.failures({"rows": [], "end_to_end": result}) == []
     assert set(result["decode_tokens_per_s"]) == {"unquantised bf16", f"mpq {all_int4}"}
     assert all(speed > 0 for speed in result["decode_tokens_per_s"].values())
+    # and through a static cache: generate()'s tokens, eagerly; no CUDA graph on a CPU, which it says
+    assert set(result["static_decode"]) == set(result["decode_tokens_per_s"])
+    assert all(s["static_eager_matches_generate"] and s["graph_error"] for s in result["static_decode"].values())
 
 
 @pytest.mark.slow
