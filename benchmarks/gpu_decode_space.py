@@ -41,16 +41,12 @@ def tuner_space(fmt_name: str, m: int) -> list[dict]:
     return triton_w4a16._candidates(m, 128)
 
 
-def on_word_dots(config: dict) -> bool:
-    """Whether an INT4 config runs word_dots: tensor cores, K steps of 64 or more, not switched off."""
-    return config["BLOCK_M"] == 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
-
-
 def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     """The tuner's candidates for (format, M) crossed with WARPS x STAGES (W8A16's single-row
     configs kept only where their accumulator fits the warps' registers, as the tuner keeps them),
     and for INT4 the tuner's word_dots configs again on the byte path (WORD_DOTS=False)."""
     from mpq.kernels import triton_w8a16
+    from mpq.kernels.triton_w4a16 import runs_word_dots
 
     base = tuner_space(fmt_name, m)
     configs = []
@@ -66,7 +62,7 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
         return [c for c in configs if c["num_warps"] == 4 and c["num_stages"] == 3][:1] + \
                [c for c in configs if c["num_warps"] == 8][:1]
     if fmt_name != "int8":
-        configs += [{**config, "WORD_DOTS": False} for config in base if on_word_dots(config)]
+        configs += [{**config, "WORD_DOTS": False} for config in base if runs_word_dots(config)]
     return configs
 
 
@@ -78,6 +74,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     """Every config of the space for one shape, format and M: checked against the reference, timed."""
     from mpq.formats import get_format
     from mpq.kernels.triton_tuning import compile_ahead, gpu_time_ms, rotating_time_ms
+    from mpq.kernels.triton_w4a16 import runs_word_dots
 
     fmt = get_format(fmt_name)
     sets, reference, _ = quantised_layer(n, k, fmt, device, smoke)
@@ -113,7 +110,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
                 "best_prefetch": next((c for c in timed if c.get("PREFETCH")), None),
                 "best_single_row_without_prefetch": next((c for c in timed if c["BLOCK_M"] == 1 and not c.get("PREFETCH")), None),
                 # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
-                "best_word_dots": next((c for c in timed if on_word_dots(c) and without_ms(c) in tuner), None),
+                "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
                 "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
                 "all": timed})
     # the split-K wrapper alone: zero the fp32 buffer, cast it back (what SPLIT_K > 1 adds to a call)

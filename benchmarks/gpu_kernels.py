@@ -117,13 +117,15 @@ def quantised_linear(fmt, x: torch.Tensor, tensors: dict, config: dict | None = 
 
 def route(config: dict, fmt_name: str) -> str:
     """A launch config in words: which code path of the kernel it runs, its tile and split."""
+    from mpq.kernels.triton_w4a16 import runs_word_dots
+
     if config.get("DENSE"):
         return "dequantise + cuBLAS"
     if config["BLOCK_M"] == 1:
         path = "single row" + (", loading ahead" if config.get("PREFETCH") else "")
     elif config["BLOCK_M"] > 16:
         path = "tiled GEMM"
-    elif fmt_name.startswith("int4") and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True):
+    elif fmt_name.startswith("int4") and runs_word_dots(config):
         path = "tensor cores, int32 words"
     else:
         path = "tensor cores"

@@ -73,13 +73,18 @@ def compile_for(kernel, runtime: dict[str, tuple[str, int]], constexprs: dict, n
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def k_loop_instructions(cubin: bytes) -> Counter:
-    """Opcodes of the kernel's K loop: the longest body a backward branch closes, in the SASS."""
+def disassemble(cubin: bytes) -> list[str]:
+    """The SASS lines of a cubin (nvdisasm, bundled with Triton)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        sass = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
+        return subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
                               check=True).stdout.splitlines()
+
+
+def k_loop_instructions(cubin: bytes) -> Counter:
+    """Opcodes of the kernel's K loop: the longest body a backward branch closes, in the SASS."""
+    sass = disassemble(cubin)
     labels = {line.strip()[:-1]: index for index, line in enumerate(sass) if re.fullmatch(r"\s*\.L_x_\d+:", line)}
     loops = [(labels[m.group(1)], index) for index, line in enumerate(sass)
              if (m := BRANCH_BACK.search(line)) and labels.get(m.group(1), index) < index]
@@ -155,7 +160,7 @@ def compile_dequant(name: str, n: int, k: int, group: int, arch: int, activation
     runtime = {"w_ptr": ("*u8" if int4 else "*i8", 0), "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
                "out_ptr": (f"*{half}", 0), "N": ("i32", n), "K": ("i32", k),
                "stride_wn": ("i32", k // 2 if int4 else k), "stride_sn": ("i32", k // group if int4 else 0)}
-    block_k = min(group & -group, 128) if int4 else 128
+    block_k = triton_dequant.k_step(group if int4 else None)
     constexprs = {"INT4": int4, "GROUP": group if int4 else 1, "HAS_ZEROS": int4 and not symmetric,
                   "BLOCK_N": triton_dequant.BLOCK_ROWS, "BLOCK_K": block_k}
     row = {"kernel": name, "config": {"BLOCK_N": triton_dequant.BLOCK_ROWS, "BLOCK_K": block_k}}
@@ -164,12 +169,7 @@ def compile_dequant(name: str, n: int, k: int, group: int, arch: int, activation
     except Exception as error:  # noqa: BLE001 - reported as the row's problem
         return {**row, "problems": [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]}
     ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(compiled.asm["cubin"])
-        file.flush()
-        sass = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
-                              check=True).stdout
-    instructions = sum(1 for line in sass.splitlines() if INSTRUCTION.search(line))
+    instructions = sum(1 for line in disassemble(compiled.asm["cubin"]) if INSTRUCTION.search(line))
     found = []
     if not re.search(r"\bst\.global\.v4", ptx):
         found.append("16-bit weights not stored 16 bytes at a time")

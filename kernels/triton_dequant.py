@@ -28,6 +28,12 @@ from mpq.kernels.triton_common import cdiv
 BLOCK_ROWS = 32  # output rows (weight rows) per program
 
 
+def k_step(group_size: int | None) -> int:
+    """Columns per program: for INT4 the largest power of two dividing the group (a program reads one
+    scale per row), at most 128; 128 for INT8 (group_size None), whose K is masked."""
+    return 128 if group_size is None else min(group_size & -group_size, 128)
+
+
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
                     INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -64,7 +70,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     """The [N, K] weight of an INT4 layer (canonical packing) in `dtype`, K steps of one group's share."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
-    block_k = min(group_size & -group_size, 128)  # the largest power of two dividing the group, at most 128
+    block_k = k_step(group_size)
     _dequant_kernel[(cdiv(n, BLOCK_ROWS), cdiv(k, block_k))](
         qweight, scales, zeros if zeros is not None else scales, out, n, k, qweight.stride(0), scales.stride(0),
         INT4=True, GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_N=BLOCK_ROWS, BLOCK_K=block_k)
@@ -75,8 +81,9 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     """The [N, K] weight of an INT8 per-channel layer in `dtype`."""
     n, k = qweight.shape
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
-    _dequant_kernel[(cdiv(n, BLOCK_ROWS), cdiv(k, 128))](
+    block_k = k_step(None)
+    _dequant_kernel[(cdiv(n, BLOCK_ROWS), cdiv(k, block_k))](
         qweight, scales, scales, out, n, k, qweight.stride(0), 0,
-        INT4=False, GROUP=1, HAS_ZEROS=False, BLOCK_N=BLOCK_ROWS, BLOCK_K=128)
+        INT4=False, GROUP=1, HAS_ZEROS=False, BLOCK_N=BLOCK_ROWS, BLOCK_K=block_k)
     return out
 

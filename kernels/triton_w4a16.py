@@ -62,6 +62,12 @@ def _grouped_candidates(group: int) -> list[dict]:
     return grouped_candidates(k_steps(group))
 
 
+def runs_word_dots(config: dict) -> bool:
+    """Whether a launch config takes word_dots (the kernel's own branch, in Python for the benchmarks
+    that name a config's path): tensor-core decode tiles, K steps of 64 or more, not switched off."""
+    return 1 < config["BLOCK_M"] <= 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
+
+
 def k_steps(group: int) -> list[int]:
     """The K steps a launch may take: 64 and 128 where they divide the group, else the largest that does."""
     return [bk for bk in (64, 128) if group % bk == 0] or [k_step_for(group)]
