@@ -35,6 +35,10 @@ from pathlib import Path
 
 import torch
 
+if str(Path(__file__).parent) not in sys.path:  # imported by path (the tests), not run as a script
+    sys.path.insert(0, str(Path(__file__).parent))
+import kernel_fit  # noqa: E402
+
 SHAPES = {  # name: (N out, K in)
     "attn 4096x4096": (4096, 4096),
     "up 4096->11008": (11008, 4096),
@@ -88,6 +92,19 @@ def eager_ms(fn, calls: int = 200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e3
+
+
+def launch_floors_us(columns: int = 4096, calls: int = 64) -> dict[str, float]:
+    """Device time per call, in a CUDA graph of `calls` in a row, of the two ops split-K adds around
+    its kernel (zeroing the fp32 sum, casting it back) on one decode row of a 4096-wide layer: what
+    a launch costs when it moves next to nothing, beside the fixed part kernel_fit.py finds in each
+    kernel's time."""
+    from mpq.kernels.triton_tuning import rotating_time_ms
+
+    total = torch.zeros((1, columns), device="cuda")
+    return {"zeros (1 x 4096 fp32)": 1e3 * rotating_time_ms(
+                [lambda: torch.zeros((1, columns), device="cuda")] * calls),
+            "cast to bf16 (1 x 4096)": 1e3 * rotating_time_ms([lambda: total.to(torch.bfloat16)] * calls)}
 
 
 def quantised_layer(n: int, k: int, fmt, device: str, smoke: bool) -> tuple[list[dict], torch.Tensor, int]:
@@ -230,8 +247,6 @@ def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) ->
             runs.append(tokens / (time.perf_counter() - start))
         speed[name] = statistics.median(runs)
     # the same decoding through a static cache, eager and with each step replayed from a CUDA graph
-    if str(Path(__file__).parent) not in sys.path:  # imported by path (the tests), not run as a script
-        sys.path.insert(0, str(Path(__file__).parent))
     from graph_decode import decode_report
 
     static = {name: decode_report(model, prompt, tokens) for name, model in contenders.items()}
@@ -286,6 +301,13 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 write_report(path, report)
     print_table(report)
+    if not args.smoke:
+        report["launch_floors_us"] = launch_floors_us()
+        report["fits"] = kernel_fit.fits(report)
+        print("\nper-call floors in the same kind of graph: "
+              + ", ".join(f"{name} {us:.1f} us" for name, us in report["launch_floors_us"].items()))
+        kernel_fit.print_fits(report)
+        write_report(path, report)
     if args.smoke and args.configs is not None:
         report["end_to_end"] = end_to_end(device, args.configs, smoke=True)
         write_report(path, report)

@@ -483,3 +483,82 @@ def test_kernel_benchmark_names_the_route_each_chosen_config_runs(benchmark_scri
     assert kernels.route({**words, "BLOCK_M": 1, "SPLIT_K": 1, "PREFETCH": True}, "int4-g128") == \
         "single row, loading ahead 1x128x128"
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1}, "int8") == "tiled GEMM 64x128x128"
+
+
+def test_kernel_fit_separates_fixed_cost_from_streaming_rate(benchmark_script):
+    """Rows on exact lines give back their intercept and slope, per format and M, and cuBLAS's from
+    its own bytes; untimed rows (a smoke run) and single-shape series are left out."""
+    fit = benchmark_script("kernel_fit")
+    shapes = {"a": (4096, 4096), "b": (14336, 4096), "c": (4096, 14336)}
+    rows = []
+    for name, (n, k) in shapes.items():
+        moved = n * k // 2 + 2 * (n + k)
+        fp16_moved = 2 * (n * k + n + k)
+        rows.append({"shape": name, "N": n, "K": k, "M": 1, "format": "int4-g128", "bytes_moved": moved,
+                     "ms": (7.0 + moved / 2000e3) / 1e3, "fp16_ms": (5.0 + fp16_moved / 4000e3) / 1e3})
+    rows.append({"shape": "a", "N": 4096, "K": 4096, "M": 4, "format": "int4-g128", "bytes_moved": 10, "ms": 1.0,
+                 "fp16_ms": 1.0})  # one shape at M = 4: no line
+    rows.append({"shape": "a", "N": 4096, "K": 4096, "M": 1, "format": "int8", "bytes_moved": 10})  # untimed
+    report = {"copy_GBps": 4000.0, "rows": rows}
+    found = {(f["format"], f["M"]): f for f in fit.fits(report)}
+    assert set(found) == {("int4-g128", 1), ("fp16 cuBLAS", 1)}
+    int4, cublas = found[("int4-g128", 1)], found[("fp16 cuBLAS", 1)]
+    assert int4["fixed_us"] == pytest.approx(7.0) and int4["stream_GBps"] == pytest.approx(2000.0)
+    assert int4["stream_pct_of_copy"] == pytest.approx(50.0) and int4["r2"] == pytest.approx(1.0)
+    assert cublas["fixed_us"] == pytest.approx(5.0) and cublas["stream_GBps"] == pytest.approx(4000.0)
+    aims = fit.aim_times(report)
+    assert [a["shape"] for a in aims] == ["a", "b", "c"]
+    assert aims[0]["aim_us"] == pytest.approx(rows[0]["bytes_moved"] / (0.75 * 4000.0 * 1e3))
+    assert all(a["cublas_fixed_us"] == pytest.approx(5.0) for a in aims)
+    with pytest.raises(ValueError, match="two distinct"):
+        fit.line_fit([(1.0, 2.0), (1.0, 3.0)])
+
+
+def test_kernel_fit_reads_the_h200_table(tmp_path):
+    """The script on the stored GPU table: a fit per format and M, and with the stored instruction
+    counts of the commit it measured (Triton 3.6, as that machine had), an issue rate for each of
+    its 30 decode rows, and predictions from the counts of the code now."""
+    results = ROOT / "benchmarks" / "results"
+    out = tmp_path / "fit.json"
+    proc = run_benchmark("kernel_fit", str(results / "kernels-NVIDIA_H200-int4-g128_int8-bf16.json"),
+                         "--counts", str(results / "kernels-compile-sm90-triton3.6-ac8b238.json"),
+                         "--predict", str(results / "kernels-compile-sm90-triton3.6.json"), "--out", str(out))
+    written = json.loads(out.read_text())
+    assert written["device"] == "NVIDIA H200" and "| int4-g128 | 1 | 5 |" in proc.stdout
+    assert {(f["format"], f["M"]) for f in written["fits"]} >= {("int4-g128", 1), ("int8", 16), ("fp16 cuBLAS", 1)}
+    assert len(written["int4_m1_aim"]) == 5
+    assert len(written["issue_rates"]) == 30 and written["counts"]["triton"] == written["predicted"]["triton"] == "3.6.0"
+    assert {(p["kernel"], p["M"]) for p in written["predicted"]["rows"]} >= {("w4a16", 1), ("w4a16", 16)}
+
+
+def test_kernel_fit_refuses_a_report_without_timings(tmp_path):
+    report = tmp_path / "kernels-smoke.json"
+    report.write_text(json.dumps({"device": "cpu (interpreter)", "rows": [{"format": "int4-g128", "M": 1}]}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_fit.py"), str(report)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "no timed rows" in proc.stderr
+
+
+def test_kernel_fit_turns_instruction_counts_into_issue_rates(benchmark_script):
+    """Each decode row's chosen config (its own, or the report's chosen_configs entry) is found in
+    the compile counts, its weight bytes past the fixed cost become an issue rate, and the median
+    rate over another code's counts predicts its streaming rate."""
+    fit = benchmark_script("kernel_fit")
+    config = {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3}
+    rows, chosen = [], {}
+    for n, k in ((4096, 4096), (14336, 4096)):
+        weight = n * k // 2
+        rows.append({"shape": f"{n}x{k}", "N": n, "K": k, "M": 1, "format": "int4-g128", "bytes_moved": weight,
+                     "ms": (5.0 + weight / 2000e3) / 1e3, "fp16_ms": 1.0})
+        chosen[f"_w4a16_kernel gemv 1 {n} {k} 128 True torch.bfloat16 cuda:0"] = config
+    report = {"copy_GBps": 4000.0, "rows": rows, "chosen_configs": chosen}
+    counts = {"rows": [{"kernel": "w4a16", "M": 1, "config": dict(reversed(config.items())),
+                        "instructions_per_weight_byte": 8.0}]}
+    rates = fit.issue_rates(report, counts)
+    assert len(rates) == 2 and all(r["weight_GBps"] == pytest.approx(2000.0) for r in rates)
+    assert all(r["issued_per_s"] == pytest.approx(1.6e13) for r in rates)
+    assert rates[0]["share_of_issue_peak"] == pytest.approx(1.6e13 / fit.ISSUE_PEAK)
+    now = {"leanest": [{"kernel": "w4a16", "M": 1, "config": config, "instructions_per_weight_byte": 4.0}]}
+    assert fit.predictions(rates, now)[0]["predicted_weight_GBps"] == pytest.approx(4000.0)
+    # a config the counts lack, or a row's own config, decides what is found
+    assert fit.issue_rates({**report, "rows": [{**rows[0], "config": {**config, "SPLIT_K": 2}}]}, counts) == []
