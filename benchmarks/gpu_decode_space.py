@@ -7,7 +7,8 @@ Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 fl
 replay). Per shape and M it reports the tuner's best, the wider space's best, the best per warp
 count, the best single-row INT4 config at M = 1 with and without PREFETCH, the best INT4
 tensor-core config reading int32 words (word_dots) against the same configs on the byte path
-(WORD_DOTS=False, timed at the tuner's warps and stages only), and the time of the split-K wrapper alone (zero an fp32 buffer, cast it back: the two
+(WORD_DOTS=False) and with each step's words in the order they were loaded (K_WIDTH=0, not in the
+tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps and stages only, and the time of the split-K wrapper alone (zero an fp32 buffer, cast it back: the two
 launches a config with SPLIT_K > 1 adds). The three fastest of each are timed again as
 gpu_kernels.py times a layer (weights rotated through DRAM), so the rows compare with its table.
 Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
@@ -44,7 +45,8 @@ def tuner_space(fmt_name: str, m: int) -> list[dict]:
 def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     """The tuner's candidates for (format, M) crossed with WARPS x STAGES (W8A16's single-row
     configs kept only where their accumulator fits the warps' registers, as the tuner keeps them),
-    and for INT4 the tuner's word_dots configs again on the byte path (WORD_DOTS=False)."""
+    and for INT4 the tuner's word_dots configs again on the byte path (WORD_DOTS=False) and with
+    their words in the order loaded (K_WIDTH=0)."""
     from mpq.kernels import triton_w8a16
     from mpq.kernels.triton_w4a16 import runs_word_dots
 
@@ -63,6 +65,7 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
                [c for c in configs if c["num_warps"] == 8][:1]
     if fmt_name != "int8":
         configs += [{**config, "WORD_DOTS": False} for config in base if runs_word_dots(config)]
+        configs += [{**config, "K_WIDTH": 0} for config in base if runs_word_dots(config)]
     return configs
 
 
@@ -112,6 +115,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
                 # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
                 "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
                 "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
+                "best_words_as_loaded": next((c for c in timed if c.get("K_WIDTH") == 0), None),
                 "all": timed})
     # the split-K wrapper alone: zero the fp32 buffer, cast it back (what SPLIT_K > 1 adds to a call)
     row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))
@@ -161,6 +165,7 @@ def print_row(r: dict) -> None:
         return (f"{c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}"
                 + (" prefetch" if c.get("PREFETCH") else "")
                 + (" bytes" if c.get("WORD_DOTS") is False else "")
+                + (" words as loaded" if c.get("K_WIDTH") == 0 else "")
                 + (f" {c['ms'] * 1e3:.1f}us" if c.get("ms") is not None else "")
                 + (f" (rotated {c['rotating_ms'] * 1e3:.1f}us)" if "rotating_ms" in c else ""))
 
@@ -178,7 +183,8 @@ def print_row(r: dict) -> None:
         print(f"  single row, loading a step ahead: {brief(r['best_prefetch'])}; "
               f"without: {brief(r['best_single_row_without_prefetch'])}", flush=True)
     if r["best_byte_path"] is not None:
-        print(f"  tensor cores, int32 words: {brief(r['best_word_dots'])}; bytes: {brief(r['best_byte_path'])}", flush=True)
+        print(f"  tensor cores, int32 words: {brief(r['best_word_dots'])}; bytes: {brief(r['best_byte_path'])}; "
+              f"words as loaded: {brief(r['best_words_as_loaded'])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ No GPU is needed. Prints a table, writes JSON.
     python benchmarks/kernels_compile.py --arch 80        # an A100
     python benchmarks/kernels_compile.py --group 32 --activations fp32 --symmetric --batches 1
     python benchmarks/kernels_compile.py --batches 1,16 --byte-path   # INT4 tensor-core decode widening bytes
+    python benchmarks/kernels_compile.py --batches 16 --words-as-loaded  # word_dots without operand_order
 
 mpq runs its kernels with Triton 3.4 or newer (mpq.qlinear.TRITON_MIN); to check another version,
 run this script in a venv that has it (older Triton's interpreter needs numpy < 2.4 for the tests):
@@ -129,6 +130,7 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     if int4:
         constexprs.update(GROUP=group, HAS_ZEROS=not symmetric, X_PAIRS=pairs,
                           X_DTYPE=DTYPES[activations])
+        constexprs.setdefault("K_WIDTH", triton_w4a16.K_WIDTH)  # as the launcher passes it, unless the config pins it
     kernel = (triton_dense_grouped._dense_grouped_kernel if dense else triton_w4a16._w4a16_kernel if int4
               else triton_w8a16._w8a16_kernel)
     row = {"kernel": name, "M": m, "config": config}
@@ -223,12 +225,16 @@ def main() -> None:
     parser.add_argument("--symmetric", action="store_true", help="INT4 without zero points")
     parser.add_argument("--byte-path", action="store_true",
                         help="INT4's tensor-core decode configs on the byte path (WORD_DOTS=False), to compare with word_dots")
+    parser.add_argument("--words-as-loaded", action="store_true",
+                        help="INT4's tensor-core decode configs with each step's words in the order loaded (K_WIDTH=0), "
+                             "to compare with the operand order the launcher asks for")
     parser.add_argument("--jobs", type=int, default=usable_cores(), help="configs compiled at once (default: one per core this process may use)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     n, k, group = 4096, 4096, args.group
     start = time.perf_counter()
-    jobs = [(name, m, {**config, "WORD_DOTS": False} if args.byte_path and name == "w4a16" and m <= 16 else config,
+    decode_int4 = {"WORD_DOTS": False} if args.byte_path else {"K_WIDTH": 0} if args.words_as_loaded else {}
+    jobs = [(name, m, {**config, **decode_int4} if name == "w4a16" and m <= 16 else config,
              n, k, group, args.arch, args.activations, args.symmetric)
             for name in ("w4a16", "w8a16") for m in map(int, args.batches.split(","))
             for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))]
@@ -267,11 +273,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     variant = "" if (group, args.activations, args.symmetric) == (128, "bf16", False) else \
         f"-g{group}-{args.activations}" + ("-sym" if args.symmetric else "")
-    variant += "-bytes" if args.byte_path else ""
+    variant += "-bytes" if args.byte_path else "-as-loaded" if args.words_as_loaded else ""
     path = args.out / f"kernels-compile-sm{args.arch}{variant}.json"
     leanest = [{"kernel": kernel, "M": m, "instructions_per_weight_byte": r["instructions_per_weight_byte"],
                 "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
-    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "group": group,
+    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "k_width": triton_w4a16.K_WIDTH, "group": group,
                                 "activations": args.activations, "symmetric": args.symmetric,
                                 "leanest": leanest, "dequant": dequant, "rows": rows},
                                indent=2) + "\n")

@@ -19,8 +19,9 @@ Decode reads little and must not spend more issue slots per weight byte than the
 takes to deliver it (benchmarks/kernels_compile.py counts them): nibbles become floats by bit
 tricks instead of conversion instructions (byte_floats on the single-row path, pair_floats and
 nibble_floats on the tensor-core decode paths; in all of them the zero point comes off a sum
-instead of each weight; nibbles_minus_zero for prefill), and 16-bit activations are read as int32
-pairs that line up with the packed bytes (single_row, and the byte paths).
+instead of each weight; nibbles_minus_zero for prefill), 16-bit activations are read as int32
+pairs that line up with the packed bytes (single_row, and the byte paths), and word_dots' words
+are taken in the order the tensor cores' operands want them (operand_order).
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ def _grouped_candidates(group: int) -> list[dict]:
     return grouped_candidates(k_steps(group))
 
 
+def operand_k_width(version: str = triton.__version__) -> int:
+    """How many 16-bit values along K Triton gives a thread of a tl.dot operand on the tensor cores
+    at decode tiles: 4 up to Triton 3.7, 2 from 3.8 (word_dots' tiles compiled for sm_90 with 3.4,
+    3.6, 3.7, 3.8 and 3.9 by benchmarks/kernels_compile.py: each order takes the shared-memory trip
+    of the unpacked pairs away with its versions and not with the others). word_dots orders each
+    step's words for it (operand_order); any order gives the same sums."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return 4 if (major, minor) < (3, 8) else 2
+
+
+K_WIDTH = operand_k_width()  # read once: the launch path must not parse versions
+
+
 def runs_word_dots(config: dict) -> bool:
     """Whether a launch config takes word_dots (the kernel's own branch, in Python for the benchmarks
     that name a config's path): tensor-core decode tiles, K steps of 64 or more, not switched off."""
@@ -84,7 +98,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True):
+                  PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -100,7 +114,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
     elif BLOCK_M <= 16 and BLOCK_K >= 64 and WORD_DOTS:  # decode (M <= 16) on the tensor cores
         acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH)
     else:
         offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
         mask_m = offs_m < M
@@ -220,7 +234,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
 def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
               X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SPLIT_K: tl.constexpr):
+              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr):
     """x @ dequant(W)^T for up to 16 rows of x on the tensor cores, [BLOCK_M, BLOCK_N] in fp32,
     the weights read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j).
 
@@ -236,7 +250,9 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     on that path the products of B + q are exact, and (B + z) times the step's activation sum
     comes off the sum before the group's scale.
 
-    Each dot is K = BLOCK_K / 4 deep, so BLOCK_K >= 64 (a GPU's tl.dot takes K >= 16).
+    Each dot is K = BLOCK_K / 4 deep, so BLOCK_K >= 64 (a GPU's tl.dot takes K >= 16). In K steps
+    of 128 the words and activations are first relabelled into the tensor cores' operand order
+    (operand_order), so the unpacked pairs need not go through shared memory to their threads.
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
@@ -259,13 +275,19 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
+        words = operand_order(words, K_WIDTH)
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
         x_sum = tl.sum(x.to(tl.float32), axis=1)  # as the tensor cores see x
         # x[:, 8j + 4h + 2a + b] -> x_ab[:, j, h]: the activations of nibbles i = 2a + b and i + 4
+        # of word j, then in the words' operand order
         x_b0, x_b1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 8, 2, 2, 2)))
         x_0, x_2 = tl.split(x_b0)
         x_1, x_3 = tl.split(x_b1)
+        x_0 = operand_order_x(x_0, K_WIDTH)
+        x_1 = operand_order_x(x_1, K_WIDTH)
+        x_2 = operand_order_x(x_2, K_WIDTH)
+        x_3 = operand_order_x(x_3, K_WIDTH)
         part = tl.dot(pair_order(x_0, BLOCK_M, BLOCK_K), pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
                       out_dtype=tl.float32)
         part = tl.dot(pair_order(x_1, BLOCK_M, BLOCK_K), pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
@@ -276,6 +298,51 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
                       acc=part, out_dtype=tl.float32)
         acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
     return acc
+
+
+@triton.jit
+def operand_order(words, K_WIDTH: tl.constexpr):
+    """A step's words [N, J] (or their activations [M, J, 2]) relabelled along J so that the words
+    each thread loads are, once unpacked, its tensor-core operand registers: a relabelling Triton
+    does in registers, with no data moved.
+
+    A dot's operand gives the four threads of a column a share of each 16-deep slice of K: with
+    K_WIDTH = 2 (Triton 3.8 and later) thread a holds the pairs a and a + 4 of a slice, with 4 (3.4
+    to 3.6) the pairs 2a and 2a + 1. As they lie, a thread loads four adjacent words (16 bytes) of a
+    column, so its unpacked pairs went through shared memory to reach their threads (with 3.6 at
+    16 x 256 x 128: 16 STS.128, 32 LDS.64 and 8 BAR a step, and ~50 register moves). Here the loaded
+    word a * J/4 + b becomes pair index 4b + a (K_WIDTH 2: J/4 words a thread), or word 4a + 2c + d
+    pair index 8c + 2a + d (K_WIDTH 4), which is where the operand layout wants them; the dot sums
+    over K in any order as long as the activations are relabelled alike, which this does to them too.
+    7.36 -> 5.72 instructions per weight byte there with 3.6, 5.98 -> 5.31 with 3.9 (the other order
+    helps neither: benchmarks/kernels_compile.py). K steps of 64 (J = 8) keep the order as loaded:
+    there a thread loads 4 words where the operand gives it 2, and neither order removes the trip
+    (with 3.9, K_WIDTH 2 cost 0.2 instructions a byte more). K_WIDTH = 0 keeps it too."""
+    n: tl.constexpr = words.shape[0]
+    j: tl.constexpr = words.shape[1]
+    if j < 16:
+        return words
+    elif K_WIDTH == 2:
+        return tl.reshape(tl.permute(tl.reshape(words, (n, 4, j // 4)), (0, 2, 1)), (n, j))
+    elif K_WIDTH == 4:
+        return tl.reshape(tl.permute(tl.reshape(words, (n, 4, j // 8, 2)), (0, 2, 1, 3)), (n, j))
+    else:
+        return words
+
+
+@triton.jit
+def operand_order_x(x_pairs, K_WIDTH: tl.constexpr):
+    """The activations [M, J, 2] of a step's words in operand_order's order of the words."""
+    m: tl.constexpr = x_pairs.shape[0]
+    j: tl.constexpr = x_pairs.shape[1]
+    if j < 16:
+        return x_pairs
+    elif K_WIDTH == 2:
+        return tl.reshape(tl.permute(tl.reshape(x_pairs, (m, 4, j // 4, 2)), (0, 2, 1, 3)), (m, j, 2))
+    elif K_WIDTH == 4:
+        return tl.reshape(tl.permute(tl.reshape(x_pairs, (m, 4, j // 8, 2, 2)), (0, 2, 1, 3, 4)), (m, j, 2))
+    else:
+        return x_pairs
 
 
 @triton.jit
@@ -428,7 +495,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     x_arg, x_meta = x_pairs(x)
     expert_strides = (0, 0) if slots is None else (qweight.stride(0), scales.stride(0))
     scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scales.stride(-2), *expert_strides)
-    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, "GROUPED": slots is not None, **x_meta}
+    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, "GROUPED": slots is not None, "K_WIDTH": K_WIDTH, **x_meta}
     shape_key = (k, group_size, zeros is not None) + (() if slots is None else ("grouped", qweight.shape[0]))
     candidates = (lambda: _candidates(x.shape[0], group_size)) if slots is None else (lambda: _grouped_candidates(group_size))
     # prefill's dense route, timed beside the fused configs (kernels/triton_dequant.py)

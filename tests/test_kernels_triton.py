@@ -84,6 +84,23 @@ def test_w4a16_tensor_core_decode_reads_words(fmt_name, block_k, n, k, m, split,
     assert rel_err(got, expected) < 1e-2
 
 
+@pytest.mark.parametrize("k_width", [0, 2, 4])
+@pytest.mark.parametrize("fmt_name,n,k,m,split", [("int4-g128", 33, 256, 1, 1), ("int4-g128-sym", 40, 512, 16, 3),
+                                                  ("int4-pc", 17, 384, 5, 2)])
+def test_w4a16_word_dots_in_each_operand_order(k_width, fmt_name, n, k, m, split):
+    """operand_order relabels each K step of 128's words and activations alike for the tensor cores'
+    operand layout of either Triton generation (K_WIDTH 2: 3.8 on, 4: up to 3.7; 0: as loaded, what
+    the launcher passed before): the sums stay the reference's, whichever order a launch pins."""
+    from mpq.kernels.triton_w4a16 import K_WIDTH, operand_k_width, w4a16_linear
+
+    fmt, t, x, bias = _inputs(fmt_name, n, k, m, torch.bfloat16, seed=n + k + m + k_width)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": split, "K_WIDTH": k_width}
+    got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
+    assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+    assert [operand_k_width(v) for v in ("3.4.0", "3.6.0", "3.7.1", "3.8.0", "3.9.0", "4.0.0+git")] == [4, 4, 4, 2, 2, 2]
+    assert K_WIDTH in (2, 4)
+
+
 @pytest.mark.parametrize("fmt_name", ["int4-g64", "int4-g128-sym"])
 def test_w4a16_tensor_core_decode_byte_path_at_wide_k_steps(fmt_name):
     """WORD_DOTS=False keeps the byte path (nibble_floats) at K steps of 64 and 128, which
