@@ -283,7 +283,10 @@ def main() -> None:
                                indent=2) + "\n")
     print(f"wrote {path}")
     bad = [r for r in rows + dequant if r["problems"]]
-    if bad:
+    if bad and (args.byte_path or args.words_as_loaded):
+        # configs the launcher never runs, compiled for comparison: a spill there is a finding, not a failure
+        print(f"{len(bad)} of {len(rows)} configs have problems (in {variant.lstrip('-')}, which the launcher does not run)")
+    elif bad:
         raise SystemExit(f"{len(bad)} of {len(rows)} configs have problems")
 
 

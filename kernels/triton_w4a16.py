@@ -42,11 +42,16 @@ def _candidates(m: int, group: int) -> list[dict]:
     steps = k_steps(group)
     if regime(m) == "gemv":
         space = decode_candidates(m, steps, steps[-1])
-        # 256-wide tensor-core tiles: word_dots' work on the step's activations (splitting and
-        # summing them) is shared by twice the columns: 6.3 instructions per weight byte at 256 x 64
-        # against 8.1 at 128 x 64 (kernels_compile.py); at 256 x 128, 4 warps spill and 8 do not (5.9).
+        # Wider tensor-core tiles: word_dots' work on the step's activations (splitting and summing
+        # them, building the dot's A operand), which every warp does for the whole step, is shared by
+        # more columns a warp: 6.3 instructions per weight byte at 256 x 64 against 8.1 at 128 x 64,
+        # and in K steps of 128 (operand_order), 5.3 at 256 x 128 with 8 warps (32 columns a warp),
+        # 4.5 with 4 and 4.3 at 512 x 128 with 8 (64 a warp; Triton 3.9, kernels_compile.py; 3.6:
+        # 5.7, 5.0, 4.8), none spilling. Fewer programs: the timer weighs that against split-K.
         space += [{"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 8 if bk > 64 else 4,
                    "num_stages": 3} for bk in steps if bk >= 64 for sk in (1, 2, 4, 8)]
+        space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3}
+                  for bn, warps in ((256, 4), (512, 8)) if 128 in steps for sk in (1, 2, 4, 8)]
         if m == 1:
             # single_row repeats each K step's activation work in every thread of a row of
             # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.

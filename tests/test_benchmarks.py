@@ -67,7 +67,8 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     INT4, two constants per nibble mask 10.5, q - z in fp32 before the tensor cores 10.0, and a
     per-step cross-warp reduction 11.8 for INT8; at M = 1, INT4 read byte by byte took 9.2 on the
     tensor cores and 11.2 on the FMA units, read as int32 words 6.9; at M = 16, the tensor cores'
-    byte path 9.1, their int32 words (word_dots) 5.9, in the tensor cores' operand order 5.3)."""
+    byte path 9.1, their int32 words (word_dots) 5.9, in the tensor cores' operand order 5.3, and
+    with 64 columns a warp 4.3)."""
     pytest.importorskip("triton")
     from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
 
@@ -83,7 +84,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert {r["config"]["BLOCK_M"] for r in rows if r["M"] == 1} == {1, 16}  # both decode paths are timed at M = 1
     # (read from the JSON: importing the script here would switch the interpreter off for later tests)
     leanest = {(r["kernel"], r["M"]): r["instructions_per_weight_byte"] for r in report["leanest"]}
-    assert leanest[("w4a16", 1)] < 5.8 and leanest[("w4a16", 16)] < 5.8 and leanest[("w8a16", 1)] < 5, leanest
+    assert leanest[("w4a16", 1)] < 5.0 and leanest[("w4a16", 16)] < 5.0 and leanest[("w8a16", 1)] < 5, leanest
     # a mixture's experts in one launch keep the single-row loop: the expert's offset is paid once, before it
     assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
     assert leanest[("dense-grouped", 8)] < 3, leanest  # 16-bit experts: a multiply-add per 2 bytes, no dequantisation
@@ -103,9 +104,12 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert len(on_words) >= 32 and on_words.keys() <= on_bytes.keys()
     assert all(on_words[c] < on_bytes[c] for c in on_words), [(c, on_words[c], on_bytes[c]) for c in on_words]
     # and with each step's words in the order loaded (K_WIDTH=0): operand_order spends fewer on every K step
-    # of 128 at least 32 wide, where it keeps the unpacked pairs out of shared memory
-    run_benchmark("kernels_compile", "--batches", "16", "--words-as-loaded", "--out", str(tmp_path), timeout=1200)
+    # of 128 at least 32 wide, where it keeps the unpacked pairs out of shared memory; and the tiles of 64
+    # columns a warp, which it keeps from spilling, spill without it
+    proc = run_benchmark("kernels_compile", "--batches", "16", "--words-as-loaded", "--out", str(tmp_path), timeout=1200)
     loaded_rows = json.loads((tmp_path / "kernels-compile-sm90-as-loaded.json").read_text())["rows"]
+    spilled = [r["config"] for r in loaded_rows if r["problems"]]
+    assert spilled and all(c["BLOCK_N"] // c["num_warps"] == 64 for c in spilled) and "which the launcher does not run" in proc.stdout
     as_loaded = {json.dumps({k: v for k, v in r["config"].items() if k != "K_WIDTH"}, sort_keys=True):
                  r["instructions_per_weight_byte"] for r in loaded_rows if r["kernel"] == "w4a16"}
     ordered = {json.dumps(r["config"], sort_keys=True): r["instructions_per_weight_byte"] for r in rows
