@@ -102,9 +102,9 @@ def launch_floors_us(columns: int = 4096, calls: int = 64) -> dict[str, float]:
     from mpq.kernels.triton_tuning import rotating_time_ms
 
     total = torch.zeros((1, columns), device="cuda")
-    return {"zeros (1 x 4096 fp32)": 1e3 * rotating_time_ms(
+    return {f"zeros (1 x {columns} fp32)": 1e3 * rotating_time_ms(
                 [lambda: torch.zeros((1, columns), device="cuda")] * calls),
-            "cast to bf16 (1 x 4096)": 1e3 * rotating_time_ms([lambda: total.to(torch.bfloat16)] * calls)}
+            f"cast to bf16 (1 x {columns})": 1e3 * rotating_time_ms([lambda: total.to(torch.bfloat16)] * calls)}
 
 
 def quantised_layer(n: int, k: int, fmt, device: str, smoke: bool) -> tuple[list[dict], torch.Tensor, int]:

@@ -102,9 +102,10 @@ def chosen_config(report: dict, row: dict) -> dict | None:
     report's chosen_configs entry for the row's kernel, decode regime, M bucket and shape."""
     if row.get("config"):
         return row["config"]
+    from mpq.kernels.triton_tuning import m_bucket  # the tuner's own key: its M bucket
+
     kernel = KERNELS[row["format"][:4]][0]
-    bucket = 1 << (row["M"] - 1).bit_length()
-    prefix = f"{kernel} gemv {bucket} {row['N']} {row['K']} "
+    prefix = f"{kernel} gemv {m_bucket(row['M'])} {row['N']} {row['K']} "
     return next((config for key, config in report.get("chosen_configs", {}).items() if key.startswith(prefix)), None)
 
 

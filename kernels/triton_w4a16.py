@@ -280,19 +280,16 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
-        words = operand_order(words, K_WIDTH)
+        words = tl.reshape(operand_order(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), K_WIDTH), (BLOCK_N, BLOCK_K // 8))
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
         x_sum = tl.sum(x.to(tl.float32), axis=1)  # as the tensor cores see x
-        # x[:, 8j + 4h + 2a + b] -> x_ab[:, j, h]: the activations of nibbles i = 2a + b and i + 4
-        # of word j, then in the words' operand order
+        # in the words' operand order, x[:, 8j + 4h + 2a + b] -> x_ab[:, j, h]: the activations of
+        # nibbles i = 2a + b and i + 4 of word j
+        x = operand_order(tl.reshape(x, (BLOCK_M, BLOCK_K // 8, 8)), K_WIDTH)
         x_b0, x_b1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 8, 2, 2, 2)))
         x_0, x_2 = tl.split(x_b0)
         x_1, x_3 = tl.split(x_b1)
-        x_0 = operand_order_x(x_0, K_WIDTH)
-        x_1 = operand_order_x(x_1, K_WIDTH)
-        x_2 = operand_order_x(x_2, K_WIDTH)
-        x_3 = operand_order_x(x_3, K_WIDTH)
         part = tl.dot(pair_order(x_0, BLOCK_M, BLOCK_K), pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
                       out_dtype=tl.float32)
         part = tl.dot(pair_order(x_1, BLOCK_M, BLOCK_K), pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
@@ -306,8 +303,8 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
 
 
 @triton.jit
-def operand_order(words, K_WIDTH: tl.constexpr):
-    """A step's words [N, J] (or their activations [M, J, 2]) relabelled along J so that the words
+def operand_order(t, K_WIDTH: tl.constexpr):
+    """A step's words [N, J, 1] (or their activations [M, J, 8]) relabelled along J so that the words
     each thread loads are, once unpacked, its tensor-core operand registers: a relabelling Triton
     does in registers, with no data moved.
 
@@ -323,31 +320,17 @@ def operand_order(words, K_WIDTH: tl.constexpr):
     helps neither: benchmarks/kernels_compile.py). K steps of 64 (J = 8) keep the order as loaded:
     there a thread loads 4 words where the operand gives it 2, and neither order removes the trip
     (with 3.9, K_WIDTH 2 cost 0.2 instructions a byte more). K_WIDTH = 0 keeps it too."""
-    n: tl.constexpr = words.shape[0]
-    j: tl.constexpr = words.shape[1]
+    rows: tl.constexpr = t.shape[0]
+    j: tl.constexpr = t.shape[1]
+    w: tl.constexpr = t.shape[2]
     if j < 16:
-        return words
+        return t
     elif K_WIDTH == 2:
-        return tl.reshape(tl.permute(tl.reshape(words, (n, 4, j // 4)), (0, 2, 1)), (n, j))
+        return tl.reshape(tl.permute(tl.reshape(t, (rows, 4, j // 4, w)), (0, 2, 1, 3)), (rows, j, w))
     elif K_WIDTH == 4:
-        return tl.reshape(tl.permute(tl.reshape(words, (n, 4, j // 8, 2)), (0, 2, 1, 3)), (n, j))
+        return tl.reshape(tl.permute(tl.reshape(t, (rows, 4, j // 8, 2, w)), (0, 2, 1, 3, 4)), (rows, j, w))
     else:
-        return words
-
-
-@triton.jit
-def operand_order_x(x_pairs, K_WIDTH: tl.constexpr):
-    """The activations [M, J, 2] of a step's words in operand_order's order of the words."""
-    m: tl.constexpr = x_pairs.shape[0]
-    j: tl.constexpr = x_pairs.shape[1]
-    if j < 16:
-        return x_pairs
-    elif K_WIDTH == 2:
-        return tl.reshape(tl.permute(tl.reshape(x_pairs, (m, 4, j // 4, 2)), (0, 2, 1, 3)), (m, j, 2))
-    elif K_WIDTH == 4:
-        return tl.reshape(tl.permute(tl.reshape(x_pairs, (m, 4, j // 8, 2, 2)), (0, 2, 1, 3, 4)), (m, j, 2))
-    else:
-        return x_pairs
+        return t
 
 
 @triton.jit

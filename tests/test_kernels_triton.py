@@ -91,12 +91,18 @@ def test_w4a16_word_dots_in_each_operand_order(k_width, fmt_name, n, k, m, split
     """operand_order relabels each K step of 128's words and activations alike for the tensor cores'
     operand layout of either Triton generation (K_WIDTH 2: 3.8 on, 4: up to 3.7; 0: as loaded, what
     the launcher passed before): the sums stay the reference's, whichever order a launch pins."""
-    from mpq.kernels.triton_w4a16 import K_WIDTH, operand_k_width, w4a16_linear
+    from mpq.kernels.triton_w4a16 import w4a16_linear
 
     fmt, t, x, bias = _inputs(fmt_name, n, k, m, torch.bfloat16, seed=n + k + m + k_width)
     config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": split, "K_WIDTH": k_width}
     got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+
+
+def test_operand_order_follows_the_triton_generation():
+    """The launcher's K_WIDTH: 4 up to Triton 3.7, 2 from 3.8 (kernels_compile.py compiled both ways)."""
+    from mpq.kernels.triton_w4a16 import K_WIDTH, operand_k_width
+
     assert [operand_k_width(v) for v in ("3.4.0", "3.6.0", "3.7.1", "3.8.0", "3.9.0", "4.0.0+git")] == [4, 4, 4, 2, 2, 2]
     assert K_WIDTH in (2, 4)
 
