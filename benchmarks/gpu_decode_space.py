@@ -1,14 +1,15 @@
 """Decode launch space (GPU): every config of a wider space than the tuner's, timed, per layer shape.
 
 The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step, split and (INT4 at M = 1) loading ahead,
-with 4 warps (8 for INT4's 256 x 128 tensor-core tiles) and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps and
+with 4 warps (8 for INT4's 256 x 128 tensor-core tiles, 1 for its 8-row ones) and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps (and the tuner's own count) and
 3 or 4 stages, for W4A16 (INT4 groups of 128) and W8A16 at decode sizes (M = 1 and 16) on
 Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 flushed before each
 replay). Per shape and M it reports the tuner's best, the wider space's best, the best per warp
 count, the best single-row INT4 config at M = 1 with and without PREFETCH, the best INT4
 tensor-core config reading int32 words (word_dots) against the same configs on the byte path
 (WORD_DOTS=False) and with each step's words in the order they were loaded (K_WIDTH=0, not in the
-tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps and stages only, and the time of the split-K wrapper alone (zero an fp32 buffer, cast it back: the two
+tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps and stages only, the best 8-row
+tile turned round (TRANSPOSED, M <= 8) against the best 16-row word_dots tile, and the time of the split-K wrapper alone (zero an fp32 buffer, cast it back: the two
 launches a config with SPLIT_K > 1 adds). The three fastest of each are timed again as
 gpu_kernels.py times a layer (weights rotated through DRAM), so the rows compare with its table.
 Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
@@ -53,7 +54,7 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     base = tuner_space(fmt_name, m)
     configs = []
     for config in base:
-        for warps in WARPS:
+        for warps in sorted({config["num_warps"], *WARPS}):  # the tuner's own too: TRANSPOSED tiles run 1
             for stages in STAGES:
                 varied = {**config, "num_warps": warps, "num_stages": stages}
                 if fmt_name == "int8" and varied["BLOCK_M"] == 1 and not triton_w8a16._fits(varied):
@@ -73,11 +74,31 @@ def without_ms(config: dict) -> dict:
     return {key: value for key, value in config.items() if key != "ms"}
 
 
+def bests(timed: list[dict], tuner: list[dict]) -> dict:
+    """The fastest config of each kind among `timed` (configs with their "ms", fastest first)."""
+    from mpq.kernels.triton_w4a16 import runs_word_dots
+
+    in_tuner = [c for c in timed if without_ms(c) in tuner] or timed
+    return {"tuner_best": in_tuner[0], "wide_best": timed[0],
+            "best_per_warps": {w: next(c for c in timed if c["num_warps"] == w) for w in sorted({c["num_warps"] for c in timed})},
+            # INT4 at M = 1: the single-row loop loading a step ahead against the one that does not
+            "best_prefetch": next((c for c in timed if c.get("PREFETCH")), None),
+            "best_single_row_without_prefetch": next((c for c in timed if c["BLOCK_M"] == 1 and not c.get("PREFETCH")), None),
+            # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
+            "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
+            "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
+            "best_words_as_loaded": next((c for c in timed if c.get("K_WIDTH") == 0), None),
+            # word_dots turned round (8-row tiles, M <= 8) against its 16-row tiles
+            "best_transposed": next((c for c in timed if c.get("TRANSPOSED")), None),
+            "best_upright_word_dots": next((c for c in timed if runs_word_dots(c) and c["BLOCK_M"] == 16
+                                            and without_ms(c) in tuner), None),
+            "all": timed}
+
+
 def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: bool) -> dict:
     """Every config of the space for one shape, format and M: checked against the reference, timed."""
     from mpq.formats import get_format
     from mpq.kernels.triton_tuning import compile_ahead, gpu_time_ms, rotating_time_ms
-    from mpq.kernels.triton_w4a16 import runs_word_dots
 
     fmt = get_format(fmt_name)
     sets, reference, _ = quantised_layer(n, k, fmt, device, smoke)
@@ -105,23 +126,12 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     if smoke or not timed:  # no timing, or no config the device could run (the row says how many failed)
         return row
     timed.sort(key=lambda c: c["ms"])
-    tuner = tuner_space(fmt_name, m)
-    in_tuner = [c for c in timed if without_ms(c) in tuner] or timed
-    row.update({"tuner_best": in_tuner[0], "wide_best": timed[0],
-                "best_per_warps": {w: next((c for c in timed if c["num_warps"] == w), None) for w in WARPS},
-                # INT4 at M = 1: the single-row loop loading a step ahead against the one that does not
-                "best_prefetch": next((c for c in timed if c.get("PREFETCH")), None),
-                "best_single_row_without_prefetch": next((c for c in timed if c["BLOCK_M"] == 1 and not c.get("PREFETCH")), None),
-                # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
-                "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
-                "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
-                "best_words_as_loaded": next((c for c in timed if c.get("K_WIDTH") == 0), None),
-                "all": timed})
+    row.update(bests(timed, tuner_space(fmt_name, m)))
     # the split-K wrapper alone: zero the fp32 buffer, cast it back (what SPLIT_K > 1 adds to a call)
     row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))
     # the three fastest, and the tuner's best, as gpu_kernels.py times a layer: weights rotated through DRAM
     rotated = {}
-    for label, config in [("tuner_best", in_tuner[0])] + [(f"wide_{i}", c) for i, c in enumerate(timed[:3])]:
+    for label, config in [("tuner_best", row["tuner_best"])] + [(f"wide_{i}", c) for i, c in enumerate(timed[:3])]:
         launch_config = {key: config[key] for key in config if key != "ms"}
         rotated[label] = {**launch_config, "rotating_ms": rotating_time_ms(
             [lambda t=t, c=launch_config: quantised_linear(fmt, x, t, c) for t in sets])}
@@ -166,6 +176,7 @@ def print_row(r: dict) -> None:
                 + (" prefetch" if c.get("PREFETCH") else "")
                 + (" bytes" if c.get("WORD_DOTS") is False else "")
                 + (" words as loaded" if c.get("K_WIDTH") == 0 else "")
+                + (" transposed" if c.get("TRANSPOSED") else "")
                 + (f" {c['ms'] * 1e3:.1f}us" if c.get("ms") is not None else "")
                 + (f" (rotated {c['rotating_ms'] * 1e3:.1f}us)" if "rotating_ms" in c else ""))
 
@@ -185,6 +196,9 @@ def print_row(r: dict) -> None:
     if r["best_byte_path"] is not None:
         print(f"  tensor cores, int32 words: {brief(r['best_word_dots'])}; bytes: {brief(r['best_byte_path'])}; "
               f"words as loaded: {brief(r['best_words_as_loaded'])}", flush=True)
+    if r.get("best_transposed") is not None:
+        print(f"  word_dots turned round (8 rows): {brief(r['best_transposed'])}; "
+              f"16 rows: {brief(r['best_upright_word_dots'])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ One kernel, two regimes picked by M (kernels/triton_common.regime):
 - gemv (M <= 16, memory-bound decode): BLOCK_M = 1 (single_row) reads the weights as int32
   words and multiplies and sums on the FMA units, or BLOCK_M = 16 runs tl.dot (M in 2..16, and
   timed against the former at M = 1; word_dots, which reads int32 words too, for K steps of 64 and
-  128, the byte path for groups of 32); split-K spreads the K loop over more programs so the whole
+  128, the byte path for groups of 32), or BLOCK_M = 8 runs word_dots turned round (TRANSPOSED: W
+  x^T, for M <= 8); split-K spreads the K loop over more programs so the whole
   GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
   sum of products, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows.
@@ -52,6 +53,15 @@ def _candidates(m: int, group: int) -> list[dict]:
                    "num_stages": 3} for bk in steps if bk >= 64 for sk in (1, 2, 4, 8)]
         space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3}
                   for bn, warps in ((256, 4), (512, 8)) if 128 in steps for sk in (1, 2, 4, 8)]
+        if m <= 8 and 128 in steps:
+            # word_dots turned round (TRANSPOSED): up to 8 rows of x in a tile of 8 (its accumulators,
+            # multiply-adds and the activations' split halved against a 16-row tile): 3.45 instructions
+            # per weight byte at 128 x 128 against 4.33 at the leanest 16-row tile (Triton 3.9; 3.6:
+            # 3.63 and 4.82; kernels_compile.py). One warp a program: with 2 the unpacked weights went
+            # through shared memory to the other warp's operand rows, and from 4 Triton takes Hopper's
+            # warpgroup MMA, which reads them from there. So the split fills the GPU instead.
+            space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 1, "num_stages": 3,
+                       "TRANSPOSED": True} for bn in (64, 128) for sk in (1, 2, 4, 8, 16)]
         if m == 1:
             # single_row repeats each K step's activation work in every thread of a row of
             # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
@@ -103,7 +113,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0):
+                  PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0,
+                  TRANSPOSED: tl.constexpr = False):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -119,7 +130,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
     elif BLOCK_M <= 16 and BLOCK_K >= 64 and WORD_DOTS:  # decode (M <= 16) on the tensor cores
         acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH)
+                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH,
+                        TRANSPOSED)
     else:
         offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
         mask_m = offs_m < M
@@ -239,7 +251,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
 def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
               X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr):
+              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """x @ dequant(W)^T for up to 16 rows of x on the tensor cores, [BLOCK_M, BLOCK_N] in fp32,
     the weights read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j).
 
@@ -258,6 +270,12 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     Each dot is K = BLOCK_K / 4 deep, so BLOCK_K >= 64 (a GPU's tl.dot takes K >= 16). In K steps
     of 128 the words and activations are first relabelled into the tensor cores' operand order
     (operand_order), so the unpacked pairs need not go through shared memory to their threads.
+
+    TRANSPOSED turns the product round, out^T = W x^T: the weights become the dots' first operand
+    (16 rows of the tensor cores' m16n8k16 tile) and x^T the second (8 columns), so a tile of
+    BLOCK_M = 8 carries up to 8 rows of x where the other way round every tile carries 16. At
+    decode that halves the accumulators, their multiply-adds per step and the activations' split,
+    which every warp does for the whole step. Same words, same sums; returned as [BLOCK_M, BLOCK_N].
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
@@ -277,7 +295,10 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
         base = 128.0
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if TRANSPOSED:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
         words = tl.reshape(operand_order(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), K_WIDTH), (BLOCK_N, BLOCK_K // 8))
@@ -290,15 +311,16 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
         x_b0, x_b1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 8, 2, 2, 2)))
         x_0, x_2 = tl.split(x_b0)
         x_1, x_3 = tl.split(x_b1)
-        part = tl.dot(pair_order(x_0, BLOCK_M, BLOCK_K), pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
-                      out_dtype=tl.float32)
-        part = tl.dot(pair_order(x_1, BLOCK_M, BLOCK_K), pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
-                      acc=part, out_dtype=tl.float32)
-        part = tl.dot(pair_order(x_2, BLOCK_M, BLOCK_K), pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
-                      acc=part, out_dtype=tl.float32)
-        part = tl.dot(pair_order(x_3, BLOCK_M, BLOCK_K), pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE),
-                      acc=part, out_dtype=tl.float32)
-        acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
+        part = nibble_pair_dot(words, x_0, 0, None, nibble_mask, exponents, X_DTYPE, DOT_DTYPE, TRANSPOSED)
+        part = nibble_pair_dot(words, x_1, 1, part, nibble_mask, exponents, X_DTYPE, DOT_DTYPE, TRANSPOSED)
+        part = nibble_pair_dot(words, x_2, 2, part, nibble_mask, exponents, X_DTYPE, DOT_DTYPE, TRANSPOSED)
+        part = nibble_pair_dot(words, x_3, 3, part, nibble_mask, exponents, X_DTYPE, DOT_DTYPE, TRANSPOSED)
+        if TRANSPOSED:
+            acc += (part - (zero + base)[:, None] * x_sum[None, :]) * scale[:, None]
+        else:
+            acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
+    if TRANSPOSED:
+        acc = tl.trans(acc)
     return acc
 
 
@@ -334,23 +356,32 @@ def operand_order(t, K_WIDTH: tl.constexpr):
 
 
 @triton.jit
-def pair_order(x_pairs, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_K / 8, 2] -> [BLOCK_M, BLOCK_K / 4]: K position 2j + h, as pair_floats' rows."""
-    return tl.reshape(x_pairs, (BLOCK_M, BLOCK_K // 4))
+def nibble_pair_dot(words, x_pairs, i: tl.constexpr, part, nibble_mask, exponents, X_DTYPE: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """One of a K step's four dots: the activations x_pairs [M, J, 2] (K position 2j + h: the input
+    of nibble i + 4h of word j) times nibbles i and i + 4 of the words [N, J] as pair_floats makes
+    them, added to `part` (None: the first). [M, N], or [N, M] when TRANSPOSED."""
+    x_i = tl.reshape(x_pairs, (x_pairs.shape[0], 2 * x_pairs.shape[1]))
+    w_i = pair_floats(words, i, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)
+    if TRANSPOSED:  # one return: Triton asks every return of a function for one type
+        product = tl.dot(w_i, tl.trans(x_i), acc=part, out_dtype=tl.float32)
+    else:
+        product = tl.dot(x_i, tl.trans(w_i), acc=part, out_dtype=tl.float32)
+    return product
 
 
 @triton.jit
 def pair_floats(words, i: tl.constexpr, nibble_mask, exponents, X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Nibbles i and i + 4 of each word [N, J] (a row of words per output column, as they lie in
-    memory) as 16-bit floats B + q, [2J, N] with row 2j + h holding nibble i + 4h of word j: one
-    AND-OR per word makes both, and the rest only relabels. Joining the halves along a last axis,
-    then transposing, keeps each register's pair together in Triton 3.6 too; from a [J, N] tile,
-    joined and permuted, 3.6 moved the halves between threads (about 200 SHFL and SEL a step at
-    128 wide: 9.1 instructions per weight byte against 7.7; the same 6.4 in 3.9)."""
+    memory) as 16-bit floats B + q, [N, 2J] with column 2j + h holding nibble i + 4h of word j: one
+    AND-OR per word makes both, and the rest only relabels. Joining the halves along a last axis
+    keeps each register's pair together in Triton 3.6 too; from a [J, N] tile, joined and permuted,
+    3.6 moved the halves between threads (about 200 SHFL and SEL a step at 128 wide: 9.1
+    instructions per weight byte against 7.7; the same 6.4 in 3.9)."""
     floats = ((words >> (4 * i)) & nibble_mask) | exponents  # >> is arithmetic: the mask drops the sign bits
     half = tl.float16 if X_DTYPE == tl.float16 else tl.bfloat16
     pairs = tl.join(floats.to(tl.int16), (floats >> 16).to(tl.int16)).to(half, bitcast=True)  # [N, J, 2]
-    return tl.trans(tl.reshape(pairs, (words.shape[0], 2 * words.shape[1]))).to(DOT_DTYPE)
+    return tl.reshape(pairs, (words.shape[0], 2 * words.shape[1])).to(DOT_DTYPE)
 
 
 @triton.jit

@@ -241,12 +241,15 @@ def test_the_candidate_spaces_fit_a_gpu():
         for group in (32, 64, 128, 4096, 96):
             for c in w4_candidates(m, group):
                 assert group % c["BLOCK_K"] == 0 and c["BLOCK_K"] // 2 >= 16
-                assert c["BLOCK_M"] in (1, 16) if m <= 16 else c["BLOCK_M"] >= 16
+                # decode: single_row, 16-row tensor-core tiles, or 8-row ones turned round (W x^T: x^T is
+                # the dot's 8-column operand, which a GPU takes) at M <= 8
+                assert c["BLOCK_M"] in ((1, 16) if m > 8 or not c.get("TRANSPOSED") else (8,)) if m <= 16 else c["BLOCK_M"] >= 16
         for c in w8_candidates(m):
             assert c["BLOCK_K"] >= 16 and (c["BLOCK_M"] in (1, 16) if m <= 16 else c["BLOCK_M"] >= 16)
         splits = {c["SPLIT_K"] for c in w4_candidates(m, 128)}
         # decode may go without atomics; a prefill of up to 128 rows may split (its layers have few tiles)
-        assert splits == ({1, 2, 4, 8} if m <= 16 else {1, 2, 4} if m <= 128 else {1})
+        # (up to 8 rows, the one-warp tiles turned round may split in 16)
+        assert splits == ({1, 2, 4, 8, 16} if m <= 8 else {1, 2, 4, 8} if m <= 16 else {1, 2, 4} if m <= 128 else {1})
 
 
 def test_int4_layers_whose_groups_a_gpu_kernel_cannot_step_run_the_reference_on_cuda():
