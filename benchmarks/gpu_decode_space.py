@@ -1,7 +1,7 @@
 """Decode launch space (GPU): every config of a wider space than the tuner's, timed, per layer shape.
 
 The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step, split and (INT4 at M = 1) loading ahead,
-with 4 warps (8 for INT4's 256 x 128 tensor-core tiles, 1 for its 8-row ones) and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps (and the tuner's own count) and
+with 4 warps (8 for INT4's 256 x 128 tensor-core tiles, 1 for its 8-row ones) and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps (tiles turned round keep theirs: one a K step) and
 3 or 4 stages, for W4A16 (INT4 groups of 128) and W8A16 at decode sizes (M = 1 and 16) on
 Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 flushed before each
 replay). Per shape and M it reports the tuner's best, the wider space's best, the best per warp
@@ -54,7 +54,8 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     base = tuner_space(fmt_name, m)
     configs = []
     for config in base:
-        for warps in sorted({config["num_warps"], *WARPS}):  # the tuner's own too: TRANSPOSED tiles run 1
+        # tiles turned round keep their warps: one a K step (STACK); the others also run 2, 4 and 8
+        for warps in (config["num_warps"],) if config.get("TRANSPOSED") else WARPS:
             for stages in STAGES:
                 varied = {**config, "num_warps": warps, "num_stages": stages}
                 if fmt_name == "int8" and varied["BLOCK_M"] == 1 and not triton_w8a16._fits(varied):
@@ -90,8 +91,7 @@ def bests(timed: list[dict], tuner: list[dict]) -> dict:
             "best_words_as_loaded": next((c for c in timed if c.get("K_WIDTH") == 0), None),
             # word_dots turned round (8-row tiles, M <= 8) against its 16-row tiles
             "best_transposed": next((c for c in timed if c.get("TRANSPOSED")), None),
-            "best_upright_word_dots": next((c for c in timed if runs_word_dots(c) and c["BLOCK_M"] == 16
-                                            and without_ms(c) in tuner), None),
+            "best_upright_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
             "all": timed}
 
 
@@ -176,7 +176,7 @@ def print_row(r: dict) -> None:
                 + (" prefetch" if c.get("PREFETCH") else "")
                 + (" bytes" if c.get("WORD_DOTS") is False else "")
                 + (" words as loaded" if c.get("K_WIDTH") == 0 else "")
-                + (" transposed" if c.get("TRANSPOSED") else "")
+                + (f" turned round, {c.get('STACK', 1)} along K" if c.get("TRANSPOSED") else "")
                 + (f" {c['ms'] * 1e3:.1f}us" if c.get("ms") is not None else "")
                 + (f" (rotated {c['rotating_ms'] * 1e3:.1f}us)" if "rotating_ms" in c else ""))
 

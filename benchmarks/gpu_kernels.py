@@ -142,6 +142,8 @@ def route(config: dict, fmt_name: str) -> str:
         path = "single row" + (", loading ahead" if config.get("PREFETCH") else "")
     elif config["BLOCK_M"] > 16:
         path = "tiled GEMM"
+    elif fmt_name.startswith("int4") and config.get("TRANSPOSED"):
+        path = f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
     elif fmt_name.startswith("int4") and runs_word_dots(config):
         path = "tensor cores, int32 words"
     else:

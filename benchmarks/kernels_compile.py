@@ -96,10 +96,11 @@ def k_loop_instructions(cubin: bytes) -> Counter:
 
 
 def weight_bytes_per_thread(name: str, config: dict) -> float:
-    """Weight bytes one thread reads per K step (the loop runs one step per pass)."""
+    """Weight bytes one thread reads per pass of the K loop (one K step, or STACK of them)."""
     per_column = {"w4a16": config["BLOCK_K"] // 2, "w8a16": config["BLOCK_K"], "dense": 2 * config["BLOCK_K"]}[
         name.split("-")[0]]
-    return config["BLOCK_N"] * per_column / (32 * config["num_warps"])
+    # a TRANSPOSED INT4 tile runs STACK K steps a pass, one a warp
+    return config["BLOCK_N"] * per_column * config.get("STACK", 1) / (32 * config["num_warps"])
 
 
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}

@@ -54,14 +54,15 @@ def _candidates(m: int, group: int) -> list[dict]:
         space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3}
                   for bn, warps in ((256, 4), (512, 8)) if 128 in steps for sk in (1, 2, 4, 8)]
         if m <= 8 and 128 in steps:
-            # word_dots turned round (TRANSPOSED): up to 8 rows of x in a tile of 8 (its accumulators,
-            # multiply-adds and the activations' split halved against a 16-row tile): 3.45 instructions
-            # per weight byte at 128 x 128 against 4.33 at the leanest 16-row tile (Triton 3.9; 3.6:
-            # 3.63 and 4.82; kernels_compile.py). One warp a program: with 2 the unpacked weights went
-            # through shared memory to the other warp's operand rows, and from 4 Triton takes Hopper's
-            # warpgroup MMA, which reads them from there. So the split fills the GPU instead.
-            space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 1, "num_stages": 3,
-                       "TRANSPOSED": True} for bn in (64, 128) for sk in (1, 2, 4, 8, 16)]
+            # word_dots turned round (TRANSPOSED, turned_word_dots): up to 8 rows of x in a tile of 8
+            # (accumulators, multiply-adds and the activations' split halved against a 16-row tile):
+            # 3.43 instructions per weight byte at 128 x 128 with one warp against 4.33 at the leanest
+            # 16-row tile (Triton 3.9; 3.6: 3.62 and 4.82; kernels_compile.py); and with 4 warps side
+            # by side along K (STACK), 3.86, for fewer programs splitting K over atomics.
+            space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": stack, "num_stages": 3,
+                       "TRANSPOSED": True, "STACK": stack}
+                      for stack, splits in ((1, (1, 2, 4, 8, 16)), (4, (1, 2, 4))) if stack in TURNED_STACKS
+                      for bn in (64, 128) for sk in splits]
         if m == 1:
             # single_row repeats each K step's activation work in every thread of a row of
             # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
@@ -91,10 +92,24 @@ def operand_k_width(version: str = triton.__version__) -> int:
 K_WIDTH = operand_k_width()  # read once: the launch path must not parse versions
 
 
+def turned_stacks(version: str = triton.__version__) -> tuple[int, ...]:
+    """The STACKs (warps side by side along K) of the 8-row tiles turned round that this Triton
+    compiles well for sm_90 (benchmarks/kernels_compile.py): none before 3.6, whose tl.dot refuses
+    an 8-wide operand (3.4: "N >= 16"); one warp from 3.6; 4 from 3.7 (3.6 moved the unpacked
+    weights of a batched dot through shared memory: 6.1 instructions per weight byte, not 3.9)."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return () if (major, minor) < (3, 6) else (1,) if (major, minor) < (3, 7) else (1, 4)
+
+
+TURNED_STACKS = turned_stacks()
+
+
 def runs_word_dots(config: dict) -> bool:
     """Whether a launch config takes word_dots (the kernel's own branch, in Python for the benchmarks
-    that name a config's path): tensor-core decode tiles, K steps of 64 or more, not switched off."""
-    return 1 < config["BLOCK_M"] <= 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
+    that name a config's path): tensor-core decode tiles, K steps of 64 or more, not switched off,
+    not turned round (turned_word_dots)."""
+    return (1 < config["BLOCK_M"] <= 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
+            and not config.get("TRANSPOSED"))
 
 
 def k_steps(group: int) -> list[int]:
@@ -114,7 +129,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0,
-                  TRANSPOSED: tl.constexpr = False):
+                  TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -128,10 +143,12 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
+    elif TRANSPOSED:  # decode (M <= 8) on the tensor cores, W x^T
+        acc = turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
+                               GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH, STACK)
     elif BLOCK_M <= 16 and BLOCK_K >= 64 and WORD_DOTS:  # decode (M <= 16) on the tensor cores
         acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH,
-                        TRANSPOSED)
+                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH)
     else:
         offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
         mask_m = offs_m < M
@@ -251,7 +268,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
 def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
               X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr):
     """x @ dequant(W)^T for up to 16 rows of x on the tensor cores, [BLOCK_M, BLOCK_N] in fp32,
     the weights read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j).
 
@@ -270,58 +287,142 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     Each dot is K = BLOCK_K / 4 deep, so BLOCK_K >= 64 (a GPU's tl.dot takes K >= 16). In K steps
     of 128 the words and activations are first relabelled into the tensor cores' operand order
     (operand_order), so the unpacked pairs need not go through shared memory to their threads.
-
-    TRANSPOSED turns the product round, out^T = W x^T: the weights become the dots' first operand
-    (16 rows of the tensor cores' m16n8k16 tile) and x^T the second (8 columns), so a tile of
-    BLOCK_M = 8 carries up to 8 rows of x where the other way round every tile carries 16. At
-    decode that halves the accumulators, their multiply-adds per step and the activations' split,
-    which every warp does for the whole step. Same words, same sums; returned as [BLOCK_M, BLOCK_N].
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
-    if X_PAIRS:  # the step's activations are read as a row of 16-bit values here, not as pairs
-        x_rows = x_ptr.to(tl.pointer_type(X_DTYPE)) + offs_m[:, None] * (2 * stride_xm)
-    else:
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
-    # Registers the compiler cannot see are constant (N >> 31 is 0), as in single_row: as
-    # immediates, ptxas materialised the mask again before each use (IMAD.MOV).
-    unknown_zero = N >> 31
-    nibble_mask = unknown_zero + 0x000F000F
-    if X_DTYPE == tl.float16:
-        exponents = unknown_zero + 0x64006400
-        base = 1024.0
-    else:
-        exponents = unknown_zero + 0x43004300
-        base = 128.0
+    x_rows = activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS, X_DTYPE)[:, None]
+    nibble_mask, exponents, base = pair_constants(N, X_DTYPE)
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
-    if TRANSPOSED:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
         words = tl.reshape(operand_order(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), K_WIDTH), (BLOCK_N, BLOCK_K // 8))
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
         x_sum = tl.sum(x.to(tl.float32), axis=1)  # as the tensor cores see x
-        # in the words' operand order, x[:, 8j + 4h + 2a + b] -> x_ab[:, j, h]: the activations of
-        # nibbles i = 2a + b and i + 4 of word j
-        x = operand_order(tl.reshape(x, (BLOCK_M, BLOCK_K // 8, 8)), K_WIDTH)
-        x_b0, x_b1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 8, 2, 2, 2)))
-        x_0, x_2 = tl.split(x_b0)
-        x_1, x_3 = tl.split(x_b1)
-        part = nibble_pair_dot(words, x_0, 0, None, nibble_mask, exponents, X_DTYPE, DOT_DTYPE, TRANSPOSED)
-        part = nibble_pair_dot(words, x_1, 1, part, nibble_mask, exponents, X_DTYPE, DOT_DTYPE, TRANSPOSED)
-        part = nibble_pair_dot(words, x_2, 2, part, nibble_mask, exponents, X_DTYPE, DOT_DTYPE, TRANSPOSED)
-        part = nibble_pair_dot(words, x_3, 3, part, nibble_mask, exponents, X_DTYPE, DOT_DTYPE, TRANSPOSED)
-        if TRANSPOSED:
-            acc += (part - (zero + base)[:, None] * x_sum[None, :]) * scale[:, None]
-        else:
-            acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
-    if TRANSPOSED:
-        acc = tl.trans(acc)
+        x_0, x_1, x_2, x_3 = x_quarters(x, K_WIDTH)
+        part = tl.dot(x_0, tl.trans(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), out_dtype=tl.float32)
+        part = tl.dot(x_1, tl.trans(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
+        part = tl.dot(x_2, tl.trans(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
+        part = tl.dot(x_3, tl.trans(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
+        acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
     return acc
+
+
+@triton.jit
+def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
+                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
+                     X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, STACK: tl.constexpr):
+    """word_dots turned round (TRANSPOSED): out^T = W x^T, returned as [BLOCK_M, BLOCK_N] in fp32.
+
+    The weights become the dots' first operand (16 rows of the tensor cores' m16n8k16 tile) and
+    x^T the second (8 columns), so a tile of BLOCK_M = 8 carries up to 8 rows of x where word_dots'
+    carries 16: at decode that halves the accumulators, their multiply-adds each step and the
+    activations' split, which every warp does for its whole step. Same words, pairs and sums.
+
+    STACK K steps run side by side, one a warp (num_warps = STACK), as a batch of dots whose
+    partial sums meet once, after the loop: more warps a program without splitting K over programs
+    (whose partial sums meet through atomics in a buffer two more launches zero and cast). The
+    words are loaded as [BLOCK_N / 8, STACK, 8, J], which Triton lays out with a warp's lanes on 8
+    columns x J words and the warps on the steps, as the batched dot wants them: loaded as
+    [STACK, BLOCK_N, J], the lanes took columns across steps and the unpacked pairs went through
+    shared memory to their warps (Triton 3.9: 4.2 instructions per weight byte at 4 x 128 wide
+    against 3.9). With more than one warp on one step (the unbatched form) they went there too,
+    and from 4 warps Triton took Hopper's warpgroup MMA, which reads them from there."""
+    J: tl.constexpr = BLOCK_K // 8
+    steps = tl.arange(0, STACK)
+    columns = tl.reshape(offs_n, (BLOCK_N // 8, 1, 8, 1))
+    words_ptr = (w_ptr.to(tl.pointer_type(tl.int32)) + columns * (stride_wn // 4) + steps[None, :, None, None] * J
+                 + tl.arange(0, J)[None, None, None, :])  # [BLOCK_N / 8, STACK, 8, J]
+    row_words = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + tl.arange(0, J)[None, :]
+    x_rows = (activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS, X_DTYPE)[None, :, None]
+              + steps[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :])  # [STACK, BLOCK_M, BLOCK_K]
+    group_offsets = offs_n[None, :] * stride_sn
+    nibble_mask, exponents, base = pair_constants(N, X_DTYPE)
+    mask_m = (offs_m < M)[None, :, None]
+    mask_n = offs_n < N
+    acc = tl.zeros((STACK, BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K):
+        step_k = k0 + steps * BLOCK_K
+        if STACK == 1:  # every step is inside K: no mask along it; and [BLOCK_N, J] addresses cost fewer instructions
+            words = tl.reshape(tl.load(row_words + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N // 8, 1, 8, J))
+            x = tl.load(x_rows + k0, mask=mask_m, other=0.0).to(DOT_DTYPE)
+        else:
+            in_k = step_k < K
+            words = tl.load(words_ptr + k0 // 8, mask=(columns < N) & in_k[None, :, None, None], other=0)
+            x = tl.load(x_rows + k0, mask=mask_m & in_k[:, None, None], other=0.0).to(DOT_DTYPE)
+        words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (STACK * BLOCK_N, J, 1))
+        words = tl.reshape(operand_order(words, K_WIDTH), (STACK * BLOCK_N, J))
+        if STACK == 1:
+            in_group = mask_n[None, :]
+        else:  # a step past K: scale 0 takes it out of the sum
+            in_group = (step_k < K)[:, None] & mask_n[None, :]
+        group = (step_k // GROUP)[:, None]
+        scale = tl.load(s_ptr + group_offsets + group, mask=in_group, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + group_offsets + group, mask=in_group, other=0.0).to(tl.float32)
+        else:
+            zero = tl.full((STACK, BLOCK_N), 8.0, tl.float32)
+        x_sum = tl.sum(x.to(tl.float32), axis=2)  # [STACK, BLOCK_M], as the tensor cores see x
+        x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (STACK * BLOCK_M, BLOCK_K)), K_WIDTH)
+        part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
+                      tl.permute(stacked(x_0, STACK), (0, 2, 1)), out_dtype=tl.float32)
+        part = tl.dot(stacked(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
+                      tl.permute(stacked(x_1, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+        part = tl.dot(stacked(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
+                      tl.permute(stacked(x_2, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+        part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
+                      tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+        acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
+    return tl.trans(tl.sum(acc, axis=0))
+
+
+@triton.jit
+def stacked(t, STACK: tl.constexpr):
+    """[STACK * R, C] -> [STACK, R, C]: rows of the STACK steps apart, for a batched dot."""
+    return tl.reshape(t, (STACK, t.shape[0] // STACK, t.shape[1]))
+
+
+@triton.jit
+def activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr):
+    """The start of each row of x as 16-bit values (x arrives as int32 pairs) or fp32 ones."""
+    if X_PAIRS:
+        rows = x_ptr.to(tl.pointer_type(X_DTYPE)) + offs_m * (2 * stride_xm)
+    else:
+        rows = x_ptr + offs_m * stride_xm
+    return rows
+
+
+@triton.jit
+def pair_constants(N, X_DTYPE: tl.constexpr):
+    """pair_floats' mask and exponent bits, and B. As registers the compiler cannot see are constant
+    (N >> 31 is 0), as in single_row: as immediates, ptxas materialised the mask again before each
+    use (IMAD.MOV)."""
+    unknown_zero = N >> 31
+    if X_DTYPE == tl.float16:
+        exponents = unknown_zero + 0x64006400
+        base = 1024.0
+    else:
+        exponents = unknown_zero + 0x43004300
+        base = 128.0
+    return unknown_zero + 0x000F000F, exponents, base
+
+
+@triton.jit
+def x_quarters(x, K_WIDTH: tl.constexpr):
+    """A step's activations [R, BLOCK_K] as the four dots take them, [R, BLOCK_K / 4] each: in the
+    words' operand order, x[:, 8j + 4h + 2a + b] goes to quarter 2a + b at column 2j + h, the input
+    of nibble 2a + b (h = 0) or 2a + b + 4 (h = 1) of word j."""
+    rows: tl.constexpr = x.shape[0]
+    j: tl.constexpr = x.shape[1] // 8
+    x = operand_order(tl.reshape(x, (rows, j, 8)), K_WIDTH)
+    x_b0, x_b1 = tl.split(tl.reshape(x, (rows, j, 2, 2, 2)))
+    x_0, x_2 = tl.split(x_b0)
+    x_1, x_3 = tl.split(x_b1)
+    return tl.reshape(x_0, (rows, 2 * j)), tl.reshape(x_1, (rows, 2 * j)), tl.reshape(x_2, (rows, 2 * j)), \
+        tl.reshape(x_3, (rows, 2 * j))
 
 
 @triton.jit
@@ -353,21 +454,6 @@ def operand_order(t, K_WIDTH: tl.constexpr):
         return tl.reshape(tl.permute(tl.reshape(t, (rows, 4, j // 8, 2, w)), (0, 2, 1, 3, 4)), (rows, j, w))
     else:
         return t
-
-
-@triton.jit
-def nibble_pair_dot(words, x_pairs, i: tl.constexpr, part, nibble_mask, exponents, X_DTYPE: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """One of a K step's four dots: the activations x_pairs [M, J, 2] (K position 2j + h: the input
-    of nibble i + 4h of word j) times nibbles i and i + 4 of the words [N, J] as pair_floats makes
-    them, added to `part` (None: the first). [M, N], or [N, M] when TRANSPOSED."""
-    x_i = tl.reshape(x_pairs, (x_pairs.shape[0], 2 * x_pairs.shape[1]))
-    w_i = pair_floats(words, i, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)
-    if TRANSPOSED:  # one return: Triton asks every return of a function for one type
-        product = tl.dot(w_i, tl.trans(x_i), acc=part, out_dtype=tl.float32)
-    else:
-        product = tl.dot(x_i, tl.trans(w_i), acc=part, out_dtype=tl.float32)
-    return product
 
 
 @triton.jit

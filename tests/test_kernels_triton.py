@@ -100,32 +100,42 @@ def test_w4a16_word_dots_in_each_operand_order(k_width, fmt_name, n, k, m, split
 
 
 @pytest.mark.parametrize("k_width", [0, 2, 4])
-@pytest.mark.parametrize("fmt_name,n,k,m,block_m,split,dtype", [
-    ("int4-g128", 33, 256, 1, 8, 1, torch.bfloat16), ("int4-g128-sym", 40, 512, 8, 8, 3, torch.float16),
-    ("int4-pc", 17, 384, 5, 8, 2, torch.float32), ("int4-g128", 9, 384, 16, 16, 2, torch.bfloat16)])
-def test_w4a16_word_dots_transposed(k_width, fmt_name, n, k, m, block_m, split, dtype):
-    """TRANSPOSED runs word_dots as W x^T (the weights the dots' first operand, the rows of x their
-    columns, the tile turned back on return): the reference's sums in either operand order, for
-    M = 1 and 5 in 8-row tiles, a full 8, and 16 rows; fp32 activations enter the dots as bf16."""
+@pytest.mark.parametrize("fmt_name,n,k,m,block_m,split,stack,dtype", [
+    ("int4-g128", 33, 256, 1, 8, 1, 1, torch.bfloat16), ("int4-g128-sym", 40, 512, 8, 8, 3, 1, torch.float16),
+    ("int4-pc", 17, 384, 5, 8, 2, 1, torch.float32), ("int4-g128", 9, 384, 16, 16, 2, 1, torch.bfloat16),
+    ("int4-g128", 33, 640, 1, 8, 1, 4, torch.bfloat16), ("int4-g128-sym", 24, 1152, 7, 8, 2, 4, torch.float16),
+    ("int4-g64", 17, 384, 3, 8, 1, 2, torch.bfloat16)])
+def test_w4a16_word_dots_turned_round(k_width, fmt_name, n, k, m, block_m, split, stack, dtype):
+    """TRANSPOSED runs word_dots as W x^T (turned_word_dots: the weights the dots' first operand,
+    the rows of x their columns, the tile turned back on return): the reference's sums in either
+    operand order, for M = 1 and 5 in 8-row tiles, a full 8, and 16 rows; fp32 activations enter the
+    dots as bf16; and with STACK K steps side by side, where K's last pass holds fewer steps than
+    STACK (5 steps of 128 in 4s; 9 in 4s split over 2 programs; K steps of 64 in 2s)."""
     from mpq.kernels.triton_w4a16 import w4a16_linear
 
     fmt, t, x, bias = _inputs(fmt_name, n, k, m, dtype, seed=n + k + m + k_width)
-    config = {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": split, "K_WIDTH": k_width, "TRANSPOSED": True}
+    config = {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 128 if fmt.group_along(k) % 128 == 0 else 64,
+              "SPLIT_K": split, "K_WIDTH": k_width, "TRANSPOSED": True, "STACK": stack}
     got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
     assert got.shape == (m, n) and got.dtype == dtype
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
 
 
 def test_w4a16_decode_space_turns_round_up_to_8_rows():
-    """The tuner times 8-row TRANSPOSED tiles (one warp, K steps of 128) at M <= 8, not above, and
-    only where a group holds a K step of 128."""
-    from mpq.kernels.triton_w4a16 import _candidates
+    """The tuner times 8-row TRANSPOSED tiles (a warp a K step, K steps of 128) at M <= 8, not
+    above, only where a group holds a K step of 128, and only the STACKs this Triton compiles well:
+    none before 3.6 (its tl.dot refuses 8 columns), 1 on 3.6, 1 and 4 from 3.7."""
+    from mpq.kernels.triton_w4a16 import TURNED_STACKS, _candidates, turned_stacks
+
+    assert [turned_stacks(v) for v in ("3.4.0", "3.5.1", "3.6.0", "3.7.1", "3.9.0", "4.0.0+git")] == \
+        [(), (), (1,), (1, 4), (1, 4), (1, 4)]
 
     def turned(m: int, group: int) -> list[dict]:
         return [c for c in _candidates(m, group) if c.get("TRANSPOSED")]
 
-    assert all(len(turned(m, 128)) == 10 for m in (1, 2, 4, 8)) and not turned(16, 128) and not turned(1, 64)
-    assert all(c["BLOCK_M"] == 8 and c["BLOCK_K"] == 128 and c["num_warps"] == 1 for c in turned(1, 128))
+    assert {c["STACK"] for c in turned(1, 128)} == set(TURNED_STACKS) and TURNED_STACKS
+    assert all(len(turned(m, 128)) == len(turned(1, 128)) for m in (2, 4, 8)) and not turned(16, 128) and not turned(1, 64)
+    assert all(c["BLOCK_M"] == 8 and c["BLOCK_K"] == 128 and c["num_warps"] == c["STACK"] for c in turned(1, 128))
 
 
 def test_operand_order_follows_the_triton_generation():
