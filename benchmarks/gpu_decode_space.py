@@ -9,8 +9,8 @@ count, the best single-row INT4 config at M = 1 with and without PREFETCH, the b
 tensor-core config reading int32 words (word_dots) against the same configs on the byte path
 (WORD_DOTS=False) and with each step's words in the order they were loaded (K_WIDTH=0, not in the
 tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps and stages only, the best 8-row
-tile turned round (TRANSPOSED, M <= 8) against the best 16-row word_dots tile, and the time of the split-K wrapper alone (zero an fp32 buffer, cast it back: the two
-launches a config with SPLIT_K > 1 adds). The three fastest of each are timed again as
+tile turned round (TRANSPOSED, M <= 8) against the best 16-row word_dots tile, and the time of the old split-K wrapper alone (zero an fp32 buffer, cast it back: the two
+launches a config with SPLIT_K > 1 added before its last program finished the sum). The three fastest of each are timed again as
 gpu_kernels.py times a layer (weights rotated through DRAM), so the rows compare with its table.
 Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
 
@@ -127,7 +127,8 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
         return row
     timed.sort(key=lambda c: c["ms"])
     row.update(bests(timed, tuner_space(fmt_name, m)))
-    # the split-K wrapper alone: zero the fp32 buffer, cast it back (what SPLIT_K > 1 adds to a call)
+    # the old split-K wrapper alone: zero an fp32 buffer, cast it back (what SPLIT_K > 1 added to a call
+    # before the last program of a tile finished the sum in the kernel)
     row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))
     # the three fastest, and the tuner's best, as gpu_kernels.py times a layer: weights rotated through DRAM
     rotated = {}

@@ -95,8 +95,9 @@ def eager_ms(fn, calls: int = 200) -> float:
 
 
 def launch_floors_us(columns: int = 4096, calls: int = 64) -> dict[str, float]:
-    """Device time per call, in a CUDA graph of `calls` in a row, of the two ops split-K adds around
-    its kernel (zeroing the fp32 sum, casting it back) on one decode row of a 4096-wide layer: what
+    """Device time per call, in a CUDA graph of `calls` in a row, of the two ops split-K added around
+    its kernel before it finished the sum in the kernel (zeroing the fp32 sum, casting it back; run
+    1's tables include them) on one decode row of a 4096-wide layer: what
     a launch costs when it moves next to nothing, beside the fixed part kernel_fit.py finds in each
     kernel's time."""
     from mpq.kernels.triton_tuning import rotating_time_ms

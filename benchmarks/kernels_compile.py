@@ -121,7 +121,8 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     runtime = {"x_ptr": ("*i32" if pairs else f"*{activations}", 0),
                "w_ptr": ("*bf16" if dense else "*u8" if int4 else "*i8", 0),
                "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0), "slot_ptr": ("*i32" if grouped else "*bf16", 0),
-               "out_ptr": ("*fp32" if atomic else f"*{activations}", 0), "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
+               "out_ptr": (f"*{activations}", 0), "sums_ptr": ("*fp32", 0), "counts_ptr": ("*i32", 0),
+               "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
                "stride_xm": ("i32", k // 2 if pairs else k), "stride_wn": ("i32", row_bytes),
                "stride_sn": ("i32", k // group), "stride_om": ("i32", n),
                "stride_we": ("i32", n * row_bytes if grouped else 0),
@@ -193,6 +194,9 @@ def problems(row: dict, arch: int) -> list[str]:
         found.append("tensor cores " + ("unused on a tl.dot path" if row["config"]["BLOCK_M"] > 1 else "on the M = 1 path"))
     if row["atomics"] != (row["config"]["SPLIT_K"] > 1):
         found.append("atomics " + ("missing under split-K" if row["config"]["SPLIT_K"] > 1 else "without split-K"))
+    if row["atomics"] and not any(op.startswith("atom.global.gpu.acq_rel") for op in row["ops"]):
+        # the count that orders a tile's partial sums before its last program reads them (store_tile)
+        found.append("split-K's count is not an acquire-release atomic at the GPU's scope")
     if row["byte_loads"]:
         found.append("weights loaded one byte at a time")
     local = row["loop_opcodes"].get("LDL", 0) + row["loop_opcodes"].get("STL", 0)

@@ -2,11 +2,11 @@
 
 An eager decode step is bound by the host: on the H200 machine an eager INT4 call at M <= 16 took
 84-154 us against 10-35 us of kernel (benchmarks/results/kernels-NVIDIA_H200-*.json). That time is
-mpq's launcher (checks, the tuner's cache, the output buffer, split-K's zeroing and cast) plus
+mpq's launcher (checks, the tuner's cache, the output buffer and, then, split-K's zeroing and cast) plus
 Triton's. This script times the first part: w4a16_linear and w8a16_linear on CPU tensors, a 4096 x
 4096 layer at M = 1 with a chosen config (with and without split-K), each kernel replaced by a stub
 that takes the launch's arguments and does nothing. Beside them, the same torch calls a split-K
-launch makes (zeros, cast) and a tiny F.linear, as yardsticks of this machine's per-op cost.
+launch made before it finished the sum in the kernel (zeros, cast) and a tiny F.linear, as yardsticks of this machine's per-op cost.
 Prints a table and writes JSON.
 
     python benchmarks/launch_overhead.py

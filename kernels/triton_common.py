@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mpq.kernels.split_sums import split_buffers
 from mpq.kernels.triton_tuning import choose_config, chosen_config, m_bucket
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def block_m_for(m: int) -> int:
 
 def decode_candidates(m: int, k_steps: list[int], dot_k_step: int) -> list[dict]:
     """The decode (M <= 16) launch space both kernels share: tile width, K step and split (1 = no
-    atomics), which trade parallelism against extra launches. At M = 1 a few tl.dot configs (15 of
+    atomics), which trade parallelism against atomics and the last program's sum. At M = 1 a few tl.dot configs (15 of
     their 16 rows masked) join the multiply-and-sum ones: the tensor cores do the multiply-adds that
     would otherwise compete with dequantisation for issue slots, and the timer decides which wins."""
     space = [{"BLOCK_M": block_m_for(m), "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
@@ -145,36 +146,36 @@ def _grid_and_arguments(x: torch.Tensor, n: int, pointers: tuple, scalars: tuple
                         x_arg: torch.Tensor | None, out: torch.Tensor) -> tuple[tuple, tuple, dict]:
     """The grid, positional and keyword arguments of one launch (run_config's layout)."""
     grid = (cdiv(x.shape[0], config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-    arguments = (x if x_arg is None else x_arg, *pointers, out, *scalars, out.stride(0))
+    if config["SPLIT_K"] > 1:  # sized for the M bucket, so a later call of it (a graph's, say) fits
+        rows = m_bucket(x.shape[0])
+        sums, counts = split_buffers(x, rows * n, cdiv(rows, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]))
+    else:  # unread
+        sums, counts = out, out
+    arguments = (x if x_arg is None else x_arg, *pointers, out, *scalars, out.stride(0), sums, counts)
     return grid, arguments, {**meta, "ATOMIC": config["SPLIT_K"] > 1, "DOT_DTYPE": dot_dtype(x.dtype), **config}
-
-
-def _output(x: torch.Tensor, n: int, config: dict, zeroed: bool = True) -> torch.Tensor:
-    if config["SPLIT_K"] > 1:  # partial sums meet in fp32 through atomics
-        return (torch.zeros if zeroed else torch.empty)((x.shape[0], n), device=x.device, dtype=torch.float32)
-    return torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
 
 
 def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
                config: dict, x_arg: torch.Tensor | None = None) -> torch.Tensor:
     """Allocate the output and launch one config.
 
-    Kernels take (x, *pointers, out, *scalars, stride of out, **meta); `x_arg` replaces x there
-    when a kernel reads it through another view (W4A16's int32 pairs). A config with SPLIT_K > 1
-    adds its partial sums through fp32 atomics into a zeroed buffer that is cast back here; one
-    without split stores its tile once, in the activation dtype, with no extra launch.
+    Kernels take (x, *pointers, out, *scalars, stride of out, sums, counts, **meta); `x_arg`
+    replaces x there when a kernel reads it through another view (W4A16's int32 pairs). A config
+    with SPLIT_K > 1 meets its partial sums in `sums` and `counts` (kernels/split_sums.py), and its
+    last program per tile stores the tile; either way one launch writes the output in the
+    activation dtype.
     """
-    out = _output(x, n, config)
+    out = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
     grid, arguments, keywords = _grid_and_arguments(x, n, pointers, scalars, meta, config, x_arg, out)
     kernel[grid](*arguments, **keywords)
-    return out.to(x.dtype) if config["SPLIT_K"] > 1 else out
+    return out
 
 
 def compile_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
                    config: dict, x_arg: torch.Tensor | None = None) -> None:
     """Compile the kernel as run_config would launch it, without running it (Triton's warmup:
     the same specialisation and cache entry as the launch, so the launch then finds it compiled)."""
-    out = _output(x, n, config, zeroed=False)
+    out = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
     grid, arguments, keywords = _grid_and_arguments(x, n, pointers, scalars, meta, config, x_arg, out)
     # The device is per thread in CUDA; Triton files the kernel under the current one.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
@@ -244,13 +245,24 @@ def grouped_row(slot_ptr, M, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr):
-    """Write the fp32 tile: add it into a zeroed fp32 buffer under split-K, else store it cast.
-    The adds are relaxed: partial sums need no order among themselves, and the launch's end orders
-    them before any reader (Triton's default, acq_rel, asks the GPU for more)."""
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, sums_ptr, counts_ptr, ATOMIC: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    """Write the fp32 tile to the output, cast. Under split-K (ATOMIC) the SPLIT_K programs of a
+    tile add theirs into `sums` (zeroed, [M, N] as the output) and count themselves in on the
+    tile's counter; the last to count stores the total and zeroes the sums and the counter for the
+    next call (kernels/split_sums.py). The adds are relaxed, as partial sums need no order among
+    themselves; the count orders them: a barrier puts all of a program's adds before its count,
+    which releases them at the GPU's scope and, for the last program, acquires everyone's."""
+    offsets = offs_m[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+        tl.atomic_add(sums_ptr + offsets, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        counted = tl.atomic_add(counts_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if counted == SPLIT_K - 1:
+            total = tl.load(sums_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(sums_ptr + offsets, tl.zeros_like(total), mask=mask)
+            tl.store(counts_ptr + tl.program_id(0), 0)
     else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)

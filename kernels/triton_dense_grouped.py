@@ -32,7 +32,7 @@ def _candidates() -> list[dict]:
 
 
 @triton.jit
-def _dense_grouped_kernel(x_ptr, w_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_we, stride_om,
+def _dense_grouped_kernel(x_ptr, w_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_we, stride_om, sums_ptr, counts_ptr,
                           ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
@@ -49,7 +49,7 @@ def _dense_grouped_kernel(x_ptr, w_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, s
         x = tl.load(x_ptr + pair * stride_xm + k0 + offs_k, mask=mask_k, other=0.0)
         acc_k += x.to(tl.float32)[:, None] * w.to(tl.float32)
     acc = tl.sum(acc_k, axis=0)[None, :]
-    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, sums_ptr, counts_ptr, ATOMIC, SPLIT_K)
 
 
 def dense_grouped(x: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:

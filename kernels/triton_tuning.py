@@ -1,9 +1,10 @@
 """Which launch config a Triton kernel runs with: each candidate timed on the real call, once per shape.
 
-Why not `triton.autotune`: split-K configs add partial sums through fp32 atomics into a zeroed
-buffer and cast it back, two extra launches that cost as much as the whole GEMV on a 4096x4096
-INT4 layer at M = 1. Here every candidate is timed as it will run (its buffer, its cast), so a
-config without split (no atomics, written in the activation dtype) wins where it is faster.
+Why not `triton.autotune`: a config's cost is not its kernel's alone (split-K configs used to add
+two launches, zeroing an fp32 sum and casting it back, which cost as much as the whole GEMV on a
+4096x4096 INT4 layer at M = 1; now their last program per tile finishes the sum, with its atomics
+and counters: kernels/split_sums.py), and the timer captures each candidate's whole call in a CUDA
+graph. Here every candidate is timed as it will run, so the fastest call wins.
 The choice is cached per (kernel, M bucket, N, K, ...): prefill lengths vary from call to call,
 and timing every new M would stall generation, so M is rounded up to a power of two. It is also
 stored on disk (kernels/tuning_store.py), so a later process on the same GPU skips the timing.

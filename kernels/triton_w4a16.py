@@ -124,7 +124,7 @@ def k_step_for(group: int) -> int:
 
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
-                  stride_xm, stride_wn, stride_sn, stride_we, stride_se, stride_om,
+                  stride_xm, stride_wn, stride_sn, stride_we, stride_se, stride_om, sums_ptr, counts_ptr,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -177,7 +177,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                 w_lo, w_hi = nibbles_minus_zero(packed, zero)
                 acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
                 acc = tl.dot(x_odd.to(DOT_DTYPE), (w_hi * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
-    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, sums_ptr, counts_ptr, ATOMIC, SPLIT_K)
 
 
 @triton.jit
@@ -324,7 +324,7 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
 
     STACK K steps run side by side, one a warp (num_warps = STACK), as a batch of dots whose
     partial sums meet once, after the loop: more warps a program without splitting K over programs
-    (whose partial sums meet through atomics in a buffer two more launches zero and cast). The
+    (whose partial sums meet through atomics and a counter a tile, in memory). The
     words are loaded as [BLOCK_N / 8, STACK, 8, J], which Triton lays out with a warp's lanes on 8
     columns x J words and the warps on the steps, as the batched dot wants them: loaded as
     [STACK, BLOCK_N, J], the lanes took columns across steps and the unpacked pairs went through

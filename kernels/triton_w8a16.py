@@ -42,7 +42,7 @@ def _fits(config: dict) -> bool:
 
 
 @triton.jit
-def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_we, stride_se, stride_om,
+def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_we, stride_se, stride_om, sums_ptr, counts_ptr,
                   ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_k = tl.program_id(1)
@@ -78,7 +78,7 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, st
         acc = tl.sum(acc_k, axis=0)[None, :]
     scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc = acc * scale[None, :]
-    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, sums_ptr, counts_ptr, ATOMIC, SPLIT_K)
 
 
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,

@@ -138,6 +138,50 @@ def test_w4a16_decode_space_turns_round_up_to_8_rows():
     assert all(c["BLOCK_M"] == 8 and c["BLOCK_K"] == 128 and c["num_warps"] == c["STACK"] for c in turned(1, 128))
 
 
+def test_split_k_sums_meet_in_the_kernel_and_leave_their_buffers_zeroed():
+    """Under split-K the last program of each tile stores the sum and zeroes what it used
+    (kernels/split_sums.py): the next call, and a larger one that grows the buffers, start clean."""
+    from mpq.kernels import split_sums
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w8a16 import w8a16_linear
+
+    split_sums._BUFFERS.clear()
+    split_sums._OUTGROWN.clear()
+    fmt, t, x, bias = _inputs("int4-g128", 40, 512, 5, torch.bfloat16, seed=3)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3}
+    calls = [w4a16_linear(x, t["qweight"], t["scales"], t["zeros"], 128, bias, config=config) for _ in range(2)]
+    assert torch.equal(calls[0], calls[1]) and calls[0].dtype == torch.bfloat16
+    assert rel_err(calls[0], linear_reference(x, t, fmt, bias)) < 1e-2
+    ((sums, counts),) = split_sums._BUFFERS.values()
+    assert sums.numel() == 8 * 40 and counts.numel() == 3  # sized for M's bucket (8): 3 tiles of 16 columns
+    assert not sums.any() and not counts.any()
+    fmt8, t8, x8, bias8 = _inputs("int8", 70, 256, 9, torch.float16, seed=4)
+    got = w8a16_linear(x8, t8["qweight"], t8["scales"], bias8, config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 4})
+    assert rel_err(got, linear_reference(x8, t8, fmt8, bias8)) < 1e-2
+    ((sums, counts),) = split_sums._BUFFERS.values()
+    assert sums.numel() == 16 * 70 and counts.numel() == 3 and not sums.any() and not counts.any()
+    assert len(split_sums._OUTGROWN) == 1  # the first pair, kept for any graph that launches on it
+
+
+def test_split_buffers_made_during_a_graph_capture_are_the_graphs_alone(monkeypatch):
+    """A capture reuses the kept buffers where they are big enough; where not, it gets buffers of its
+    own (zeroed by a memset the graph records), which are not kept: kept, they would hold garbage
+    for any other caller until that graph's first replay."""
+    from mpq.kernels import split_sums
+
+    class CapturingCuda:  # a tensor's device and is_cuda, as split_buffers reads them
+        device = torch.device("cpu")
+        is_cuda = True
+
+    split_sums._BUFFERS.clear()
+    kept = split_sums.split_buffers(torch.zeros(1), 64, 4)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert split_sums.split_buffers(CapturingCuda(), 64, 4) == kept
+    sums, counts = split_sums.split_buffers(CapturingCuda(), 128, 4)
+    assert sums.numel() == 128 and not sums.any() and not counts.any()
+    assert split_sums._BUFFERS[torch.device("cpu")] == kept
+
+
 def test_operand_order_follows_the_triton_generation():
     """The launcher's K_WIDTH: 4 up to Triton 3.7, 2 from 3.8 (kernels_compile.py compiled both ways)."""
     from mpq.kernels.triton_w4a16 import K_WIDTH, operand_k_width
