@@ -133,6 +133,58 @@ def quantised_linear(fmt, x: torch.Tensor, tensors: dict, config: dict | None = 
                         config=config)
 
 
+def split_configs(fmt_name: str, smoke: bool) -> dict[str, dict]:
+    """Split-K launch configs to check call after call (split_sums_check): INT4's 16-row tile and,
+    where this Triton takes them, its tiles turned round with one warp and with 4 along K; INT8's."""
+    from mpq.kernels.triton_w4a16 import TURNED_STACKS
+
+    wide, split = (16, 2) if smoke else (128, 8)
+    common = {"BLOCK_N": wide, "BLOCK_K": 128, "SPLIT_K": split, "num_stages": 3}
+    if fmt_name == "int8":
+        return {"int8 16-row": {**common, "BLOCK_M": 16, "num_warps": 4}}
+    configs = {"int4 16-row": {**common, "BLOCK_M": 16, "num_warps": 4}}
+    for stack in TURNED_STACKS:
+        configs[f"int4 turned, {stack} along K"] = {**common, "BLOCK_M": 8, "num_warps": stack, "TRANSPOSED": True,
+                                                     "STACK": stack}
+    return configs
+
+
+def split_sums_check(device: str, smoke: bool, calls: int = 3) -> dict[str, dict]:
+    """Split-K configs whose last program per tile finishes the sum and zeroes its buffers
+    (kernels/split_sums.py), called again and again: each call eagerly and each replay of one CUDA
+    graph (on a GPU) against the reference, and the buffers all zero after. A lost count or an
+    unordered read would show as a wrong call, or as sums left for the next one."""
+    from mpq.formats import get_format
+    from mpq.kernels import split_sums
+
+    n, k = SMOKE_SHAPES["smoke odd 40x384"] if smoke else SHAPES["attn 4096x4096"]
+    results = {}
+    for fmt_name in ("int4-g128", "int8"):
+        fmt = get_format(fmt_name)
+        sets, reference, _ = quantised_layer(n, k, fmt, device, smoke=True)
+        for label, config in split_configs(fmt_name.split("-")[0], smoke).items():
+            for m in (1, 5):
+                x = torch.randn(m, k, device=device).to(torch.bfloat16)
+                expected = torch.nn.functional.linear(x.float(), reference)
+
+                def error(got: torch.Tensor) -> float:
+                    return ((got.float() - expected).norm() / expected.norm()).item()
+
+                errors = [error(quantised_linear(fmt, x, sets[0], config)) for _ in range(calls)]
+                if device == "cuda":
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = quantised_linear(fmt, x, sets[0], config)
+                    for _ in range(calls):
+                        graph.replay()
+                        torch.cuda.synchronize()
+                        errors.append(error(out))
+                left = [bool(t.any()) for pair in split_sums._BUFFERS.values() for t in pair]
+                results[f"{label} M={m}"] = {"config": config, "calls": len(errors), "worst_rel_err": max(errors),
+                                              "buffers_zeroed": not any(left)}
+    return results
+
+
 def route(config: dict, fmt_name: str) -> str:
     """A launch config in words: which code path of the kernel it runs, its tile and split."""
     from mpq.kernels.triton_w4a16 import runs_word_dots
@@ -257,10 +309,14 @@ def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) ->
 
 
 def failures(report: dict) -> list[str]:
-    """What the run must not show: a kernel off the reference by 1e-2, a loaded config off by 2e-2
-    or with a layer left on the reference path."""
+    """What the run must not show: a kernel off the reference by 1e-2, a split-K call off by 1e-2 or
+    leaving its sums, a loaded config off by 2e-2 or with a layer left on the reference path."""
     bad = [f"{r['format']} {r['shape']} M={r['M']}: rel err {r['rel_err']:.1e}" for r in report["rows"]
            if not r["rel_err"] < 1e-2]
+    for label, check in report.get("split_sums", {}).items():
+        if not check["worst_rel_err"] < 1e-2 or not check["buffers_zeroed"]:
+            bad.append(f"split-K {label}: rel err {check['worst_rel_err']:.1e} over {check['calls']} calls, "
+                       f"buffers zeroed after: {check['buffers_zeroed']}")
     for check in report.get("end_to_end", {}).get("checks", []):
         if check["fallback_layers"] or not all(e < 2e-2 for e in check["rel_err"].values()):
             bad.append(f"{check['config']} on {check['device']}: {check['fallback_layers'] or check['rel_err']}")
@@ -304,6 +360,11 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 write_report(path, report)
     print_table(report)
+    report["split_sums"] = split_sums_check(device, args.smoke)
+    print("\nsplit-K calls in a row (eager" + (", then a CUDA graph's replays" if device == "cuda" else "") + "): "
+          + "; ".join(f"{label} worst rel err {c['worst_rel_err']:.1e}, buffers zeroed {c['buffers_zeroed']}"
+                      for label, c in report["split_sums"].items()), flush=True)
+    write_report(path, report)
     if not args.smoke:
         report["launch_floors_us"] = launch_floors_us()
         report["fits"] = kernel_fit.fits(report)

@@ -27,6 +27,13 @@ def test_kernel_benchmark_smoke(tmp_path):
     report = json.loads((tmp_path / "kernels-smoke.json").read_text())
     assert {r["format"] for r in report["rows"]} == {"int4-g128", "int8"}
     assert len(report["rows"]) == 2 * 2 * 3 and all(r["rel_err"] < 1e-2 for r in report["rows"])
+    # split-K calls in a row (the tiles turned round too, where this Triton takes them), each right and
+    # leaving the kept sums and counters zeroed; the programs of the 4-along-K tile's second split find no step
+    from mpq.kernels.triton_w4a16 import TURNED_STACKS
+
+    checks = report["split_sums"]
+    assert len(checks) == 2 * (2 + len(TURNED_STACKS)) and all(c["calls"] == 3 for c in checks.values())
+    assert all(c["worst_rel_err"] < 1e-2 and c["buffers_zeroed"] for c in checks.values()), checks
 
 
 def test_experts_decode_benchmark_smoke(tmp_path):
@@ -185,6 +192,10 @@ def test_kernel_benchmark_failures_on_crafted_results(benchmark_script):
     fallback = {**good_check, "fallback_layers": ["model.layers.0.mlp.down_proj"]}
     found = kernels.failures({"rows": [good_row], "end_to_end": {"checks": [good_check, off, fallback]}})
     assert len(found) == 2 and "0.3" in found[0] and "down_proj" in found[1]
+    split = {"config": {}, "calls": 6, "worst_rel_err": 3e-3, "buffers_zeroed": True}
+    sums = {"fine": split, "left": {**split, "buffers_zeroed": False}, "off": {**split, "worst_rel_err": 0.4}}
+    found = kernels.failures({"rows": [good_row], "split_sums": sums})
+    assert len(found) == 2 and "left" in found[0] and "4.0e-01" in found[1]
 
 
 def row(name, kind, nbytes, ppl, **extra):
