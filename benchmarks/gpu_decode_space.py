@@ -1,17 +1,22 @@
 """Decode launch space (GPU): every config of a wider space than the tuner's, timed, per layer shape.
 
-The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step, split and (INT4 at M = 1) loading ahead,
-with 4 warps (8 for INT4's 256 x 128 tensor-core tiles, 1 for its 8-row ones) and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps (tiles turned round keep theirs: one a K step) and
-3 or 4 stages, for W4A16 (INT4 groups of 128) and W8A16 at decode sizes (M = 1 and 16) on
-Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 flushed before each
-replay). Per shape and M it reports the tuner's best, the wider space's best, the best per warp
-count, the best single-row INT4 config at M = 1 with and without PREFETCH, the best INT4
-tensor-core config reading int32 words (word_dots) against the same configs on the byte path
-(WORD_DOTS=False) and with each step's words in the order they were loaded (K_WIDTH=0, not in the
-tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps and stages only, the best 8-row
-tile turned round (TRANSPOSED, M <= 8) against the best 16-row word_dots tile, and the time of the old split-K wrapper alone (zero an fp32 buffer, cast it back: the two
-launches a config with SPLIT_K > 1 added before its last program finished the sum). The three fastest of each are timed again as
-gpu_kernels.py times a layer (weights rotated through DRAM), so the rows compare with its table.
+The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step, split and
+(INT4 at M = 1) loading ahead, with 4 warps (8 for INT4's 256 x 128 tensor-core tiles, 1 or 4 for
+its 8-row tiles turned round) and 3 pipeline stages. This script times that space crossed with 2, 4
+and 8 warps (tiles turned round keep theirs: one a K step) and 3 or 4 stages, for W4A16 (INT4 groups
+of 128) and W8A16 at decode sizes (M = 1 and 16) on Llama-shaped layers, with the tuner's own timer
+(one call in a CUDA graph, L2 flushed before each replay). Per shape and M it reports:
+- the tuner's best, the wider space's best, the best per warp count;
+- the best single-row INT4 config at M = 1 with and without PREFETCH;
+- the best INT4 tensor-core config reading int32 words (word_dots) against the same configs on the
+  byte path (WORD_DOTS=False) and with each step's words in the order they were loaded (K_WIDTH=0,
+  not in the tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps
+  and stages only;
+- the best 8-row tile turned round (TRANSPOSED, M <= 8) against the best 16-row word_dots tile;
+- the time of the old split-K wrapper alone (zero an fp32 buffer, cast it back: the two launches a
+  config with SPLIT_K > 1 added before its last program finished the sum in the kernel).
+The three fastest of each are timed again as gpu_kernels.py times a layer (weights rotated through
+DRAM), so the rows compare with its table.
 Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
 
     python benchmarks/gpu_decode_space.py --out $OUT      # on a CUDA machine (not yet run on one)
