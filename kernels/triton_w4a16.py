@@ -156,7 +156,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
                              mask=mask_n[None, :], other=0)  # [BLOCK_K/2, BLOCK_N] bytes
-            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
+            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
             x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
             if BLOCK_M <= 16:
                 # The byte path of decode on tensor cores (K steps under 64, where word_dots' four
@@ -181,13 +181,14 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
 
 
 @triton.jit
-def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, group, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The scale and zero point (8 when symmetric) of one group for the tile's columns, in fp32."""
+def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, group, HAS_ZEROS: tl.constexpr):
+    """The scale and zero point (8 when symmetric) of one group for the tile's columns, in fp32
+    (or, with offs_n [1, N] and group [S, 1], of S groups: turned_word_dots' steps side by side)."""
     scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_ZEROS:
         zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
     else:
-        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+        zero = tl.full(scale.shape, 8.0, tl.float32)
     return scale, zero
 
 
@@ -238,7 +239,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
             upcoming = tl.load(words_ptr + tl.where(k_next < K, k_next, k0) // 8, mask=mask_n[None, :], other=0)
         else:
             words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
-        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
         word_index = k0 // 8 + offs_w
         x0, x1 = load_x_pair(x_ptr, word_index, 0, X_PAIRS, X_DTYPE)
         x2, x3 = load_x_pair(x_ptr, word_index, 1, X_PAIRS, X_DTYPE)
@@ -298,7 +299,7 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
         words = tl.reshape(operand_order(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), K_WIDTH), (BLOCK_N, BLOCK_K // 8))
-        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS, BLOCK_N)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
         x_sum = tl.sum(x.to(tl.float32), axis=1)  # as the tensor cores see x
         x_0, x_1, x_2, x_3 = x_quarters(x, K_WIDTH)
@@ -334,37 +335,32 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
     J: tl.constexpr = BLOCK_K // 8
     steps = tl.arange(0, STACK)
     columns = tl.reshape(offs_n, (BLOCK_N // 8, 1, 8, 1))
-    words_ptr = (w_ptr.to(tl.pointer_type(tl.int32)) + columns * (stride_wn // 4) + steps[None, :, None, None] * J
-                 + tl.arange(0, J)[None, None, None, :])  # [BLOCK_N / 8, STACK, 8, J]
-    row_words = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + tl.arange(0, J)[None, :]
+    if STACK == 1:  # [BLOCK_N, J] addresses cost fewer instructions
+        words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + tl.arange(0, J)[None, :]
+    else:
+        words_ptr = (w_ptr.to(tl.pointer_type(tl.int32)) + columns * (stride_wn // 4) + steps[None, :, None, None] * J
+                     + tl.arange(0, J)[None, None, None, :])  # [BLOCK_N / 8, STACK, 8, J]
     x_rows = (activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS, X_DTYPE)[None, :, None]
               + steps[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :])  # [STACK, BLOCK_M, BLOCK_K]
-    group_offsets = offs_n[None, :] * stride_sn
     nibble_mask, exponents, base = pair_constants(N, X_DTYPE)
     mask_m = (offs_m < M)[None, :, None]
     mask_n = offs_n < N
     acc = tl.zeros((STACK, BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K):
         step_k = k0 + steps * BLOCK_K
-        if STACK == 1:  # every step is inside K: no mask along it; and [BLOCK_N, J] addresses cost fewer instructions
-            words = tl.reshape(tl.load(row_words + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N // 8, 1, 8, J))
+        if STACK == 1:  # every step is inside K: no mask along it (a select a word)
+            words = tl.reshape(tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N // 8, 1, 8, J))
             x = tl.load(x_rows + k0, mask=mask_m, other=0.0).to(DOT_DTYPE)
-        else:
+            in_group = mask_n[None, :]
+        else:  # a step past K reads nothing, and its scale, 0, takes it out of the sum
             in_k = step_k < K
             words = tl.load(words_ptr + k0 // 8, mask=(columns < N) & in_k[None, :, None, None], other=0)
             x = tl.load(x_rows + k0, mask=mask_m & in_k[:, None, None], other=0.0).to(DOT_DTYPE)
+            in_group = in_k[:, None] & mask_n[None, :]
         words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (STACK * BLOCK_N, J, 1))
         words = tl.reshape(operand_order(words, K_WIDTH), (STACK * BLOCK_N, J))
-        if STACK == 1:
-            in_group = mask_n[None, :]
-        else:  # a step past K: scale 0 takes it out of the sum
-            in_group = (step_k < K)[:, None] & mask_n[None, :]
-        group = (step_k // GROUP)[:, None]
-        scale = tl.load(s_ptr + group_offsets + group, mask=in_group, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + group_offsets + group, mask=in_group, other=0.0).to(tl.float32)
-        else:
-            zero = tl.full((STACK, BLOCK_N), 8.0, tl.float32)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_group, stride_sn, (step_k // GROUP)[:, None],
+                                       HAS_ZEROS)
         x_sum = tl.sum(x.to(tl.float32), axis=2)  # [STACK, BLOCK_M], as the tensor cores see x
         x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (STACK * BLOCK_M, BLOCK_K)), K_WIDTH)
         part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
