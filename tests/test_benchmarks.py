@@ -175,7 +175,7 @@ def test_decode_space_sweeps_and_names_the_transposed_tiles(benchmark_script, mo
              {**turned, "num_warps": 4, "ms": 0.013}]
     found = sweep.bests(timed, tuner)
     assert found["wide_best"]["K_WIDTH"] == 0 and found["tuner_best"]["ms"] == 0.010
-    assert found["best_transposed"]["ms"] == 0.010 and found["best_upright_word_dots"]["ms"] == 0.012
+    assert found["best_transposed"]["ms"] == 0.010 and found["best_word_dots"]["ms"] == 0.012
     assert sorted(found["best_per_warps"]) == sorted({1, 4, upright["num_warps"]})
 
 
