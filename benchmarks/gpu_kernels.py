@@ -187,14 +187,14 @@ def split_sums_check(device: str, smoke: bool, calls: int = 3) -> dict[str, dict
 
 def route(config: dict, fmt_name: str) -> str:
     """A launch config in words: which code path of the kernel it runs, its tile and split."""
-    from mpq.kernels.triton_w4a16 import runs_word_dots
+    from mpq.kernels.triton_w4a16 import runs_word_dots, runs_word_tiles
 
     if config.get("DENSE"):
         return "dequantise + cuBLAS"
     if config["BLOCK_M"] == 1:
         path = "single row" + (", loading ahead" if config.get("PREFETCH") else "")
     elif config["BLOCK_M"] > 16:
-        path = "tiled GEMM"
+        path = "tiled GEMM" + (", int32 words" if fmt_name.startswith("int4") and runs_word_tiles(config) else "")
     elif fmt_name.startswith("int4") and config.get("TRANSPOSED"):
         path = f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
     elif fmt_name.startswith("int4") and runs_word_dots(config):

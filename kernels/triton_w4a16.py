@@ -12,16 +12,17 @@ One kernel, two regimes picked by M (kernels/triton_common.regime):
   x^T, for M <= 8); split-K spreads the K loop over more programs so the whole
   GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
   sum of products, not to each weight.
-- gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows.
+- gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows; from K steps
+  of 64, word_tiles dequantises word_dots' pairs two weights an instruction before the dots.
 BLOCK_K always divides the group size, so each K step reads one scale (and zero) per column and
 K needs no mask (K is a multiple of G).
 
 Decode reads little and must not spend more issue slots per weight byte than the memory system
 takes to deliver it (benchmarks/kernels_compile.py counts them): nibbles become floats by bit
 tricks instead of conversion instructions (byte_floats on the single-row path, pair_floats and
-nibble_floats on the tensor-core decode paths; in all of them the zero point comes off a sum
-instead of each weight; nibbles_minus_zero for prefill), 16-bit activations are read as int32
-pairs that line up with the packed bytes (single_row, and the byte paths), and word_dots' words
+nibble_floats on the tensor-core decode paths, where the zero point comes off a sum instead of
+each weight; for prefill, pair_floats again in word_tiles and nibbles_minus_zero on the byte
+path), 16-bit activations are read as int32 pairs that line up with the packed bytes (single_row, and the byte paths), and word_dots' words
 are taken in the order the tensor cores' operands want them (operand_order).
 """
 
@@ -72,7 +73,15 @@ def _candidates(m: int, group: int) -> list[dict]:
             space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
                        "PREFETCH": True} for bn in (32, 64, 128) for bk in steps for sk in (1, 2, 4, 8)]
         return space
-    return prefill_candidates(m, steps)
+    space = prefill_candidates(m, steps)
+    if m > 128 and 64 in steps:
+        # 256 rows a tile: twice the multiply-adds of 128 x 128 for the same dequantised weights
+        # (word_tiles: 261 SASS instructions a K step of 64 with 8 warps, against 218 at 128 x 128;
+        # no spills). Few tiles in a 4096-wide layer (64 at M = 512): the timer weighs that.
+        space += [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8, "num_stages": st}
+                  for st in (3, 4)]
+    # word_tiles (the default from K steps of 64) and the byte path it replaced, timed side by side
+    return space + [{**config, "WORD_DOTS": False} for config in space if config["BLOCK_K"] >= 64]
 
 
 def _grouped_candidates(group: int) -> list[dict]:
@@ -112,6 +121,11 @@ def runs_word_dots(config: dict) -> bool:
             and not config.get("TRANSPOSED"))
 
 
+def runs_word_tiles(config: dict) -> bool:
+    """Whether a launch config takes word_tiles (prefill tiles from K steps of 64, not switched off)."""
+    return config["BLOCK_M"] > 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
+
+
 def k_steps(group: int) -> list[int]:
     """The K steps a launch may take: 64 and 128 where they divide the group, else the largest that does."""
     return [bk for bk in (64, 128) if group % bk == 0] or [k_step_for(group)]
@@ -146,6 +160,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     elif TRANSPOSED:  # decode (M <= 8) on the tensor cores, W x^T
         acc = turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                                GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH, STACK)
+    elif BLOCK_M > 16 and BLOCK_K >= 64 and WORD_DOTS:  # prefill (runs_word_tiles)
+        acc = word_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn,
+                         stride_sn, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     elif BLOCK_M <= 16 and BLOCK_K >= 64 and WORD_DOTS:  # decode (M <= 16) on the tensor cores
         acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                         GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH)
@@ -173,6 +190,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                 x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
                 acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
             else:
+                # The byte path of prefill (K steps under 64, and WORD_DOTS=False for comparison).
                 # Prefill tiles have more rows than a K step has columns: scaling each weight is cheaper.
                 w_lo, w_hi = nibbles_minus_zero(packed, zero)
                 acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
@@ -373,6 +391,50 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
                       tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
         acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
     return tl.trans(tl.sum(acc, axis=0))
+
+
+@triton.jit
+def word_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
+               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
+               X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    """x @ dequant(W)^T for a prefill tile (M > 16), [BLOCK_M, BLOCK_N] in fp32: word_dots' words,
+    pairs and four dots a step, each weight dequantised before its dot, in 16-bit pairs.
+
+    A prefill tile has more rows of x than a K step has columns, so the scale goes on the weights,
+    not on the sums. Here one AND-OR per register makes two weights B + q (pair_floats), one
+    16-bit subtraction of B + z makes them q - z exactly (small integers), and one 16-bit multiply
+    by the scale rounds (q - z) * s once: the reference's weight rounded to bf16, bit for bit (fp16
+    activations round the bf16 scale to fp16 first). Two weights an instruction at each step, where
+    the byte path (nibbles_minus_zero) spends fp32 instructions on each weight and a conversion
+    on each pair: 259 -> 218 SASS instructions a K step at 128 x 128 x 64 with 8 warps, 472 -> 367
+    at 128 x 128 x 128 (Triton 3.9 and 3.6, benchmarks/kernels_compile.py). Both operands reach the
+    tensor cores through shared memory either way, so the activations' split into the pairs' order
+    (x_quarters, as loaded: K_WIDTH 0) costs no extra trip. Under the interpreter DOT_DTYPE is fp32,
+    so the same lines compute the unrounded weight there."""
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
+    x_rows = activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS, X_DTYPE)[:, None]
+    nibble_mask, exponents, base = pair_constants(N, X_DTYPE)
+    mask_m = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
+        scale = scale.to(DOT_DTYPE)[:, None]
+        biased = (zero + base).to(DOT_DTYPE)[:, None]  # B + z: an integer under 2^11, exact in 16 bits
+        x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
+        x_0, x_1, x_2, x_3 = x_quarters(x, 0)
+        w_0 = (pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
+        acc = tl.dot(x_0, tl.trans(w_0), acc=acc, out_dtype=tl.float32)
+        w_1 = (pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
+        acc = tl.dot(x_1, tl.trans(w_1), acc=acc, out_dtype=tl.float32)
+        w_2 = (pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
+        acc = tl.dot(x_2, tl.trans(w_2), acc=acc, out_dtype=tl.float32)
+        w_3 = (pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
+        acc = tl.dot(x_3, tl.trans(w_3), acc=acc, out_dtype=tl.float32)
+    return acc
 
 
 @triton.jit

@@ -252,6 +252,20 @@ def test_the_candidate_spaces_fit_a_gpu():
         assert splits == ({1, 2, 4, 8, 16} if m <= 8 else {1, 2, 4, 8} if m <= 16 else {1, 2, 4} if m <= 128 else {1})
 
 
+def test_int4_prefill_space_times_word_tiles_beside_the_byte_path():
+    """Prefill's INT4 space holds each tile with K steps of 64 or more twice, as word_tiles and as the
+    byte path (WORD_DOTS False), and 256-row tiles only where M has more than 128 rows."""
+    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
+
+    for m in (64, 512):
+        space = w4_candidates(m, 128)
+        word_tiles = [c for c in space if c.get("WORD_DOTS", True)]
+        assert sorted(map(str, [{**c, "WORD_DOTS": False} for c in word_tiles])) == \
+            sorted(map(str, [c for c in space if c.get("WORD_DOTS") is False]))
+        assert any(c["BLOCK_M"] == 256 for c in space) == (m > 128)
+    assert all("WORD_DOTS" not in c for c in w4_candidates(512, 32))  # K steps of 32: the byte path only
+
+
 def test_int4_layers_whose_groups_a_gpu_kernel_cannot_step_run_the_reference_on_cuda():
     odd = get_format("int4-pc")  # per channel: one group of all 200 inputs, not whole 32-column steps
     assert not triton_supports(odd, 200) and triton_supports(odd, 256) and triton_supports(get_format("int8"), 200)

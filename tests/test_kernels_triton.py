@@ -202,6 +202,41 @@ def test_w4a16_tensor_core_decode_byte_path_at_wide_k_steps(fmt_name):
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
 
 
+@pytest.mark.parametrize("word_dots", [True, False])
+@pytest.mark.parametrize("fmt_name,n,k,m,block_k,split,dtype", [
+    ("int4-g128", 33, 256, 17, 128, 1, torch.bfloat16), ("int4-g64-sym", 40, 384, 33, 64, 2, torch.float16),
+    ("int4-pc", 17, 384, 20, 128, 1, torch.float32), ("int4-g128", 24, 640, 50, 64, 3, torch.bfloat16)])
+def test_w4a16_prefill_tiles_from_k_steps_of_64(word_dots, fmt_name, n, k, m, block_k, split, dtype):
+    """Prefill tiles (M > 16) at K steps of 64 and 128 take word_tiles (word_dots' pairs, each weight
+    dequantised before four dots a step), or with WORD_DOTS=False the byte path they replaced,
+    which the tuner times beside them: odd N, M = 17 to 50 over 32-row tiles, splits that leave a
+    program one step or none, symmetric and per-channel groups, all three activation dtypes."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+
+    fmt, t, x, bias = _inputs(fmt_name, n, k, m, dtype, seed=n + k + m)
+    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "WORD_DOTS": word_dots}
+    got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
+    assert got.shape == (m, n) and got.dtype == dtype and torch.isfinite(got).all()
+    assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,base", [(torch.bfloat16, 128.0), (torch.float16, 1024.0)])
+def test_word_tiles_16_bit_dequantisation_rounds_the_reference_weight_once(dtype, base):
+    """word_tiles' arithmetic on a GPU, in torch's 16-bit ops (each rounds its exact result to
+    nearest even, as the GPU's do): (B + q) - (B + z) is q - z exactly, and times the scale in the
+    activation dtype it is (q - z) * s computed in fp32 and rounded once, the reference's weight,
+    for every q and z and scales over many binades (within fp16's normal range for fp16, into
+    which a bf16 scale converts exactly). The interpreter computes these lines in fp32 instead."""
+    q = torch.arange(16.0).repeat_interleave(16)
+    z = torch.arange(16.0).repeat(16)
+    torch.manual_seed(0)
+    scales = (torch.rand(64) * 2 - 1) * torch.pow(2.0, torch.randint(-13, 6, (64,)).float())
+    scales = scales.to(torch.bfloat16).float()
+    for s in scales:
+        got = ((base + q).to(dtype) - (base + z).to(dtype)) * s.to(dtype)
+        assert torch.equal(got, ((q - z) * s).to(dtype))
+
+
 @pytest.mark.parametrize("fmt_name,n,k", [("int4-g32", 33, 384), ("int4-g64-sym", 17, 256), ("int4-g128", 40, 384),
                                            ("int4-pc", 9, 96), ("int8", 33, 250), ("int8", 5, 130)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
