@@ -1,6 +1,7 @@
 """The benchmark scripts stay runnable: the kernel benchmark's smoke mode checks every kernel path."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -535,6 +536,34 @@ def test_static_cache_decoding_gives_generates_tokens(fmt_name, benchmark_script
     assert "graph_tokens_per_s" not in report and report["graph_error"]  # no CUDA here
     with pytest.raises(ValueError, match="at least"):
         graph_decode.static_greedy(model, prompt, 2)
+
+
+def test_scaled_decode_smoke_quantises_every_block_layer_and_decodes_as_generate(tmp_path):
+    """scaled_decode.py --smoke: tiny Llama blocks on the CPU, bf16 and each format through the
+    static-cache loop; every block linear layer quantised (2 blocks of 7), q/k/v and gate/up fused,
+    the blocks' bytes falling with the format's bits. (Random weights give near-tied logits, so
+    whether the loop's greedy tokens are generate()'s is reported, not asserted: the demo's are.)"""
+    run_benchmark("scaled_decode", "--smoke", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "scaled-decode-cpu-smoke.json").read_text())
+    rows = report["rows"]
+    assert list(rows) == ["bf16", "int4-g128", "int8"] and report["layers"] == 2
+    assert all(row["static_eager_tokens_per_s"] > 0 and "static_eager_matches_generate" in row for row in rows.values())
+    assert rows["bf16"]["layers_quantised"] == 0 and rows["int4-g128"]["layers_quantised"] == rows["int8"]["layers_quantised"] == 14
+    for fmt_name in ("int4-g128", "int8"):
+        kernels = rows[fmt_name]["kernels"]
+        assert any(k.endswith("(fused x3)") for k in kernels) and any(k.endswith("(fused x2)") for k in kernels), kernels
+    assert rows["int4-g128"]["weight_bytes"] < rows["int8"]["weight_bytes"] < 0.6 * rows["bf16"]["weight_bytes"]
+
+
+def test_gpu_session_script_parses_and_runs_scripts_that_exist():
+    """The one command a GPU lease runs (no GPU here to run it): bash parses it, and every stage it
+    starts, each under its own time limit, is a script of benchmarks/."""
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    stages = re.findall(r'timeout "\$\{(MPQ_GPU_\w+_S):-0\}" python3 (benchmarks/\w+\.py)', script.read_text())
+    assert [s for _, s in stages] == ["benchmarks/gpu_kernels.py", "benchmarks/scaled_decode.py",
+                                      "benchmarks/experts_decode.py", "benchmarks/gpu_decode_space.py"]
+    assert all((ROOT / s).is_file() for _, s in stages) and len({limit for limit, _ in stages}) == len(stages)
 
 
 def test_kernel_benchmark_names_the_route_each_chosen_config_runs(benchmark_script):
