@@ -408,7 +408,7 @@ def word_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, 
     activations round the bf16 scale to fp16 first). Two weights an instruction at each step, where
     the byte path (nibbles_minus_zero) spends fp32 instructions on each weight and a conversion
     on each pair: 259 -> 218 SASS instructions a K step at 128 x 128 x 64 with 8 warps, 472 -> 367
-    at 128 x 128 x 128 (Triton 3.9 and 3.6, benchmarks/kernels_compile.py). Both operands reach the
+    at 128 x 128 x 128 (Triton 3.9; 3.6 within 3 of those; benchmarks/kernels_compile.py). Both operands reach the
     tensor cores through shared memory either way, so the activations' split into the pairs' order
     (x_quarters, as loaded: K_WIDTH 0) costs no extra trip. Under the interpreter DOT_DTYPE is fp32,
     so the same lines compute the unrounded weight there."""
