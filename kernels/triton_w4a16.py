@@ -13,7 +13,7 @@ One kernel, two regimes picked by M (kernels/triton_common.regime):
   GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
   sum of products, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows; from K steps
-  of 64, word_tiles dequantises word_dots' pairs two weights an instruction before the dots.
+  of 64, word_dots dequantises its pairs two weights an instruction before the dots (word tiles).
 BLOCK_K always divides the group size, so each K step reads one scale (and zero) per column and
 K needs no mask (K is a multiple of G).
 
@@ -21,8 +21,8 @@ Decode reads little and must not spend more issue slots per weight byte than the
 takes to deliver it (benchmarks/kernels_compile.py counts them): nibbles become floats by bit
 tricks instead of conversion instructions (byte_floats on the single-row path, pair_floats and
 nibble_floats on the tensor-core decode paths, where the zero point comes off a sum instead of
-each weight; for prefill, pair_floats again in word_tiles and nibbles_minus_zero on the byte
-path), 16-bit activations are read as int32 pairs that line up with the packed bytes (single_row, and the byte paths), and word_dots' words
+each weight; for prefill, pair_floats again in word_dots' word tiles and nibbles_minus_zero on
+the byte path), 16-bit activations are read as int32 pairs that line up with the packed bytes (single_row, and the byte paths), and word_dots' words
 are taken in the order the tensor cores' operands want them (operand_order).
 """
 
@@ -76,11 +76,11 @@ def _candidates(m: int, group: int) -> list[dict]:
     space = prefill_candidates(m, steps)
     if m > 128 and 64 in steps:
         # 256 rows a tile: twice the multiply-adds of 128 x 128 for the same dequantised weights
-        # (word_tiles: 261 SASS instructions a K step of 64 with 8 warps, against 218 at 128 x 128;
+        # (word_dots' word tiles: 261 SASS instructions a K step of 64 with 8 warps, against 218 at 128 x 128;
         # no spills). Few tiles in a 4096-wide layer (64 at M = 512): the timer weighs that.
         space += [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8, "num_stages": st}
                   for st in (3, 4)]
-    # word_tiles (the default from K steps of 64) and the byte path it replaced, timed side by side
+    # word tiles (word_dots, the default from K steps of 64) and the byte path they replaced, timed side by side
     return space + [{**config, "WORD_DOTS": False} for config in space if config["BLOCK_K"] >= 64]
 
 
@@ -122,7 +122,8 @@ def runs_word_dots(config: dict) -> bool:
 
 
 def runs_word_tiles(config: dict) -> bool:
-    """Whether a launch config takes word_tiles (prefill tiles from K steps of 64, not switched off)."""
+    """Whether a launch config takes word_dots' prefill branch, the word tiles (prefill tiles from K
+    steps of 64, not switched off)."""
     return config["BLOCK_M"] > 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
 
 
@@ -160,10 +161,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     elif TRANSPOSED:  # decode (M <= 8) on the tensor cores, W x^T
         acc = turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                                GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH, STACK)
-    elif BLOCK_M > 16 and BLOCK_K >= 64 and WORD_DOTS:  # prefill (runs_word_tiles)
-        acc = word_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn,
-                         stride_sn, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
-    elif BLOCK_M <= 16 and BLOCK_K >= 64 and WORD_DOTS:  # decode (M <= 16) on the tensor cores
+    elif BLOCK_K >= 64 and WORD_DOTS:  # on the tensor cores: decode (M <= 16), or prefill (runs_word_tiles)
         acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                         GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH)
     else:
@@ -306,6 +304,18 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     Each dot is K = BLOCK_K / 4 deep, so BLOCK_K >= 64 (a GPU's tl.dot takes K >= 16). In K steps
     of 128 the words and activations are first relabelled into the tensor cores' operand order
     (operand_order), so the unpacked pairs need not go through shared memory to their threads.
+
+    Prefill tiles (BLOCK_M > 16, runs_word_tiles) have more rows of x than a K step has columns, so
+    there the scale goes on the weights, not on the sums: one 16-bit subtraction of B + z makes a
+    register's two weights q - z exactly (small integers), and one 16-bit multiply by the scale
+    rounds (q - z) * s once, the reference's weight rounded to bf16 bit for bit (fp16 activations
+    round the bf16 scale to fp16 first). Two weights an instruction, where the byte path
+    (nibbles_minus_zero) spends fp32 instructions on each weight and a conversion on each pair:
+    259 -> 218 SASS instructions a K step at 128 x 128 x 64 with 8 warps, 472 -> 367 at 128 x 128
+    x 128 (Triton 3.9; 3.6 within 3 of those; benchmarks/kernels_compile.py). Both operands reach
+    the tensor cores through shared memory there, so the words stay as loaded and the
+    activations' split into the pairs' order costs no extra trip. Under the interpreter DOT_DTYPE
+    is fp32, so the same lines compute the unrounded weight there.
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
@@ -316,16 +326,30 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
-        words = tl.reshape(operand_order(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), K_WIDTH), (BLOCK_N, BLOCK_K // 8))
+        if BLOCK_M <= 16:
+            words = tl.reshape(operand_order(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), K_WIDTH), (BLOCK_N, BLOCK_K // 8))
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
-        x_sum = tl.sum(x.to(tl.float32), axis=1)  # as the tensor cores see x
-        x_0, x_1, x_2, x_3 = x_quarters(x, K_WIDTH)
-        part = tl.dot(x_0, tl.trans(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), out_dtype=tl.float32)
-        part = tl.dot(x_1, tl.trans(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
-        part = tl.dot(x_2, tl.trans(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
-        part = tl.dot(x_3, tl.trans(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
-        acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
+        if BLOCK_M > 16:  # prefill: each weight dequantised, two an instruction
+            scale = scale.to(DOT_DTYPE)[:, None]
+            biased = (zero + base).to(DOT_DTYPE)[:, None]  # B + z: an integer under 2^11, exact in 16 bits
+            x_0, x_1, x_2, x_3 = x_quarters(x, 0)
+            w_0 = (pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
+            acc = tl.dot(x_0, tl.trans(w_0), acc=acc, out_dtype=tl.float32)
+            w_1 = (pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
+            acc = tl.dot(x_1, tl.trans(w_1), acc=acc, out_dtype=tl.float32)
+            w_2 = (pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
+            acc = tl.dot(x_2, tl.trans(w_2), acc=acc, out_dtype=tl.float32)
+            w_3 = (pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
+            acc = tl.dot(x_3, tl.trans(w_3), acc=acc, out_dtype=tl.float32)
+        else:
+            x_sum = tl.sum(x.to(tl.float32), axis=1)  # as the tensor cores see x
+            x_0, x_1, x_2, x_3 = x_quarters(x, K_WIDTH)
+            part = tl.dot(x_0, tl.trans(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), out_dtype=tl.float32)
+            part = tl.dot(x_1, tl.trans(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
+            part = tl.dot(x_2, tl.trans(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
+            part = tl.dot(x_3, tl.trans(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE)), acc=part, out_dtype=tl.float32)
+            acc += (part - x_sum[:, None] * (zero + base)[None, :]) * scale[None, :]
     return acc
 
 
@@ -391,50 +415,6 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
                       tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
         acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
     return tl.trans(tl.sum(acc, axis=0))
-
-
-@triton.jit
-def word_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
-               X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               SPLIT_K: tl.constexpr):
-    """x @ dequant(W)^T for a prefill tile (M > 16), [BLOCK_M, BLOCK_N] in fp32: word_dots' words,
-    pairs and four dots a step, each weight dequantised before its dot, in 16-bit pairs.
-
-    A prefill tile has more rows of x than a K step has columns, so the scale goes on the weights,
-    not on the sums. Here one AND-OR per register makes two weights B + q (pair_floats), one
-    16-bit subtraction of B + z makes them q - z exactly (small integers), and one 16-bit multiply
-    by the scale rounds (q - z) * s once: the reference's weight rounded to bf16, bit for bit (fp16
-    activations round the bf16 scale to fp16 first). Two weights an instruction at each step, where
-    the byte path (nibbles_minus_zero) spends fp32 instructions on each weight and a conversion
-    on each pair: 259 -> 218 SASS instructions a K step at 128 x 128 x 64 with 8 warps, 472 -> 367
-    at 128 x 128 x 128 (Triton 3.9; 3.6 within 3 of those; benchmarks/kernels_compile.py). Both operands reach the
-    tensor cores through shared memory either way, so the activations' split into the pairs' order
-    (x_quarters, as loaded: K_WIDTH 0) costs no extra trip. Under the interpreter DOT_DTYPE is fp32,
-    so the same lines compute the unrounded weight there."""
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
-    x_rows = activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS, X_DTYPE)[:, None]
-    nibble_mask, exponents, base = pair_constants(N, X_DTYPE)
-    mask_m = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
-        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
-        scale = scale.to(DOT_DTYPE)[:, None]
-        biased = (zero + base).to(DOT_DTYPE)[:, None]  # B + z: an integer under 2^11, exact in 16 bits
-        x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
-        x_0, x_1, x_2, x_3 = x_quarters(x, 0)
-        w_0 = (pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
-        acc = tl.dot(x_0, tl.trans(w_0), acc=acc, out_dtype=tl.float32)
-        w_1 = (pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
-        acc = tl.dot(x_1, tl.trans(w_1), acc=acc, out_dtype=tl.float32)
-        w_2 = (pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
-        acc = tl.dot(x_2, tl.trans(w_2), acc=acc, out_dtype=tl.float32)
-        w_3 = (pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE) - biased) * scale
-        acc = tl.dot(x_3, tl.trans(w_3), acc=acc, out_dtype=tl.float32)
-    return acc
 
 
 @triton.jit

@@ -253,7 +253,7 @@ def test_the_candidate_spaces_fit_a_gpu():
 
 
 def test_int4_prefill_space_times_word_tiles_beside_the_byte_path():
-    """Prefill's INT4 space holds each tile with K steps of 64 or more twice, as word_tiles and as the
+    """Prefill's INT4 space holds each tile with K steps of 64 or more twice, as word tiles (word_dots) and as the
     byte path (WORD_DOTS False), and 256-row tiles only where M has more than 128 rows."""
     from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
 

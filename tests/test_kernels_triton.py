@@ -207,7 +207,7 @@ def test_w4a16_tensor_core_decode_byte_path_at_wide_k_steps(fmt_name):
     ("int4-g128", 33, 256, 17, 128, 1, torch.bfloat16), ("int4-g64-sym", 40, 384, 33, 64, 2, torch.float16),
     ("int4-pc", 17, 384, 20, 128, 1, torch.float32), ("int4-g128", 24, 640, 50, 64, 3, torch.bfloat16)])
 def test_w4a16_prefill_tiles_from_k_steps_of_64(word_dots, fmt_name, n, k, m, block_k, split, dtype):
-    """Prefill tiles (M > 16) at K steps of 64 and 128 take word_tiles (word_dots' pairs, each weight
+    """Prefill tiles (M > 16) at K steps of 64 and 128 take word_dots' word tiles (its pairs, each weight
     dequantised before four dots a step), or with WORD_DOTS=False the byte path they replaced,
     which the tuner times beside them: odd N, M = 17 to 50 over 32-row tiles, splits that leave a
     program one step or none, symmetric and per-channel groups, all three activation dtypes."""
@@ -222,7 +222,7 @@ def test_w4a16_prefill_tiles_from_k_steps_of_64(word_dots, fmt_name, n, k, m, bl
 
 @pytest.mark.parametrize("dtype,base", [(torch.bfloat16, 128.0), (torch.float16, 1024.0)])
 def test_word_tiles_16_bit_dequantisation_rounds_the_reference_weight_once(dtype, base):
-    """word_tiles' arithmetic on a GPU, in torch's 16-bit ops (each rounds its exact result to
+    """The word tiles' arithmetic on a GPU, in torch's 16-bit ops (each rounds its exact result to
     nearest even, as the GPU's do): (B + q) - (B + z) is q - z exactly, and times the scale in the
     activation dtype it is (q - z) * s computed in fp32 and rounded once, the reference's weight,
     for every q and z and scales over many binades (within fp16's normal range for fp16, into
