@@ -36,7 +36,7 @@ if str(Path(__file__).parent) not in sys.path:  # imported by path (the tests), 
 # Llama 3 8B's blocks (config.json of meta-llama/Meta-Llama-3-8B), and a tiny stand-in for --smoke
 BLOCKS = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
           "vocab_size": 32000, "rope_theta": 500000.0, "max_position_embeddings": 8192}
-SMOKE_BLOCKS = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+SMOKE_BLOCKS = {**BLOCKS, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "vocab_size": 128, "max_position_embeddings": 256}
 SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
@@ -77,8 +77,8 @@ def quantise_blocks(model: torch.nn.Module, fmt_name: str) -> list[str]:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes the blocks hold (a quantised layer's packed weight, scales and zeros; norms too)."""
     blocks = model.model.layers
-    tensors = {t.data_ptr(): t for t in [*blocks.parameters(), *blocks.buffers()]}  # fused members share theirs
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    # parameters() and buffers() give a shared tensor once; a fused group's later members do not register it
+    return sum(t.numel() * t.element_size() for t in [*blocks.parameters(), *blocks.buffers()])
 
 
 def scaled_decode(device: str, layers: int, formats: list[str], tokens: int, smoke: bool = False,

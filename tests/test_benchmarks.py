@@ -538,7 +538,7 @@ def test_static_cache_decoding_gives_generates_tokens(fmt_name, benchmark_script
         graph_decode.static_greedy(model, prompt, 2)
 
 
-def test_scaled_decode_smoke_quantises_every_block_layer_and_decodes_as_generate(tmp_path):
+def test_scaled_decode_smoke_quantises_every_block_layer_and_decodes_as_generate(tmp_path, benchmark_script):
     """scaled_decode.py --smoke: tiny Llama blocks on the CPU, bf16 and each format through the
     static-cache loop; every block linear layer quantised (2 blocks of 7), q/k/v and gate/up fused,
     the blocks' bytes falling with the format's bits. (Random weights give near-tied logits, so
@@ -553,6 +553,16 @@ def test_scaled_decode_smoke_quantises_every_block_layer_and_decodes_as_generate
         kernels = rows[fmt_name]["kernels"]
         assert any(k.endswith("(fused x3)") for k in kernels) and any(k.endswith("(fused x2)") for k in kernels), kernels
     assert rows["int4-g128"]["weight_bytes"] < rows["int8"]["weight_bytes"] < 0.6 * rows["bf16"]["weight_bytes"]
+    # the GPU run's blocks, built on the meta device (no memory): Llama 3 8B's, 1.74 GB in bf16 for 4
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    scaled = benchmark_script("scaled_decode")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, **scaled.BLOCKS)).to(torch.bfloat16)
+    attention = model.model.layers[0].self_attn
+    assert (attention.q_proj.weight.shape, attention.k_proj.weight.shape) == ((4096, 4096), (1024, 4096))
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (14336, 4096)
+    assert 1.74e9 < scaled.weight_bytes(model) < 1.75e9
 
 
 def test_gpu_session_script_parses_and_runs_scripts_that_exist():
