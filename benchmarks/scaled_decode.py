@@ -53,10 +53,12 @@ def llama_blocks(layers: int, device: str, smoke: bool = False) -> torch.nn.Modu
 
 
 def quantise_blocks(model: torch.nn.Module, fmt_name: str) -> list[str]:
-    """Every linear layer of the model's blocks in `fmt_name`, in place, q/k/v and gate/up fused
-    where mpq.fusion fuses them; returns the layers' names."""
+    """Every linear layer of the model's blocks in `fmt_name`, in place, each block's shared-input
+    groups (q/k/v, gate/up) fused by the compiler's rule (mpq.fusion.fusion_groups); returns the
+    layers' names."""
     from mpq.apply import build_layers, set_module
     from mpq.formats import get_format
+    from mpq.fusion import fusion_groups
     from mpq.quantize import quantize_weight
 
     fmt = get_format(fmt_name)
@@ -64,11 +66,14 @@ def quantise_blocks(model: torch.nn.Module, fmt_name: str) -> list[str]:
              if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")]
     modules = {name: model.get_submodule(name) for name in names}
     tensors = {name: quantize_weight(module.weight.detach(), fmt) for name, module in modules.items()}
-    groups = [[f"model.layers.{i}.{member}" for member in group]
+    shared = [[f"model.layers.{i}.{member}" for member in group]
               for i in range(len(model.model.layers)) for group in SHARED_INPUTS]
-    layers = build_layers({name: fmt for name in names}, tensors, {name: modules[name].bias for name in names},
+    groups = fusion_groups({name: fmt.name for name in names}, shared,
+                           {name: module.bias is not None for name, module in modules.items()})
+    layers = build_layers({name: fmt for name in names}, tensors, {name: module.bias for name, module in modules.items()},
                           {name: module.in_features for name, module in modules.items()}, groups,
-                          device=next(model.parameters()).device, dtypes={name: torch.bfloat16 for name in names})
+                          device=next(model.parameters()).device,
+                          dtypes={name: module.weight.dtype for name, module in modules.items()})
     for name, layer in layers.items():
         set_module(model, name, layer)
     return names

@@ -81,7 +81,7 @@ def _candidates(m: int, group: int) -> list[dict]:
         space += [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8, "num_stages": st}
                   for st in (3, 4)]
     # word tiles (word_dots, the default from K steps of 64) and the byte path they replaced, timed side by side
-    return space + [{**config, "WORD_DOTS": False} for config in space if config["BLOCK_K"] >= 64]
+    return space + [{**config, "WORD_DOTS": False} for config in space if runs_word_tiles(config)]
 
 
 def _grouped_candidates(group: int) -> list[dict]:
