@@ -538,7 +538,7 @@ def test_static_cache_decoding_gives_generates_tokens(fmt_name, benchmark_script
         graph_decode.static_greedy(model, prompt, 2)
 
 
-def test_scaled_decode_smoke_quantises_every_block_layer_and_decodes_as_generate(tmp_path, benchmark_script):
+def test_scaled_decode_smoke_quantises_every_block_layer_and_decodes(tmp_path, benchmark_script):
     """scaled_decode.py --smoke: tiny Llama blocks on the CPU, bf16 and each format through the
     static-cache loop; every block linear layer quantised (2 blocks of 7), q/k/v and gate/up fused,
     the blocks' bytes falling with the format's bits. (Random weights give near-tied logits, so
