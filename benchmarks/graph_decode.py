@@ -22,11 +22,12 @@ import torch
 WARMUP_STEPS = 3  # eager steps before the capture: launch configs chosen, lazily made buffers made
 
 
-def static_greedy(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, graph: bool = False
-                  ) -> tuple[list[int], float]:
+def static_greedy(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, graph: bool = False,
+                  warm_up: bool = False) -> tuple[list[int], float]:
     """`tokens` greedy token ids after `prompt` ([1, P] ids) through a StaticCache, and the seconds
     the tokens after the first took (the first comes from the prompt's forward). `graph`: the
-    decode step is captured once in a CUDA graph and replayed."""
+    decode step is captured once in a CUDA graph and replayed. `warm_up` (implied by `graph`): the
+    warm-up steps run first and are rewound, as before a capture; on the CPU, a test of the rewind."""
     from transformers import StaticCache
 
     from mpq.kv_cache import cache_argument
@@ -35,7 +36,8 @@ def static_greedy(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, gra
         raise ValueError(f"tokens={tokens}: at least {WARMUP_STEPS + 1}, for the warm-up steps before a capture")
     device = prompt.device
     length = prompt.shape[1]
-    cache = {cache_argument(model): StaticCache(config=model.config, max_cache_len=length + tokens)}
+    static_cache = StaticCache(config=model.config, max_cache_len=length + tokens)
+    cache = {cache_argument(model): static_cache}
     with torch.no_grad():
         logits = model(input_ids=prompt, **cache, use_cache=True, cache_position=torch.arange(length, device=device)).logits
         first = logits[:, -1:].argmax(-1)  # [1, 1]
@@ -44,25 +46,32 @@ def static_greedy(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, gra
         later = torch.empty(tokens - 1, dtype=torch.long, device=device)  # the tokens after the first
 
         def step() -> None:
-            out = model(input_ids=token, **cache, cache_position=position, use_cache=True).logits
+            # positions given, not left to the cache's count: transformers >= 5 counts inside the
+            # cache and ignores cache_position, older releases take it
+            out = model(input_ids=token, **cache, cache_position=position, position_ids=position.view(1, 1),
+                        use_cache=True).logits
             token.copy_(out[:, -1:].argmax(-1))
             later.index_copy_(0, position - length, token.view(1))
             position.add_(1)
 
         run = step
-        if graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+        if graph or warm_up:
+            side = torch.cuda.Stream() if graph else None  # stream(None) runs on the current one
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
                     step()
-            torch.cuda.current_stream().wait_stream(side)
-            captured = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(captured):
-                step()
-            run = captured.replay
-            token.copy_(first)  # the warm-up's positions are written again by the replays
+            if graph:
+                torch.cuda.current_stream().wait_stream(side)
+                captured = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(captured):  # records the step; runs nothing
+                    step()
+                run = captured.replay
+            # back to the first decode step: the warm-up's slots are written again by the steps timed
+            token.copy_(first)
             position.fill_(length)
+            rewind_cache(static_cache, length)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(tokens - 1):
@@ -70,6 +79,18 @@ def static_greedy(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, gra
         synchronize(device)
         seconds = time.perf_counter() - start
     return [int(first)] + later.tolist(), seconds
+
+
+def rewind_cache(cache: object, length: int) -> None:
+    """Sets a StaticCache back to holding `length` tokens. transformers >= 5 keeps each layer's count
+    in a device tensor (`cumulative_length`) that picks the slot each step writes; a replayed graph
+    advances it in place, so it is set in place. Older releases write where cache_position says."""
+    for layer in getattr(cache, "layers", ()):
+        count = getattr(layer, "cumulative_length", None)
+        if isinstance(count, torch.Tensor):
+            count.fill_(length)
+        elif count is not None:
+            raise TypeError(f"{type(layer).__name__} counts its tokens on the host; its steps cannot be replayed from a graph")
 
 
 def synchronize(device: torch.device) -> None:
