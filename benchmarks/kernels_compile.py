@@ -83,16 +83,33 @@ def disassemble(cubin: bytes) -> list[str]:
                               check=True).stdout.splitlines()
 
 
-def k_loop_instructions(cubin: bytes) -> Counter:
-    """Opcodes of the kernel's K loop: the longest body a backward branch closes, in the SASS."""
+def k_loop(cubin: bytes) -> list[str]:
+    """The SASS lines of the kernel's K loop: the longest body a backward branch closes."""
     sass = disassemble(cubin)
     labels = {line.strip()[:-1]: index for index, line in enumerate(sass) if re.fullmatch(r"\s*\.L_x_\d+:", line)}
     loops = [(labels[m.group(1)], index) for index, line in enumerate(sass)
              if (m := BRANCH_BACK.search(line)) and labels.get(m.group(1), index) < index]
     if not loops:
-        return Counter()
+        return []
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    return Counter(m.group(1) for line in sass[start:end + 1] if (m := INSTRUCTION.search(line)))
+    return sass[start:end + 1]
+
+
+def load_waits(loop: list[str]) -> list[int | None]:
+    """For each plain global load (LDG) of a K loop, how many instructions later in the same pass
+    its register is first read: where a thread waits for it, unless the memory answered sooner.
+    None: not read in that pass (the load is for the next one). cp.async copies (LDGSTS) land in
+    shared memory and are waited on by barrier, so they are not counted."""
+    lines = [line for line in loop if INSTRUCTION.search(line)]
+    waits = []
+    for index, line in enumerate(lines):
+        load = re.search(r"\bLDG\S*\s+(R\d+)", line)
+        if not load:
+            continue
+        register = re.compile(rf"\b{load.group(1)}\b")
+        waits.append(next((later - index for later in range(index + 1, len(lines))
+                           if register.search(lines[later].split(";")[0].split(None, 2)[-1].split(",", 1)[-1])), None))
+    return waits
 
 
 def weight_bytes_per_thread(name: str, config: dict) -> float:
@@ -141,11 +158,12 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     except Exception as error:  # noqa: BLE001 - a config the compiler refuses is a finding, not a crash
         return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
     ops = Counter(LOADS.findall(compiled.asm["ptx"]))
-    loop = k_loop_instructions(compiled.asm["cubin"])
+    loop_lines = k_loop(compiled.asm["cubin"])
+    loop = Counter(m.group(1) for line in loop_lines if (m := INSTRUCTION.search(line)))
     per_byte = sum(loop.values()) / weight_bytes_per_thread(name, config) if loop else None
     return {**row, "cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "ops": dict(ops),
             "loop_instructions": sum(loop.values()), "loop_opcodes": dict(loop.most_common()),
-            "instructions_per_weight_byte": per_byte,
+            "instructions_per_weight_byte": per_byte, "load_waits": load_waits(loop_lines),
             "tensor_cores": any(op.startswith(("mma", "wgmma")) for op in ops),
             "atomics": any(op.startswith(("atom", "red")) for op in ops),
             "byte_loads": any(op.startswith(("ld.global.b8", "ld.global.u8", "ld.global.s8")) for op in ops)}
@@ -246,7 +264,8 @@ def main() -> None:
              n, k, group, args.arch, args.activations, args.symmetric)
             for name in ("w4a16",) + (() if comparing else ("w8a16",)) for m in map(int, args.batches.split(","))
             if not comparing or m <= 16
-            for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))]
+            for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))
+            if not (comparing and config.get("SCALES_AHEAD"))]  # the comparisons are of the paths, scales loaded in the pass
     # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
     grouped = {} if comparing else {"w4a16": triton_w4a16._grouped_candidates(group),
                                     "w8a16": triton_w8a16._grouped_candidates(), "dense": triton_dense_grouped._candidates()}

@@ -9,7 +9,7 @@ One kernel, two regimes picked by M (kernels/triton_common.regime):
   words and multiplies and sums on the FMA units, or BLOCK_M = 16 runs tl.dot (M in 2..16, and
   timed against the former at M = 1; word_dots, which reads int32 words too, for K steps of 64 and
   128, the byte path for groups of 32), or BLOCK_M = 8 runs word_dots turned round (TRANSPOSED: W
-  x^T, for M <= 8); split-K spreads the K loop over more programs so the whole
+  x^T, for M <= 8), each of those two also with the scales loaded a pass ahead (SCALES_AHEAD); split-K spreads the K loop over more programs so the whole
   GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
   sum of products, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows; from K steps
@@ -64,6 +64,15 @@ def _candidates(m: int, group: int) -> list[dict]:
                        "TRANSPOSED": True, "STACK": stack}
                       for stack, splits in ((1, (1, 2, 4, 8, 16)), (4, (1, 2, 4))) if stack in TURNED_STACKS
                       for bn in (64, 128) for sk in splits]
+        # The same tensor-core tiles loading each step's scales and zeros a pass ahead (SCALES_AHEAD).
+        # On the H200 (Triton 3.6) these tiles streamed at 1060-1840 GB/s while issuing 16-24% of the
+        # instructions the chip can (benchmarks/kernel_fit.py): bound by neither. Their words and
+        # activations come through Triton's cp.async pipeline; the scales, 16 bits a thread, do not
+        # (too narrow for cp.async), and with 3.6 each pass waited on its own scale loads 12-32 SASS
+        # lines after issuing them. Loaded a pass ahead, they are waited on one pass later (K steps
+        # of 128, where the H200 chose every tensor-core tile).
+        space += [{**config, "SCALES_AHEAD": True} for config in space
+                  if (config.get("TRANSPOSED") or runs_word_dots(config)) and config["BLOCK_K"] == 128]
         if m == 1:
             # single_row repeats each K step's activation work in every thread of a row of
             # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
@@ -144,7 +153,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0,
-                  TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1):
+                  TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1, SCALES_AHEAD: tl.constexpr = False):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -160,10 +169,12 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
     elif TRANSPOSED:  # decode (M <= 8) on the tensor cores, W x^T
         acc = turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-                               GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH, STACK)
+                               GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH, STACK,
+                               SCALES_AHEAD)
     elif BLOCK_K >= 64 and WORD_DOTS:  # on the tensor cores: decode (M <= 16), or prefill (runs_word_tiles)
         acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH)
+                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH,
+                        SCALES_AHEAD)
     else:
         offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
         mask_m = offs_m < M
@@ -199,10 +210,25 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
 @triton.jit
 def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, group, HAS_ZEROS: tl.constexpr):
     """The scale and zero point (8 when symmetric) of one group for the tile's columns, in fp32
-    (or, with offs_n [1, N] and group [S, 1], of S groups: turned_word_dots' steps side by side)."""
+    (or, with offs_n [1, N] and group [S, 1], of S groups: turned_word_dots' steps side by side).
+    Its own loads, not stored_scale_zero's and a conversion after: with Triton 3.6 that moved where
+    ptxas placed the scales' first use in the turned 8 x 64 loop (18-32 SASS lines after the load ->
+    240-323), and the configs the H200 timed should compile as they did (kernels_compile.py's load_waits)."""
     scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_ZEROS:
         zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        zero = tl.full(scale.shape, 8.0, tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def stored_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, group, HAS_ZEROS: tl.constexpr):
+    """group_scale_zero as stored (16 bits): what SCALES_AHEAD carries to the next pass, so that no
+    conversion waits on the load in the pass that issues it."""
+    scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)
     else:
         zero = tl.full(scale.shape, 8.0, tl.float32)
     return scale, zero
@@ -285,7 +311,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
 def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
               X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr):
+              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, SCALES_AHEAD: tl.constexpr):
     """x @ dequant(W)^T for up to 16 rows of x on the tensor cores, [BLOCK_M, BLOCK_N] in fp32,
     the weights read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j).
 
@@ -316,6 +342,14 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     the tensor cores through shared memory there, so the words stay as loaded and the
     activations' split into the pairs' order costs no extra trip. Under the interpreter DOT_DTYPE
     is fp32, so the same lines compute the unrounded weight there.
+
+    SCALES_AHEAD (decode): Triton's pipeline brings each step's words and activations in by cp.async
+    (num_stages - 1 steps ahead), but not its scales and zeros, 16 bits a thread (cp.async copies 4
+    bytes or more); with Triton 3.6 the tiles the H200 chose read them 10-32 SASS lines after
+    loading them, so each pass waited out a load from memory. With SCALES_AHEAD each pass loads the
+    next pass's scales and zeros, as stored, and converts them at the top of that pass: compiled
+    with 3.6 no pass reads the ones it loads (kernels_compile.py's load_waits). A pass then waits
+    at most the memory's latency less its own work, not both.
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
@@ -324,11 +358,21 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+    k_first = pid_k * BLOCK_K
+    if SCALES_AHEAD:  # past the last step the address falls back on a step of the layer, as single_row's PREFETCH
+        scale_next, zero_next = stored_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn,
+                                                  tl.where(k_first < K, k_first, 0) // GROUP, HAS_ZEROS)
+    for k0 in range(k_first, K, BLOCK_K * SPLIT_K):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
         if BLOCK_M <= 16:
             words = tl.reshape(operand_order(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), K_WIDTH), (BLOCK_N, BLOCK_K // 8))
-        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
+        if SCALES_AHEAD:  # this step's scales arrived during the last pass; ask for the next step's now
+            scale, zero = scale_next.to(tl.float32), zero_next.to(tl.float32)
+            k_next = k0 + BLOCK_K * SPLIT_K
+            scale_next, zero_next = stored_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn,
+                                                      tl.where(k_next < K, k_next, k0) // GROUP, HAS_ZEROS)
+        else:
+            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
         if BLOCK_M > 16:  # prefill: each weight dequantised, two an instruction
             scale = scale.to(DOT_DTYPE)[:, None]
@@ -357,7 +401,7 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
 def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                      GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
                      X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, STACK: tl.constexpr):
+                     SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, STACK: tl.constexpr, SCALES_AHEAD: tl.constexpr):
     """word_dots turned round (TRANSPOSED): out^T = W x^T, returned as [BLOCK_M, BLOCK_N] in fp32.
 
     The weights become the dots' first operand (16 rows of the tensor cores' m16n8k16 tile) and
@@ -388,7 +432,11 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
     mask_m = (offs_m < M)[None, :, None]
     mask_n = offs_n < N
     acc = tl.zeros((STACK, BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K):
+    k_first = pid_k * STACK * BLOCK_K
+    if SCALES_AHEAD:
+        scale_next, zero_next = steps_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k_first + steps * BLOCK_K, K,
+                                                 GROUP, HAS_ZEROS)
+    for k0 in range(k_first, K, STACK * BLOCK_K * SPLIT_K):
         step_k = k0 + steps * BLOCK_K
         if STACK == 1:  # every step is inside K: no mask along it (a select a word)
             words = tl.reshape(tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N // 8, 1, 8, J))
@@ -401,8 +449,13 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
             in_group = in_k[:, None] & mask_n[None, :]
         words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (STACK * BLOCK_N, J, 1))
         words = tl.reshape(operand_order(words, K_WIDTH), (STACK * BLOCK_N, J))
-        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_group, stride_sn, (step_k // GROUP)[:, None],
-                                       HAS_ZEROS)
+        if SCALES_AHEAD:  # as in word_dots
+            scale, zero = scale_next.to(tl.float32), zero_next.to(tl.float32)
+            scale_next, zero_next = steps_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn,
+                                                     step_k + STACK * BLOCK_K * SPLIT_K, K, GROUP, HAS_ZEROS)
+        else:
+            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_group, stride_sn, (step_k // GROUP)[:, None],
+                                           HAS_ZEROS)
         x_sum = tl.sum(x.to(tl.float32), axis=2)  # [STACK, BLOCK_M], as the tensor cores see x
         x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (STACK * BLOCK_M, BLOCK_K)), K_WIDTH)
         part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
@@ -415,6 +468,15 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
                       tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
         acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
     return tl.trans(tl.sum(acc, axis=0))
+
+
+@triton.jit
+def steps_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, step_k, K, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """[STACK, BLOCK_N] scales and zeros (as stored) of the K steps starting at step_k ([STACK]): 0
+    for a step past K (its address on the layer's first group, its load masked off)."""
+    in_k = step_k < K
+    return stored_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_k[:, None] & mask_n[None, :], stride_sn,
+                             (tl.where(in_k, step_k, 0) // GROUP)[:, None], HAS_ZEROS)
 
 
 @triton.jit

@@ -121,7 +121,41 @@ def test_w4a16_word_dots_turned_round(k_width, fmt_name, n, k, m, block_m, split
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
 
 
-def test_w4a16_decode_space_turns_round_up_to_8_rows():
+@pytest.mark.parametrize("turned,stack", [(False, 1), (True, 1), (True, 4)])
+@pytest.mark.parametrize("fmt_name,n,k,m,split", [("int4-g128", 33, 256, 1, 3), ("int4-g128-sym", 40, 640, 5, 2),
+                                                  ("int4-pc", 17, 384, 8, 1), ("int4-g64", 24, 1152, 3, 4)])
+def test_w4a16_tensor_core_decode_loading_scales_a_step_ahead(turned, stack, fmt_name, n, k, m, split):
+    """SCALES_AHEAD: each pass of word_dots' decode loop, upright or turned round, takes the scales
+    and zeros the pass before loaded. Programs with no step (K = 256 over 3), a last pass of fewer
+    steps than STACK (5 steps of 128 in 4s), per-channel scales, groups of 64 (K steps of 64)."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+
+    fmt, t, x, bias = _inputs(fmt_name, n, k, m, torch.bfloat16, seed=n + k + m + stack)
+    block_k = 128 if fmt.group_along(k) % 128 == 0 else 64
+    config = {"BLOCK_M": 8 if turned else 16, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "SCALES_AHEAD": True}
+    if turned:
+        config.update(TRANSPOSED=True, STACK=stack)
+    got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
+    assert got.shape == (m, n) and rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+
+
+def test_w4a16_decode_space_loads_scales_ahead_on_the_tensor_core_tiles():
+    """Every tensor-core word tile of the decode space with K steps of 128 (upright or turned round)
+    has a twin that loads its scales a pass ahead; single rows, byte paths, other K steps and
+    prefill have none."""
+    from mpq.kernels.triton_w4a16 import _candidates, runs_word_dots
+
+    for m in (1, 4, 16, 64):
+        space = _candidates(m, 128)
+        ahead = [c for c in space if c.get("SCALES_AHEAD")]
+        tiles = [c for c in space if (c.get("TRANSPOSED") or runs_word_dots(c)) and c["BLOCK_K"] == 128
+                 and not c.get("SCALES_AHEAD")]
+        assert [{k: v for k, v in c.items() if k != "SCALES_AHEAD"} for c in ahead] == tiles
+        assert (len(ahead) > 0) == (m <= 16)
+    assert not any(c.get("SCALES_AHEAD") for c in _candidates(1, 64))
+
+
+
     """The tuner times 8-row TRANSPOSED tiles (a warp a K step, K steps of 128) at M <= 8, not
     above, only where a group holds a K step of 128, and only the STACKs this Triton compiles well:
     none before 3.6 (its tl.dot refuses 8 columns), 1 on 3.6, 1 and 4 from 3.7."""
