@@ -13,8 +13,6 @@ of 128) and W8A16 at decode sizes (M = 1 and 16) on Llama-shaped layers, with th
   not in the tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps
   and stages only;
 - the best 8-row tile turned round (TRANSPOSED, M <= 8) against the best 16-row word_dots tile;
-- the best INT4 tensor-core tile loading its scales a pass ahead (SCALES_AHEAD, at the tuner's
-  warps and stages) against the best of the same tiles without;
 - the time of the old split-K wrapper alone (zero an fp32 buffer, cast it back: the two launches a
   config with SPLIT_K > 1 added before its last program finished the sum in the kernel).
 The three fastest of each are timed again as gpu_kernels.py times a layer (weights rotated through
@@ -61,11 +59,9 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
     base = tuner_space(fmt_name, m)
     configs = []
     for config in base:
-        # tiles turned round keep their warps: one a K step (STACK); the others also run 2, 4 and 8.
-        # Tiles loading their scales ahead run at the tuner's warps and stages only.
-        ahead = config.get("SCALES_AHEAD", False)
-        for warps in (config["num_warps"],) if config.get("TRANSPOSED") or ahead else WARPS:
-            for stages in (config["num_stages"],) if ahead else STAGES:
+        # tiles turned round keep their warps: one a K step (STACK); the others also run 2, 4 and 8
+        for warps in (config["num_warps"],) if config.get("TRANSPOSED") else WARPS:
+            for stages in STAGES:
                 varied = {**config, "num_warps": warps, "num_stages": stages}
                 if fmt_name == "int8" and varied["BLOCK_M"] == 1 and not triton_w8a16._fits(varied):
                     continue
@@ -75,9 +71,8 @@ def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
         return [c for c in configs if c["num_warps"] == 4 and c["num_stages"] == 3][:1] + \
                [c for c in configs if c["num_warps"] == 8][:1]
     if fmt_name != "int8":
-        same_pass = [config for config in base if runs_word_dots(config) and not config.get("SCALES_AHEAD")]
-        configs += [{**config, "WORD_DOTS": False} for config in same_pass]
-        configs += [{**config, "K_WIDTH": 0} for config in same_pass]
+        configs += [{**config, "WORD_DOTS": False} for config in base if runs_word_dots(config)]
+        configs += [{**config, "K_WIDTH": 0} for config in base if runs_word_dots(config)]
     return configs
 
 
@@ -101,11 +96,6 @@ def bests(timed: list[dict], tuner: list[dict]) -> dict:
             "best_words_as_loaded": next((c for c in timed if c.get("K_WIDTH") == 0), None),
             # word_dots turned round (8-row tiles, M <= 8), against best_word_dots' 16-row tiles
             "best_transposed": next((c for c in timed if c.get("TRANSPOSED")), None),
-            # INT4 tensor-core tiles loading each step's scales a pass ahead, against the same
-            # (tuner's) tiles loading them in the pass that uses them
-            "best_scales_ahead": next((c for c in timed if c.get("SCALES_AHEAD")), None),
-            "best_scales_same_pass": next((c for c in timed if without_ms(c) in tuner and not c.get("SCALES_AHEAD")
-                                           and (c.get("TRANSPOSED") or runs_word_dots(c))), None),
             "all": timed}
 
 
@@ -192,7 +182,6 @@ def print_row(r: dict) -> None:
                 + (" bytes" if c.get("WORD_DOTS") is False else "")
                 + (" words as loaded" if c.get("K_WIDTH") == 0 else "")
                 + (f" turned round, {c.get('STACK', 1)} along K" if c.get("TRANSPOSED") else "")
-                + (" scales ahead" if c.get("SCALES_AHEAD") else "")
                 + (f" {c['ms'] * 1e3:.1f}us" if c.get("ms") is not None else "")
                 + (f" (rotated {c['rotating_ms'] * 1e3:.1f}us)" if "rotating_ms" in c else ""))
 
@@ -212,9 +201,6 @@ def print_row(r: dict) -> None:
     if r["best_byte_path"] is not None:
         print(f"  tensor cores, int32 words: {brief(r['best_word_dots'])}; bytes: {brief(r['best_byte_path'])}; "
               f"words as loaded: {brief(r['best_words_as_loaded'])}", flush=True)
-    if r.get("best_scales_ahead") is not None:
-        print(f"  tensor cores, scales a pass ahead: {brief(r['best_scales_ahead'])}; "
-              f"in the pass: {brief(r['best_scales_same_pass'])}", flush=True)
     if r.get("best_transposed") is not None:
         print(f"  word_dots turned round (8 rows): {brief(r['best_transposed'])}; "
               f"16 rows: {brief(r['best_word_dots'])}", flush=True)

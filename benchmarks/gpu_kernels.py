@@ -201,8 +201,6 @@ def route(config: dict, fmt_name: str) -> str:
         path = "tensor cores, int32 words"
     else:
         path = "tensor cores"
-    if config.get("SCALES_AHEAD"):
-        path += ", scales a step ahead"
     return (f"{path} {config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
             + (f" split {config['SPLIT_K']}" if config["SPLIT_K"] > 1 else ""))
 

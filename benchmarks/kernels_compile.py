@@ -141,7 +141,9 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
                "out_ptr": (f"*{activations}", 0), "sums_ptr": ("*fp32", 0), "counts_ptr": ("*i32", 0),
                "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
                "stride_xm": ("i32", k // 2 if pairs else k), "stride_wn": ("i32", row_bytes),
-               "stride_sn": ("i32", k // group), "stride_om": ("i32", n),
+               # a Triton layer keeps its scales and zeros column-major (mpq/qlinear.py), a stack of experts row-major
+               "stride_sn": ("i32", k // group if grouped else 1), "stride_sg": ("i32", 1 if grouped else n),
+               "stride_om": ("i32", n),
                "stride_we": ("i32", n * row_bytes if grouped else 0),
                "stride_se": ("i32", (n * k // group if int4 else n) if grouped else 0)}
     half = DTYPES["fp16" if activations == "fp16" else "bf16"]  # the tensor cores' dtype (fp32 x goes as bf16)
@@ -150,6 +152,7 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
         constexprs.update(GROUP=group, HAS_ZEROS=not symmetric, X_PAIRS=pairs,
                           X_DTYPE=DTYPES[activations])
         constexprs.setdefault("K_WIDTH", triton_w4a16.K_WIDTH)  # as the launcher passes it, unless the config pins it
+        constexprs["STAGES"] = config["num_stages"]  # as triton_common.with_loop_stages passes it
     kernel = (triton_dense_grouped._dense_grouped_kernel if dense else triton_w4a16._w4a16_kernel if int4
               else triton_w8a16._w8a16_kernel)
     row = {"kernel": name, "M": m, "config": config}
@@ -181,7 +184,8 @@ def compile_dequant(name: str, n: int, k: int, group: int, arch: int, activation
     half = "fp16" if activations == "fp16" else "bf16"
     runtime = {"w_ptr": ("*u8" if int4 else "*i8", 0), "s_ptr": ("*bf16", 0), "z_ptr": ("*bf16", 0),
                "out_ptr": (f"*{half}", 0), "N": ("i32", n), "K": ("i32", k),
-               "stride_wn": ("i32", k // 2 if int4 else k), "stride_sn": ("i32", k // group if int4 else 0)}
+               "stride_wn": ("i32", k // 2 if int4 else k),
+               "stride_sn": ("i32", 1 if int4 else 0), "stride_sg": ("i32", n if int4 else 0)}  # INT4: column-major
     block_k = triton_dequant.k_step(group if int4 else None)
     constexprs = {"INT4": int4, "GROUP": group if int4 else 1, "HAS_ZEROS": int4 and not symmetric,
                   "BLOCK_N": triton_dequant.BLOCK_ROWS, "BLOCK_K": block_k}
@@ -264,8 +268,7 @@ def main() -> None:
              n, k, group, args.arch, args.activations, args.symmetric)
             for name in ("w4a16",) + (() if comparing else ("w8a16",)) for m in map(int, args.batches.split(","))
             if not comparing or m <= 16
-            for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))
-            if not (comparing and config.get("SCALES_AHEAD"))]  # the comparisons are of the paths, scales loaded in the pass
+            for config in (triton_w4a16._candidates(m, group) if name == "w4a16" else triton_w8a16._candidates(m))]
     # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
     grouped = {} if comparing else {"w4a16": triton_w4a16._grouped_candidates(group),
                                     "w8a16": triton_w8a16._grouped_candidates(), "dense": triton_dense_grouped._candidates()}

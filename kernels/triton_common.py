@@ -155,6 +155,15 @@ def _grid_and_arguments(x: torch.Tensor, n: int, pointers: tuple, scalars: tuple
     return grid, arguments, {**meta, "ATOMIC": config["SPLIT_K"] > 1, "DOT_DTYPE": dot_dtype(x.dtype), **config}
 
 
+def with_loop_stages(kernel, keywords: dict) -> dict:
+    """A kernel that takes STAGES writes its K loop as tl.range(..., num_stages=STAGES): given the
+    launch's num_stages, Triton's pipeline then takes every load of the loop (W4A16's scales and its
+    single-row words too), not only those that feed a tl.dot."""
+    if "STAGES" in kernel.arg_names:
+        return {**keywords, "STAGES": keywords.get("num_stages", 3)}
+    return keywords
+
+
 def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
                config: dict, x_arg: torch.Tensor | None = None) -> torch.Tensor:
     """Allocate the output and launch one config.
@@ -167,7 +176,7 @@ def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple,
     """
     out = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
     grid, arguments, keywords = _grid_and_arguments(x, n, pointers, scalars, meta, config, x_arg, out)
-    kernel[grid](*arguments, **keywords)
+    kernel[grid](*arguments, **with_loop_stages(kernel, keywords))
     return out
 
 
@@ -179,7 +188,7 @@ def compile_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tu
     grid, arguments, keywords = _grid_and_arguments(x, n, pointers, scalars, meta, config, x_arg, out)
     # The device is per thread in CUDA; Triton files the kernel under the current one.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel.warmup(*arguments, grid=grid, **keywords)
+        kernel.warmup(*arguments, grid=grid, **with_loop_stages(kernel, keywords))
 
 
 def launch(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict | None,

@@ -35,7 +35,7 @@ def k_step(group_size: int | None) -> int:
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg,
                     INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n, k] = (q[n, k] - z) * s, rounded once to out's dtype. INT4: bytes of two nibbles (the
@@ -49,9 +49,10 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
         packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + offs_j)[None, :], mask=mask_n[:, None],
                          other=0).to(tl.int32)
         q = tl.reshape(tl.join(packed & 0xF, (packed >> 4) & 0xF), (BLOCK_N, BLOCK_K)).to(tl.float32)
-        scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+        at = offs_n * stride_sn + (k0 // GROUP) * stride_sg  # scales and zeros row- or column-major
+        scale = tl.load(s_ptr + at, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            zero = tl.load(z_ptr + offs_n * stride_sn + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + at, mask=mask_n, other=0.0).to(tl.float32)
         else:
             zero = tl.full((BLOCK_N,), 8.0, tl.float32)
         w = (q - zero[:, None]) * scale[:, None]
@@ -72,7 +73,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
     block_k = k_step(group_size)
     _dequant_kernel[(cdiv(n, BLOCK_ROWS), cdiv(k, block_k))](
-        qweight, scales, zeros if zeros is not None else scales, out, n, k, qweight.stride(0), scales.stride(0),
+        qweight, scales, zeros if zeros is not None else scales, out, n, k, qweight.stride(0), *scales.stride(),
         INT4=True, GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_N=BLOCK_ROWS, BLOCK_K=block_k)
     return out
 
@@ -83,7 +84,7 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
     block_k = k_step(None)
     _dequant_kernel[(cdiv(n, BLOCK_ROWS), cdiv(k, block_k))](
-        qweight, scales, scales, out, n, k, qweight.stride(0), 0,
+        qweight, scales, scales, out, n, k, qweight.stride(0), 0, 0,
         INT4=False, GROUP=1, HAS_ZEROS=False, BLOCK_N=BLOCK_ROWS, BLOCK_K=block_k)
     return out
 

@@ -2,14 +2,16 @@
 
 Weights: qweight uint8 [N, K/2], two 4-bit values per byte, the even input index in the low
 nibble; scales [N, K/G] bf16; zeros [N, K/G] (integer zero points, asymmetric) or none
-(symmetric, zero point 8). w[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G].
+(symmetric, zero point 8). w[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G]. Scales and zeros
+are read through both strides (stride_sn, stride_sg), so either layout serves: a Triton layer keeps
+them column-major (mpq.qlinear.scales_by_column; see word_dots), a stack of experts row-major.
 
 One kernel, two regimes picked by M (kernels/triton_common.regime):
 - gemv (M <= 16, memory-bound decode): BLOCK_M = 1 (single_row) reads the weights as int32
   words and multiplies and sums on the FMA units, or BLOCK_M = 16 runs tl.dot (M in 2..16, and
   timed against the former at M = 1; word_dots, which reads int32 words too, for K steps of 64 and
   128, the byte path for groups of 32), or BLOCK_M = 8 runs word_dots turned round (TRANSPOSED: W
-  x^T, for M <= 8), each of those two also with the scales loaded a pass ahead (SCALES_AHEAD); split-K spreads the K loop over more programs so the whole
+  x^T, for M <= 8); split-K spreads the K loop over more programs so the whole
   GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
   sum of products, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows; from K steps
@@ -64,15 +66,6 @@ def _candidates(m: int, group: int) -> list[dict]:
                        "TRANSPOSED": True, "STACK": stack}
                       for stack, splits in ((1, (1, 2, 4, 8, 16)), (4, (1, 2, 4))) if stack in TURNED_STACKS
                       for bn in (64, 128) for sk in splits]
-        # The same tensor-core tiles loading each step's scales and zeros a pass ahead (SCALES_AHEAD).
-        # On the H200 (Triton 3.6) these tiles streamed at 1060-1840 GB/s while issuing 16-24% of the
-        # instructions the chip can (benchmarks/kernel_fit.py): bound by neither. Their words and
-        # activations come through Triton's cp.async pipeline; the scales, 16 bits a thread, do not
-        # (too narrow for cp.async), and with 3.6 each pass waited on its own scale loads 12-32 SASS
-        # lines after issuing them. Loaded a pass ahead, they are waited on one pass later (K steps
-        # of 128, where the H200 chose every tensor-core tile).
-        space += [{**config, "SCALES_AHEAD": True} for config in space
-                  if (config.get("TRANSPOSED") or runs_word_dots(config)) and config["BLOCK_K"] == 128]
         if m == 1:
             # single_row repeats each K step's activation work in every thread of a row of
             # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
@@ -148,12 +141,12 @@ def k_step_for(group: int) -> int:
 
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
-                  stride_xm, stride_wn, stride_sn, stride_we, stride_se, stride_om, sums_ptr, counts_ptr,
+                  stride_xm, stride_wn, stride_sn, stride_sg, stride_we, stride_se, stride_om, sums_ptr, counts_ptr,
                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0,
-                  TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1, SCALES_AHEAD: tl.constexpr = False):
+                  TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1, STAGES: tl.constexpr = 3):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -165,24 +158,24 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
         offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
         mask_n = offs_n < N
     if BLOCK_M == 1:
-        acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
+        acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn, stride_sg,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
     elif TRANSPOSED:  # decode (M <= 8) on the tensor cores, W x^T
         acc = turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-                               GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH, STACK,
-                               SCALES_AHEAD)
+                               stride_sg, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
+                               K_WIDTH, STACK, STAGES)
     elif BLOCK_K >= 64 and WORD_DOTS:  # on the tensor cores: decode (M <= 16), or prefill (runs_word_tiles)
         acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-                        GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH,
-                        SCALES_AHEAD)
+                        stride_sg, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH,
+                        STAGES)
     else:
         offs_j = tl.arange(0, BLOCK_K // 2)  # byte index within the K step
         mask_m = offs_m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        for k0 in tl.range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K, num_stages=STAGES):
             packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None],
                              mask=mask_n[None, :], other=0)  # [BLOCK_K/2, BLOCK_N] bytes
-            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
+            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
             x_even, x_odd = load_x_halves(x_ptr, offs_m, mask_m, stride_xm, k0 // 2 + offs_j, X_PAIRS, X_DTYPE)
             if BLOCK_M <= 16:
                 # The byte path of decode on tensor cores (K steps under 64, where word_dots' four
@@ -208,34 +201,19 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
 
 
 @triton.jit
-def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, group, HAS_ZEROS: tl.constexpr):
+def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, group, HAS_ZEROS: tl.constexpr):
     """The scale and zero point (8 when symmetric) of one group for the tile's columns, in fp32
-    (or, with offs_n [1, N] and group [S, 1], of S groups: turned_word_dots' steps side by side).
-    Its own loads, not stored_scale_zero's and a conversion after: with Triton 3.6 that moved where
-    ptxas placed the scales' first use in the turned 8 x 64 loop (18-32 SASS lines after the load ->
-    240-323), and the configs the H200 timed should compile as they did (kernels_compile.py's load_waits)."""
-    scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+    (or, with offs_n [1, N] and group [S, 1], of S groups: turned_word_dots' steps side by side)."""
+    scale = tl.load(s_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_ZEROS:
-        zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
     else:
         zero = tl.full(scale.shape, 8.0, tl.float32)
     return scale, zero
 
 
 @triton.jit
-def stored_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, group, HAS_ZEROS: tl.constexpr):
-    """group_scale_zero as stored (16 bits): what SCALES_AHEAD carries to the next pass, so that no
-    conversion waits on the load in the pass that issues it."""
-    scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)
-    if HAS_ZEROS:
-        zero = tl.load(z_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)
-    else:
-        zero = tl.full(scale.shape, 8.0, tl.float32)
-    return scale, zero
-
-
-@triton.jit
-def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn,
+def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn, stride_sg,
                GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     """x @ dequant(W)^T for a single row of x, [1, BLOCK_N] in fp32, on the FMA units.
@@ -257,7 +235,11 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     of each pass, so one step's loads are in flight while the last one is multiplied: on the H200,
     INT8, whose tl.dot path Triton does pipeline and which reads twice the bytes per step, reached
     about twice INT4's bandwidth (66% of copy bandwidth against 35%, 14336 x 4096 at M = 1).
-    Not yet timed on a GPU: the tuner takes a PREFETCH config only where it is the fastest.
+    The tuner takes a PREFETCH config only where it is the fastest (on the H200: 4096 x 4096 and
+    the fused q/k/v at M = 1). The K loop written tl.range(..., num_stages=3) would have Triton
+    pipeline it after all (cp.async for the words and activations; Triton 3.6, 64 columns with
+    PREFETCH), for 8% more instructions (317 -> 341 a step; 14% at 32 columns) on a loop that
+    issued at 44-54% of the H200's peak: not taken without a GPU to weigh the two.
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * (stride_wn // 4) + offs_w[:, None]
@@ -281,7 +263,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
             upcoming = tl.load(words_ptr + tl.where(k_next < K, k_next, k0) // 8, mask=mask_n[None, :], other=0)
         else:
             words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
-        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
         word_index = k0 // 8 + offs_w
         x0, x1 = load_x_pair(x_ptr, word_index, 0, X_PAIRS, X_DTYPE)
         x2, x3 = load_x_pair(x_ptr, word_index, 1, X_PAIRS, X_DTYPE)
@@ -309,9 +291,9 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
 
 @triton.jit
 def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-              GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
+              stride_sg, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
               X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, SCALES_AHEAD: tl.constexpr):
+              SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, STAGES: tl.constexpr):
     """x @ dequant(W)^T for up to 16 rows of x on the tensor cores, [BLOCK_M, BLOCK_N] in fp32,
     the weights read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j).
 
@@ -343,13 +325,15 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     activations' split into the pairs' order costs no extra trip. Under the interpreter DOT_DTYPE
     is fp32, so the same lines compute the unrounded weight there.
 
-    SCALES_AHEAD (decode): Triton's pipeline brings each step's words and activations in by cp.async
-    (num_stages - 1 steps ahead), but not its scales and zeros, 16 bits a thread (cp.async copies 4
-    bytes or more); with Triton 3.6 the tiles the H200 chose read them 10-32 SASS lines after
-    loading them, so each pass waited out a load from memory. With SCALES_AHEAD each pass loads the
-    next pass's scales and zeros, as stored, and converts them at the top of that pass: compiled
-    with 3.6 no pass reads the ones it loads (kernels_compile.py's load_waits). A pass then waits
-    at most the memory's latency less its own work, not both.
+    The K loop is tl.range(..., num_stages=STAGES) (the launch's num_stages: triton_common.
+    with_loop_stages), so Triton's pipeline takes every load in it, not only those feeding a dot.
+    With the scales and zeros column-major, a tile's share of them is 32 bits a thread from 64
+    columns a warp, enough for cp.async, and they come num_stages - 1 steps ahead with the words. On
+    the H200 (run 2: row-major scales, a plain range) these tiles issued at 16-24% of the peak and
+    streamed at 1060-1843 GB/s: each pass read its scales 10-32 SASS instructions after loading them
+    (Triton 3.6), so it waited out a load from memory. Now their K loops hold no plain load
+    (benchmarks/kernels_compile.py's load_waits; Triton 3.6: 554 -> 553 instructions a step at 8 x
+    64 turned round, 644 -> 620 at 16 x 256; 3.9: 537 -> 554, 571 -> 619).
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + offs_w[None, :]
@@ -358,21 +342,11 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_first = pid_k * BLOCK_K
-    if SCALES_AHEAD:  # past the last step the address falls back on a step of the layer, as single_row's PREFETCH
-        scale_next, zero_next = stored_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn,
-                                                  tl.where(k_first < K, k_first, 0) // GROUP, HAS_ZEROS)
-    for k0 in range(k_first, K, BLOCK_K * SPLIT_K):
+    for k0 in tl.range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K, num_stages=STAGES):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_K/8]
         if BLOCK_M <= 16:
             words = tl.reshape(operand_order(tl.reshape(words, (BLOCK_N, BLOCK_K // 8, 1)), K_WIDTH), (BLOCK_N, BLOCK_K // 8))
-        if SCALES_AHEAD:  # this step's scales arrived during the last pass; ask for the next step's now
-            scale, zero = scale_next.to(tl.float32), zero_next.to(tl.float32)
-            k_next = k0 + BLOCK_K * SPLIT_K
-            scale_next, zero_next = stored_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn,
-                                                      tl.where(k_next < K, k_next, k0) // GROUP, HAS_ZEROS)
-        else:
-            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k0 // GROUP, HAS_ZEROS)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
         if BLOCK_M > 16:  # prefill: each weight dequantised, two an instruction
             scale = scale.to(DOT_DTYPE)[:, None]
@@ -399,9 +373,9 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
 
 @triton.jit
 def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
-                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
+                     stride_sg, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
                      X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, STACK: tl.constexpr, SCALES_AHEAD: tl.constexpr):
+                     SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, STACK: tl.constexpr, STAGES: tl.constexpr):
     """word_dots turned round (TRANSPOSED): out^T = W x^T, returned as [BLOCK_M, BLOCK_N] in fp32.
 
     The weights become the dots' first operand (16 rows of the tensor cores' m16n8k16 tile) and
@@ -432,11 +406,7 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
     mask_m = (offs_m < M)[None, :, None]
     mask_n = offs_n < N
     acc = tl.zeros((STACK, BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_first = pid_k * STACK * BLOCK_K
-    if SCALES_AHEAD:
-        scale_next, zero_next = steps_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, k_first + steps * BLOCK_K, K,
-                                                 GROUP, HAS_ZEROS)
-    for k0 in range(k_first, K, STACK * BLOCK_K * SPLIT_K):
+    for k0 in tl.range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K, num_stages=STAGES):
         step_k = k0 + steps * BLOCK_K
         if STACK == 1:  # every step is inside K: no mask along it (a select a word)
             words = tl.reshape(tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N // 8, 1, 8, J))
@@ -449,13 +419,8 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
             in_group = in_k[:, None] & mask_n[None, :]
         words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (STACK * BLOCK_N, J, 1))
         words = tl.reshape(operand_order(words, K_WIDTH), (STACK * BLOCK_N, J))
-        if SCALES_AHEAD:  # as in word_dots
-            scale, zero = scale_next.to(tl.float32), zero_next.to(tl.float32)
-            scale_next, zero_next = steps_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn,
-                                                     step_k + STACK * BLOCK_K * SPLIT_K, K, GROUP, HAS_ZEROS)
-        else:
-            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_group, stride_sn, (step_k // GROUP)[:, None],
-                                           HAS_ZEROS)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_group, stride_sn, stride_sg,
+                                       (step_k // GROUP)[:, None], HAS_ZEROS)
         x_sum = tl.sum(x.to(tl.float32), axis=2)  # [STACK, BLOCK_M], as the tensor cores see x
         x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (STACK * BLOCK_M, BLOCK_K)), K_WIDTH)
         part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
@@ -468,15 +433,6 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
                       tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
         acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
     return tl.trans(tl.sum(acc, axis=0))
-
-
-@triton.jit
-def steps_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, step_k, K, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """[STACK, BLOCK_N] scales and zeros (as stored) of the K steps starting at step_k ([STACK]): 0
-    for a step past K (its address on the layer's first group, its load masked off)."""
-    in_k = step_k < K
-    return stored_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_k[:, None] & mask_n[None, :], stride_sn,
-                             (tl.where(in_k, step_k, 0) // GROUP)[:, None], HAS_ZEROS)
 
 
 @triton.jit
@@ -683,6 +639,9 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     check_activation(x, k)
     if k % group_size or scales.shape[-2:] != (n, k // group_size):
         raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight in groups of {group_size}")
+    if zeros is not None and zeros.stride() != scales.stride():
+        # one pair of strides serves both (column-major, as a Triton layer keeps them, or row-major)
+        raise ValueError(f"zeros {zeros.stride()} and scales {scales.stride()} must share a layout")
     if k % 8 or qweight.stride(-1) != 1 or qweight.stride(-2) % 4 or qweight.data_ptr() % 4:
         # single_row reads each row of qweight as int32 words; mpq sends only groups of 32 or more
         raise ValueError(f"W4A16 reads qweight rows as int32 words: K must be a multiple of 8 and each row start on a "
@@ -699,7 +658,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     pointers = (qweight, scales, zeros if zeros is not None else scales, scales if slots is None else slots)
     x_arg, x_meta = x_pairs(x)
     expert_strides = (0, 0) if slots is None else (qweight.stride(0), scales.stride(0))
-    scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scales.stride(-2), *expert_strides)
+    scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scales.stride(-2), scales.stride(-1), *expert_strides)
     meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, "GROUPED": slots is not None, "K_WIDTH": K_WIDTH, **x_meta}
     shape_key = (k, group_size, zeros is not None) + (() if slots is None else ("grouped", qweight.shape[0]))
     candidates = (lambda: _candidates(x.shape[0], group_size)) if slots is None else (lambda: _grouped_candidates(group_size))

@@ -110,6 +110,16 @@ def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, request
     return "reference"
 
 
+def scales_by_column(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """INT4 scales and zeros [N, G] kept column-major (strides (1, N)) for the Triton kernels: a K
+    step's scales for a tile's columns then lie side by side, 32 bits or more a thread, so Triton's
+    pipeline copies them ahead with the weights (cp.async) instead of each pass waiting on 16-bit
+    loads of its own (kernels/triton_w4a16.py). Every torch path reads them as [N, G] all the same;
+    a checkpoint saves them contiguous (checkpoint_tensors)."""
+    return {name: tensor.t().contiguous().t() if name in ("scales", "zeros") else tensor
+            for name, tensor in tensors.items()}
+
+
 def launches_directly(x: torch.Tensor) -> bool:
     """Whether a Triton layer may call its launcher itself rather than through torch.ops.mpq.*.
 
@@ -143,6 +153,8 @@ class QuantizedLinear(nn.Module):
         if self.backend == "cpu":
             tensors = prepare_cpu(tensors, fmt)
             float32_from_tokens(fmt.bits)  # measured (once a machine) now, not inside a forward that torch traces
+        if self.backend == "triton" and fmt.bits == 4:
+            tensors = scales_by_column(tensors)
         # decided once (MPQ_CPU_MATMUL and the CPU's probe): a forward reads no environment
         self.dense_in_float32 = self.backend == "dense" and device.type == "cpu" and routes(tensors["weight"].dtype)
         for name, tensor in tensors.items():

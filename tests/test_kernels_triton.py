@@ -121,41 +121,53 @@ def test_w4a16_word_dots_turned_round(k_width, fmt_name, n, k, m, block_m, split
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
 
 
-@pytest.mark.parametrize("turned,stack", [(False, 1), (True, 1), (True, 4)])
-@pytest.mark.parametrize("fmt_name,n,k,m,split", [("int4-g128", 33, 256, 1, 3), ("int4-g128-sym", 40, 640, 5, 2),
-                                                  ("int4-pc", 17, 384, 8, 1), ("int4-g64", 24, 1152, 3, 4)])
-def test_w4a16_tensor_core_decode_loading_scales_a_step_ahead(turned, stack, fmt_name, n, k, m, split):
-    """SCALES_AHEAD: each pass of word_dots' decode loop, upright or turned round, takes the scales
-    and zeros the pass before loaded. Programs with no step (K = 256 over 3), a last pass of fewer
-    steps than STACK (5 steps of 128 in 4s), per-channel scales, groups of 64 (K steps of 64)."""
+SCALE_LAYOUT_PATHS = {
+    "single row": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2},
+    "single row, loading ahead": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 3, "PREFETCH": True},
+    "word_dots": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2},
+    "turned round": {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "TRANSPOSED": True, "STACK": 2},
+    "byte path": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2},
+    "word tiles": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1},
+    "prefill bytes": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "WORD_DOTS": False},
+}
+
+
+@pytest.mark.parametrize("path", list(SCALE_LAYOUT_PATHS))
+@pytest.mark.parametrize("fmt_name", ["int4-g128", "int4-g128-sym"])
+def test_w4a16_reads_scales_and_zeros_column_major(path, fmt_name):
+    """A Triton layer keeps its scales and zeros [N, G] column-major (strides (1, N): mpq.qlinear.
+    scales_by_column); every path of the kernel, and the dense route's dequantisation, reads them
+    through both strides: odd N, several groups, the reference's result. Zeros in another layout
+    than the scales are refused (one pair of strides serves both)."""
+    from mpq.kernels.triton_dequant import dequantize_int4
     from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.qlinear import scales_by_column
 
-    fmt, t, x, bias = _inputs(fmt_name, n, k, m, torch.bfloat16, seed=n + k + m + stack)
-    block_k = 128 if fmt.group_along(k) % 128 == 0 else 64
-    config = {"BLOCK_M": 8 if turned else 16, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "SCALES_AHEAD": True}
-    if turned:
-        config.update(TRANSPOSED=True, STACK=stack)
-    got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
-    assert got.shape == (m, n) and rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
-
-
-def test_w4a16_decode_space_loads_scales_ahead_on_the_tensor_core_tiles():
-    """Every tensor-core word tile of the decode space with K steps of 128 (upright or turned round)
-    has a twin that loads its scales a pass ahead; single rows, byte paths, other K steps and
-    prefill have none."""
-    from mpq.kernels.triton_w4a16 import _candidates, runs_word_dots
-
-    for m in (1, 4, 16, 64):
-        space = _candidates(m, 128)
-        ahead = [c for c in space if c.get("SCALES_AHEAD")]
-        tiles = [c for c in space if (c.get("TRANSPOSED") or runs_word_dots(c)) and c["BLOCK_K"] == 128
-                 and not c.get("SCALES_AHEAD")]
-        assert [{k: v for k, v in c.items() if k != "SCALES_AHEAD"} for c in ahead] == tiles
-        assert (len(ahead) > 0) == (m <= 16)
-    assert not any(c.get("SCALES_AHEAD") for c in _candidates(1, 64))
+    config = SCALE_LAYOUT_PATHS[path]
+    m = {1: 1, 8: 5, 16: 3, 32: 33}[config["BLOCK_M"]]
+    fmt, t, x, bias = _inputs(fmt_name, 33, 512, m, torch.bfloat16, seed=7)
+    by_column = scales_by_column(t)
+    assert by_column["scales"].stride() == (1, 33) and torch.equal(by_column["scales"], t["scales"])
+    got = w4a16_linear(x, by_column["qweight"], by_column["scales"], by_column.get("zeros"), 128, bias, config=config)
+    assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+    weight = dequantize_int4(by_column["qweight"], by_column["scales"], by_column.get("zeros"), 128, torch.float32)
+    assert torch.equal(weight, dequantize_int4(t["qweight"], t["scales"], t.get("zeros"), 128, torch.float32))
+    if "zeros" in t:
+        with pytest.raises(ValueError, match="share a layout"):
+            w4a16_linear(x, t["qweight"], by_column["scales"], t["zeros"], 128, bias, config=config)
 
 
+def test_triton_int4_layers_keep_scales_column_major():
+    from mpq.qlinear import QuantizedLinear
 
+    linear = torch.nn.Linear(256, 40).to(torch.bfloat16)
+    layer, tensors = QuantizedLinear.from_module(linear, "int4-g64", backend="triton")
+    assert layer.scales.stride() == layer.zeros.stride() == (1, 40)
+    assert tensors["scales"].is_contiguous() and torch.equal(layer.scales, tensors["scales"])
+    assert layer.to(DEVICE).scales.stride() == (1, 40)  # moving keeps the layout
+
+
+def test_w4a16_decode_space_turns_round_up_to_8_rows():
     """The tuner times 8-row TRANSPOSED tiles (a warp a K step, K steps of 128) at M <= 8, not
     above, only where a group holds a K step of 128, and only the STACKs this Triton compiles well:
     none before 3.6 (its tl.dot refuses 8 columns), 1 on 3.6, 1 and 4 from 3.7."""
