@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -157,11 +158,17 @@ def _grid_and_arguments(x: torch.Tensor, n: int, pointers: tuple, scalars: tuple
 
 def with_loop_stages(kernel, keywords: dict) -> dict:
     """A kernel that takes STAGES writes its K loop as tl.range(..., num_stages=STAGES): given the
-    launch's num_stages, Triton's pipeline then takes every load of the loop (W4A16's scales and its
-    single-row words too), not only those that feed a tl.dot."""
-    if "STAGES" in kernel.arg_names:
-        return {**keywords, "STAGES": keywords.get("num_stages", 3)}
+    launch's num_stages, Triton's pipeline then takes every load of the loop (W4A16's scales), not
+    only those that feed a tl.dot. `keywords` is one launch's own dict: filled in place."""
+    if takes_stages(kernel):
+        keywords["STAGES"] = keywords.get("num_stages", 3)
     return keywords
+
+
+@functools.cache
+def takes_stages(kernel) -> bool:
+    # once per kernel: a launch must not search its argument names (eager decode is host-bound)
+    return "STAGES" in getattr(kernel, "arg_names", ())
 
 
 def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
