@@ -108,8 +108,16 @@ def load_waits(loop: list[str]) -> list[int | None]:
             continue
         register = re.compile(rf"\b{load.group(1)}\b")
         waits.append(next((later - index for later in range(index + 1, len(lines))
-                           if register.search(lines[later].split(";")[0].split(None, 2)[-1].split(",", 1)[-1])), None))
+                           if register.search(source_operands(lines[later]))), None))
     return waits
+
+
+def source_operands(line: str) -> str:
+    """What a SASS instruction reads, as load_waits counts it: its operands after the first, which
+    it writes (a store's first operand, an address it reads, is left out too: the loads counted
+    there bring values, scales and zeros, not addresses)."""
+    operands = line.split(";")[0].split(None, 2)[-1]  # past the address comment and the opcode or predicate
+    return operands.split(",", 1)[-1]
 
 
 def weight_bytes_per_thread(name: str, config: dict) -> float:
@@ -152,7 +160,7 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
         constexprs.update(GROUP=group, HAS_ZEROS=not symmetric, X_PAIRS=pairs,
                           X_DTYPE=DTYPES[activations])
         constexprs.setdefault("K_WIDTH", triton_w4a16.K_WIDTH)  # as the launcher passes it, unless the config pins it
-        constexprs["STAGES"] = config["num_stages"]  # as triton_common.with_loop_stages passes it
+        constexprs["STAGES"] = config["num_stages"]  # as the launcher passes it (triton_common.takes_stages)
     kernel = (triton_dense_grouped._dense_grouped_kernel if dense else triton_w4a16._w4a16_kernel if int4
               else triton_w8a16._w8a16_kernel)
     row = {"kernel": name, "M": m, "config": config}

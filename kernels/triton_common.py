@@ -143,7 +143,7 @@ def interpreter_config(m: int, k_step: int, grouped: bool = False) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 256, "BLOCK_K": k_step, "SPLIT_K": 1}
 
 
-def _grid_and_arguments(x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict,
+def _grid_and_arguments(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict,
                         x_arg: torch.Tensor | None, out: torch.Tensor) -> tuple[tuple, tuple, dict]:
     """The grid, positional and keyword arguments of one launch (run_config's layout)."""
     grid = (cdiv(x.shape[0], config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
@@ -153,21 +153,18 @@ def _grid_and_arguments(x: torch.Tensor, n: int, pointers: tuple, scalars: tuple
     else:  # unread
         sums, counts = out, out
     arguments = (x if x_arg is None else x_arg, *pointers, out, *scalars, out.stride(0), sums, counts)
-    return grid, arguments, {**meta, "ATOMIC": config["SPLIT_K"] > 1, "DOT_DTYPE": dot_dtype(x.dtype), **config}
-
-
-def with_loop_stages(kernel, keywords: dict) -> dict:
-    """A kernel that takes STAGES writes its K loop as tl.range(..., num_stages=STAGES): given the
-    launch's num_stages, Triton's pipeline then takes every load of the loop (W4A16's scales), not
-    only those that feed a tl.dot. `keywords` is one launch's own dict: filled in place."""
-    if takes_stages(kernel):
-        keywords["STAGES"] = keywords.get("num_stages", 3)
-    return keywords
+    keywords = {**meta, "ATOMIC": config["SPLIT_K"] > 1, "DOT_DTYPE": dot_dtype(x.dtype), **config}
+    if "num_stages" in config and takes_stages(kernel):
+        keywords["STAGES"] = config["num_stages"]  # without one, the kernel's default (Triton's, 3)
+    return grid, arguments, keywords
 
 
 @functools.cache
 def takes_stages(kernel) -> bool:
-    # once per kernel: a launch must not search its argument names (eager decode is host-bound)
+    """Whether a kernel writes its K loop as tl.range(..., num_stages=STAGES), which then takes the
+    launch's num_stages: Triton's pipeline takes every load of such a loop (W4A16's scales), not
+    only those that feed a tl.dot. Asked once per kernel: a launch must not search its argument
+    names (eager decode is host-bound)."""
     return "STAGES" in getattr(kernel, "arg_names", ())
 
 
@@ -182,8 +179,8 @@ def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple,
     activation dtype.
     """
     out = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
-    grid, arguments, keywords = _grid_and_arguments(x, n, pointers, scalars, meta, config, x_arg, out)
-    kernel[grid](*arguments, **with_loop_stages(kernel, keywords))
+    grid, arguments, keywords = _grid_and_arguments(kernel, x, n, pointers, scalars, meta, config, x_arg, out)
+    kernel[grid](*arguments, **keywords)
     return out
 
 
@@ -192,10 +189,10 @@ def compile_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tu
     """Compile the kernel as run_config would launch it, without running it (Triton's warmup:
     the same specialisation and cache entry as the launch, so the launch then finds it compiled)."""
     out = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
-    grid, arguments, keywords = _grid_and_arguments(x, n, pointers, scalars, meta, config, x_arg, out)
+    grid, arguments, keywords = _grid_and_arguments(kernel, x, n, pointers, scalars, meta, config, x_arg, out)
     # The device is per thread in CUDA; Triton files the kernel under the current one.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel.warmup(*arguments, grid=grid, **with_loop_stages(kernel, keywords))
+        kernel.warmup(*arguments, grid=grid, **keywords)
 
 
 def launch(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict, config: dict | None,

@@ -326,7 +326,7 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     is fp32, so the same lines compute the unrounded weight there.
 
     The K loop is tl.range(..., num_stages=STAGES) (the launch's num_stages: triton_common.
-    with_loop_stages), so Triton's pipeline takes every load in it, not only those feeding a dot.
+    takes_stages), so Triton's pipeline takes every load in it, not only those feeding a dot.
     With the scales and zeros column-major, a tile's share of them is 32 bits a thread from 64
     columns a warp, enough for cp.async, and they come num_stages - 1 steps ahead with the words. On
     the H200 (run 2: row-major scales, a plain range) these tiles issued at 16-24% of the peak and
