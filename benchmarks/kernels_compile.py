@@ -47,17 +47,18 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16  # noqa: E402
 from mpq.kernels.triton_tuning import usable_cores  # noqa: E402
+from sass_reading import INSTRUCTION, dependent_launch_order, k_loop, load_waits  # noqa: E402
 
 GROUPED_ROWS = 8  # the grouped kernels' rows: (token, expert) pairs
 SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}  # bytes of dynamic shared memory per block
-INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
-BRANCH_BACK = re.compile(r"\bBRA\b[^;]*?(\.L_x_\d+)")
 LOADS = re.compile(r"\b(?:ld\.global|cp\.async\.c[ag]|atom|red|mma|wgmma)[\w.]*")
 
 
 def compile_for(kernel, runtime: dict[str, tuple[str, int]], constexprs: dict, num_warps: int, num_stages: int,
-                arch: int):
-    """triton.compile for cuda sm_`arch` without a GPU. `runtime`: argument -> (Triton type, value)."""
+                arch: int, launch_pdl: bool = False):
+    """triton.compile for cuda sm_`arch` without a GPU. `runtime`: argument -> (Triton type, value);
+    `launch_pdl`: Triton's option for a launch with programmatic dependent launch, as the launcher
+    passes it with PDL (triton_common._grid_and_arguments)."""
     signature, constants, attrs = {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name not in constexprs and name not in runtime:  # a constexpr the launch leaves at its default
@@ -71,7 +72,8 @@ def compile_for(kernel, runtime: dict[str, tuple[str, int]], constexprs: dict, n
         if kind.startswith("*") or value % 16 == 0:
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({"launch_pdl": True} if launch_pdl else {})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def disassemble(cubin: bytes) -> list[str]:
@@ -81,43 +83,6 @@ def disassemble(cubin: bytes) -> list[str]:
         file.flush()
         return subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
                               check=True).stdout.splitlines()
-
-
-def k_loop(cubin: bytes) -> list[str]:
-    """The SASS lines of the kernel's K loop: the longest body a backward branch closes."""
-    sass = disassemble(cubin)
-    labels = {line.strip()[:-1]: index for index, line in enumerate(sass) if re.fullmatch(r"\s*\.L_x_\d+:", line)}
-    loops = [(labels[m.group(1)], index) for index, line in enumerate(sass)
-             if (m := BRANCH_BACK.search(line)) and labels.get(m.group(1), index) < index]
-    if not loops:
-        return []
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    return sass[start:end + 1]
-
-
-def load_waits(loop: list[str]) -> list[int | None]:
-    """For each plain global load (LDG) of a K loop, how many instructions later in the same pass
-    its register is first read: where a thread waits for it, unless the memory answered sooner.
-    None: not read in that pass (the load is for the next one). cp.async copies (LDGSTS) land in
-    shared memory and are waited on by barrier, so they are not counted."""
-    lines = [line for line in loop if INSTRUCTION.search(line)]
-    waits = []
-    for index, line in enumerate(lines):
-        load = re.search(r"\bLDG\S*\s+(R\d+)", line)
-        if not load:
-            continue
-        register = re.compile(rf"\b{load.group(1)}\b")
-        waits.append(next((later - index for later in range(index + 1, len(lines))
-                           if register.search(source_operands(lines[later]))), None))
-    return waits
-
-
-def source_operands(line: str) -> str:
-    """What a SASS instruction reads, as load_waits counts it: its operands after the first, which
-    it writes (a store's first operand, an address it reads, is left out too: the loads counted
-    there bring values, scales and zeros, not addresses)."""
-    operands = line.split(";")[0].split(None, 2)[-1]  # past the address comment and the opcode or predicate
-    return operands.split(",", 1)[-1]
 
 
 def weight_bytes_per_thread(name: str, config: dict) -> float:
@@ -165,11 +130,13 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
               else triton_w8a16._w8a16_kernel)
     row = {"kernel": name, "M": m, "config": config}
     try:
-        compiled = compile_for(kernel, runtime, constexprs, config["num_warps"], config["num_stages"], arch)
+        compiled = compile_for(kernel, runtime, constexprs, config["num_warps"], config["num_stages"], arch,
+                               launch_pdl=config.get("PDL", False))
     except Exception as error:  # noqa: BLE001 - a config the compiler refuses is a finding, not a crash
         return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
     ops = Counter(LOADS.findall(compiled.asm["ptx"]))
-    loop_lines = k_loop(compiled.asm["cubin"])
+    sass = disassemble(compiled.asm["cubin"])
+    loop_lines = k_loop(sass)
     loop = Counter(m.group(1) for line in loop_lines if (m := INSTRUCTION.search(line)))
     per_byte = sum(loop.values()) / weight_bytes_per_thread(name, config) if loop else None
     return {**row, "cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "ops": dict(ops),
@@ -177,7 +144,9 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
             "instructions_per_weight_byte": per_byte, "load_waits": load_waits(loop_lines),
             "tensor_cores": any(op.startswith(("mma", "wgmma")) for op in ops),
             "atomics": any(op.startswith(("atom", "red")) for op in ops),
-            "byte_loads": any(op.startswith(("ld.global.b8", "ld.global.u8", "ld.global.s8")) for op in ops)}
+            "byte_loads": any(op.startswith(("ld.global.b8", "ld.global.u8", "ld.global.s8")) for op in ops),
+            **({"dependent_launch": {**dependent_launch_order(sass), "launch_pdl": compiled.metadata.launch_pdl}}
+               if config.get("PDL") else {})}
 
 
 def compile_dequant(name: str, n: int, k: int, group: int, arch: int, activations: str = "bf16",
@@ -236,7 +205,32 @@ def problems(row: dict, arch: int) -> list[str]:
         found.append("no cubin")
     if not row["loop_instructions"]:
         found.append("no K loop found in the SASS")
+    if "dependent_launch" in row:
+        order = row["dependent_launch"]
+        if not (order["waits"] and order["prefetches_before_wait"] and order["launches_dependents_after_wait"]
+                and order["launch_pdl"]):
+            found.append(f"PDL: a wait, prefetches before it, dependents launched after it and Triton's launch_pdl "
+                         f"expected, got {order}")
+        if order["memory_before_wait"]:
+            found.append(f"PDL: {order['memory_before_wait']} before the wait for the kernel ahead")
     return found
+
+
+def dependent_launch_samples(jobs: list[tuple]) -> list[tuple]:
+    """One launch of each code path (kernel, M and the config's path: single row, loading ahead,
+    16-row tiles or turned round and how many warps along K, word tiles or bytes, split or not),
+    compiled again with PDL (MPQ_PDL=1) for dependent_launch_order. Not the grouped launches, which
+    never take it (triton_common.pdl_launch)."""
+    seen, samples = set(), []
+    for name, m, config, *rest in jobs:
+        if name.endswith("-grouped"):
+            continue
+        path = (name, m, config["BLOCK_M"] == 1, config.get("PREFETCH", False), config.get("TRANSPOSED", False),
+                config.get("STACK", 1), config.get("WORD_DOTS", True), config["SPLIT_K"] > 1)
+        if path not in seen:
+            seen.add(path)
+            samples.append((name, m, {**config, "PDL": True}, *rest))
+    return samples
 
 
 def leanest_loops(rows: list[dict]) -> dict[tuple[str, int], dict]:
@@ -283,10 +277,12 @@ def main() -> None:
     jobs += [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
              for name, configs in grouped.items() for config in configs]
     # Each config compiles on its own (Triton's passes, then ptxas and nvdisasm): one process per core.
+    pdl_jobs = [] if comparing else dependent_launch_samples(jobs)
     workers = max(1, min(args.jobs, len(jobs)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         rows = list(pool.map(compile_candidate, *zip(*jobs)))
-    for row in rows:
+        pdl_rows = list(pool.map(compile_candidate, *zip(*pdl_jobs))) if pdl_jobs else []
+    for row in rows + pdl_rows:
         row["problems"] = problems(row, args.arch)
     dequant = [] if comparing else [compile_dequant(name, n, k, group, args.arch, args.activations, args.symmetric)
                                     for name in ("w4a16-dequant", "w8a16-dequant")]
@@ -304,6 +300,13 @@ def main() -> None:
         print(f"\n{r['kernel']} (prefill's dense route): "
               + (f"{r['instructions_per_weight']:.1f} instructions per 16-bit weight written; " if "instructions_per_weight" in r else "")
               + ("; ".join(r["problems"]) or "no problems"))
+    if pdl_rows:
+        bad_pdl = [r for r in pdl_rows if r["problems"]]
+        print(f"\nWith PDL (MPQ_PDL=1), one config per code path: {len(pdl_rows)} compiled; L2 prefetch instructions before the wait "
+              f"{min(r.get('dependent_launch', {}).get('prefetches_before_wait', 0) for r in pdl_rows)} to "
+              f"{max(r.get('dependent_launch', {}).get('prefetches_before_wait', 0) for r in pdl_rows)}; "
+              + ("; ".join(f"{r['kernel']} M={r['M']} {r['config']}: {'; '.join(r['problems'])}" for r in bad_pdl)
+                 or "no memory instruction before it, dependents launched after it in every one"))
     print("\nLeanest K loop per kernel and M (instructions per weight byte, per thread):")
     for (kernel, m), r in leanest_loops(rows).items():
         c = r["config"]
@@ -318,10 +321,10 @@ def main() -> None:
                 "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
     path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "k_width": triton_w4a16.K_WIDTH, "group": group,
                                 "activations": args.activations, "symmetric": args.symmetric,
-                                "leanest": leanest, "dequant": dequant, "rows": rows},
+                                "leanest": leanest, "dequant": dequant, "rows": rows, "dependent_launch": pdl_rows},
                                indent=2) + "\n")
     print(f"wrote {path}")
-    bad = [r for r in rows + dequant if r["problems"]]
+    bad = [r for r in rows + dequant + pdl_rows if r["problems"]]
     if bad and comparing:
         # configs the launcher never runs, compiled for comparison: a spill there is a finding, not a failure
         print(f"{len(bad)} of {len(rows)} configs have problems (in {variant.lstrip('-')}, which the launcher does not run)")

@@ -12,7 +12,7 @@ and replayed from a CUDA graph. (Random weights give near-tied logits, so a form
 tokens may part from the bf16 model's, and even from its own generate()'s, without anything
 being wrong: the kernel table and the demo check the numbers; this times them.)
 
-    python benchmarks/scaled_decode.py                       # a CUDA machine: 4 blocks, INT4-g128 and INT8
+    python benchmarks/scaled_decode.py                       # a CUDA machine: 4 blocks, INT4-g128 and INT8, INT4 with PDL
     python benchmarks/scaled_decode.py --smoke               # tiny blocks on the CPU: checks the script
 
 Prints a table and writes JSON (scaled-decode-DEVICE.json). gpu_session.sh runs it after the
@@ -22,6 +22,7 @@ kernel table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -97,14 +98,17 @@ def scaled_decode(device: str, layers: int, formats: list[str], tokens: int, smo
     prompt = torch.tensor([[1, 2, 3, 4]], device=device)
     rows = {}
     for fmt_name in ["bf16", *formats]:
+        base_format, _, option = fmt_name.partition("+")  # "int4-g128+pdl": that format's layers launched with PDL
         start = time.perf_counter()
         model = llama_blocks(layers, device, smoke)
-        names = [] if fmt_name == "bf16" else quantise_blocks(model, fmt_name)
+        names = [] if base_format == "bf16" else quantise_blocks(model, base_format)
         kernels = sorted({model.get_submodule(name).kernel for name in names})
         built_s = time.perf_counter() - start
-        report = decode_report(model, prompt, tokens)
+        pdl = option == "pdl" and any(k.startswith("triton") for k in kernels) and pdl_capable(device)
+        with pdl_launches(pdl):  # the graph captured inside keeps its launches' programmatic edges
+            report = decode_report(model, prompt, tokens)
         rows[fmt_name] = {**report, "weight_bytes": weight_bytes(model), "layers_quantised": len(names),
-                          "kernels": kernels, "built_s": built_s}
+                          "kernels": kernels, "built_s": built_s, "pdl": pdl}
         print(f"{fmt_name}: {rows[fmt_name]}", flush=True)
         on_row(rows)
         del model
@@ -113,11 +117,29 @@ def scaled_decode(device: str, layers: int, formats: list[str], tokens: int, smo
     return rows
 
 
+def pdl_capable(device: str) -> bool:
+    """Whether mpq's Triton layers can launch with PDL here (triton_common.pdl_capable; needs triton)."""
+    from mpq.kernels.triton_common import pdl_capable as capable
+
+    return capable(torch.device(device))
+
+
+def pdl_launches(enabled: bool):
+    """triton_common.dependent_launch(True) where asked; else nothing (triton may be absent)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from mpq.kernels.triton_common import dependent_launch
+
+    return dependent_launch(True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny blocks on the CPU, no GPU needed")
     parser.add_argument("--layers", type=int, default=None, help="blocks (default 4; 2 with --smoke)")
-    parser.add_argument("--formats", default="int4-g128,int8")
+    parser.add_argument("--formats", default="int4-g128,int8,int4-g128+pdl",
+                        help="formats of the quantised blocks; FORMAT+pdl: its Triton launches with PDL (MPQ_PDL=1), "
+                             "where the GPU takes it (Hopper on)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens decoded after the prompt")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

@@ -28,6 +28,43 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+# Programmatic dependent launch (PDL, Hopper and later): off unless MPQ_PDL=1, until a GPU run has
+# timed it (benchmarks/GPU_NOTES.md). Read once, as above; the benchmarks switch it with dependent_launch.
+_PDL_WANTED = os.environ.get("MPQ_PDL", "0") == "1"
+
+
+@contextlib.contextmanager
+def dependent_launch(enabled: bool = True):
+    """Within the block, whether the layers' launches ask for programmatic dependent launch where
+    the device and Triton can (pdl_capable): each program asks L2 for its first weights and waits
+    for the kernel ahead of it on the stream to finish before it reads x or writes anything
+    (prefetch_then_wait), so its launch and first weight reads overlap that kernel's tail. A CUDA
+    graph captured inside keeps the launches' programmatic edges after the block."""
+    global _PDL_WANTED
+    before, _PDL_WANTED = _PDL_WANTED, enabled
+    try:
+        yield
+    finally:
+        _PDL_WANTED = before
+
+
+@functools.cache
+def pdl_capable(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or more, and a Triton with grid dependency control
+    (tl.extra.cuda.gdc_wait: 3.6 and 3.9 have it; mpq runs from 3.4). Never the interpreter."""
+    from triton.language.extra import cuda
+
+    return (not interpreting() and device.type == "cuda" and hasattr(cuda, "gdc_wait")
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def pdl_launch(kernel, x: torch.Tensor, grouped: bool) -> bool:
+    """Whether this launch takes PDL: wanted, a capable device, a kernel that takes PDL, one layer (a
+    grouped launch reads its rows' experts, which the routing kernel ahead of it writes, before
+    it knows which weights to ask for)."""
+    return _PDL_WANTED and not grouped and takes_pdl(kernel) and pdl_capable(x.device)
+
+
 def dot_dtype(x_dtype: torch.dtype):
     """The dtype fed to tl.dot: the activation dtype on a GPU (bf16 for fp32 activations, whose
     range fp16 lacks); fp32 under the interpreter, whose bf16 tl.dot returns garbage (triton 3.6-3.9)."""
@@ -156,6 +193,8 @@ def _grid_and_arguments(kernel, x: torch.Tensor, n: int, pointers: tuple, scalar
     keywords = {**meta, "ATOMIC": config["SPLIT_K"] > 1, "DOT_DTYPE": dot_dtype(x.dtype), **config}
     if "num_stages" in config and takes_stages(kernel):
         keywords["STAGES"] = config["num_stages"]  # without one, the kernel's default (Triton's, 3)
+    if pdl_launch(kernel, x, meta.get("GROUPED", False)):
+        keywords.update(PDL=True, launch_pdl=True)  # the kernel's waits, and Triton's launch attribute
     return grid, arguments, keywords
 
 
@@ -166,6 +205,12 @@ def takes_stages(kernel) -> bool:
     only those that feed a tl.dot. Asked once per kernel: a launch must not search its argument
     names (eager decode is host-bound)."""
     return "STAGES" in getattr(kernel, "arg_names", ())
+
+
+@functools.cache
+def takes_pdl(kernel) -> bool:
+    """Whether a kernel has the PDL constexpr (prefetch_then_wait and launch_dependents in it)."""
+    return "PDL" in getattr(kernel, "arg_names", ())
 
 
 def run_config(kernel, x: torch.Tensor, n: int, pointers: tuple, scalars: tuple, meta: dict,
@@ -239,6 +284,39 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     return offs_m, offs_n
+
+
+# Passes of weights a program asks L2 for before its wait: a pipelined loop has num_stages - 1 = 2
+# in flight once it runs; the first two then come from L2. Untimed (no GPU since PDL was written).
+PDL_PREFETCH_PASSES = tl.constexpr(2)
+
+
+@triton.jit
+def prefetch_then_wait(w_ptr, offs_n, mask_n, stride_wn, row_bytes, first_byte, pass_stride, SPAN: tl.constexpr,
+                       PASSES: tl.constexpr):
+    """Under PDL, before anything that the kernel ahead may be writing is read or anything written:
+    ask L2 for the first PASSES passes (SPAN bytes a column, pass_stride apart from first_byte) of
+    this program's weight rows, then wait for the kernel ahead (gdc_wait: it has finished and its
+    writes are visible). The weights are a layer's, written at load time, and a prefetch into L2
+    cannot bring a stale line (L2 is where the GPU's writes land), so asking early changes no
+    result; x, the sums and the output all come after the wait. Addresses are clamped inside the
+    weight (a pass past K asks for the row's last line; a masked column for row 0)."""
+    LINES: tl.constexpr = SPAN // 128 if SPAN > 128 else 1  # a prefetch brings a 128-byte line
+    row = tl.where(mask_n, offs_n, 0).to(tl.int64) * stride_wn
+    offsets = (first_byte + tl.arange(0, PASSES)[:, None] * pass_stride + tl.arange(0, LINES)[None, :] * 128)
+    offsets = tl.minimum(offsets, row_bytes - 1)
+    lines = w_ptr.to(tl.pointer_type(tl.int8)) + row[:, None, None] + offsets[None, :, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
+                              is_pure=False, pack=1)
+    tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def launch_dependents():
+    """Under PDL, once this program's K loop is done: the kernel behind may launch (its programs
+    then prefetch and wait) while this one stores its tile. Placed after the loop so that the
+    waiting programs of the next kernel do not hold SMs that this kernel's own programs need."""
+    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

@@ -37,7 +37,8 @@ import triton.language as tl
 
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
                                        dense_route_fits, grouped_candidates, grouped_row, interpreter_config,
-                                       interpreting, launch, prefill_candidates, regime, store_tile, tile_offsets)
+                                       interpreting, launch, launch_dependents, prefetch_then_wait, prefill_candidates,
+                                       PDL_PREFETCH_PASSES, regime, store_tile, tile_offsets)
 from mpq.kernels.triton_dequant import dequantize_int4
 
 
@@ -146,7 +147,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0,
-                  TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1, STAGES: tl.constexpr = 3):
+                  TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1, STAGES: tl.constexpr = 3,
+                  PDL: tl.constexpr = False):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -157,6 +159,10 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     else:
         offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
         mask_n = offs_n < N
+        if PDL:  # a program reads SPAN bytes of each of its columns a pass (STACK steps turned round)
+            SPAN: tl.constexpr = STACK * BLOCK_K // 2
+            prefetch_then_wait(w_ptr, offs_n, mask_n, stride_wn, K // 2, pid_k * SPAN, SPAN * SPLIT_K, SPAN,
+                               PDL_PREFETCH_PASSES)
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn, stride_sg,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
@@ -197,6 +203,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                 w_lo, w_hi = nibbles_minus_zero(packed, zero)
                 acc = tl.dot(x_even.to(DOT_DTYPE), (w_lo * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
                 acc = tl.dot(x_odd.to(DOT_DTYPE), (w_hi * scale[None, :]).to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
+    if PDL:
+        launch_dependents()
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, sums_ptr, counts_ptr, ATOMIC, SPLIT_K)
 
 

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
                                        dense_route_fits, grouped_candidates, grouped_row, interpreter_config,
-                                       interpreting, launch, prefill_candidates, regime, store_tile, tile_offsets)
+                                       interpreting, launch, launch_dependents, prefetch_then_wait, prefill_candidates,
+                                       PDL_PREFETCH_PASSES, regime, store_tile, tile_offsets)
 from mpq.kernels.triton_dequant import dequantize_int8
 
 
@@ -44,7 +45,8 @@ def _fits(config: dict) -> bool:
 @triton.jit
 def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_we, stride_se, stride_om, sums_ptr, counts_ptr,
                   ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                  PDL: tl.constexpr = False):
     pid_k = tl.program_id(1)
     offs_k = tl.arange(0, BLOCK_K)
     if GROUPED:  # experts stacked [E, ...]; row m of x (offs_m, BLOCK_M = 1) runs through expert slot_ptr[m]
@@ -54,6 +56,9 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, st
     else:
         offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
         mask_n = offs_n < N
+        if PDL:  # a program reads BLOCK_K bytes of each of its columns a pass
+            prefetch_then_wait(w_ptr, offs_n, mask_n, stride_wn, K, pid_k * BLOCK_K, BLOCK_K * SPLIT_K, BLOCK_K,
+                               PDL_PREFETCH_PASSES)
     mask_m = offs_m < M
     if BLOCK_M == 1:
         # The scale is per output channel, so the products can pile up per (k, n) over the whole
@@ -78,6 +83,8 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, st
         acc = tl.sum(acc_k, axis=0)[None, :]
     scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc = acc * scale[None, :]
+    if PDL:
+        launch_dependents()
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, sums_ptr, counts_ptr, ATOMIC, SPLIT_K)
 
 

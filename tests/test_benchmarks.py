@@ -112,6 +112,15 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
     assert leanest[("dense-grouped", 8)] < 3, leanest  # 16-bit experts: a multiply-add per 2 bytes, no dequantisation
     assert any(op.startswith("wgmma") for r in rows if r["M"] == 64 for op in r["ops"])  # Hopper's warpgroup MMA
+    # with PDL (MPQ_PDL=1), one config of each code path compiled again: in each the program asks L2 for
+    # its first weights, waits for the kernel ahead before any other memory instruction, and lets the
+    # kernel behind launch after its loop (kernels_compile's problems check every one)
+    pdl = report["dependent_launch"]
+    assert {(r["kernel"], r["M"], r["config"]["BLOCK_M"], r["config"].get("TRANSPOSED", False)) for r in pdl} >= {
+        ("w4a16", 1, 1, False), ("w4a16", 1, 8, True), ("w4a16", 16, 16, False), ("w4a16", 64, 64, False),
+        ("w8a16", 1, 1, False), ("w8a16", 16, 16, False), ("w8a16", 64, 64, False)}
+    assert any(r["config"].get("PREFETCH") for r in pdl) and any(r["config"].get("WORD_DOTS") is False for r in pdl)
+    assert all(r["dependent_launch"]["prefetches_before_wait"] and not r["problems"] for r in pdl)
     # prefill: every tile as word tiles (word_dots) spends fewer instructions a K step than on the byte path
     # (218 against 259 at 128 x 128 x 64 with 8 warps, Triton 3.9 and 3.6)
     prefill = {}
@@ -195,7 +204,7 @@ def test_decode_space_sweeps_and_names_the_transposed_tiles(benchmark_script, mo
 
 
 def test_kernel_benchmark_failures_on_crafted_results(benchmark_script):
-    """A GPU run fails on a kernel off the reference, a loaded config off it, or a layer on the fallback."""
+    """A GPU run fails on a kernel off the reference (with PDL too), a loaded config off it, or a layer on the fallback."""
     kernels = benchmark_script("gpu_kernels")
     good_row = {"format": "int4-g128", "shape": "attn", "M": 1, "rel_err": 3e-3}
     good_check = {"config": "c1", "device": "cuda", "fallback_layers": [], "rel_err": {"prefill": 5e-3, "decode": 4e-3}}
@@ -203,6 +212,9 @@ def test_kernel_benchmark_failures_on_crafted_results(benchmark_script):
     assert kernels.failures({"rows": [good_row]}) == []
     assert len(kernels.failures({"rows": [good_row, {**good_row, "rel_err": 0.2}]})) == 1
     assert len(kernels.failures({"rows": [{**good_row, "rel_err": float("nan")}]})) == 1
+    assert kernels.failures({"rows": [{**good_row, "pdl_rel_err": 4e-3}]}) == []
+    (pdl_off,) = kernels.failures({"rows": [{**good_row, "pdl_rel_err": 0.5}]})  # launched with PDL, off
+    assert "with PDL" in pdl_off and "5.0e-01" in pdl_off
     off = {**good_check, "rel_err": {"prefill": 5e-3, "decode": 0.3}}
     fallback = {**good_check, "fallback_layers": ["model.layers.0.mlp.down_proj"]}
     found = kernels.failures({"rows": [good_row], "end_to_end": {"checks": [good_check, off, fallback]}})
@@ -299,12 +311,14 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernels = benchmark_script("gpu_kernels")
     monkeypatch.setattr(kernels, "ROTATE_BYTES", 40_000)
+    monkeypatch.setattr(kernels, "pdl_capable", lambda device: True)  # a Hopper, for the PDL timing's plumbing
     timed, eager = [], []
+    times = iter([0.5, 2.0, 0.4, 0.5, 2.0])  # M = 1: the kernel, the fp16 baseline, the kernel with PDL; M = 17
 
     def fake_device_ms(calls, smoke):
         assert not smoke
         timed.append([call().shape for call in calls])  # each copy is a real launch: a bad shape fails here
-        return 0.5 if len(timed) % 2 else 2.0  # the kernel, then the fp16 baseline
+        return next(times)
 
     def fake_eager_ms(fn):
         eager.append(fn().dtype)
@@ -315,7 +329,8 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     rows = list(kernels.bench_layer("odd", 40, 384, "int4-g128", (1, 17), "cpu", smoke=False))
     weight_bytes = 40 * 384 // 2 + 2 * 40 * 3 * 2  # packed nibbles, then bf16 scales and zeros of 3 groups per row
     # 40_000 bytes of copies: 5 of the int4 weight, 2 (the minimum) of the fp16 one
-    assert timed == [[(1, 40)] * 5, [(1, 40)] * 2, [(17, 40)] * 5, [(17, 40)] * 2]
+    # PDL is timed at decode (M <= 16) only
+    assert timed == [[(1, 40)] * 5, [(1, 40)] * 2, [(1, 40)] * 5, [(17, 40)] * 5, [(17, 40)] * 2]
     assert eager == [torch.bfloat16, torch.float16] * 2  # the kernel's activations, then the fp16 baseline's
     for row, m in zip(rows, (1, 17)):
         assert row["bytes_moved"] == weight_bytes + 2 * m * 384 + 2 * m * 40
@@ -324,6 +339,8 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     assert [(r["eager_ms"], r["fp16_eager_ms"]) for r in rows] == [(0.25, 0.5), (0.75, 1.0)]
     for row in rows:
         assert row["speedup_vs_fp16"] == 4.0 and row["activations"] == "bfloat16" and row["rel_err"] < 1e-2
+    assert rows[0]["pdl_ms"] == 0.4 and rows[0]["pdl_speedup_vs_fp16"] == 5.0 and rows[0]["pdl_rel_err"] < 1e-2
+    assert "pdl_ms" not in rows[1]
 
 
 def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_script):
@@ -556,7 +573,8 @@ def test_scaled_decode_smoke_quantises_every_block_layer_and_decodes(tmp_path, b
     run_benchmark("scaled_decode", "--smoke", "--out", str(tmp_path))
     report = json.loads((tmp_path / "scaled-decode-cpu-smoke.json").read_text())
     rows = report["rows"]
-    assert list(rows) == ["bf16", "int4-g128", "int8"] and report["layers"] == 2
+    assert list(rows) == ["bf16", "int4-g128", "int8", "int4-g128+pdl"] and report["layers"] == 2
+    assert rows["int4-g128+pdl"]["pdl"] is False  # asked for, but the CPU takes no PDL: the same launches
     assert all(row["static_eager_tokens_per_s"] > 0 and "static_eager_matches_generate" in row for row in rows.values())
     assert rows["bf16"]["layers_quantised"] == 0 and rows["int4-g128"]["layers_quantised"] == rows["int8"]["layers_quantised"] == 14
     for fmt_name in ("int4-g128", "int8"):
@@ -602,6 +620,26 @@ def test_kernel_benchmark_names_the_route_each_chosen_config_runs(benchmark_scri
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1}, "int8") == "tiled GEMM 64x128x128"
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1}, "int4-g128") == "tiled GEMM, int32 words 64x128x128"
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1, "WORD_DOTS": False}, "int4-g128") == "tiled GEMM 64x128x128"
+
+
+def test_sass_reading_finds_what_a_pdl_kernel_does_before_its_wait(benchmark_script):
+    """dependent_launch_order on crafted SASS: L2 prefetches (CCTL.E.PF2) then the wait (ACQBULK) and,
+    after it, the launch of dependents (PREEXIT) is the order prefetch_then_wait means; a load or a
+    store before the wait, or no wait, is what kernels_compile.py reports as a problem."""
+    sass = benchmark_script("sass_reading")
+
+    def lines(*opcodes: str) -> list[str]:
+        return [f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(opcodes)]
+
+    good = sass.dependent_launch_order(lines("S2R R0, SR_CTAID.X", "CCTL.E.PF2 [R4]", "CCTL.E.PF2 [R6]", "ACQBULK",
+                                             "LDGSTS.E.BYPASS.128 [R6], desc[UR8][R16.64]", "PREEXIT", "STG.E [R2], R4"))
+    assert good == {"waits": True, "prefetches_before_wait": 2, "memory_before_wait": [],
+                    "launches_dependents_after_wait": True}
+    early = sass.dependent_launch_order(lines("LDG.E.128 R8, desc[UR8][R2.64]", "CCTL.E.PF2 [R4]", "ACQBULK",
+                                              "@P0 STG.E [R2], R4"))
+    assert early["memory_before_wait"] == ["LDG"] and not early["launches_dependents_after_wait"]
+    assert sass.dependent_launch_order(lines("CCTL.E.PF2 [R4]", "REDG.E.ADD.F32 [R2], R4", "PREEXIT")) == {
+        "waits": False, "prefetches_before_wait": 1, "memory_before_wait": ["REDG"], "launches_dependents_after_wait": False}
 
 
 def test_kernel_fit_separates_fixed_cost_from_streaming_rate(benchmark_script):

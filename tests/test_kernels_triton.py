@@ -228,6 +228,42 @@ def test_split_buffers_made_during_a_graph_capture_are_the_graphs_alone(monkeypa
     assert split_sums._BUFFERS[torch.device("cpu")] == kept
 
 
+def test_dependent_launch_is_asked_for_only_where_it_can_run(monkeypatch):
+    """PDL (MPQ_PDL=1, or dependent_launch in code) reaches a launch as the kernel's PDL constexpr
+    and Triton's launch_pdl only where wanted, on a capable device (Hopper on, a Triton with grid
+    dependency control; never the interpreter), for one layer (not a grouped launch) of a kernel that
+    takes it; the block restores what was wanted before it."""
+    from mpq.kernels import triton_common
+    from mpq.kernels.triton_dense_grouped import _dense_grouped_kernel
+    from mpq.kernels.triton_w4a16 import _w4a16_kernel
+    from mpq.kernels.triton_w8a16 import _w8a16_kernel
+
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    out = torch.empty(1, 40, dtype=torch.bfloat16)
+    config = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
+
+    def keywords(kernel, grouped: bool = False) -> dict:
+        return triton_common._grid_and_arguments(kernel, x, 40, (), (), {"GROUPED": grouped}, config, None, out)[2]
+
+    assert triton_common.takes_pdl(_w4a16_kernel) and triton_common.takes_pdl(_w8a16_kernel)
+    assert not triton_common.takes_pdl(_dense_grouped_kernel)
+    assert not triton_common.pdl_capable(x.device)  # the CPU, the interpreter
+    with triton_common.dependent_launch():
+        assert "PDL" not in keywords(_w4a16_kernel) and "launch_pdl" not in keywords(_w4a16_kernel)
+    monkeypatch.setattr(triton_common, "pdl_capable", lambda device: True)
+    monkeypatch.setattr(triton_common, "_PDL_WANTED", False)  # as without MPQ_PDL=1
+    assert "PDL" not in keywords(_w4a16_kernel)
+    with triton_common.dependent_launch():
+        for kernel in (_w4a16_kernel, _w8a16_kernel):
+            assert keywords(kernel)["PDL"] is True and keywords(kernel)["launch_pdl"] is True
+            assert "PDL" not in keywords(kernel, grouped=True)
+        assert "PDL" not in keywords(_dense_grouped_kernel)
+        with triton_common.dependent_launch(False):
+            assert "PDL" not in keywords(_w8a16_kernel)
+        assert keywords(_w8a16_kernel)["PDL"] is True
+    assert "PDL" not in keywords(_w8a16_kernel)
+
+
 def test_operand_order_follows_the_triton_generation():
     """The launcher's K_WIDTH: 4 up to Triton 3.7, 2 from 3.8 (kernels_compile.py compiled both ways)."""
     from mpq.kernels.triton_w4a16 import K_WIDTH, operand_k_width
