@@ -149,13 +149,13 @@ def split_configs(fmt_name: str, smoke: bool) -> dict[str, dict]:
     return configs
 
 
-def split_sums_check(device: str, smoke: bool, calls: int = 3) -> dict[str, dict]:
+def split_sums_check(device: str, smoke: bool, calls: int = 3, pdl: bool = False) -> dict[str, dict]:
     """Split-K configs whose last program per tile finishes the sum and zeroes its buffers
     (kernels/split_sums.py), called again and again: each call eagerly and each replay of one CUDA
     graph (on a GPU) against the reference, and the buffers all zero after. A lost count or an
-    unordered read would show as a wrong call, or as sums left for the next one. Where the GPU
-    takes PDL, again with it: there a call's programs start before the one ahead has finished,
-    and the buffers it shares with that call are what the wait must guard."""
+    unordered read would show as a wrong call, or as sums left for the next one. `pdl`: the calls
+    launched with PDL (labels end in " PDL"), where a call's programs start before the one ahead
+    has finished, and the buffers it shares with that call are what the wait must guard."""
     from mpq.formats import get_format
     from mpq.kernels import split_sums
     from mpq.kernels.triton_common import dependent_launch
@@ -173,22 +173,21 @@ def split_sums_check(device: str, smoke: bool, calls: int = 3) -> dict[str, dict
                 def error(got: torch.Tensor) -> float:
                     return ((got.float() - expected).norm() / expected.norm()).item()
 
-                for pdl in (False, True) if pdl_capable(x.device) else (False,):
-                    with dependent_launch(pdl):
-                        errors = [error(quantised_linear(fmt, x, sets[0], config)) for _ in range(calls)]
-                        if device == "cuda":
-                            graph = torch.cuda.CUDAGraph()
-                            with torch.cuda.graph(graph):
-                                # two calls: the second's programs wait on the first's (with PDL)
-                                quantised_linear(fmt, x, sets[0], config)
-                                out = quantised_linear(fmt, x, sets[0], config)
-                            for _ in range(calls):
-                                graph.replay()
-                                torch.cuda.synchronize()
-                                errors.append(error(out))
-                    left = [bool(t.any()) for pair in split_sums._BUFFERS.values() for t in pair]
-                    results[f"{label} M={m}{' PDL' if pdl else ''}"] = {
-                        "config": config, "calls": len(errors), "worst_rel_err": max(errors), "buffers_zeroed": not any(left)}
+                with dependent_launch(pdl):
+                    errors = [error(quantised_linear(fmt, x, sets[0], config)) for _ in range(calls)]
+                    if device == "cuda":
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            # two calls: the second's programs wait on the first's (with PDL)
+                            quantised_linear(fmt, x, sets[0], config)
+                            out = quantised_linear(fmt, x, sets[0], config)
+                        for _ in range(calls):
+                            graph.replay()
+                            torch.cuda.synchronize()
+                            errors.append(error(out))
+                left = [bool(t.any()) for pair in split_sums._BUFFERS.values() for t in pair]
+                results[f"{label} M={m}{' PDL' if pdl else ''}"] = {
+                    "config": config, "calls": len(errors), "worst_rel_err": max(errors), "buffers_zeroed": not any(left)}
     return results
 
 
@@ -250,9 +249,6 @@ def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ..
             row.update({"ms": ms, "fp16_ms": ms_fp16, "GBps": moved / (ms * 1e-3) / 1e9,
                         "TFLOPs": 2 * m * n * k / (ms * 1e-3) / 1e12, "speedup_vs_fp16": ms_fp16 / ms,
                         "eager_ms": eager_ms(quantized), "fp16_eager_ms": eager_ms(fp16)})
-            if m <= 16 and pdl_capable(x.device):
-                row.update(dependent_launch_timing(quantized, sets, expected))
-                row["pdl_speedup_vs_fp16"] = ms_fp16 / row["pdl_ms"]
         yield row
 
 
@@ -262,19 +258,38 @@ def pdl_capable(device: torch.device) -> bool:
     return capable(device)
 
 
-def dependent_launch_timing(quantized, sets: list[dict], expected: torch.Tensor) -> dict:
-    """The same calls (the shape's chosen config) launched with PDL (MPQ_PDL=1): device time per
-    call in the same graph of one layer's calls back to back, where each call's launch and first
-    weight reads overlap the tail of the call before (in a model the kernel ahead is a norm or an
-    attention kernel, which lets it launch only as it ends: scaled_decode.py times that), and the
-    first call's relative error."""
+def time_with_pdl(rows: list[dict], device: str, smoke: bool, on_row=lambda: None) -> None:
+    """Each timed decode row (M <= 16) again with its layer's launches under PDL (MPQ_PDL=1), the
+    shape's chosen config: `pdl_ms`, device time per call in the same kind of graph, one layer's
+    calls back to back, where each call's launch and first weight reads overlap the tail of the
+    call before (in a model the kernel ahead is a norm or an attention kernel, which lets it
+    launch only as it ends: scaled_decode.py times that); `pdl_rel_err`; and `pdl_speedup_vs_fp16`.
+    Run after everything else a session measures, since a driver that refuses PDL in a graph
+    fails here: such a row gets `pdl_error` and the rest go on. `on_row` after each row."""
+    from mpq.formats import get_format
     from mpq.kernels.triton_common import dependent_launch
 
-    with dependent_launch():
-        got = quantized()
-        rel_err = ((got.float() - expected).norm() / expected.norm()).item()
-        ms = device_ms([lambda t=t: quantized(t) for t in sets], smoke=False)
-    return {"pdl_ms": ms, "pdl_rel_err": rel_err}
+    by_layer: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["M"] <= 16 and "ms" in row:
+            by_layer.setdefault((row["format"], row["N"], row["K"], row["activations"]), []).append(row)
+    for (fmt_name, n, k, activations), layer_rows in by_layer.items():
+        fmt = get_format(fmt_name)
+        sets, reference_weight, _ = quantised_layer(n, k, fmt, device, smoke)
+        for row in layer_rows:
+            x = torch.randn(row["M"], k, device=device).to(getattr(torch, activations))
+            expected = torch.nn.functional.linear(x.float(), reference_weight)
+            try:
+                with dependent_launch():
+                    got = quantised_linear(fmt, x, sets[0])
+                    row["pdl_rel_err"] = ((got.float() - expected).norm() / expected.norm()).item()
+                    row["pdl_ms"] = device_ms([lambda t=t: quantised_linear(fmt, x, t) for t in sets], smoke)
+            except Exception as error:  # noqa: BLE001 - reported in the row, and the next rows still tried
+                row["pdl_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if row.get("pdl_ms"):
+                row["pdl_speedup_vs_fp16"] = row["fp16_ms"] / row["pdl_ms"]
+            on_row()
+        del sets
 
 
 def compiled_demo() -> Path:
@@ -364,6 +379,8 @@ def main() -> None:
                         help="the kernels' activation dtype (the fp16 cuBLAS baseline stays fp16)")
     parser.add_argument("--batches", default=None, help="comma-separated M values (default 1,4,16,64,512)")
     parser.add_argument("--no-e2e", action="store_true", help="kernels only: skip the demo's compile, check and decode")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="skip the decode rows' second timing with PDL (MPQ_PDL=1; run last, on Hopper and later)")
     parser.add_argument("--configs", type=Path, default=None,
                         help="an `mpq compile demo` output folder to check and time, instead of compiling the demo here")
     args = parser.parse_args()
@@ -417,6 +434,15 @@ def main() -> None:
                      else f"no CUDA graph ({static['graph_error']})")
                   + f"; tokens as generate's: {static['static_eager_matches_generate']}, {static.get('graph_matches_generate')}")
         write_report(path, report)
+    if not args.smoke and not args.no_pdl and pdl_capable(torch.device(device)):
+        # last: a driver that refuses PDL in a graph, or a wrong result with it, must not cost the rest
+        try:
+            report["split_sums"].update(split_sums_check(device, args.smoke, pdl=True))
+        except Exception as error:  # noqa: BLE001 - reported; the timed rows below are still tried
+            report["split_sums_pdl_error"] = f"{type(error).__name__}: {error}"
+        time_with_pdl(report["rows"], device, args.smoke, on_row=lambda: write_report(path, report))
+        print_pdl_table(report)
+        write_report(path, report)
     print(f"wrote {path}")
     bad = failures(report)
     if bad:
@@ -448,15 +474,22 @@ def print_table(report: dict) -> None:
         else:
             print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} | - | - | "
                   f"{r.get('route') or '-'} |")
-    pdl = [r for r in report["rows"] if "pdl_ms" in r]
-    if pdl:
-        print("\nThe same decode rows launched with PDL (MPQ_PDL=1). The graph replays one layer's calls back to back,")
-        print("so each call's launch and first weight reads overlap the call before: more overlap than a model gives")
-        print("| format | shape | M | ms | with PDL ms | speedup | with PDL speedup | % copy BW with PDL | rel err with PDL |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in pdl:
+
+
+def print_pdl_table(report: dict) -> None:
+    """The decode rows timed again with PDL (time_with_pdl), and any that could not be."""
+    print("\nThe decode rows launched with PDL (MPQ_PDL=1). The graph replays one layer's calls back to back,")
+    print("so each call's launch and first weight reads overlap the call before: more overlap than a model gives")
+    print("| format | shape | M | ms | with PDL ms | speedup | with PDL speedup | % copy BW with PDL | rel err with PDL |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        if "pdl_ms" in r:
             print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['pdl_ms']:.4f} | {r['speedup_vs_fp16']:.2f}x | "
                   f"{r['pdl_speedup_vs_fp16']:.2f}x | {r['pct_of_copy_bw'] * r['ms'] / r['pdl_ms']:.0f}% | {r['pdl_rel_err']:.1e} |")
+        elif "pdl_error" in r:
+            print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['pdl_error']} | | | | |")
+    if "split_sums_pdl_error" in report:
+        print(f"split-K with PDL: {report['split_sums_pdl_error']}")
 
 
 if __name__ == "__main__":

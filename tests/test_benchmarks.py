@@ -311,9 +311,8 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernels = benchmark_script("gpu_kernels")
     monkeypatch.setattr(kernels, "ROTATE_BYTES", 40_000)
-    monkeypatch.setattr(kernels, "pdl_capable", lambda device: True)  # a Hopper, for the PDL timing's plumbing
     timed, eager = [], []
-    times = iter([0.5, 2.0, 0.4, 0.5, 2.0])  # M = 1: the kernel, the fp16 baseline, the kernel with PDL; M = 17
+    times = iter([0.5, 2.0, 0.5, 2.0, 0.4])  # M = 1 and 17: the kernel, the fp16 baseline; then M = 1 with PDL
 
     def fake_device_ms(calls, smoke):
         assert not smoke
@@ -329,8 +328,7 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     rows = list(kernels.bench_layer("odd", 40, 384, "int4-g128", (1, 17), "cpu", smoke=False))
     weight_bytes = 40 * 384 // 2 + 2 * 40 * 3 * 2  # packed nibbles, then bf16 scales and zeros of 3 groups per row
     # 40_000 bytes of copies: 5 of the int4 weight, 2 (the minimum) of the fp16 one
-    # PDL is timed at decode (M <= 16) only
-    assert timed == [[(1, 40)] * 5, [(1, 40)] * 2, [(1, 40)] * 5, [(17, 40)] * 5, [(17, 40)] * 2]
+    assert timed == [[(1, 40)] * 5, [(1, 40)] * 2, [(17, 40)] * 5, [(17, 40)] * 2]
     assert eager == [torch.bfloat16, torch.float16] * 2  # the kernel's activations, then the fp16 baseline's
     for row, m in zip(rows, (1, 17)):
         assert row["bytes_moved"] == weight_bytes + 2 * m * 384 + 2 * m * 40
@@ -339,8 +337,16 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     assert [(r["eager_ms"], r["fp16_eager_ms"]) for r in rows] == [(0.25, 0.5), (0.75, 1.0)]
     for row in rows:
         assert row["speedup_vs_fp16"] == 4.0 and row["activations"] == "bfloat16" and row["rel_err"] < 1e-2
+    # then the decode rows (M <= 16) again with PDL, on a fresh set of the layer's copies; each row written as it goes
+    written = []
+    kernels.time_with_pdl(rows, "cpu", smoke=False, on_row=lambda: written.append(1))
+    assert timed[4:] == [[(1, 40)] * 5] and written == [1]
     assert rows[0]["pdl_ms"] == 0.4 and rows[0]["pdl_speedup_vs_fp16"] == 5.0 and rows[0]["pdl_rel_err"] < 1e-2
     assert "pdl_ms" not in rows[1]
+    # a row whose PDL launch fails (a driver refusing it in a graph) says so, and the others are still timed
+    monkeypatch.setattr(kernels, "device_ms", lambda calls, smoke: 1 / 0)
+    kernels.time_with_pdl(rows, "cpu", smoke=False)
+    assert rows[0]["pdl_error"].startswith("ZeroDivisionError")
 
 
 def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_script):
