@@ -114,15 +114,17 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
                "out_ptr": (f"*{activations}", 0), "sums_ptr": ("*fp32", 0), "counts_ptr": ("*i32", 0),
                "M": ("i32", m), "N": ("i32", n), "K": ("i32", k),
                "stride_xm": ("i32", k // 2 if pairs else k), "stride_wn": ("i32", row_bytes),
-               # a Triton layer keeps its scales and zeros column-major (mpq/qlinear.py), a stack of experts row-major
-               "stride_sn": ("i32", k // group if grouped else 1), "stride_sg": ("i32", 1 if grouped else n),
+               # a Triton layer keeps its scales and zeros column-major, each zero point right after its scale where
+               # it has them (mpq/qlinear.py: scale_zero_pairs), a stack of experts row-major
+               "stride_sn": ("i32", k // group if grouped else 1 if symmetric else 2),
+               "stride_sg": ("i32", 1 if grouped else n if symmetric else 2 * n),
                "stride_om": ("i32", n),
                "stride_we": ("i32", n * row_bytes if grouped else 0),
                "stride_se": ("i32", (n * k // group if int4 else n) if grouped else 0)}
     half = DTYPES["fp16" if activations == "fp16" else "bf16"]  # the tensor cores' dtype (fp32 x goes as bf16)
     constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": half, "GROUPED": grouped}
     if int4:
-        constexprs.update(GROUP=group, HAS_ZEROS=not symmetric, X_PAIRS=pairs,
+        constexprs.update(GROUP=group, HAS_ZEROS=0 if symmetric else 1 if grouped else triton_w4a16.ZEROS_PAIRED, X_PAIRS=pairs,
                           X_DTYPE=DTYPES[activations])
         constexprs.setdefault("K_WIDTH", triton_w4a16.K_WIDTH)  # as the launcher passes it, unless the config pins it
         constexprs["STAGES"] = config["num_stages"]  # as the launcher passes it (triton_common.takes_stages)

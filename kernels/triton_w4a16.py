@@ -3,8 +3,9 @@
 Weights: qweight uint8 [N, K/2], two 4-bit values per byte, the even input index in the low
 nibble; scales [N, K/G] bf16; zeros [N, K/G] (integer zero points, asymmetric) or none
 (symmetric, zero point 8). w[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G]. Scales and zeros
-are read through both strides (stride_sn, stride_sg), so either layout serves: a Triton layer keeps
-them column-major (mpq.qlinear.scales_by_column; see word_dots), a stack of experts row-major.
+are read through both strides (stride_sn, stride_sg), so any layout serves: a Triton layer keeps
+them column-major, bf16 zero points each right after its scale (mpq.qlinear.scales_by_column;
+group_scale_zero reads the pair as one int32; see word_dots), a stack of experts row-major.
 
 One kernel, two regimes picked by M (kernels/triton_common.regime):
 - gemv (M <= 16, memory-bound decode): BLOCK_M = 1 (single_row) reads the weights as int32
@@ -208,15 +209,28 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, sums_ptr, counts_ptr, ATOMIC, SPLIT_K)
 
 
+ZEROS_PAIRED = tl.constexpr(2)  # HAS_ZEROS when each zero point lies right after its scale (scale_zero_pairs)
+
+
 @triton.jit
 def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, group, HAS_ZEROS: tl.constexpr):
-    """The scale and zero point (8 when symmetric) of one group for the tile's columns, in fp32
-    (or, with offs_n [1, N] and group [S, 1], of S groups: turned_word_dots' steps side by side)."""
-    scale = tl.load(s_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        zero = tl.load(z_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+    """The scale and zero point (8 when symmetric, HAS_ZEROS 0) of one group for the tile's columns,
+    in fp32 (or, with offs_n [1, N] and group [S, 1], of S groups: turned_word_dots' steps side by
+    side). ZEROS_PAIRED: each column's bf16 scale and zero point are one 32-bit word (the scale in
+    its low half), loaded at once, so a thread's share is 4 bytes even at one column a thread:
+    what Triton's pipeline needs to copy it ahead with the weights (cp.async) instead of a plain
+    load the pass then waits on; bf16 becomes fp32 by a shift."""
+    if HAS_ZEROS == ZEROS_PAIRED:
+        pair = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + offs_n * (stride_sn // 2) + group * (stride_sg // 2),
+                       mask=mask_n, other=0)
+        scale = (pair << 16).to(tl.float32, bitcast=True)
+        zero = ((pair >> 16) << 16).to(tl.float32, bitcast=True)
     else:
-        zero = tl.full(scale.shape, 8.0, tl.float32)
+        scale = tl.load(s_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        else:
+            zero = tl.full(scale.shape, 8.0, tl.float32)
     return scale, zero
 
 
@@ -336,7 +350,9 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
     The K loop is tl.range(..., num_stages=STAGES) (the launch's num_stages: triton_common.
     takes_stages), so Triton's pipeline takes every load in it, not only those feeding a dot.
     With the scales and zeros column-major, a tile's share of them is 32 bits a thread from 64
-    columns a warp, enough for cp.async, and they come num_stages - 1 steps ahead with the words. On
+    columns a warp, enough for cp.async, and they come num_stages - 1 steps ahead with the words
+    (with bf16 zero points, each right after its scale, from 32: a scale and its zero point are one
+    32-bit word, ZEROS_PAIRED; symmetric layers have no zero points to pair). On
     the H200 (run 2: row-major scales, a plain range) these tiles issued at 16-24% of the peak and
     streamed at 1060-1843 GB/s: each pass read its scales 10-32 SASS instructions after loading them
     (Triton 3.6), so it waited out a load from memory. Now their K loops hold no plain load
@@ -610,6 +626,17 @@ def load_x_halves(x_ptr, offs_m, mask_m, stride_xm, pair_index, X_PAIRS: tl.cons
     return x_even, x_odd
 
 
+def zeros_layout(scales: torch.Tensor, zeros: torch.Tensor | None) -> int:
+    """The kernel's HAS_ZEROS: 0 symmetric; ZEROS_PAIRED where each bf16 zero point lies right after
+    its scale, pairs of adjacent columns adjacent and the first pair 4-byte aligned (mpq.qlinear.
+    scale_zero_pairs), read as one int32 a column; else 1 (zeros read apart, through the same strides)."""
+    if zeros is None:
+        return 0
+    paired = (scales.dtype == zeros.dtype == torch.bfloat16 and scales.stride(-2) == 2 and scales.stride(-1) % 2 == 0
+              and zeros.data_ptr() == scales.data_ptr() + 2 and scales.data_ptr() % 4 == 0)
+    return ZEROS_PAIRED.value if paired else 1
+
+
 def x_pairs(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The activation argument and its constexprs: a 16-bit x as int32 pairs (a view; a copy
     only when its storage starts at an odd element), an fp32 x as it is."""
@@ -667,7 +694,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     x_arg, x_meta = x_pairs(x)
     expert_strides = (0, 0) if slots is None else (qweight.stride(0), scales.stride(0))
     scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scales.stride(-2), scales.stride(-1), *expert_strides)
-    meta = {"GROUP": group_size, "HAS_ZEROS": zeros is not None, "GROUPED": slots is not None, "K_WIDTH": K_WIDTH, **x_meta}
+    has_zeros = zeros_layout(scales, zeros) if slots is None else int(zeros is not None)  # stacks: row-major, apart
+    meta = {"GROUP": group_size, "HAS_ZEROS": has_zeros, "GROUPED": slots is not None, "K_WIDTH": K_WIDTH, **x_meta}
     shape_key = (k, group_size, zeros is not None) + (() if slots is None else ("grouped", qweight.shape[0]))
     candidates = (lambda: _candidates(x.shape[0], group_size)) if slots is None else (lambda: _grouped_candidates(group_size))
     # prefill's dense route, timed beside the fused configs (kernels/triton_dequant.py)

@@ -111,13 +111,25 @@ def choose_backend(fmt: FormatSpec, out_features: int, in_features: int, request
 
 
 def scales_by_column(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """INT4 scales and zeros [N, G] kept column-major (strides (1, N)) for the Triton kernels: a K
-    step's scales for a tile's columns then lie side by side, 32 bits or more a thread, so Triton's
-    pipeline copies them ahead with the weights (cp.async) instead of each pass waiting on 16-bit
-    loads of its own (kernels/triton_w4a16.py). Every torch path reads them as [N, G] all the same;
-    a checkpoint saves them contiguous (checkpoint_tensors)."""
+    """INT4 scales and zeros [N, G] laid out for the Triton kernels: column-major, a K step's scales
+    for a tile's columns side by side, and (bf16 zero points) each zero point right after its scale
+    (scale_zero_pairs). A thread's share of a step's scales and zeros is then 32 bits or more even at
+    one column a thread, so Triton's pipeline copies them ahead with the weights (cp.async) instead
+    of each pass waiting on 16-bit loads of its own (kernels/triton_w4a16.py). Every torch path
+    reads them as [N, G] all the same; a checkpoint saves them contiguous (checkpoint_tensors)."""
+    scales, zeros = tensors["scales"], tensors.get("zeros")
+    if zeros is not None and scales.dtype == zeros.dtype == torch.bfloat16:
+        return {**tensors, **scale_zero_pairs(scales, zeros)}
     return {name: tensor.t().contiguous().t() if name in ("scales", "zeros") else tensor
             for name, tensor in tensors.items()}
+
+
+def scale_zero_pairs(scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scales and zeros [N, G] as two views of one [G, N, 2] tensor: strides (2, 2N), the zero point
+    of (n, g) one element after its scale. (Two buffers sharing storage: a save through mpq writes
+    each contiguous; one that drops tensors sharing memory as tied would lose the zeros.)"""
+    pairs = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()
+    return {"scales": pairs[..., 0].t(), "zeros": pairs[..., 1].t()}
 
 
 def launches_directly(x: torch.Tensor) -> bool:

@@ -133,38 +133,50 @@ SCALE_LAYOUT_PATHS = {
 
 
 @pytest.mark.parametrize("path", list(SCALE_LAYOUT_PATHS))
-@pytest.mark.parametrize("fmt_name", ["int4-g128", "int4-g128-sym"])
-def test_w4a16_reads_scales_and_zeros_column_major(path, fmt_name):
-    """A Triton layer keeps its scales and zeros [N, G] column-major (strides (1, N): mpq.qlinear.
-    scales_by_column); every path of the kernel, and the dense route's dequantisation, reads them
-    through both strides: odd N, several groups, the reference's result. Zeros in another layout
-    than the scales are refused (one pair of strides serves both)."""
+@pytest.mark.parametrize("fmt_name,layout", [("int4-g128", "pairs"), ("int4-g128", "apart"), ("int4-g128-sym", "apart")])
+def test_w4a16_reads_scales_and_zeros_in_the_layers_layouts(path, fmt_name, layout):
+    """A Triton layer keeps its scales and zeros [N, G] column-major (mpq.qlinear.scales_by_column),
+    bf16 zero points each right after its scale (scale_zero_pairs: strides (2, 2N), read as one int32
+    a column, ZEROS_PAIRED), other zeros apart (strides (1, N)); every path of the kernel, and the
+    dense route's dequantisation, reads each layout: odd N, several groups, the reference's result.
+    Zeros in another layout than the scales are refused (one pair of strides serves both)."""
     from mpq.kernels.triton_dequant import dequantize_int4
-    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w4a16 import ZEROS_PAIRED, w4a16_linear, zeros_layout
     from mpq.qlinear import scales_by_column
 
     config = SCALE_LAYOUT_PATHS[path]
     m = {1: 1, 8: 5, 16: 3, 32: 33}[config["BLOCK_M"]]
     fmt, t, x, bias = _inputs(fmt_name, 33, 512, m, torch.bfloat16, seed=7)
-    by_column = scales_by_column(t)
-    assert by_column["scales"].stride() == (1, 33) and torch.equal(by_column["scales"], t["scales"])
-    got = w4a16_linear(x, by_column["qweight"], by_column["scales"], by_column.get("zeros"), 128, bias, config=config)
+    if layout == "pairs":
+        laid = scales_by_column(t)
+        assert laid["scales"].stride() == (2, 66) and laid["zeros"].data_ptr() == laid["scales"].data_ptr() + 2
+        assert zeros_layout(laid["scales"], laid["zeros"]) == ZEROS_PAIRED
+    else:
+        laid = {**t, **{name: t[name].t().contiguous().t() for name in ("scales", "zeros") if name in t}}
+        assert laid["scales"].stride() == (1, 33) and zeros_layout(laid["scales"], laid.get("zeros")) == ("zeros" in t)
+    assert torch.equal(laid["scales"], t["scales"]) and ("zeros" not in t or torch.equal(laid["zeros"], t["zeros"]))
+    got = w4a16_linear(x, laid["qweight"], laid["scales"], laid.get("zeros"), 128, bias, config=config)
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
-    weight = dequantize_int4(by_column["qweight"], by_column["scales"], by_column.get("zeros"), 128, torch.float32)
+    weight = dequantize_int4(laid["qweight"], laid["scales"], laid.get("zeros"), 128, torch.float32)
     assert torch.equal(weight, dequantize_int4(t["qweight"], t["scales"], t.get("zeros"), 128, torch.float32))
     if "zeros" in t:
         with pytest.raises(ValueError, match="share a layout"):
-            w4a16_linear(x, t["qweight"], by_column["scales"], t["zeros"], 128, bias, config=config)
+            w4a16_linear(x, t["qweight"], laid["scales"], t["zeros"], 128, bias, config=config)
 
 
-def test_triton_int4_layers_keep_scales_column_major():
+def test_triton_int4_layers_keep_scales_column_major_and_zeros_beside_them():
     from mpq.qlinear import QuantizedLinear
 
     linear = torch.nn.Linear(256, 40).to(torch.bfloat16)
     layer, tensors = QuantizedLinear.from_module(linear, "int4-g64", backend="triton")
-    assert layer.scales.stride() == layer.zeros.stride() == (1, 40)
+    assert layer.scales.stride() == layer.zeros.stride() == (2, 80)
+    assert layer.zeros.data_ptr() == layer.scales.data_ptr() + 2  # one [G, N, 2] tensor: a scale, then its zero point
     assert tensors["scales"].is_contiguous() and torch.equal(layer.scales, tensors["scales"])
-    assert layer.to(DEVICE).scales.stride() == (1, 40)  # moving keeps the layout
+    assert torch.equal(layer.zeros, tensors["zeros"])
+    moved = layer.to(DEVICE)  # moving keeps the layout
+    assert moved.scales.stride() == (2, 80) and moved.zeros.data_ptr() == moved.scales.data_ptr() + 2
+    symmetric, _ = QuantizedLinear.from_module(linear, "int4-g64-sym", backend="triton")
+    assert symmetric.scales.stride() == (1, 40)
 
 
 def test_w4a16_decode_space_turns_round_up_to_8_rows():
