@@ -181,7 +181,12 @@ class QuantizedLinear(nn.Module):
         """Move with the model, keep every stored dtype (SwitchTransformers' router casts its
         classifier on every forward); a packed weight's dtype follows the cast, as the weight's would."""
         target = cast_target(fn)
+        device = self.qweight.device if hasattr(self, "qweight") else None
         result = super()._apply(keeping_dtypes(fn), recurse)
+        if self.backend == "triton" and self.fmt.bits == 4 and self.qweight.device != device:
+            # a move copies each buffer on its own, the pairs apart and row-major: lay them out again
+            self._buffers.update(scales_by_column({name: self._buffers[name] for name in ("scales", "zeros")
+                                                   if name in self._buffers}))
         if isinstance(self.weight, PackedWeight):
             self.weight = PackedWeight(target or self.weight.dtype, self.qweight.device, self.weight.shape)
         return result

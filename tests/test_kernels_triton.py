@@ -165,6 +165,8 @@ def test_w4a16_reads_scales_and_zeros_in_the_layers_layouts(path, fmt_name, layo
 
 
 def test_triton_int4_layers_keep_scales_column_major_and_zeros_beside_them():
+    import copy
+
     from mpq.qlinear import QuantizedLinear
 
     linear = torch.nn.Linear(256, 40).to(torch.bfloat16)
@@ -173,8 +175,10 @@ def test_triton_int4_layers_keep_scales_column_major_and_zeros_beside_them():
     assert layer.zeros.data_ptr() == layer.scales.data_ptr() + 2  # one [G, N, 2] tensor: a scale, then its zero point
     assert tensors["scales"].is_contiguous() and torch.equal(layer.scales, tensors["scales"])
     assert torch.equal(layer.zeros, tensors["zeros"])
-    moved = layer.to(DEVICE)  # moving keeps the layout
+    moved = layer.to(DEVICE)  # moving keeps the layout (a move to another device lays the copies out again)
     assert moved.scales.stride() == (2, 80) and moved.zeros.data_ptr() == moved.scales.data_ptr() + 2
+    elsewhere = copy.deepcopy(layer).to("meta")
+    assert elsewhere.scales.stride() == elsewhere.zeros.stride() == (2, 80) and elsewhere.scales.device.type == "meta"
     symmetric, _ = QuantizedLinear.from_module(linear, "int4-g64-sym", backend="triton")
     assert symmetric.scales.stride() == (1, 40)
 
