@@ -107,7 +107,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     # global load is left for a pass to wait on (kernels_compile's load_waits) in any tensor-core loop, decode
     # or prefill (before the pairs, the 16-row tiles under 64 columns a warp and every prefill tile kept 2)
     tiles = [r for r in rows if r["kernel"] == "w4a16" and r["config"]["BLOCK_M"] > 1]
-    assert len(tiles) >= 140 and not [r["config"] for r in tiles if r["load_waits"]]
+    assert len(tiles) >= 120 and not [r["config"] for r in tiles if r["load_waits"]]
     # a mixture's experts in one launch keep the single-row loop: the expert's offset is paid once, before it
     assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
     assert leanest[("dense-grouped", 8)] < 3, leanest  # 16-bit experts: a multiply-add per 2 bytes, no dequantisation
