@@ -7,7 +7,7 @@ and 8 warps (tiles turned round keep theirs: one a K step) and 3 or 4 stages, fo
 of 128) and W8A16 at decode sizes (M = 1 and 16) on Llama-shaped layers, with the tuner's own timer
 (one call in a CUDA graph, L2 flushed before each replay). Per shape and M it reports:
 - the tuner's best, the wider space's best, the best per warp count;
-- the best single-row INT4 config at M = 1 with and without PREFETCH;
+- the best single-row INT4 config at M = 1 with and without PREFETCH, and in Triton's pipeline (PIPELINE);
 - the best INT4 tensor-core config reading int32 words (word_dots) against the same configs on the
   byte path (WORD_DOTS=False) and with each step's words in the order they were loaded (K_WIDTH=0,
   not in the tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps
@@ -89,7 +89,10 @@ def bests(timed: list[dict], tuner: list[dict]) -> dict:
             "best_per_warps": {w: next(c for c in timed if c["num_warps"] == w) for w in sorted({c["num_warps"] for c in timed})},
             # INT4 at M = 1: the single-row loop loading a step ahead against the one that does not
             "best_prefetch": next((c for c in timed if c.get("PREFETCH")), None),
-            "best_single_row_without_prefetch": next((c for c in timed if c["BLOCK_M"] == 1 and not c.get("PREFETCH")), None),
+            "best_single_row_without_prefetch": next((c for c in timed if c["BLOCK_M"] == 1 and not c.get("PREFETCH")
+                                                      and not c.get("PIPELINE")), None),
+            # and in Triton's pipeline (PIPELINE), against both
+            "best_pipelined_single_row": next((c for c in timed if c.get("PIPELINE")), None),
             # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
             "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
             "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
@@ -179,6 +182,7 @@ def print_row(r: dict) -> None:
             return "-"
         return (f"{c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}"
                 + (" prefetch" if c.get("PREFETCH") else "")
+                + (" pipelined" if c.get("PIPELINE") else "")
                 + (" bytes" if c.get("WORD_DOTS") is False else "")
                 + (" words as loaded" if c.get("K_WIDTH") == 0 else "")
                 + (f" turned round, {c.get('STACK', 1)} along K" if c.get("TRANSPOSED") else "")

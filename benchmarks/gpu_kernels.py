@@ -198,7 +198,7 @@ def route(config: dict, fmt_name: str) -> str:
     if config.get("DENSE"):
         return "dequantise + cuBLAS"
     if config["BLOCK_M"] == 1:
-        path = "single row" + (", loading ahead" if config.get("PREFETCH") else "")
+        path = "single row" + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else "")
     elif config["BLOCK_M"] > 16:
         path = "tiled GEMM" + (", int32 words" if fmt_name.startswith("int4") and runs_word_tiles(config) else "")
     elif fmt_name.startswith("int4") and config.get("TRANSPOSED"):

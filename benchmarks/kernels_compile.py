@@ -219,15 +219,16 @@ def problems(row: dict, arch: int) -> list[str]:
 
 
 def dependent_launch_samples(jobs: list[tuple]) -> list[tuple]:
-    """One launch of each code path (kernel, M and the config's path: single row, loading ahead,
-    16-row tiles or turned round and how many warps along K, word tiles or bytes, split or not),
+    """One launch of each code path (kernel, M and the config's path: single row, loading ahead or
+    pipelined, 16-row tiles or turned round and how many warps along K, word tiles or bytes, split or not),
     compiled again with PDL (MPQ_PDL=1) for dependent_launch_order. Not the grouped launches, which
     never take it (triton_common.pdl_launch)."""
     seen, samples = set(), []
     for name, m, config, *rest in jobs:
         if name.endswith("-grouped"):
             continue
-        path = (name, m, config["BLOCK_M"] == 1, config.get("PREFETCH", False), config.get("TRANSPOSED", False),
+        path = (name, m, config["BLOCK_M"] == 1, config.get("PREFETCH", False), config.get("PIPELINE", False),
+                config.get("TRANSPOSED", False),
                 config.get("STACK", 1), config.get("WORD_DOTS", True), config["SPLIT_K"] > 1)
         if path not in seen:
             seen.add(path)

@@ -76,6 +76,9 @@ def _candidates(m: int, group: int) -> list[dict]:
             # and the tile widths the H200 chose at M = 1 (32, 64) and the next, loading a step ahead
             space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
                        "PREFETCH": True} for bn in (32, 64, 128) for bk in steps for sk in (1, 2, 4, 8)]
+            # and in Triton's pipeline (PIPELINE: no plain load left in the loop), in K steps of the group's widest
+            space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": steps[-1], "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
+                       "PIPELINE": True} for bn in (32, 64, 128) for sk in (1, 2, 4, 8)]
         return space
     space = prefill_candidates(m, steps)
     if m > 128 and 64 in steps:
@@ -149,7 +152,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0,
                   TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1, STAGES: tl.constexpr = 3,
-                  PDL: tl.constexpr = False):
+                  PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -166,7 +169,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                                PDL_PREFETCH_PASSES)
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn, stride_sg,
-                         GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH)
+                         GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PIPELINE, STAGES)
     elif TRANSPOSED:  # decode (M <= 8) on the tensor cores, W x^T
         acc = turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                                stride_sg, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
@@ -237,7 +240,8 @@ def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, group, 
 @triton.jit
 def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn, stride_sg,
                GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+               PIPELINE: tl.constexpr, STAGES: tl.constexpr):
     """x @ dequant(W)^T for a single row of x, [1, BLOCK_N] in fp32, on the FMA units.
 
     The weights are read as int32 words of eight nibbles (inputs 8j .. 8j + 7 in word j, nibble i
@@ -251,17 +255,19 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     (benchmarks/kernels_compile.py counts the loop: about 7 instructions per weight byte at
     BLOCK_N = 256, where the byte-wise multiply-and-sum took 11.)
 
-    Triton does not pipeline this loop (no dot: its SASS is the same at 1 and 3 stages), so a
+    Written as a plain loop (tl.range with one stage), Triton does not pipeline it (no dot), so a
     thread's weight loads for one step wait out the memory's latency before its arithmetic, and
     the next step's loads are issued only after it. PREFETCH loads the next step's words at the top
     of each pass, so one step's loads are in flight while the last one is multiplied: on the H200,
     INT8, whose tl.dot path Triton does pipeline and which reads twice the bytes per step, reached
     about twice INT4's bandwidth (66% of copy bandwidth against 35%, 14336 x 4096 at M = 1).
     The tuner takes a PREFETCH config only where it is the fastest (on the H200: 4096 x 4096 and
-    the fused q/k/v at M = 1). The K loop written tl.range(..., num_stages=3) would have Triton
-    pipeline it after all (cp.async for the words and activations; Triton 3.6, 64 columns with
-    PREFETCH), for 8% more instructions (317 -> 341 a step; 14% at 32 columns) on a loop that
-    issued at 44-54% of the H200's peak: not taken without a GPU to weigh the two.
+    the fused q/k/v at M = 1). PIPELINE hands the loop to Triton's pipeline instead (the launch's
+    num_stages, STAGES): words, activations and, since a scale and its zero point are one 32-bit
+    word (ZEROS_PAIRED), the scales too come by cp.async num_stages - 1 steps ahead, and no plain
+    load is left in the loop, for about the instructions PREFETCH takes (64 columns: 311 a step
+    against PREFETCH's 312 and 300 without either with Triton 3.9; 335 against 312 with 3.6). A
+    candidate beside PREFETCH until a GPU has timed the two.
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * (stride_wn // 4) + offs_w[:, None]
@@ -278,7 +284,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
         # just loaded) instead of a mask: a scalar mask breaks the interpreter, one per word would
         # break the 16-byte loads; the words read there go unused.
         upcoming = tl.load(words_ptr + tl.where(k_first < K, k_first, 0) // 8, mask=mask_n[None, :], other=0)
-    for k0 in range(k_first, K, BLOCK_K * SPLIT_K):
+    for k0 in tl.range(k_first, K, BLOCK_K * SPLIT_K, num_stages=STAGES if PIPELINE else 1):
         if PREFETCH:  # this step's words arrived during the last pass; ask for the next step's now
             words = upcoming
             k_next = k0 + BLOCK_K * SPLIT_K

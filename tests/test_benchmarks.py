@@ -108,6 +108,12 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     # or prefill (before the pairs, the 16-row tiles under 64 columns a warp and every prefill tile kept 2)
     tiles = [r for r in rows if r["kernel"] == "w4a16" and r["config"]["BLOCK_M"] > 1]
     assert len(tiles) >= 120 and not [r["config"] for r in tiles if r["load_waits"]]
+    # and the single row in Triton's pipeline (PIPELINE), at M = 1: none either, where the plain loop and
+    # PREFETCH keep every load of x and of the scales plain
+    pipelined = [r for r in rows if r["config"].get("PIPELINE")]
+    assert len(pipelined) == 12 and not [r["config"] for r in pipelined if r["load_waits"]]
+    assert all(r["load_waits"] for r in rows if r["kernel"] == "w4a16" and r["config"]["BLOCK_M"] == 1
+               and not r["config"].get("PIPELINE"))
     # a mixture's experts in one launch keep the single-row loop: the expert's offset is paid once, before it
     assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
     assert leanest[("dense-grouped", 8)] < 3, leanest  # 16-bit experts: a multiply-add per 2 bytes, no dequantisation
@@ -119,7 +125,8 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert {(r["kernel"], r["M"], r["config"]["BLOCK_M"], r["config"].get("TRANSPOSED", False)) for r in pdl} >= {
         ("w4a16", 1, 1, False), ("w4a16", 1, 8, True), ("w4a16", 16, 16, False), ("w4a16", 64, 64, False),
         ("w8a16", 1, 1, False), ("w8a16", 16, 16, False), ("w8a16", 64, 64, False)}
-    assert any(r["config"].get("PREFETCH") for r in pdl) and any(r["config"].get("WORD_DOTS") is False for r in pdl)
+    assert any(r["config"].get("PREFETCH") for r in pdl) and any(r["config"].get("PIPELINE") for r in pdl)
+    assert any(r["config"].get("WORD_DOTS") is False for r in pdl)
     assert all(r["dependent_launch"]["prefetches_before_wait"] and not r["problems"] for r in pdl)
     # prefill: every tile as word tiles (word_dots) spends fewer instructions a K step than on the byte path
     # (218 against 259 at 128 x 128 x 64 with 8 warps, Triton 3.9 and 3.6)
@@ -623,6 +630,8 @@ def test_kernel_benchmark_names_the_route_each_chosen_config_runs(benchmark_scri
     assert kernels.route(words, "int8") == "tensor cores 16x128x128 split 4"
     assert kernels.route({**words, "BLOCK_M": 1, "SPLIT_K": 1, "PREFETCH": True}, "int4-g128") == \
         "single row, loading ahead 1x128x128"
+    assert kernels.route({**words, "BLOCK_M": 1, "SPLIT_K": 1, "PIPELINE": True}, "int4-g128") == \
+        "single row, pipelined 1x128x128"
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1}, "int8") == "tiled GEMM 64x128x128"
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1}, "int4-g128") == "tiled GEMM, int32 words 64x128x128"
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1, "WORD_DOTS": False}, "int4-g128") == "tiled GEMM 64x128x128"

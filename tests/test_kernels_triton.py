@@ -53,15 +53,17 @@ def test_w4a16_matches_reference(path, fmt_name, n, k, m, dtype):
     assert rel_err(got, expected) < 1e-2
 
 
+@pytest.mark.parametrize("ahead", ["PREFETCH", "PIPELINE"])
 @pytest.mark.parametrize("fmt_name", ["int4-g32", "int4-g64-sym", "int4-pc"])
 @pytest.mark.parametrize("n,k,split", [(33, 256, 2), (48, 384, 1), (40, 64, 4)])
-def test_w4a16_single_row_loading_a_step_ahead_matches_reference(fmt_name, n, k, split):
-    """PREFETCH: each pass multiplies the words the pass before loaded. Programs with no step at all
+def test_w4a16_single_row_loading_a_step_ahead_matches_reference(ahead, fmt_name, n, k, split):
+    """PREFETCH: each pass multiplies the words the pass before loaded; PIPELINE: Triton's pipeline
+    loads them (on a GPU; the interpreter runs the loop as written). Programs with no step at all
     (K = 64 split 4 ways in steps of 32: two of them), with a few, and one with all twelve (K = 384)."""
     from mpq.kernels.triton_w4a16 import w4a16_linear
 
     fmt, tensors, x, bias = _inputs(fmt_name, n, k, 1, torch.bfloat16, seed=n + k + split)
-    config = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split, "PREFETCH": True}
+    config = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split, ahead: True}
     y = w4a16_linear(x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt.group_along(k), bias, config=config)
     expected = linear_reference(x, tensors, fmt, bias)
     assert rel_err(y, expected) < 1e-2
@@ -124,6 +126,7 @@ def test_w4a16_word_dots_turned_round(k_width, fmt_name, n, k, m, block_m, split
 SCALE_LAYOUT_PATHS = {
     "single row": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2},
     "single row, loading ahead": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 3, "PREFETCH": True},
+    "single row, pipelined": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 3, "PIPELINE": True},
     "word_dots": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2},
     "turned round": {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "TRANSPOSED": True, "STACK": 2},
     "byte path": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2},
