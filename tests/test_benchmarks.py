@@ -356,6 +356,21 @@ def test_kernel_benchmark_timed_rows(monkeypatch, benchmark_script):
     assert rows[0]["pdl_error"].startswith("ZeroDivisionError")
 
 
+def test_kernel_benchmark_prints_the_rows_timed_with_pdl(benchmark_script, capsys):
+    """The PDL table (crafted rows): each decode row's time and speedup with and without, its share
+    of the copy bandwidth with PDL, a row that could not be launched with it, and a split-K error."""
+    kernels = benchmark_script("gpu_kernels")
+    timed = {"format": "int8", "shape": "attn", "M": 1, "ms": 0.009, "pdl_ms": 0.0075, "speedup_vs_fp16": 1.45,
+             "pdl_speedup_vs_fp16": 1.74, "pct_of_copy_bw": 45.0, "pdl_rel_err": 2e-3}
+    refused = {"format": "int4-g128", "shape": "attn", "M": 4, "ms": 0.008, "pdl_error": "RuntimeError: capture"}
+    kernels.print_pdl_table({"rows": [timed, refused, {"format": "int8", "shape": "attn", "M": 64, "ms": 0.02}],
+                             "split_sums_pdl_error": "RuntimeError: no"})
+    lines = capsys.readouterr().out.splitlines()
+    assert "| int8 | attn | 1 | 0.0090 | 0.0075 | 1.45x | 1.74x | 54% | 2.0e-03 |" in lines
+    assert any("| 4 |" in line and "RuntimeError: capture" in line for line in lines)
+    assert not any("| 64 |" in line for line in lines) and lines[-1] == "split-K with PDL: RuntimeError: no"
+
+
 def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_script):
     """The crossover is the M from which the float32 tiles win at every larger M, not the first
     win (timing noise can make one small M look won); the dispatch override is undone."""
