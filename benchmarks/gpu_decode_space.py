@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_kernels import benchmark_device, quantised_layer, quantised_linear  # a sibling script: run as one, this folder is first on sys.path
+from gpu_kernels import benchmark_device, quantised_layer, quantised_linear, relative_error  # a sibling script: run as one, this folder is first on sys.path
 
 SHAPES = {"attn 4096x4096": (4096, 4096), "up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336)}
 SMOKE_SHAPES = {"smoke 96x256": (96, 256)}
@@ -122,7 +122,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     for config in configs:
         try:
             got = quantised_linear(fmt, x, sets[0], config)
-            worst_err = max(worst_err, ((got.float() - expected).norm() / expected.norm()).item())
+            worst_err = max(worst_err, relative_error(got, expected))
             ms = None if smoke else gpu_time_ms(lambda config=config: quantised_linear(fmt, x, sets[0], config))
         except Exception:  # noqa: BLE001 - a config the device cannot run (registers, shared memory) is not a result
             failed += 1

@@ -133,6 +133,16 @@ def quantised_linear(fmt, x: torch.Tensor, tensors: dict, config: dict | None = 
                         config=config)
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||, got in any dtype, expected the float32 reference."""
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+def one_line(error: Exception) -> str:
+    """An exception as a report keeps it: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 def split_configs(fmt_name: str, smoke: bool) -> dict[str, dict]:
     """Split-K launch configs to check call after call (split_sums_check): INT4's 16-row tile and,
     where this Triton takes them, its tiles turned round with one warp and with 4 along K; INT8's."""
@@ -170,11 +180,8 @@ def split_sums_check(device: str, smoke: bool, calls: int = 3, pdl: bool = False
                 x = torch.randn(m, k, device=device).to(torch.bfloat16)
                 expected = torch.nn.functional.linear(x.float(), reference)
 
-                def error(got: torch.Tensor) -> float:
-                    return ((got.float() - expected).norm() / expected.norm()).item()
-
                 with dependent_launch(pdl):
-                    errors = [error(quantised_linear(fmt, x, sets[0], config)) for _ in range(calls)]
+                    errors = [relative_error(quantised_linear(fmt, x, sets[0], config), expected) for _ in range(calls)]
                     if device == "cuda":
                         graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph):
@@ -184,7 +191,7 @@ def split_sums_check(device: str, smoke: bool, calls: int = 3, pdl: bool = False
                         for _ in range(calls):
                             graph.replay()
                             torch.cuda.synchronize()
-                            errors.append(error(out))
+                            errors.append(relative_error(out, expected))
                 left = [bool(t.any()) for pair in split_sums._BUFFERS.values() for t in pair]
                 results[f"{label} M={m}{' PDL' if pdl else ''}"] = {
                     "config": config, "calls": len(errors), "worst_rel_err": max(errors), "buffers_zeroed": not any(left)}
@@ -236,7 +243,7 @@ def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ..
 
         expected = torch.nn.functional.linear(x.float(), reference_weight)
         chosen_before = set(chosen_configs())
-        rel_err = ((quantized().float() - expected).norm() / expected.norm()).item()
+        rel_err = relative_error(quantized(), expected)
         # the launch config the tuner chose on that first call (none when pinned: the interpreter)
         chosen = [config for key, config in chosen_configs().items() if key not in chosen_before]
         ms = device_ms([lambda t=t: quantized(t) for t in sets], smoke)
@@ -281,11 +288,10 @@ def time_with_pdl(rows: list[dict], device: str, smoke: bool, on_row=lambda: Non
             expected = torch.nn.functional.linear(x.float(), reference_weight)
             try:
                 with dependent_launch():
-                    got = quantised_linear(fmt, x, sets[0])
-                    row["pdl_rel_err"] = ((got.float() - expected).norm() / expected.norm()).item()
+                    row["pdl_rel_err"] = relative_error(quantised_linear(fmt, x, sets[0]), expected)
                     row["pdl_ms"] = device_ms([lambda t=t: quantised_linear(fmt, x, t) for t in sets], smoke)
             except Exception as error:  # noqa: BLE001 - reported in the row, and the next rows still tried
-                row["pdl_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                row["pdl_error"] = one_line(error)
             if row.get("pdl_ms"):
                 row["pdl_speedup_vs_fp16"] = row["fp16_ms"] / row["pdl_ms"]
             on_row()
@@ -439,7 +445,7 @@ def main() -> None:
         try:
             report["split_sums"].update(split_sums_check(device, args.smoke, pdl=True))
         except Exception as error:  # noqa: BLE001 - reported; the timed rows below are still tried
-            report["split_sums_pdl_error"] = f"{type(error).__name__}: {error}"
+            report["split_sums_pdl_error"] = one_line(error)
         time_with_pdl(report["rows"], device, args.smoke, on_row=lambda: write_report(path, report))
         print_pdl_table(report)
         write_report(path, report)

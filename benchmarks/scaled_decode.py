@@ -104,8 +104,13 @@ def scaled_decode(device: str, layers: int, formats: list[str], tokens: int, smo
         names = [] if base_format == "bf16" else quantise_blocks(model, base_format)
         kernels = sorted({model.get_submodule(name).kernel for name in names})
         built_s = time.perf_counter() - start
-        pdl = option == "pdl" and any(k.startswith("triton") for k in kernels) and pdl_capable(device)
-        with pdl_launches(pdl):  # the graph captured inside keeps its launches' programmatic edges
+        pdl, launches = False, contextlib.nullcontext()
+        if option == "pdl" and any(k.startswith("triton") for k in kernels):  # triton is there: import it
+            from mpq.kernels.triton_common import dependent_launch, pdl_capable
+
+            pdl = pdl_capable(torch.device(device))
+            launches = dependent_launch(pdl)
+        with launches:  # the graph captured inside keeps its launches' programmatic edges
             report = decode_report(model, prompt, tokens)
         rows[fmt_name] = {**report, "weight_bytes": weight_bytes(model), "layers_quantised": len(names),
                           "kernels": kernels, "built_s": built_s, "pdl": pdl}
@@ -115,22 +120,6 @@ def scaled_decode(device: str, layers: int, formats: list[str], tokens: int, smo
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-def pdl_capable(device: str) -> bool:
-    """Whether mpq's Triton layers can launch with PDL here (triton_common.pdl_capable; needs triton)."""
-    from mpq.kernels.triton_common import pdl_capable as capable
-
-    return capable(torch.device(device))
-
-
-def pdl_launches(enabled: bool):
-    """triton_common.dependent_launch(True) where asked; else nothing (triton may be absent)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    from mpq.kernels.triton_common import dependent_launch
-
-    return dependent_launch(True)
 
 
 def main() -> None:
