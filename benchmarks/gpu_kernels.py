@@ -200,22 +200,40 @@ def split_sums_check(device: str, smoke: bool, calls: int = 3, pdl: bool = False
 
 def route(config: dict, fmt_name: str) -> str:
     """A launch config in words: which code path of the kernel it runs, its tile and split."""
+    if config.get("DENSE"):
+        return code_path(config, fmt_name)
+    return (f"{code_path(config, fmt_name)} {config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
+            + (f" split {config['SPLIT_K']}" if config["SPLIT_K"] > 1 else ""))
+
+
+def code_path(config: dict, fmt_name: str) -> str:
+    """Which code path of the kernel a launch config runs, without its tile."""
     from mpq.kernels.triton_w4a16 import runs_word_dots, runs_word_tiles
 
+    int4 = fmt_name.startswith("int4")
     if config.get("DENSE"):
         return "dequantise + cuBLAS"
     if config["BLOCK_M"] == 1:
-        path = "single row" + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else "")
-    elif config["BLOCK_M"] > 16:
-        path = "tiled GEMM" + (", int32 words" if fmt_name.startswith("int4") and runs_word_tiles(config) else "")
-    elif fmt_name.startswith("int4") and config.get("TRANSPOSED"):
-        path = f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
-    elif fmt_name.startswith("int4") and runs_word_dots(config):
-        path = "tensor cores, int32 words"
-    else:
-        path = "tensor cores"
-    return (f"{path} {config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
-            + (f" split {config['SPLIT_K']}" if config["SPLIT_K"] > 1 else ""))
+        return "single row" + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else "")
+    if config["BLOCK_M"] > 16:
+        return "tiled GEMM" + ((", int32 words, W x^T" if config.get("TRANSPOSED") else ", int32 words")
+                               if int4 and runs_word_tiles(config) else "")
+    if int4 and config.get("TRANSPOSED"):
+        return f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
+    if int4 and runs_word_dots(config):
+        return "tensor cores, int32 words"
+    return "tensor cores"
+
+
+def fastest_by_path(timed: list, fmt_name: str) -> dict[str, float]:
+    """The tuner's times of one shape ([config, ms] each: triton_tuning.tuning_costs) as the fastest of
+    each code path, fastest first: how far the path it did not choose was behind (its timer: one call
+    in a graph, L2 flushed)."""
+    best: dict[str, float] = {}
+    for config, ms in timed:
+        path = code_path(config, fmt_name)
+        best[path] = min(ms, best.get(path, ms))
+    return dict(sorted(best.items(), key=lambda item: item[1]))
 
 
 def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ...], device: str, smoke: bool,
@@ -225,7 +243,7 @@ def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ..
     `dtype`; the baseline is torch's F.linear on fp16 weights."""
     from mpq.formats import get_format
 
-    from mpq.kernels.triton_tuning import chosen_configs
+    from mpq.kernels.triton_tuning import chosen_configs, tuning_costs
 
     fmt = get_format(fmt_name)
     sets, reference_weight, weight_bytes = quantised_layer(n, k, fmt, device, smoke)
@@ -246,12 +264,15 @@ def bench_layer(name: str, n: int, k: int, fmt_name: str, batches: tuple[int, ..
         rel_err = relative_error(quantized(), expected)
         # the launch config the tuner chose on that first call (none when pinned: the interpreter)
         chosen = [config for key, config in chosen_configs().items() if key not in chosen_before]
+        timed = [costs["timed"] for key, costs in tuning_costs().items() if key not in chosen_before and "timed" in costs]
         ms = device_ms([lambda t=t: quantized(t) for t in sets], smoke)
         ms_fp16 = device_ms([lambda w=w: fp16(w) for w in dense], smoke)
         moved = weight_bytes + x.numel() * x.element_size() + m * n * x.element_size()
         row = {"shape": name, "N": n, "K": k, "M": m, "format": fmt_name, "activations": str(dtype).removeprefix("torch."),
                "rel_err": rel_err, "bytes_moved": moved, "config": chosen[0] if chosen else None,
                "route": route(chosen[0], fmt_name) if chosen else None}
+        if timed:
+            row["fastest_by_path_ms"] = fastest_by_path(timed[0], fmt_name)
         if ms is not None:
             row.update({"ms": ms, "fp16_ms": ms_fp16, "GBps": moved / (ms * 1e-3) / 1e9,
                         "TFLOPs": 2 * m * n * k / (ms * 1e-3) / 1e12, "speedup_vs_fp16": ms_fp16 / ms,
@@ -415,6 +436,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 write_report(path, report)
     print_table(report)
+    print_paths(report)
     report["split_sums"] = split_sums_check(device, args.smoke)
     print("\nsplit-K calls in a row (eager" + (", then a CUDA graph's replays" if device == "cuda" else "") + "): "
           + "; ".join(f"{label} worst rel err {c['worst_rel_err']:.1e}, buffers zeroed {c['buffers_zeroed']}"
@@ -480,6 +502,16 @@ def print_table(report: dict) -> None:
         else:
             print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} | - | - | "
                   f"{r.get('route') or '-'} |")
+
+
+def print_paths(report: dict) -> None:
+    """Per row the tuner timed, the fastest config of each code path, as the tuner timed it."""
+    print("\nThe fastest of each code path as the tuner timed it (one call in a graph, L2 flushed), fastest first")
+    for r in report["rows"]:
+        if len(r.get("fastest_by_path_ms", {})) > 1:
+            first = next(iter(r["fastest_by_path_ms"].values()))
+            print(f"  {r['format']} {r['shape']} M={r['M']}: " + "; ".join(
+                f"{path} {ms:.4f} ms ({ms / first:.2f}x)" for path, ms in r["fastest_by_path_ms"].items()))
 
 
 def print_pdl_table(report: dict) -> None:

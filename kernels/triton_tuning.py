@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 Config = dict[str, int]  # BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, and num_warps / num_stages for the compiler
 _CHOSEN: dict[Hashable, Config] = {}
-_TUNING: dict[Hashable, dict[str, float]] = {}  # per key: what its first call spent compiling ahead and timing
+_TUNING: dict[Hashable, dict] = {}  # per key: what its first call spent compiling ahead and timing, and each time
 
 
 def m_bucket(m: int) -> int:
@@ -149,8 +149,10 @@ def choose_config(key: Hashable, candidates: list[Config], run: Callable[[Config
     ms, best = min(times)
     _CHOSEN[key] = candidates[best]
     tuning_store.remember(key, candidates[best])
+    # every candidate's time too: what the fastest of each code path took is a finding (benchmarks/gpu_kernels.py)
     _TUNING[key] = {"candidates": len(candidates), "ran": len(times), "compile_ahead_s": compile_s,
-                    "timing_s": time.perf_counter() - start, "best_ms": ms}
+                    "timing_s": time.perf_counter() - start, "best_ms": ms,
+                    "timed": [[candidates[index], took] for took, index in times]}
     log.info("%s: %s (%.4f ms, fastest of %d; compiled ahead in %.1f s, timed in %.1f s)", key, candidates[best], ms,
              len(times), compile_s, _TUNING[key]["timing_s"])
     return candidates[best]
@@ -166,6 +168,7 @@ def chosen_configs() -> dict[Hashable, Config]:
     return dict(_CHOSEN)
 
 
-def tuning_costs() -> dict[Hashable, dict[str, float]]:
-    """Per key chosen so far: candidates, how many ran, seconds compiling ahead and timing, best ms."""
+def tuning_costs() -> dict[Hashable, dict]:
+    """Per key chosen so far: candidates, how many ran, seconds compiling ahead and timing, best ms,
+    and each candidate that ran with its time ([config, ms], in the candidates' order)."""
     return dict(_TUNING)

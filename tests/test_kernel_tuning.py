@@ -99,6 +99,7 @@ def test_a_failing_candidate_is_skipped_and_all_failing_is_an_error():
     assert triton_tuning.choose_config("k", candidates, run, lambda call: call()["BLOCK_N"]) == {"BLOCK_N": 64}
     costs = triton_tuning.tuning_costs()["k"]
     assert (costs["candidates"], costs["ran"], costs["best_ms"], costs["compile_ahead_s"]) == (2, 1, 64, 0.0)
+    assert costs["timed"] == [[{"BLOCK_N": 64}, 64]]  # each candidate that ran, with its time
     with pytest.raises(RuntimeError, match="no launch config ran.*out of shared memory"):
         triton_tuning.choose_config("k2", candidates[:1], run, lambda call: call())
 
