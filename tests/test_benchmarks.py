@@ -763,3 +763,27 @@ def test_kernel_fit_turns_instruction_counts_into_issue_rates(benchmark_script):
     assert fit.predictions(rates, now)[0]["predicted_weight_GBps"] == pytest.approx(4000.0)
     # a config the counts lack, or a row's own config, decides what is found
     assert fit.issue_rates({**report, "rows": [{**rows[0], "config": {**config, "SPLIT_K": 2}}]}, counts) == []
+
+
+@pytest.mark.parametrize("n,k,m,block_m,block_n,block_k", [(33, 256, 17, 16, 16, 64), (40, 384, 50, 32, 16, 64),
+                                                           (17, 512, 3, 16, 32, 128)])
+def test_prefill_turned_probe_kernel_matches_the_reference(benchmark_script, n, k, m, block_m, block_n, block_k):
+    """The kernel whose SASS prefill_turned_probe.py reads (out^T = W x^T, thread t of a quad taking byte
+    t of each word) computes the layer: odd N, M over several tiles and under one, K steps of 64 and 128."""
+    pytest.importorskip("triton")
+    from mpq.formats import get_format
+    from mpq.kernels.reference import linear_reference
+    from mpq.qlinear import scale_zero_pairs
+    from mpq.quantize import quantize_weight
+
+    probe = benchmark_script("prefill_turned_probe")
+    torch.manual_seed(n + k + m)
+    fmt = get_format("int4-g128")
+    t = quantize_weight(torch.randn(n, k), fmt)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    pairs = scale_zero_pairs(t["scales"].to(torch.bfloat16), t["zeros"].to(torch.bfloat16))["scales"]
+    pairs = pairs.as_strided((k // 128, n, 2), (2 * n, 2, 1))  # the [G, N, 2] storage the views share
+    got = probe.turned_linear(x, t["qweight"], pairs, 128, block_m, block_n, block_k)
+    expected = linear_reference(x, t, fmt, None)
+    assert got.shape == (m, n) and torch.isfinite(got).all()
+    assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
