@@ -216,8 +216,7 @@ def code_path(config: dict, fmt_name: str) -> str:
     if config["BLOCK_M"] == 1:
         return "single row" + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else "")
     if config["BLOCK_M"] > 16:
-        return "tiled GEMM" + ((", int32 words, W x^T" if config.get("TRANSPOSED") else ", int32 words")
-                               if int4 and runs_word_tiles(config) else "")
+        return "tiled GEMM" + (", int32 words" if int4 and runs_word_tiles(config) else "")
     if int4 and config.get("TRANSPOSED"):
         return f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
     if int4 and runs_word_dots(config):
