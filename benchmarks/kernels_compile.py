@@ -47,7 +47,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16  # noqa: E402
 from mpq.kernels.triton_tuning import usable_cores  # noqa: E402
-from sass_reading import INSTRUCTION, dependent_launch_order, k_loop, load_waits  # noqa: E402
+from sass_reading import (INSTRUCTION, MMA_A_IN_REGISTERS, dependent_launch_order, k_loop, load_waits,  # noqa: E402
+                          opcode_counts)
 
 GROUPED_ROWS = 8  # the grouped kernels' rows: (token, expert) pairs
 SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}  # bytes of dynamic shared memory per block
@@ -139,12 +140,13 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     ops = Counter(LOADS.findall(compiled.asm["ptx"]))
     sass = disassemble(compiled.asm["cubin"])
     loop_lines = k_loop(sass)
-    loop = Counter(m.group(1) for line in loop_lines if (m := INSTRUCTION.search(line)))
+    loop = opcode_counts(loop_lines)
     per_byte = sum(loop.values()) / weight_bytes_per_thread(name, config) if loop else None
     return {**row, "cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "ops": dict(ops),
             "loop_instructions": sum(loop.values()), "loop_opcodes": dict(loop.most_common()),
             "instructions_per_weight_byte": per_byte, "load_waits": load_waits(loop_lines),
             "tensor_cores": any(op.startswith(("mma", "wgmma")) for op in ops),
+            "mma_a_from_registers": any(MMA_A_IN_REGISTERS.search(line) for line in loop_lines),
             "atomics": any(op.startswith(("atom", "red")) for op in ops),
             "byte_loads": any(op.startswith(("ld.global.b8", "ld.global.u8", "ld.global.s8")) for op in ops),
             **({"dependent_launch": {**dependent_launch_order(sass), "launch_pdl": compiled.metadata.launch_pdl}}

@@ -12,8 +12,9 @@ becomes two 16-bit floats B + q by one multiply (q1 to bits 16..19) and one AND-
 weight is (B + q - (B + z)) * s in 16 bits, two at an instruction, as the word tiles do.
 
 This script compiles it and the word tiles of the same shape for sm_90 (no GPU needed) and prints
-their K loops side by side: instructions a step, whether the MMA reads the weights from registers,
-and the shared-memory stores and copies in the loop. It is not in the tuner's space: with Triton
+their K loops side by side: instructions a step, whether the MMA reads its first operand from
+registers (x in the word tiles, the weights turned round; the word tiles' weights come from the
+shared memory their STS fill), and the shared-memory stores and copies in the loop. It is not in the tuner's space: with Triton
 3.6 (the lent H200 machine's) a step takes more instructions than the word tiles' (its scale pairs
 come by 32 4-byte copies a warp), so only a GPU with a newer Triton could show it paying.
 
@@ -24,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-from collections import Counter
 from pathlib import Path
 
 import triton
 import triton.language as tl
 
 from mpq.kernels.triton_common import store_tile, tile_offsets
-from mpq.kernels.triton_w4a16 import ZEROS_PAIRED, activation_rows, pair_constants
+from mpq.kernels.triton_w4a16 import activation_rows, pair_constants
 
 TILES = ((128, 128, 64, 8), (256, 128, 64, 8))  # BLOCK_M (rows of x), BLOCK_N (of W), BLOCK_K, warps
-REGISTER_A = re.compile(r"HGMMA\.\w+\.F32\.\w+ R\d+, R\d+, gdesc")  # the first operand a register, not gdesc
 
 
 @triton.jit
@@ -97,7 +95,7 @@ def turned_linear(x, qweight, pairs, group: int, block_m: int, block_n: int, blo
 def probe(block_m: int, block_n: int, block_k: int, warps: int, n: int, k: int, group: int, arch: int) -> dict:
     """prefill_turned compiled for one tile, its K loop read."""
     import kernels_compile as kc
-    from sass_reading import INSTRUCTION, k_loop
+    from sass_reading import MMA_A_IN_REGISTERS, k_loop, opcode_counts
 
     runtime = {"x_ptr": ("*i32", 0), "w_ptr": ("*u8", 0), "s_ptr": ("*bf16", 0), "out_ptr": ("*bf16", 0),
                "M": ("i32", 512), "N": ("i32", n), "K": ("i32", k), "stride_xm": ("i32", k // 2),
@@ -106,13 +104,13 @@ def probe(block_m: int, block_n: int, block_k: int, warps: int, n: int, k: int, 
                   "BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": 3}
     compiled = kc.compile_for(prefill_turned, runtime, constexprs, warps, 3, arch)
     loop = k_loop(kc.disassemble(compiled.asm["cubin"]))
-    return loop_summary(loop, compiled.metadata.shared, INSTRUCTION)
+    return loop_summary(opcode_counts(loop), any(MMA_A_IN_REGISTERS.search(line) for line in loop),
+                        compiled.metadata.shared)
 
 
-def loop_summary(loop: list[str], shared: int, instruction: re.Pattern) -> dict:
+def loop_summary(opcodes: dict, first_operand_from_registers: bool, shared: int) -> dict:
     """What a K loop's SASS says about the MMA's operands and the shared memory it goes through."""
-    opcodes = Counter(m.group(1) for line in loop if (m := instruction.search(line)))
-    return {"loop_instructions": sum(opcodes.values()), "weights_from_registers": any(REGISTER_A.search(l) for l in loop),
+    return {"loop_instructions": sum(opcodes.values()), "first_operand_from_registers": first_operand_from_registers,
             "STS": opcodes.get("STS", 0), "LDGSTS": opcodes.get("LDGSTS", 0), "BAR": opcodes.get("BAR", 0),
             "shared": shared}
 
@@ -131,19 +129,16 @@ def main() -> None:
         config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": 1, "num_warps": warps,
                   "num_stages": 3}
         word_tiles = kc.compile_candidate("w4a16", 512, config, n, k, group, args.arch)
-        sass_rows = {"word tiles": {key: word_tiles.get(key) for key in ("loop_instructions", "shared")},
+        sass_rows = {"word tiles": loop_summary(word_tiles["loop_opcodes"], word_tiles["mma_a_from_registers"],
+                                                word_tiles["shared"]),
                      "turned round": probe(block_m, block_n, block_k, warps, n, k, group, args.arch)}
-        # the word tiles' loop read the same way (compile_candidate keeps opcodes, not lines)
-        ops = word_tiles.get("loop_opcodes", {})
-        sass_rows["word tiles"].update({"STS": ops.get("STS", 0), "LDGSTS": ops.get("LDGSTS", 0), "BAR": ops.get("BAR", 0),
-                                        "weights_from_registers": False})
         for path, summary in sass_rows.items():
             rows.append({"tile": f"{block_m}x{block_n}x{block_k}", "warps": warps, "path": path, **summary})
     print(f"# sm_{args.arch}, Triton {triton.__version__}, INT4-g{group} {n}x{k}, M = 512, bf16 x: K loop a step")
-    print("| tile (x rows x W rows x K) | warps | path | instructions | MMA takes W from registers | STS | LDGSTS | BAR | shared B |")
+    print("| tile (x rows x W rows x K) | warps | path | instructions | MMA's first operand from registers | STS | LDGSTS | BAR | shared B |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tile']} | {r['warps']} | {r['path']} | {r['loop_instructions']} | {r['weights_from_registers']} | "
+        print(f"| {r['tile']} | {r['warps']} | {r['path']} | {r['loop_instructions']} | {r['first_operand_from_registers']} | "
               f"{r['STS']} | {r['LDGSTS']} | {r['BAR']} | {r['shared']} |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"prefill-turned-probe-sm{args.arch}-triton{triton.__version__}.json"

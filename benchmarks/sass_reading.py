@@ -5,10 +5,18 @@ cubins it compiled; the tests feed it crafted lines."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 BRANCH_BACK = re.compile(r"\bBRA\b[^;]*?(\.L_x_\d+)")
 MEMORY = re.compile(r"^(?:LDG|LDGSTS|LDS|LD|STG|STS|ST|REDG|RED|ATOMG|ATOM|ATOMS)\b")
+# a warpgroup MMA whose first operand is a register, not a shared-memory descriptor (gdesc)
+MMA_A_IN_REGISTERS = re.compile(r"\bHGMMA\.\w+\.F32\.\w+ R\d+, R\d+, gdesc")
+
+
+def opcode_counts(lines: list[str]) -> Counter:
+    """How many of each opcode the SASS lines hold."""
+    return Counter(m.group(1) for line in lines if (m := INSTRUCTION.search(line)))
 
 
 def k_loop(sass: list[str]) -> list[str]:
