@@ -5,9 +5,12 @@ GB/s counting packed weights + scales + zeros + activations + outputs, percent o
 measured copy bandwidth, TFLOP/s, speedup over torch.nn.functional.linear in fp16, and the
 relative error against the dequantise reference. Times are the device's: one CUDA graph runs the
 call on each of enough weight copies to overflow the L2 cache (mpq.kernels.triton_tuning.
-rotating_time_ms), so weights come from DRAM and the host's launch cost stays out. Beside them, the
+rotating_time_ms), so weights come from DRAM and the host's launch cost stays out. INT4 layers are
+laid out as a loaded Triton layer holds them (layer_layout). Beside them, the
 wall time per call of eager calls in a row, which adds the host's Python launch cost that a caller
-without CUDA graphs pays. Then greedy-decode tokens/s of a demo
+without CUDA graphs pays. Each decode row is timed again with its weights in L2 (time_from_l2:
+the same kernel and grid on rows that overlap), which says how much of its time DRAM takes.
+Then greedy-decode tokens/s of a demo
 config against the unquantised demo, after every emitted demo config is loaded on the GPU and
 checked against the CPU reference (kernel per layer, logits): with generate() as a caller runs it,
 and through a static KV cache eagerly and with each step replayed from a CUDA graph
@@ -25,6 +28,7 @@ The JSON is rewritten after every row, so a run cut off by a time limit keeps wh
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -108,18 +112,41 @@ def launch_floors_us(columns: int = 4096, calls: int = 64) -> dict[str, float]:
             f"cast to bf16 (1 x {columns})": 1e3 * rotating_time_ms([lambda: total.to(torch.bfloat16)] * calls)}
 
 
-def quantised_layer(n: int, k: int, fmt, device: str, smoke: bool) -> tuple[list[dict], torch.Tensor, int]:
-    """A random [n, k] weight (seed 0) quantised in `fmt` (a FormatSpec) once: its tensors on `device` in as
-    many copies as overflow the L2 cache (one in a smoke run), the float32 weight they stand for
-    (on the device: the reference is plain torch), and the bytes of one copy."""
-    from mpq.quantize import dequantize_weight, quantize_weight
+@functools.cache
+def quantised_on_cpu(n: int, k: int, fmt_name: str) -> dict:
+    """The random [n, k] weight (seed 0) quantised in `fmt_name`, once a run: the table, the split-K
+    check, the PDL rows and the L2 rows each take a layer (a 14336 x 4096 one takes seconds on the CPU)."""
+    from mpq.formats import get_format
+    from mpq.quantize import quantize_weight
 
     torch.manual_seed(0)
-    base = quantize_weight(torch.randn(n, k) * 0.02, fmt)
+    return quantize_weight(torch.randn(n, k) * 0.02, get_format(fmt_name))
+
+
+def quantised_layer(n: int, k: int, fmt, device: str, smoke: bool) -> tuple[list[dict], torch.Tensor, int]:
+    """A random [n, k] weight (seed 0) quantised in `fmt` (a FormatSpec) once: its tensors on `device` in as
+    many copies as overflow the L2 cache (one in a smoke run), each laid out as a Triton layer holds
+    it (layer_layout), the float32 weight they stand for (on the device: the reference is plain
+    torch), and the bytes of one copy."""
+    from mpq.quantize import dequantize_weight
+
+    base = quantised_on_cpu(n, k, fmt.name)
     weight_bytes = sum(t.numel() * t.element_size() for t in base.values())
     copies = 1 if smoke else max(2, ROTATE_BYTES // weight_bytes + 1)
-    sets = [{key: value.to(device) for key, value in base.items()} for _ in range(copies)]
+    sets = [layer_layout({key: value.to(device) for key, value in base.items()}, fmt) for _ in range(copies)]
     return sets, dequantize_weight(sets[0], fmt), weight_bytes
+
+
+def layer_layout(tensors: dict, fmt) -> dict:
+    """A layer's tensors as mpq.qlinear.QuantizedLinear keeps them for its Triton kernel: INT4 scales
+    column-major, each bf16 zero point right after its scale (scales_by_column), which is what the
+    kernels' K loops are written and counted for (benchmarks/kernels_compile.py); INT8 as quantised.
+    (Until 2026-12-04 the table and the decode-space sweep timed INT4 with quantize_weight's row-major
+    scales and zeros apart: the layout of run 2's layers, but not of any layer since the scales went
+    column-major and paired, after it.)"""
+    from mpq.qlinear import scales_by_column
+
+    return scales_by_column(tensors) if fmt.bits == 4 else tensors
 
 
 def quantised_linear(fmt, x: torch.Tensor, tensors: dict, config: dict | None = None) -> torch.Tensor:
@@ -318,6 +345,51 @@ def time_with_pdl(rows: list[dict], device: str, smoke: bool, on_row=lambda: Non
         del sets
 
 
+OVERLAP_STRIDE = 16  # bytes from one weight row to the next in overlapping_rows: a multiple of 16, as a real row's length is
+L2_CALLS = 8  # calls of one layer per graph in time_from_l2
+
+
+def overlapping_rows(tensors: dict) -> dict:
+    """The layer's tensors with its packed weight rows OVERLAP_STRIDE bytes apart instead of a row's
+    length: the same shape, and a stride the launchers pass on as it is and Triton specialises as it
+    does a real row's (divisible by 16), so a call runs the same kernel, instructions and grid,
+    while all its weight reads fall in N x 16 + K bytes (at most a few hundred KB) that stay in L2."""
+    q = tensors["qweight"]
+    return {**tensors, "qweight": q.as_strided(q.shape, (OVERLAP_STRIDE, 1))}
+
+
+def time_from_l2(rows: list[dict], device: str, smoke: bool, on_row=lambda: None) -> None:
+    """Each decode row (M <= 16) again with its chosen config on the layer's weights read from L2
+    (overlapping_rows), in the same kind of graph as its `ms` (L2_CALLS calls of the one layer):
+    `l2_ms`, and `l2_share`, l2_ms / ms. The loops of these rows wait on something (run 2: INT4's
+    tensor-core tiles issued at 16-24% of the peak rate and streamed at 1.1-1.8 TB/s): a share near 1
+    says DRAM is not what they wait on (their own instructions' latency, too few warps, the launch and
+    split-K's finish), a share well under 1 that it is. `l2_rel_err` against the weight the
+    overlapping rows stand for (dequantised as they lie); a smoke run checks that alone."""
+    from mpq.formats import get_format
+    from mpq.quantize import dequantize_weight
+
+    by_layer: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["M"] <= 16 and ("ms" in row or smoke):
+            by_layer.setdefault((row["format"], row["N"], row["K"], row["activations"]), []).append(row)
+    for (fmt_name, n, k, activations), layer_rows in by_layer.items():
+        fmt = get_format(fmt_name)
+        sets, _, _ = quantised_layer(n, k, fmt, device, smoke=True)
+        view = overlapping_rows(sets[0])
+        reference_weight = dequantize_weight(view, fmt)
+        for row in layer_rows:
+            x = torch.randn(row["M"], k, device=device).to(getattr(torch, activations))
+            config = row["config"]  # the shape's choice (None in a smoke run: the interpreter's)
+            row["l2_rel_err"] = relative_error(quantised_linear(fmt, x, view, config),
+                                               torch.nn.functional.linear(x.float(), reference_weight))
+            ms = device_ms([lambda: quantised_linear(fmt, x, view, config)] * L2_CALLS, smoke)
+            if ms is not None:
+                row.update({"l2_ms": ms, "l2_share": ms / row["ms"]})
+            on_row()
+        del sets, view
+
+
 def compiled_demo() -> Path:
     """`mpq compile demo` into a temporary folder (this needs the compiler's dependencies, optuna)."""
     import tempfile
@@ -381,11 +453,12 @@ def end_to_end(device: str, out: Path, tokens: int = 64, smoke: bool = False) ->
 
 
 def failures(report: dict) -> list[str]:
-    """What the run must not show: a kernel off the reference by 1e-2 (with PDL too), a split-K call
+    """What the run must not show: a kernel off the reference by 1e-2 (with PDL, on overlapping rows too), a split-K call
     off by 1e-2 or leaving its sums, a loaded config off by 2e-2 or with a layer left on the
     reference path."""
     bad = [f"{r['format']} {r['shape']} M={r['M']}{label}: rel err {r[key]:.1e}" for r in report["rows"]
-           for key, label in (("rel_err", ""), ("pdl_rel_err", " with PDL")) if key in r and not r[key] < 1e-2]
+           for key, label in (("rel_err", ""), ("pdl_rel_err", " with PDL"), ("l2_rel_err", " on overlapping rows"))
+           if key in r and not r[key] < 1e-2]
     for label, check in report.get("split_sums", {}).items():
         if not check["worst_rel_err"] < 1e-2 or not check["buffers_zeroed"]:
             bad.append(f"split-K {label}: rel err {check['worst_rel_err']:.1e} over {check['calls']} calls, "
@@ -448,6 +521,10 @@ def main() -> None:
               + ", ".join(f"{name} {us:.1f} us" for name, us in report["launch_floors_us"].items()))
         kernel_fit.print_fits(report)
         write_report(path, report)
+    time_from_l2(report["rows"], device, args.smoke, on_row=lambda: write_report(path, report))
+    if not args.smoke:
+        print_l2_table(report)
+    write_report(path, report)
     if args.smoke and args.configs is not None:
         report["end_to_end"] = end_to_end(device, args.configs, smoke=True)
         write_report(path, report)
@@ -511,6 +588,17 @@ def print_paths(report: dict) -> None:
             first = next(iter(r["fastest_by_path_ms"].values()))
             print(f"  {r['format']} {r['shape']} M={r['M']}: " + "; ".join(
                 f"{path} {ms:.4f} ms ({ms / first:.2f}x)" for path, ms in r["fastest_by_path_ms"].items()))
+
+
+def print_l2_table(report: dict) -> None:
+    """The decode rows timed again with their weights in L2 (time_from_l2)."""
+    print("\nThe decode rows again, their weights in L2 (rows 16 bytes apart: the same kernel and grid); share = from L2 / ms")
+    print("| format | shape | M | ms | from L2 ms | share | route |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        if "l2_ms" in r:
+            print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['l2_ms']:.4f} | {r['l2_share']:.2f} | "
+                  f"{r.get('route') or '-'} |")
 
 
 def print_pdl_table(report: dict) -> None:

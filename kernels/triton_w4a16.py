@@ -643,6 +643,14 @@ def zeros_layout(scales: torch.Tensor, zeros: torch.Tensor | None) -> int:
     return ZEROS_PAIRED.value if paired else 1
 
 
+def scales_key(k: int, group_size: int, scales: torch.Tensor, has_zeros: int) -> tuple:
+    """The part of a tuner key that says how a layer's scales and zeros lie (zeros_layout's HAS_ZEROS,
+    and whether the scales run column-major): the K loop loads them differently (pipelined pairs
+    or plain loads), so a config timed on one layout is not the choice for another."""
+    column_major = scales.stride(-1) > scales.stride(-2)
+    return k, group_size, has_zeros, "by column" if column_major else "by row"
+
+
 def x_pairs(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The activation argument and its constexprs: a 16-bit x as int32 pairs (a view; a copy
     only when its storage starts at an odd element), an fp32 x as it is."""
@@ -702,7 +710,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scales.stride(-2), scales.stride(-1), *expert_strides)
     has_zeros = zeros_layout(scales, zeros) if slots is None else int(zeros is not None)  # stacks: row-major, apart
     meta = {"GROUP": group_size, "HAS_ZEROS": has_zeros, "GROUPED": slots is not None, "K_WIDTH": K_WIDTH, **x_meta}
-    shape_key = (k, group_size, zeros is not None) + (() if slots is None else ("grouped", qweight.shape[0]))
+    shape_key = scales_key(k, group_size, scales, has_zeros) + (() if slots is None else ("grouped", qweight.shape[0]))
     candidates = (lambda: _candidates(x.shape[0], group_size)) if slots is None else (lambda: _grouped_candidates(group_size))
     # prefill's dense route, timed beside the fused configs (kernels/triton_dequant.py)
     dense = (lambda: F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype))) if slots is None and dense_route_fits(x, n, k) else None

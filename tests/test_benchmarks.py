@@ -35,6 +35,8 @@ def test_kernel_benchmark_smoke(tmp_path):
     checks = report["split_sums"]
     assert len(checks) == 2 * (2 + len(TURNED_STACKS)) and all(c["calls"] == 3 for c in checks.values())
     assert all(c["worst_rel_err"] < 1e-2 and c["buffers_zeroed"] for c in checks.values()), checks
+    # the decode rows again on overlapping weight rows (time_from_l2): right there too
+    assert all(r["l2_rel_err"] < 1e-2 for r in report["rows"] if r["M"] <= 16)
 
 
 def test_experts_decode_benchmark_smoke(tmp_path):
@@ -650,6 +652,81 @@ def test_kernel_benchmark_names_the_route_each_chosen_config_runs(benchmark_scri
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1}, "int8") == "tiled GEMM 64x128x128"
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1}, "int4-g128") == "tiled GEMM, int32 words 64x128x128"
     assert kernels.route({**words, "BLOCK_M": 64, "SPLIT_K": 1, "WORD_DOTS": False}, "int4-g128") == "tiled GEMM 64x128x128"
+
+
+def test_kernel_benchmark_times_int4_layers_laid_out_as_a_triton_layer_holds_them(benchmark_script):
+    """The table and the decode-space sweep time each INT4 copy with its scale and zero point as one
+    word, column-major (what a loaded Triton layer runs and kernels_compile.py counts), not
+    quantize_weight's row-major scales and zeros apart; every weight copy on its own storage keeps
+    the pairing (a plain .to(device) of the two views would not). INT8 keeps its per-channel scales."""
+    from mpq.formats import get_format
+    from mpq.kernels.triton_w4a16 import ZEROS_PAIRED, zeros_layout
+
+    kernels = benchmark_script("gpu_kernels")
+    int4 = get_format("int4-g128")
+    sets, reference, weight_bytes = kernels.quantised_layer(40, 384, int4, "cpu", smoke=True)
+    scales, zeros = sets[0]["scales"], sets[0]["zeros"]
+    assert zeros_layout(scales, zeros) == ZEROS_PAIRED and scales.stride() == (2, 80)
+    assert weight_bytes == 40 * 192 + 2 * 2 * 40 * 3  # packed weight + bf16 scales and zeros: as many bytes as before
+    x = torch.randn(3, 384)
+    assert torch.allclose(kernels.quantised_linear(int4, x, sets[0]).float(), x @ reference.t(), rtol=1e-3, atol=1e-3)
+    int8_sets, _, _ = kernels.quantised_layer(40, 384, get_format("int8"), "cpu", smoke=True)
+    assert int8_sets[0]["scales"].stride() == (1,)
+
+
+def test_kernel_benchmark_times_each_decode_row_again_with_its_weights_in_l2(monkeypatch, benchmark_script, capsys):
+    """time_from_l2: each timed decode row's layer again, its packed rows 16 bytes apart (the same
+    kernel and grid, weights from L2), checked against the weight those rows stand for, timed in a
+    graph of L2_CALLS calls of it, and its share of the row's time printed; prefill rows are left."""
+    kernels = benchmark_script("gpu_kernels")
+    rows = [{"format": fmt, "shape": "odd", "N": 40, "K": 384, "M": m, "activations": "bfloat16", "ms": 0.02,
+             "config": None, "route": "r"} for fmt in ("int4-g128", "int8") for m in (1, 17)]
+    strides, graphs = [], []
+    real = kernels.quantised_linear
+    monkeypatch.setattr(kernels, "quantised_linear",
+                        lambda fmt, x, t, config=None: strides.append(t["qweight"].stride()) or real(fmt, x, t, config))
+
+    def fake_device_ms(calls, smoke):
+        graphs.append([call().shape for call in calls])  # each a real launch on the overlapping rows
+        return 0.005
+
+    monkeypatch.setattr(kernels, "device_ms", fake_device_ms)
+    written = []
+    kernels.time_from_l2(rows, "cpu", smoke=False, on_row=lambda: written.append(1))
+    assert graphs == [[(1, 40)] * kernels.L2_CALLS] * 2 and written == [1, 1]
+    assert set(strides) == {(kernels.OVERLAP_STRIDE, 1)} and len(strides) == 2 * (1 + kernels.L2_CALLS)
+    for row in rows:
+        if row["M"] == 1:
+            assert row["l2_ms"] == 0.005 and row["l2_share"] == 0.25 and row["l2_rel_err"] < 1e-2
+        else:
+            assert "l2_ms" not in row and "l2_rel_err" not in row
+    kernels.print_l2_table({"rows": rows})
+    assert "| int4-g128 | odd | 1 | 0.0200 | 0.0050 | 0.25 | r |" in capsys.readouterr().out
+    # a kernel off the reference on overlapping rows fails the run
+    rows[0]["l2_rel_err"] = 0.5
+    assert kernels.failures({"rows": rows}) == ["int4-g128 odd M=1 on overlapping rows: rel err 5.0e-01"]
+
+
+def test_the_tuner_times_each_layout_of_int4_scales_on_its_own(monkeypatch):
+    """A config chosen for one layout of scales and zeros is not taken for another: the K loop
+    loads them differently (pipelined pairs, or plain loads of each)."""
+    from mpq.formats import get_format
+    from mpq.kernels import triton_common, triton_w4a16
+    from mpq.qlinear import scales_by_column
+    from mpq.quantize import quantize_weight
+
+    keys = []
+    # as on a GPU: no config pinned for the interpreter, and the tuner asked for each key (its answer:
+    # the dense route, which the interpreter runs, prefill's candidate that needs no timing here)
+    monkeypatch.setattr(triton_w4a16, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_common, "chosen_config", lambda key: keys.append(key) or {"DENSE": 1})
+    row_major = quantize_weight(torch.randn(48, 256) * 0.02, get_format("int4-g128"))
+    x = torch.randn(32, 256, dtype=torch.bfloat16)
+    for tensors in (row_major, scales_by_column(row_major), {**row_major, "zeros": None}):
+        triton_w4a16.w4a16_linear(x, tensors["qweight"], tensors["scales"], tensors["zeros"], 128)
+    assert len(keys) == 3 and len(set(keys)) == 3, keys
+    assert [key[5:8] for key in keys] == [(128, 1, "by row"), (128, triton_w4a16.ZEROS_PAIRED, "by column"),
+                                          (128, 0, "by row")]
 
 
 def test_kernel_benchmark_keeps_the_fastest_of_each_code_path_the_tuner_timed(benchmark_script):
