@@ -495,6 +495,7 @@ def main() -> None:
               "torch": torch.__version__, "triton": triton_version(), "activations": args.activations, "rows": []}
     if not args.smoke:
         report["copy_GBps"] = copy_bandwidth() / 1e9
+        report["sms"] = torch.cuda.get_device_properties(device).multi_processor_count  # kernel_fit.py's occupancy
     args.out.mkdir(parents=True, exist_ok=True)
     filename = ("kernels-smoke.json" if args.smoke else
                 f"kernels-{report['device'].replace(' ', '_')}-{args.formats.replace(',', '_')}-{args.activations}.json")

@@ -29,8 +29,10 @@ from collections import defaultdict
 from pathlib import Path
 
 AIM_SHARE_OF_COPY = 0.75  # the issue's aim for INT4 at M = 1
+SMS = 132  # an H100/H200 SXM's SMs (a report from gpu_kernels.py names its own: "sms")
+SCHEDULERS = 4  # warp schedulers an SM
 # Thread-instructions an H100/H200 SXM can issue per second: 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz.
-ISSUE_PEAK = 132 * 4 * 32 * 1.98e9
+ISSUE_PEAK = SMS * SCHEDULERS * 32 * 1.98e9
 KERNELS = {"int4": ("_w4a16_kernel", "w4a16", 0.5), "int8": ("_w8a16_kernel", "w8a16", 1.0)}  # weight bytes per weight
 
 
@@ -114,23 +116,38 @@ def issue_rates(report: dict, counts: dict) -> list[dict]:
     compiled: instructions per weight byte of its K loop, the weight bytes streamed per second past
     the series' fixed cost, and their product, the thread-instructions issued per second."""
     fixed = {(f["format"], f["M"]): f["fixed_us"] for f in fits(report)}
-    compiled = {(r["kernel"], r["M"], tiles(r["config"])): r["instructions_per_weight_byte"]
-                for r in counts["rows"] if r.get("instructions_per_weight_byte")}
+    compiled = {(r["kernel"], r["M"], tiles(r["config"])): r for r in counts["rows"] if r.get("instructions_per_weight_byte")}
     out = []
     for row in report["rows"]:
         if "ms" not in row or row["M"] > 16 or (row["format"], row["M"]) not in fixed:
             continue
         config = chosen_config(report, row)
         _, name, bytes_per_weight = KERNELS[row["format"][:4]]
-        per_byte = compiled.get((name, 1 if row["M"] == 1 else 16, tiles(config))) if config else None
+        counted = compiled.get((name, 1 if row["M"] == 1 else 16, tiles(config))) if config else None
         streaming_us = row["ms"] * 1e3 - fixed[(row["format"], row["M"])]
-        if per_byte is None or streaming_us <= 0:
+        if counted is None or streaming_us <= 0:
             continue
+        per_byte = counted["instructions_per_weight_byte"]
         weight_rate = row["N"] * row["K"] * bytes_per_weight / (streaming_us * 1e-6)
         out.append({"format": row["format"], "shape": row["shape"], "M": row["M"], "config": config,
                     "instructions_per_weight_byte": per_byte, "weight_GBps": weight_rate / 1e9,
-                    "issued_per_s": weight_rate * per_byte, "share_of_issue_peak": weight_rate * per_byte / ISSUE_PEAK})
+                    "issued_per_s": weight_rate * per_byte, "share_of_issue_peak": weight_rate * per_byte / ISSUE_PEAK,
+                    **occupancy(row, config, counted, report.get("sms", SMS))})
     return out
+
+
+def occupancy(row: dict, config: dict, counted: dict, sms: int) -> dict:
+    """How many programs a row's launch has, how many an SM holds at once (`programs_per_sm` of its
+    compiled config, where kernels_compile.py recorded it), the waves that makes, and the warps each
+    scheduler has to choose from in the first: with one or two, a warp's own stalls (shared loads,
+    MMAs, conversion chains) go unhidden, whatever the memory does."""
+    programs = -(-row["M"] // config["BLOCK_M"]) * -(-row["N"] // config["BLOCK_N"]) * config["SPLIT_K"]
+    found = {"programs": programs}
+    if counted.get("programs_per_sm"):
+        held = counted["programs_per_sm"]
+        found.update({"programs_per_sm": held, "waves": programs / (held * sms),
+                      "warps_per_scheduler": min(programs / sms, held) * config["num_warps"] / SCHEDULERS})
+    return found
 
 
 def predictions(rates: list[dict], counts_now: dict) -> list[dict]:
@@ -145,11 +162,14 @@ def predictions(rates: list[dict], counts_now: dict) -> list[dict]:
 
 def print_issue_rates(rates: list[dict]) -> None:
     print(f"\nIssue rate of each decode row's K loop (peak: {ISSUE_PEAK:.2e} thread-instructions/s):")
-    print("| format | shape | M | instr / weight byte | weight GB/s past the fixed cost | issued / s | of peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | shape | M | instr / weight byte | weight GB/s past the fixed cost | issued / s | of peak | "
+          "programs | an SM holds | waves | warps a scheduler |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rates:
+        held = (f"{r['programs_per_sm']} | {r['waves']:.2f} | {r['warps_per_scheduler']:.1f}" if "programs_per_sm" in r
+                else "- | - | -")
         print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['instructions_per_weight_byte']:.2f} | "
-              f"{r['weight_GBps']:.0f} | {r['issued_per_s']:.2e} | {r['share_of_issue_peak']:.0%} |")
+              f"{r['weight_GBps']:.0f} | {r['issued_per_s']:.2e} | {r['share_of_issue_peak']:.0%} | {r['programs']} | {held} |")
 
 
 def print_predictions(rows: list[dict]) -> None:

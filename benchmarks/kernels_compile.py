@@ -6,7 +6,9 @@ candidate config of each regime through Triton's real compiler down to a cubin (
 specialised as a launch specialises it (pointers and multiples of 16 marked aligned, an M of 1 a
 constant), for a target such as sm_90 (H100/H200), and reads the PTX for what the design relies
 on: tensor cores in the tl.dot paths, atomics exactly when split-K, weight bytes loaded several
-at a time, the shared memory each config needs, and no register spills in the K loop. It also
+at a time, the shared memory each config needs, and no register spills in the K loop; and from
+the cubin (cuobjdump) its registers a thread and so how many of its programs an SM holds at once
+(programs_per_sm, and whether registers, shared memory, warps or blocks bound it). It also
 disassembles each cubin (nvdisasm, bundled with Triton) and counts the instructions in the K loop per weight byte a thread reads:
 decode is memory-bound only while the SMs can issue that many instructions in the time the
 memory delivers the byte (an H100 SXM issues about 3.3e13 thread-instructions a second, 132 SMs
@@ -52,6 +54,14 @@ from sass_reading import (INSTRUCTION, MMA_A_IN_REGISTERS, dependent_launch_orde
 
 GROUPED_ROWS = 8  # the grouped kernels' rows: (token, expert) pairs
 SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}  # bytes of dynamic shared memory per block
+# What one SM holds, by compute capability (CUDA's occupancy rules): 32-bit registers, shared memory
+# (each block also takes RESERVED_SHARED), warps, blocks
+SM_LIMITS = {90: {"registers": 65536, "shared": 233472, "warps": 64, "blocks": 32},
+             89: {"registers": 65536, "shared": 102400, "warps": 48, "blocks": 24},
+             86: {"registers": 65536, "shared": 102400, "warps": 48, "blocks": 16},
+             80: {"registers": 65536, "shared": 167936, "warps": 64, "blocks": 32}}
+RESERVED_SHARED = 1024
+REGISTER_UNIT = 256  # registers are given to a warp in blocks of 256 (8 a thread)
 LOADS = re.compile(r"\b(?:ld\.global|cp\.async\.c[ag]|atom|red|mma|wgmma)[\w.]*")
 
 
@@ -84,6 +94,30 @@ def disassemble(cubin: bytes) -> list[str]:
         file.flush()
         return subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
                               check=True).stdout.splitlines()
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """What the cubin's kernel asks of an SM, as cuobjdump (bundled with Triton) reports it: registers
+    a thread (REG), static shared memory (SHARED), local memory a thread (LOCAL: spills), in bytes."""
+    tool = Path(triton.knobs.nvidia.nvdisasm.path).with_name("cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([str(tool), "-res-usage", file.name], capture_output=True, text=True, check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|SHARED|LOCAL):(\d+)", text.split("Function", 1)[-1])}
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> tuple[int, str]:
+    """How many programs (blocks) of a kernel one SM holds at once, and which resource bounds it:
+    `registers` a thread, `shared` bytes a block (dynamic and static). Fewer warps a scheduler
+    leave fewer to issue while one waits (on memory, or on its own MMAs and shared loads)."""
+    limits = SM_LIMITS.get(arch, SM_LIMITS[80])
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    bounds = {"blocks": limits["blocks"], "warps": limits["warps"] // num_warps,
+              "registers": limits["registers"] // (per_warp * num_warps) if registers else limits["blocks"],
+              "shared": limits["shared"] // (shared + RESERVED_SHARED)}
+    bound = min(bounds, key=bounds.get)
+    return bounds[bound], bound
 
 
 def weight_bytes_per_thread(name: str, config: dict) -> float:
@@ -142,7 +176,11 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     loop_lines = k_loop(sass)
     loop = opcode_counts(loop_lines)
     per_byte = sum(loop.values()) / weight_bytes_per_thread(name, config) if loop else None
+    usage = resource_usage(compiled.asm["cubin"])
+    resident, bound = programs_per_sm(usage.get("REG", 0), compiled.metadata.shared + usage.get("SHARED", 0),
+                                      config["num_warps"], arch)
     return {**row, "cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "ops": dict(ops),
+            "registers": usage.get("REG"), "programs_per_sm": resident, "occupancy_bound": bound,
             "loop_instructions": sum(loop.values()), "loop_opcodes": dict(loop.most_common()),
             "instructions_per_weight_byte": per_byte, "load_waits": load_waits(loop_lines),
             "tensor_cores": any(op.startswith(("mma", "wgmma")) for op in ops),
@@ -293,14 +331,17 @@ def main() -> None:
                                     for name in ("w4a16-dequant", "w8a16-dequant")]
     print(f"# sm_{args.arch}, {n}x{k}, INT4 group {group}{' symmetric' if args.symmetric else ''}, {args.activations} "
           f"activations: {len(rows)} configs compiled in {time.perf_counter() - start:.0f} s ({workers} processes)")
-    print("| kernel | M | BLOCK M/N/K | split | warps/stages | shared B | tensor cores | atomics | loop instr / weight B | problems |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | M | BLOCK M/N/K | split | warps/stages | shared B | registers | programs / SM (bound) | tensor cores | "
+          "atomics | loop instr / weight B | problems |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["config"]
         per_byte = r.get("instructions_per_weight_byte")
+        resident = f"{r['programs_per_sm']} ({r['occupancy_bound']})" if "programs_per_sm" in r else "-"
         print(f"| {r['kernel']} | {r['M']} | {c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} | {c['SPLIT_K']} | "
-              f"{c['num_warps']}/{c['num_stages']} | {r.get('shared', '-')} | {r.get('tensor_cores', '-')} | "
-              f"{r.get('atomics', '-')} | {'-' if per_byte is None else f'{per_byte:.2f}'} | {'; '.join(r['problems']) or '-'} |")
+              f"{c['num_warps']}/{c['num_stages']} | {r.get('shared', '-')} | {r.get('registers', '-')} | {resident} | "
+              f"{r.get('tensor_cores', '-')} | {r.get('atomics', '-')} | {'-' if per_byte is None else f'{per_byte:.2f}'} | "
+              f"{'; '.join(r['problems']) or '-'} |")
     for r in dequant:
         print(f"\n{r['kernel']} (prefill's dense route): "
               + (f"{r['instructions_per_weight']:.1f} instructions per 16-bit weight written; " if "instructions_per_weight" in r else "")

@@ -39,6 +39,16 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert all(r["l2_rel_err"] < 1e-2 for r in report["rows"] if r["M"] <= 16)
 
 
+def test_row_reads_benchmark_smoke(tmp_path):
+    """row_reads.py's kernel reads every piece of each row a decode tile would, and no other: per
+    program and row, the XOR of its steps' words equals numpy's, for every piece size and split."""
+    pytest.importorskip("triton")
+    run_benchmark("row_reads", "--smoke", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "row-reads-smoke.json").read_text())
+    assert len(report["rows"]) == 4 * 2 and all(r["right"] for r in report["rows"])
+    assert {r["chunk"] for r in report["rows"]} == {32, 64, 128, 256}
+
+
 def test_experts_decode_benchmark_smoke(tmp_path):
     """The mixture benchmark's smoke run: grouped and looped decode both match the reference."""
     pytest.importorskip("triton")
@@ -90,6 +100,9 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     expected += len(triton_dense_grouped._candidates())
     assert len(rows) == expected and not any(r["problems"] for r in rows)
     assert {r["kernel"] for r in rows} == {"w4a16", "w8a16", "w4a16-grouped", "w8a16-grouped", "dense-grouped"}
+    # each cubin's registers a thread, and the programs an SM holds at once by the tightest of its limits
+    assert all(0 < r["registers"] <= 255 and 1 <= r["programs_per_sm"] <= 32 for r in rows)
+    assert {r["occupancy_bound"] for r in rows} <= {"registers", "shared", "warps", "blocks"}
     assert all(r["tensor_cores"] == (r["config"]["BLOCK_M"] > 1) for r in rows)
     # every decode path is timed at M = 1: single_row, 16-row word_dots and the 8-row one turned round
     assert {r["config"]["BLOCK_M"] for r in rows if r["M"] == 1} == {1, 8, 16}
@@ -629,7 +642,7 @@ def test_gpu_session_script_parses_and_runs_scripts_that_exist():
     script = ROOT / "benchmarks" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     stages = re.findall(r'timeout "\$\{(MPQ_GPU_\w+_S):-0\}" python3 (benchmarks/\w+\.py)', script.read_text())
-    assert [s for _, s in stages] == ["benchmarks/gpu_kernels.py", "benchmarks/scaled_decode.py",
+    assert [s for _, s in stages] == ["benchmarks/gpu_kernels.py", "benchmarks/row_reads.py", "benchmarks/scaled_decode.py",
                                       "benchmarks/experts_decode.py", "benchmarks/gpu_decode_space.py"]
     assert all((ROOT / s).is_file() for _, s in stages) and len({limit for limit, _ in stages}) == len(stages)
 
@@ -814,6 +827,22 @@ def test_kernel_fit_refuses_a_report_without_timings(tmp_path):
     assert proc.returncode != 0 and "no timed rows" in proc.stderr
 
 
+def test_kernels_compile_counts_the_programs_an_sm_holds(benchmark_script, monkeypatch):
+    """CUDA's occupancy rules on an H100/H200 (sm_90): registers go to a warp 256 at a time (8 a
+    thread), each block takes 1 KB of shared memory more than it asks, and the tightest of
+    registers, shared memory, 64 warps and 32 blocks bounds the programs an SM holds."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # importing the script sets 0 (the real compiler); restored after
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling sass_reading.py
+    compile_counts = benchmark_script("kernels_compile")
+    # the 8-row tile turned round, one warp: 140 registers (144 given), 13,856 B of shared memory
+    assert compile_counts.programs_per_sm(140, 13856, 1, 90) == (14, "registers")
+    assert compile_counts.programs_per_sm(96, 256, 4, 90) == (5, "registers")  # single row, 64 columns
+    assert compile_counts.programs_per_sm(32, 100_000, 4, 90) == (2, "shared")
+    assert compile_counts.programs_per_sm(32, 0, 8, 90) == (8, "warps")
+    assert compile_counts.programs_per_sm(24, 0, 1, 90) == (32, "blocks")
+    assert compile_counts.programs_per_sm(32, 60_000, 4, 86) == (1, "shared")  # an RTX 30-series: 100 KB an SM
+
+
 def test_kernel_fit_turns_instruction_counts_into_issue_rates(benchmark_script):
     """Each decode row's chosen config (its own, or the report's chosen_configs entry) is found in
     the compile counts, its weight bytes past the fixed cost become an issue rate, and the median
@@ -837,6 +866,13 @@ def test_kernel_fit_turns_instruction_counts_into_issue_rates(benchmark_script):
     assert fit.predictions(rates, now)[0]["predicted_weight_GBps"] == pytest.approx(4000.0)
     # a config the counts lack, or a row's own config, decides what is found
     assert fit.issue_rates({**report, "rows": [{**rows[0], "config": {**config, "SPLIT_K": 2}}]}, counts) == []
+    # the launch's programs (64 and 224 column tiles, 8 splits each); and where the counts say how many an SM
+    # holds (5 here), the waves and the warps each of an SM's 4 schedulers has in the first
+    assert [r["programs"] for r in rates] == [512, 1792] and "waves" not in rates[0]
+    counts["rows"][0]["programs_per_sm"] = 5
+    held = fit.issue_rates({**report, "sms": 100}, counts)
+    assert [r["waves"] for r in held] == [pytest.approx(512 / 500), pytest.approx(1792 / 500)]
+    assert [r["warps_per_scheduler"] for r in held] == [pytest.approx(5.12 * 4 / 4), 5.0]
 
 
 @pytest.mark.parametrize("n,k,m,block_m,block_n,block_k", [(33, 256, 17, 16, 16, 64), (40, 384, 50, 32, 16, 64),
