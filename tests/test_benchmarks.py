@@ -870,9 +870,10 @@ def test_kernel_fit_turns_instruction_counts_into_issue_rates(benchmark_script):
     # holds (5 here), the waves and the warps each of an SM's 4 schedulers has in the first
     assert [r["programs"] for r in rates] == [512, 1792] and "waves" not in rates[0]
     counts["rows"][0]["programs_per_sm"] = 5
-    held = fit.issue_rates({**report, "sms": 100}, counts)
-    assert [r["waves"] for r in held] == [pytest.approx(512 / 500), pytest.approx(1792 / 500)]
-    assert [r["warps_per_scheduler"] for r in held] == [pytest.approx(5.12 * 4 / 4), 5.0]
+    held = fit.issue_rates({**report, "sms": 200}, counts)
+    assert [r["waves"] for r in held] == [pytest.approx(512 / 1000), pytest.approx(1792 / 1000)]
+    # 2.56 programs an SM on the grid of the first (4 warps each, over 4 schedulers); the second's SMs are full
+    assert [r["warps_per_scheduler"] for r in held] == [pytest.approx(2.56), 5.0]
 
 
 @pytest.mark.parametrize("n,k,m,block_m,block_n,block_k", [(33, 256, 17, 16, 16, 64), (40, 384, 50, 32, 16, 64),
