@@ -312,6 +312,16 @@ def pdl_capable(device: torch.device) -> bool:
     return capable(device)
 
 
+def decode_rows_by_layer(rows: list[dict], timed_only: bool) -> dict[tuple, list[dict]]:
+    """The decode rows (M <= 16; with `timed_only`, those with a time) per layer: (format, N, K,
+    activations) -> rows, so that a second pass over them quantises each layer once."""
+    by_layer: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["M"] <= 16 and ("ms" in row or not timed_only):
+            by_layer.setdefault((row["format"], row["N"], row["K"], row["activations"]), []).append(row)
+    return by_layer
+
+
 def time_with_pdl(rows: list[dict], device: str, smoke: bool, on_row=lambda: None) -> None:
     """Each timed decode row (M <= 16) again with its layer's launches under PDL (MPQ_PDL=1), the
     shape's chosen config: `pdl_ms`, device time per call in the same kind of graph, one layer's
@@ -323,11 +333,7 @@ def time_with_pdl(rows: list[dict], device: str, smoke: bool, on_row=lambda: Non
     from mpq.formats import get_format
     from mpq.kernels.triton_common import dependent_launch
 
-    by_layer: dict[tuple, list[dict]] = {}
-    for row in rows:
-        if row["M"] <= 16 and "ms" in row:
-            by_layer.setdefault((row["format"], row["N"], row["K"], row["activations"]), []).append(row)
-    for (fmt_name, n, k, activations), layer_rows in by_layer.items():
+    for (fmt_name, n, k, activations), layer_rows in decode_rows_by_layer(rows, timed_only=True).items():
         fmt = get_format(fmt_name)
         sets, reference_weight, _ = quantised_layer(n, k, fmt, device, smoke)
         for row in layer_rows:
@@ -369,11 +375,7 @@ def time_from_l2(rows: list[dict], device: str, smoke: bool, on_row=lambda: None
     from mpq.formats import get_format
     from mpq.quantize import dequantize_weight
 
-    by_layer: dict[tuple, list[dict]] = {}
-    for row in rows:
-        if row["M"] <= 16 and ("ms" in row or smoke):
-            by_layer.setdefault((row["format"], row["N"], row["K"], row["activations"]), []).append(row)
-    for (fmt_name, n, k, activations), layer_rows in by_layer.items():
+    for (fmt_name, n, k, activations), layer_rows in decode_rows_by_layer(rows, timed_only=not smoke).items():
         fmt = get_format(fmt_name)
         sets, _, _ = quantised_layer(n, k, fmt, device, smoke=True)
         view = overlapping_rows(sets[0])
@@ -591,29 +593,34 @@ def print_paths(report: dict) -> None:
                 f"{path} {ms:.4f} ms ({ms / first:.2f}x)" for path, ms in r["fastest_by_path_ms"].items()))
 
 
+def print_markdown_table(headers: list[str], cells: list[list]) -> None:
+    """A table as the README and the notes hold them: a header row, a rule, a row of cells each."""
+    for line in ([headers, ["---"] * len(headers)] + cells):
+        print("| " + " | ".join(map(str, line)) + " |")
+
+
 def print_l2_table(report: dict) -> None:
     """The decode rows timed again with their weights in L2 (time_from_l2)."""
     print("\nThe decode rows again, their weights in L2 (rows 16 bytes apart: the same kernel and grid); share = from L2 / ms")
-    print("| format | shape | M | ms | from L2 ms | share | route |")
-    print("|---|---|---|---|---|---|---|")
-    for r in report["rows"]:
-        if "l2_ms" in r:
-            print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['l2_ms']:.4f} | {r['l2_share']:.2f} | "
-                  f"{r.get('route') or '-'} |")
+    print_markdown_table(["format", "shape", "M", "ms", "from L2 ms", "share", "route"],
+                         [[r["format"], r["shape"], r["M"], f"{r['ms']:.4f}", f"{r['l2_ms']:.4f}", f"{r['l2_share']:.2f}",
+                           r.get("route") or "-"] for r in report["rows"] if "l2_ms" in r])
 
 
 def print_pdl_table(report: dict) -> None:
     """The decode rows timed again with PDL (time_with_pdl), and any that could not be."""
     print("\nThe decode rows launched with PDL (MPQ_PDL=1). The graph replays one layer's calls back to back,")
     print("so each call's launch and first weight reads overlap the call before: more overlap than a model gives")
-    print("| format | shape | M | ms | with PDL ms | speedup | with PDL speedup | % copy BW with PDL | rel err with PDL |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cells = []
     for r in report["rows"]:
         if "pdl_ms" in r:
-            print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['pdl_ms']:.4f} | {r['speedup_vs_fp16']:.2f}x | "
-                  f"{r['pdl_speedup_vs_fp16']:.2f}x | {r['pct_of_copy_bw'] * r['ms'] / r['pdl_ms']:.0f}% | {r['pdl_rel_err']:.1e} |")
+            cells.append([r["format"], r["shape"], r["M"], f"{r['ms']:.4f}", f"{r['pdl_ms']:.4f}", f"{r['speedup_vs_fp16']:.2f}x",
+                          f"{r['pdl_speedup_vs_fp16']:.2f}x", f"{r['pct_of_copy_bw'] * r['ms'] / r['pdl_ms']:.0f}%",
+                          f"{r['pdl_rel_err']:.1e}"])
         elif "pdl_error" in r:
-            print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['pdl_error']} | | | | |")
+            cells.append([r["format"], r["shape"], r["M"], f"{r['ms']:.4f}", r["pdl_error"], "", "", "", ""])
+    print_markdown_table(["format", "shape", "M", "ms", "with PDL ms", "speedup", "with PDL speedup", "% copy BW with PDL",
+                          "rel err with PDL"], cells)
     if "split_sums_pdl_error" in report:
         print(f"split-K with PDL: {report['split_sums_pdl_error']}")
 
