@@ -359,7 +359,8 @@ def overlapping_rows(tensors: dict) -> dict:
     """The layer's tensors with its packed weight rows OVERLAP_STRIDE bytes apart instead of a row's
     length: the same shape, and a stride the launchers pass on as it is and Triton specialises as it
     does a real row's (divisible by 16), so a call runs the same kernel, instructions and grid,
-    while all its weight reads fall in N x 16 + K bytes (at most a few hundred KB) that stay in L2."""
+    while all its weight reads fall in N x 16 + K bytes (at most a few hundred KB) that stay in L2
+    (cp.async's 16-byte copies skip L1; a plain load may hit there, sooner still)."""
     q = tensors["qweight"]
     return {**tensors, "qweight": q.as_strided(q.shape, (OVERLAP_STRIDE, 1))}
 
