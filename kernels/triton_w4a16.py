@@ -638,17 +638,17 @@ def zeros_layout(scales: torch.Tensor, zeros: torch.Tensor | None) -> int:
     scale_zero_pairs), read as one int32 a column; else 1 (zeros read apart, through the same strides)."""
     if zeros is None:
         return 0
-    paired = (scales.dtype == zeros.dtype == torch.bfloat16 and scales.stride(-2) == 2 and scales.stride(-1) % 2 == 0
-              and zeros.data_ptr() == scales.data_ptr() + 2 and scales.data_ptr() % 4 == 0)
+    strides, start = scales.stride(), scales.data_ptr()  # each read once: this runs on every launch
+    paired = (scales.dtype == zeros.dtype == torch.bfloat16 and strides[-2] == 2 and strides[-1] % 2 == 0
+              and zeros.data_ptr() == start + 2 and start % 4 == 0)
     return ZEROS_PAIRED.value if paired else 1
 
 
-def scales_key(k: int, group_size: int, scales: torch.Tensor, has_zeros: int) -> tuple:
+def scales_key(k: int, group_size: int, scale_strides: tuple[int, ...], has_zeros: int) -> tuple:
     """The part of a tuner key that says how a layer's scales and zeros lie (zeros_layout's HAS_ZEROS,
-    and whether the scales run column-major): the K loop loads them differently (pipelined pairs
-    or plain loads), so a config timed on one layout is not the choice for another."""
-    column_major = scales.stride(-1) > scales.stride(-2)
-    return k, group_size, has_zeros, "by column" if column_major else "by row"
+    and whether the scales, of these strides, run column-major): the K loop loads them differently
+    (pipelined pairs or plain loads), so a config timed on one layout is not the choice for another."""
+    return k, group_size, has_zeros, "by column" if scale_strides[-1] > scale_strides[-2] else "by row"
 
 
 def x_pairs(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -688,7 +688,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     check_activation(x, k)
     if k % group_size or scales.shape[-2:] != (n, k // group_size):
         raise ValueError(f"scales {tuple(scales.shape)} do not fit a {n}x{k} weight in groups of {group_size}")
-    if zeros is not None and zeros.stride() != scales.stride():
+    scale_strides = scales.stride()  # read once: each read of a tensor's strides costs host time on every launch
+    if zeros is not None and zeros.stride() != scale_strides:
         # one pair of strides serves both (column-major, as a Triton layer keeps them, or row-major)
         raise ValueError(f"zeros {zeros.stride()} and scales {scales.stride()} must share a layout")
     if k % 8 or qweight.stride(-1) != 1 or qweight.stride(-2) % 4 or qweight.data_ptr() % 4:
@@ -707,10 +708,10 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     pointers = (qweight, scales, zeros if zeros is not None else scales, scales if slots is None else slots)
     x_arg, x_meta = x_pairs(x)
     expert_strides = (0, 0) if slots is None else (qweight.stride(0), scales.stride(0))
-    scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scales.stride(-2), scales.stride(-1), *expert_strides)
+    scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scale_strides[-2], scale_strides[-1], *expert_strides)
     has_zeros = zeros_layout(scales, zeros) if slots is None else int(zeros is not None)  # stacks: row-major, apart
     meta = {"GROUP": group_size, "HAS_ZEROS": has_zeros, "GROUPED": slots is not None, "K_WIDTH": K_WIDTH, **x_meta}
-    shape_key = scales_key(k, group_size, scales, has_zeros) + (() if slots is None else ("grouped", qweight.shape[0]))
+    shape_key = scales_key(k, group_size, scale_strides, has_zeros) + (() if slots is None else ("grouped", qweight.shape[0]))
     candidates = (lambda: _candidates(x.shape[0], group_size)) if slots is None else (lambda: _grouped_candidates(group_size))
     # prefill's dense route, timed beside the fused configs (kernels/triton_dequant.py)
     dense = (lambda: F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype))) if slots is None and dense_route_fits(x, n, k) else None
