@@ -1,6 +1,6 @@
 """Kernel benchmark (GPU): mpq's Triton W4A16 / W8A16 against FP16 cuBLAS on Llama-7B/8B shapes.
 
-For each layer shape and M in 1, 4, 16, 64, 512: median time (triton.testing.do_bench), achieved
+For each layer shape and M in 1, 4, 16, 64, 512: median device time, achieved
 GB/s counting packed weights + scales + zeros + activations + outputs, percent of the device's
 measured copy bandwidth, TFLOP/s, speedup over torch.nn.functional.linear in fp16, and the
 relative error against the dequantise reference. Times are the device's: one CUDA graph runs the

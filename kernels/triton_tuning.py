@@ -32,24 +32,46 @@ def m_bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
 
-def gpu_time_ms(run: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
-    """Median device time of one call of `run` in ms; the defaults time a few dozen candidates in seconds.
+FLUSH_BYTES = 256 * 2**20  # read before each timed replay: more than any current GPU's L2 (an H200's: 50 MB)
+
+
+def gpu_time_ms(run: Callable[[], object], warmup: int = 5, replays: int = 50) -> float:
+    """Median device time of one call of `run` in ms, its weights read from DRAM.
 
     The call is captured once in a CUDA graph and the graph is replayed: a Python launch of these
     kernels takes longer on the host than a decode-sized kernel runs on the GPU (on the H200
     machine: 84-154 us an eager INT4 call at M <= 16, 10-35 us its kernel in a graph), so timing
-    eager calls measured the host, and the tuner picked among
-    equal-looking candidates at random. do_bench flushes the L2 cache before each replay, so the
-    time is that of weights read from DRAM, as in a model whose layers evict each other."""
+    eager calls measured the host, and the tuner picked among equal-looking candidates at random.
+    Before each replay a reduction reads FLUSH_BYTES, so the call finds none of its weights in L2,
+    as in a model whose layers evict each other, and finds L2 holding clean lines. (Triton's
+    do_bench, which timed the candidates until 2026-12-04, zeroes a buffer instead: L2 is then full
+    of dirty lines, whose write-back a timed call may pay as it evicts them. On the H200 the tuner's
+    best times were 1.18-1.56x, 4-10 us over, the same configs' times over rotating weight copies,
+    rotating_time_ms, which has no flush; part of that is the graph's launch, which rotating_time_ms
+    shares among many calls. Not yet timed on a GPU.) do_bench replayed for 20 ms, over a thousand
+    replays of a decode call; 50 here."""
+    import statistics
+
     import torch
-    from triton.testing import do_bench
 
     run()  # compile and warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    return do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")  # read only: its values do not matter
+    for _ in range(warmup):
+        flush.sum()
+        graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for start, end in zip(starts, ends):
+        flush.sum()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
 
 
 def rotating_time_ms(calls: list[Callable[[], object]], replays: int = 30) -> float:
