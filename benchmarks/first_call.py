@@ -62,7 +62,7 @@ def first_calls(m: int, n: int, k: int, configs: int) -> list[dict]:
 
     from mpq.formats import get_format
     from mpq.kernels import triton_tuning, triton_w4a16, triton_w8a16
-    from mpq.qlinear import scales_by_column
+    from mpq.qlinear import triton_layout
     from mpq.quantize import quantize_weight
 
     timings: list[list] = []
@@ -88,8 +88,7 @@ def first_calls(m: int, n: int, k: int, configs: int) -> list[dict]:
     rows = []
     for fmt_name in FORMATS:
         fmt = get_format(fmt_name)
-        t = quantize_weight(torch.randn(n, k) * 0.02, fmt)
-        t = scales_by_column(t) if fmt.bits == 4 else t  # as a Triton layer holds it: the kernels it compiles
+        t = triton_layout(quantize_weight(torch.randn(n, k) * 0.02, fmt), fmt)  # as a layer holds it: the kernels it compiles
         compiles.clear()
         timings.clear()
         start = time.perf_counter()

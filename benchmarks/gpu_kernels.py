@@ -6,7 +6,7 @@ measured copy bandwidth, TFLOP/s, speedup over torch.nn.functional.linear in fp1
 relative error against the dequantise reference. Times are the device's: one CUDA graph runs the
 call on each of enough weight copies to overflow the L2 cache (mpq.kernels.triton_tuning.
 rotating_time_ms), so weights come from DRAM and the host's launch cost stays out. INT4 layers are
-laid out as a loaded Triton layer holds them (layer_layout). Beside them, the
+laid out as a loaded Triton layer holds them (mpq.qlinear.triton_layout). Beside them, the
 wall time per call of eager calls in a row, which adds the host's Python launch cost that a caller
 without CUDA graphs pays. Each decode row is timed again with its weights in L2 (time_from_l2:
 the same kernel and grid on rows that overlap), which says how much of its time DRAM takes.
@@ -126,27 +126,18 @@ def quantised_on_cpu(n: int, k: int, fmt_name: str) -> dict:
 def quantised_layer(n: int, k: int, fmt, device: str, smoke: bool) -> tuple[list[dict], torch.Tensor, int]:
     """A random [n, k] weight (seed 0) quantised in `fmt` (a FormatSpec) once: its tensors on `device` in as
     many copies as overflow the L2 cache (one in a smoke run), each laid out as a Triton layer holds
-    it (layer_layout), the float32 weight they stand for (on the device: the reference is plain
+    it (mpq.qlinear.triton_layout), the float32 weight they stand for (on the device: the reference is plain
     torch), and the bytes of one copy."""
+    from mpq.qlinear import triton_layout
     from mpq.quantize import dequantize_weight
 
     base = quantised_on_cpu(n, k, fmt.name)
     weight_bytes = sum(t.numel() * t.element_size() for t in base.values())
     copies = 1 if smoke else max(2, ROTATE_BYTES // weight_bytes + 1)
-    sets = [layer_layout({key: value.to(device) for key, value in base.items()}, fmt) for _ in range(copies)]
+    # as a Triton layer holds them (until 2026-12-04 INT4 was timed with quantize_weight's row-major scales and
+    # zeros apart: run 2's layers' layout, no loaded layer's since the scales went column-major and paired)
+    sets = [triton_layout({key: value.to(device) for key, value in base.items()}, fmt) for _ in range(copies)]
     return sets, dequantize_weight(sets[0], fmt), weight_bytes
-
-
-def layer_layout(tensors: dict, fmt) -> dict:
-    """A layer's tensors as mpq.qlinear.QuantizedLinear keeps them for its Triton kernel: INT4 scales
-    column-major, each bf16 zero point right after its scale (scales_by_column), which is what the
-    kernels' K loops are written and counted for (benchmarks/kernels_compile.py); INT8 as quantised.
-    (Until 2026-12-04 the table and the decode-space sweep timed INT4 with quantize_weight's row-major
-    scales and zeros apart: the layout of run 2's layers, but not of any layer since the scales went
-    column-major and paired, after it.)"""
-    from mpq.qlinear import scales_by_column
-
-    return scales_by_column(tensors) if fmt.bits == 4 else tensors
 
 
 def quantised_linear(fmt, x: torch.Tensor, tensors: dict, config: dict | None = None) -> torch.Tensor:
@@ -572,16 +563,14 @@ def print_table(report: dict) -> None:
     print(f"Triton {report['triton']}, torch {report['torch']}; activations {report['activations']}, "
           "the cuBLAS baseline (F.linear) fp16")
     print("ms: device time per call (CUDA graph over weight copies that overflow L2); eager ms: wall time per call of eager calls in a row")
-    print("| format | shape | M | ms | fp16 ms | speedup | GB/s | % copy BW | TFLOP/s | rel err | eager ms | fp16 eager ms | route |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    cells = []
     for r in report["rows"]:
-        if "ms" in r:
-            print(f"| {r['format']} | {r['shape']} | {r['M']} | {r['ms']:.4f} | {r['fp16_ms']:.4f} | {r['speedup_vs_fp16']:.2f}x | "
-                  f"{r['GBps']:.0f} | {r['pct_of_copy_bw']:.0f}% | {r['TFLOPs']:.1f} | {r['rel_err']:.1e} | "
-                  f"{r['eager_ms']:.4f} | {r['fp16_eager_ms']:.4f} | {r.get('route') or '-'} |")
-        else:
-            print(f"| {r['format']} | {r['shape']} | {r['M']} | - | - | - | - | - | - | {r['rel_err']:.1e} | - | - | "
-                  f"{r.get('route') or '-'} |")
+        timed = ([f"{r['ms']:.4f}", f"{r['fp16_ms']:.4f}", f"{r['speedup_vs_fp16']:.2f}x", f"{r['GBps']:.0f}",
+                  f"{r['pct_of_copy_bw']:.0f}%", f"{r['TFLOPs']:.1f}"] if "ms" in r else ["-"] * 6)
+        eager = [f"{r['eager_ms']:.4f}", f"{r['fp16_eager_ms']:.4f}"] if "ms" in r else ["-"] * 2
+        cells.append([r["format"], r["shape"], r["M"], *timed, f"{r['rel_err']:.1e}", *eager, r.get("route") or "-"])
+    print_markdown_table(["format", "shape", "M", "ms", "fp16 ms", "speedup", "GB/s", "% copy BW", "TFLOP/s", "rel err",
+                          "eager ms", "fp16 eager ms", "route"], cells)
 
 
 def print_paths(report: dict) -> None:

@@ -87,23 +87,25 @@ def compile_for(kernel, runtime: dict[str, tuple[str, int]], constexprs: dict, n
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def disassemble(cubin: bytes) -> list[str]:
-    """The SASS lines of a cubin (nvdisasm, bundled with Triton)."""
+def cubin_tool(tool: str, option: str, cubin: bytes) -> str:
+    """What one of the CUDA tools bundled with Triton (beside its nvdisasm: nvdisasm, cuobjdump)
+    prints for a cubin."""
+    path = Path(triton.knobs.nvidia.nvdisasm.path).with_name(tool)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        return subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
-                              check=True).stdout.splitlines()
+        return subprocess.run([str(path), option, file.name], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(cubin: bytes) -> list[str]:
+    """The SASS lines of a cubin (nvdisasm)."""
+    return cubin_tool("nvdisasm", "-c", cubin).splitlines()
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
-    """What the cubin's kernel asks of an SM, as cuobjdump (bundled with Triton) reports it: registers
-    a thread (REG), static shared memory (SHARED), local memory a thread (LOCAL: spills), in bytes."""
-    tool = Path(triton.knobs.nvidia.nvdisasm.path).with_name("cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        text = subprocess.run([str(tool), "-res-usage", file.name], capture_output=True, text=True, check=True).stdout
+    """What the cubin's kernel asks of an SM, as cuobjdump reports it: registers a thread (REG),
+    static shared memory (SHARED), local memory a thread (LOCAL: spills), in bytes."""
+    text = cubin_tool("cuobjdump", "-res-usage", cubin)
     return {key: int(value) for key, value in re.findall(r"\b(REG|SHARED|LOCAL):(\d+)", text.split("Function", 1)[-1])}
 
 

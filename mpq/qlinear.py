@@ -124,6 +124,13 @@ def scales_by_column(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             for name, tensor in tensors.items()}
 
 
+def triton_layout(tensors: dict[str, torch.Tensor], fmt: FormatSpec) -> dict[str, torch.Tensor]:
+    """A layer's tensors as its Triton kernel reads them: INT4's scales and zeros by column
+    (scales_by_column), any other format's as quantised. The layer and the kernel benchmarks both
+    lay them out here, so that what is timed is what a loaded layer runs."""
+    return scales_by_column(tensors) if fmt.bits == 4 else tensors
+
+
 def scale_zero_pairs(scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
     """Scales and zeros [N, G] as two views of one [G, N, 2] tensor: strides (2, 2N), the zero point
     of (n, g) one element after its scale. (Two buffers sharing storage: a save through mpq writes
@@ -165,8 +172,8 @@ class QuantizedLinear(nn.Module):
         if self.backend == "cpu":
             tensors = prepare_cpu(tensors, fmt)
             float32_from_tokens(fmt.bits)  # measured (once a machine) now, not inside a forward that torch traces
-        if self.backend == "triton" and fmt.bits == 4:
-            tensors = scales_by_column(tensors)
+        if self.backend == "triton":
+            tensors = triton_layout(tensors, fmt)
         # decided once (MPQ_CPU_MATMUL and the CPU's probe): a forward reads no environment
         self.dense_in_float32 = self.backend == "dense" and device.type == "cpu" and routes(tensors["weight"].dtype)
         for name, tensor in tensors.items():
