@@ -8,6 +8,8 @@ of 128) and W8A16 at decode sizes (M = 1 and 16) on Llama-shaped layers, with th
 (one call in a CUDA graph, L2 flushed before each replay). Per shape and M it reports:
 - the tuner's best, the wider space's best, the best per warp count;
 - the best single-row INT4 config at M = 1 with and without PREFETCH, and in Triton's pipeline (PIPELINE);
+  and with long steps (2-4 groups a K step: 128-256 bytes of each row, triton_w4a16.long_steps) against
+  steps of one group (64 bytes);
 - the best INT4 tensor-core config reading int32 words (word_dots) against the same configs on the
   byte path (WORD_DOTS=False) and with each step's words in the order they were loaded (K_WIDTH=0,
   not in the tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps
@@ -39,24 +41,24 @@ WARPS = (2, 4, 8)
 STAGES = (3, 4)
 
 
-def tuner_space(fmt_name: str, m: int) -> list[dict]:
-    """The tuner's candidates for (format, M) (W8A16's before its single-row filter)."""
+def tuner_space(fmt_name: str, m: int, k: int) -> list[dict]:
+    """The tuner's candidates for (format, M) on a layer of K inputs (W8A16's before its single-row filter)."""
     from mpq.kernels import triton_w4a16, triton_w8a16
 
     if fmt_name == "int8":
         return triton_w8a16.decode_space(m)  # filtered in space(), per warp count
-    return triton_w4a16._candidates(m, 128)
+    return triton_w4a16._candidates(m, 128, k)
 
 
-def space(fmt_name: str, m: int, smoke: bool) -> list[dict]:
-    """The tuner's candidates for (format, M) crossed with WARPS x STAGES (W8A16's single-row
+def space(fmt_name: str, m: int, k: int, smoke: bool) -> list[dict]:
+    """The tuner's candidates for (format, M, K) crossed with WARPS x STAGES (W8A16's single-row
     configs kept only where their accumulator fits the warps' registers, as the tuner keeps them),
     and for INT4 the tuner's word_dots configs again on the byte path (WORD_DOTS=False) and with
     their words in the order loaded (K_WIDTH=0)."""
     from mpq.kernels import triton_w8a16
     from mpq.kernels.triton_w4a16 import runs_word_dots
 
-    base = tuner_space(fmt_name, m)
+    base = tuner_space(fmt_name, m, k)
     configs = []
     for config in base:
         # tiles turned round keep their warps: one a K step (STACK); the others also run 2, 4 and 8
@@ -82,7 +84,7 @@ def without_ms(config: dict) -> dict:
 
 def bests(timed: list[dict], tuner: list[dict]) -> dict:
     """The fastest config of each kind among `timed` (configs with their "ms", fastest first)."""
-    from mpq.kernels.triton_w4a16 import runs_word_dots
+    from mpq.kernels.triton_w4a16 import long_steps, runs_word_dots
 
     in_tuner = [c for c in timed if without_ms(c) in tuner] or timed
     return {"tuner_best": in_tuner[0], "wide_best": timed[0],
@@ -93,6 +95,9 @@ def bests(timed: list[dict], tuner: list[dict]) -> dict:
                                                       and not c.get("PIPELINE")), None),
             # and in Triton's pipeline (PIPELINE), against both
             "best_pipelined_single_row": next((c for c in timed if c.get("PIPELINE")), None),
+            # single_row's long steps (2-4 groups of 128 a step: 128-256 bytes of a row), against those of one group
+            "best_long_steps": next((c for c in timed if long_steps(c, 128)), None),
+            "best_single_row_one_group_a_step": next((c for c in timed if c["BLOCK_M"] == 1 and not long_steps(c, 128)), None),
             # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
             "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
             "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
@@ -111,7 +116,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     sets, reference, _ = quantised_layer(n, k, fmt, device, smoke)
     x = torch.randn(m, k, device=device).to(torch.bfloat16)
     expected = torch.nn.functional.linear(x.float(), reference)
-    configs = space(fmt_name, m, smoke)
+    configs = space(fmt_name, m, k, smoke)
 
     def on_device(config: dict) -> None:
         with torch.cuda.device(x.device):  # the device is per thread in CUDA
@@ -133,7 +138,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     if smoke or not timed:  # no timing, or no config the device could run (the row says how many failed)
         return row
     timed.sort(key=lambda c: c["ms"])
-    row.update(bests(timed, tuner_space(fmt_name, m)))
+    row.update(bests(timed, tuner_space(fmt_name, m, k)))
     # the old split-K wrapper alone: zero an fp32 buffer, cast it back (what SPLIT_K > 1 added to a call
     # before the last program of a tile finished the sum in the kernel)
     row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))
@@ -177,12 +182,15 @@ def main() -> None:
 
 
 def print_row(r: dict) -> None:
+    from mpq.kernels.triton_w4a16 import long_steps
+
     def brief(c: dict | None) -> str:
         if c is None:
             return "-"
         return (f"{c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}"
                 + (" prefetch" if c.get("PREFETCH") else "")
                 + (" pipelined" if c.get("PIPELINE") else "")
+                + (" long steps" if long_steps(c, 128) else "")
                 + (" bytes" if c.get("WORD_DOTS") is False else "")
                 + (" words as loaded" if c.get("K_WIDTH") == 0 else "")
                 + (f" turned round, {c.get('STACK', 1)} along K" if c.get("TRANSPOSED") else "")
@@ -202,6 +210,9 @@ def print_row(r: dict) -> None:
     if r["best_prefetch"] is not None:
         print(f"  single row, loading a step ahead: {brief(r['best_prefetch'])}; "
               f"without: {brief(r['best_single_row_without_prefetch'])}", flush=True)
+    if r.get("best_long_steps") is not None:
+        print(f"  single row, long steps: {brief(r['best_long_steps'])}; one group a step: "
+              f"{brief(r['best_single_row_one_group_a_step'])}", flush=True)
     if r["best_byte_path"] is not None:
         print(f"  tensor cores, int32 words: {brief(r['best_word_dots'])}; bytes: {brief(r['best_byte_path'])}; "
               f"words as loaded: {brief(r['best_words_as_loaded'])}", flush=True)

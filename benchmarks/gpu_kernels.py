@@ -226,13 +226,16 @@ def route(config: dict, fmt_name: str) -> str:
 
 def code_path(config: dict, fmt_name: str) -> str:
     """Which code path of the kernel a launch config runs, without its tile."""
-    from mpq.kernels.triton_w4a16 import runs_word_dots, runs_word_tiles
+    from mpq.formats import get_format
+    from mpq.kernels.triton_w4a16 import long_steps, runs_word_dots, runs_word_tiles
 
     int4 = fmt_name.startswith("int4")
     if config.get("DENSE"):
         return "dequantise + cuBLAS"
     if config["BLOCK_M"] == 1:
-        return "single row" + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else "")
+        group = get_format(fmt_name).group_size if int4 else None
+        return ("single row" + (", long steps" if group and long_steps(config, group) else "")
+                + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else ""))
     if config["BLOCK_M"] > 16:
         return "tiled GEMM" + (", int32 words" if int4 and runs_word_tiles(config) else "")
     if int4 and config.get("TRANSPOSED"):

@@ -17,8 +17,9 @@ One kernel, two regimes picked by M (kernels/triton_common.regime):
   sum of products, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows; from K steps
   of 64, word_dots dequantises its pairs two weights an instruction before the dots (word tiles).
-BLOCK_K always divides the group size, so each K step reads one scale (and zero) per column and
-K needs no mask (K is a multiple of G).
+BLOCK_K divides the group size, so each K step reads one scale (and zero) per column and K needs
+no mask (K is a multiple of G); except single_row's long steps (long_steps: 2-4 whole groups a step,
+dividing K), which read each group's scale and give each word its own.
 
 Decode reads little and must not spend more issue slots per weight byte than the memory system
 takes to deliver it (benchmarks/kernels_compile.py counts them): nibbles become floats by bit
@@ -43,8 +44,9 @@ from mpq.kernels.triton_common import (check_activation, check_grouped_config, c
 from mpq.kernels.triton_dequant import dequantize_int4
 
 
-def _candidates(m: int, group: int) -> list[dict]:
-    """A small, deliberate space: decode_candidates for M <= 16, prefill_candidates above."""
+def _candidates(m: int, group: int, k: int) -> list[dict]:
+    """A small, deliberate space: decode_candidates for M <= 16, prefill_candidates above (for a
+    layer of K inputs: single_row's long steps must divide it)."""
     steps = k_steps(group)
     if regime(m) == "gemv":
         space = decode_candidates(m, steps, steps[-1])
@@ -79,6 +81,14 @@ def _candidates(m: int, group: int) -> list[dict]:
             # and in Triton's pipeline (PIPELINE: no plain load left in the loop), in K steps of the group's widest
             space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": steps[-1], "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
                        "PIPELINE": True} for bn in (32, 64, 128) for sk in (1, 2, 4, 8)]
+            # Long steps (long_steps): 128-256 bytes of each weight row a step, where every other INT4 path
+            # reads 64 (K steps of 128: half a 128-byte line) and INT8, which streamed at 3.2-3.9 TB/s on
+            # the H200 against INT4's 1.1-2.2, reads 128-256 (benchmarks/GPU_NOTES.md). Up to 4 groups a
+            # step (each group past the first costs two selects a word); 7.6-8.7 instructions per weight
+            # byte (Triton 3.6, sm_90), against 9.7 for the 64-wide single row with 64-byte steps.
+            space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
+                       **ahead} for bk in (256, 512) if group < bk <= 4 * group and bk % group == 0 and k % bk == 0
+                      for bn, ahead in ((32, {}), (64, {}), (32, {"PREFETCH": True})) for sk in (1, 2, 4, 8)]
         return space
     space = prefill_candidates(m, steps)
     if m > 128 and 64 in steps:
@@ -132,6 +142,24 @@ def runs_word_tiles(config: dict) -> bool:
     """Whether a launch config takes word_dots' prefill branch, the word tiles (prefill tiles from K
     steps of 64, not switched off)."""
     return config["BLOCK_M"] > 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
+
+
+def long_steps(config: dict, group: int) -> bool:
+    """Whether a config's K step runs over several whole groups: single_row's long steps (BLOCK_M = 1,
+    BLOCK_K a multiple of GROUP above it), each word scaled by its own group's scale. Every other
+    path takes one group's scale a step, so its BLOCK_K divides the group."""
+    return config["BLOCK_M"] == 1 and config["BLOCK_K"] > group and config["BLOCK_K"] % group == 0
+
+
+def check_k_step(config: dict, group: int, k: int) -> None:
+    """A pinned config's K step: it divides the group, or (long_steps) it is whole groups and divides
+    K, which then needs no mask: a mask a word would split the 16-byte loads."""
+    if long_steps(config, group):
+        if k % config["BLOCK_K"]:
+            raise ValueError(f"BLOCK_K={config['BLOCK_K']} over several groups must divide K={k}")
+    elif group % config["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K={config['BLOCK_K']} must divide the group size {group} (one scale per K step; only "
+                         f"the single-row path, BLOCK_M = 1, takes steps of several whole groups)")
 
 
 def k_steps(group: int) -> list[int]:
@@ -268,10 +296,20 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     load is left in the loop, for about the instructions PREFETCH takes (64 columns: 311 a step
     against PREFETCH's 312 and 300 without either with Triton 3.9; 335 against 312 with 3.6). A
     candidate beside PREFETCH until a GPU has timed the two.
+
+    Long steps (long_steps: BLOCK_K of 2 to 4 whole groups, dividing K) read 128-256 bytes of each
+    weight row a step where a step of one group of 128 reads 64, half a 128-byte line; the tile
+    stays one load in the words' own layout, and each word takes its group's scale and zero point
+    by a select over the step's groups, loaded as one group's are. (A scale tile gathered a word,
+    [BLOCK_K/8, BLOCK_N], loads fastest along N and Triton then moved every product between the
+    two layouts through shared memory: 20 instructions per weight byte, against 7.6-8.7 this way;
+    benchmarks/kernels_compile.py, Triton 3.6 and 3.9.) Whether the longer pieces stream faster
+    on a GPU is for the timer: benchmarks/GPU_NOTES.md.
     """
     offs_w = tl.arange(0, BLOCK_K // 8)
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * (stride_wn // 4) + offs_w[:, None]
     acc_k = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    GROUPS: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1  # groups a step (long_steps)
     # The exponents go in as registers the compiler cannot see are constant (N >> 31 is 0 for any
     # real N): as immediates, LLVM merges them with the masks into one two-constant instruction
     # and ptxas then reloads a register before every nibble.
@@ -292,6 +330,13 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
         else:
             words = tl.load(words_ptr + k0 // 8, mask=mask_n[None, :], other=0)  # [BLOCK_K/8, BLOCK_N]
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
+        scale, zero = scale[None, :], zero[None, :]
+        for later in tl.static_range(1, GROUPS):  # a step over several groups: each word takes its own group's
+            scale_later, zero_later = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg,
+                                                       k0 // GROUP + later, HAS_ZEROS)
+            in_later = (offs_w // (GROUP // 8) == later)[:, None]
+            scale = tl.where(in_later, scale_later[None, :], scale)
+            zero = tl.where(in_later, zero_later[None, :], zero)
         word_index = k0 // 8 + offs_w
         x0, x1 = load_x_pair(x_ptr, word_index, 0, X_PAIRS, X_DTYPE)
         x2, x3 = load_x_pair(x_ptr, word_index, 1, X_PAIRS, X_DTYPE)
@@ -305,7 +350,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
         f2, f3 = byte_floats(words << 7, exp256, exp16)
         f4, f5 = byte_floats(words >> 1, exp256, exp16)
         f6, f7 = byte_floats(words >> 9, exp256, exp16)
-        part = x0[:, None] * f0 - (x_base[:, None] + x_sum[:, None] * zero[None, :])
+        part = x0[:, None] * f0 - (x_base[:, None] + x_sum[:, None] * zero)
         part += x1[:, None] * f1
         part += x2[:, None] * f2
         part += x3[:, None] * f3
@@ -313,7 +358,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
         part += x5[:, None] * f5
         part += x6[:, None] * f6
         part += x7[:, None] * f7
-        acc_k += part * scale[None, :]
+        acc_k += part * scale
     return tl.sum(acc_k, axis=0)[None, :]
 
 
@@ -699,8 +744,8 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     x = x.contiguous()
     if config is None and interpreting():
         config = interpreter_config(x.shape[0], k_step_for(group_size), grouped=slots is not None)
-    if config is not None and not config.get("DENSE") and group_size % config["BLOCK_K"]:
-        raise ValueError(f"BLOCK_K={config['BLOCK_K']} must divide the group size {group_size} (one scale per K step)")
+    if config is not None and not config.get("DENSE"):
+        check_k_step(config, group_size, k)
     if config is not None and config.get("BLOCK_M") == 1 and config["BLOCK_K"] < 8:
         raise ValueError(f"BLOCK_K={config['BLOCK_K']}: the single-row path reads K steps of whole int32 words (8+)")
     check_grouped_config(config, slots)
@@ -712,7 +757,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     has_zeros = zeros_layout(scales, zeros) if slots is None else int(zeros is not None)  # stacks: row-major, apart
     meta = {"GROUP": group_size, "HAS_ZEROS": has_zeros, "GROUPED": slots is not None, "K_WIDTH": K_WIDTH, **x_meta}
     shape_key = scales_key(k, group_size, scale_strides, has_zeros) + (() if slots is None else ("grouped", qweight.shape[0]))
-    candidates = (lambda: _candidates(x.shape[0], group_size)) if slots is None else (lambda: _grouped_candidates(group_size))
+    candidates = (lambda: _candidates(x.shape[0], group_size, k)) if slots is None else (lambda: _grouped_candidates(group_size))
     # prefill's dense route, timed beside the fused configs (kernels/triton_dequant.py)
     dense = (lambda: F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype))) if slots is None and dense_route_fits(x, n, k) else None
     return launch(_w4a16_kernel, x, n, pointers, scalars, meta, config, shape_key=shape_key, candidates=candidates,

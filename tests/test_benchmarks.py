@@ -95,7 +95,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     run_benchmark("kernels_compile", "--out", str(tmp_path), timeout=1200)
     report = json.loads((tmp_path / "kernels-compile-sm90.json").read_text())
     rows = report["rows"]
-    expected = sum(len(triton_w4a16._candidates(m, 128)) + len(triton_w8a16._candidates(m)) for m in (1, 16, 64))
+    expected = sum(len(triton_w4a16._candidates(m, 128, 4096)) + len(triton_w8a16._candidates(m)) for m in (1, 16, 64))
     expected += len(triton_w4a16._grouped_candidates(128)) + len(triton_w8a16._grouped_candidates())
     expected += len(triton_dense_grouped._candidates())
     assert len(rows) == expected and not any(r["problems"] for r in rows)
@@ -196,7 +196,7 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
     (path,) = tmp_path.glob("kernels-compile-sm90-g*.json")
     report = json.loads(path.read_text())
     group = int(variant[1])
-    expected = sum(len(triton_w4a16._candidates(m, group)) + len(triton_w8a16._candidates(m))
+    expected = sum(len(triton_w4a16._candidates(m, group, 4096)) + len(triton_w8a16._candidates(m))
                    for m in map(int, batches.split(",")))
     expected += len(triton_w4a16._grouped_candidates(group)) + len(triton_w8a16._grouped_candidates())
     expected += len(triton_dense_grouped._candidates())
@@ -210,11 +210,11 @@ def test_decode_space_sweeps_and_names_the_transposed_tiles(benchmark_script, mo
     pytest.importorskip("triton")
     monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # it imports gpu_kernels
     sweep = benchmark_script("gpu_decode_space")
-    configs = sweep.space("int4-g128", 1, smoke=False)
+    configs = sweep.space("int4-g128", 1, 4096, smoke=False)
     turned_configs = [c for c in configs if c.get("TRANSPOSED")]
     assert turned_configs and all(c["num_warps"] == c["STACK"] for c in turned_configs)
     assert not any(c.get("TRANSPOSED") and (c.get("WORD_DOTS") is False or c.get("K_WIDTH") == 0) for c in configs)
-    tuner = sweep.tuner_space("int4-g128", 1)
+    tuner = sweep.tuner_space("int4-g128", 1, 4096)
     turned = next(c for c in tuner if c.get("TRANSPOSED"))
     upright = next(c for c in tuner if c["BLOCK_M"] == 16 and c["BLOCK_K"] == 128)
     timed = [{**upright, "K_WIDTH": 0, "ms": 0.009}, {**turned, "ms": 0.010}, {**upright, "ms": 0.012},

@@ -165,7 +165,7 @@ def test_an_untuned_launch_times_every_candidate_and_runs_the_fastest(m, monkeyp
     if m > 16:
         candidates = [{**c, "BLOCK_M": 32, "SPLIT_K": 1, "BLOCK_N": bn} for c, bn in zip(candidates, (16, 32))]
     monkeypatch.setattr(w4, "interpreting", lambda: False)
-    monkeypatch.setattr(w4, "_candidates", lambda m, group: candidates)
+    monkeypatch.setattr(w4, "_candidates", lambda m, group, k: candidates)
     outputs = []
 
     def fake_clock(call):
@@ -197,7 +197,7 @@ def test_prefill_takes_the_dense_route_where_it_times_fastest(fmt_name, monkeypa
     module = w8 if fmt_name == "int8" else w4
     monkeypatch.setattr(module, "interpreting", lambda: False)
     fused = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
-    monkeypatch.setattr(module, "_candidates", lambda m, group=None: [fused])
+    monkeypatch.setattr(module, "_candidates", lambda m, group=None, k=None: [fused])
     timed = []
 
     def fake_clock(call):
@@ -236,18 +236,21 @@ def test_the_candidate_spaces_fit_a_gpu():
     """Every candidate a GPU would time is launchable there: power-of-two tiles, a K step inside
     one group, and tl.dot operands of 16+ along each side."""
     from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
+    from mpq.kernels.triton_w4a16 import long_steps
     from mpq.kernels.triton_w8a16 import _candidates as w8_candidates
 
     for m in (1, 4, 16, 64, 512):
         for group in (32, 64, 128, 4096, 96):
-            for c in w4_candidates(m, group):
-                assert group % c["BLOCK_K"] == 0 and c["BLOCK_K"] // 2 >= 16
+            for c in w4_candidates(m, group, 4096):
+                # a K step inside one group, or single_row's long steps: 2 to 4 whole groups that divide K
+                assert (group % c["BLOCK_K"] == 0 or long_steps(c, group) and c["BLOCK_K"] // group <= 4
+                        and 4096 % c["BLOCK_K"] == 0) and c["BLOCK_K"] // 2 >= 16
                 # decode: single_row, 16-row tensor-core tiles, or 8-row ones turned round (W x^T: x^T is
                 # the dot's 8-column operand, which a GPU takes) at M <= 8
                 assert c["BLOCK_M"] in ((1, 16) if m > 8 or not c.get("TRANSPOSED") else (8,)) if m <= 16 else c["BLOCK_M"] >= 16
         for c in w8_candidates(m):
             assert c["BLOCK_K"] >= 16 and (c["BLOCK_M"] in (1, 16) if m <= 16 else c["BLOCK_M"] >= 16)
-        splits = {c["SPLIT_K"] for c in w4_candidates(m, 128)}
+        splits = {c["SPLIT_K"] for c in w4_candidates(m, 128, 4096)}
         # decode may go without atomics; a prefill of up to 128 rows may split (its layers have few tiles)
         # (up to 8 rows, the one-warp tiles turned round may split in 16)
         assert splits == ({1, 2, 4, 8, 16} if m <= 8 else {1, 2, 4, 8} if m <= 16 else {1, 2, 4} if m <= 128 else {1})
@@ -259,12 +262,12 @@ def test_int4_prefill_space_times_word_tiles_beside_the_byte_path():
     from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
 
     for m in (64, 512):
-        space = w4_candidates(m, 128)
+        space = w4_candidates(m, 128, 4096)
         word_tiles = [c for c in space if c.get("WORD_DOTS", True)]
         assert sorted(map(str, [{**c, "WORD_DOTS": False} for c in word_tiles])) == \
             sorted(map(str, [c for c in space if c.get("WORD_DOTS") is False]))
         assert any(c["BLOCK_M"] == 256 for c in space) == (m > 128)
-    assert all("WORD_DOTS" not in c for c in w4_candidates(512, 32))  # K steps of 32: the byte path only
+    assert all("WORD_DOTS" not in c for c in w4_candidates(512, 32, 4096))  # K steps of 32: the byte path only
 
 
 def test_int4_layers_whose_groups_a_gpu_kernel_cannot_step_run_the_reference_on_cuda():
@@ -310,7 +313,7 @@ def test_a_shape_first_met_while_a_cuda_graph_is_captured_runs_untimed_and_is_tu
 
     candidates = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": s} for s in (2, 1)]
     monkeypatch.setattr(w4, "interpreting", lambda: False)
-    monkeypatch.setattr(w4, "_candidates", lambda m, group: candidates)
+    monkeypatch.setattr(w4, "_candidates", lambda m, group, k: candidates)
     timed = []
     monkeypatch.setattr(triton_tuning, "gpu_time_ms", lambda call: timed.append(call()) or 1.0)
     monkeypatch.setattr(common, "capturing", lambda x: True)

@@ -69,6 +69,49 @@ def test_w4a16_single_row_loading_a_step_ahead_matches_reference(ahead, fmt_name
     assert rel_err(y, expected) < 1e-2
 
 
+@pytest.mark.parametrize("ahead", [None, "PREFETCH", "PIPELINE"])
+@pytest.mark.parametrize("fmt_name,block_k,n,k,split,dtype", [
+    ("int4-g128", 256, 33, 768, 2, torch.bfloat16), ("int4-g128-sym", 512, 17, 1024, 1, torch.float16),
+    ("int4-g64", 256, 40, 512, 3, torch.float32), ("int4-g32", 128, 9, 384, 4, torch.bfloat16)])
+def test_w4a16_single_row_long_steps_match_reference(ahead, fmt_name, block_k, n, k, split, dtype):
+    """single_row's long steps (long_steps: K steps of 2 to 4 whole groups, each word scaled by its own
+    group's scale and zero point) in the layout a Triton layer holds (scale and zero point one word,
+    column-major): odd N, all three activation dtypes, symmetric, programs without a step (3 steps over
+    4 programs), loading ahead and pipelined."""
+    from mpq.kernels.triton_w4a16 import ZEROS_PAIRED, long_steps, w4a16_linear, zeros_layout
+    from mpq.qlinear import triton_layout
+
+    fmt, t, x, bias = _inputs(fmt_name, n, k, 1, dtype, seed=n + k + block_k)
+    laid = triton_layout(t, fmt)
+    assert zeros_layout(laid["scales"], laid.get("zeros")) == (0 if fmt.symmetric else ZEROS_PAIRED)
+    config = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, **({ahead: True} if ahead else {})}
+    assert long_steps(config, fmt.group_along(k))
+    got = w4a16_linear(x, laid["qweight"], laid["scales"], laid.get("zeros"), fmt.group_along(k), bias, config=config)
+    assert got.shape == (1, n) and got.dtype == dtype
+    assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+
+
+def test_w4a16_long_steps_are_whole_groups_that_divide_k():
+    """A pinned K step over several groups must be whole groups (a word's group is then its step's
+    group plus its index over the group's words) and divide K (no mask a word, which would split the
+    16-byte loads); only the single-row path takes one. The tuner offers them only where they fit."""
+    from mpq.kernels.triton_w4a16 import _candidates, long_steps, w4a16_linear
+
+    fmt, t, x, _ = _inputs("int4-g128", 16, 640, 1, torch.bfloat16, seed=3)
+    single = {"BLOCK_M": 1, "BLOCK_N": 16, "SPLIT_K": 1}
+    with pytest.raises(ValueError, match="must divide K=640"):
+        w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), 128, config={**single, "BLOCK_K": 256})
+    fmt, t, x, _ = _inputs("int4-g64", 16, 768, 1, torch.bfloat16, seed=3)
+    with pytest.raises(ValueError, match="must divide the group size 64"):
+        w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), 64, config={**single, "BLOCK_K": 32 * 3})
+    with pytest.raises(ValueError, match="must divide the group size 64"):
+        w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), 64, config={**single, "BLOCK_M": 16, "BLOCK_K": 128})
+    steps = lambda group, k: sorted({c["BLOCK_K"] for c in _candidates(1, group, k) if long_steps(c, group)})
+    assert steps(128, 4096) == [256, 512] and steps(128, 11008) == [256] and steps(64, 4096) == [256]
+    assert steps(32, 4096) == [] and steps(96, 4096) == [] and steps(128, 384) == []
+    assert not any(long_steps(c, 128) for m in (2, 16, 64) for c in _candidates(m, 128, 4096))
+
+
 @pytest.mark.parametrize("fmt_name,block_k", [("int4-g64-sym", 64), ("int4-g128", 128), ("int4-g128", 64), ("int4-pc", 128)])
 @pytest.mark.parametrize("n,k,m,split", [(33, 256, 1, 1), (48, 384, 3, 2), (17, 128, 16, 3), (40, 512, 5, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -196,7 +239,7 @@ def test_w4a16_decode_space_turns_round_up_to_8_rows():
         [(), (), (1,), (1, 4), (1, 4), (1, 4)]
 
     def turned(m: int, group: int) -> list[dict]:
-        return [c for c in _candidates(m, group) if c.get("TRANSPOSED")]
+        return [c for c in _candidates(m, group, 4096) if c.get("TRANSPOSED")]
 
     assert {c["STACK"] for c in turned(1, 128)} == set(TURNED_STACKS) and TURNED_STACKS
     assert all(len(turned(m, 128)) == len(turned(1, 128)) for m in (2, 4, 8)) and not turned(16, 128) and not turned(1, 64)
