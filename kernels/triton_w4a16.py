@@ -677,13 +677,14 @@ def load_x_halves(x_ptr, offs_m, mask_m, stride_xm, pair_index, X_PAIRS: tl.cons
     return x_even, x_odd
 
 
-def zeros_layout(scales: torch.Tensor, zeros: torch.Tensor | None) -> int:
+def zeros_layout(scales: torch.Tensor, zeros: torch.Tensor | None, strides: tuple[int, ...] | None = None) -> int:
     """The kernel's HAS_ZEROS: 0 symmetric; ZEROS_PAIRED where each bf16 zero point lies right after
     its scale, pairs of adjacent columns adjacent and the first pair 4-byte aligned (mpq.qlinear.
-    scale_zero_pairs), read as one int32 a column; else 1 (zeros read apart, through the same strides)."""
+    scale_zero_pairs), read as one int32 a column; else 1 (zeros read apart, through the same strides).
+    `strides`: the scales', where the caller has read them (this runs on every launch)."""
     if zeros is None:
         return 0
-    strides, start = scales.stride(), scales.data_ptr()  # each read once: this runs on every launch
+    strides, start = strides or scales.stride(), scales.data_ptr()  # each read once
     paired = (scales.dtype == zeros.dtype == torch.bfloat16 and strides[-2] == 2 and strides[-1] % 2 == 0
               and zeros.data_ptr() == start + 2 and start % 4 == 0)
     return ZEROS_PAIRED.value if paired else 1
@@ -737,10 +738,11 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     if zeros is not None and zeros.stride() != scale_strides:
         # one pair of strides serves both (column-major, as a Triton layer keeps them, or row-major)
         raise ValueError(f"zeros {zeros.stride()} and scales {scales.stride()} must share a layout")
-    if k % 8 or qweight.stride(-1) != 1 or qweight.stride(-2) % 4 or qweight.data_ptr() % 4:
+    weight_strides = qweight.stride()
+    if k % 8 or weight_strides[-1] != 1 or weight_strides[-2] % 4 or qweight.data_ptr() % 4:
         # single_row reads each row of qweight as int32 words; mpq sends only groups of 32 or more
         raise ValueError(f"W4A16 reads qweight rows as int32 words: K must be a multiple of 8 and each row start on a "
-                         f"4-byte boundary (K={k}, strides {qweight.stride()}, address % 4 = {qweight.data_ptr() % 4})")
+                         f"4-byte boundary (K={k}, strides {weight_strides}, address % 4 = {qweight.data_ptr() % 4})")
     x = x.contiguous()
     if config is None and interpreting():
         config = interpreter_config(x.shape[0], k_step_for(group_size), grouped=slots is not None)
@@ -752,9 +754,9 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     # symmetric: the zeros pointer goes unused; one layer: the slots pointer and expert strides do
     pointers = (qweight, scales, zeros if zeros is not None else scales, scales if slots is None else slots)
     x_arg, x_meta = x_pairs(x)
-    expert_strides = (0, 0) if slots is None else (qweight.stride(0), scales.stride(0))
-    scalars = (x.shape[0], n, k, x_arg.stride(0), qweight.stride(-2), scale_strides[-2], scale_strides[-1], *expert_strides)
-    has_zeros = zeros_layout(scales, zeros) if slots is None else int(zeros is not None)  # stacks: row-major, apart
+    expert_strides = (0, 0) if slots is None else (weight_strides[0], scale_strides[0])
+    scalars = (x.shape[0], n, k, x_arg.stride(0), weight_strides[-2], scale_strides[-2], scale_strides[-1], *expert_strides)
+    has_zeros = zeros_layout(scales, zeros, scale_strides) if slots is None else int(zeros is not None)  # stacks: row-major, apart
     meta = {"GROUP": group_size, "HAS_ZEROS": has_zeros, "GROUPED": slots is not None, "K_WIDTH": K_WIDTH, **x_meta}
     shape_key = scales_key(k, group_size, scale_strides, has_zeros) + (() if slots is None else ("grouped", qweight.shape[0]))
     candidates = (lambda: _candidates(x.shape[0], group_size, k)) if slots is None else (lambda: _grouped_candidates(group_size))

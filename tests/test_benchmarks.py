@@ -751,6 +751,13 @@ def test_kernel_benchmark_keeps_the_fastest_of_each_code_path_the_tuner_timed(be
              [{"DENSE": 1}, 0.036], [{**tiles, "BLOCK_M": 64, "SPLIT_K": 2}, 0.047]]
     assert kernels.fastest_by_path(timed, "int4-g128") == {
         "dequantise + cuBLAS": 0.036, "tiled GEMM, int32 words": 0.044, "tiled GEMM": 0.061}
+    # at M = 1, single_row's long steps (several groups a K step) are a path of their own
+    row = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}
+    timed = [[row, 0.012], [{**row, "BLOCK_K": 128}, 0.014], [{**row, "PREFETCH": True}, 0.011]]
+    assert kernels.fastest_by_path(timed, "int4-g128") == {
+        "single row, long steps, loading ahead": 0.011, "single row, long steps": 0.012, "single row": 0.014}
+    assert kernels.fastest_by_path(timed[:1], "int4-g64") == {"single row, long steps": 0.012}
+    assert kernels.code_path(row, "int8") == "single row" and kernels.code_path(row, "int4-pc") == "single row"
 
 
 def test_sass_reading_finds_what_a_pdl_kernel_does_before_its_wait(benchmark_script):
