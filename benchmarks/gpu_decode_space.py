@@ -194,6 +194,7 @@ def print_row(r: dict) -> None:
                 + (" bytes" if c.get("WORD_DOTS") is False else "")
                 + (" words as loaded" if c.get("K_WIDTH") == 0 else "")
                 + (f" turned round, {c.get('STACK', 1)} along K" if c.get("TRANSPOSED") else "")
+                + (f", {c['STEPS']} steps a pass" if c.get("STEPS", 1) > 1 else "")
                 + (f" {c['ms'] * 1e3:.1f}us" if c.get("ms") is not None else "")
                 + (f" (rotated {c['rotating_ms'] * 1e3:.1f}us)" if "rotating_ms" in c else ""))
 

@@ -239,7 +239,8 @@ def code_path(config: dict, fmt_name: str) -> str:
     if config["BLOCK_M"] > 16:
         return "tiled GEMM" + (", int32 words" if int4 and runs_word_tiles(config) else "")
     if int4 and config.get("TRANSPOSED"):
-        return f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
+        return (f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
+                + (f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else ""))
     if int4 and runs_word_dots(config):
         return "tensor cores, int32 words"
     return "tensor cores"

@@ -123,11 +123,11 @@ def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> t
 
 
 def weight_bytes_per_thread(name: str, config: dict) -> float:
-    """Weight bytes one thread reads per pass of the K loop (one K step, or STACK of them)."""
+    """Weight bytes one thread reads per pass of the K loop (one K step, or STACK x STEPS of them)."""
     per_column = {"w4a16": config["BLOCK_K"] // 2, "w8a16": config["BLOCK_K"], "dense": 2 * config["BLOCK_K"]}[
         name.split("-")[0]]
-    # a TRANSPOSED INT4 tile runs STACK K steps a pass, one a warp
-    return config["BLOCK_N"] * per_column * config.get("STACK", 1) / (32 * config["num_warps"])
+    # a TRANSPOSED INT4 tile runs STACK K steps a pass, one a warp, and each warp STEPS of them
+    return config["BLOCK_N"] * per_column * config.get("STACK", 1) * config.get("STEPS", 1) / (32 * config["num_warps"])
 
 
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
@@ -262,16 +262,17 @@ def problems(row: dict, arch: int) -> list[str]:
 
 def dependent_launch_samples(jobs: list[tuple]) -> list[tuple]:
     """One launch of each code path (kernel, M and the config's path: single row, loading ahead or
-    pipelined, 16-row tiles or turned round and how many warps along K, word tiles or bytes, split or not),
-    compiled again with PDL (MPQ_PDL=1) for dependent_launch_order. Not the grouped launches, which
+    pipelined, with long steps or not; 16-row tiles or turned round, how many warps along K and K
+    steps a pass; word tiles or bytes; split or not), compiled again with PDL (MPQ_PDL=1) for dependent_launch_order. Not the grouped launches, which
     never take it (triton_common.pdl_launch)."""
     seen, samples = set(), []
     for name, m, config, *rest in jobs:
         if name.endswith("-grouped"):
             continue
+        group = rest[2]
         path = (name, m, config["BLOCK_M"] == 1, config.get("PREFETCH", False), config.get("PIPELINE", False),
-                config.get("TRANSPOSED", False),
-                config.get("STACK", 1), config.get("WORD_DOTS", True), config["SPLIT_K"] > 1)
+                name.startswith("w4a16") and triton_w4a16.long_steps(config, group), config.get("TRANSPOSED", False),
+                config.get("STACK", 1), config.get("STEPS", 1), config.get("WORD_DOTS", True), config["SPLIT_K"] > 1)
         if path not in seen:
             seen.add(path)
             samples.append((name, m, {**config, "PDL": True}, *rest))

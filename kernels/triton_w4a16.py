@@ -70,6 +70,13 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
                        "TRANSPOSED": True, "STACK": stack}
                       for stack, splits in ((1, (1, 2, 4, 8, 16)), (4, (1, 2, 4))) if stack in TURNED_STACKS
                       for bn in (64, 128) for sk in splits]
+            # and one warp taking 2 consecutive K steps a pass (STEPS): 128 bytes of each row a pass where
+            # a step reads 64 (what STACK 4 does over 4 warps, which Triton 3.6 compiles badly), for
+            # 4.0-4.6 instructions per weight byte against 3.6-4.3 (Triton 3.6 and 3.9), in 8 or 5
+            # programs an SM against 14 or 8 (64 and 128 wide)
+            if 1 in TURNED_STACKS and k % 256 == 0:
+                space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 1, "num_stages": 3,
+                           "TRANSPOSED": True, "STACK": 1, "STEPS": 2} for bn in (64, 128) for sk in (1, 2, 4, 8)]
         if m == 1:
             # single_row repeats each K step's activation work in every thread of a row of
             # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
@@ -154,6 +161,10 @@ def long_steps(config: dict, group: int) -> bool:
 def check_k_step(config: dict, group: int, k: int) -> None:
     """A pinned config's K step: it divides the group, or (long_steps) it is whole groups and divides
     K, which then needs no mask: a mask a word would split the 16-byte loads."""
+    steps = config.get("STEPS", 1)
+    if steps > 1 and (not config.get("TRANSPOSED") or config.get("STACK", 1) != 1 or k % (steps * config["BLOCK_K"])):
+        raise ValueError(f"STEPS={steps} (K steps a pass) runs on tiles turned round with STACK 1, and STEPS x BLOCK_K "
+                         f"must divide K={k}; got {config}")
     if long_steps(config, group):
         if k % config["BLOCK_K"]:
             raise ValueError(f"BLOCK_K={config['BLOCK_K']} over several groups must divide K={k}")
@@ -180,7 +191,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   PREFETCH: tl.constexpr = False, WORD_DOTS: tl.constexpr = True, K_WIDTH: tl.constexpr = 0,
                   TRANSPOSED: tl.constexpr = False, STACK: tl.constexpr = 1, STAGES: tl.constexpr = 3,
-                  PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False):
+                  PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False, STEPS: tl.constexpr = 1):
     pid_k = tl.program_id(1)
     if GROUPED:  # experts stacked [E, ...]; row m of x runs through expert slot_ptr[m] (BLOCK_M = 1)
         pair, offs_m, offs_n, mask_n, expert = grouped_row(slot_ptr, M, N, BLOCK_N)
@@ -191,8 +202,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     else:
         offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
         mask_n = offs_n < N
-        if PDL:  # a program reads SPAN bytes of each of its columns a pass (STACK steps turned round)
-            SPAN: tl.constexpr = STACK * BLOCK_K // 2
+        if PDL:  # a program reads SPAN bytes of each of its columns a pass (STACK x STEPS steps turned round)
+            SPAN: tl.constexpr = STACK * STEPS * BLOCK_K // 2
             prefetch_then_wait(w_ptr, offs_n, mask_n, stride_wn, K // 2, pid_k * SPAN, SPAN * SPLIT_K, SPAN,
                                PDL_PREFETCH_PASSES)
     if BLOCK_M == 1:
@@ -201,7 +212,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     elif TRANSPOSED:  # decode (M <= 8) on the tensor cores, W x^T
         acc = turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                                stride_sg, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
-                               K_WIDTH, STACK, STAGES)
+                               K_WIDTH, STACK, STAGES, STEPS)
     elif BLOCK_K >= 64 and WORD_DOTS:  # on the tensor cores: decode (M <= 16), or prefill (runs_word_tiles)
         acc = word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                         stride_sg, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_WIDTH,
@@ -450,7 +461,8 @@ def word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K
 def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                      stride_sg, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
                      X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, STACK: tl.constexpr, STAGES: tl.constexpr):
+                     SPLIT_K: tl.constexpr, K_WIDTH: tl.constexpr, STACK: tl.constexpr, STAGES: tl.constexpr,
+                     STEPS: tl.constexpr = 1):
     """word_dots turned round (TRANSPOSED): out^T = W x^T, returned as [BLOCK_M, BLOCK_N] in fp32.
 
     The weights become the dots' first operand (16 rows of the tensor cores' m16n8k16 tile) and
@@ -481,6 +493,13 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
     mask_m = (offs_m < M)[None, :, None]
     mask_n = offs_n < N
     acc = tl.zeros((STACK, BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if STEPS > 1:  # consecutive K steps a pass, one warp (STACK 1), each step as below; STEPS x BLOCK_K divides K
+        for k_pass in tl.range(pid_k * STEPS * BLOCK_K, K, STEPS * BLOCK_K * SPLIT_K, num_stages=STAGES):
+            for step in tl.static_range(STEPS):
+                acc += turned_step(words_ptr, x_rows, s_ptr, z_ptr, offs_n, mask_n, mask_m, k_pass + step * BLOCK_K,
+                                   stride_sn, stride_sg, nibble_mask, exponents, base, GROUP, HAS_ZEROS, DOT_DTYPE,
+                                   X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, K_WIDTH)
+        return tl.trans(tl.sum(acc, axis=0))
     for k0 in tl.range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K, num_stages=STAGES):
         step_k = k0 + steps * BLOCK_K
         if STACK == 1:  # every step is inside K: no mask along it (a select a word)
@@ -508,6 +527,26 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
                       tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
         acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
     return tl.trans(tl.sum(acc, axis=0))
+
+
+@triton.jit
+def turned_step(words_ptr, x_rows, s_ptr, z_ptr, offs_n, mask_n, mask_m, k0, stride_sn, stride_sg, nibble_mask, exponents,
+                base, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_WIDTH: tl.constexpr):
+    """One K step of turned_word_dots on one warp (STACK 1), [1, BLOCK_N, BLOCK_M] in fp32: what its
+    loop adds for the step at k0 (inside K)."""
+    J: tl.constexpr = BLOCK_K // 8
+    words = tl.reshape(tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N, J, 1))
+    words = tl.reshape(operand_order(words, K_WIDTH), (BLOCK_N, J))
+    x = tl.load(x_rows + k0, mask=mask_m, other=0.0).to(DOT_DTYPE)  # [1, BLOCK_M, BLOCK_K]
+    scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
+    x_sum = tl.sum(tl.reshape(x, (BLOCK_M, BLOCK_K)).to(tl.float32), axis=1)  # as the tensor cores see x
+    x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (BLOCK_M, BLOCK_K)), K_WIDTH)
+    part = tl.dot(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), tl.trans(x_0), out_dtype=tl.float32)
+    part = tl.dot(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), tl.trans(x_1), acc=part, out_dtype=tl.float32)
+    part = tl.dot(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), tl.trans(x_2), acc=part, out_dtype=tl.float32)
+    part = tl.dot(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), tl.trans(x_3), acc=part, out_dtype=tl.float32)
+    return ((part - (zero + base)[:, None] * x_sum[None, :]) * scale[:, None])[None, :, :]
 
 
 @triton.jit

@@ -166,6 +166,41 @@ def test_w4a16_word_dots_turned_round(k_width, fmt_name, n, k, m, block_m, split
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
 
 
+@pytest.mark.parametrize("k_width", [0, 2, 4])
+@pytest.mark.parametrize("fmt_name,n,k,m,steps,split,dtype", [
+    ("int4-g128", 33, 512, 1, 2, 1, torch.bfloat16), ("int4-g128-sym", 40, 1024, 5, 2, 3, torch.float16),
+    ("int4-g128", 17, 1024, 8, 4, 1, torch.float32), ("int4-g128", 9, 768, 3, 3, 2, torch.bfloat16)])
+def test_w4a16_turned_round_takes_several_k_steps_a_pass(k_width, fmt_name, n, k, m, steps, split, dtype):
+    """STEPS consecutive K steps a pass on one warp turned round (turned_step, each as a pass of one
+    step does it), in the layout a Triton layer holds: the reference's sums in each operand order, odd
+    N, M = 1, 3, 5, 8, programs without a pass (2 passes over 3 programs, 1 over 2)."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.qlinear import triton_layout
+
+    fmt, t, x, bias = _inputs(fmt_name, n, k, m, dtype, seed=n + k + m + steps)
+    laid = triton_layout(t, fmt)
+    config = {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": split, "K_WIDTH": k_width, "TRANSPOSED": True,
+              "STACK": 1, "STEPS": steps}
+    got = w4a16_linear(x, laid["qweight"], laid["scales"], laid.get("zeros"), 128, bias, config=config)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+
+
+def test_w4a16_steps_a_pass_are_refused_where_they_would_run_past_k_or_off_their_path():
+    """STEPS x BLOCK_K must divide K (no mask along K) and only one warp turned round takes them; the tuner
+    offers 2 steps a pass at M <= 8 where 256 divides K and this Triton takes one-warp tiles turned round."""
+    from mpq.kernels.triton_w4a16 import TURNED_STACKS, _candidates, w4a16_linear
+
+    fmt, t, x, _ = _inputs("int4-g128", 16, 640, 3, torch.bfloat16, seed=5)
+    turned = {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "TRANSPOSED": True, "STACK": 1, "STEPS": 2}
+    for config in (turned, {**turned, "STACK": 4}, {**turned, "TRANSPOSED": False, "BLOCK_M": 16}):
+        with pytest.raises(ValueError, match="STEPS=2"):
+            w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), 128, config=config)
+    stepping = lambda m, k: [c for c in _candidates(m, 128, k) if c.get("STEPS", 1) > 1]
+    assert all(len(stepping(m, 4096)) == (8 if 1 in TURNED_STACKS else 0) for m in (1, 4, 8))
+    assert not stepping(16, 4096) and not stepping(1, 640) and len(stepping(1, 11008)) == len(stepping(1, 4096))
+
+
 SCALE_LAYOUT_PATHS = {
     "single row": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2},
     "single row, loading ahead": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 3, "PREFETCH": True},
