@@ -72,8 +72,8 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
                       for bn in (64, 128) for sk in splits]
             # and one warp taking 2 consecutive K steps a pass (STEPS): 128 bytes of each row a pass where
             # a step reads 64 (what STACK 4 does over 4 warps, which Triton 3.6 compiles badly), for
-            # 4.0-4.6 instructions per weight byte against 3.6-4.3 (Triton 3.6 and 3.9), in 8 or 5
-            # programs an SM against 14 or 8 (64 and 128 wide)
+            # 4.1 and 3.5 instructions per weight byte at 64 and 128 wide against 4.3 and 3.6 a step a
+            # pass (Triton 3.6 and 3.9), in 8 and 5 programs an SM against 14 and 8
             if 1 in TURNED_STACKS and k % 256 == 0:
                 space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 1, "num_stages": 3,
                            "TRANSPOSED": True, "STACK": 1, "STEPS": 2} for bn in (64, 128) for sk in (1, 2, 4, 8)]
@@ -481,36 +481,50 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
     and from 4 warps Triton took Hopper's warpgroup MMA, which reads them from there."""
     J: tl.constexpr = BLOCK_K // 8
     steps = tl.arange(0, STACK)
-    columns = tl.reshape(offs_n, (BLOCK_N // 8, 1, 8, 1))
-    if STACK == 1:  # [BLOCK_N, J] addresses cost fewer instructions
-        words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + tl.arange(0, J)[None, :]
-    else:
-        words_ptr = (w_ptr.to(tl.pointer_type(tl.int32)) + columns * (stride_wn // 4) + steps[None, :, None, None] * J
-                     + tl.arange(0, J)[None, None, None, :])  # [BLOCK_N / 8, STACK, 8, J]
     x_rows = (activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS, X_DTYPE)[None, :, None]
               + steps[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :])  # [STACK, BLOCK_M, BLOCK_K]
     nibble_mask, exponents, base = pair_constants(N, X_DTYPE)
     mask_m = (offs_m < M)[None, :, None]
     mask_n = offs_n < N
     acc = tl.zeros((STACK, BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if STEPS > 1:  # consecutive K steps a pass, one warp (STACK 1), each step as below; STEPS x BLOCK_K divides K
+    if STACK == 1:  # one warp, STEPS consecutive K steps a pass (STEPS x BLOCK_K divides K: no mask along it)
+        words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + tl.arange(0, J)[None, :]
         for k_pass in tl.range(pid_k * STEPS * BLOCK_K, K, STEPS * BLOCK_K * SPLIT_K, num_stages=STAGES):
             for step in tl.static_range(STEPS):
                 acc += turned_step(words_ptr, x_rows, s_ptr, z_ptr, offs_n, mask_n, mask_m, k_pass + step * BLOCK_K,
                                    stride_sn, stride_sg, nibble_mask, exponents, base, GROUP, HAS_ZEROS, DOT_DTYPE,
                                    X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, K_WIDTH)
-        return tl.trans(tl.sum(acc, axis=0))
-    for k0 in tl.range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K, num_stages=STAGES):
-        step_k = k0 + steps * BLOCK_K
-        if STACK == 1:  # every step is inside K: no mask along it (a select a word)
-            words = tl.reshape(tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N // 8, 1, 8, J))
-            x = tl.load(x_rows + k0, mask=mask_m, other=0.0).to(DOT_DTYPE)
-            in_group = mask_n[None, :]
-        else:  # a step past K reads nothing, and its scale, 0, takes it out of the sum
-            in_k = step_k < K
+    else:  # STACK warps side by side, a batch of dots
+        columns = tl.reshape(offs_n, (BLOCK_N // 8, 1, 8, 1))
+        words_ptr = (w_ptr.to(tl.pointer_type(tl.int32)) + columns * (stride_wn // 4) + steps[None, :, None, None] * J
+                     + tl.arange(0, J)[None, None, None, :])  # [BLOCK_N / 8, STACK, 8, J]
+        for k0 in tl.range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K, num_stages=STAGES):
+            step_k = k0 + steps * BLOCK_K
+            in_k = step_k < K  # a step past K reads nothing, and its scale, 0, takes it out of the sum
             words = tl.load(words_ptr + k0 // 8, mask=(columns < N) & in_k[None, :, None, None], other=0)
             x = tl.load(x_rows + k0, mask=mask_m & in_k[:, None, None], other=0.0).to(DOT_DTYPE)
-            in_group = in_k[:, None] & mask_n[None, :]
+            words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (STACK * BLOCK_N, J, 1))
+            words = tl.reshape(operand_order(words, K_WIDTH), (STACK * BLOCK_N, J))
+            scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_k[:, None] & mask_n[None, :], stride_sn,
+                                           stride_sg, (step_k // GROUP)[:, None], HAS_ZEROS)
+            x_sum = tl.sum(x.to(tl.float32), axis=2)  # [STACK, BLOCK_M], as the tensor cores see x
+            x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (STACK * BLOCK_M, BLOCK_K)), K_WIDTH)
+            part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
+                          tl.permute(stacked(x_0, STACK), (0, 2, 1)), out_dtype=tl.float32)
+            part = tl.dot(stacked(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
+                          tl.permute(stacked(x_1, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+            part = tl.dot(stacked(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
+                          tl.permute(stacked(x_2, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+            part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
+                          tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+            acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
+    return tl.trans(tl.sum(acc, axis=0))
+    for k0 in tl.range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K, num_stages=STAGES):
+        step_k = k0 + steps * BLOCK_K
+        in_k = step_k < K  # a step past K reads nothing, and its scale, 0, takes it out of the sum
+        words = tl.load(words_ptr + k0 // 8, mask=(columns < N) & in_k[None, :, None, None], other=0)
+        x = tl.load(x_rows + k0, mask=mask_m & in_k[:, None, None], other=0.0).to(DOT_DTYPE)
+        in_group = in_k[:, None] & mask_n[None, :]
         words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (STACK * BLOCK_N, J, 1))
         words = tl.reshape(operand_order(words, K_WIDTH), (STACK * BLOCK_N, J))
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_group, stride_sn, stride_sg,
@@ -534,19 +548,27 @@ def turned_step(words_ptr, x_rows, s_ptr, z_ptr, offs_n, mask_n, mask_m, k0, str
                 base, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_WIDTH: tl.constexpr):
     """One K step of turned_word_dots on one warp (STACK 1), [1, BLOCK_N, BLOCK_M] in fp32: what its
-    loop adds for the step at k0 (inside K)."""
+    loop adds for the step at k0 (inside K). Written as a batch of one, as the STACK warps' form is:
+    as plain 2-D dots over words loaded [BLOCK_N, J], Triton 3.6 took 12-14% more instructions (618
+    against 554 a step at 64 wide, 1047 against 917 at 128; benchmarks/kernels_compile.py)."""
     J: tl.constexpr = BLOCK_K // 8
-    words = tl.reshape(tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N, J, 1))
+    words = tl.reshape(tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N // 8, 1, 8, J))
+    words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (BLOCK_N, J, 1))
     words = tl.reshape(operand_order(words, K_WIDTH), (BLOCK_N, J))
     x = tl.load(x_rows + k0, mask=mask_m, other=0.0).to(DOT_DTYPE)  # [1, BLOCK_M, BLOCK_K]
-    scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
-    x_sum = tl.sum(tl.reshape(x, (BLOCK_M, BLOCK_K)).to(tl.float32), axis=1)  # as the tensor cores see x
+    scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], mask_n[None, :], stride_sn, stride_sg,
+                                   tl.full((1, 1), k0 // GROUP, tl.int32), HAS_ZEROS)
+    x_sum = tl.sum(x.to(tl.float32), axis=2)  # [1, BLOCK_M], as the tensor cores see x
     x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (BLOCK_M, BLOCK_K)), K_WIDTH)
-    part = tl.dot(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), tl.trans(x_0), out_dtype=tl.float32)
-    part = tl.dot(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), tl.trans(x_1), acc=part, out_dtype=tl.float32)
-    part = tl.dot(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), tl.trans(x_2), acc=part, out_dtype=tl.float32)
-    part = tl.dot(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), tl.trans(x_3), acc=part, out_dtype=tl.float32)
-    return ((part - (zero + base)[:, None] * x_sum[None, :]) * scale[:, None])[None, :, :]
+    part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), 1),
+                  tl.permute(stacked(x_0, 1), (0, 2, 1)), out_dtype=tl.float32)
+    part = tl.dot(stacked(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), 1),
+                  tl.permute(stacked(x_1, 1), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+    part = tl.dot(stacked(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), 1),
+                  tl.permute(stacked(x_2, 1), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+    part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), 1),
+                  tl.permute(stacked(x_3, 1), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+    return (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
 
 
 @triton.jit
