@@ -242,7 +242,7 @@ def code_path(config: dict, fmt_name: str) -> str:
         return (f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
                 + (f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else ""))
     if int4 and runs_word_dots(config):
-        return "tensor cores, int32 words"
+        return "tensor cores, int32 words" + (f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else "")
     return "tensor cores"
 
 

@@ -186,19 +186,46 @@ def test_w4a16_turned_round_takes_several_k_steps_a_pass(k_width, fmt_name, n, k
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt_name,n,k,m,block_n,split,dtype", [
+    ("int4-g128", 33, 512, 2, 16, 3, torch.bfloat16), ("int4-g128-sym", 40, 1024, 16, 32, 1, torch.float16),
+    ("int4-g128", 17, 768, 5, 16, 2, torch.float32)])
+def test_w4a16_word_dots_take_two_k_steps_a_pass(fmt_name, n, k, m, block_n, split, dtype):
+    """word_dots' 16-row decode tiles with STEPS = 2 (two consecutive K steps a pass), in the layout a
+    Triton layer holds: the reference's sums; odd N, M = 2, 5, 16, all three activation dtypes, and
+    programs with no pass (2 passes over 3 programs), one (3 over 2) and all four."""
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.qlinear import triton_layout
+
+    fmt, t, x, bias = _inputs(fmt_name, n, k, m, dtype, seed=n + k + m)
+    laid = triton_layout(t, fmt)
+    config = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split, "STEPS": 2}
+    got = w4a16_linear(x, laid["qweight"], laid["scales"], laid.get("zeros"), 128, bias, config=config)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
+
+
 def test_w4a16_steps_a_pass_are_refused_where_they_would_run_past_k_or_off_their_path():
-    """STEPS x BLOCK_K must divide K (no mask along K) and only one warp turned round takes them; the tuner
-    offers 2 steps a pass at M <= 8 where 256 divides K and this Triton takes one-warp tiles turned round."""
+    """STEPS x BLOCK_K must divide K (no mask along K) and only the tensor-core decode tiles of int32
+    words take them (word_dots, or turned round on one warp); the tuner offers 2 steps a pass where 256
+    divides K: turned round at M <= 8 where this Triton takes one-warp tiles, 16-row tiles from M = 2."""
     from mpq.kernels.triton_w4a16 import TURNED_STACKS, _candidates, w4a16_linear
 
     fmt, t, x, _ = _inputs("int4-g128", 16, 640, 3, torch.bfloat16, seed=5)
     turned = {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "TRANSPOSED": True, "STACK": 1, "STEPS": 2}
-    for config in (turned, {**turned, "STACK": 4}, {**turned, "TRANSPOSED": False, "BLOCK_M": 16}):
+    for config in (turned, {**turned, "TRANSPOSED": False, "BLOCK_M": 16}):  # 2 x 128 does not divide 640
         with pytest.raises(ValueError, match="STEPS=2"):
             w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), 128, config=config)
-    stepping = lambda m, k: [c for c in _candidates(m, 128, k) if c.get("STEPS", 1) > 1]
-    assert all(len(stepping(m, 4096)) == (8 if 1 in TURNED_STACKS else 0) for m in (1, 4, 8))
-    assert not stepping(16, 4096) and not stepping(1, 640) and len(stepping(1, 11008)) == len(stepping(1, 4096))
+    fmt, t, x, _ = _inputs("int4-g128", 16, 1024, 3, torch.bfloat16, seed=5)
+    off_path = ({**turned, "STACK": 4, "num_warps": 4}, {**turned, "TRANSPOSED": False, "BLOCK_M": 1},
+                {**turned, "TRANSPOSED": False, "BLOCK_M": 16, "WORD_DOTS": False}, {**turned, "TRANSPOSED": False, "BLOCK_M": 32})
+    for config in off_path:
+        with pytest.raises(ValueError, match="STEPS=2"):
+            w4a16_linear(x[:1] if config["BLOCK_M"] == 1 else x, t["qweight"], t["scales"], t.get("zeros"), 128, config=config)
+    stepping = lambda m, k, turned: [c for c in _candidates(m, 128, k) if c.get("STEPS", 1) > 1 and bool(c.get("TRANSPOSED")) == turned]
+    assert all(len(stepping(m, 4096, True)) == (8 if 1 in TURNED_STACKS and m <= 8 else 0) for m in (1, 4, 8, 16))
+    assert all(len(stepping(m, 4096, False)) == (8 if m > 1 else 0) for m in (1, 4, 8, 16))
+    assert not stepping(4, 640, True) and not stepping(4, 640, False) and not stepping(64, 4096, False)
+    assert len(stepping(4, 11008, False)) == 8
 
 
 SCALE_LAYOUT_PATHS = {
