@@ -316,7 +316,8 @@ def main() -> None:
              n, k, group, args.arch, args.activations, args.symmetric)
             for name in ("w4a16",) + (() if comparing else ("w8a16",)) for m in map(int, args.batches.split(","))
             if not comparing or m <= 16
-            for config in (triton_w4a16._candidates(m, group, k) if name == "w4a16" else triton_w8a16._candidates(m))]
+            for config in (triton_w4a16._candidates(m, group, k) if name == "w4a16" else triton_w8a16._candidates(m))
+            if not (args.byte_path and config.get("STEPS", 1) > 1)]  # several steps a pass: int32 words only
     # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
     grouped = {} if comparing else {"w4a16": triton_w4a16._grouped_candidates(group),
                                     "w8a16": triton_w8a16._grouped_candidates(), "dense": triton_dense_grouped._candidates()}

@@ -490,7 +490,10 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
     [STACK, BLOCK_N, J], the lanes took columns across steps and the unpacked pairs went through
     shared memory to their warps (Triton 3.9: 4.2 instructions per weight byte at 4 x 128 wide
     against 3.9). With more than one warp on one step (the unbatched form) they went there too,
-    and from 4 warps Triton took Hopper's warpgroup MMA, which reads them from there."""
+    and from 4 warps Triton took Hopper's warpgroup MMA, which reads them from there.
+
+    One warp (STACK 1) takes STEPS consecutive K steps a pass instead (turned_step for each): 64 x
+    STEPS bytes of each row a pass from one warp, without the batch Triton 3.6 compiles badly."""
     J: tl.constexpr = BLOCK_K // 8
     steps = tl.arange(0, STACK)
     x_rows = (activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS, X_DTYPE)[None, :, None]
@@ -530,28 +533,6 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
             part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
                           tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
             acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
-    return tl.trans(tl.sum(acc, axis=0))
-    for k0 in tl.range(pid_k * STACK * BLOCK_K, K, STACK * BLOCK_K * SPLIT_K, num_stages=STAGES):
-        step_k = k0 + steps * BLOCK_K
-        in_k = step_k < K  # a step past K reads nothing, and its scale, 0, takes it out of the sum
-        words = tl.load(words_ptr + k0 // 8, mask=(columns < N) & in_k[None, :, None, None], other=0)
-        x = tl.load(x_rows + k0, mask=mask_m & in_k[:, None, None], other=0.0).to(DOT_DTYPE)
-        in_group = in_k[:, None] & mask_n[None, :]
-        words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (STACK * BLOCK_N, J, 1))
-        words = tl.reshape(operand_order(words, K_WIDTH), (STACK * BLOCK_N, J))
-        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_group, stride_sn, stride_sg,
-                                       (step_k // GROUP)[:, None], HAS_ZEROS)
-        x_sum = tl.sum(x.to(tl.float32), axis=2)  # [STACK, BLOCK_M], as the tensor cores see x
-        x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (STACK * BLOCK_M, BLOCK_K)), K_WIDTH)
-        part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
-                      tl.permute(stacked(x_0, STACK), (0, 2, 1)), out_dtype=tl.float32)
-        part = tl.dot(stacked(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
-                      tl.permute(stacked(x_1, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
-        part = tl.dot(stacked(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
-                      tl.permute(stacked(x_2, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
-        part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
-                      tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
-        acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
     return tl.trans(tl.sum(acc, axis=0))
 
 
