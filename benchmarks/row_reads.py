@@ -14,8 +14,9 @@ of 4-16 KB), and XORs what it read (so nothing is left unread; the smoke run che
 read its rows' steps and no others). Timed as gpu_kernels.py times a layer (a CUDA graph over copies that
 overflow L2), against the device's copy bandwidth. If 64-byte pieces read well under the 128- and
 256-byte ones, INT4's tiles need longer runs of a row a step (two steps a pass, or a weight layout
-that puts a step's pieces of neighbouring rows together); if they read as well, the INT4 tiles'
-time is their own (time_from_l2 in gpu_kernels.py measures that side).
+that puts a step's pieces of neighbouring rows together; the first is built and in the tuner's
+space: triton_w4a16's STEPS and long_steps); if they read as well, the INT4 tiles' time is their
+own (time_from_l2 in gpu_kernels.py measures that side).
 
     python benchmarks/row_reads.py --out $OUT       # on a CUDA machine (not yet run on one)
     python benchmarks/row_reads.py --smoke          # tiny shape, every config, correctness only (CPU: interpreter)
