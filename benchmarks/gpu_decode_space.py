@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_kernels import benchmark_device, quantised_layer, quantised_linear, relative_error  # a sibling script: run as one, this folder is first on sys.path
+from gpu_kernels import benchmark_device, quantised_layer, quantised_linear, relative_error, takes_long_steps  # a sibling script: run as one, this folder is first on sys.path
 
 SHAPES = {"attn 4096x4096": (4096, 4096), "up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336)}
 SMOKE_SHAPES = {"smoke 96x256": (96, 256)}
@@ -82,9 +82,9 @@ def without_ms(config: dict) -> dict:
     return {key: value for key, value in config.items() if key != "ms"}
 
 
-def bests(timed: list[dict], tuner: list[dict]) -> dict:
-    """The fastest config of each kind among `timed` (configs with their "ms", fastest first)."""
-    from mpq.kernels.triton_w4a16 import long_steps, runs_word_dots
+def bests(timed: list[dict], tuner: list[dict], fmt_name: str) -> dict:
+    """The fastest config of each kind among `timed` (configs of `fmt_name` with their "ms", fastest first)."""
+    from mpq.kernels.triton_w4a16 import runs_word_dots
 
     in_tuner = [c for c in timed if without_ms(c) in tuner] or timed
     return {"tuner_best": in_tuner[0], "wide_best": timed[0],
@@ -96,8 +96,9 @@ def bests(timed: list[dict], tuner: list[dict]) -> dict:
             # and in Triton's pipeline (PIPELINE), against both
             "best_pipelined_single_row": next((c for c in timed if c.get("PIPELINE")), None),
             # single_row's long steps (2-4 groups of 128 a step: 128-256 bytes of a row), against those of one group
-            "best_long_steps": next((c for c in timed if long_steps(c, 128)), None),
-            "best_single_row_one_group_a_step": next((c for c in timed if c["BLOCK_M"] == 1 and not long_steps(c, 128)), None),
+            "best_long_steps": next((c for c in timed if takes_long_steps(c, fmt_name)), None),
+            "best_single_row_one_group_a_step": next((c for c in timed if c["BLOCK_M"] == 1
+                                                      and not takes_long_steps(c, fmt_name)), None),
             # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
             "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
             "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
@@ -138,7 +139,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     if smoke or not timed:  # no timing, or no config the device could run (the row says how many failed)
         return row
     timed.sort(key=lambda c: c["ms"])
-    row.update(bests(timed, tuner_space(fmt_name, m, k)))
+    row.update(bests(timed, tuner_space(fmt_name, m, k), fmt_name))
     # the old split-K wrapper alone: zero an fp32 buffer, cast it back (what SPLIT_K > 1 added to a call
     # before the last program of a tile finished the sum in the kernel)
     row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))
@@ -182,15 +183,13 @@ def main() -> None:
 
 
 def print_row(r: dict) -> None:
-    from mpq.kernels.triton_w4a16 import long_steps
-
     def brief(c: dict | None) -> str:
         if c is None:
             return "-"
         return (f"{c['BLOCK_M']}/{c['BLOCK_N']}/{c['BLOCK_K']} s{c['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}"
                 + (" prefetch" if c.get("PREFETCH") else "")
                 + (" pipelined" if c.get("PIPELINE") else "")
-                + (" long steps" if long_steps(c, 128) else "")
+                + (" long steps" if takes_long_steps(c, r["format"]) else "")
                 + (" bytes" if c.get("WORD_DOTS") is False else "")
                 + (" words as loaded" if c.get("K_WIDTH") == 0 else "")
                 + (f" turned round, {c.get('STACK', 1)} along K" if c.get("TRANSPOSED") else "")

@@ -224,25 +224,33 @@ def route(config: dict, fmt_name: str) -> str:
             + (f" split {config['SPLIT_K']}" if config["SPLIT_K"] > 1 else ""))
 
 
+def takes_long_steps(config: dict, fmt_name: str) -> bool:
+    """Whether an INT4 launch config of a group-wise format runs single_row's long steps (several
+    groups a K step: triton_w4a16.long_steps). Never an INT8 one, whose single row also takes K steps of 256."""
+    from mpq.formats import get_format
+    from mpq.kernels.triton_w4a16 import long_steps
+
+    group = get_format(fmt_name).group_size if fmt_name.startswith("int4") else None
+    return group is not None and long_steps(config, group)
+
+
 def code_path(config: dict, fmt_name: str) -> str:
     """Which code path of the kernel a launch config runs, without its tile."""
-    from mpq.formats import get_format
-    from mpq.kernels.triton_w4a16 import long_steps, runs_word_dots, runs_word_tiles
+    from mpq.kernels.triton_w4a16 import runs_word_dots, runs_word_tiles
 
     int4 = fmt_name.startswith("int4")
     if config.get("DENSE"):
         return "dequantise + cuBLAS"
     if config["BLOCK_M"] == 1:
-        group = get_format(fmt_name).group_size if int4 else None
-        return ("single row" + (", long steps" if group and long_steps(config, group) else "")
+        return ("single row" + (", long steps" if takes_long_steps(config, fmt_name) else "")
                 + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else ""))
     if config["BLOCK_M"] > 16:
         return "tiled GEMM" + (", int32 words" if int4 and runs_word_tiles(config) else "")
+    steps = f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else ""
     if int4 and config.get("TRANSPOSED"):
-        return (f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K"
-                + (f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else ""))
+        return f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K{steps}"
     if int4 and runs_word_dots(config):
-        return "tensor cores, int32 words" + (f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else "")
+        return f"tensor cores, int32 words{steps}"
     return "tensor cores"
 
 

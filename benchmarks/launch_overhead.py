@@ -58,14 +58,15 @@ def main() -> None:
     args = parser.parse_args()
     from mpq.formats import get_format
     from mpq.kernels import triton_common, triton_tuning, triton_w4a16, triton_w8a16
-    from mpq.qlinear import scales_by_column
+    from mpq.qlinear import triton_layout
     from mpq.quantize import quantize_weight
 
     n = k = 4096
     torch.manual_seed(0)
     x = torch.randn(1, k).to(torch.bfloat16)
     # laid out as a Triton layer holds it (scale and zero point one word, column-major): zeros_layout's checks run in full
-    int4 = scales_by_column(quantize_weight(torch.randn(n, k) * 0.02, get_format("int4-g128")))
+    int4_format = get_format("int4-g128")
+    int4 = triton_layout(quantize_weight(torch.randn(n, k) * 0.02, int4_format), int4_format)
     int8 = quantize_weight(torch.randn(n, k) * 0.02, get_format("int8"))
     triton_w4a16._w4a16_kernel = StubKernel("_w4a16_kernel")
     triton_w8a16._w8a16_kernel = StubKernel("_w8a16_kernel")

@@ -228,10 +228,17 @@ def test_decode_space_sweeps_and_names_the_transposed_tiles(benchmark_script, mo
     upright = next(c for c in tuner if c["BLOCK_M"] == 16 and c["BLOCK_K"] == 128)
     timed = [{**upright, "K_WIDTH": 0, "ms": 0.009}, {**turned, "ms": 0.010}, {**upright, "ms": 0.012},
              {**turned, "num_warps": 4, "ms": 0.013}]
-    found = sweep.bests(timed, tuner)
+    found = sweep.bests(timed, tuner, "int4-g128")
     assert found["wide_best"]["K_WIDTH"] == 0 and found["tuner_best"]["ms"] == 0.010
     assert found["best_transposed"]["ms"] == 0.010 and found["best_word_dots"]["ms"] == 0.012
     assert sorted(found["best_per_warps"]) == sorted({1, 4, upright["num_warps"]})
+    # single rows of K steps of 256: INT4-g128's long steps, an INT8 row's plain steps
+    row = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3}
+    timed = [{**row, "ms": 0.011}, {**row, "BLOCK_K": 128, "ms": 0.012}]
+    long_int4 = sweep.bests(timed, [], "int4-g128")
+    assert long_int4["best_long_steps"]["ms"] == 0.011 and long_int4["best_single_row_one_group_a_step"]["ms"] == 0.012
+    int8 = sweep.bests(timed, [], "int8")
+    assert int8["best_long_steps"] is None and int8["best_single_row_one_group_a_step"]["ms"] == 0.011
 
 
 def test_kernel_benchmark_failures_on_crafted_results(benchmark_script):
