@@ -2,8 +2,9 @@
 
 The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step, split and
 (INT4 at M = 1) loading ahead, with 4 warps (8 for INT4's 256 x 128 tensor-core tiles, 1 or 4 for
-its 8-row tiles turned round) and 3 pipeline stages. This script times that space crossed with 2, 4
-and 8 warps (tiles turned round keep theirs: one a K step) and 3 or 4 stages, for W4A16 (INT4 groups
+its 8-row tiles turned round, 1 or 2 for the few-warp 16-row tiles: triton_common.few_warp_tiles)
+and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps (each config also
+on its own; tiles turned round keep theirs: one a K step) and 3 or 4 stages, for W4A16 (INT4 groups
 of 128) and W8A16 at decode sizes (M = 1 and 16) on Llama-shaped layers, with the tuner's own timer
 (one call in a CUDA graph, L2 flushed before each replay). Per shape and M it reports:
 - the tuner's best, the wider space's best, the best per warp count;
@@ -61,8 +62,8 @@ def space(fmt_name: str, m: int, k: int, smoke: bool) -> list[dict]:
     base = tuner_space(fmt_name, m, k)
     configs = []
     for config in base:
-        # tiles turned round keep their warps: one a K step (STACK); the others also run 2, 4 and 8
-        for warps in (config["num_warps"],) if config.get("TRANSPOSED") else WARPS:
+        # tiles turned round keep their warps: one a K step (STACK); the others run their own and 2, 4 and 8
+        for warps in (config["num_warps"],) if config.get("TRANSPOSED") else sorted({config["num_warps"], *WARPS}):
             for stages in STAGES:
                 varied = {**config, "num_warps": warps, "num_stages": stages}
                 if fmt_name == "int8" and varied["BLOCK_M"] == 1 and not triton_w8a16._fits(varied):

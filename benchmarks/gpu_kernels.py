@@ -249,9 +249,11 @@ def code_path(config: dict, fmt_name: str) -> str:
     steps = f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else ""
     if int4 and config.get("TRANSPOSED"):
         return f"tensor cores, int32 words, W x^T, {config.get('STACK', 1)} warp(s) along K{steps}"
+    warps = config.get("num_warps", 4)
+    few = f", {warps} warp{'s' if warps > 1 else ''}" if warps < 4 else ""  # triton_common.few_warp_tiles
     if int4 and runs_word_dots(config):
-        return f"tensor cores, int32 words{steps}"
-    return "tensor cores"
+        return f"tensor cores, int32 words{few}{steps}"
+    return f"tensor cores{few}"
 
 
 def fastest_by_path(timed: list, fmt_name: str) -> dict[str, float]:

@@ -96,6 +96,23 @@ def decode_candidates(m: int, k_steps: list[int], dot_k_step: int) -> list[dict]
     return space
 
 
+def few_warp_tiles(tiles: tuple[tuple[int, int, int], ...], **extra) -> list[dict]:
+    """16-row decode tiles (BLOCK_N, BLOCK_K, num_warps) on one or two warps, each split 1-8.
+
+    On the H200 (run 2's decode-space sweep: INT4 at M = 1, L2 flushed, one warp not in it) every
+    16-row tile of 32 to 128 columns ran faster on 2 warps than on 4 and on 4 than on 8, on all three
+    shapes: 16 x 128 x 128 took 32.4 / 36.9 / 48.9 us for 4096 -> 14336, 16 x 64 41.0 / 49.7 / 69.5,
+    where the one-warp 8-row tile turned round took 24.9 (wider tiles did not: 16 x 256 x 128 41.4 /
+    31.5 / 42.0; benchmarks/results/decode-space-NVIDIA_H200.json). Each warp of a
+    tile does the step's activation work (the dot's A operand) for its own columns, so fewer warps
+    a tile share it over more columns: with Triton 3.6 for sm_90, INT8's 16 x 32 x 128 takes 3.5
+    SASS instructions per weight byte on one warp against 5.5 on four (run 2's choice at M = 1 on
+    two shapes), 16 x 64 x 128 3.2 against 4.5; INT4's 16 x 64 x 128 5.7 on one warp, 6.6 on two
+    and 8.5 on four, 16 x 128 x 128 5.2 on two against 6.0 on four (benchmarks/kernels_compile.py)."""
+    return [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3, **extra}
+            for bn, bk, warps in tiles for sk in (1, 2, 4, 8)]
+
+
 def prefill_candidates(m: int, k_steps: list[int]) -> list[dict]:
     """The tiled GEMM's launch space (M > 16): tile shape, K step and pipeline depth. Up to 128
     rows, 64-row tiles may also split K over 2 or 4 programs: there a layer has few tiles (M = 64

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
-                                       dense_route_fits, grouped_candidates, grouped_row, interpreter_config,
+                                       dense_route_fits, few_warp_tiles, grouped_candidates, grouped_row, interpreter_config,
                                        interpreting, launch, launch_dependents, prefetch_then_wait, prefill_candidates,
                                        PDL_PREFETCH_PASSES, regime, store_tile, tile_offsets)
 from mpq.kernels.triton_dequant import dequantize_int4
@@ -66,6 +66,13 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
             # warps, 5.29 against 5.58 at 256 x 128 with 8), no spills, one program an SM fewer at 128
             space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3,
                        "STEPS": 2} for bn, warps in ((128, 4), (256, 8)) for sk in (1, 2, 4, 8)]
+        if m > 8 and 128 in steps:
+            # 16-row tiles on one warp (64 columns) or two (128): 5.7 and 5.2 instructions per weight
+            # byte against 8.5 and 6.0 on four (Triton 3.6), and on the H200 fewer warps ran faster at
+            # every such width (few_warp_tiles). Up to 8 rows the one-warp tiles turned round are leaner.
+            space += few_warp_tiles(((64, 128, 1), (128, 128, 2)))
+            if k % 256 == 0:  # and two K steps a pass on two warps: 4.96
+                space += few_warp_tiles(((128, 128, 2),), STEPS=2)
         if m <= 8 and 128 in steps:
             # word_dots turned round (TRANSPOSED, turned_word_dots): up to 8 rows of x in a tile of 8
             # (accumulators, multiply-adds and the activations' split halved against a 16-row tile):

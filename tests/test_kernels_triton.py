@@ -308,6 +308,41 @@ def test_w4a16_decode_space_turns_round_up_to_8_rows():
     assert all(c["BLOCK_M"] == 8 and c["BLOCK_K"] == 128 and c["num_warps"] == c["STACK"] for c in turned(1, 128))
 
 
+def test_decode_spaces_hold_16_row_tiles_on_one_or_two_warps():
+    """The tuner times 16-row tiles on one warp (32-64 columns) and on two (128), split 1-8: INT8 at
+    every decode M, INT4 (K steps of 128) above 8 rows, where no 8-row tile turned round serves, and
+    two K steps a pass on two warps where 256 divides K; each runs as pinned and matches the reference."""
+    from mpq.kernels.triton_w4a16 import _candidates, w4a16_linear
+    from mpq.kernels.triton_w8a16 import _candidates as w8_candidates, w8a16_linear
+    from mpq.qlinear import triton_layout
+
+    def few(configs: list[dict]) -> list[dict]:
+        return [c for c in configs if c["num_warps"] < 4 and not c.get("TRANSPOSED")]
+
+    for m in (1, 4, 16):
+        tiles = few(w8_candidates(m))
+        assert len(tiles) == 16 and all(c["BLOCK_M"] == 16 and c["num_warps"] == (2 if c["BLOCK_N"] == 128 else 1)
+                                        for c in tiles)
+        assert {c["SPLIT_K"] for c in tiles} == {1, 2, 4, 8} and {c["BLOCK_K"] for c in tiles} == {128, 256}
+    assert not few(w8_candidates(64))
+    assert [len(few(_candidates(m, 128, k))) for m, k in ((1, 4096), (8, 4096), (9, 4096), (16, 4096), (16, 640))] == \
+        [0, 0, 12, 12, 8]
+    assert not few(_candidates(16, 64, 4096)) and not few(_candidates(64, 128, 4096))
+    assert {(c["BLOCK_N"], c["num_warps"], c.get("STEPS", 1)) for c in few(_candidates(16, 128, 4096))} == \
+        {(64, 1, 1), (128, 2, 1), (128, 2, 2)}
+
+    fmt, t, x, bias = _inputs("int4-g128", 136, 512, 11, torch.bfloat16, seed=11)
+    laid = triton_layout(t, fmt)
+    for config in ({**few(_candidates(16, 128, 4096))[0], "BLOCK_N": 32, "SPLIT_K": 3},
+                   {**few(_candidates(16, 128, 4096))[-1], "BLOCK_N": 16, "SPLIT_K": 1}):
+        got = w4a16_linear(x, laid["qweight"], laid["scales"], laid.get("zeros"), 128, bias, config=config)
+        assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2, config
+    fmt8, t8, x8, bias8 = _inputs("int8", 70, 320, 1, torch.float16, seed=12)
+    config = {**few(w8_candidates(1))[0], "BLOCK_N": 16, "SPLIT_K": 2}
+    assert rel_err(w8a16_linear(x8, t8["qweight"], t8["scales"], bias8, config=config),
+                   linear_reference(x8, t8, fmt8, bias8)) < 1e-2
+
+
 def test_split_k_sums_meet_in_the_kernel_and_leave_their_buffers_zeroed():
     """Under split-K the last program of each tile stores the sum and zeroes what it used
     (kernels/split_sums.py): the next call, and a larger one that grows the buffers, start clean."""
