@@ -223,7 +223,8 @@ def test_w4a16_steps_a_pass_are_refused_where_they_would_run_past_k_or_off_their
             w4a16_linear(x[:1] if config["BLOCK_M"] == 1 else x, t["qweight"], t["scales"], t.get("zeros"), 128, config=config)
     stepping = lambda m, k, turned: [c for c in _candidates(m, 128, k) if c.get("STEPS", 1) > 1 and bool(c.get("TRANSPOSED")) == turned]
     assert all(len(stepping(m, 4096, True)) == (8 if 1 in TURNED_STACKS and m <= 8 else 0) for m in (1, 4, 8, 16))
-    assert all(len(stepping(m, 4096, False)) == (8 if m > 1 else 0) for m in (1, 4, 8, 16))
+    # (from M = 9 also on two warps: triton_common.few_warp_tiles)
+    assert all(len(stepping(m, 4096, False)) == (8 if m > 1 else 0) + (4 if m > 8 else 0) for m in (1, 4, 8, 16))
     assert not stepping(4, 640, True) and not stepping(4, 640, False) and not stepping(64, 4096, False)
     assert len(stepping(4, 11008, False)) == 8
 
