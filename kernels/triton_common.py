@@ -97,7 +97,7 @@ def decode_candidates(m: int, k_steps: list[int], dot_k_step: int) -> list[dict]
 
 
 def few_warp_tiles(tiles: tuple[tuple[int, int, int], ...], **extra) -> list[dict]:
-    """16-row decode tiles (BLOCK_N, BLOCK_K, num_warps) on one or two warps, each split 1-8.
+    """16-row decode tiles (BLOCK_N, BLOCK_K, num_warps) on one or two warps, each split 1-16.
 
     On the H200 (run 2's decode-space sweep: INT4 at M = 1, L2 flushed, one warp not in it) every
     16-row tile of 32 to 128 columns ran faster on 2 warps than on 4 and on 4 than on 8, on all three
@@ -108,9 +108,13 @@ def few_warp_tiles(tiles: tuple[tuple[int, int, int], ...], **extra) -> list[dic
     a tile share it over more columns: with Triton 3.6 for sm_90, INT8's 16 x 32 x 128 takes 3.5
     SASS instructions per weight byte on one warp against 5.5 on four (run 2's choice at M = 1 on
     two shapes), 16 x 64 x 128 3.2 against 4.5; INT4's 16 x 64 x 128 5.7 on one warp, 6.6 on two
-    and 8.5 on four, 16 x 128 x 128 5.2 on two against 6.0 on four (benchmarks/kernels_compile.py)."""
+    and 8.5 on four, 16 x 128 x 128 5.2 on two against 6.0 on four (benchmarks/kernels_compile.py).
+
+    Up to a split of 16, as the one-warp tiles turned round: a program of fewer warps needs more
+    programs to fill the GPU, and in run 2 10 of the 12 decode rows of the layers with 4096 outputs
+    (4096 x 4096 and 14336 -> 4096: few column tiles) took the largest split the tuner offered them."""
     return [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3, **extra}
-            for bn, bk, warps in tiles for sk in (1, 2, 4, 8)]
+            for bn, bk, warps in tiles for sk in (1, 2, 4, 8, 16)]
 
 
 def prefill_candidates(m: int, k_steps: list[int]) -> list[dict]:

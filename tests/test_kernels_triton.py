@@ -224,7 +224,7 @@ def test_w4a16_steps_a_pass_are_refused_where_they_would_run_past_k_or_off_their
     stepping = lambda m, k, turned: [c for c in _candidates(m, 128, k) if c.get("STEPS", 1) > 1 and bool(c.get("TRANSPOSED")) == turned]
     assert all(len(stepping(m, 4096, True)) == (8 if 1 in TURNED_STACKS and m <= 8 else 0) for m in (1, 4, 8, 16))
     # (from M = 9 also on two warps: triton_common.few_warp_tiles)
-    assert all(len(stepping(m, 4096, False)) == (8 if m > 1 else 0) + (4 if m > 8 else 0) for m in (1, 4, 8, 16))
+    assert all(len(stepping(m, 4096, False)) == (8 if m > 1 else 0) + (5 if m > 8 else 0) for m in (1, 4, 8, 16))
     assert not stepping(4, 640, True) and not stepping(4, 640, False) and not stepping(64, 4096, False)
     assert len(stepping(4, 11008, False)) == 8
 
@@ -310,7 +310,7 @@ def test_w4a16_decode_space_turns_round_up_to_8_rows():
 
 
 def test_decode_spaces_hold_16_row_tiles_on_one_or_two_warps():
-    """The tuner times 16-row tiles on one warp (32-64 columns) and on two (128), split 1-8: INT8 at
+    """The tuner times 16-row tiles on one warp (32-64 columns) and on two (128), split 1-16: INT8 at
     every decode M, INT4 (K steps of 128) above 8 rows, where no 8-row tile turned round serves, and
     two K steps a pass on two warps where 256 divides K; each runs as pinned and matches the reference."""
     from mpq.kernels.triton_w4a16 import _candidates, w4a16_linear
@@ -322,12 +322,12 @@ def test_decode_spaces_hold_16_row_tiles_on_one_or_two_warps():
 
     for m in (1, 4, 16):
         tiles = few(w8_candidates(m))
-        assert len(tiles) == 16 and all(c["BLOCK_M"] == 16 and c["num_warps"] == (2 if c["BLOCK_N"] == 128 else 1)
+        assert len(tiles) == 20 and all(c["BLOCK_M"] == 16 and c["num_warps"] == (2 if c["BLOCK_N"] == 128 else 1)
                                         for c in tiles)
-        assert {c["SPLIT_K"] for c in tiles} == {1, 2, 4, 8} and {c["BLOCK_K"] for c in tiles} == {128, 256}
+        assert {c["SPLIT_K"] for c in tiles} == {1, 2, 4, 8, 16} and {c["BLOCK_K"] for c in tiles} == {128, 256}
     assert not few(w8_candidates(64))
     assert [len(few(_candidates(m, 128, k))) for m, k in ((1, 4096), (8, 4096), (9, 4096), (16, 4096), (16, 640))] == \
-        [0, 0, 12, 12, 8]
+        [0, 0, 15, 15, 10]
     assert not few(_candidates(16, 64, 4096)) and not few(_candidates(64, 128, 4096))
     assert {(c["BLOCK_N"], c["num_warps"], c.get("STEPS", 1)) for c in few(_candidates(16, 128, 4096))} == \
         {(64, 1, 1), (128, 2, 1), (128, 2, 2)}
