@@ -515,7 +515,7 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
             for step in tl.static_range(STEPS):
                 acc += turned_step(words_ptr, x_rows, s_ptr, z_ptr, offs_n, mask_n, mask_m, k_pass + step * BLOCK_K,
                                    stride_sn, stride_sg, nibble_mask, exponents, base, GROUP, HAS_ZEROS, DOT_DTYPE,
-                                   X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, K_WIDTH)
+                                   X_DTYPE, BLOCK_N, BLOCK_K, K_WIDTH)
     else:  # STACK warps side by side, a batch of dots
         columns = tl.reshape(offs_n, (BLOCK_N // 8, 1, 8, 1))
         words_ptr = (w_ptr.to(tl.pointer_type(tl.int32)) + columns * (stride_wn // 4) + steps[None, :, None, None] * J
@@ -525,49 +525,52 @@ def turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K,
             in_k = step_k < K  # a step past K reads nothing, and its scale, 0, takes it out of the sum
             words = tl.load(words_ptr + k0 // 8, mask=(columns < N) & in_k[None, :, None, None], other=0)
             x = tl.load(x_rows + k0, mask=mask_m & in_k[:, None, None], other=0.0).to(DOT_DTYPE)
-            words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (STACK * BLOCK_N, J, 1))
-            words = tl.reshape(operand_order(words, K_WIDTH), (STACK * BLOCK_N, J))
             scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], in_k[:, None] & mask_n[None, :], stride_sn,
                                            stride_sg, (step_k // GROUP)[:, None], HAS_ZEROS)
-            x_sum = tl.sum(x.to(tl.float32), axis=2)  # [STACK, BLOCK_M], as the tensor cores see x
-            x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (STACK * BLOCK_M, BLOCK_K)), K_WIDTH)
-            part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
-                          tl.permute(stacked(x_0, STACK), (0, 2, 1)), out_dtype=tl.float32)
-            part = tl.dot(stacked(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
-                          tl.permute(stacked(x_1, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
-            part = tl.dot(stacked(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
-                          tl.permute(stacked(x_2, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
-            part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), STACK),
-                          tl.permute(stacked(x_3, STACK), (0, 2, 1)), acc=part, out_dtype=tl.float32)
-            acc += (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
+            acc += turned_dots(words, x, scale, zero, base, nibble_mask, exponents, DOT_DTYPE, X_DTYPE, K_WIDTH)
     return tl.trans(tl.sum(acc, axis=0))
 
 
 @triton.jit
 def turned_step(words_ptr, x_rows, s_ptr, z_ptr, offs_n, mask_n, mask_m, k0, stride_sn, stride_sg, nibble_mask, exponents,
                 base, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_WIDTH: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_WIDTH: tl.constexpr):
     """One K step of turned_word_dots on one warp (STACK 1), [1, BLOCK_N, BLOCK_M] in fp32: what its
-    loop adds for the step at k0 (inside K). Written as a batch of one, as the STACK warps' form is:
-    as plain 2-D dots over words loaded [BLOCK_N, J], Triton 3.6 took 12-14% more instructions (618
+    loop adds for the step at k0 (inside K). A batch of one through turned_dots, as the STACK warps'
+    steps go: as plain 2-D dots over words loaded [BLOCK_N, J], Triton 3.6 took 12-14% more instructions (618
     against 554 a step at 64 wide, 1047 against 917 at 128; benchmarks/kernels_compile.py)."""
     J: tl.constexpr = BLOCK_K // 8
     words = tl.reshape(tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0), (BLOCK_N // 8, 1, 8, J))
-    words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (BLOCK_N, J, 1))
-    words = tl.reshape(operand_order(words, K_WIDTH), (BLOCK_N, J))
     x = tl.load(x_rows + k0, mask=mask_m, other=0.0).to(DOT_DTYPE)  # [1, BLOCK_M, BLOCK_K]
     scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n[None, :], mask_n[None, :], stride_sn, stride_sg,
                                    tl.full((1, 1), k0 // GROUP, tl.int32), HAS_ZEROS)
-    x_sum = tl.sum(x.to(tl.float32), axis=2)  # [1, BLOCK_M], as the tensor cores see x
-    x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (BLOCK_M, BLOCK_K)), K_WIDTH)
-    part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), 1),
-                  tl.permute(stacked(x_0, 1), (0, 2, 1)), out_dtype=tl.float32)
-    part = tl.dot(stacked(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), 1),
-                  tl.permute(stacked(x_1, 1), (0, 2, 1)), acc=part, out_dtype=tl.float32)
-    part = tl.dot(stacked(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), 1),
-                  tl.permute(stacked(x_2, 1), (0, 2, 1)), acc=part, out_dtype=tl.float32)
-    part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), 1),
-                  tl.permute(stacked(x_3, 1), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+    return turned_dots(words, x, scale, zero, base, nibble_mask, exponents, DOT_DTYPE, X_DTYPE, K_WIDTH)
+
+
+@triton.jit
+def turned_dots(words, x, scale, zero, base, nibble_mask, exponents, DOT_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
+                K_WIDTH: tl.constexpr):
+    """The sums of S K steps turned round, [S, BLOCK_N, BLOCK_M] in fp32, from the steps' words as
+    loaded ([BLOCK_N / 8, S, 8, J]: a warp's lanes on 8 columns x J words, the warps on the steps),
+    their activations x [S, BLOCK_M, BLOCK_K] in DOT_DTYPE and their scales and zero points
+    [S, BLOCK_N]: one warp's step (turned_step, S = 1) or STACK warps' side by side."""
+    S: tl.constexpr = x.shape[0]
+    BLOCK_M: tl.constexpr = x.shape[1]
+    BLOCK_K: tl.constexpr = x.shape[2]
+    BLOCK_N: tl.constexpr = words.shape[0] * 8
+    J: tl.constexpr = words.shape[3]
+    words = tl.reshape(tl.permute(words, (1, 0, 2, 3)), (S * BLOCK_N, J, 1))
+    words = tl.reshape(operand_order(words, K_WIDTH), (S * BLOCK_N, J))
+    x_sum = tl.sum(x.to(tl.float32), axis=2)  # [S, BLOCK_M], as the tensor cores see x
+    x_0, x_1, x_2, x_3 = x_quarters(tl.reshape(x, (S * BLOCK_M, BLOCK_K)), K_WIDTH)
+    part = tl.dot(stacked(pair_floats(words, 0, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), S),
+                  tl.permute(stacked(x_0, S), (0, 2, 1)), out_dtype=tl.float32)
+    part = tl.dot(stacked(pair_floats(words, 1, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), S),
+                  tl.permute(stacked(x_1, S), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+    part = tl.dot(stacked(pair_floats(words, 2, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), S),
+                  tl.permute(stacked(x_2, S), (0, 2, 1)), acc=part, out_dtype=tl.float32)
+    part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), S),
+                  tl.permute(stacked(x_3, S), (0, 2, 1)), acc=part, out_dtype=tl.float32)
     return (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
 
 
