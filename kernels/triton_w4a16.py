@@ -49,6 +49,14 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
     layer of K inputs: single_row's long steps must divide it)."""
     steps = k_steps(group)
     if regime(m) == "gemv":
+        # Decode steps K by the group's widest step only (128 for groups of 128 and up; a group of 64
+        # or 32 has one step anyway). On the H200 the 64-wide steps (32 bytes of a row) lost on every
+        # path the tuner runs: in run 2's INT4 M = 1 sweep each path's fastest 64-wide config (single
+        # row, loading ahead, 16-row tiles on words or bytes) took 1.09-1.44x its fastest 128-wide one
+        # on all three shapes, the best 64-wide of all 1.09-1.16x the fastest config; and all 39 INT4
+        # decode rows of runs 1 and 2 (M = 1, 4, 16; demo layers with K = 256 and 768 among them) chose
+        # 128 (benchmarks/results/decode-space-NVIDIA_H200.json, kernels-NVIDIA_H200-*.json).
+        steps = steps[-1:]
         space = decode_candidates(m, steps, steps[-1])
         # Wider tensor-core tiles: word_dots' work on the step's activations (splitting and summing
         # them, building the dot's A operand), which every warp does for the whole step, is shared by
@@ -91,11 +99,10 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
                 space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 1, "num_stages": 3,
                            "TRANSPOSED": True, "STACK": 1, "STEPS": 2} for bn in (64, 128) for sk in (1, 2, 4, 8)]
         if m == 1:
-            # single_row repeats each K step's activation work in every thread of a row of
-            # threads: 8 columns a thread (256 wide) halve that share against the 128-wide tile.
-            space += [{"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
-                      for bk in steps for sk in (1, 2, 4, 8)]
-            # and the tile widths the H200 chose at M = 1 (32, 64) and the next, loading a step ahead
+            # (No 256-wide single row, which halves each thread's share of a step's activation work
+            # against 128 wide: on the H200 it was 1.17-1.34x the fastest config on all three shapes
+            # of run 2's sweep, the 128-wide one 1.00-1.04x.)
+            # The tile widths the H200 chose at M = 1 (32, 64) and the next, loading a step ahead
             space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
                        "PREFETCH": True} for bn in (32, 64, 128) for bk in steps for sk in (1, 2, 4, 8)]
             # and in Triton's pipeline (PIPELINE: no plain load left in the loop), in K steps of the group's widest

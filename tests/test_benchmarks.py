@@ -183,11 +183,9 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     on_words = {json.dumps({**r["config"], "WORD_DOTS": True}, sort_keys=True): r["instructions_per_weight_byte"]
                 for r in rows if r["kernel"] == "w4a16" and r["M"] == 16 and r["config"]["BLOCK_K"] >= 64
                 and r["config"].get("STEPS", 1) == 1}  # several steps a pass: int32 words only
+    # (decode steps K by 128: at 32 columns and K steps of 64, no longer timed, both took 20-23)
     assert len(on_words) >= 32 and on_words.keys() <= on_bytes.keys()
-    # (at 32 columns and K steps of 64 both take 20-23, where ptxas's address arithmetic decides: with
-    # split-K's count in the epilogue, word_dots took 22.6 there against 21.8)
-    wide = [c for c in on_words if json.loads(c)["BLOCK_N"] >= 64 or json.loads(c)["BLOCK_K"] == 128]
-    assert len(wide) >= 24 and all(on_words[c] < on_bytes[c] for c in wide), [(c, on_words[c], on_bytes[c]) for c in wide]
+    assert all(on_words[c] < on_bytes[c] for c in on_words), [(c, on_words[c], on_bytes[c]) for c in on_words]
     # and with each step's words in the order loaded (K_WIDTH=0): operand_order spends fewer on every K step
     # of 128 at least 32 wide, where it keeps the unpacked pairs out of shared memory; and the tiles of 64
     # columns a warp, which it keeps from spilling, spill without it

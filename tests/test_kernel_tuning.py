@@ -256,6 +256,22 @@ def test_the_candidate_spaces_fit_a_gpu():
         assert splits == ({1, 2, 4, 8, 16} if m <= 16 else {1, 2, 4} if m <= 128 else {1})
 
 
+def test_int4_decode_steps_k_by_the_groups_widest_step():
+    """At M <= 16 every INT4 candidate steps K by 128 where the group allows it (or by whole groups:
+    single_row's long steps), never by 64, which lost on every decode path on the H200; the 256-wide
+    single row, which lost on all three of its shapes, is gone. Prefill keeps both K steps."""
+    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
+    from mpq.kernels.triton_w4a16 import long_steps
+
+    for m in (1, 2, 4, 8, 9, 16):
+        for group in (128, 256, 4096):
+            space = w4_candidates(m, group, 4096)
+            assert {c["BLOCK_K"] for c in space if not long_steps(c, group)} == {128}
+            assert not [c for c in space if c["BLOCK_M"] == 1 and c["BLOCK_N"] > 128]
+        assert {c["BLOCK_K"] for c in w4_candidates(m, 64, 4096) if not long_steps(c, 64)} == {64}  # one step
+    assert {c["BLOCK_K"] for c in w4_candidates(64, 128, 4096)} == {64, 128}
+
+
 def test_int4_prefill_space_times_word_tiles_beside_the_byte_path():
     """Prefill's INT4 space holds each tile with K steps of 64 or more twice, as word tiles (word_dots) and as the
     byte path (WORD_DOTS False), and 256-row tiles only where M has more than 128 rows."""
