@@ -24,6 +24,8 @@ Prints a table and writes JSON (rewritten after every shape, so a run cut off ke
 
     python benchmarks/gpu_decode_space.py --out $OUT      # on a CUDA machine (not yet run on one)
     python benchmarks/gpu_decode_space.py --smoke         # tiny shape, two configs, correctness only (CPU: interpreter)
+    python benchmarks/gpu_decode_space.py --read benchmarks/results/decode-space-NVIDIA_H200.json
+                                                          # a sweep's K steps per code path (no GPU)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_kernels import benchmark_device, quantised_layer, quantised_linear, relative_error, takes_long_steps  # a sibling script: run as one, this folder is first on sys.path
+from gpu_kernels import benchmark_device, code_path, quantised_layer, quantised_linear, relative_error, takes_long_steps  # a sibling script: run as one, this folder is first on sys.path
 
 SHAPES = {"attn 4096x4096": (4096, 4096), "up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336)}
 SMOKE_SHAPES = {"smoke 96x256": (96, 256)}
@@ -154,13 +156,41 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     return row
 
 
+def by_path_and_step(row: dict) -> dict[str, dict[int, float]]:
+    """One sweep row's fastest time of each code path (at any warps) per K step, over the row's
+    fastest config: which K steps lose on which path (the tuner's INT4 decode space steps K by 128
+    only on this reading of run 2's sweep: benchmarks/GPU_NOTES.md)."""
+    timed = [c for c in row["all"] if c.get("ms") is not None]
+    fastest = min(c["ms"] for c in timed)
+    table: dict[str, dict[int, float]] = {}
+    for c in timed:
+        path = code_path({**c, "num_warps": 4}, row["format"]) + (", words as loaded" if c.get("K_WIDTH") == 0 else "")
+        steps = table.setdefault(path, {})
+        steps[c["BLOCK_K"]] = min(c["ms"] / fastest, steps.get(c["BLOCK_K"], float("inf")))
+    return table
+
+
+def print_steps(report: dict) -> None:
+    for row in report["rows"]:
+        print(f"{row['format']} {row['shape']} M={row['M']} ({report['device']}): fastest of each path per K step, "
+              f"over the fastest config")
+        for path, steps in sorted(by_path_and_step(row).items()):
+            print(f"  {path}: " + ", ".join(f"{k}: {ratio:.2f}" for k, ratio in sorted(steps.items())))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shape, two configs, no timing")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--formats", default="int4-g128,int8")
     parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--read", type=Path, help="a sweep's JSON: print each path's best per K step, time nothing")
     args = parser.parse_args()
+    if args.read:
+        import json
+
+        print_steps(json.loads(args.read.read_text()))
+        return
     device = benchmark_device("benchmarks/gpu_decode_space.py", args.smoke)
     from mpq.io import write_json_atomic
     from mpq.qlinear import triton_version

@@ -55,7 +55,8 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
         # row, loading ahead, 16-row tiles on words or bytes) took 1.09-1.44x its fastest 128-wide one
         # on all three shapes, the best 64-wide of all 1.09-1.16x the fastest config; and all 39 INT4
         # decode rows of runs 1 and 2 (M = 1, 4, 16; demo layers with K = 256 and 768 among them) chose
-        # 128 (benchmarks/results/decode-space-NVIDIA_H200.json, kernels-NVIDIA_H200-*.json).
+        # 128 (benchmarks/gpu_decode_space.py --read results/decode-space-NVIDIA_H200.json; the
+        # rows' chosen_configs in results/kernels-NVIDIA_H200-*.json).
         steps = steps[-1:]
         space = decode_candidates(m, steps, steps[-1])
         # Wider tensor-core tiles: word_dots' work on the step's activations (splitting and summing

@@ -250,6 +250,26 @@ def test_decode_space_sweeps_and_names_the_transposed_tiles(benchmark_script, mo
     assert int8["best_long_steps"] is None and int8["best_single_row_one_group_a_step"]["ms"] == 0.011
 
 
+def test_run_2s_sweep_is_why_int4_decode_steps_k_by_128(benchmark_script, monkeypatch):
+    """Read from the H200's sweep (INT4, M = 1): on each path the tuner runs, the fastest config with K
+    steps of 64 was slower than the fastest with steps of 128, on all three shapes, by 9% or more, so the
+    tuner's decode space left them out; `--read` prints the same table without a GPU."""
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # it imports gpu_kernels
+    sweep = benchmark_script("gpu_decode_space")
+    path = Path(__file__).parent.parent / "benchmarks" / "results" / "decode-space-NVIDIA_H200.json"
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 3
+    tuner_paths = {"single row", "single row, loading ahead", "tensor cores", "tensor cores, int32 words"}
+    for row in rows:
+        table = sweep.by_path_and_step(row)
+        assert min(min(steps.values()) for steps in table.values()) == 1.0  # over the row's fastest config
+        assert tuner_paths <= {p for p, steps in table.items() if 64 in steps}
+        assert all(table[p][64] / table[p][128] > 1.08 for p in tuner_paths), (row["shape"], table)
+    printed = run_benchmark("gpu_decode_space", "--read", str(path)).stdout
+    assert printed.count("single row: 64: 1.") == 3 and "W x^T" in printed
+
+
 def test_kernel_benchmark_failures_on_crafted_results(benchmark_script):
     """A GPU run fails on a kernel off the reference (with PDL too), a loaded config off it, or a layer on the fallback."""
     kernels = benchmark_script("gpu_kernels")
