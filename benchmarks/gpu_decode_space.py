@@ -22,7 +22,7 @@ The three fastest of each are timed again as gpu_kernels.py times a layer (weigh
 DRAM), so the rows compare with its table.
 Prints a table and writes JSON (rewritten after every shape, so a run cut off keeps its rows).
 
-    python benchmarks/gpu_decode_space.py --out $OUT      # on a CUDA machine (not yet run on one)
+    python benchmarks/gpu_decode_space.py --out $OUT      # on a CUDA machine (run 2: INT4 at M = 1 on the H200)
     python benchmarks/gpu_decode_space.py --smoke         # tiny shape, two configs, correctness only (CPU: interpreter)
     python benchmarks/gpu_decode_space.py --read benchmarks/results/decode-space-NVIDIA_H200.json
                                                           # a sweep's K steps per code path (no GPU)
