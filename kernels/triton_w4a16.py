@@ -82,6 +82,14 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
             space += few_warp_tiles(((64, 128, 1), (128, 128, 2)))
             if k % 256 == 0:  # and two K steps a pass on two warps: 4.96
                 space += few_warp_tiles(((128, 128, 2),), STEPS=2)
+            # The byte path (WORD_DOTS False) on 4-warp tiles 64 and 128 wide: in run 2's sweep on the H200
+            # (M = 1; a 16-row tile's work does not change up to 16 rows) it beat word_dots on the same tiles
+            # on all three shapes (64 wide: 15.8 / 35.2 / 34.1 us against 19.0 / 49.7 / 44.4; 128: 15.9 /
+            # 35.3 / 37.5 against 17.1 / 36.9 / 40.6) and on 14336 -> 4096 every 16-row word tile (34.1
+            # against 38.4), though it issues about 1.5x the instructions a weight byte (Triton 3.6: 12.9 against
+            # 8.5 at 64 wide): these tiles wait, and their instruction counts do not say which is faster.
+            space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
+                       "WORD_DOTS": False} for bn in (64, 128) for sk in (2, 4, 8)]
         if m <= 8 and 128 in steps:
             # word_dots turned round (TRANSPOSED, turned_word_dots): up to 8 rows of x in a tile of 8
             # (accumulators, multiply-adds and the activations' split halved against a 16-row tile):

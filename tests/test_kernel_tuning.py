@@ -272,6 +272,17 @@ def test_int4_decode_steps_k_by_the_groups_widest_step():
     assert {c["BLOCK_K"] for c in w4_candidates(64, 128, 4096)} == {64, 128}
 
 
+def test_int4_decode_times_the_byte_path_on_16_row_tiles_from_9_rows():
+    """The byte path (WORD_DOTS False) beat word_dots on the same 4-warp 16-row tiles in the H200's sweep;
+    up to 8 rows the tiles turned round beat every 16-row tile there, so it joins from M = 9."""
+    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
+
+    for m in (1, 4, 8, 9, 16):
+        byte_tiles = [c for c in w4_candidates(m, 128, 4096) if c.get("WORD_DOTS") is False]
+        assert {(c["BLOCK_N"], c["num_warps"], c["SPLIT_K"]) for c in byte_tiles} == (
+            {(bn, 4, sk) for bn in (64, 128) for sk in (2, 4, 8)} if m > 8 else set())
+
+
 def test_int4_prefill_space_times_word_tiles_beside_the_byte_path():
     """Prefill's INT4 space holds each tile with K steps of 64 or more twice, as word tiles (word_dots) and as the
     byte path (WORD_DOTS False), and 256-row tiles only where M has more than 128 rows."""

@@ -236,6 +236,7 @@ SCALE_LAYOUT_PATHS = {
     "word_dots": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2},
     "turned round": {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "TRANSPOSED": True, "STACK": 2},
     "byte path": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2},
+    "byte path, K steps of 128": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2, "WORD_DOTS": False},
     "word tiles": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1},
     "prefill bytes": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "WORD_DOTS": False},
 }
