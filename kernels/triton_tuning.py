@@ -121,7 +121,7 @@ def compile_ahead(configs: list[Config], compile_one: Callable[[Config], object]
     A shape's first call compiles every candidate (about 0.6 s each for sm_90 on this project's
     2-core CI machines; 112 of them for INT4 at M = 1 with Triton 3.9), and timing them one by one
     compiled them one after another. Triton's compiler releases the GIL for most of its work, so
-    threads compile side by side (2 cores: 1.9-2.1x, benchmarks/first_call.py); the timing then finds
+    threads compile side by side (2 cores: 1.9-2.2x, benchmarks/first_call.py); the timing then finds
     each compiled.
     A config that fails to compile here fails again when timed, and is skipped there."""
     threads = compile_threads(len(configs))
