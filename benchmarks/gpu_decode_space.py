@@ -31,6 +31,7 @@ Prints a table and writes JSON (rewritten after every shape, so a run cut off ke
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -187,8 +188,6 @@ def main() -> None:
     parser.add_argument("--read", type=Path, help="a sweep's JSON: print each path's best per K step, time nothing")
     args = parser.parse_args()
     if args.read:
-        import json
-
         print_steps(json.loads(args.read.read_text()))
         return
     device = benchmark_device("benchmarks/gpu_decode_space.py", args.smoke)
