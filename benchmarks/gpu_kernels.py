@@ -236,7 +236,7 @@ def takes_long_steps(config: dict, fmt_name: str) -> bool:
 
 def code_path(config: dict, fmt_name: str) -> str:
     """Which code path of the kernel a launch config runs, without its tile."""
-    from mpq.kernels.triton_w4a16 import runs_word_dots, runs_word_tiles
+    from mpq.kernels.triton_w4a16 import runs_turned_tiles, runs_word_dots, runs_word_tiles
 
     int4 = fmt_name.startswith("int4")
     if config.get("DENSE"):
@@ -245,6 +245,8 @@ def code_path(config: dict, fmt_name: str) -> str:
         return ("single row" + (", long steps" if takes_long_steps(config, fmt_name) else "")
                 + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else ""))
     if config["BLOCK_M"] > 16:
+        if int4 and runs_turned_tiles(config):
+            return "tiled GEMM, W x^T"
         return "tiled GEMM" + (", int32 words" if int4 and runs_word_tiles(config) else "")
     steps = f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else ""
     if int4 and config.get("TRANSPOSED"):

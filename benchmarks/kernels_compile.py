@@ -50,7 +50,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16  # noqa: E402
 from mpq.kernels.triton_tuning import usable_cores  # noqa: E402
 from sass_reading import (INSTRUCTION, MMA_A_IN_REGISTERS, dependent_launch_order, k_loop, load_waits,  # noqa: E402
-                          opcode_counts)
+                          mma_in_flight, opcode_counts)
 
 GROUPED_ROWS = 8  # the grouped kernels' rows: (token, expert) pairs
 SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}  # bytes of dynamic shared memory per block
@@ -185,6 +185,7 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
             "registers": usage.get("REG"), "programs_per_sm": resident, "occupancy_bound": bound,
             "loop_instructions": sum(loop.values()), "loop_opcodes": dict(loop.most_common()),
             "instructions_per_weight_byte": per_byte, "load_waits": load_waits(loop_lines),
+            "mma_in_flight": mma_in_flight(loop_lines),
             "tensor_cores": any(op.startswith(("mma", "wgmma")) for op in ops),
             "mma_a_from_registers": any(MMA_A_IN_REGISTERS.search(line) for line in loop_lines),
             "atomics": any(op.startswith(("atom", "red")) for op in ops),
@@ -279,6 +280,21 @@ def dependent_launch_samples(jobs: list[tuple]) -> list[tuple]:
     return samples
 
 
+def smallest_splits(jobs: list[tuple]) -> list[tuple]:
+    """The jobs less each config that differs from another only in a larger split of K (SPLIT_K > 1).
+    A split is a constant of the loop's stride and of the store: in every family of this script's
+    full runs (kernels-compile-sm90*.json) the splits' K loops take the same instructions, except a
+    few whose shorter trip counts unroll differently (within 11%), with registers within 2 and the
+    same shared memory, so the smallest stands for the others where compile time counts (the tests)."""
+    family = lambda job: (job[0], job[1], json.dumps({key: value for key, value in job[2].items() if key != "SPLIT_K"},
+                                                     sort_keys=True))
+    smallest: dict[tuple, int] = {}
+    for job in jobs:
+        if job[2]["SPLIT_K"] > 1:
+            smallest[family(job)] = min(job[2]["SPLIT_K"], smallest.get(family(job), job[2]["SPLIT_K"]))
+    return [job for job in jobs if job[2]["SPLIT_K"] == 1 or job[2]["SPLIT_K"] == smallest[family(job)]]
+
+
 def leanest_loops(rows: list[dict]) -> dict[tuple[str, int], dict]:
     """Per (kernel, M): the config whose K loop spends the fewest instructions per weight byte."""
     best: dict[tuple[str, int], dict] = {}
@@ -304,6 +320,9 @@ def main() -> None:
     parser.add_argument("--words-as-loaded", action="store_true",
                         help="INT4's tensor-core decode configs with each step's words in the order loaded (K_WIDTH=0), "
                              "to compare with the operand order the launcher asks for (only INT4's decode configs are compiled)")
+    parser.add_argument("--one-split", action="store_true",
+                        help="of the configs that differ only in a split of K over 2 or more programs, compile the smallest "
+                             "split alone (the tests' run: a larger split changes only the loop's stride)")
     parser.add_argument("--jobs", type=int, default=usable_cores(), help="configs compiled at once (default: one per core this process may use)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -318,11 +337,15 @@ def main() -> None:
             if not comparing or m <= 16
             for config in (triton_w4a16._candidates(m, group, k) if name == "w4a16" else triton_w8a16._candidates(m))
             if not (args.byte_path and config.get("STEPS", 1) > 1)]  # several steps a pass: int32 words only
+    every_split = len(jobs)
+    if args.one_split:
+        jobs = smallest_splits(jobs)
     # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
     grouped = {} if comparing else {"w4a16": triton_w4a16._grouped_candidates(group),
                                     "w8a16": triton_w8a16._grouped_candidates(), "dense": triton_dense_grouped._candidates()}
-    jobs += [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
-             for name, configs in grouped.items() for config in configs]
+    grouped_jobs = [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
+                    for name, configs in grouped.items() for config in configs]
+    jobs += grouped_jobs
     # Each config compiles on its own (Triton's passes, then ptxas and nvdisasm): one process per core.
     pdl_jobs = [] if comparing else dependent_launch_samples(jobs)
     workers = max(1, min(args.jobs, len(jobs)))
@@ -371,6 +394,7 @@ def main() -> None:
                 "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
     path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "k_width": triton_w4a16.K_WIDTH, "group": group,
                                 "activations": args.activations, "symmetric": args.symmetric,
+                                "left_out_splits": every_split - len(jobs) + len(grouped_jobs),
                                 "leanest": leanest, "dequant": dequant, "rows": rows, "dependent_launch": pdl_rows},
                                indent=2) + "\n")
     print(f"wrote {path}")

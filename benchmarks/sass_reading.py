@@ -1,5 +1,5 @@
-"""Reading a kernel's SASS (nvdisasm's text): its K loop, the waits on its plain loads, and the
-order of a PDL kernel's prologue. Plain text in, plain data out: kernels_compile.py feeds it
+"""Reading a kernel's SASS (nvdisasm's text): its K loop, the waits on its plain loads and on its
+warpgroup MMAs, and the order of a PDL kernel's prologue. Plain text in, plain data out: kernels_compile.py feeds it
 cubins it compiled; the tests feed it crafted lines."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from collections import Counter
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 BRANCH_BACK = re.compile(r"\bBRA\b[^;]*?(\.L_x_\d+)")
 MEMORY = re.compile(r"^(?:LDG|LDGSTS|LDS|LD|STG|STS|ST|REDG|RED|ATOMG|ATOM|ATOMS)\b")
-# a warpgroup MMA whose first operand is a register, not a shared-memory descriptor (gdesc)
-MMA_A_IN_REGISTERS = re.compile(r"\bHGMMA\.\w+\.F32\.\w+ R\d+, R\d+, gdesc")
+# a warpgroup MMA whose first operand is a register, not a shared-memory descriptor (gdesc); fp16 inputs
+# carry no type suffix (HGMMA.64x128x16.F32), bf16 ones do (.F32.BF16)
+MMA_A_IN_REGISTERS = re.compile(r"\bHGMMA\.\w+\.F32(?:\.\w+)? R\d+, R\d+, gdesc")
 
 
 def opcode_counts(lines: list[str]) -> Counter:
@@ -45,6 +46,17 @@ def load_waits(loop: list[str]) -> list[int | None]:
         waits.append(next((later - index for later in range(index + 1, len(lines))
                            if register.search(source_operands(lines[later]))), None))
     return waits
+
+
+MMA_WAIT = re.compile(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+|\d+)")
+
+
+def mma_in_flight(loop: list[str]) -> int | None:
+    """How many warpgroup MMA groups a K loop's waits leave running (the fewest over its waits,
+    WARPGROUP.DEPBAR.LE gsb0, N): 0 when each wait drains them, so the warpgroup's own next work
+    (dequantising the next step) cannot overlap its MMAs; None: no warpgroup MMA waited on in it."""
+    pending = [int(m.group(1), 0) for line in loop if (m := MMA_WAIT.search(line))]
+    return min(pending) if pending else None
 
 
 def dependent_launch_order(sass: list[str]) -> dict:

@@ -16,7 +16,8 @@ One kernel, two regimes picked by M (kernels/triton_common.regime):
   GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
   sum of products, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows; from K steps
-  of 64, word_dots dequantises its pairs two weights an instruction before the dots (word tiles).
+  of 64, word_dots dequantises its pairs two weights an instruction before the dots (word tiles), or
+  the tile is turned round (TRANSPOSED: turned_tiles, W x^T, the weights the MMA's operand from registers).
 BLOCK_K divides the group size, so each K step reads one scale (and zero) per column and K needs
 no mask (K is a multiple of G); except single_row's long steps (long_steps: 2-4 whole groups a step,
 dividing K), which read each group's scale and give each word its own.
@@ -134,7 +135,19 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
         space += [{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8, "num_stages": st}
                   for st in (3, 4)]
     # word tiles (word_dots, the default from K steps of 64) and the byte path they replaced, timed side by side
-    return space + [{**config, "WORD_DOTS": False} for config in space if runs_word_tiles(config)]
+    space += [{**config, "WORD_DOTS": False} for config in space if runs_word_tiles(config)]
+    if 64 in steps:
+        # and turned round (turned_tiles): the weights as the warpgroup MMA's first operand, from registers, so
+        # its MMAs run on while the next K step is dequantised, where every word tile and byte tile waits for
+        # each MMA to finish (kernels_compile.py's mma_in_flight: 0 for those, 1 for these with Triton 3.9, 3 with
+        # 3.6). K steps of 64 only: at 128 the loop spills with Triton 3.6 (17 LDL a step at 128 x 128).
+        # 128 x 128 x 64 with 8 warps takes 252 SASS instructions a step with 3.9 against the word tiles' 227
+        # (3.6: 302 against 223, with 189 registers: one program an SM, as a 4096-wide layer at M = 512 has anyway).
+        turned = [(128, 128, 8, 1, st) for st in (3, 4)]
+        turned += [(256, 128, 8, 1, 3)] if m > 128 else [(64, 128, 4, sk, 3) for sk in (2, 4)]
+        space += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": w, "num_stages": st,
+                   "TRANSPOSED": True} for bm, bn, w, sk, st in turned]
+    return space
 
 
 def _grouped_candidates(group: int) -> list[dict]:
@@ -177,7 +190,13 @@ def runs_word_dots(config: dict) -> bool:
 def runs_word_tiles(config: dict) -> bool:
     """Whether a launch config takes word_dots' prefill branch, the word tiles (prefill tiles from K
     steps of 64, not switched off)."""
-    return config["BLOCK_M"] > 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
+    return (config["BLOCK_M"] > 16 and config["BLOCK_K"] >= 64 and config.get("WORD_DOTS", True)
+            and not config.get("TRANSPOSED"))
+
+
+def runs_turned_tiles(config: dict) -> bool:
+    """Whether a launch config takes prefill turned round (turned_tiles: prefill tiles, TRANSPOSED)."""
+    return config["BLOCK_M"] > 16 and bool(config.get("TRANSPOSED"))
 
 
 def long_steps(config: dict, group: int) -> bool:
@@ -191,7 +210,8 @@ def check_k_step(config: dict, group: int, k: int) -> None:
     """A pinned config's K step: it divides the group, or (long_steps) it is whole groups and divides
     K, which then needs no mask: a mask a word would split the 16-byte loads."""
     steps = config.get("STEPS", 1)
-    on_path = config.get("STACK", 1) == 1 if config.get("TRANSPOSED") else runs_word_dots(config)
+    on_path = (config.get("STACK", 1) == 1 and config["BLOCK_M"] <= 16 if config.get("TRANSPOSED")
+               else runs_word_dots(config))
     if steps > 1 and (not on_path or k % (steps * config["BLOCK_K"])):
         raise ValueError(f"STEPS={steps} (K steps a pass) runs on tensor-core decode tiles of int32 words (word_dots, or "
                          f"turned round with STACK 1), and STEPS x BLOCK_K must divide K={k}; got {config}")
@@ -239,6 +259,10 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, slot_ptr, out_ptr, M, N, K,
     if BLOCK_M == 1:
         acc = single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_wn, stride_sn, stride_sg,
                          GROUP, HAS_ZEROS, X_PAIRS, X_DTYPE, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, PIPELINE, STAGES)
+    elif TRANSPOSED and BLOCK_M > 16:  # prefill on the tensor cores, W x^T: the weights from registers
+        acc = turned_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn,
+                           stride_sn, stride_sg, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+                           SPLIT_K, STAGES)
     elif TRANSPOSED:  # decode (M <= 8) on the tensor cores, W x^T
         acc = turned_word_dots(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
                                stride_sg, GROUP, HAS_ZEROS, DOT_DTYPE, X_PAIRS, X_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
@@ -291,19 +315,29 @@ def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, group, 
     side). ZEROS_PAIRED: each column's bf16 scale and zero point are one 32-bit word (the scale in
     its low half), loaded at once, so a thread's share is 4 bytes even at one column a thread:
     what Triton's pipeline needs to copy it ahead with the weights (cp.async) instead of a plain
-    load the pass then waits on; bf16 becomes fp32 by a shift."""
+    load the pass then waits on; bf16 becomes fp32 by a shift. mask_n None: columns known in range."""
     if HAS_ZEROS == ZEROS_PAIRED:
-        pair = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + offs_n * (stride_sn // 2) + group * (stride_sg // 2),
-                       mask=mask_n, other=0)
+        pair = load_masked(s_ptr.to(tl.pointer_type(tl.int32)) + offs_n * (stride_sn // 2) + group * (stride_sg // 2),
+                           mask_n)
         scale = (pair << 16).to(tl.float32, bitcast=True)
         zero = ((pair >> 16) << 16).to(tl.float32, bitcast=True)
     else:
-        scale = tl.load(s_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        scale = load_masked(s_ptr + offs_n * stride_sn + group * stride_sg, mask_n).to(tl.float32)
         if HAS_ZEROS:
-            zero = tl.load(z_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+            zero = load_masked(z_ptr + offs_n * stride_sn + group * stride_sg, mask_n).to(tl.float32)
         else:
             zero = tl.full(scale.shape, 8.0, tl.float32)
     return scale, zero
+
+
+@triton.jit
+def load_masked(pointers, mask):
+    """tl.load with 0 where the mask is off, or of every pointer where the mask is None."""
+    if mask is None:
+        values = tl.load(pointers)
+    else:
+        values = tl.load(pointers, mask=mask, other=0)
+    return values
 
 
 @triton.jit
@@ -588,6 +622,61 @@ def turned_dots(words, x, scale, zero, base, nibble_mask, exponents, DOT_DTYPE: 
     part = tl.dot(stacked(pair_floats(words, 3, nibble_mask, exponents, X_DTYPE, DOT_DTYPE), S),
                   tl.permute(stacked(x_3, S), (0, 2, 1)), acc=part, out_dtype=tl.float32)
     return (part - (zero + base)[:, :, None] * x_sum[:, None, :]) * scale[:, :, None]
+
+
+@triton.jit
+def turned_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N, K, stride_xm, stride_wn, stride_sn,
+                 stride_sg, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, DOT_DTYPE: tl.constexpr, X_PAIRS: tl.constexpr,
+                 X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
+    """Prefill turned round (runs_turned_tiles): out^T = W x^T, returned as [BLOCK_M, BLOCK_N] in fp32.
+
+    The word tiles (word_dots' prefill branch) give Hopper's warpgroup MMA the dequantised weights as
+    its second operand, which must come from shared memory: each K step stores them there, and since
+    that buffer is written in the loop rather than filled by the pipeline, Triton waits for every MMA
+    to finish before the loop goes on (wgmma.wait_group 0 after each of the step's four dots, with
+    Triton 3.6 and 3.9: benchmarks/kernels_compile.py's mma_waits), so a warpgroup's dequantisation
+    and its MMAs take turns. Turned round, the weights are the first operand, which the MMA takes from
+    registers, and x^T the second, read from the shared memory the pipeline filled: the MMA then
+    stays in flight while the next step's weights are dequantised (waits leave 1 pending with 3.9, 3
+    with 3.6). CUTLASS's mixed-input GEMMs for Hopper are built the same way round.
+
+    K in its natural order: thread t of a quad holds inputs 2t and 2t + 1 of each 8 in the operand's
+    layout, which is byte t of each word, so the step's words are broadcast along the byte axis and
+    x is copied as it lies (16 bytes a copy); a byte becomes two 16-bit floats B + q by one multiply
+    and one AND-OR (byte_pair), and the weight (B + q - (B + z)) * s in 16 bits, two an instruction,
+    as in the word tiles (the reference's weight rounded to bf16 bit for bit; fp32 under the
+    interpreter). The scales are read unmasked at clamped columns (a column past N reads the last
+    one, and its output is never stored): with the mask Triton 3.6 laid their load out as the
+    store's, 48 ISETP a step more. BLOCK_K is one group's step or less (check_k_step) and divides K.
+    """
+    J: tl.constexpr = BLOCK_K // 8
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4) + tl.arange(0, J)[None, :]
+    scale_columns = tl.minimum(offs_n, N - 1)
+    x_rows = activation_rows(x_ptr, offs_m, stride_xm, X_PAIRS, X_DTYPE)
+    mask_m = offs_m < M
+    _, exponents, base = pair_constants(N, X_DTYPE)
+    half: tl.constexpr = tl.float16 if X_DTYPE == tl.float16 else tl.bfloat16
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K, num_stages=STAGES):
+        words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, J]
+        scale, zero = group_scale_zero(s_ptr, z_ptr, scale_columns, None, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
+        x = tl.load(x_rows[:, None] + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=mask_m[:, None], other=0.0)
+        pairs = tl.reshape(byte_pair(words[:, :, None], tl.arange(0, 4)[None, None, :], exponents), (BLOCK_N, 4 * J))
+        halves = tl.join(pairs.to(tl.int16), (pairs >> 16).to(tl.int16)).to(half, bitcast=True)  # [BLOCK_N, 4J, 2]
+        w = tl.reshape(halves, (BLOCK_N, BLOCK_K)).to(DOT_DTYPE)
+        w = (w - (zero + base).to(DOT_DTYPE)[:, None]) * scale.to(DOT_DTYPE)[:, None]
+        acc = tl.dot(w, tl.trans(x.to(DOT_DTYPE)), acc=acc, out_dtype=tl.float32)
+    return tl.trans(acc)
+
+
+@triton.jit
+def byte_pair(words, b, exponents):
+    """Byte b of each word (its nibbles q0, q1: inputs 8j + 2b, 8j + 2b + 1) as one register of two
+    16-bit floats, B + q0 in the low half and B + q1 in the high: times 0x1001 copies the byte 12
+    bits up, so q1 lands in bits 16..19 while q0 stays in 0..3, and the mask drops the rest."""
+    byte = (words >> (8 * b)) & 0xFF
+    return ((byte * 0x1001) & 0x000F000F) | exponents
 
 
 @triton.jit

@@ -239,6 +239,7 @@ SCALE_LAYOUT_PATHS = {
     "byte path, K steps of 128": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2, "WORD_DOTS": False},
     "word tiles": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1},
     "prefill bytes": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "WORD_DOTS": False},
+    "prefill turned round": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "TRANSPOSED": True},
 }
 
 
@@ -445,19 +446,23 @@ def test_w4a16_tensor_core_decode_byte_path_at_wide_k_steps(fmt_name):
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
 
 
-@pytest.mark.parametrize("word_dots", [True, False])
+PREFILL_PATHS = {"word tiles": {}, "byte path": {"WORD_DOTS": False}, "turned round": {"TRANSPOSED": True}}
+
+
+@pytest.mark.parametrize("path", list(PREFILL_PATHS))
 @pytest.mark.parametrize("fmt_name,n,k,m,block_k,split,dtype", [
     ("int4-g128", 33, 256, 17, 128, 1, torch.bfloat16), ("int4-g64-sym", 40, 384, 33, 64, 2, torch.float16),
     ("int4-pc", 17, 384, 20, 128, 1, torch.float32), ("int4-g128", 24, 640, 50, 64, 3, torch.bfloat16)])
-def test_w4a16_prefill_tiles_from_k_steps_of_64(word_dots, fmt_name, n, k, m, block_k, split, dtype):
+def test_w4a16_prefill_tiles_from_k_steps_of_64(path, fmt_name, n, k, m, block_k, split, dtype):
     """Prefill tiles (M > 16) at K steps of 64 and 128 take word_dots' word tiles (its pairs, each weight
-    dequantised before four dots a step), or with WORD_DOTS=False the byte path they replaced,
-    which the tuner times beside them: odd N, M = 17 to 50 over 32-row tiles, splits that leave a
-    program one step or none, symmetric and per-channel groups, all three activation dtypes."""
+    dequantised before four dots a step), with WORD_DOTS=False the byte path they replaced, or turned
+    round (TRANSPOSED: turned_tiles, out^T = W x^T), which the tuner times beside them: odd N, M = 17
+    to 50 over 32-row tiles, splits that leave a program one step or none, symmetric and per-channel
+    groups, all three activation dtypes."""
     from mpq.kernels.triton_w4a16 import w4a16_linear
 
     fmt, t, x, bias = _inputs(fmt_name, n, k, m, dtype, seed=n + k + m)
-    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "WORD_DOTS": word_dots}
+    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, **PREFILL_PATHS[path]}
     got = w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), fmt.group_along(k), bias, config=config)
     assert got.shape == (m, n) and got.dtype == dtype and torch.isfinite(got).all()
     assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2
