@@ -245,7 +245,7 @@ def code_path(config: dict, fmt_name: str) -> str:
         return ("single row" + (", long steps" if takes_long_steps(config, fmt_name) else "")
                 + (", loading ahead" if config.get("PREFETCH") else ", pipelined" if config.get("PIPELINE") else ""))
     if config["BLOCK_M"] > 16:
-        if int4 and runs_turned_tiles(config):
+        if runs_turned_tiles(config):
             return "tiled GEMM, W x^T"
         return "tiled GEMM" + (", int32 words" if int4 and runs_word_tiles(config) else "")
     steps = f", {config['STEPS']} steps a pass" if config.get("STEPS", 1) > 1 else ""

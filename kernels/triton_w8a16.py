@@ -2,8 +2,8 @@
 
 Weights: qweight int8 [N, K], scales [N] bf16; w[n, k] = q[n, k] * s[n]. The scale is per
 column of the output, so it is applied once to the accumulator, after the K loop.
-Same two regimes as W4A16 (split-K gemv for M <= 16, tiled gemm above); K is masked, since an
-INT8 layer may have any K.
+Same two regimes as W4A16 (split-K gemv for M <= 16, tiled gemm above, upright or turned round:
+TRANSPOSED, W x^T); K is masked, since an INT8 layer may have any K.
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ def _candidates(m: int) -> list[dict]:
     """As W4A16's: decode_candidates for M <= 16, prefill_candidates above."""
     if regime(m) == "gemv":
         return [c for c in decode_space(m) if c["BLOCK_M"] > 1 or _fits(c)]
-    return prefill_candidates(m, [64, 128])
+    # and turned round (TRANSPOSED, out^T = W x^T; triton_w4a16.turned_tiles has the why): the converted
+    # weights from registers keep the warpgroup MMA in flight while the next step is converted, where the
+    # upright tiles wait for each (kernels_compile.py's mma_in_flight: 3 against 0 with Triton 3.6, 1 against
+    # 0 with 3.9), for more instructions a step (128 x 128 x 64, 8 warps: 260 against 169 with 3.6)
+    turned = [(128, 128, 8, 1)] + ([(256, 128, 8, 1)] if m > 128 else [(64, 128, 4, sk) for sk in (2, 4)])
+    return prefill_candidates(m, [64, 128]) + [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": w, "num_stages": 3, "TRANSPOSED": True}
+        for bm, bn, w, sk in turned]
 
 
 # 16-row tiles on one warp (32 and 64 columns) and on two (128): 3.2-3.6 instructions per weight
@@ -51,7 +58,7 @@ def _fits(config: dict) -> bool:
 def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_we, stride_se, stride_om, sums_ptr, counts_ptr,
                   ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, GROUPED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  PDL: tl.constexpr = False):
+                  PDL: tl.constexpr = False, TRANSPOSED: tl.constexpr = False):
     pid_k = tl.program_id(1)
     offs_k = tl.arange(0, BLOCK_K)
     if GROUPED:  # experts stacked [E, ...]; row m of x (offs_m, BLOCK_M = 1) runs through expert slot_ptr[m]
@@ -69,12 +76,18 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, st
         # The scale is per output channel, so the products can pile up per (k, n) over the whole
         # K loop and be summed across threads once at the end, not once per K step.
         acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    elif TRANSPOSED:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T = W x^T: see below
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         mask_k = (k0 + offs_k) < K
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N] bytes of int8
+        if TRANSPOSED:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0)  # [BLOCK_N, BLOCK_K] bytes of int8
+        else:
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N] bytes of int8
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if BLOCK_M == 1:
@@ -82,10 +95,18 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, slot_ptr, out_ptr, M, N, K, stride_xm, st
             # bit flipped is q + 128; XOR-ing both into the mantissa of 2^23 gives 2^23 + q + 128.
             biased = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
             acc_k += x.to(tl.float32).reshape(BLOCK_K, 1) * (biased - 8388736.0)
+        elif TRANSPOSED:
+            # Prefill turned round (triton_w4a16.turned_tiles has the why): the converted weights are the
+            # warpgroup MMA's first operand, from registers, x^T its second, from the pipeline's buffers,
+            # so the MMA stays in flight while the next step's bytes are converted; upright, the converted
+            # weights go to shared memory each step and every MMA is waited for.
+            acc = tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), acc=acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc=acc, out_dtype=tl.float32)
     if BLOCK_M == 1:
         acc = tl.sum(acc_k, axis=0)[None, :]
+    elif TRANSPOSED:
+        acc = tl.trans(acc)
     scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc = acc * scale[None, :]
     if PDL:

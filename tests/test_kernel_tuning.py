@@ -313,6 +313,17 @@ def test_int4_prefill_space_times_tiles_turned_round_in_k_steps_of_64():
     assert not any(runs_turned_tiles(c) for m in (1, 8, 16) for c in w4_candidates(m, 128, 4096))  # decode: 8 rows
 
 
+def test_int8_prefill_space_times_tiles_turned_round():
+    """INT8's prefill space turns the same tiles round as INT4's (one pipeline depth), and its decode none."""
+    from mpq.kernels.triton_w8a16 import _candidates as w8_candidates
+
+    for m, extra in ((17, {(64, 128, 2), (64, 128, 4)}), (512, {(256, 128, 1)})):
+        turned = [c for c in w8_candidates(m) if c.get("TRANSPOSED")]
+        assert {(c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"]) for c in turned} == {(128, 128, 1)} | extra
+        assert all(c["BLOCK_K"] == 64 and c["num_stages"] == 3 for c in turned)
+    assert not any(c.get("TRANSPOSED") for m in (1, 4, 16) for c in w8_candidates(m))
+
+
 def test_int4_layers_whose_groups_a_gpu_kernel_cannot_step_run_the_reference_on_cuda():
     odd = get_format("int4-pc")  # per channel: one group of all 200 inputs, not whole 32-column steps
     assert not triton_supports(odd, 200) and triton_supports(odd, 256) and triton_supports(get_format("int8"), 200)

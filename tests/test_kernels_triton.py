@@ -19,6 +19,7 @@ PATHS = {
     "gemv-splitk": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4},
     "gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1},
     "gemm-splitk": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
+    "gemm-turned": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "TRANSPOSED": True},  # W x^T
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
