@@ -340,12 +340,12 @@ def main() -> None:
     every_split = len(jobs)
     if args.one_split:
         jobs = smallest_splits(jobs)
+    left_out_splits = every_split - len(jobs)
     # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
     grouped = {} if comparing else {"w4a16": triton_w4a16._grouped_candidates(group),
                                     "w8a16": triton_w8a16._grouped_candidates(), "dense": triton_dense_grouped._candidates()}
-    grouped_jobs = [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
-                    for name, configs in grouped.items() for config in configs]
-    jobs += grouped_jobs
+    jobs += [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
+             for name, configs in grouped.items() for config in configs]
     # Each config compiles on its own (Triton's passes, then ptxas and nvdisasm): one process per core.
     pdl_jobs = [] if comparing else dependent_launch_samples(jobs)
     workers = max(1, min(args.jobs, len(jobs)))
@@ -394,7 +394,7 @@ def main() -> None:
                 "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
     path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "k_width": triton_w4a16.K_WIDTH, "group": group,
                                 "activations": args.activations, "symmetric": args.symmetric,
-                                "left_out_splits": every_split - len(jobs) + len(grouped_jobs),
+                                "left_out_splits": left_out_splits,
                                 "leanest": leanest, "dequant": dequant, "rows": rows, "dependent_launch": pdl_rows},
                                indent=2) + "\n")
     print(f"wrote {path}")

@@ -131,6 +131,17 @@ def prefill_candidates(m: int, k_steps: list[int]) -> list[dict]:
     return space
 
 
+def turned_prefill_candidates(m: int, square_stages: tuple[int, ...] = (3,)) -> list[dict]:
+    """Prefill tiles turned round (TRANSPOSED: out^T = W x^T, the weights the warpgroup MMA's first
+    operand, from registers; triton_w4a16.turned_tiles has the why), in K steps of 64: 128 x 128 on 8
+    warps at each of `square_stages`, and 256 x 128 above 128 rows or 64 x 128 on 4 warps split 2 and
+    4 up to 128 (few tiles there: K split for programs). The same tiles for INT4 and INT8."""
+    tiles = [(128, 128, 8, 1, st) for st in square_stages]
+    tiles += [(256, 128, 8, 1, 3)] if m > 128 else [(64, 128, 4, sk, 3) for sk in (2, 4)]
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": w, "num_stages": st,
+             "TRANSPOSED": True} for bm, bn, w, sk, st in tiles]
+
+
 DENSE = {"DENSE": 1}  # the launch config of prefill's dense route (kernels/triton_dequant.py)
 # Its 16-bit weight lives for one call; up to an 8192 x 16384 layer. Larger ones keep the fused kernel.
 DENSE_MAX_BYTES = 256 << 20

@@ -41,7 +41,7 @@ import triton.language as tl
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
                                        dense_route_fits, few_warp_tiles, grouped_candidates, grouped_row, interpreter_config,
                                        interpreting, launch, launch_dependents, prefetch_then_wait, prefill_candidates,
-                                       PDL_PREFETCH_PASSES, regime, store_tile, tile_offsets)
+                                       PDL_PREFETCH_PASSES, regime, store_tile, tile_offsets, turned_prefill_candidates)
 from mpq.kernels.triton_dequant import dequantize_int4
 
 
@@ -143,10 +143,7 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
         # 3.6). K steps of 64 only: at 128 the loop spills with Triton 3.6 (17 LDL a step at 128 x 128).
         # 128 x 128 x 64 with 8 warps takes 252 SASS instructions a step with 3.9 against the word tiles' 227
         # (3.6: 302 against 223, with 189 registers: one program an SM, as a 4096-wide layer at M = 512 has anyway).
-        turned = [(128, 128, 8, 1, st) for st in (3, 4)]
-        turned += [(256, 128, 8, 1, 3)] if m > 128 else [(64, 128, 4, sk, 3) for sk in (2, 4)]
-        space += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": w, "num_stages": st,
-                   "TRANSPOSED": True} for bm, bn, w, sk, st in turned]
+        space += turned_prefill_candidates(m, square_stages=(3, 4))
     return space
 
 
@@ -635,7 +632,7 @@ def turned_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N
     its second operand, which must come from shared memory: each K step stores them there, and since
     that buffer is written in the loop rather than filled by the pipeline, Triton waits for every MMA
     to finish before the loop goes on (wgmma.wait_group 0 after each of the step's four dots, with
-    Triton 3.6 and 3.9: benchmarks/kernels_compile.py's mma_waits), so a warpgroup's dequantisation
+    Triton 3.6 and 3.9: benchmarks/kernels_compile.py's mma_in_flight), so a warpgroup's dequantisation
     and its MMAs take turns. Turned round, the weights are the first operand, which the MMA takes from
     registers, and x^T the second, read from the shared memory the pipeline filled: the MMA then
     stays in flight while the next step's weights are dequantised (waits leave 1 pending with 3.9, 3

@@ -16,7 +16,7 @@ import triton.language as tl
 from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
                                        dense_route_fits, few_warp_tiles, grouped_candidates, grouped_row, interpreter_config,
                                        interpreting, launch, launch_dependents, prefetch_then_wait, prefill_candidates,
-                                       PDL_PREFETCH_PASSES, regime, store_tile, tile_offsets)
+                                       PDL_PREFETCH_PASSES, regime, store_tile, tile_offsets, turned_prefill_candidates)
 from mpq.kernels.triton_dequant import dequantize_int8
 
 
@@ -28,10 +28,7 @@ def _candidates(m: int) -> list[dict]:
     # weights from registers keep the warpgroup MMA in flight while the next step is converted, where the
     # upright tiles wait for each (kernels_compile.py's mma_in_flight: 3 against 0 with Triton 3.6, 1 against
     # 0 with 3.9), for more instructions a step (128 x 128 x 64, 8 warps: 260 against 169 with 3.6)
-    turned = [(128, 128, 8, 1)] + ([(256, 128, 8, 1)] if m > 128 else [(64, 128, 4, sk) for sk in (2, 4)])
-    return prefill_candidates(m, [64, 128]) + [
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": w, "num_stages": 3, "TRANSPOSED": True}
-        for bm, bn, w, sk in turned]
+    return prefill_candidates(m, [64, 128]) + turned_prefill_candidates(m)
 
 
 # 16-row tiles on one warp (32 and 64 columns) and on two (128): 3.2-3.6 instructions per weight
