@@ -310,7 +310,8 @@ def leanest_loops(rows: list[dict]) -> dict[tuple[str, int], dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
-    parser.add_argument("--batches", default="1,16,64", help="values of M: one per code path (M = 1, tl.dot gemv, gemm)")
+    parser.add_argument("--batches", default="1,16,64,512",
+                        help="values of M: one per code path (M = 1, tl.dot gemv, gemm; 512: the tiles kept for over 128 rows)")
     parser.add_argument("--group", type=int, default=128, help="INT4 group size (32, 64, 128)")
     parser.add_argument("--activations", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--symmetric", action="store_true", help="INT4 without zero points")

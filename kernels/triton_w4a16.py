@@ -140,10 +140,15 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
         # and turned round (turned_tiles): the weights as the warpgroup MMA's first operand, from registers, so
         # its MMAs run on while the next K step is dequantised, where every word tile and byte tile waits for
         # each MMA to finish (kernels_compile.py's mma_in_flight: 0 for those, 1 for these with Triton 3.9, 3 with
-        # 3.6). K steps of 64 only: at 128 the loop spills with Triton 3.6 (17 LDL a step at 128 x 128).
-        # 128 x 128 x 64 with 8 warps takes 252 SASS instructions a step with 3.9 against the word tiles' 227
-        # (3.6: 302 against 223, with 189 registers: one program an SM, as a 4096-wide layer at M = 512 has anyway).
+        # 3.6). 128 x 128 x 64 with 8 warps takes 246 SASS instructions a step with 3.9 against the word tiles'
+        # 227 (3.6: 245 against 223; 125 registers, two programs an SM: pairs_loaded_twice).
         space += turned_prefill_candidates(m, square_stages=(3, 4))
+    if m > 128 and 128 in steps:
+        # and in K steps of 128 above 128 rows: 424 instructions a step with 3.6 (412 with 3.9) against 2 x 245
+        # for the same work at 64, 7 MMA groups left in flight (3.9: 1), no spills, 189 registers (one program
+        # an SM): at the peak issue rate a step issues in about 0.83 of its MMAs' time (~1024 cycles), at 64 in 0.96.
+        space += [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3,
+                   "TRANSPOSED": True}]
     return space
 
 
@@ -316,8 +321,7 @@ def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, group, 
     if HAS_ZEROS == ZEROS_PAIRED:
         pair = load_masked(s_ptr.to(tl.pointer_type(tl.int32)) + offs_n * (stride_sn // 2) + group * (stride_sg // 2),
                            mask_n)
-        scale = (pair << 16).to(tl.float32, bitcast=True)
-        zero = ((pair >> 16) << 16).to(tl.float32, bitcast=True)
+        scale, zero = scale_zero_of_pairs(pair)
     else:
         scale = load_masked(s_ptr + offs_n * stride_sn + group * stride_sg, mask_n).to(tl.float32)
         if HAS_ZEROS:
@@ -325,6 +329,28 @@ def group_scale_zero(s_ptr, z_ptr, offs_n, mask_n, stride_sn, stride_sg, group, 
         else:
             zero = tl.full(scale.shape, 8.0, tl.float32)
     return scale, zero
+
+
+@triton.jit
+def pairs_loaded_twice(s_ptr, columns, stride_sg, group):
+    """group_scale_zero for ZEROS_PAIRED (zero point after scale, stride_sn 2, which zeros_layout
+    checks) with every word loaded twice, as [columns, 2]. Triton 3.6 takes a load of fewer values
+    than its program has threads for cheap to load again, and lays it out as its use wants: for the
+    turned tiles' 128 columns on 8 warps, a slice of the MMA's first operand that gives each warp 32
+    columns on every lane, so each thread copied 32 words a step (37 cp.async a step, against 6 with
+    3.9, and 189 registers: one program an SM). Loaded twice the load is as large as the program and
+    keeps its own layout, one 4-byte copy a thread (kernels_compile.py: 302 -> 245 instructions a
+    step, 189 -> 125 registers with 3.6; 252 -> 246 with 3.9)."""
+    twice = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + columns[:, None] + group * (stride_sg // 2)
+                    + tl.zeros((1, 2), tl.int32))
+    pair, same_pair = tl.split(twice)  # a name for each: a loop-carried `_` would change type
+    return scale_zero_of_pairs(pair)
+
+
+@triton.jit
+def scale_zero_of_pairs(pair):
+    """The fp32 scale (low half) and zero point (high half) of ZEROS_PAIRED words: bf16 to fp32 by a shift."""
+    return (pair << 16).to(tl.float32, bitcast=True), ((pair >> 16) << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -657,7 +683,10 @@ def turned_tiles(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, mask_n, pid_k, M, N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K, num_stages=STAGES):
         words = tl.load(words_ptr + k0 // 8, mask=mask_n[:, None], other=0)  # [BLOCK_N, J]
-        scale, zero = group_scale_zero(s_ptr, z_ptr, scale_columns, None, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
+        if HAS_ZEROS == ZEROS_PAIRED:
+            scale, zero = pairs_loaded_twice(s_ptr, scale_columns, stride_sg, k0 // GROUP)
+        else:
+            scale, zero = group_scale_zero(s_ptr, z_ptr, scale_columns, None, stride_sn, stride_sg, k0 // GROUP, HAS_ZEROS)
         x = tl.load(x_rows[:, None] + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=mask_m[:, None], other=0.0)
         pairs = tl.reshape(byte_pair(words[:, :, None], tl.arange(0, 4)[None, None, :], exponents), (BLOCK_N, 4 * J))
         halves = tl.join(pairs.to(tl.int16), (pairs >> 16).to(tl.int16)).to(half, bitcast=True)  # [BLOCK_N, 4J, 2]

@@ -95,8 +95,8 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     run_benchmark("kernels_compile", "--one-split", "--out", str(tmp_path), timeout=1200)
     report = json.loads((tmp_path / "kernels-compile-sm90.json").read_text())
     rows = report["rows"]
-    candidates = [("w4a16", m, c) for m in (1, 16, 64) for c in triton_w4a16._candidates(m, 128, 4096)]
-    candidates += [("w8a16", m, c) for m in (1, 16, 64) for c in triton_w8a16._candidates(m)]
+    candidates = [("w4a16", m, c) for m in (1, 16, 64, 512) for c in triton_w4a16._candidates(m, 128, 4096)]
+    candidates += [("w8a16", m, c) for m in (1, 16, 64, 512) for c in triton_w8a16._candidates(m)]
     expected = len(candidates) + len(triton_w4a16._grouped_candidates(128)) + len(triton_w8a16._grouped_candidates())
     expected += len(triton_dense_grouped._candidates())
     assert len(rows) + report["left_out_splits"] == expected and not any(r["problems"] for r in rows)
@@ -181,11 +181,20 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     # weights they multiply were stored to shared memory in the same pass), and so do INT8's upright tiles,
     # while the tiles turned round (turned_tiles, and INT8's TRANSPOSED: the weights from registers, x from the
     # pipeline's buffers) leave one running as they dequantise the next step: why those are in the space
-    # though they issue more a step (INT4 at 128 x 128 x 64: 252 against 227)
+    # though they issue more a step (INT4 at 128 x 128 x 64: 246 against 227); at M = 512 also 256 x 128 and,
+    # for INT4, 128 x 128 in K steps of 128
     prefill_rows = [r for r in rows if r["kernel"] in ("w4a16", "w8a16") and r["config"]["BLOCK_M"] > 16]
     turned = [r for r in prefill_rows if r["config"].get("TRANSPOSED")]
-    assert sorted(r["kernel"] for r in turned) == ["w4a16"] * 3 + ["w8a16"] * 2
+    assert sorted((r["kernel"], r["M"]) for r in turned) == [("w4a16", 64)] * 3 + [("w4a16", 512)] * 4 + [
+        ("w8a16", 64)] * 2 + [("w8a16", 512)] * 2
     assert all(r["mma_in_flight"] >= 1 and r["mma_a_from_registers"] for r in turned), turned
+    # and each thread of theirs copies one word of the step's scale and zero-point pairs (pairs_loaded_twice):
+    # a step's cp.async are its words' and x's 16 bytes at a time and one more (6 at 128 x 128 x 64), where with
+    # Triton 3.6 each lane of a warp copied the same 32 pairs when they were loaded once (37)
+    int4_turned = [r for r in turned if r["kernel"] == "w4a16" and r["config"]["num_warps"] == 8]
+    copies = lambda c: (c["BLOCK_N"] * c["BLOCK_K"] // 2 + c["BLOCK_M"] * c["BLOCK_K"] * 2) // (16 * 32 * c["num_warps"]) + 1
+    assert len(int4_turned) == 6 and all(r["loop_opcodes"]["LDGSTS"] == copies(r["config"]) for r in int4_turned), [
+        (r["config"], r["loop_opcodes"]["LDGSTS"]) for r in int4_turned]
     upright = [r for r in prefill_rows if not r["config"].get("TRANSPOSED")]
     assert len(upright) >= 40 and all(r["mma_in_flight"] == 0 for r in upright)
     # prefill's dense route: its dequantisation kernel writes 16 bytes at a time and stays well under

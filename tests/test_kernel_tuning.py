@@ -297,18 +297,21 @@ def test_int4_prefill_space_times_word_tiles_beside_the_byte_path():
     assert all("WORD_DOTS" not in c for c in w4_candidates(512, 32, 4096))  # K steps of 32: the byte path only
 
 
-def test_int4_prefill_space_times_tiles_turned_round_in_k_steps_of_64():
+def test_int4_prefill_space_times_tiles_turned_round_in_k_steps_of_64_and_128():
     """Prefill turned round (turned_tiles: the weights as the warpgroup MMA's first operand, from registers)
     joins the space wherever a K step of 64 fits the group: 128 x 128 on 8 warps at two pipeline depths, and
-    256 x 128 above 128 rows or 64 x 128 on 4 warps split 2 and 4 up to 128 (few tiles: K split for programs)."""
+    256 x 128 above 128 rows or 64 x 128 on 4 warps split 2 and 4 up to 128 (few tiles: K split for programs);
+    above 128 rows, where a group has K steps of 128, also 128 x 128 in those."""
     from mpq.kernels.triton_w4a16 import _candidates as w4_candidates, runs_turned_tiles
 
+    up_to_128 = {(64, 128, 2, 64), (64, 128, 4, 64)}
     for group in (64, 128):
-        for m, extra in ((17, {(64, 128, 2), (64, 128, 4)}), (64, {(64, 128, 2), (64, 128, 4)}), (512, {(256, 128, 1)})):
+        above_128 = {(256, 128, 1, 64)} | ({(128, 128, 1, 128)} if group == 128 else set())
+        for m, extra in ((17, up_to_128), (64, up_to_128), (512, above_128)):
             turned = [c for c in w4_candidates(m, group, 4096) if c.get("TRANSPOSED")]
-            assert all(runs_turned_tiles(c) and c["BLOCK_K"] == 64 and "WORD_DOTS" not in c for c in turned)
-            assert {(c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"]) for c in turned} == {(128, 128, 1)} | extra
-            assert sorted(c["num_stages"] for c in turned if c["BLOCK_M"] == 128) == [3, 4]
+            assert all(runs_turned_tiles(c) and "WORD_DOTS" not in c for c in turned)
+            assert {(c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"], c["BLOCK_K"]) for c in turned} == {(128, 128, 1, 64)} | extra
+            assert sorted(c["num_stages"] for c in turned if c["BLOCK_M"] == 128 and c["BLOCK_K"] == 64) == [3, 4]
     assert not any(c.get("TRANSPOSED") for c in w4_candidates(512, 32, 4096))  # no K step of 64 in a group of 32
     assert not any(runs_turned_tiles(c) for m in (1, 8, 16) for c in w4_candidates(m, 128, 4096))  # decode: 8 rows
 
