@@ -391,8 +391,8 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
     the fused q/k/v at M = 1). PIPELINE hands the loop to Triton's pipeline instead (the launch's
     num_stages, STAGES): words, activations and, since a scale and its zero point are one 32-bit
     word (ZEROS_PAIRED), the scales too come by cp.async num_stages - 1 steps ahead, and no plain
-    load is left in the loop, for about the instructions PREFETCH takes (64 columns: 311 a step
-    against PREFETCH's 312 and 300 without either with Triton 3.9; 335 against 312 with 3.6). A
+    load is left in the loop, for about the instructions PREFETCH takes (64 columns: 304 a step
+    against PREFETCH's 300 and 287 without either with Triton 3.9; 318 against 300 with 3.6). A
     candidate beside PREFETCH until a GPU has timed the two.
 
     Long steps (long_steps: BLOCK_K of 2 to 4 whole groups, dividing K) read 128-256 bytes of each
@@ -436,10 +436,7 @@ def single_row(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, pid_k, N, K, stride_w
             scale = tl.where(in_later, scale_later[None, :], scale)
             zero = tl.where(in_later, zero_later[None, :], zero)
         word_index = k0 // 8 + offs_w
-        x0, x1 = load_x_pair(x_ptr, word_index, 0, X_PAIRS, X_DTYPE)
-        x2, x3 = load_x_pair(x_ptr, word_index, 1, X_PAIRS, X_DTYPE)
-        x4, x5 = load_x_pair(x_ptr, word_index, 2, X_PAIRS, X_DTYPE)
-        x6, x7 = load_x_pair(x_ptr, word_index, 3, X_PAIRS, X_DTYPE)
+        x0, x1, x2, x3, x4, x5, x6, x7 = load_x_words(x_ptr, word_index, X_PAIRS, X_DTYPE)
         x_low = x0 + x2 + x4 + x6  # the activations of the low nibbles (bias 256) and the high ones (bias 16)
         x_high = x1 + x3 + x5 + x7
         x_base = x_low * 256.0 + x_high * 16.0
@@ -806,21 +803,45 @@ def byte_floats(shifted, exp256, exp16):
 
 
 @triton.jit
-def load_x_pair(x_ptr, word_index, pair: tl.constexpr, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr):
-    """x[8j + 2 pair] and x[8j + 2 pair + 1] in fp32 for the weight words j. A 16-bit pair is one
-    int32 (bf16 widens by bit moves alone); fp32 activations are two loads. load_x_halves' route
-    (through 16-bit values, masked rows) costs PRMTs here: 7.10 instructions per byte, not 6.94."""
+def load_x_words(x_ptr, word_index, X_PAIRS: tl.constexpr, X_DTYPE: tl.constexpr):
+    """x[8j + i] (i = 0 .. 7) in fp32 for the weight words j, each word's eight in one load: 16 bytes
+    a word of 16-bit x (int32 pairs; bf16 widens by bit moves alone), 32 of fp32. A load a pair (four
+    loads of [J] values four words apart) could not be vectorised, and Triton 3.6 lays out a load of
+    fewer values than threads as its use wants: 16 4-byte loads a step a thread, or 16 4-byte copies
+    under PIPELINE, where these are 4 loads of 16 bytes (kernels_compile.py, K steps of 128, Triton
+    3.6: 208 -> 193 instructions a step at 32 columns, 300 -> 288 at 64, under PIPELINE 301 -> 239 at
+    32; 3.9: 205 -> 193, 300 -> 287)."""
+    J: tl.constexpr = word_index.shape[0]
     if X_PAIRS:
-        pairs = tl.load(x_ptr + 4 * word_index + pair)
-        if X_DTYPE == tl.bfloat16:
-            even = (pairs << 16).to(tl.float32, bitcast=True)
-            odd = (pairs & -65536).to(tl.float32, bitcast=True)
-        else:
-            even = (pairs & 0xFFFF).to(tl.uint16).to(X_DTYPE, bitcast=True).to(tl.float32)
-            odd = (pairs >> 16).to(tl.uint16).to(X_DTYPE, bitcast=True).to(tl.float32)
+        quads = tl.load(x_ptr + 4 * word_index[:, None] + tl.arange(0, 4)[None, :])  # [J, 4]: pair p, x 2p and 2p + 1
+        pairs_02, pairs_13 = tl.split(tl.reshape(quads, (J, 2, 2)))
+        pair_0, pair_2 = tl.split(pairs_02)
+        pair_1, pair_3 = tl.split(pairs_13)
+        x0, x1 = pair_halves(pair_0, X_DTYPE)
+        x2, x3 = pair_halves(pair_1, X_DTYPE)
+        x4, x5 = pair_halves(pair_2, X_DTYPE)
+        x6, x7 = pair_halves(pair_3, X_DTYPE)
     else:
-        even = tl.load(x_ptr + 8 * word_index + 2 * pair).to(tl.float32)
-        odd = tl.load(x_ptr + 8 * word_index + 2 * pair + 1).to(tl.float32)
+        eights = tl.load(x_ptr + 8 * word_index[:, None] + tl.arange(0, 8)[None, :]).to(tl.float32)  # [J, 8]
+        even, odd = tl.split(tl.reshape(eights, (J, 4, 2)))  # x 8j + 2i and 8j + 2i + 1
+        x_04, x_26 = tl.split(tl.reshape(even, (J, 2, 2)))
+        x_15, x_37 = tl.split(tl.reshape(odd, (J, 2, 2)))
+        x0, x4 = tl.split(x_04)
+        x2, x6 = tl.split(x_26)
+        x1, x5 = tl.split(x_15)
+        x3, x7 = tl.split(x_37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def pair_halves(pairs, X_DTYPE: tl.constexpr):
+    """The two 16-bit activations of int32 pairs, the even (low half) and the odd, in fp32."""
+    if X_DTYPE == tl.bfloat16:
+        even = (pairs << 16).to(tl.float32, bitcast=True)
+        odd = (pairs & -65536).to(tl.float32, bitcast=True)
+    else:
+        even = (pairs & 0xFFFF).to(tl.uint16).to(X_DTYPE, bitcast=True).to(tl.float32)
+        odd = (pairs >> 16).to(tl.uint16).to(X_DTYPE, bitcast=True).to(tl.float32)
     return even, odd
 
 

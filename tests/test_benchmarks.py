@@ -136,6 +136,12 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert len(pipelined) == 6 and not [r["config"] for r in pipelined if r["load_waits"]]
     assert all(r["load_waits"] for r in rows if r["kernel"] == "w4a16" and r["config"]["BLOCK_M"] == 1
                and not r["config"].get("PIPELINE"))
+    # the single row loads each weight word's eight activations at once (load_x_words: 16 bytes a word),
+    # where a load a pair took 16 loads of 4 bytes a step (with Triton 3.6 16 copies under PIPELINE): in K
+    # steps of 128 a thread's loads or copies a step are at most 9, 16 to 128 columns (18-21 before)
+    single = [r for r in rows if r["kernel"] == "w4a16" and r["config"]["BLOCK_M"] == 1 and r["config"]["BLOCK_K"] == 128]
+    assert len(single) >= 10 and all(r["loop_opcodes"].get("LDG", 0) + r["loop_opcodes"].get("LDGSTS", 0) <= 9
+                                     for r in single), [(r["config"], r["loop_opcodes"]) for r in single]
     # a mixture's experts in one launch keep the single-row loop: the expert's offset is paid once, before it
     assert leanest[("w4a16-grouped", 8)] < 7.5 and leanest[("w8a16-grouped", 8)] < 5.5, leanest
     assert leanest[("dense-grouped", 8)] < 3, leanest  # 16-bit experts: a multiply-add per 2 bytes, no dequantisation
@@ -238,8 +244,8 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
 @pytest.mark.parametrize("variant,batches", [(["--group", "32", "--activations", "fp32", "--symmetric"], "1"),
                                              (["--group", "64", "--activations", "fp16"], "16,64")])
 def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, variant, batches):
-    """The specialisations the default run does not reach compile too: fp32 activations (two
-    strided loads instead of int32 pairs) with symmetric groups of 32, and fp16 activations
+    """The specialisations the default run does not reach compile too: fp32 activations (read as
+    they lie instead of as int32 pairs) with symmetric groups of 32, and fp16 activations
     (fp16 tensor cores, nibbles built in fp16) with groups of 64."""
     pytest.importorskip("triton")
     from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
