@@ -131,15 +131,21 @@ def prefill_candidates(m: int, k_steps: list[int]) -> list[dict]:
     return space
 
 
-def turned_prefill_candidates(m: int, square_stages: tuple[int, ...] = (3,)) -> list[dict]:
+def turned_prefill_candidates(m: int, k_steps: list[int], square_stages: tuple[int, ...] = (3,)) -> list[dict]:
     """Prefill tiles turned round (TRANSPOSED: out^T = W x^T, the weights the warpgroup MMA's first
-    operand, from registers; triton_w4a16.turned_tiles has the why), in K steps of 64: 128 x 128 on 8
-    warps at each of `square_stages`, and 256 x 128 above 128 rows or 64 x 128 on 4 warps split 2 and
-    4 up to 128 (few tiles there: K split for programs). The same tiles for INT4 and INT8."""
-    tiles = [(128, 128, 8, 1, st) for st in square_stages]
-    tiles += [(256, 128, 8, 1, 3)] if m > 128 else [(64, 128, 4, sk, 3) for sk in (2, 4)]
-    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": sk, "num_warps": w, "num_stages": st,
-             "TRANSPOSED": True} for bm, bn, w, sk, st in tiles]
+    operand, from registers; triton_w4a16.turned_tiles has the why) for the K steps a format allows.
+    In K steps of 64: 128 x 128 on 8 warps at each of `square_stages`, and 256 x 128 above 128 rows or
+    64 x 128 on 4 warps split 2 and 4 up to 128 (few tiles there: K split for programs). In K steps of
+    128, above 128 rows: 128 x 128 on 8 warps (INT4 passes 128 where its groups allow it; triton_w4a16.
+    _candidates has the counts)."""
+    tiles = []
+    if 64 in k_steps:
+        tiles += [(128, 128, 64, 8, 1, st) for st in square_stages]
+        tiles += [(256, 128, 64, 8, 1, 3)] if m > 128 else [(64, 128, 64, 4, sk, 3) for sk in (2, 4)]
+    if m > 128 and 128 in k_steps:
+        tiles += [(128, 128, 128, 8, 1, 3)]
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": st,
+             "TRANSPOSED": True} for bm, bn, bk, w, sk, st in tiles]
 
 
 DENSE = {"DENSE": 1}  # the launch config of prefill's dense route (kernels/triton_dequant.py)

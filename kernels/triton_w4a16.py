@@ -136,20 +136,15 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
                   for st in (3, 4)]
     # word tiles (word_dots, the default from K steps of 64) and the byte path they replaced, timed side by side
     space += [{**config, "WORD_DOTS": False} for config in space if runs_word_tiles(config)]
-    if 64 in steps:
-        # and turned round (turned_tiles): the weights as the warpgroup MMA's first operand, from registers, so
-        # its MMAs run on while the next K step is dequantised, where every word tile and byte tile waits for
-        # each MMA to finish (kernels_compile.py's mma_in_flight: 0 for those, 1 for these with Triton 3.9, 3 with
-        # 3.6). 128 x 128 x 64 with 8 warps takes 246 SASS instructions a step with 3.9 against the word tiles'
-        # 227 (3.6: 245 against 223; 125 registers, two programs an SM: pairs_loaded_twice).
-        space += turned_prefill_candidates(m, square_stages=(3, 4))
-    if m > 128 and 128 in steps:
-        # and in K steps of 128 above 128 rows: 424 instructions a step with 3.6 (412 with 3.9) against 2 x 245
-        # for the same work at 64, 7 MMA groups left in flight (3.9: 1), no spills, 189 registers (one program
-        # an SM): at the peak issue rate a step issues in about 0.83 of its MMAs' time (~1024 cycles), at 64 in 0.96.
-        space += [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3,
-                   "TRANSPOSED": True}]
-    return space
+    # and turned round (turned_tiles): the weights as the warpgroup MMA's first operand, from registers, so
+    # its MMAs run on while the next K step is dequantised, where every word tile and byte tile waits for
+    # each MMA to finish (kernels_compile.py's mma_in_flight: 0 for those, 1 for these with Triton 3.9, 3 with
+    # 3.6). 128 x 128 x 64 with 8 warps takes 246 SASS instructions a step with 3.9 against the word tiles'
+    # 227 (3.6: 245 against 223; 125 registers, two programs an SM: pairs_loaded_twice). Above 128 rows also
+    # in K steps of 128: 424 instructions a step with 3.6 (412 with 3.9) against 2 x 245 for the same work at
+    # 64, 7 MMA groups left in flight (3.9: 1), no spills, 189 registers (one program an SM): at the peak issue
+    # rate a step issues in about 0.83 of its MMAs' time (~1024 cycles), at 64 in 0.96.
+    return space + turned_prefill_candidates(m, steps, square_stages=(3, 4))
 
 
 def _grouped_candidates(group: int) -> list[dict]:

@@ -27,8 +27,9 @@ def _candidates(m: int) -> list[dict]:
     # and turned round (TRANSPOSED, out^T = W x^T; triton_w4a16.turned_tiles has the why): the converted
     # weights from registers keep the warpgroup MMA in flight while the next step is converted, where the
     # upright tiles wait for each (kernels_compile.py's mma_in_flight: 3 against 0 with Triton 3.6, 1 against
-    # 0 with 3.9), for more instructions a step (128 x 128 x 64, 8 warps: 260 against 169 with 3.6)
-    return prefill_candidates(m, [64, 128]) + turned_prefill_candidates(m)
+    # 0 with 3.9), for more instructions a step (128 x 128 x 64, 8 warps: 260 against 169 with 3.6). K steps
+    # of 64 only: the turned tile in K steps of 128 was compiled and reckoned for INT4 alone.
+    return prefill_candidates(m, [64, 128]) + turned_prefill_candidates(m, [64])
 
 
 # 16-row tiles on one warp (32 and 64 columns) and on two (128): 3.2-3.6 instructions per weight
