@@ -3,8 +3,10 @@
 The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K step, split and
 (INT4 at M = 1) loading ahead, with 4 warps (8 for INT4's 256 x 128 tensor-core tiles, 1 or 4 for
 its 8-row tiles turned round, 1 or 2 for the few-warp 16-row tiles: triton_common.few_warp_tiles)
-and 3 pipeline stages. This script times that space crossed with 2, 4 and 8 warps (each config also
-on its own; tiles turned round keep theirs: one a K step) and 3 or 4 stages, for W4A16 (INT4 groups
+and 3 pipeline stages. This script times that space (INT4: its whole decode space, with the 16-row
+tiles its tuner leaves to the tiles turned round up to 8 rows: triton_w4a16.turned_serves) crossed
+with 2, 4 and 8 warps (each config also on its own; tiles turned round keep theirs: one a K step)
+and 3 or 4 stages, for W4A16 (INT4 groups
 of 128) and W8A16 at decode sizes (M = 1 and 16) on Llama-shaped layers, with the tuner's own timer
 (one call in a CUDA graph, L2 flushed before each replay). Per shape and M it reports:
 - the tuner's best, the wider space's best, the best per warp count;
@@ -54,15 +56,24 @@ def tuner_space(fmt_name: str, m: int, k: int) -> list[dict]:
     return triton_w4a16._candidates(m, 128, k)
 
 
+def base_space(fmt_name: str, m: int, k: int) -> list[dict]:
+    """The configs the sweep crosses with warps and stages: the tuner's, and for INT4 its whole decode
+    space, with the 16-row tiles its tuner leaves out up to 8 rows (triton_w4a16.turned_serves), so
+    that each sweep weighs them against the tiles turned round again."""
+    from mpq.kernels import triton_w4a16
+
+    return tuner_space(fmt_name, m, k) if fmt_name == "int8" else triton_w4a16.decode_space(m, 128, k)
+
+
 def space(fmt_name: str, m: int, k: int, smoke: bool) -> list[dict]:
-    """The tuner's candidates for (format, M, K) crossed with WARPS x STAGES (W8A16's single-row
-    configs kept only where their accumulator fits the warps' registers, as the tuner keeps them),
-    and for INT4 the tuner's word_dots configs again on the byte path (WORD_DOTS=False) and with
+    """The tuner's candidates for (format, M, K; INT4's whole decode space) crossed with WARPS x
+    STAGES (W8A16's single-row configs kept only where their accumulator fits the warps' registers,
+    as the tuner keeps them), and for INT4 the word_dots configs again on the byte path (WORD_DOTS=False) and with
     their words in the order loaded (K_WIDTH=0)."""
     from mpq.kernels import triton_w8a16
     from mpq.kernels.triton_w4a16 import runs_word_dots
 
-    base = tuner_space(fmt_name, m, k)
+    base = base_space(fmt_name, m, k)
     configs = []
     for config in base:
         # tiles turned round keep their warps: one a K step (STACK); the others run their own and 2, 4 and 8
@@ -86,10 +97,12 @@ def without_ms(config: dict) -> dict:
     return {key: value for key, value in config.items() if key != "ms"}
 
 
-def bests(timed: list[dict], tuner: list[dict], fmt_name: str) -> dict:
-    """The fastest config of each kind among `timed` (configs of `fmt_name` with their "ms", fastest first)."""
+def bests(timed: list[dict], tuner: list[dict], fmt_name: str, base: list[dict] | None = None) -> dict:
+    """The fastest config of each kind among `timed` (configs of `fmt_name` with their "ms", fastest
+    first); `base`: the configs the sweep crossed with warps and stages (base_space; the tuner's if None)."""
     from mpq.kernels.triton_w4a16 import runs_word_dots
 
+    base = tuner if base is None else base
     in_tuner = [c for c in timed if without_ms(c) in tuner] or timed
     return {"tuner_best": in_tuner[0], "wide_best": timed[0],
             "best_per_warps": {w: next(c for c in timed if c["num_warps"] == w) for w in sorted({c["num_warps"] for c in timed})},
@@ -103,8 +116,9 @@ def bests(timed: list[dict], tuner: list[dict], fmt_name: str) -> dict:
             "best_long_steps": next((c for c in timed if takes_long_steps(c, fmt_name)), None),
             "best_single_row_one_group_a_step": next((c for c in timed if c["BLOCK_M"] == 1
                                                       and not takes_long_steps(c, fmt_name)), None),
-            # INT4 on the tensor cores: int32 words against bytes, over the same (tuner's) configs
-            "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in tuner), None),
+            # INT4 on the tensor cores: int32 words against bytes, over the same configs (base's, at their own
+            # warps and stages, as the byte path and the words as loaded are swept)
+            "best_word_dots": next((c for c in timed if runs_word_dots(c) and without_ms(c) in base), None),
             "best_byte_path": next((c for c in timed if c.get("WORD_DOTS") is False), None),
             "best_words_as_loaded": next((c for c in timed if c.get("K_WIDTH") == 0), None),
             # word_dots turned round (8-row tiles, M <= 8), against best_word_dots' 16-row tiles
@@ -143,7 +157,7 @@ def sweep(name: str, n: int, k: int, fmt_name: str, m: int, device: str, smoke: 
     if smoke or not timed:  # no timing, or no config the device could run (the row says how many failed)
         return row
     timed.sort(key=lambda c: c["ms"])
-    row.update(bests(timed, tuner_space(fmt_name, m, k), fmt_name))
+    row.update(bests(timed, tuner_space(fmt_name, m, k), fmt_name, base_space(fmt_name, m, k)))
     # the old split-K wrapper alone: zero an fp32 buffer, cast it back (what SPLIT_K > 1 added to a call
     # before the last program of a tile finished the sum in the kernel)
     row["split_wrapper_ms"] = gpu_time_ms(lambda: torch.zeros((m, n), device=device, dtype=torch.float32).to(x.dtype))

@@ -336,7 +336,9 @@ def main() -> None:
              n, k, group, args.arch, args.activations, args.symmetric)
             for name in ("w4a16",) + (() if comparing else ("w8a16",)) for m in map(int, args.batches.split(","))
             if not comparing or m <= 16
-            for config in (triton_w4a16._candidates(m, group, k) if name == "w4a16" else triton_w8a16._candidates(m))
+            # (a comparison compiles INT4's whole decode space: the 16-row tiles its tuner leaves out up to 8 rows too)
+            for config in (triton_w8a16._candidates(m) if name == "w8a16" else
+                           triton_w4a16.decode_space(m, group, k) if comparing else triton_w4a16._candidates(m, group, k))
             if not (args.byte_path and config.get("STEPS", 1) > 1)]  # several steps a pass: int32 words only
     every_split = len(jobs)
     if args.one_split:
@@ -348,7 +350,8 @@ def main() -> None:
     jobs += [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
              for name, configs in grouped.items() for config in configs]
     # Each config compiles on its own (Triton's passes, then ptxas and nvdisasm): one process per core.
-    pdl_jobs = [] if comparing else dependent_launch_samples(jobs)
+    # PDL only from sm_90 (griddepcontrol; triton_common.pdl_capable), so an A100's launches never take it
+    pdl_jobs = [] if comparing or args.arch < 90 else dependent_launch_samples(jobs)
     workers = max(1, min(args.jobs, len(jobs)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         rows = list(pool.map(compile_candidate, *zip(*jobs)))

@@ -87,7 +87,8 @@ def decode_candidates(m: int, k_steps: list[int], dot_k_step: int) -> list[dict]
     """The decode (M <= 16) launch space both kernels share: tile width, K step and split (1 = no
     atomics), which trade parallelism against atomics and the last program's sum. At M = 1 a few tl.dot configs (15 of
     their 16 rows masked) join the multiply-and-sum ones: the tensor cores do the multiply-adds that
-    would otherwise compete with dequantisation for issue slots, and the timer decides which wins."""
+    would otherwise compete with dequantisation for issue slots, and the timer decides which wins
+    (INT8's; INT4's tuner drops them where its 8-row tiles turned round serve: triton_w4a16.turned_serves)."""
     space = [{"BLOCK_M": block_m_for(m), "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
              for bn in (16, 32, 64, 128) for bk in k_steps for sk in (1, 2, 4, 8)]
     if m == 1:

@@ -9,10 +9,10 @@ group_scale_zero reads the pair as one int32; see word_dots), a stack of experts
 
 One kernel, two regimes picked by M (kernels/triton_common.regime):
 - gemv (M <= 16, memory-bound decode): BLOCK_M = 1 (single_row) reads the weights as int32
-  words and multiplies and sums on the FMA units, or BLOCK_M = 16 runs tl.dot (M in 2..16, and
-  timed against the former at M = 1; word_dots, which reads int32 words too, for K steps of 64 and
-  128, the byte path for groups of 32), or BLOCK_M = 8 runs word_dots turned round (TRANSPOSED: W
-  x^T, for M <= 8); split-K spreads the K loop over more programs so the whole
+  words and multiplies and sums on the FMA units, or BLOCK_M = 16 runs tl.dot (M in 9..16, and
+  from M = 1 where no tile turned round serves: turned_serves; word_dots, which reads int32 words
+  too, for K steps of 64 and 128, the byte path for groups of 32), or BLOCK_M = 8 runs word_dots
+  turned round (TRANSPOSED: W x^T, for M <= 8); split-K spreads the K loop over more programs so the whole
   GPU reads weights at once, partial sums meet through fp32 atomics. Both apply the scale to a
   sum of products, not to each weight.
 - gemm (M > 16, prefill): tiled tl.dot over (BLOCK_M, BLOCK_N), split-K up to 128 rows; from K steps
@@ -46,87 +46,15 @@ from mpq.kernels.triton_dequant import dequantize_int4
 
 
 def _candidates(m: int, group: int, k: int) -> list[dict]:
-    """A small, deliberate space: decode_candidates for M <= 16, prefill_candidates above (for a
-    layer of K inputs: single_row's long steps must divide it)."""
-    steps = k_steps(group)
+    """A small, deliberate space: decode_space for M <= 16 (less its 16-row tiles where the tiles
+    turned round serve: turned_serves), prefill_candidates above (for a layer of K inputs: single_row's
+    long steps must divide it)."""
     if regime(m) == "gemv":
-        # Decode steps K by the group's widest step only (128 for groups of 128 and up; a group of 64
-        # or 32 has one step anyway). On the H200 the 64-wide steps (32 bytes of a row) lost on every
-        # path the tuner runs: in run 2's INT4 M = 1 sweep each path's fastest 64-wide config (single
-        # row, loading ahead, 16-row tiles on words or bytes) took 1.09-1.44x its fastest 128-wide one
-        # on all three shapes, the best 64-wide of all 1.09-1.16x the fastest config; and all 39 INT4
-        # decode rows of runs 1 and 2 (M = 1, 4, 16; demo layers with K = 256 and 768 among them) chose
-        # 128 (benchmarks/gpu_decode_space.py --read results/decode-space-NVIDIA_H200.json; the
-        # rows' chosen_configs in results/kernels-NVIDIA_H200-*.json).
-        steps = steps[-1:]
-        space = decode_candidates(m, steps, steps[-1])
-        # Wider tensor-core tiles: word_dots' work on the step's activations (splitting and summing
-        # them, building the dot's A operand), which every warp does for the whole step, is shared by
-        # more columns a warp: 6.3 instructions per weight byte at 256 x 64 against 8.1 at 128 x 64,
-        # and in K steps of 128 (operand_order), 5.3 at 256 x 128 with 8 warps (32 columns a warp),
-        # 4.5 with 4 and 4.3 at 512 x 128 with 8 (64 a warp; Triton 3.9, kernels_compile.py; 3.6:
-        # 5.7, 5.0, 4.8), none spilling. Fewer programs: the timer weighs that against split-K.
-        space += [{"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 8 if bk > 64 else 4,
-                   "num_stages": 3} for bk in steps if bk >= 64 for sk in (1, 2, 4, 8)]
-        space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3}
-                  for bn, warps in ((256, 4), (512, 8)) if 128 in steps for sk in (1, 2, 4, 8)]
-        if m > 1 and 128 in steps and k % 256 == 0:
-            # 2 consecutive K steps a pass (STEPS): 128 bytes of each row a pass, where a step reads 64;
-            # 5-7% fewer instructions a weight byte (Triton 3.6: 5.60 against 6.00 at 128 x 128 with 4
-            # warps, 5.29 against 5.58 at 256 x 128 with 8), no spills, one program an SM fewer at 128
-            space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3,
-                       "STEPS": 2} for bn, warps in ((128, 4), (256, 8)) for sk in (1, 2, 4, 8)]
-        if m > 8 and 128 in steps:
-            # 16-row tiles on one warp (64 columns) or two (128): 5.7 and 5.2 instructions per weight
-            # byte against 8.5 and 6.0 on four (Triton 3.6), and on the H200 fewer warps ran faster at
-            # every such width (few_warp_tiles). Up to 8 rows the one-warp tiles turned round are leaner.
-            space += few_warp_tiles(((64, 128, 1), (128, 128, 2)))
-            if k % 256 == 0:  # and two K steps a pass on two warps: 4.96
-                space += few_warp_tiles(((128, 128, 2),), STEPS=2)
-            # The byte path (WORD_DOTS False) on 4-warp tiles 64 and 128 wide: in run 2's sweep on the H200
-            # (M = 1; a 16-row tile's work does not change up to 16 rows) it beat word_dots on the same tiles
-            # on all three shapes (64 wide: 15.8 / 35.2 / 34.1 us against 19.0 / 49.7 / 44.4; 128: 15.9 /
-            # 35.3 / 37.5 against 17.1 / 36.9 / 40.6) and on 14336 -> 4096 every 16-row word tile (34.1
-            # against 38.4), though it issues about 1.5x the instructions a weight byte (Triton 3.6: 12.9 against
-            # 8.5 at 64 wide): these tiles wait, and their instruction counts do not say which is faster.
-            space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
-                       "WORD_DOTS": False} for bn in (64, 128) for sk in (2, 4, 8)]
-        if m <= 8 and 128 in steps:
-            # word_dots turned round (TRANSPOSED, turned_word_dots): up to 8 rows of x in a tile of 8
-            # (accumulators, multiply-adds and the activations' split halved against a 16-row tile):
-            # 3.45 instructions per weight byte at 128 x 128 with one warp against 4.33 at the leanest
-            # 16-row tile (Triton 3.9; 3.6: 3.62 and 4.82; kernels_compile.py); and with 4 warps side
-            # by side along K (STACK), 3.86, for fewer programs splitting K over atomics.
-            space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": stack, "num_stages": 3,
-                       "TRANSPOSED": True, "STACK": stack}
-                      for stack, splits in ((1, (1, 2, 4, 8, 16)), (4, (1, 2, 4))) if stack in TURNED_STACKS
-                      for bn in (64, 128) for sk in splits]
-            # and one warp taking 2 consecutive K steps a pass (STEPS): 128 bytes of each row a pass where
-            # a step reads 64 (what STACK 4 does over 4 warps, which Triton 3.6 compiles badly), for
-            # 4.1 and 3.5 instructions per weight byte at 64 and 128 wide against 4.3 and 3.6 a step a
-            # pass (Triton 3.6 and 3.9), in 8 and 5 programs an SM against 14 and 8
-            if 1 in TURNED_STACKS and k % 256 == 0:
-                space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 1, "num_stages": 3,
-                           "TRANSPOSED": True, "STACK": 1, "STEPS": 2} for bn in (64, 128) for sk in (1, 2, 4, 8)]
-        if m == 1:
-            # (No 256-wide single row, which halves each thread's share of a step's activation work
-            # against 128 wide: on the H200 it was 1.17-1.34x the fastest config on all three shapes
-            # of run 2's sweep, the 128-wide one 1.00-1.04x.)
-            # The tile widths the H200 chose at M = 1 (32, 64) and the next, loading a step ahead
-            space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
-                       "PREFETCH": True} for bn in (32, 64, 128) for bk in steps for sk in (1, 2, 4, 8)]
-            # and in Triton's pipeline (PIPELINE: no plain load left in the loop), in K steps of the group's widest
-            space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": steps[-1], "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
-                       "PIPELINE": True} for bn in (32, 64, 128) for sk in (1, 2, 4, 8)]
-            # Long steps (long_steps): 128-256 bytes of each weight row a step, where every other INT4 path
-            # reads 64 (K steps of 128: half a 128-byte line) and INT8, which streamed at 3.2-3.9 TB/s on
-            # the H200 against INT4's 1.1-2.2, reads 128-256 (benchmarks/GPU_NOTES.md). Up to 4 groups a
-            # step (each group past the first costs two selects a word); 7.6-8.7 instructions per weight
-            # byte (Triton 3.6, sm_90), against 9.7 for the 64-wide single row with 64-byte steps.
-            space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
-                       **ahead} for bk in (256, 512) if group < bk <= 4 * group and bk % group == 0 and k % bk == 0
-                      for bn, ahead in ((32, {}), (64, {}), (32, {"PREFETCH": True})) for sk in (1, 2, 4, 8)]
+        space = decode_space(m, group, k)
+        if turned_serves(m, k_steps(group)):
+            space = [config for config in space if config["BLOCK_M"] != 16]
         return space
+    steps = k_steps(group)
     space = prefill_candidates(m, steps)
     if m > 128 and 64 in steps:
         # 256 rows a tile: twice the multiply-adds of 128 x 128 for the same dequantised weights
@@ -145,6 +73,109 @@ def _candidates(m: int, group: int, k: int) -> list[dict]:
     # 64, 7 MMA groups left in flight (3.9: 1), no spills, 189 registers (one program an SM): at the peak issue
     # rate a step issues in about 0.83 of its MMAs' time (~1024 cycles), at 64 in 0.96.
     return space + turned_prefill_candidates(m, steps, square_stages=(3, 4))
+
+
+def decode_space(m: int, group: int, k: int) -> list[dict]:
+    """Every INT4 decode config (M <= 16) for a layer of K inputs, the 16-row tiles included where
+    _candidates leaves them out (turned_serves); gpu_decode_space.py sweeps it whole."""
+    steps = k_steps(group)
+    # Decode steps K by the group's widest step only (128 for groups of 128 and up; a group of 64
+    # or 32 has one step anyway). On the H200 the 64-wide steps (32 bytes of a row) lost on every
+    # path the tuner runs: in run 2's INT4 M = 1 sweep each path's fastest 64-wide config (single
+    # row, loading ahead, 16-row tiles on words or bytes) took 1.09-1.44x its fastest 128-wide one
+    # on all three shapes, the best 64-wide of all 1.09-1.16x the fastest config; and all 39 INT4
+    # decode rows of runs 1 and 2 (M = 1, 4, 16; demo layers with K = 256 and 768 among them) chose
+    # 128 (benchmarks/gpu_decode_space.py --read results/decode-space-NVIDIA_H200.json; the
+    # rows' chosen_configs in results/kernels-NVIDIA_H200-*.json).
+    steps = steps[-1:]
+    space = decode_candidates(m, steps, steps[-1])
+    # Wider tensor-core tiles: word_dots' work on the step's activations (splitting and summing
+    # them, building the dot's A operand), which every warp does for the whole step, is shared by
+    # more columns a warp: 6.3 instructions per weight byte at 256 x 64 against 8.1 at 128 x 64,
+    # and in K steps of 128 (operand_order), 5.3 at 256 x 128 with 8 warps (32 columns a warp),
+    # 4.5 with 4 and 4.3 at 512 x 128 with 8 (64 a warp; Triton 3.9, kernels_compile.py; 3.6:
+    # 5.7, 5.0, 4.8), none spilling. Fewer programs: the timer weighs that against split-K.
+    space += [{"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 8 if bk > 64 else 4,
+               "num_stages": 3} for bk in steps if bk >= 64 for sk in (1, 2, 4, 8)]
+    space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3}
+              for bn, warps in ((256, 4), (512, 8)) if 128 in steps for sk in (1, 2, 4, 8)]
+    if m > 1 and 128 in steps and k % 256 == 0:
+        # 2 consecutive K steps a pass (STEPS): 128 bytes of each row a pass, where a step reads 64;
+        # 5-7% fewer instructions a weight byte (Triton 3.6: 5.60 against 6.00 at 128 x 128 with 4
+        # warps, 5.29 against 5.58 at 256 x 128 with 8), no spills, one program an SM fewer at 128
+        space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": warps, "num_stages": 3,
+                   "STEPS": 2} for bn, warps in ((128, 4), (256, 8)) for sk in (1, 2, 4, 8)]
+    if m > 8 and 128 in steps:
+        # 16-row tiles on one warp (64 columns) or two (128): 5.7 and 5.2 instructions per weight
+        # byte against 8.5 and 6.0 on four (Triton 3.6), and on the H200 fewer warps ran faster at
+        # every such width (few_warp_tiles). Up to 8 rows the one-warp tiles turned round are leaner.
+        space += few_warp_tiles(((64, 128, 1), (128, 128, 2)))
+        if k % 256 == 0:  # and two K steps a pass on two warps: 4.96
+            space += few_warp_tiles(((128, 128, 2),), STEPS=2)
+        # The byte path (WORD_DOTS False) on 4-warp tiles 64 and 128 wide: in run 2's sweep on the H200
+        # (M = 1; a 16-row tile's work does not change up to 16 rows) it beat word_dots on the same tiles
+        # on all three shapes (64 wide: 15.8 / 35.2 / 34.1 us against 19.0 / 49.7 / 44.4; 128: 15.9 /
+        # 35.3 / 37.5 against 17.1 / 36.9 / 40.6) and on 14336 -> 4096 every 16-row word tile (34.1
+        # against 38.4), though it issues about 1.5x the instructions a weight byte (Triton 3.6: 12.9 against
+        # 8.5 at 64 wide): these tiles wait, and their instruction counts do not say which is faster.
+        space += [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
+                   "WORD_DOTS": False} for bn in (64, 128) for sk in (2, 4, 8)]
+    if m <= 8 and 128 in steps:
+        # word_dots turned round (TRANSPOSED, turned_word_dots): up to 8 rows of x in a tile of 8
+        # (accumulators, multiply-adds and the activations' split halved against a 16-row tile):
+        # 3.45 instructions per weight byte at 128 x 128 with one warp against 4.33 at the leanest
+        # 16-row tile (Triton 3.9; 3.6: 3.62 and 4.82; kernels_compile.py); and with 4 warps side
+        # by side along K (STACK), 3.86, for fewer programs splitting K over atomics.
+        space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": stack, "num_stages": 3,
+                   "TRANSPOSED": True, "STACK": stack}
+                  for stack, splits in ((1, (1, 2, 4, 8, 16)), (4, (1, 2, 4))) if stack in TURNED_STACKS
+                  for bn in (64, 128) for sk in splits]
+        # and one warp taking 2 consecutive K steps a pass (STEPS): 128 bytes of each row a pass where
+        # a step reads 64 (what STACK 4 does over 4 warps, which Triton 3.6 compiles badly), for
+        # 4.1 and 3.5 instructions per weight byte at 64 and 128 wide against 4.3 and 3.6 a step a
+        # pass (Triton 3.6 and 3.9), in 8 and 5 programs an SM against 14 and 8
+        if 1 in TURNED_STACKS and k % 256 == 0:
+            space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": 1, "num_stages": 3,
+                       "TRANSPOSED": True, "STACK": 1, "STEPS": 2} for bn in (64, 128) for sk in (1, 2, 4, 8)]
+    if m == 1:
+        # (No 256-wide single row, which halves each thread's share of a step's activation work
+        # against 128 wide: on the H200 it was 1.17-1.34x the fastest config on all three shapes
+        # of run 2's sweep, the 128-wide one 1.00-1.04x.)
+        # The tile widths the H200 chose at M = 1 (32, 64) and the next, loading a step ahead
+        space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
+                   "PREFETCH": True} for bn in (32, 64, 128) for bk in steps for sk in (1, 2, 4, 8)]
+        # and in Triton's pipeline (PIPELINE: no plain load left in the loop), in K steps of the group's widest
+        space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": steps[-1], "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
+                   "PIPELINE": True} for bn in (32, 64, 128) for sk in (1, 2, 4, 8)]
+        # Long steps (long_steps): 128-256 bytes of each weight row a step, where every other INT4 path
+        # reads 64 (K steps of 128: half a 128-byte line) and INT8, which streamed at 3.2-3.9 TB/s on
+        # the H200 against INT4's 1.1-2.2, reads 128-256 (benchmarks/GPU_NOTES.md). Up to 4 groups a
+        # step (each group past the first costs two selects a word); 7.6-8.7 instructions per weight
+        # byte (Triton 3.6, sm_90), against 9.7 for the 64-wide single row with 64-byte steps.
+        space += [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3,
+                   **ahead} for bk in (256, 512) if group < bk <= 4 * group and bk % group == 0 and k % bk == 0
+                  for bn, ahead in ((32, {}), (64, {}), (32, {"PREFETCH": True})) for sk in (1, 2, 4, 8)]
+    return space
+
+
+def turned_serves(m: int, steps: list[int]) -> bool:
+    """Whether the 8-row tiles turned round stand in for every 16-row tensor-core tile at M rows: up
+    to 8 rows, where a group holds a K step of 128 and this Triton compiles them (TURNED_STACKS).
+
+    There a turned tile does a 16-row tile's work with half its MMAs (x's rows are the MMA's 8-wide
+    side, not 16 of which 8 or more are masked), half its accumulators and half the activations'
+    split: 3.6 instructions per weight byte at 8 x 128 x 128 on one warp against 4.6-4.7 for the
+    leanest 16-row tile, 512 x 128 on 8 warps, whose loop is the same at M = 1 and 16 (sm_90 with
+    Triton 3.6 and 3.9, sm_80 with 3.9: 3.59 against 4.64; kernels_compile.py). On the H200 no 16-row tile was chosen at
+    M <= 8 once the turned tiles were offered: run 2 took them on all five shapes at M = 4 (and on
+    two at M = 1, the single row on three), and its M = 1 sweep put each shape's fastest 16-row tile
+    at 1.23-1.31x its fastest config, the fastest turned one at 1.04-1.09x
+    (results/decode-space-NVIDIA_H200.json, kernels-NVIDIA_H200-*.json). Timing the 16-row tiles
+    anyway cost the tuner 24 candidates at M = 1 (112 -> 88 with Triton 3.9) and 36 at M = 2-8 (60 ->
+    24), each compiled and timed on every layer shape's first call (benchmarks/first_call.py, 2
+    cores: 31.2 -> 24.4 s at M = 1, 24.2 -> 12.5 s at M = 4). The decode-space sweep keeps them
+    (decode_space)."""
+    return m <= 8 and 128 in steps and bool(TURNED_STACKS)
 
 
 def _grouped_candidates(group: int) -> list[dict]:

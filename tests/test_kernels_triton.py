@@ -208,7 +208,8 @@ def test_w4a16_word_dots_take_two_k_steps_a_pass(fmt_name, n, k, m, block_n, spl
 def test_w4a16_steps_a_pass_are_refused_where_they_would_run_past_k_or_off_their_path():
     """STEPS x BLOCK_K must divide K (no mask along K) and only the tensor-core decode tiles of int32
     words take them (word_dots, or turned round on one warp); the tuner offers 2 steps a pass where 256
-    divides K: turned round at M <= 8 where this Triton takes one-warp tiles, 16-row tiles from M = 2."""
+    divides K: turned round at M <= 8 where this Triton takes one-warp tiles, 16-row tiles from M = 9
+    (from M = 2 where no tile turned round serves)."""
     from mpq.kernels.triton_w4a16 import TURNED_STACKS, _candidates, w4a16_linear
 
     fmt, t, x, _ = _inputs("int4-g128", 16, 640, 3, torch.bfloat16, seed=5)
@@ -225,9 +226,11 @@ def test_w4a16_steps_a_pass_are_refused_where_they_would_run_past_k_or_off_their
     stepping = lambda m, k, turned: [c for c in _candidates(m, 128, k) if c.get("STEPS", 1) > 1 and bool(c.get("TRANSPOSED")) == turned]
     assert all(len(stepping(m, 4096, True)) == (8 if 1 in TURNED_STACKS and m <= 8 else 0) for m in (1, 4, 8, 16))
     # (from M = 9 also on two warps: triton_common.few_warp_tiles)
-    assert all(len(stepping(m, 4096, False)) == (8 if m > 1 else 0) + (5 if m > 8 else 0) for m in (1, 4, 8, 16))
-    assert not stepping(4, 640, True) and not stepping(4, 640, False) and not stepping(64, 4096, False)
-    assert len(stepping(4, 11008, False)) == 8
+    # (16-row tiles up to 8 rows only where no tile turned round serves: turned_serves)
+    assert all(len(stepping(m, 4096, False)) == (8 if m > 8 or m > 1 and not TURNED_STACKS else 0) + (5 if m > 8 else 0)
+               for m in (1, 4, 8, 16))
+    assert not stepping(4, 640, True) and not stepping(16, 640, False) and not stepping(64, 4096, False)
+    assert len(stepping(16, 11008, False)) == 13
 
 
 SCALE_LAYOUT_PATHS = {
@@ -311,6 +314,26 @@ def test_w4a16_decode_space_turns_round_up_to_8_rows():
     assert all(len(turned(m, 128)) == len(turned(1, 128)) for m in (2, 4, 8)) and not turned(16, 128) and not turned(1, 64)
     assert all(c["BLOCK_M"] == 8 and c["BLOCK_K"] == 128 and c["num_warps"] == c["STACK"] for c in turned(1, 128))
 
+
+def test_w4a16_decode_space_leaves_16_row_tiles_to_the_tiles_turned_round_up_to_8_rows(monkeypatch):
+    """Up to 8 rows, where the 8-row tiles turned round are offered (K steps of 128, a Triton that
+    compiles them), the tuner times no 16-row tile: every other decode config stays, and from 9 rows,
+    for groups under 128 or a Triton without the turned tiles, the space is decode_space whole."""
+    from mpq.kernels import triton_w4a16
+    from mpq.kernels.triton_w4a16 import _candidates, decode_space, turned_serves
+
+    rows = lambda configs: {c["BLOCK_M"] for c in configs}
+    for m in (1, 2, 4, 8):
+        whole, tuned = decode_space(m, 128, 4096), _candidates(m, 128, 4096)
+        assert turned_serves(m, [64, 128]) and rows(tuned) == ({1, 8} if m == 1 else {8}) and 16 in rows(whole)
+        assert tuned == [c for c in whole if c["BLOCK_M"] != 16] and len(whole) - len(tuned) == (24 if m == 1 else 36)
+    assert len(_candidates(1, 128, 4096)) == len(decode_space(1, 128, 4096)) - 24
+    for m, group in ((9, 128), (16, 128), (1, 64), (4, 64), (4, 32)):
+        assert not turned_serves(m, triton_w4a16.k_steps(group))
+        assert _candidates(m, group, 4096) == decode_space(m, group, 4096) and 16 in rows(_candidates(m, group, 4096))
+    monkeypatch.setattr(triton_w4a16, "TURNED_STACKS", ())  # Triton 3.4 and 3.5: no tile turned round
+    assert _candidates(4, 128, 4096) == decode_space(4, 128, 4096) and rows(_candidates(4, 128, 4096)) == {16}
+    assert rows(_candidates(1, 128, 4096)) == {1, 16}
 
 def test_decode_spaces_hold_16_row_tiles_on_one_or_two_warps():
     """The tuner times 16-row tiles on one warp (32-64 columns) and on two (128), split 1-16: INT8 at
