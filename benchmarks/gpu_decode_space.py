@@ -6,9 +6,9 @@ its 8-row tiles turned round, 1 or 2 for the few-warp 16-row tiles: triton_commo
 and 3 pipeline stages. This script times that space (INT4: its whole decode space, with the 16-row
 tiles its tuner leaves to the tiles turned round up to 8 rows: triton_w4a16.turned_serves) crossed
 with 2, 4 and 8 warps (each config also on its own; tiles turned round keep theirs: one a K step)
-and 3 or 4 stages, for W4A16 (INT4 groups
-of 128) and W8A16 at decode sizes (M = 1 and 16) on Llama-shaped layers, with the tuner's own timer
-(one call in a CUDA graph, L2 flushed before each replay). Per shape and M it reports:
+and 3 or 4 stages, for W4A16 (INT4 groups of 128) and W8A16 at decode sizes (M = 1 and 16) on
+Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 flushed before each
+replay). Per shape and M it reports:
 - the tuner's best, the wider space's best, the best per warp count;
 - the best single-row INT4 config at M = 1 with and without PREFETCH, and in Triton's pipeline (PIPELINE);
   and with long steps (2-4 groups a K step: 128-256 bytes of each row, triton_w4a16.long_steps) against
@@ -66,10 +66,10 @@ def base_space(fmt_name: str, m: int, k: int) -> list[dict]:
 
 
 def space(fmt_name: str, m: int, k: int, smoke: bool) -> list[dict]:
-    """The tuner's candidates for (format, M, K; INT4's whole decode space) crossed with WARPS x
-    STAGES (W8A16's single-row configs kept only where their accumulator fits the warps' registers,
-    as the tuner keeps them), and for INT4 the word_dots configs again on the byte path (WORD_DOTS=False) and with
-    their words in the order loaded (K_WIDTH=0)."""
+    """base_space for (format, M, K) crossed with WARPS x STAGES (W8A16's single-row configs kept
+    only where their accumulator fits the warps' registers, as the tuner keeps them), and for INT4
+    its word_dots configs again on the byte path (WORD_DOTS=False) and with their words in the order
+    loaded (K_WIDTH=0)."""
     from mpq.kernels import triton_w8a16
     from mpq.kernels.triton_w4a16 import runs_word_dots
 

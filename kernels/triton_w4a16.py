@@ -123,9 +123,9 @@ def decode_space(m: int, group: int, k: int) -> list[dict]:
     if m <= 8 and 128 in steps:
         # word_dots turned round (TRANSPOSED, turned_word_dots): up to 8 rows of x in a tile of 8
         # (accumulators, multiply-adds and the activations' split halved against a 16-row tile):
-        # 3.45 instructions per weight byte at 128 x 128 with one warp against 4.33 at the leanest
-        # 16-row tile (Triton 3.9; 3.6: 3.62 and 4.82; kernels_compile.py); and with 4 warps side
-        # by side along K (STACK), 3.86, for fewer programs splitting K over atomics.
+        # 3.6 instructions per weight byte at 128 x 128 with one warp against 4.6-4.7 at the leanest
+        # 16-row tile (turned_serves); and with 4 warps side by side along K (STACK), 3.9, for fewer
+        # programs splitting K over atomics.
         space += [{"BLOCK_M": 8, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk, "num_warps": stack, "num_stages": 3,
                    "TRANSPOSED": True, "STACK": stack}
                   for stack, splits in ((1, (1, 2, 4, 8, 16)), (4, (1, 2, 4))) if stack in TURNED_STACKS
