@@ -166,11 +166,11 @@ def turned_serves(m: int, steps: list[int]) -> bool:
     side, not 16 of which 8 or more are masked), half its accumulators and half the activations'
     split: 3.6 instructions per weight byte at 8 x 128 x 128 on one warp against 4.6-4.7 for the
     leanest 16-row tile, 512 x 128 on 8 warps, whose loop is the same at M = 1 and 16 (sm_90 with
-    Triton 3.6 and 3.9, sm_80 with 3.9: 3.59 against 4.64; kernels_compile.py). On the H200 no 16-row tile was chosen at
-    M <= 8 once the turned tiles were offered: run 2 took them on all five shapes at M = 4 (and on
-    two at M = 1, the single row on three), and its M = 1 sweep put each shape's fastest 16-row tile
-    at 1.23-1.31x its fastest config, the fastest turned one at 1.04-1.09x
-    (results/decode-space-NVIDIA_H200.json, kernels-NVIDIA_H200-*.json). Timing the 16-row tiles
+    Triton 3.6 and 3.9, sm_80 with 3.9: 3.59 against 4.64; kernels_compile.py). On the H200 no
+    16-row tile was chosen at M <= 8 once the turned tiles were offered: run 2 took them on all five
+    shapes at M = 4 (and on two at M = 1, the single row on three), and its M = 1 sweep put each
+    shape's fastest 16-row tile at 1.23-1.31x its fastest config, the fastest turned one at
+    1.04-1.09x (results/decode-space-NVIDIA_H200.json, kernels-NVIDIA_H200-*.json). Timing the 16-row tiles
     anyway cost the tuner 24 candidates at M = 1 (112 -> 88 with Triton 3.9) and 36 at M = 2-8 (60 ->
     24), each compiled and timed on every layer shape's first call (benchmarks/first_call.py, 2
     cores: 31.2 -> 24.4 s at M = 1, 24.2 -> 12.5 s at M = 4). The decode-space sweep keeps them

@@ -327,7 +327,6 @@ def test_w4a16_decode_space_leaves_16_row_tiles_to_the_tiles_turned_round_up_to_
         whole, tuned = decode_space(m, 128, 4096), _candidates(m, 128, 4096)
         assert turned_serves(m, [64, 128]) and rows(tuned) == ({1, 8} if m == 1 else {8}) and 16 in rows(whole)
         assert tuned == [c for c in whole if c["BLOCK_M"] != 16] and len(whole) - len(tuned) == (24 if m == 1 else 36)
-    assert len(_candidates(1, 128, 4096)) == len(decode_space(1, 128, 4096)) - 24
     for m, group in ((9, 128), (16, 128), (1, 64), (4, 64), (4, 32)):
         assert not turned_serves(m, triton_w4a16.k_steps(group))
         assert _candidates(m, group, 4096) == decode_space(m, group, 4096) and 16 in rows(_candidates(m, group, 4096))
