@@ -78,11 +78,11 @@ def first_calls(m: int, n: int, k: int, configs: int) -> list[dict]:
     triton_tuning.gpu_time_ms = timer
     if configs:  # an evenly spread subset of each space, split-K and not
         for module in (triton_w4a16, triton_w8a16):
-            def spread(*key, space=module._candidates) -> list[dict]:
+            def spread(*key, space=module.tuner_space) -> list[dict]:
                 full = space(*key)
                 return full[::max(1, len(full) // configs)][:configs]
 
-            module._candidates = spread
+            module.tuner_space = spread
     torch.manual_seed(0)
     x = torch.randn(m, k, dtype=torch.bfloat16)
     rows = []

@@ -4,18 +4,18 @@ The tuner (mpq.kernels.triton_tuning) picks among a small space: tile width, K s
 (INT4 at M = 1) loading ahead, with 4 warps (8 for INT4's 256 x 128 tensor-core tiles, 1 or 4 for
 its 8-row tiles turned round, 1 or 2 for the few-warp 16-row tiles: triton_common.few_warp_tiles)
 and 3 pipeline stages. This script times that space (INT4: its whole decode space, with the 16-row
-tiles its tuner leaves to the tiles turned round up to 8 rows: triton_w4a16.turned_serves) crossed
+tiles its tuner leaves to the tiles turned round up to 8 rows: triton_w4a16_configs.turned_serves) crossed
 with 2, 4 and 8 warps (each config also on its own; tiles turned round keep theirs: one a K step)
 and 3 or 4 stages, for W4A16 (INT4 groups of 128) and W8A16 at decode sizes (M = 1 and 16) on
 Llama-shaped layers, with the tuner's own timer (one call in a CUDA graph, L2 flushed before each
 replay). Per shape and M it reports:
 - the tuner's best, the wider space's best, the best per warp count;
 - the best single-row INT4 config at M = 1 with and without PREFETCH, and in Triton's pipeline (PIPELINE);
-  and with long steps (2-4 groups a K step: 128-256 bytes of each row, triton_w4a16.long_steps) against
+  and with long steps (2-4 groups a K step: 128-256 bytes of each row, triton_w4a16_configs.long_steps) against
   steps of one group (64 bytes);
 - the best INT4 tensor-core config reading int32 words (word_dots) against the same configs on the
   byte path (WORD_DOTS=False) and with each step's words in the order they were loaded (K_WIDTH=0,
-  not in the tensor cores' operand order: triton_w4a16.operand_order), both at the tuner's warps
+  not in the tensor cores' operand order: triton_w4a16_bits.operand_order), both at the tuner's warps
   and stages only;
 - the best 8-row tile turned round (TRANSPOSED, M <= 8) against the best 16-row word_dots tile;
 - the time of the old split-K wrapper alone (zero an fp32 buffer, cast it back: the two launches a
@@ -49,20 +49,20 @@ STAGES = (3, 4)
 
 def tuner_space(fmt_name: str, m: int, k: int) -> list[dict]:
     """The tuner's candidates for (format, M) on a layer of K inputs (W8A16's before its single-row filter)."""
-    from mpq.kernels import triton_w4a16, triton_w8a16
+    from mpq.kernels import triton_w4a16_configs, triton_w8a16
 
     if fmt_name == "int8":
         return triton_w8a16.decode_space(m)  # filtered in space(), per warp count
-    return triton_w4a16._candidates(m, 128, k)
+    return triton_w4a16_configs.tuner_space(m, 128, k)
 
 
 def base_space(fmt_name: str, m: int, k: int) -> list[dict]:
     """The configs the sweep crosses with warps and stages: the tuner's, and for INT4 its whole decode
-    space, with the 16-row tiles its tuner leaves out up to 8 rows (triton_w4a16.turned_serves), so
+    space, with the 16-row tiles its tuner leaves out up to 8 rows (triton_w4a16_configs.turned_serves), so
     that each sweep weighs them against the tiles turned round again."""
-    from mpq.kernels import triton_w4a16
+    from mpq.kernels import triton_w4a16_configs
 
-    return tuner_space(fmt_name, m, k) if fmt_name == "int8" else triton_w4a16.decode_space(m, 128, k)
+    return tuner_space(fmt_name, m, k) if fmt_name == "int8" else triton_w4a16_configs.decode_space(m, 128, k)
 
 
 def space(fmt_name: str, m: int, k: int, smoke: bool) -> list[dict]:
@@ -71,7 +71,7 @@ def space(fmt_name: str, m: int, k: int, smoke: bool) -> list[dict]:
     its word_dots configs again on the byte path (WORD_DOTS=False) and with their words in the order
     loaded (K_WIDTH=0)."""
     from mpq.kernels import triton_w8a16
-    from mpq.kernels.triton_w4a16 import runs_word_dots
+    from mpq.kernels.triton_w4a16_configs import runs_word_dots
 
     base = base_space(fmt_name, m, k)
     configs = []
@@ -100,7 +100,7 @@ def without_ms(config: dict) -> dict:
 def bests(timed: list[dict], tuner: list[dict], fmt_name: str, base: list[dict] | None = None) -> dict:
     """The fastest config of each kind among `timed` (configs of `fmt_name` with their "ms", fastest
     first); `base`: the configs the sweep crossed with warps and stages (base_space; the tuner's if None)."""
-    from mpq.kernels.triton_w4a16 import runs_word_dots
+    from mpq.kernels.triton_w4a16_configs import runs_word_dots
 
     base = tuner if base is None else base
     in_tuner = [c for c in timed if without_ms(c) in tuner] or timed

@@ -164,7 +164,7 @@ def one_line(error: Exception) -> str:
 def split_configs(fmt_name: str, smoke: bool) -> dict[str, dict]:
     """Split-K launch configs to check call after call (split_sums_check): INT4's 16-row tile and,
     where this Triton takes them, its tiles turned round with one warp and with 4 along K; INT8's."""
-    from mpq.kernels.triton_w4a16 import TURNED_STACKS
+    from mpq.kernels.triton_w4a16_configs import TURNED_STACKS
 
     wide, split = (16, 2) if smoke else (128, 8)
     common = {"BLOCK_N": wide, "BLOCK_K": 128, "SPLIT_K": split, "num_stages": 3}
@@ -226,9 +226,9 @@ def route(config: dict, fmt_name: str) -> str:
 
 def takes_long_steps(config: dict, fmt_name: str) -> bool:
     """Whether an INT4 launch config of a group-wise format runs single_row's long steps (several
-    groups a K step: triton_w4a16.long_steps). Never an INT8 one, whose single row also takes K steps of 256."""
+    groups a K step: triton_w4a16_configs.long_steps). Never an INT8 one, whose single row also takes K steps of 256."""
     from mpq.formats import get_format
-    from mpq.kernels.triton_w4a16 import long_steps
+    from mpq.kernels.triton_w4a16_configs import long_steps
 
     group = get_format(fmt_name).group_size if fmt_name.startswith("int4") else None
     return group is not None and long_steps(config, group)
@@ -236,7 +236,7 @@ def takes_long_steps(config: dict, fmt_name: str) -> bool:
 
 def code_path(config: dict, fmt_name: str) -> str:
     """Which code path of the kernel a launch config runs, without its tile."""
-    from mpq.kernels.triton_w4a16 import runs_turned_tiles, runs_word_dots, runs_word_tiles
+    from mpq.kernels.triton_w4a16_configs import runs_turned_tiles, runs_word_dots, runs_word_tiles
 
     int4 = fmt_name.startswith("int4")
     if config.get("DENSE"):

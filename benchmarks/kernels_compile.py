@@ -48,6 +48,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16  # noqa: E402
+from mpq.kernels import triton_w4a16_configs as w4_configs  # noqa: E402
+from mpq.kernels.triton_w4a16_scales import ZEROS_PAIRED  # noqa: E402
 from mpq.kernels.triton_tuning import usable_cores  # noqa: E402
 from sass_reading import (INSTRUCTION, MMA_A_IN_REGISTERS, dependent_launch_order, k_loop, load_waits,  # noqa: E402
                           mma_in_flight, opcode_counts)
@@ -161,9 +163,9 @@ def compile_candidate(name: str, m: int, config: dict, n: int, k: int, group: in
     half = DTYPES["fp16" if activations == "fp16" else "bf16"]  # the tensor cores' dtype (fp32 x goes as bf16)
     constexprs = {**tiles, "ATOMIC": atomic, "DOT_DTYPE": half, "GROUPED": grouped}
     if int4:
-        constexprs.update(GROUP=group, HAS_ZEROS=0 if symmetric else 1 if grouped else triton_w4a16.ZEROS_PAIRED, X_PAIRS=pairs,
+        constexprs.update(GROUP=group, HAS_ZEROS=0 if symmetric else 1 if grouped else ZEROS_PAIRED, X_PAIRS=pairs,
                           X_DTYPE=DTYPES[activations])
-        constexprs.setdefault("K_WIDTH", triton_w4a16.K_WIDTH)  # as the launcher passes it, unless the config pins it
+        constexprs.setdefault("K_WIDTH", w4_configs.K_WIDTH)  # as the launcher passes it, unless the config pins it
         constexprs["STAGES"] = config["num_stages"]  # as the launcher passes it (triton_common.takes_stages)
     kernel = (triton_dense_grouped._dense_grouped_kernel if dense else triton_w4a16._w4a16_kernel if int4
               else triton_w8a16._w8a16_kernel)
@@ -272,7 +274,7 @@ def dependent_launch_samples(jobs: list[tuple]) -> list[tuple]:
             continue
         group = rest[2]
         path = (name, m, config["BLOCK_M"] == 1, config.get("PREFETCH", False), config.get("PIPELINE", False),
-                name.startswith("w4a16") and triton_w4a16.long_steps(config, group), config.get("TRANSPOSED", False),
+                name.startswith("w4a16") and w4_configs.long_steps(config, group), config.get("TRANSPOSED", False),
                 config.get("STACK", 1), config.get("STEPS", 1), config.get("WORD_DOTS", True), config["SPLIT_K"] > 1)
         if path not in seen:
             seen.add(path)
@@ -337,16 +339,16 @@ def main() -> None:
             for name in ("w4a16",) + (() if comparing else ("w8a16",)) for m in map(int, args.batches.split(","))
             if not comparing or m <= 16
             # (a comparison compiles INT4's whole decode space: the 16-row tiles its tuner leaves out up to 8 rows too)
-            for config in (triton_w8a16._candidates(m) if name == "w8a16" else
-                           triton_w4a16.decode_space(m, group, k) if comparing else triton_w4a16._candidates(m, group, k))
+            for config in (triton_w8a16.tuner_space(m) if name == "w8a16" else
+                           w4_configs.decode_space(m, group, k) if comparing else w4_configs.tuner_space(m, group, k))
             if not (args.byte_path and config.get("STEPS", 1) > 1)]  # several steps a pass: int32 words only
     every_split = len(jobs)
     if args.one_split:
         jobs = smallest_splits(jobs)
     left_out_splits = every_split - len(jobs)
     # a mixture's experts at decode: top-8 routes of one token, one row each, in one launch per format
-    grouped = {} if comparing else {"w4a16": triton_w4a16._grouped_candidates(group),
-                                    "w8a16": triton_w8a16._grouped_candidates(), "dense": triton_dense_grouped._candidates()}
+    grouped = {} if comparing else {"w4a16": w4_configs.grouped_space(group),
+                                    "w8a16": triton_w8a16.grouped_space(), "dense": triton_dense_grouped.grouped_space()}
     jobs += [(f"{name}-grouped", GROUPED_ROWS, config, n, k, group, args.arch, args.activations, args.symmetric)
              for name, configs in grouped.items() for config in configs]
     # Each config compiles on its own (Triton's passes, then ptxas and nvdisasm): one process per core.
@@ -396,7 +398,7 @@ def main() -> None:
     path = args.out / f"kernels-compile-sm{args.arch}{variant}.json"
     leanest = [{"kernel": kernel, "M": m, "instructions_per_weight_byte": r["instructions_per_weight_byte"],
                 "config": r["config"]} for (kernel, m), r in leanest_loops(rows).items()]
-    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "k_width": triton_w4a16.K_WIDTH, "group": group,
+    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "k_width": w4_configs.K_WIDTH, "group": group,
                                 "activations": args.activations, "symmetric": args.symmetric,
                                 "left_out_splits": left_out_splits,
                                 "leanest": leanest, "dequant": dequant, "rows": rows, "dependent_launch": pdl_rows},

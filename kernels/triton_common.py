@@ -88,7 +88,7 @@ def decode_candidates(m: int, k_steps: list[int], dot_k_step: int) -> list[dict]
     atomics), which trade parallelism against atomics and the last program's sum. At M = 1 a few tl.dot configs (15 of
     their 16 rows masked) join the multiply-and-sum ones: the tensor cores do the multiply-adds that
     would otherwise compete with dequantisation for issue slots, and the timer decides which wins
-    (INT8's; INT4's tuner drops them where its 8-row tiles turned round serve: triton_w4a16.turned_serves)."""
+    (INT8's; INT4's tuner drops them where its 8-row tiles turned round serve: triton_w4a16_configs.turned_serves)."""
     space = [{"BLOCK_M": block_m_for(m), "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": 3}
              for bn in (16, 32, 64, 128) for bk in k_steps for sk in (1, 2, 4, 8)]
     if m == 1:
@@ -137,8 +137,8 @@ def turned_prefill_candidates(m: int, k_steps: list[int], square_stages: tuple[i
     operand, from registers; triton_w4a16.turned_tiles has the why) for the K steps a format allows.
     In K steps of 64: 128 x 128 on 8 warps at each of `square_stages`, and 256 x 128 above 128 rows or
     64 x 128 on 4 warps split 2 and 4 up to 128 (few tiles there: K split for programs). In K steps of
-    128, above 128 rows: 128 x 128 on 8 warps (INT4 passes 128 where its groups allow it; triton_w4a16.
-    _candidates has the counts)."""
+    128, above 128 rows: 128 x 128 on 8 warps (INT4 passes 128 where its groups allow it; triton_w4a16_configs.
+    tuner_space has the counts)."""
     tiles = []
     if 64 in k_steps:
         tiles += [(128, 128, 64, 8, 1, st) for st in square_stages]

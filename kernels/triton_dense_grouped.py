@@ -26,7 +26,7 @@ def _fits(config: dict) -> bool:
     return config["BLOCK_N"] * config["BLOCK_K"] <= 128 * 32 * config["num_warps"]
 
 
-def _candidates() -> list[dict]:
+def grouped_space() -> list[dict]:
     # 16-bit weights: a 64-element K step is 128 bytes of a weight row, as W8A16's 128.
     return grouped_candidates([32, 64, 128], _fits)
 
@@ -66,4 +66,4 @@ def dense_grouped(x: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor, co
     check_grouped_config(config, slots)
     scalars = (x.shape[0], n, k, x.stride(0), weight.stride(-2), weight.stride(0))
     return launch(_dense_grouped_kernel, x, n, (weight, slots), scalars, {}, config,
-                  shape_key=(k, "grouped", weight.shape[0], weight.dtype), candidates=_candidates)
+                  shape_key=(k, "grouped", weight.shape[0], weight.dtype), candidates=grouped_space)

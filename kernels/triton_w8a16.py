@@ -20,8 +20,8 @@ from mpq.kernels.triton_common import (check_activation, check_grouped_config, c
 from mpq.kernels.triton_dequant import dequantize_int8
 
 
-def _candidates(m: int) -> list[dict]:
-    """As W4A16's: decode_candidates for M <= 16, prefill_candidates above."""
+def tuner_space(m: int) -> list[dict]:
+    """As W4A16's (triton_w4a16_configs.tuner_space): decode_candidates for M <= 16, prefill_candidates above."""
     if regime(m) == "gemv":
         return [c for c in decode_space(m) if c["BLOCK_M"] > 1 or _fits(c)]
     # and turned round (TRANSPOSED, out^T = W x^T; triton_w4a16.turned_tiles has the why): the converted
@@ -42,7 +42,8 @@ def decode_space(m: int) -> list[dict]:
     return decode_candidates(m, [128, 256], 128) + few_warp_tiles(FEW_WARP_TILES)
 
 
-def _grouped_candidates() -> list[dict]:
+def grouped_space() -> list[dict]:
+    """A stack of experts' configs (grouped_candidates), single rows that fit their registers (_fits)."""
     return grouped_candidates([64, 128, 256], _fits)
 
 
@@ -144,7 +145,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, config
     scalars = (x.shape[0], n, k, x.stride(0), qweight.stride(-2), *expert_strides)
     pointers = (qweight, scales, scales if slots is None else slots)  # one layer: the slots pointer goes unused
     shape_key = (k,) if slots is None else (k, "grouped", qweight.shape[0])
-    candidates = (lambda: _candidates(x.shape[0])) if slots is None else _grouped_candidates
+    candidates = (lambda: tuner_space(x.shape[0])) if slots is None else grouped_space
     # prefill's dense route, timed beside the fused configs (kernels/triton_dequant.py)
     dense = (lambda: F.linear(x, dequantize_int8(qweight, scales, x.dtype))) if slots is None and dense_route_fits(x, n, k) else None
     return launch(_w8a16_kernel, x, n, pointers, scalars, {"GROUPED": slots is not None}, config, shape_key=shape_key,

@@ -30,7 +30,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert len(report["rows"]) == 2 * 2 * 3 and all(r["rel_err"] < 1e-2 for r in report["rows"])
     # split-K calls in a row (the tiles turned round too, where this Triton takes them), each right and
     # leaving the kept sums and counters zeroed; the programs of the 4-along-K tile's second split find no step
-    from mpq.kernels.triton_w4a16 import TURNED_STACKS
+    from mpq.kernels.triton_w4a16_configs import TURNED_STACKS
 
     checks = report["split_sums"]
     assert len(checks) == 2 * (2 + len(TURNED_STACKS)) and all(c["calls"] == 3 for c in checks.values())
@@ -90,15 +90,15 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     byte path 9.1, their int32 words (word_dots) 5.9, in the tensor cores' operand order 5.3, and
     with 64 columns a warp 4.3)."""
     pytest.importorskip("triton")
-    from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
+    from mpq.kernels import triton_dense_grouped, triton_w4a16_configs, triton_w8a16
 
     run_benchmark("kernels_compile", "--one-split", "--out", str(tmp_path), timeout=1200)
     report = json.loads((tmp_path / "kernels-compile-sm90.json").read_text())
     rows = report["rows"]
-    candidates = [("w4a16", m, c) for m in (1, 16, 64, 512) for c in triton_w4a16._candidates(m, 128, 4096)]
-    candidates += [("w8a16", m, c) for m in (1, 16, 64, 512) for c in triton_w8a16._candidates(m)]
-    expected = len(candidates) + len(triton_w4a16._grouped_candidates(128)) + len(triton_w8a16._grouped_candidates())
-    expected += len(triton_dense_grouped._candidates())
+    candidates = [("w4a16", m, c) for m in (1, 16, 64, 512) for c in triton_w4a16_configs.tuner_space(m, 128, 4096)]
+    candidates += [("w8a16", m, c) for m in (1, 16, 64, 512) for c in triton_w8a16.tuner_space(m)]
+    expected = len(candidates) + len(triton_w4a16_configs.grouped_space(128)) + len(triton_w8a16.grouped_space())
+    expected += len(triton_dense_grouped.grouped_space())
     assert len(rows) + report["left_out_splits"] == expected and not any(r["problems"] for r in rows)
     # --one-split (to keep this test's time down) compiles each config unsplit and at its smallest split of K
     # alone: every tile, path and pipeline depth is still compiled, split and not
@@ -112,7 +112,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert {r["occupancy_bound"] for r in rows} <= {"registers", "shared", "warps", "blocks"}
     assert all(r["tensor_cores"] == (r["config"]["BLOCK_M"] > 1) for r in rows)
     # every decode path is timed at M = 1: single_row, and INT4's 8-row tiles turned round (its 16-row ones
-    # from 9 rows: triton_w4a16.turned_serves) or INT8's 16-row tiles
+    # from 9 rows: triton_w4a16_configs.turned_serves) or INT8's 16-row tiles
     at_one = lambda kernel: {r["config"]["BLOCK_M"] for r in rows if r["M"] == 1 and r["kernel"] == kernel}
     assert at_one("w4a16") == {1, 8} and at_one("w8a16") == {1, 16}
     # (read from the JSON: importing the script here would switch the interpreter off for later tests)
@@ -167,7 +167,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
                 for r in rows if r["kernel"] == "w4a16"}
     two_steps = [r for r in rows if r["kernel"] == "w4a16" and r["config"].get("STEPS", 1) == 2]
     one_step = lambda r: (r["M"], json.dumps({k: v for k, v in r["config"].items() if k != "STEPS"}, sort_keys=True))
-    assert len(two_steps) == 10 and all(r["instructions_per_weight_byte"] < per_byte[one_step(r)] for r in two_steps)
+    assert len(two_steps) == 8 and all(r["instructions_per_weight_byte"] < per_byte[one_step(r)] for r in two_steps)
     # 16-row tiles on one or two warps (triton_common.few_warp_tiles): fewer instructions a weight byte than
     # the same tile on four, where each warp builds the step's A operand for fewer columns (Triton 3.6:
     # INT8 16 x 32 x 128 3.5 against 5.5, INT4 16 x 64 x 128 5.7 against 8.5)
@@ -252,16 +252,16 @@ def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, varia
     they lie instead of as int32 pairs) with symmetric groups of 32, and fp16 activations
     (fp16 tensor cores, nibbles built in fp16) with groups of 64."""
     pytest.importorskip("triton")
-    from mpq.kernels import triton_dense_grouped, triton_w4a16, triton_w8a16
+    from mpq.kernels import triton_dense_grouped, triton_w4a16_configs, triton_w8a16
 
     run_benchmark("kernels_compile", *variant, "--batches", batches, "--one-split", "--out", str(tmp_path), timeout=1200)
     (path,) = tmp_path.glob("kernels-compile-sm90-g*.json")
     report = json.loads(path.read_text())
     group = int(variant[1])
-    expected = sum(len(triton_w4a16._candidates(m, group, 4096)) + len(triton_w8a16._candidates(m))
+    expected = sum(len(triton_w4a16_configs.tuner_space(m, group, 4096)) + len(triton_w8a16.tuner_space(m))
                    for m in map(int, batches.split(",")))
-    expected += len(triton_w4a16._grouped_candidates(group)) + len(triton_w8a16._grouped_candidates())
-    expected += len(triton_dense_grouped._candidates())
+    expected += len(triton_w4a16_configs.grouped_space(group)) + len(triton_w8a16.grouped_space())
+    expected += len(triton_dense_grouped.grouped_space())
     assert report["group"] == group and report["activations"] == variant[3]
     assert len(report["rows"]) + report["left_out_splits"] == expected and not any(r["problems"] for r in report["rows"] + report["dequant"])
 
@@ -767,7 +767,7 @@ def test_kernel_benchmark_times_int4_layers_laid_out_as_a_triton_layer_holds_the
     quantize_weight's row-major scales and zeros apart; every weight copy on its own storage keeps
     the pairing (a plain .to(device) of the two views would not). INT8 keeps its per-channel scales."""
     from mpq.formats import get_format
-    from mpq.kernels.triton_w4a16 import ZEROS_PAIRED, zeros_layout
+    from mpq.kernels.triton_w4a16_scales import ZEROS_PAIRED, zeros_layout
 
     kernels = benchmark_script("gpu_kernels")
     int4 = get_format("int4-g128")

@@ -165,7 +165,7 @@ def test_an_untuned_launch_times_every_candidate_and_runs_the_fastest(m, monkeyp
     if m > 16:
         candidates = [{**c, "BLOCK_M": 32, "SPLIT_K": 1, "BLOCK_N": bn} for c, bn in zip(candidates, (16, 32))]
     monkeypatch.setattr(w4, "interpreting", lambda: False)
-    monkeypatch.setattr(w4, "_candidates", lambda m, group, k: candidates)
+    monkeypatch.setattr(w4, "tuner_space", lambda m, group, k: candidates)
     outputs = []
 
     def fake_clock(call):
@@ -197,7 +197,7 @@ def test_prefill_takes_the_dense_route_where_it_times_fastest(fmt_name, monkeypa
     module = w8 if fmt_name == "int8" else w4
     monkeypatch.setattr(module, "interpreting", lambda: False)
     fused = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
-    monkeypatch.setattr(module, "_candidates", lambda m, group=None, k=None: [fused])
+    monkeypatch.setattr(module, "tuner_space", lambda m, group=None, k=None: [fused])
     timed = []
 
     def fake_clock(call):
@@ -235,9 +235,8 @@ def test_prefill_takes_the_dense_route_where_it_times_fastest(fmt_name, monkeypa
 def test_the_candidate_spaces_fit_a_gpu():
     """Every candidate a GPU would time is launchable there: power-of-two tiles, a K step inside
     one group, and tl.dot operands of 16+ along each side."""
-    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
-    from mpq.kernels.triton_w4a16 import long_steps
-    from mpq.kernels.triton_w8a16 import _candidates as w8_candidates
+    from mpq.kernels.triton_w4a16_configs import long_steps, tuner_space as w4_candidates
+    from mpq.kernels.triton_w8a16 import tuner_space as w8_candidates
 
     for m in (1, 4, 16, 64, 512):
         for group in (32, 64, 128, 4096, 96):
@@ -260,8 +259,7 @@ def test_int4_decode_steps_k_by_the_groups_widest_step():
     """At M <= 16 every INT4 candidate steps K by 128 where the group allows it (or by whole groups:
     single_row's long steps), never by 64, which lost on every decode path on the H200; the 256-wide
     single row, which lost on all three of its shapes, is gone. Prefill keeps both K steps."""
-    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
-    from mpq.kernels.triton_w4a16 import long_steps
+    from mpq.kernels.triton_w4a16_configs import long_steps, tuner_space as w4_candidates
 
     for m in (1, 2, 4, 8, 9, 16):
         for group in (128, 256, 4096):
@@ -275,7 +273,7 @@ def test_int4_decode_steps_k_by_the_groups_widest_step():
 def test_int4_decode_times_the_byte_path_on_16_row_tiles_from_9_rows():
     """The byte path (WORD_DOTS False) beat word_dots on the same 4-warp 16-row tiles in the H200's sweep;
     up to 8 rows the tiles turned round beat every 16-row tile there, so it joins from M = 9."""
-    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
+    from mpq.kernels.triton_w4a16_configs import tuner_space as w4_candidates
 
     for m in (1, 4, 8, 9, 16):
         byte_tiles = [c for c in w4_candidates(m, 128, 4096) if c.get("WORD_DOTS") is False]
@@ -286,7 +284,7 @@ def test_int4_decode_times_the_byte_path_on_16_row_tiles_from_9_rows():
 def test_int4_prefill_space_times_word_tiles_beside_the_byte_path():
     """Prefill's INT4 space holds each tile with K steps of 64 or more twice, as word tiles (word_dots) and as the
     byte path (WORD_DOTS False), and 256-row tiles only where M has more than 128 rows."""
-    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates
+    from mpq.kernels.triton_w4a16_configs import tuner_space as w4_candidates
 
     for m in (64, 512):
         space = w4_candidates(m, 128, 4096)
@@ -302,7 +300,7 @@ def test_int4_prefill_space_times_tiles_turned_round_in_k_steps_of_64_and_128():
     joins the space wherever a K step of 64 fits the group: 128 x 128 on 8 warps at two pipeline depths, and
     256 x 128 above 128 rows or 64 x 128 on 4 warps split 2 and 4 up to 128 (few tiles: K split for programs);
     above 128 rows, where a group has K steps of 128, also 128 x 128 in those."""
-    from mpq.kernels.triton_w4a16 import _candidates as w4_candidates, runs_turned_tiles
+    from mpq.kernels.triton_w4a16_configs import runs_turned_tiles, tuner_space as w4_candidates
 
     up_to_128 = {(64, 128, 2, 64), (64, 128, 4, 64)}
     for group in (64, 128):
@@ -318,7 +316,7 @@ def test_int4_prefill_space_times_tiles_turned_round_in_k_steps_of_64_and_128():
 
 def test_int8_prefill_space_times_tiles_turned_round():
     """INT8's prefill space turns the same tiles round as INT4's (one pipeline depth), and its decode none."""
-    from mpq.kernels.triton_w8a16 import _candidates as w8_candidates
+    from mpq.kernels.triton_w8a16 import tuner_space as w8_candidates
 
     for m, extra in ((17, {(64, 128, 2), (64, 128, 4)}), (512, {(256, 128, 1)})):
         turned = [c for c in w8_candidates(m) if c.get("TRANSPOSED")]
@@ -370,7 +368,7 @@ def test_a_shape_first_met_while_a_cuda_graph_is_captured_runs_untimed_and_is_tu
 
     candidates = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": s} for s in (2, 1)]
     monkeypatch.setattr(w4, "interpreting", lambda: False)
-    monkeypatch.setattr(w4, "_candidates", lambda m, group, k: candidates)
+    monkeypatch.setattr(w4, "tuner_space", lambda m, group, k: candidates)
     timed = []
     monkeypatch.setattr(triton_tuning, "gpu_time_ms", lambda call: timed.append(call()) or 1.0)
     monkeypatch.setattr(common, "capturing", lambda x: True)

@@ -79,7 +79,9 @@ def test_w4a16_single_row_long_steps_match_reference(ahead, fmt_name, block_k, n
     group's scale and zero point) in the layout a Triton layer holds (scale and zero point one word,
     column-major): odd N, all three activation dtypes, symmetric, programs without a step (3 steps over
     4 programs), loading ahead and pipelined."""
-    from mpq.kernels.triton_w4a16 import ZEROS_PAIRED, long_steps, w4a16_linear, zeros_layout
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w4a16_scales import ZEROS_PAIRED, zeros_layout
+    from mpq.kernels.triton_w4a16_configs import long_steps
     from mpq.qlinear import triton_layout
 
     fmt, t, x, bias = _inputs(fmt_name, n, k, 1, dtype, seed=n + k + block_k)
@@ -96,7 +98,8 @@ def test_w4a16_long_steps_are_whole_groups_that_divide_k():
     """A pinned K step over several groups must be whole groups (a word's group is then its step's
     group plus its index over the group's words) and divide K (no mask a word, which would split the
     16-byte loads); only the single-row path takes one. The tuner offers them only where they fit."""
-    from mpq.kernels.triton_w4a16 import _candidates, long_steps, w4a16_linear
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w4a16_configs import long_steps, tuner_space
 
     fmt, t, x, _ = _inputs("int4-g128", 16, 640, 1, torch.bfloat16, seed=3)
     single = {"BLOCK_M": 1, "BLOCK_N": 16, "SPLIT_K": 1}
@@ -107,10 +110,10 @@ def test_w4a16_long_steps_are_whole_groups_that_divide_k():
         w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), 64, config={**single, "BLOCK_K": 32 * 3})
     with pytest.raises(ValueError, match="must divide the group size 64"):
         w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), 64, config={**single, "BLOCK_M": 16, "BLOCK_K": 128})
-    steps = lambda group, k: sorted({c["BLOCK_K"] for c in _candidates(1, group, k) if long_steps(c, group)})
+    steps = lambda group, k: sorted({c["BLOCK_K"] for c in tuner_space(1, group, k) if long_steps(c, group)})
     assert steps(128, 4096) == [256, 512] and steps(128, 11008) == [256] and steps(64, 4096) == [256]
     assert steps(32, 4096) == [] and steps(96, 4096) == [] and steps(128, 384) == []
-    assert not any(long_steps(c, 128) for m in (2, 16, 64) for c in _candidates(m, 128, 4096))
+    assert not any(long_steps(c, 128) for m in (2, 16, 64) for c in tuner_space(m, 128, 4096))
 
 
 @pytest.mark.parametrize("fmt_name,block_k", [("int4-g64-sym", 64), ("int4-g128", 128), ("int4-g128", 64), ("int4-pc", 128)])
@@ -210,7 +213,8 @@ def test_w4a16_steps_a_pass_are_refused_where_they_would_run_past_k_or_off_their
     words take them (word_dots, or turned round on one warp); the tuner offers 2 steps a pass where 256
     divides K: turned round at M <= 8 where this Triton takes one-warp tiles, 16-row tiles from M = 9
     (from M = 2 where no tile turned round serves)."""
-    from mpq.kernels.triton_w4a16 import TURNED_STACKS, _candidates, w4a16_linear
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w4a16_configs import TURNED_STACKS, tuner_space
 
     fmt, t, x, _ = _inputs("int4-g128", 16, 640, 3, torch.bfloat16, seed=5)
     turned = {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "TRANSPOSED": True, "STACK": 1, "STEPS": 2}
@@ -223,8 +227,9 @@ def test_w4a16_steps_a_pass_are_refused_where_they_would_run_past_k_or_off_their
     for config in off_path:
         with pytest.raises(ValueError, match="STEPS=2"):
             w4a16_linear(x[:1] if config["BLOCK_M"] == 1 else x, t["qweight"], t["scales"], t.get("zeros"), 128, config=config)
-    stepping = lambda m, k, turned: [c for c in _candidates(m, 128, k) if c.get("STEPS", 1) > 1 and bool(c.get("TRANSPOSED")) == turned]
-    assert all(len(stepping(m, 4096, True)) == (8 if 1 in TURNED_STACKS and m <= 8 else 0) for m in (1, 4, 8, 16))
+    stepping = lambda m, k, turned: [c for c in tuner_space(m, 128, k) if c.get("STEPS", 1) > 1 and bool(c.get("TRANSPOSED")) == turned]
+    assert all(len(stepping(m, 4096, True)) == (4 if 1 in TURNED_STACKS and m <= 8 else 0) for m in (1, 4, 8, 16))
+    assert all(c["BLOCK_N"] == 64 for c in stepping(1, 4096, True))  # 128 wide it spills (kernels_compile.py)
     # (from M = 9 also on two warps: triton_common.few_warp_tiles)
     # (16-row tiles up to 8 rows only where no tile turned round serves: turned_serves)
     assert all(len(stepping(m, 4096, False)) == (8 if m > 8 or m > 1 and not TURNED_STACKS else 0) + (5 if m > 8 else 0)
@@ -256,7 +261,8 @@ def test_w4a16_reads_scales_and_zeros_in_the_layers_layouts(path, fmt_name, layo
     dense route's dequantisation, reads each layout: odd N, several groups, the reference's result.
     Zeros in another layout than the scales are refused (one pair of strides serves both)."""
     from mpq.kernels.triton_dequant import dequantize_int4
-    from mpq.kernels.triton_w4a16 import ZEROS_PAIRED, w4a16_linear, zeros_layout
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w4a16_scales import ZEROS_PAIRED, zeros_layout
     from mpq.qlinear import scales_by_column
 
     config = SCALE_LAYOUT_PATHS[path]
@@ -302,13 +308,13 @@ def test_w4a16_decode_space_turns_round_up_to_8_rows():
     """The tuner times 8-row TRANSPOSED tiles (a warp a K step, K steps of 128) at M <= 8, not
     above, only where a group holds a K step of 128, and only the STACKs this Triton compiles well:
     none before 3.6 (its tl.dot refuses 8 columns), 1 on 3.6, 1 and 4 from 3.7."""
-    from mpq.kernels.triton_w4a16 import TURNED_STACKS, _candidates, turned_stacks
+    from mpq.kernels.triton_w4a16_configs import TURNED_STACKS, tuner_space, turned_stacks
 
     assert [turned_stacks(v) for v in ("3.4.0", "3.5.1", "3.6.0", "3.7.1", "3.9.0", "4.0.0+git")] == \
         [(), (), (1,), (1, 4), (1, 4), (1, 4)]
 
     def turned(m: int, group: int) -> list[dict]:
-        return [c for c in _candidates(m, group, 4096) if c.get("TRANSPOSED")]
+        return [c for c in tuner_space(m, group, 4096) if c.get("TRANSPOSED")]
 
     assert {c["STACK"] for c in turned(1, 128)} == set(TURNED_STACKS) and TURNED_STACKS
     assert all(len(turned(m, 128)) == len(turned(1, 128)) for m in (2, 4, 8)) and not turned(16, 128) and not turned(1, 64)
@@ -319,27 +325,28 @@ def test_w4a16_decode_space_leaves_16_row_tiles_to_the_tiles_turned_round_up_to_
     """Up to 8 rows, where the 8-row tiles turned round are offered (K steps of 128, a Triton that
     compiles them), the tuner times no 16-row tile: every other decode config stays, and from 9 rows,
     for groups under 128 or a Triton without the turned tiles, the space is decode_space whole."""
-    from mpq.kernels import triton_w4a16
-    from mpq.kernels.triton_w4a16 import _candidates, decode_space, turned_serves
+    from mpq.kernels import triton_w4a16_configs
+    from mpq.kernels.triton_w4a16_configs import decode_space, tuner_space, turned_serves
 
     rows = lambda configs: {c["BLOCK_M"] for c in configs}
     for m in (1, 2, 4, 8):
-        whole, tuned = decode_space(m, 128, 4096), _candidates(m, 128, 4096)
+        whole, tuned = decode_space(m, 128, 4096), tuner_space(m, 128, 4096)
         assert turned_serves(m, [64, 128]) and rows(tuned) == ({1, 8} if m == 1 else {8}) and 16 in rows(whole)
         assert tuned == [c for c in whole if c["BLOCK_M"] != 16] and len(whole) - len(tuned) == (24 if m == 1 else 36)
     for m, group in ((9, 128), (16, 128), (1, 64), (4, 64), (4, 32)):
-        assert not turned_serves(m, triton_w4a16.k_steps(group))
-        assert _candidates(m, group, 4096) == decode_space(m, group, 4096) and 16 in rows(_candidates(m, group, 4096))
-    monkeypatch.setattr(triton_w4a16, "TURNED_STACKS", ())  # Triton 3.4 and 3.5: no tile turned round
-    assert _candidates(4, 128, 4096) == decode_space(4, 128, 4096) and rows(_candidates(4, 128, 4096)) == {16}
-    assert rows(_candidates(1, 128, 4096)) == {1, 16}
+        assert not turned_serves(m, triton_w4a16_configs.k_steps(group))
+        assert tuner_space(m, group, 4096) == decode_space(m, group, 4096) and 16 in rows(tuner_space(m, group, 4096))
+    monkeypatch.setattr(triton_w4a16_configs, "TURNED_STACKS", ())  # Triton 3.4 and 3.5: no tile turned round
+    assert tuner_space(4, 128, 4096) == decode_space(4, 128, 4096) and rows(tuner_space(4, 128, 4096)) == {16}
+    assert rows(tuner_space(1, 128, 4096)) == {1, 16}
 
 def test_decode_spaces_hold_16_row_tiles_on_one_or_two_warps():
     """The tuner times 16-row tiles on one warp (32-64 columns) and on two (128), split 1-16: INT8 at
     every decode M, INT4 (K steps of 128) above 8 rows, where no 8-row tile turned round serves, and
     two K steps a pass on two warps where 256 divides K; each runs as pinned and matches the reference."""
-    from mpq.kernels.triton_w4a16 import _candidates, w4a16_linear
-    from mpq.kernels.triton_w8a16 import _candidates as w8_candidates, w8a16_linear
+    from mpq.kernels.triton_w4a16 import w4a16_linear
+    from mpq.kernels.triton_w4a16_configs import tuner_space
+    from mpq.kernels.triton_w8a16 import tuner_space as w8_candidates, w8a16_linear
     from mpq.qlinear import triton_layout
 
     def few(configs: list[dict]) -> list[dict]:
@@ -351,16 +358,16 @@ def test_decode_spaces_hold_16_row_tiles_on_one_or_two_warps():
                                         for c in tiles)
         assert {c["SPLIT_K"] for c in tiles} == {1, 2, 4, 8, 16} and {c["BLOCK_K"] for c in tiles} == {128, 256}
     assert not few(w8_candidates(64))
-    assert [len(few(_candidates(m, 128, k))) for m, k in ((1, 4096), (8, 4096), (9, 4096), (16, 4096), (16, 640))] == \
+    assert [len(few(tuner_space(m, 128, k))) for m, k in ((1, 4096), (8, 4096), (9, 4096), (16, 4096), (16, 640))] == \
         [0, 0, 15, 15, 10]
-    assert not few(_candidates(16, 64, 4096)) and not few(_candidates(64, 128, 4096))
-    assert {(c["BLOCK_N"], c["num_warps"], c.get("STEPS", 1)) for c in few(_candidates(16, 128, 4096))} == \
+    assert not few(tuner_space(16, 64, 4096)) and not few(tuner_space(64, 128, 4096))
+    assert {(c["BLOCK_N"], c["num_warps"], c.get("STEPS", 1)) for c in few(tuner_space(16, 128, 4096))} == \
         {(64, 1, 1), (128, 2, 1), (128, 2, 2)}
 
     fmt, t, x, bias = _inputs("int4-g128", 136, 512, 11, torch.bfloat16, seed=11)
     laid = triton_layout(t, fmt)
-    for config in ({**few(_candidates(16, 128, 4096))[0], "BLOCK_N": 32, "SPLIT_K": 3},
-                   {**few(_candidates(16, 128, 4096))[-1], "BLOCK_N": 16, "SPLIT_K": 1}):
+    for config in ({**few(tuner_space(16, 128, 4096))[0], "BLOCK_N": 32, "SPLIT_K": 3},
+                   {**few(tuner_space(16, 128, 4096))[-1], "BLOCK_N": 16, "SPLIT_K": 1}):
         got = w4a16_linear(x, laid["qweight"], laid["scales"], laid.get("zeros"), 128, bias, config=config)
         assert rel_err(got, linear_reference(x, t, fmt, bias)) < 1e-2, config
     fmt8, t8, x8, bias8 = _inputs("int8", 70, 320, 1, torch.float16, seed=12)
@@ -451,7 +458,7 @@ def test_dependent_launch_is_asked_for_only_where_it_can_run(monkeypatch):
 
 def test_operand_order_follows_the_triton_generation():
     """The launcher's K_WIDTH: 4 up to Triton 3.7, 2 from 3.8 (kernels_compile.py compiled both ways)."""
-    from mpq.kernels.triton_w4a16 import K_WIDTH, operand_k_width
+    from mpq.kernels.triton_w4a16_configs import K_WIDTH, operand_k_width
 
     assert [operand_k_width(v) for v in ("3.4.0", "3.6.0", "3.7.1", "3.8.0", "3.9.0", "4.0.0+git")] == [4, 4, 4, 2, 2, 2]
     assert K_WIDTH in (2, 4)
