@@ -16,6 +16,7 @@ import triton
 from mpq.kernels.triton_common import (decode_candidates, few_warp_tiles, grouped_candidates, prefill_candidates, regime,
                                        turned_prefill_candidates)
 
+
 def tuner_space(m: int, group: int, k: int) -> list[dict]:
     """A small, deliberate space: decode_space for M <= 16 (less its 16-row tiles where the tiles
     turned round serve: turned_serves), prefill_candidates above (for a layer of K inputs: single_row's
