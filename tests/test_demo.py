@@ -90,9 +90,14 @@ def test_compile_demo_between_int4_and_fp16(tmp_path, capsys, benchmark_script):
     assert bench.failures({"rows": [], "end_to_end": result}) == []
     assert set(result["decode_tokens_per_s"]) == {"unquantised bf16", f"mpq {all_int4}"}
     assert all(speed > 0 for speed in result["decode_tokens_per_s"].values())
-    # and through a static cache: generate()'s tokens, eagerly; no CUDA graph on a CPU, which it says
-    assert set(result["static_decode"]) == set(result["decode_tokens_per_s"])
-    assert all(s["static_eager_matches_generate"] and s["graph_error"] for s in result["static_decode"].values())
+    # and through a static cache: generate()'s tokens, eagerly; no CUDA graph on a CPU, which it says.
+    # The quantised model's tokens are reported, not asserted: its logits can tie within one bf16 step,
+    # and the static cache sums in another order (on an AVX2 EPYC the INT4 config's 4th token flipped
+    # between logits of 8.6875 and 8.6250), as the H200 runs report them (benchmarks/GPU_NOTES.md)
+    static = result["static_decode"]
+    assert set(static) == set(result["decode_tokens_per_s"]) and all(s["graph_error"] for s in static.values())
+    assert static["unquantised bf16"]["static_eager_matches_generate"] is True
+    assert all(isinstance(s["static_eager_matches_generate"], bool) for s in static.values())
 
 
 @pytest.mark.slow
@@ -115,7 +120,10 @@ def test_compile_demo_t5(tmp_path):
                                            max_configs=2, length=32, progress=False))
     values = json.loads((out / "sensitivity.json").read_text())["values"]
     int4 = [name for name, per_format in values.items() if "int4-g128" in per_format]
-    assert len(int4) >= 20 and all(values[name]["int4-g128"] > values[name]["int8"] for name in int4)
+    # (a layer whose INT4 loss is under 1e-6 is at float32's own noise, where the two can swap: on an
+    # AVX2 EPYC encoder block 2's q measured 9.3e-9 at INT4 and 1.3e-8 at INT8)
+    measurable = [name for name in int4 if values[name]["int4-g128"] > 1e-6]
+    assert len(measurable) >= 20 and all(values[name]["int4-g128"] > values[name]["int8"] for name in measurable)
     baseline = summary["baseline"]["metrics"]["ppl"]
     uniform = {row["name"]: row["metrics"]["ppl"] for row in summary["uniform"]}
     assert uniform["int8"] < 1.02 * baseline < uniform["int4-g128"]
