@@ -201,10 +201,14 @@ def test_16_bit_experts_join_the_grouped_launches_but_alone_on_the_cpu_keep_the_
         assert dense.tensors["weight"].shape[0] == 2  # experts 0 and 2
         assert mixture.expert(2).down_proj.weight.data_ptr() == dense.tensors["weight"][1].data_ptr()
         assert rel_err(grouped, _loop(mixture, x, index, weights)) < 2e-2
-        # (F.linear's own part says whether this CPU takes float32 tiles: one with no 16-bit GEMM, mpq.cpu_matmul)
-        described = kernels_of(model)["model.layers.0.mlp.experts.0.down_proj"]
-        assert described.startswith("F.linear") and \
-            "; up to 16 tokens grouped (triton dense_grouped): one launch per format" in described, described
+        # F.linear's own part says whether this CPU takes float32 tiles (one with no 16-bit GEMM: mpq.cpu_matmul)
+        from mpq.cpu_matmul import routes
+        from mpq.kernels.cpu import DENSE_FLOAT32_FROM_TOKENS
+
+        own = f"F.linear, float32 tiles from {DENSE_FLOAT32_FROM_TOKENS} tokens" if routes(dense.tensors["weight"].dtype) \
+            else "F.linear"
+        assert kernels_of(model)["model.layers.0.mlp.experts.0.down_proj"].startswith(
+            own + "; up to 16 tokens grouped (triton dense_grouped): one launch per format")
     model, mixture, plan = _mixture(tiny_mixtral, ["fp16"])
     with applied(model, plan, QuantizedWeightCache(model)):
         x, index, weights = _routes(2, mixture.num_experts, 2, seed=8)
