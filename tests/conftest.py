@@ -15,6 +15,22 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # that measures them (kernels/cpu_thresholds.py) has tests of its own.
 os.environ.setdefault("MPQ_CPU_TILES", "8:64,4:128")
 
+# Under pytest-xdist (the README's `-n auto`) the workers share the cores: each gets its share of
+# torch's threads, and so do the scripts it runs in subprocesses, or two workers' thread pools
+# fight over the same cores (oversubscribed OpenMP threads spin and wait on each other).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _THREADS = max(1, _CORES // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The slow tests first: a worker that draws one last waits alone for it (the demo's compile
+    takes minutes on 2 cores), while work stealing spreads the short ones behind them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 def tiny_llama(vocab_size: int = 4096, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM

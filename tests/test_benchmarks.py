@@ -49,6 +49,7 @@ def test_row_reads_benchmark_smoke(tmp_path):
     assert {r["chunk"] for r in report["rows"]} == {32, 64, 128, 256}
 
 
+@pytest.mark.slow
 def test_experts_decode_benchmark_smoke(tmp_path):
     """The mixture benchmark's smoke run: grouped and looped decode both match the reference."""
     pytest.importorskip("triton")
@@ -78,6 +79,7 @@ def test_launch_overhead_benchmark_runs(tmp_path):
     assert len(rows) == 6 and all(row["host_us"] > 0 for row in rows)
 
 
+@pytest.mark.slow
 def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     """Each config a GPU would time (of those that differ only in a split of K, the smallest split:
     --one-split) goes through Triton's compiler to an sm_90 cubin on this CPU machine; the script fails on any config that does not compile, needs more shared memory than
@@ -245,6 +247,7 @@ def test_every_kernel_config_compiles_for_an_h100(tmp_path):
     assert all(ordered[c] < as_loaded[c] for c in ordered), [(c, ordered[c], as_loaded[c]) for c in ordered]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,batches", [(["--group", "32", "--activations", "fp32", "--symmetric"], "1"),
                                              (["--group", "64", "--activations", "fp16"], "16,64")])
 def test_kernel_configs_compile_for_other_groups_and_activations(tmp_path, variant, batches):
@@ -501,6 +504,7 @@ def test_cpu_kernel_benchmark_finds_where_the_tiles_win_for_good(benchmark_scrip
     assert not torch.equal(layer(x), kernel)  # the same layer at the same M, another path
 
 
+@pytest.mark.slow
 def test_every_architecture_of_the_coverage_benchmark_quantises_saves_loads_and_generates(benchmark_script, tmp_path):
     """benchmarks/architectures.py on all its 26 architectures (about 40 s): each traces, takes
     int8 in every layer, loads back equal to the model it was saved from, and generates; the trace's
@@ -537,6 +541,7 @@ fallback (hooks on an eager forward) finds the same layers and shared inputs as 
 RECENT_CHECKED = ["llama4", "gemma4", "hunyuan_v1_moe", "hy_v4", "qwen3_5_moe", "deepseek_v3", "kimi_linear"]
 
 
+@pytest.mark.slow
 def test_the_architectures_of_2025_and_2026_quantise_save_load_and_generate(benchmark_script, tmp_path):
     """benchmarks/architectures.py on RECENT_CHECKED. What stays as stored is norms, routers,
     convolutions and biases: Llama 4's experts (stacked, handed every token scaled by its router
@@ -557,6 +562,7 @@ def test_the_architectures_of_2025_and_2026_quantise_save_load_and_generate(benc
     assert all(rows[name]["routed_experts"] >= 1 for name in mixtures)
 
 
+@pytest.mark.slow
 def test_image_text_models_compile_their_language_model_and_keep_the_vision_tower(benchmark_script, tmp_path):
     """benchmarks/architectures.py on its image-and-text models (Llama 4, Gemma 3 and 4, Mistral 3,
     LLaVA, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and its mixture): loaded as causal LMs (mpq.models), traced
@@ -577,6 +583,7 @@ def test_image_text_models_compile_their_language_model_and_keep_the_vision_towe
             assert any(why.startswith("not in the traced forward on the example inputs (text)") for why in row["excluded"].values()), name
 
 
+@pytest.mark.slow
 def test_every_encoder_decoder_of_the_coverage_benchmark_holds_the_bytes_predicted_and_generates(benchmark_script, tmp_path):
     """benchmarks/architectures.py on its 14 encoder-decoder families (about 25 s): each takes int8
     in every layer, holds the bytes the memory model predicted (its encoder's and decoder's
@@ -599,6 +606,7 @@ def test_every_encoder_decoder_of_the_coverage_benchmark_holds_the_bytes_predict
         assert row["hooks_agree"] is not False, name
 
 
+@pytest.mark.slow
 def test_twin_memory_benchmark_smoke(tmp_path):
     """benchmarks/twin_memory.py on a 2-block model: both twins measure in processes of their own and
     give the same divergences; the lazy one holds fewer bytes of its own."""
@@ -613,6 +621,7 @@ def test_twin_memory_benchmark_smoke(tmp_path):
     assert rows["lazy float32 twin"]["twin_own_bytes"] < rows["whole float32 copy"]["twin_own_bytes"]
 
 
+@pytest.mark.slow
 def test_spill_memory_benchmark_smoke(tmp_path):
     """benchmarks/spill_memory.py on a 2-block model: a compile with its kept tensors in files and one
     with them in memory, each in a process of its own, measure the same sensitivities and configs;
@@ -629,6 +638,7 @@ def test_spill_memory_benchmark_smoke(tmp_path):
     assert all(0 < a <= r for row in rows.values() for a, r in zip(row["peak_anonymous_mb"], row["peak_rss_mb"]))
 
 
+@pytest.mark.slow
 def test_seq2seq_calibration_memory_benchmark_smoke(tmp_path):
     """benchmarks/seq2seq_calibration_memory.py on a tiny T5: one pass, passes under a 1 MiB bound
     and the walk over its 2+2 blocks all end with every layer's tensors (the child asserts it); the
@@ -641,6 +651,7 @@ def test_seq2seq_calibration_memory_benchmark_smoke(tmp_path):
     assert all(row["peak_above_loaded_bytes"] > 0 for row in (one, bounded, walked))
 
 
+@pytest.mark.slow
 def test_blockwise_memory_benchmark_smoke(tmp_path):
     """benchmarks/blockwise_memory.py on a 2-block model whose hidden size (256) is not the window
     length (128): the whole-model variant hooks only the linear layers (a lookup's input is token
@@ -651,6 +662,7 @@ def test_blockwise_memory_benchmark_smoke(tmp_path):
     assert all(row["peak_above_loaded_bytes"] > 0 for row in rows)
 
 
+@pytest.mark.slow
 def test_sensitivity_replay_benchmark_smoke(tmp_path):
     """benchmarks/sensitivity_replay.py on the demo with 4 samples: the tables with and without
     block replay are identical (what the benchmark checks; timings are not asserted)."""
@@ -660,6 +672,7 @@ def test_sensitivity_replay_benchmark_smoke(tmp_path):
     assert row["model"] == "demo" and row["identical"] and row["layers"] > 40
 
 
+@pytest.mark.slow
 def test_search_scale_benchmark_smoke(tmp_path):
     """benchmarks/search_scale.py on the Qwen1.5-MoE shape, 10 trials, grouped variables: thousands
     of layers, one variable per mixture projection, and the exact optimum on the front."""

@@ -121,6 +121,7 @@ def test_crash_mid_write_leaves_no_folder(tiny_llama_dir, tmp_path, monkeypatch)
     assert list(tmp_path.glob(".cfg*")) == []
 
 
+@pytest.mark.slow
 def test_a_config_loads_and_runs_where_the_compiler_cannot_be_imported(tiny_llama_dir, tmp_path):
     """Serving needs none of the compiler: with optuna unimportable (a GPU image without it, say),
     `import mpq` and `mpq.load` work and the model gives the emitted logits, and `mpq inspect --check` runs."""

@@ -263,6 +263,7 @@ def test_compile_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys, mo
     assert "granularity" in text and "model.layers.0.self_attn.q_proj" in text
 
 
+@pytest.mark.slow
 def test_compile_with_the_local_signal(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert main(["compile", str(tiny_llama_dir), "-o", str(out), "-q", "--samples", "4", "--seq-len", "32",

@@ -78,6 +78,7 @@ def test_groups_here_needs_cuda_and_a_decode_sized_step(tokens, grouped, monkeyp
     assert not grouped_latency.groups_here(torch.device("cuda"), tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", ["mixtral", "llama4"])
 def test_a_profile_where_mixtures_decode_grouped_measures_their_launches_and_glue(build, monkeypatch):
     """On the CPU interpreter, standing in for CUDA (groups_here patched, every quantised layer on

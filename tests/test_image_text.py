@@ -5,6 +5,7 @@ vision tower, which text never runs, stays as stored."""
 import json
 import logging
 
+import pytest
 import torch
 import transformers
 
@@ -70,6 +71,7 @@ def test_an_image_text_checkpoint_loads_as_a_causal_lm(tmp_path, demo_tokenizer,
     assert task_of(bert) == ENCODER
 
 
+@pytest.mark.slow
 def test_an_image_text_model_compiles_its_language_model_on_text(tmp_path, demo_tokenizer):
     """Gemma 4's image-and-text forward reads a row of its (quantised, tied) input table, its
     per-layer table is a layer, and its sliding-window layers are timed past their window: the

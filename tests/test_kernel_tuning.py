@@ -131,6 +131,7 @@ def test_compile_threads_follow_the_usable_cores_unless_set(monkeypatch):
     assert triton_tuning.compile_ahead([{"BLOCK_N": 16}], lambda config: pytest.fail("compiled ahead")) == 0.0
 
 
+@pytest.mark.slow
 def test_a_shapes_first_call_compiles_its_candidates_ahead_in_threads_and_times_them_compiled(tmp_path):
     """benchmarks/first_call.py: real Triton compiles for sm_90 through the launchers, no GPU. With
     compiling ahead off (0 threads) each candidate compiles when it is timed, one after another;

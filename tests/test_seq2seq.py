@@ -136,6 +136,7 @@ def test_a_decode_step_runs_no_encoder_layer_nor_the_cached_cross_attention(t5_d
     assert make_regime(None, 1, 16, SEQ2SEQ_LM).kind == "decode"
 
 
+@pytest.mark.slow
 def test_a_compiled_t5_loads_back_at_the_bytes_predicted_and_decodes(t5_dir, tmp_path):
     out = tmp_path / "out"
     result = compile_model(CompileOptions(model=str(t5_dir), max_mem="1MB", out=out, samples=4, seq_len=32,
@@ -174,6 +175,7 @@ def test_a_bart_compiles_with_gptq(bart_dir, tmp_path):
     assert evaluation["quality"]["ppl"] > 1 and evaluation["speed"]["decode_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_layers_fed_the_whole_model_have_their_statistics_gathered_in_passes_under_a_bound(monkeypatch):
     """Fed whole (as a model without block lists is, or the blocks after a walk found a channel
     between them), demo-t5's layers are split into passes whose statistics stay under the bound,
