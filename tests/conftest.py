@@ -20,8 +20,9 @@ os.environ.setdefault("MPQ_CPU_TILES", "8:64,4:128")
 # fight over the same cores (oversubscribed OpenMP threads spin and wait on each other).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    _THREADS = max(1, _CORES // _WORKERS)
+    from mpq.kernels.triton_tuning import usable_cores
+
+    _THREADS = max(1, usable_cores() // _WORKERS)
     torch.set_num_threads(_THREADS)
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
