@@ -70,7 +70,7 @@ def space(fmt_name: str, m: int, k: int, smoke: bool) -> list[dict]:
     only where their accumulator fits the warps' registers, as the tuner keeps them), and for INT4
     its word_dots configs again on the byte path (WORD_DOTS=False) and with their words in the order
     loaded (K_WIDTH=0)."""
-    from mpq.kernels import triton_w8a16
+    from mpq.kernels.triton_common import accumulator_fits
     from mpq.kernels.triton_w4a16_configs import runs_word_dots
 
     base = base_space(fmt_name, m, k)
@@ -80,7 +80,7 @@ def space(fmt_name: str, m: int, k: int, smoke: bool) -> list[dict]:
         for warps in (config["num_warps"],) if config.get("TRANSPOSED") else sorted({config["num_warps"], *WARPS}):
             for stages in STAGES:
                 varied = {**config, "num_warps": warps, "num_stages": stages}
-                if fmt_name == "int8" and varied["BLOCK_M"] == 1 and not triton_w8a16._fits(varied):
+                if fmt_name == "int8" and varied["BLOCK_M"] == 1 and not accumulator_fits(varied):
                     continue
                 if varied not in configs:
                     configs.append(varied)

@@ -179,6 +179,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def accumulator_fits(config: dict) -> bool:
+    """A single-row program on the FMA units (W8A16's and the 16-bit experts') keeps a [BLOCK_K, BLOCK_N]
+    fp32 accumulator: beyond 128 values a thread (128 x 256 on 4 warps is 256) the registers spill to
+    local memory inside the K loop (kernels_compile.py)."""
+    return config["BLOCK_N"] * config["BLOCK_K"] <= 128 * 32 * config["num_warps"]
+
+
 def grouped_candidates(k_steps: list[int], fits=lambda config: True) -> list[dict]:
     """A grouped launch's space (decode: every program one row of x, on the FMA units): tile width,
     K step and split. Its rows are a few tokens times top-k, over experts whose layers are small

@@ -16,19 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, grouped_candidates,
+from mpq.kernels.triton_common import (accumulator_fits, check_activation, check_grouped_config, check_stacks, grouped_candidates,
                                        grouped_row, interpreter_config, interpreting, launch, store_tile)
-
-
-def _fits(config: dict) -> bool:
-    """A program keeps a [BLOCK_K, BLOCK_N] fp32 accumulator (as W8A16's single row): beyond 32
-    of them a thread, the registers spill inside the K loop."""
-    return config["BLOCK_N"] * config["BLOCK_K"] <= 128 * 32 * config["num_warps"]
 
 
 def grouped_space() -> list[dict]:
     # 16-bit weights: a 64-element K step is 128 bytes of a weight row, as W8A16's 128.
-    return grouped_candidates([32, 64, 128], _fits)
+    return grouped_candidates([32, 64, 128], accumulator_fits)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mpq.kernels.triton_common import (check_activation, check_grouped_config, check_stacks, decode_candidates,
+from mpq.kernels.triton_common import (accumulator_fits, check_activation, check_grouped_config, check_stacks, decode_candidates,
                                        dense_route_fits, few_warp_tiles, grouped_candidates, grouped_row, interpreter_config,
                                        interpreting, launch, launch_dependents, prefetch_then_wait, prefill_candidates,
                                        PDL_PREFETCH_PASSES, regime, store_tile, tile_offsets, turned_prefill_candidates)
@@ -23,7 +23,7 @@ from mpq.kernels.triton_dequant import dequantize_int8
 def tuner_space(m: int) -> list[dict]:
     """As W4A16's (triton_w4a16_configs.tuner_space): decode_candidates for M <= 16, prefill_candidates above."""
     if regime(m) == "gemv":
-        return [c for c in decode_space(m) if c["BLOCK_M"] > 1 or _fits(c)]
+        return [c for c in decode_space(m) if c["BLOCK_M"] > 1 or accumulator_fits(c)]
     # and turned round (TRANSPOSED, out^T = W x^T; triton_w4a16.turned_tiles has the why): the converted
     # weights from registers keep the warpgroup MMA in flight while the next step is converted, where the
     # upright tiles wait for each (kernels_compile.py's mma_in_flight: 3 against 0 with Triton 3.6, 1 against
@@ -38,19 +38,13 @@ FEW_WARP_TILES = ((32, 128, 1), (64, 128, 1), (32, 256, 1), (128, 128, 2))
 
 
 def decode_space(m: int) -> list[dict]:
-    """Decode's configs before those whose single-row accumulator would spill are dropped (_fits)."""
+    """Decode's configs before those whose single-row accumulator would spill are dropped (accumulator_fits)."""
     return decode_candidates(m, [128, 256], 128) + few_warp_tiles(FEW_WARP_TILES)
 
 
 def grouped_space() -> list[dict]:
-    """A stack of experts' configs (grouped_candidates), single rows that fit their registers (_fits)."""
-    return grouped_candidates([64, 128, 256], _fits)
-
-
-def _fits(config: dict) -> bool:
-    """The M = 1 path keeps a [BLOCK_K, BLOCK_N] fp32 accumulator: at 128 x 256 that is 256
-    registers a thread, which spill to local memory inside the K loop (kernels_compile.py)."""
-    return config["BLOCK_N"] * config["BLOCK_K"] <= 128 * 32 * config["num_warps"]
+    """A stack of experts' configs (grouped_candidates), single rows that fit their registers (accumulator_fits)."""
+    return grouped_candidates([64, 128, 256], accumulator_fits)
 
 
 @triton.jit

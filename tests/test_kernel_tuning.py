@@ -256,6 +256,23 @@ def test_the_candidate_spaces_fit_a_gpu():
         assert splits == ({1, 2, 4, 8, 16} if m <= 16 else {1, 2, 4} if m <= 128 else {1})
 
 
+def test_single_rows_on_the_fma_units_keep_their_accumulator_in_registers():
+    """W8A16's single row and both 16-bit and INT8 expert stacks hold a [BLOCK_K, BLOCK_N] fp32
+    accumulator: their spaces keep it at 128 values a thread or fewer (128 x 256 on 4 warps, 256 a
+    thread, spilled), and drop nothing smaller."""
+    from mpq.kernels import triton_dense_grouped, triton_w8a16
+    from mpq.kernels.triton_common import accumulator_fits
+
+    assert accumulator_fits({"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4})
+    assert not accumulator_fits({"BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 4})
+    assert accumulator_fits({"BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8})
+    rows = [c for m in (1, 4, 16) for c in triton_w8a16.tuner_space(m) if c["BLOCK_M"] == 1]
+    for space in (rows, triton_w8a16.grouped_space(), triton_dense_grouped.grouped_space()):
+        assert space and all(c["BLOCK_N"] * c["BLOCK_K"] // (32 * c["num_warps"]) <= 128 for c in space)
+    assert {(c["BLOCK_N"], c["BLOCK_K"]) for c in triton_w8a16.grouped_space()} == {
+        (n, k) for n in (64, 128, 256) for k in (64, 128, 256) if n * k <= 128 * 32 * 4}
+
+
 def test_int4_decode_steps_k_by_the_groups_widest_step():
     """At M <= 16 every INT4 candidate steps K by 128 where the group allows it (or by whole groups:
     single_row's long steps), never by 64, which lost on every decode path on the H200; the 256-wide
