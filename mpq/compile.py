@@ -268,10 +268,15 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
     untied = exact_front(costs, sens, budget - memory.fixed_bytes, max_points=1)
     lap("search")
 
+    divergences: dict[tuple, float] = {}  # the measured study's plans come back to the held-out evaluation below
+
     def calib_divergence(plan: dict[str, str]) -> float:
-        """The whole config's divergence on calibration data, measured as the sensitivities were."""
-        with applied(work, {layer: get_format(fmt) for layer, fmt in plan.items()}, cache, backend=MEASURE_BACKEND):
-            return task.divergence(work, reference)
+        """The whole config's divergence on calibration data, measured as the sensitivities were (once a plan)."""
+        key = tuple(sorted(plan.items()))
+        if key not in divergences:
+            with applied(work, {layer: get_format(fmt) for layer, fmt in plan.items()}, cache, backend=MEASURE_BACKEND):
+                divergences[key] = task.divergence(work, reference)
+        return divergences[key]
 
     refinement = None
     if opts.refine > 0 and result.exact_plan is not None:
