@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # huggingface_hub prints its records through a handler of its own and passes them on to the root's as
+    # well: each retry of an unreachable hub came out twice (transformers keeps its own to itself already)
+    logging.getLogger("huggingface_hub").propagate = False
     try:
         if getattr(args, "device", None) is not None:
             check_device(args.device)

@@ -139,6 +139,18 @@ def _no_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in str(record.msg)
 
 
+def _unreachable_hub(exc: BaseException) -> bool:
+    """Whether loading failed for want of the hub (no network, or HF_HUB_OFFLINE) rather than a wrong id:
+    huggingface_hub says so by a LocalEntryNotFoundError somewhere under transformers' OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "LocalEntryNotFoundError":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
     """Load `name` with its tokenizer; raises MpqError with what to do when it cannot."""
     from transformers import AutoConfig, AutoTokenizer
@@ -149,7 +161,15 @@ def load_model(name: str, dtype: str | torch.dtype = "auto") -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
-        raise MpqError(f"cannot load model {name!r} ({type(exc).__name__}): check the id or folder; without network, give a local folder or a demo ({', '.join(demo_models())})") from exc
+        demos = ", ".join(demo_models())
+        if _unreachable_hub(exc):
+            from huggingface_hub.constants import HF_HUB_OFFLINE
+
+            why, retries = (("HF_HUB_OFFLINE is set", "") if HF_HUB_OFFLINE else
+                            ("the Hugging Face hub could not be reached", "; HF_HUB_OFFLINE=1 skips the hub's retries"))
+            raise MpqError(f"cannot load model {name!r}: {why} and the model is not in the local cache: connect, or give "
+                           f"a local folder or a demo ({demos}){retries}") from exc
+        raise MpqError(f"cannot load model {name!r} ({type(exc).__name__}): check the id or folder; without network, give a local folder or a demo ({demos})") from exc
     if isinstance(path, Path) and (path / "mpq.json").is_file():  # mpq.checkpoint.MANIFEST
         raise MpqError(f"{name} is a config that mpq compiled (it has mpq.json): load it with mpq.load, or compile "
                        "the original model it came from, whose unquantised weights mpq needs")

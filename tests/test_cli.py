@@ -34,6 +34,23 @@ def test_missing_model_folder(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_hub_id_offline_and_not_cached_says_so(tmp_path):
+    """Not "check the id": the id may be right, the hub was out of reach (run_cli sets HF_HUB_OFFLINE;
+    without it, no network gives the same line after the hub's retries, and names HF_HUB_OFFLINE)."""
+    line = one_line_error(run_cli("compile", "mpq-tests/no-such-model", "-o", str(tmp_path / "out")))
+    assert "HF_HUB_OFFLINE is set and the model is not in the local cache" in line and "demo" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_hubs_log_records_come_out_once():
+    """huggingface_hub has a handler of its own and passed its records on to the one mpq's CLI sets up:
+    each retry of an unreachable hub was printed twice."""
+    code = ("import logging; from transformers import AutoConfig; from mpq.cli import main; main(['heatmap', '/nonexistent']); "
+            "logging.getLogger('huggingface_hub.utils._http').warning('retrying in 1s')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stderr.count("retrying in 1s") == 1, proc.stderr
+
+
 def test_folder_without_config(tmp_path):
     line = one_line_error(run_cli("compile", str(tmp_path), "-o", str(tmp_path / "out")))
     assert "no config.json" in line
