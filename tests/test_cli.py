@@ -307,3 +307,14 @@ def test_dtype_casts_the_model_on_load_and_what_is_not_quantised_stays_in_it(tin
     model = mpq.load(config)
     assert model.get_input_embeddings()(torch.tensor([[1, 2]])).dtype == torch.float32
     assert json.loads((config / "mpq.json").read_text())["card"]["model_dtype"] == "float32"
+
+
+def test_the_compile_summary_labels_timed_and_predicted_steps():
+    """compile's printed line for a config gives its step as timed beside the unquantised model and as
+    predicted, each named: the prediction alone (1.00x) read as a measurement where the timed step was 0.86x."""
+    from mpq.cli import _step_times
+
+    row = {"metrics": {"ppl": 31.8, "latency_s": 0.010213, "speedup": 0.861},
+           "latency_predicted_s": 0.011369, "speedup_predicted": 0.998}
+    assert _step_times(row) == "  step 10.213 ms timed (0.86x), 11.369 ms predicted (1.00x)"
+    assert _step_times({"metrics": {"ppl": 31.8}}) == ""  # --no-latency
