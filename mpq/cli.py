@@ -41,8 +41,8 @@ def _compile(args: argparse.Namespace) -> None:
 
 
 def _step_times(row: dict) -> str:
-    """A config's step as timed beside the unquantised model, then as the latency model predicted it
-    (printed unlabelled, the prediction alone read as a measurement: 1.00x where the step was timed at 0.86x)."""
+    """A config's step as timed beside the unquantised model, then as the latency model predicted it, each
+    named: the prediction alone, unlabelled, read as a measurement (the demo's 1.00x, timed at 0.86x)."""
     parts = []
     if "speedup" in row["metrics"]:
         parts.append(f"{row['metrics']['latency_s'] * 1e3:.3f} ms timed ({row['metrics']['speedup']:.2f}x)")
