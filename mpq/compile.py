@@ -40,6 +40,7 @@ from mpq.selection import (chosen_for_measuring, emitted_front, latency_fields, 
 from mpq.report import draw_heatmap, draw_pareto, draw_speedup, heatmap_markdown, write_report
 from mpq.spill import spilled_bytes, spilling
 from mpq.search import Candidate, evaluate_plan, exact_front, open_storage, search_plans, uniform_plan
+from mpq.search.measured import plan_key as layer_plan_key  # a plan dict's key (selection.plan_key: a Candidate's)
 from mpq.sensitivity import VERSION as SENSITIVITY_VERSION
 from mpq.sensitivity import (MEASURE_BACKEND, MEASURES, SIGNALS, SensitivityTable, cache_dir, find_cached, layers_run,
                              measurement_model, never_measured)
@@ -272,7 +273,7 @@ def _compile_model(opts: CompileOptions, resident: PeakMemory) -> dict:
 
     def calib_divergence(plan: dict[str, str]) -> float:
         """The whole config's divergence on calibration data, measured as the sensitivities were (once a plan)."""
-        key = tuple(sorted(plan.items()))
+        key = layer_plan_key(plan)
         if key not in divergences:
             with applied(work, {layer: get_format(fmt) for layer, fmt in plan.items()}, cache, backend=MEASURE_BACKEND):
                 divergences[key] = task.divergence(work, reference)

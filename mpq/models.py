@@ -142,10 +142,12 @@ def _no_load_report(record: logging.LogRecord) -> bool:
 def _unreachable_hub(exc: BaseException) -> bool:
     """Whether loading failed for want of the hub (no network, or HF_HUB_OFFLINE) rather than a wrong id:
     huggingface_hub says so by a LocalEntryNotFoundError somewhere under transformers' OSError."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if type(exc).__name__ == "LocalEntryNotFoundError":
+        if isinstance(exc, LocalEntryNotFoundError):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
